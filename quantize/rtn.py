@@ -1,0 +1,65 @@
+"""Round-to-nearest integer grids: the primitives every weight-only method shares.
+
+Conventions (as in the GPTQ reference and compressed-tensors): a weight row W[o, :] is cut into groups of
+`group_size` input columns (-1: one group per row, i.e. per output channel). Each group has a `scale` and,
+when asymmetric, an integer `zero`, and
+
+    q = clamp(round(W / scale) + zero, qmin, qmax)        W ≈ (q - zero) · scale
+
+Symmetric grids use zero = 0 and q ∈ [-2^(b-1), 2^(b-1) - 1] with scale = max|W| / (2^(b-1) - 1), so the
+largest weight lands exactly on the grid; asymmetric grids use q ∈ [0, 2^b - 1].
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def grid(bits: int, symmetric: bool) -> tuple[int, int]:
+    """(qmin, qmax) of a signed symmetric or unsigned asymmetric b-bit grid."""
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _groups(W: torch.Tensor, group_size: int) -> torch.Tensor:
+    rows, cols = W.shape
+    if group_size == -1:
+        return W.reshape(rows, 1, cols)
+    assert cols % group_size == 0, f"{cols} input columns are not divisible by group_size {group_size}"
+    return W.reshape(rows, cols // group_size, group_size)  # [rows, n_groups, group_size]
+
+
+def scale_zero(W: torch.Tensor, bits: int, symmetric: bool, group_size: int = -1):
+    """Scale (and zero point) per (row, group) from min/max. Shapes [rows, n_groups]."""
+    G = _groups(W.float(), group_size)
+    qmin, qmax = grid(bits, symmetric)
+    if symmetric:
+        scale = G.abs().amax(dim=-1) / qmax
+        zero = torch.zeros_like(scale)
+    else:
+        lo = G.amin(dim=-1).clamp(max=0)
+        hi = G.amax(dim=-1).clamp(min=0)
+        scale = (hi - lo) / (qmax - qmin)
+        zero = torch.round(-lo / scale.clamp(min=1e-12)) + qmin
+    scale = scale.clamp(min=1e-12)  # an all-zero group quantises to zeros, not NaN
+    return scale, zero
+
+
+def quantize(W, scale, zero, bits: int, symmetric: bool, group_size: int = -1) -> torch.Tensor:
+    """Integer codes of W on the given grid, same shape as W (int32)."""
+    G = _groups(W.float(), group_size)
+    qmin, qmax = grid(bits, symmetric)
+    q = torch.clamp(torch.round(G / scale[..., None]) + zero[..., None], qmin, qmax)
+    return q.reshape(W.shape).to(torch.int32)
+
+
+def dequantize(q, scale, zero, group_size: int = -1) -> torch.Tensor:
+    G = _groups(q.float(), group_size)
+    return ((G - zero[..., None]) * scale[..., None]).reshape(q.shape)
+
+
+def fake_quantize(W, bits: int, symmetric: bool, group_size: int = -1) -> torch.Tensor:
+    """W rounded onto its own min/max grid, back in float: the RTN baseline."""
+    scale, zero = scale_zero(W, bits, symmetric, group_size)
+    return dequantize(quantize(W, scale, zero, bits, symmetric, group_size), scale, zero, group_size)

@@ -1,0 +1,93 @@
+"""Speed with llama-bench semantics, on the torch runtime the artefact really loads into.
+
+pp N: one forward pass over N prompt tokens from an empty cache.  tg M: M tokens generated one at a time from
+an empty cache (greedy, each step feeding back the previous argmax).  Fixed thread count per row (swept like
+llama-bench -t), one warm-up run, then `repetitions` timed runs: median, min and max tokens/sec. The sanity
+check from gpt-fast: weight bytes in memory × tg tokens/sec = GB/s achieved, which can never exceed the
+machine's memory bandwidth. Peak RSS is the process's resident peak during each phase (model included).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+
+from quantize import memory
+from quantize.ui import track
+
+
+def weight_bytes_in_memory(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen or t.device.type == "meta":
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+@torch.inference_mode()
+def _pp(model, tokens: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(tokens, use_cache=True)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def _tg(model, first_token: torch.Tensor, n: int) -> float:
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    token = first_token
+    start = time.perf_counter()
+    for _ in range(n):
+        logits = model(token, past_key_values=cache, use_cache=True).logits
+        token = logits[:, -1:].argmax(-1)
+    return time.perf_counter() - start
+
+
+def _stats(tokens: int, seconds: list[float]) -> dict:
+    rates = [tokens / s for s in seconds]
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "runs": len(rates)}
+
+
+def bench(model, vocab_size: int, prompt_tokens: int, gen_tokens: int, repetitions: int, threads: list[int],
+          label: str, seed: int = 0) -> dict:
+    """One row per thread count. Prompt tokens are seeded random ids, as llama-bench uses random tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab_size, (1, prompt_tokens), generator=gen)
+    weights = weight_bytes_in_memory(model)
+    previous_threads = torch.get_num_threads()
+    rows = []
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            load_before = os.getloadavg()[0]
+            _pp(model, prompt), _tg(model, prompt[:, :1], gen_tokens)  # warm-up
+            memory.reset_peak()
+            pp = [_pp(model, prompt) for _ in track(range(repetitions), f"pp{prompt_tokens} {label} t={n}")]
+            pp_peak = memory.peak_rss_bytes()
+            memory.reset_peak()
+            tg = [_tg(model, prompt[:, :1], gen_tokens) for _ in track(range(repetitions), f"tg{gen_tokens} {label} t={n}")]
+            tg_peak = memory.peak_rss_bytes()
+            tg_stats = _stats(gen_tokens, tg)
+            rows.append({
+                "threads": n,
+                "pp": {"tokens": prompt_tokens, **_stats(prompt_tokens, pp), "peak_rss_bytes": pp_peak},
+                "tg": {"tokens": gen_tokens, **tg_stats, "peak_rss_bytes": tg_peak,
+                       "gb_per_s": weights * tg_stats["median"] / 1e9},
+                "load_average_1m": {"before": load_before, "after": os.getloadavg()[0]},
+            })
+    finally:
+        torch.set_num_threads(previous_threads)
+    return {
+        "protocol": "llama-bench semantics: pp = one batch of N random tokens from an empty cache; "
+                    "tg = M tokens one by one from an empty cache; 1 warm-up, then timed repetitions; tokens/sec",
+        "weight_bytes_in_memory": weights,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "cpu_count": os.cpu_count(),
+        "rows": rows,
+    }
