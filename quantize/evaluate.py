@@ -7,7 +7,7 @@ so n_ctx/2 - 1 tokens per chunk. PPL = exp(mean NLL), ± exp(mean)·sqrt(var(NLL
 
 KLD (llama.cpp --kl-divergence): on the same positions, KL(P_base ‖ P_q) = Σ_v p_base(v)·(ln p_base(v) − ln p_q(v));
 mean ± sqrt(var/(N-1)), median, p99, max; "same top" = share of positions where both argmaxes agree,
-± sqrt(p(1-p)/(N-1)). The base model's log-probabilities are written once to a float32 file on disk and read
+± sqrt(p(1-p)/(N-1)). The base model's log-probabilities are written once to float32 files on disk and read
 back chunk by chunk for each artefact, so memory stays one chunk whatever the text size.
 """
 
@@ -82,18 +82,21 @@ def make_chunks(tokenizer, text: Text, n_ctx: int, max_chunks: int | None) -> Ch
 
 
 class BaseLogProbs:
-    """The base model's log-softmax on the scored positions, float32, in a file: [chunks, scored, vocab]."""
+    """The base model's log-softmax on the scored positions, float32, one .npy file per chunk
+    ([scored, vocab] each), so only one chunk is ever in memory."""
 
-    def __init__(self, path: Path, chunks: Chunks, vocab: int, mode: str):
-        shape = (chunks.ids.shape[0], chunks.scored_per_chunk, vocab)
-        self.array = np.lib.format.open_memmap(path, mode=mode, dtype=np.float32, shape=shape if mode == "w+" else None)
-        assert self.array.shape == shape, f"cached base log-probs {self.array.shape} do not match {shape}"
+    def __init__(self, folder: Path, chunks: Chunks, vocab: int):
+        self.folder = folder
+        self.shape = (chunks.scored_per_chunk, vocab)
+        folder.mkdir(parents=True, exist_ok=True)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.array[i]))
+        array = np.load(self.folder / f"{i:06d}.npy")
+        assert array.shape == self.shape, f"cached base log-probs {array.shape} do not match {self.shape}"
+        return torch.from_numpy(array)
 
     def __setitem__(self, i: int, value: torch.Tensor) -> None:
-        self.array[i] = value.numpy()
+        np.save(self.folder / f"{i:06d}.npy", value.numpy().astype(np.float32))
 
 
 def _mean_unc(x: np.ndarray) -> tuple[float, float]:

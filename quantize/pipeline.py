@@ -11,6 +11,7 @@ Output layout (`outputs/<name>/`, renamed into place only when complete):
 from __future__ import annotations
 
 import gc
+import shutil
 import time
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def run(recipe: Recipe, force: bool = False) -> Path:
         step(f"base model: {chunks.ids.shape[0]} chunks × {chunks.n_ctx} tokens of {chunks.text['source']}")
         model = load_model(base.path, dtype)
         vocab = model.config.vocab_size
-        base_logprobs = evaluate.BaseLogProbs(out / "base-logprobs.npy", chunks, model.config.vocab_size, "w+")
+        base_logprobs = evaluate.BaseLogProbs(out / "base-logprobs", chunks, vocab)
         results = {
             "protocol": {"perplexity": chunks.protocol(), "eval_dtype": dtype, "device": "cpu",
                          "versions": artefact.versions()},
@@ -146,8 +147,7 @@ def run(recipe: Recipe, force: bool = False) -> Path:
             artefact.write_json(folder / "results.json", {"protocol": results["protocol"], **variant})
             results["variants"][name] = variant
 
-        del base_logprobs
-        (out / "base-logprobs.npy").unlink()
+        shutil.rmtree(out / "base-logprobs")
         artefact.write_json(out / "results.json", results)
         artefact.write_json(out / "fit.json", {n: v["fit"] for n, v in [("base", results["base"]),
                                                                           *results["variants"].items()]})

@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny Llama built here (layer sizes multiples of 256), and offline hub settings."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # a failing hub lookup would otherwise retry for ~25 s
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_tiny_llama(folder: Path, vocab_size: int = 512, seed: int = 0) -> Path:
+    """A randomly initialised Llama (hidden 256, MLP 512, 2 layers, GQA 4/2 heads) with a BPE tokenizer
+    trained on the bundled calibration text, saved as an HF checkpoint."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from quantize.texts import bundled_wiki
+
+    text = bundled_wiki("calibration").text
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([text[i : i + 10000] for i in range(0, len(text), 10000)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float16)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+def write_recipe(path: Path, model: str, methods: list[dict], output: Path, **overrides) -> Path:
+    """A fast recipe: few short chunks, two speed repetitions, one thread."""
+    recipe = {
+        "name": output.name,
+        "model": model,
+        "methods": methods,
+        "eval": {
+            "perplexity": {"source": "bundled:wiki", "n_ctx": 128, "max_chunks": 4},
+            "speed": {"prompt_tokens": 16, "gen_tokens": 4, "repetitions": 2, "threads": [1]},
+        },
+        "fit": {"gpus": ["RTX 4090", "H100 SXM"], "contexts": [4096], "kv_dtype": "f16"},
+        "output": str(output),
+    }
+    recipe.update(overrides)
+    path.write_text(json.dumps(recipe))  # JSON is YAML
+    return path

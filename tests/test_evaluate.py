@@ -1,0 +1,61 @@
+"""Perplexity and KLD against independent computations on the tiny model."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from quantize import evaluate
+from quantize.models import load_model, load_tokenizer
+from quantize.texts import bundled_wiki
+
+
+def test_chunks_follow_llama_cpp(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    chunks = evaluate.make_chunks(tok, bundled_wiki("eval"), n_ctx=64, max_chunks=3)
+    assert chunks.ids.shape == (3, 64)
+    assert chunks.first == 32 and chunks.scored_per_chunk == 31
+    # this tokenizer adds no BOS, so chunks are the raw token stream
+    ids = tok(bundled_wiki("eval").text, add_special_tokens=False).input_ids
+    assert not chunks.bos_replaced
+    assert chunks.ids.flatten().tolist() == ids[: 3 * 64]
+
+
+def test_bos_replaces_first_token_when_tokenizer_adds_one(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    tok._tokenizer.post_processor = __import__("tokenizers").processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    chunks = evaluate.make_chunks(tok, bundled_wiki("eval"), n_ctx=64, max_chunks=2)
+    assert chunks.bos_replaced and chunks.ids[:, 0].tolist() == [tok.bos_token_id] * 2
+
+
+def test_perplexity_matches_cross_entropy_and_self_kld_is_zero(tiny_model, tmp_path):
+    tok = load_tokenizer(tiny_model)
+    model = load_model(tiny_model, "float32")
+    chunks = evaluate.make_chunks(tok, bundled_wiki("eval"), n_ctx=64, max_chunks=3)
+    store = evaluate.BaseLogProbs(tmp_path / "lp", chunks, model.config.vocab_size)
+    base = evaluate.score(model, chunks, store, is_base=True, label="t")
+    # independent: cross-entropy of positions 32..62 predicting tokens 33..63
+    with torch.no_grad():
+        logits = model(chunks.ids).logits
+    nll = F.cross_entropy(logits[:, 32:-1].reshape(-1, logits.shape[-1]), chunks.ids[:, 33:].reshape(-1))
+    assert base["tokens_scored"] == 3 * 31
+    assert math.isclose(base["ppl"], math.exp(nll.item()), rel_tol=1e-4)
+    assert base["ppl_unc"] > 0
+    same = evaluate.score(model, chunks, store, is_base=False, label="t")
+    assert abs(same["kld"]["mean"]) < 1e-5 and same["kld"]["same_top"] == 1.0
+    assert math.isclose(same["ppl"], base["ppl"], rel_tol=1e-6)
+
+
+def test_kld_positive_for_a_perturbed_model(tiny_model, tmp_path):
+    tok = load_tokenizer(tiny_model)
+    model = load_model(tiny_model, "float32")
+    chunks = evaluate.make_chunks(tok, bundled_wiki("eval"), n_ctx=64, max_chunks=2)
+    store = evaluate.BaseLogProbs(tmp_path / "lp", chunks, model.config.vocab_size)
+    evaluate.score(model, chunks, store, is_base=True, label="t")
+    with torch.no_grad():
+        for p in model.model.layers[0].mlp.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    out = evaluate.score(model, chunks, store, is_base=False, label="t")
+    k = out["kld"]
+    assert k["mean"] > 0 and k["min"] >= -1e-6 and k["max"] >= k["p99"] >= k["median"]

@@ -1,0 +1,45 @@
+"""Round-to-nearest grids: error bounds, exact grid points, degenerate groups."""
+
+import pytest
+import torch
+
+from quantize import rtn
+
+
+@pytest.mark.parametrize("bits,symmetric,group_size", [(8, True, -1), (4, True, 64), (4, False, 64), (3, False, 32)])
+def test_error_at_most_half_a_step(bits, symmetric, group_size):
+    torch.manual_seed(0)
+    W = torch.randn(6, 256)
+    scale, zero = rtn.scale_zero(W, bits, symmetric, group_size)
+    q = rtn.quantize(W, scale, zero, bits, symmetric, group_size)
+    qmin, qmax = rtn.grid(bits, symmetric)
+    assert q.min() >= qmin and q.max() <= qmax
+    err = (rtn.dequantize(q, scale, zero, group_size) - W).abs()
+    step = scale.repeat_interleave(256 if group_size == -1 else group_size, dim=1)
+    assert torch.all(err <= step / 2 + 1e-6)
+
+
+def test_symmetric_max_lands_on_grid():
+    W = torch.tensor([[0.5, -1.27, 0.01, 1.0]])
+    scale, zero = rtn.scale_zero(W, 8, True)
+    q = rtn.quantize(W, scale, zero, 8, True)
+    assert q[0, 1].item() == -127
+    assert torch.isclose(rtn.dequantize(q, scale, zero)[0, 1], torch.tensor(-1.27))
+
+
+def test_asymmetric_covers_min_and_max():
+    W = torch.tensor([[0.2, 0.9, 0.5, 0.3]])  # all positive: the grid still includes 0
+    scale, zero = rtn.scale_zero(W, 4, False)
+    deq = rtn.fake_quantize(W, 4, False)
+    assert (deq - W).abs().max() <= scale.max() / 2 + 1e-7
+
+
+def test_zero_row_gives_zeros_not_nan():
+    W = torch.zeros(2, 64)
+    for symmetric in (True, False):
+        assert torch.equal(rtn.fake_quantize(W, 4, symmetric, 32), W)
+
+
+def test_indivisible_group_is_an_assertion_naming_sizes():
+    with pytest.raises(AssertionError, match="576 input columns are not divisible by group_size 128"):
+        rtn.scale_zero(torch.randn(4, 576), 4, True, 128)
