@@ -16,8 +16,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Quantize LLMs from a YAML recipe; measure quality, speed and VRAM fit.")
 
 
-def _fail(exc: QuantizeError) -> None:
-    typer.echo(f"error: {exc}", err=True)
+def _fail(exc: QuantizeError, recipe: Path | None = None) -> None:
+    message = str(exc)
+    if recipe is not None and not message.startswith(str(recipe)):
+        message = f"{recipe}: {message}"
+    typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
 
 
@@ -30,7 +33,7 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
     try:
         out = pipeline.run(load_recipe(recipe), force=force)
     except QuantizeError as exc:
-        _fail(exc)
+        _fail(exc, recipe)
     except KeyboardInterrupt:
         typer.echo("interrupted: nothing was written to the output folder", err=True)
         raise typer.Exit(130)
@@ -46,12 +49,13 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML"),
     try:
         p = pipeline.plan(load_recipe(recipe))
     except QuantizeError as exc:
-        _fail(exc)
+        _fail(exc, recipe)
     if as_json:
         typer.echo(json.dumps(p, indent=2))
         return
     typer.echo(f"recipe {p['recipe']} → {p['output']}")
-    typer.echo(f"base  {p['base']['spec']} ({p['base']['origin']}): {gib(p['base']['bytes'])} of tensors")
+    note = f" in {p['base']['bytes_are']}" if "bytes_are" in p["base"] else ""
+    typer.echo(f"base  {p['base']['spec']} ({p['base']['origin']}): {gib(p['base']['bytes'])} of tensors{note}")
     ev = p["eval"]
     typer.echo(f"eval  perplexity n_ctx {ev['perplexity']['n_ctx']}, ≤{ev['perplexity']['max_chunks']} chunks of "
                f"{ev['perplexity']['source']}; KLD {'on' if ev['kld'] else 'off'}; speed pp{ev['speed']['prompt_tokens']} "

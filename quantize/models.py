@@ -107,18 +107,43 @@ def _hub_snapshot(repo_id: str) -> Path:
         ) from None
 
 
-def resolve_model(spec: str) -> BaseModel:
+def _gguf_source(spec: str) -> tuple[Path, Path, str] | None:
+    """(GGUF file, cache folder of its HF conversion, origin) when the spec names a GGUF, else None."""
     if spec.startswith("bundled:"):
         name = spec.split(":", 1)[1]
         gguf = bundled_gguf(name)
-        path = gguf_to_hf(gguf, cache_root() / "models" / f"{name}-{_file_key(gguf)}")
-        return BaseModel(spec, path, "bundled", gguf)
+        return gguf, cache_root() / "models" / f"{name}-{_file_key(gguf)}", "bundled"
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise QuantizeError(f"model {spec}: no such GGUF file")
-        out = gguf_to_hf(path, cache_root() / "models" / f"{path.stem}-{_file_key(path)}")
-        return BaseModel(spec, out, "gguf", path)
+        return path, cache_root() / "models" / f"{path.stem}-{_file_key(path)}", "gguf"
+    return None
+
+
+def peek_config(spec: str):
+    """(transformers config, tensor bytes by dtype, description) of a base model without loading weights:
+    a GGUF that is not converted yet is read for its metadata and tensor headers only."""
+    from transformers import AutoConfig
+
+    from quantize.fit import weight_bytes_gguf, weight_bytes_safetensors
+
+    source = _gguf_source(spec)
+    if source is not None and not (source[1] / "config.json").is_file():
+        gguf, _, origin = source
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        return config, weight_bytes_gguf(gguf), {"spec": spec, "origin": origin, "source_file": str(gguf),
+                                                  "bytes_are": "the GGUF source (not yet converted)"}
+    base = resolve_model(spec)
+    return AutoConfig.from_pretrained(base.path), weight_bytes_safetensors(base.path), base.describe()
+
+
+def resolve_model(spec: str) -> BaseModel:
+    source = _gguf_source(spec)
+    if source is not None:
+        gguf, cache, origin = source
+        return BaseModel(spec, gguf_to_hf(gguf, cache), origin, gguf)
+    path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise QuantizeError(f"model {spec}: directory has no config.json (expected a Hugging Face checkpoint)")

@@ -19,26 +19,33 @@ import torch
 import yaml
 
 from quantize import artefact, evaluate, fit, memory, report, speed
+from quantize.errors import QuantizeError
 from quantize.methods import METHODS
-from quantize.models import BaseModel, load_model, load_tokenizer, resolve_model
+from quantize.models import BaseModel, load_model, load_tokenizer, peek_config, resolve_model
 from quantize.recipe import Recipe
 from quantize.texts import load_text
 from quantize.ui import step
 
 
-def _meta_model(config_dir: Path):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _meta_model(config):
+    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _base_model(recipe: Recipe, resolve=resolve_model):
+    try:
+        return resolve(recipe.model)
+    except QuantizeError as exc:
+        raise QuantizeError(f"key `model`: {exc}") from None
 
 
 def plan(recipe: Recipe) -> dict:
     """What a run will do, the expected artefact sizes and the fit, from the config alone (no weights)."""
-    base = resolve_model(recipe.model)
-    meta = _meta_model(base.path)
-    shape = fit.shape_from_config(base.config)
-    base_bytes = sum(fit.weight_bytes_safetensors(base.path).values())
+    config, base_bytes, described = _base_model(recipe, peek_config)
+    meta = _meta_model(config)
+    shape = fit.shape_from_config(config.to_dict())
     variants = {}
     for method in recipe.methods:
         expected = METHODS[method.name].estimate_bytes(method, meta)
@@ -51,7 +58,7 @@ def plan(recipe: Recipe) -> dict:
     return {
         "recipe": recipe.name,
         "output": str(recipe.output_dir),
-        "base": {**base.describe(), "bytes": base_bytes},
+        "base": {**described, "bytes": sum(base_bytes.values()), "bytes_by_dtype": base_bytes},
         "variants": variants,
         "eval": recipe.eval.model_dump(mode="json"),
     }
@@ -107,7 +114,7 @@ def run(recipe: Recipe, force: bool = False) -> Path:
     staging.check()  # fail before any work, not after it
     step(f"recipe {recipe.name}: model {recipe.model}, variants "
          + ", ".join(m.default_variant() for m in recipe.methods))
-    base = resolve_model(recipe.model)
+    base = _base_model(recipe)
     tokenizer = load_tokenizer(base.path)
     ppl = recipe.eval.perplexity
     chunks = evaluate.make_chunks(tokenizer, load_text(ppl.source, "eval", ppl.field), ppl.n_ctx, ppl.max_chunks)

@@ -170,6 +170,8 @@ def _describe(err: dict) -> str:
         return f"unknown method {err['input'].get('name')!r}; accepted: {', '.join(METHOD_NAMES)}"
     if kind == "union_tag_not_found":
         return f"missing `name`; accepted method names: {', '.join(METHOD_NAMES)}"
+    if kind == "value_error":
+        return msg.removeprefix("Value error, ")
     if kind == "literal_error":
         return f"got {err['input']!r}; {msg[0].lower() + msg[1:]}"
     return f"{msg} (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else msg
