@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from quantize import artefact, evaluate, fit, memory, report, speed
+from quantize import artefact, ct_format, evaluate, fit, memory, report, speed
 from quantize.errors import QuantizeError
 from quantize.methods import METHODS
 from quantize.models import BaseModel, load_model, load_tokenizer, peek_config, resolve_model
 from quantize.recipe import Recipe
-from quantize.texts import load_text
+from quantize.texts import calibration_batches, load_text
 from quantize.ui import step
 
 
@@ -85,11 +85,21 @@ def _fit(folder: Path, shape, recipe: Recipe) -> dict:
             **fit.fit_report(sum(by_dtype.values()), shape, f.gpus, f.contexts, f.batch, f.kv_dtype)}
 
 
-def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe) -> dict:
+def _calibration(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, dict]:
+    c = recipe.calibration
+    text = load_text(c.source, "calibration", c.field)
+    ids = torch.tensor(tokenizer(text.text, add_special_tokens=False).input_ids)
+    batches = calibration_batches(ids, c.samples, c.seq_len, c.seed)
+    return batches, {**text.describe(), "tokens": int(ids.numel()), "samples": c.samples, "seq_len": c.seq_len,
+                     "seed": c.seed, "sampling": "seeded random windows"}
+
+
+def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe, calib) -> dict:
     folder.mkdir()
+    batches, calib_info = calib if method.needs_calibration else (None, None)
     memory.reset_peak()
     start = time.perf_counter()
-    info = METHODS[method.name].build(method, base, folder)
+    info = METHODS[method.name].build(method, base, folder, batches)
     seconds = time.perf_counter() - start
     manifest = {
         "variant": folder.name,
@@ -99,7 +109,7 @@ def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe) -> dic
         "recipe": recipe.resolved(),
         "recipe_sha256": recipe.sha256(),
         "seed": recipe.seed,
-        "calibration_text": None,  # int8 needs none; calibrated methods record their text's hash here
+        "calibration": calib_info,
         "versions": artefact.versions(),
         "timings_s": {"build": seconds},
         "peak_rss_bytes": {"build": memory.peak_rss_bytes()},
@@ -107,6 +117,17 @@ def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe) -> dic
     }
     artefact.write_json(folder / "manifest.json", manifest)
     return manifest
+
+
+def _load_artefact(folder: Path, method, dtype: str):
+    """(model, loader description, dtype): the artefact as its ecosystem's loader gives it back."""
+    if method.name == "int8" and method.scheme == "llm.int8":  # bitsandbytes computes in fp16
+        return load_model(folder, "float16", device_map="cpu"), "transformers + bitsandbytes", "float16"
+    if ct_format.is_asymmetric(folder):
+        return (ct_format.load_dense(folder, getattr(torch, dtype)),
+                "compressed-tensors unpack (transformers cannot reload asymmetric pack-quantized, "
+                "llm-compressor#1618)", dtype)
+    return load_model(folder, dtype), "transformers.from_pretrained", dtype
 
 
 def run(recipe: Recipe, force: bool = False) -> Path:
@@ -137,18 +158,20 @@ def run(recipe: Recipe, force: bool = False) -> Path:
         }
         _free(model)
 
+        calib = None
+        if any(m.needs_calibration for m in recipe.methods):
+            calib = _calibration(recipe, tokenizer)
         for method in recipe.methods:
             name = method.default_variant()
             step(f"{name}: quantizing")
             folder = out / name
-            manifest = _build_variant(method, base, folder, recipe)
+            manifest = _build_variant(method, base, folder, recipe, calib)
             step(f"{name}: reloading with transformers and evaluating")
-            eval_dtype = "float16" if method.name == "int8" and method.scheme == "llm.int8" else dtype
-            model = load_model(folder, eval_dtype, **({"device_map": "cpu"} if eval_dtype == "float16" else {}))
+            model, loader, eval_dtype = _load_artefact(folder, method, dtype)
             measured = _evaluate(model, name, chunks, base_logprobs, False, recipe, vocab)
             _free(model)
             variant = {"method": manifest["method"], "format": manifest["result"]["format"],
-                       "eval_dtype": eval_dtype, "build_s": manifest["timings_s"]["build"],
+                       "eval_dtype": eval_dtype, "loader": loader, "build_s": manifest["timings_s"]["build"],
                        "build_peak_rss_bytes": manifest["peak_rss_bytes"]["build"], **measured,
                        "fit": _fit(folder, shape, recipe)}
             artefact.write_json(folder / "results.json", {"protocol": results["protocol"], **variant})

@@ -41,8 +41,49 @@ class Int8Method(Strict):
         return False
 
 
-Method = Annotated[Union[Int8Method], Field(discriminator="name")]
-METHOD_NAMES = ("int8",)
+class WeightOnly(Strict):
+    """Integer weights on b-bit grids per group of `group_size` input columns (-1: per output channel)."""
+
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: Literal[-1, 32, 64, 128, 256] = 128
+    sym: bool = True
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="regexes of linears left alone")
+    on_indivisible: Literal["fail", "channel"] = Field(
+        "fail", description="a linear whose input size is not a multiple of group_size: fail, or go per channel")
+    variant: str | None = None
+
+    def default_variant(self) -> str:
+        grid = "sym" if self.sym else "asym"
+        group = "ch" if self.group_size == -1 else f"g{self.group_size}"
+        return self.variant or f"{self.name}-w{self.bits}-{grid}-{group}"
+
+
+class RtnMethod(WeightOnly):
+    """Round-to-nearest on each group's min/max grid: the calibration-free baseline."""
+
+    name: Literal["rtn"]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return False
+
+
+class GptqMethod(WeightOnly):
+    """GPTQ (Frantar et al., 2022): Hessian-aware rounding with error feedback, layer by layer."""
+
+    name: Literal["gptq"]
+    act_order: bool = False
+    damp: float = Field(0.01, gt=0, lt=1, description="fraction of mean(diag H) added to the diagonal")
+    block_size: int = Field(128, ge=1)
+    true_sequential: bool = True
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+
+Method = Annotated[Union[Int8Method, RtnMethod, GptqMethod], Field(discriminator="name")]
+METHOD_NAMES = ("int8", "rtn", "gptq")
 
 
 # ---- data, evaluation, fit -----------------------------------------------------------------------------
@@ -112,7 +153,7 @@ class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model: str = Field(description="bundled:smollm2-135m, a local HF directory, a .gguf file, or a hub id")
     methods: list[Method] = Field(min_length=1)
-    calibration: Calibration | None = None
+    calibration: Calibration = Calibration()
     eval: Eval = Eval()
     fit: Fit = Fit()
     output: str | None = None
@@ -155,7 +196,7 @@ def _key_path(loc: tuple) -> str:
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in ("int8",) or str(item).startswith("function-"):
+        elif item in METHOD_NAMES or str(item).startswith("function-"):
             continue  # pydantic's union tag in the location, not a key the user wrote
         else:
             parts.append(("." if parts else "") + str(item))

@@ -34,7 +34,7 @@ def _meta_model(base: BaseModel) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base.path))
 
 
-def build(method: Int8Method, base: BaseModel, out_dir: Path) -> dict:
+def build(method: Int8Method, base: BaseModel, out_dir: Path, calib=None) -> dict:
     if method.scheme == "w8a16":
         return build_w8a16(method, base, out_dir)
     return build_llm_int8(method, base, out_dir)

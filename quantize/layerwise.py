@@ -1,0 +1,129 @@
+"""Streamed, layer-by-layer calibration for decoder-only models (the GPTQ reference's `sequential` loop).
+
+The model is built on the meta device; only one decoder layer's weights are read from the safetensors shards
+at a time. The calibration tokens go through the embedding once; then for each layer:
+
+    for each sequential group of linears (q/k/v, then o, then gate/up, then down):
+        run the calibration activations through the layer with hooks that hand each linear its inputs
+        quantize those linears (their quantized weights are in place for the next group)
+    run the activations through the quantized layer → the inputs of the next layer
+    hand the finished layer to the writer, drop its weights
+
+Peak memory ≈ one layer + its Hessians + the calibration activations (in and out) + the embedding while it
+is used, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors import safe_open
+
+# Which linears of a decoder layer are quantized together, in order (GPTQ "true sequential"): each group sees
+# inputs that already went through the quantized groups before it. One row per architecture family.
+SEQUENTIAL_GROUPS: dict[str, list[list[str]]] = {
+    "llama": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
+}
+SEQUENTIAL_GROUPS["mistral"] = SEQUENTIAL_GROUPS["qwen2"] = SEQUENTIAL_GROUPS["llama"]
+
+
+class Shards:
+    """Tensor name → safetensors file, read one tensor at a time."""
+
+    def __init__(self, folder: Path):
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: folder / f for name, f in weight_map.items()}
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            self.files = {}
+            for f in files:
+                with safe_open(f, "pt") as fh:
+                    self.files.update({k: f for k in fh.keys()})
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(self.files[name], "pt") as fh:
+            return fh.get_tensor(name)
+
+
+def materialize(module: torch.nn.Module, prefix: str, shards: Shards, dtype=torch.float32) -> None:
+    for name, param in list(module.named_parameters()):
+        owner, _, leaf = name.rpartition(".")
+        target = module.get_submodule(owner) if owner else module
+        tensor = shards.get(prefix + name).to(dtype)
+        target._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+
+
+def release(module: torch.nn.Module) -> None:
+    module.to("meta")
+
+
+def skeleton(base_path: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_path)
+    if config.model_type not in SEQUENTIAL_GROUPS:
+        from quantize.errors import QuantizeError
+
+        raise QuantizeError(f"layer-wise methods support model types {', '.join(SEQUENTIAL_GROUPS)}; "
+                            f"{base_path} is {config.model_type!r}")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model
+
+
+def _run_layer(layer, hidden: torch.Tensor, position_embeddings, batch: int) -> torch.Tensor:
+    out = torch.empty_like(hidden)
+    for s in range(0, hidden.shape[0], batch):
+        x = hidden[s : s + batch]
+        cos, sin = position_embeddings
+        result = layer(x, attention_mask=None, position_embeddings=(cos.expand(x.shape[0], -1, -1),
+                                                                    sin.expand(x.shape[0], -1, -1)))
+        out[s : s + batch] = result[0] if isinstance(result, tuple) else result
+    return out
+
+
+@torch.inference_mode()
+def quantize_layers(base_path: Path, calib: torch.Tensor | None, quantize_group: Callable, ignore: Callable,
+                    true_sequential: bool = True, batch: int = 8) -> Iterator[tuple[int, torch.nn.Module]]:
+    """Yield (index, quantized decoder layer) one at a time. `quantize_group(layer_index, {name: linear}, run)`
+    quantizes the linears in place; `run()` sends the calibration activations through the layer (so hooks
+    on the linears see their inputs), or is None without calibration. `ignore(full_name)` says which linears
+    stay as they are."""
+    shards = Shards(base_path)
+    model = skeleton(base_path)
+    inner = model.model
+    groups = SEQUENTIAL_GROUPS[model.config.model_type]
+    if not true_sequential:
+        groups = [[name for g in groups for name in g]]
+
+    hidden = position_embeddings = None
+    if calib is not None:
+        materialize(inner.embed_tokens, "model.embed_tokens.", shards)
+        hidden = inner.embed_tokens(calib).float()  # [samples, seq_len, hidden]
+        release(inner.embed_tokens)
+        rotary = type(inner.rotary_emb)(config=model.config)  # fresh: its inv_freq buffer is not a weight
+        position_embeddings = rotary(hidden[:1], torch.arange(calib.shape[1])[None])
+
+    for i, layer in enumerate(inner.layers):
+        prefix = f"model.layers.{i}."
+        materialize(layer, prefix, shards)
+        for group in groups:
+            linears = {n: layer.get_submodule(n) for n in group if not ignore(prefix + n)}
+            if not linears:
+                continue
+            run = None if hidden is None else (lambda: _run_layer(layer, hidden, position_embeddings, batch))
+            quantize_group(i, linears, run)
+        if hidden is not None:
+            hidden = _run_layer(layer, hidden, position_embeddings, batch)
+        yield i, layer
+        release(layer)
+

@@ -1,0 +1,136 @@
+"""GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers"), in the paper's notation, after the reference implementation (IST-DASLab/gptq `gptq.py`).
+
+For one linear layer with weight W [rows, cols] and calibration inputs X [tokens, cols]:
+
+    H = 2/n · Σ XᵀX                      (accumulate_hessian; n = tokens seen)
+    H += damp · mean(diag H) · I         (dampening)
+    Hinv = cholesky(H⁻¹)ᵀ                (upper Cholesky factor of the inverse)
+    for each column block, for each column j:
+        q_j   = quant(w_j)               (on the group's grid)
+        err_j = (w_j − q_j) / Hinv[j, j]
+        W[:, j:] −= err_j · Hinv[j, j:]  (error feedback to the not yet quantized columns)
+    loss = Σ (w_j − q_j)² / Hinv[j, j]² / 2
+
+`act_order` visits columns by descending diag(H) with *static groups*: each group's scale and zero are fixed
+from the original weights in natural column order before the loop, so the artefact needs no g_idx and keeps
+contiguous groups (compressed-tensors `actorder: weight`). Without act_order, a group's grid is computed from
+the error-updated weights when the loop reaches the group's first column, as the reference does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantize import rtn
+
+
+@dataclass
+class Hessian:
+    H: torch.Tensor  # [cols, cols], float32
+    n: int = 0
+
+    @classmethod
+    def zeros(cls, cols: int, device=None) -> "Hessian":
+        return cls(torch.zeros(cols, cols, dtype=torch.float32, device=device))
+
+
+def accumulate_hessian(hess: Hessian, X: torch.Tensor) -> None:
+    """Running mean of 2·XᵀX over all tokens seen; X is [..., cols]."""
+    X = X.reshape(-1, X.shape[-1]).float()
+    tokens = X.shape[0]
+    hess.H *= hess.n / (hess.n + tokens)
+    hess.n += tokens
+    X = (2 / hess.n) ** 0.5 * X
+    hess.H += X.T @ X
+
+
+@dataclass
+class GptqResult:
+    q: torch.Tensor  # integer codes [rows, cols] (int32, natural column order)
+    scale: torch.Tensor  # [rows, n_groups]
+    zero: torch.Tensor  # [rows, n_groups]
+    loss: float  # Σ (w − q)² / Hinv_jj² / 2 over the layer
+    damp: float  # the absolute dampening added to diag(H)
+
+
+def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, group_size: int = -1,
+                  act_order: bool = False, damp: float = 0.01, block_size: int = 128,
+                  scale_dtype: torch.dtype = torch.float16) -> GptqResult:
+    W = W.clone().float()
+    H = hess.H.clone()
+    rows, cols = W.shape
+    assert group_size == -1 or cols % group_size == 0, f"{cols} columns not divisible by group_size {group_size}"
+    qmin, qmax = rtn.grid(bits, symmetric)
+    dead = torch.diag(H) == 0  # inputs that were always zero: any value is exact
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    n_groups = 1 if group_size == -1 else cols // group_size
+    gs = cols if group_size == -1 else group_size
+    scale = torch.zeros(rows, n_groups)
+    zero = torch.zeros(rows, n_groups)
+
+    def set_group(g: int, block: torch.Tensor) -> None:
+        s, z = rtn.scale_zero(block, bits, symmetric)
+        scale[:, g], zero[:, g] = s[:, 0].to(scale_dtype).float(), z[:, 0]
+
+    static = group_size == -1 or act_order
+    if static:
+        for g in range(n_groups):
+            set_group(g, W[:, g * gs : (g + 1) * gs])
+
+    perm = torch.arange(cols)
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    invperm = torch.argsort(perm)
+
+    damp_abs = damp * torch.mean(torch.diag(H)).item()
+    H += damp_abs * torch.eye(cols)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+    Q = torch.zeros(rows, cols, dtype=torch.int32)
+    losses = torch.zeros(rows)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = perm[i1 + i].item()  # this column's index in natural order
+            g = col // gs
+            if not static and col % gs == 0:
+                set_group(g, torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs])
+            w, d = W1[:, i], Hinv1[i, i]
+            s, z = scale[:, g], zero[:, g]
+            q = torch.clamp(torch.round(w / s) + z, qmin, qmax)
+            Q[:, i1 + i] = q.to(torch.int32)
+            deq = (q - z) * s
+            losses += (w - deq) ** 2 / d**2 / 2
+            err = (w - deq) / d
+            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    return GptqResult(Q[:, invperm], scale, zero, float(losses.sum()), damp_abs)
+
+
+# ---- the method: streamed layer by layer, written as compressed-tensors -------------------------------------
+def build(method, base, out_dir, calib: torch.Tensor):
+    from quantize.methods.weight_only import build_streamed
+
+    def quantize_linear(W, hess: Hessian, group_size: int):
+        r = gptq_quantize(W, hess, method.bits, method.sym, group_size, method.act_order, method.damp,
+                          method.block_size)
+        return r.q, r.scale, r.zero, r.loss, r.damp
+
+    return {"scheme": f"w{method.bits}a16", **build_streamed(method, base, out_dir, calib, quantize_linear)}
+
+
+def estimate_bytes(method, meta_model) -> int:
+    from quantize.methods.round import weight_only_bytes
+
+    return weight_only_bytes(method, meta_model)

@@ -1,0 +1,112 @@
+"""What every streamed weight-only method (RTN, GPTQ) shares: the group-size check, the layer loop, the
+per-layer log and the compressed-tensors writer. A method supplies one function:
+
+    quantize_linear(W, H | None, group_size) -> (q, scale, zero, loss, damp)
+
+H is the linear's input Hessian when the method asks for calibration, else None.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from quantize import rtn
+from quantize.ct_format import CompressedTensorsWriter
+from quantize.errors import QuantizeError
+from quantize.layerwise import quantize_layers, skeleton
+from quantize.methods.gptq import Hessian, accumulate_hessian
+from quantize.models import BaseModel, load_tokenizer
+from quantize.recipe import ignored
+from quantize.ui import track
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in (32, 64, 96, 128, 192, 256) if n % d == 0]
+
+
+def group_size_for(name: str, cols: int, group_size: int, on_indivisible: str) -> int:
+    """The group size a linear really gets: the recipe's, or per-channel (-1) when its input size is not a
+    multiple of it and the recipe allows the fallback; otherwise a clear error."""
+    if group_size == -1 or cols % group_size == 0:
+        return group_size
+    if on_indivisible == "channel":
+        return -1
+    raise QuantizeError(
+        f"{name}: input size {cols} is not divisible by group_size {group_size}; group sizes that work for it: "
+        f"{', '.join(map(str, divisors(cols))) or 'none'} or -1 (per channel). Set `group_size`, add the layer "
+        "to `ignore`, or set `on_indivisible: channel` to quantize such layers per channel."
+    )
+
+
+def check_group_sizes(base: BaseModel, method) -> None:
+    """Fail before any work if a layer cannot take the group size (and no fallback is allowed)."""
+    model = skeleton(base.path)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name and not ignored(name, method.ignore):
+            group_size_for(name, module.in_features, method.group_size, method.on_indivisible)
+
+
+def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor | None,
+                   quantize_linear: Callable) -> dict:
+    check_group_sizes(base, method)
+    n_layers = json.loads((base.path / "config.json").read_text())["num_hidden_layers"]
+    writer = CompressedTensorsWriter(out_dir, base.path, n_layers)
+    log, pending = [], {}
+
+    def quantize_group(i: int, linears: dict[str, torch.nn.Linear], run) -> None:
+        hessians = {}
+        if calib is not None:
+            # the linears of one sequential group read the same input (q/k/v, gate/up): one Hessian serves all
+            shared = method_true_sequential(method)
+            hooked = list(linears)[:1] if shared else list(linears)
+            H = {n: Hessian.zeros(linears[n].in_features) for n in hooked}
+            hooks = [linears[n].register_forward_hook(lambda mod, inp, out, n=n: accumulate_hessian(H[n], inp[0]))
+                     for n in hooked]
+            run()
+            for h in hooks:
+                h.remove()
+            hessians = {n: H[hooked[0]] if shared else H[n] for n in linears}
+        for n, lin in linears.items():
+            full = f"model.layers.{i}.{n}"
+            gs = group_size_for(full, lin.in_features, method.group_size, method.on_indivisible)
+            start = time.perf_counter()
+            q, scale, zero, loss, damp = quantize_linear(lin.weight.data, hessians.get(n), gs)
+            lin.weight.data = rtn.dequantize(q, scale, zero, gs).to(lin.weight.dtype)
+            pending[full] = (q, scale, zero, gs)
+            log.append({"layer": i, "module": n, "group_size": gs, "loss": loss,
+                        "samples": 0 if calib is None else int(calib.shape[0]), "damp": damp,
+                        "seconds": round(time.perf_counter() - start, 4)})
+
+    not_quantized = lambda name: ignored(name, method.ignore)  # noqa: E731
+    layers = quantize_layers(base.path, calib, quantize_group, not_quantized, method_true_sequential(method))
+    for i, layer in track(layers, f"{method.default_variant()} layers", total=n_layers):
+        prefix = f"model.layers.{i}."
+        tensors = {}
+        for pname, p in layer.named_parameters():
+            owner = prefix + pname.rsplit(".", 1)[0]
+            if owner in pending and pname.endswith("weight"):
+                q, scale, zero, gs = pending.pop(owner)
+                tensors.update(writer.packed(owner, q, scale, zero, method.bits, method.sym, gs,
+                                             getattr(method, "act_order", False)))
+            else:
+                tensors[prefix + pname] = p.data.to(torch.float16)
+        writer.write_shard(i, tensors)
+
+    names = [n for n, m in skeleton(base.path).named_modules() if isinstance(m, torch.nn.Linear)]
+    kept = [n for n in names if ".layers." not in n or ignored(n, method.ignore)]
+    qconfig = writer.finish(kept)
+    load_tokenizer(base.path).save_pretrained(out_dir)
+    with open(out_dir / "quantize-log.jsonl", "w") as fh:
+        fh.writelines(json.dumps(row) + "\n" for row in log)
+    return {"format": "compressed-tensors", "quantization_config": qconfig, "quantized_linears": len(log),
+            "ignored_linears": kept, "total_loss": sum(r["loss"] for r in log),
+            "channel_fallback": sorted({f"{r['module']}" for r in log if r["group_size"] != method.group_size})}
+
+
+def method_true_sequential(method) -> bool:
+    return getattr(method, "true_sequential", True)

@@ -1,0 +1,102 @@
+"""GPTQ: the math on a Linear(8, 6), the streamed artefact on the tiny Llama."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import write_recipe
+from quantize import ct_format, pipeline, rtn
+from quantize.errors import QuantizeError
+from quantize.methods.gptq import Hessian, accumulate_hessian, gptq_quantize
+from quantize.methods.weight_only import group_size_for
+from quantize.models import load_model, load_tokenizer
+from quantize.recipe import load_recipe
+
+
+def correlated_inputs(n=512, cols=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g)
+    return torch.randn(n, cols, generator=g) @ mix  # strongly correlated columns, as real activations are
+
+
+def hessian_of(X):
+    hess = Hessian.zeros(X.shape[1])
+    for part in X.split(100):  # accumulating in batches equals one big batch
+        accumulate_hessian(hess, part)
+    return hess
+
+
+def test_hessian_is_running_mean_of_2xtx():
+    X = correlated_inputs()
+    assert torch.allclose(hessian_of(X).H, 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("symmetric,group_size,act_order", [(True, -1, False), (False, 4, False), (True, 4, True)])
+def test_gptq_output_error_below_rtn(symmetric, group_size, act_order):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 6, bias=False)
+    X = correlated_inputs()
+    W = layer.weight.data
+    r = gptq_quantize(W, hessian_of(X), 3, symmetric, group_size, act_order, damp=0.01, block_size=4,
+                      scale_dtype=torch.float32)
+    gptq_W = rtn.dequantize(r.q, r.scale, r.zero, group_size)
+    rtn_W = rtn.fake_quantize(W, 3, symmetric, group_size)
+    qmin, qmax = rtn.grid(3, symmetric)
+    assert r.q.min() >= qmin and r.q.max() <= qmax
+    err = lambda Wq: ((Wq - W) @ X.T).pow(2).sum().item()  # noqa: E731  ‖(W − Ŵ)Xᵀ‖²
+    assert err(gptq_W) < 0.9 * err(rtn_W)
+
+
+def test_identity_hessian_per_channel_is_rtn():
+    """With uncorrelated unit inputs there is nothing to feed the error back into: GPTQ = RTN."""
+    W = torch.randn(6, 8)
+    r = gptq_quantize(W, Hessian(torch.eye(8), n=1), 4, True, -1, damp=1e-9, scale_dtype=torch.float32)
+    scale, zero = rtn.scale_zero(W, 4, True)
+    assert torch.equal(r.q, rtn.quantize(W, scale, zero, 4, True))
+
+
+def test_act_order_keeps_static_groups_and_dead_columns():
+    X = correlated_inputs()
+    X[:, 3] = 0  # a dead input
+    W = torch.randn(6, 8)
+    r = gptq_quantize(W, hessian_of(X), 4, True, 4, act_order=True, scale_dtype=torch.float32)
+    W_live = W.clone()
+    W_live[:, 3] = 0  # as in the reference, a dead input's weights are zeroed before the grids are set
+    scale, _ = rtn.scale_zero(W_live, 4, True, 4)
+    assert torch.allclose(r.scale, scale)  # groups' grids fixed from the original weights, natural order
+    assert torch.isfinite(torch.tensor(r.loss)) and r.q[:, 3].abs().sum() == 0  # dead column quantized to 0
+
+
+def test_indivisible_group_names_layer_and_sizes():
+    with pytest.raises(QuantizeError, match=r"model.layers.0.self_attn.q_proj: input size 576 .* 32, 64, 96, 192"):
+        group_size_for("model.layers.0.self_attn.q_proj", 576, 128, "fail")
+    assert group_size_for("x", 576, 128, "channel") == -1
+    assert group_size_for("x", 1536, 128, "fail") == 128
+
+
+def test_streamed_gptq_beats_rtn_and_reloads(tiny_model, tmp_path):
+    methods = [{"name": "rtn", "bits": 4, "group_size": 64}, {"name": "gptq", "bits": 4, "group_size": 64},
+               {"name": "gptq", "bits": 4, "group_size": 64, "sym": False, "act_order": True}]
+    out = tmp_path / "g"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model), methods, out,
+                                      calibration={"samples": 16, "seq_len": 128}))
+    pipeline.run(recipe)
+    results = json.loads((out / "results.json").read_text())["variants"]
+    kld = {n: v["perplexity"]["kld"]["mean"] for n, v in results.items()}
+    assert kld["gptq-w4-sym-g64"] < kld["rtn-w4-sym-g64"]
+    assert results["gptq-w4-sym-g64"]["loader"] == "transformers.from_pretrained"
+    folder = out / "gptq-w4-sym-g64"
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    weights = qc["config_groups"]["group_0"]["weights"]
+    assert qc["format"] == "pack-quantized" and weights["num_bits"] == 4 and weights["group_size"] == 64
+    log = [json.loads(line) for line in (folder / "quantize-log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 * 7 and all(r["samples"] == 16 and r["damp"] > 0 for r in log)
+    # transformers' decompression and compressed-tensors' unpacking read the same weights
+    ids = load_tokenizer(folder)("The history of the city", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a = load_model(folder, "float32")(ids).logits
+        b = ct_format.load_dense(folder)(ids).logits
+    assert (a - b).abs().max().item() < 1e-4
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["calibration"]["samples"] == 16 and len(manifest["calibration"]["sha256"]) == 64
