@@ -170,3 +170,13 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
+
+
+def unique_parameters(model):
+    """(module name, module, parameter name, tensor) for every parameter once (tied weights counted once)."""
+    seen = set()
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield name, module, pname, p

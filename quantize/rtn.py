@@ -6,8 +6,9 @@ when asymmetric, an integer `zero`, and
 
     q = clamp(round(W / scale) + zero, qmin, qmax)        W ≈ (q - zero) · scale
 
-Symmetric grids use zero = 0 and q ∈ [-2^(b-1), 2^(b-1) - 1] with scale = max|W| / (2^(b-1) - 1), so the
-largest weight lands exactly on the grid; asymmetric grids use q ∈ [0, 2^b - 1].
+Symmetric grids use zero = 0, q ∈ [-2^(b-1), 2^(b-1) - 1] and scale = max|W| / ((qmax - qmin) / 2), i.e.
+max|W| / 7.5 at 4 bits: all 2^b levels are used and the clamped extreme is off by at most half a step (the GPTQ
+reference's and compressed-tensors' choice). Asymmetric grids use q ∈ [0, 2^b - 1].
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def scale_zero(W: torch.Tensor, bits: int, symmetric: bool, group_size: int = -1
     G = _groups(W.float(), group_size)
     qmin, qmax = grid(bits, symmetric)
     if symmetric:
-        scale = G.abs().amax(dim=-1) / qmax
+        scale = G.abs().amax(dim=-1) / ((qmax - qmin) / 2)
         zero = torch.zeros_like(scale)
     else:
         lo = G.amin(dim=-1).clamp(max=0)

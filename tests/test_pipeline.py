@@ -57,3 +57,21 @@ def test_w8a16_reload_matches_in_process(tiny_model, tmp_path):
     with torch.no_grad():
         got = reloaded(ids).logits
     assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_plan_expected_size_matches_built_artefact(tiny_model, tmp_path):
+    """`plan` predicts the artefact's tensor bytes from the architecture alone; compare with a real build."""
+    from quantize.fit import weight_bytes_safetensors
+    from quantize.models import resolve_model
+
+    methods = [{"name": "int8", "scheme": "w8a16"}, {"name": "rtn", "bits": 4, "group_size": 64, "sym": False}]
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model), methods, tmp_path / "o"))
+    planned = pipeline.plan(recipe)["variants"]
+    base = resolve_model(str(tiny_model))
+    for method in recipe.methods:
+        folder = tmp_path / method.default_variant()
+        folder.mkdir()
+        pipeline.METHODS[method.name].build(method, base, folder, None)
+        actual = sum(weight_bytes_safetensors(folder).values())
+        expected = planned[method.default_variant()]["expected_bytes"]
+        assert abs(expected - actual) / actual < 0.01, (method.default_variant(), expected, actual)

@@ -19,12 +19,12 @@ def test_error_at_most_half_a_step(bits, symmetric, group_size):
     assert torch.all(err <= step / 2 + 1e-6)
 
 
-def test_symmetric_max_lands_on_grid():
-    W = torch.tensor([[0.5, -1.27, 0.01, 1.0]])
+def test_symmetric_grid_uses_all_levels():
+    W = torch.tensor([[0.5, -1.275, 0.01, 1.275]])
     scale, zero = rtn.scale_zero(W, 8, True)
+    assert torch.isclose(scale, torch.tensor([[0.01]]))  # 1.275 / 127.5
     q = rtn.quantize(W, scale, zero, 8, True)
-    assert q[0, 1].item() == -127
-    assert torch.isclose(rtn.dequantize(q, scale, zero)[0, 1], torch.tensor(-1.27))
+    assert q[0, 1].item() == -128 and q[0, 3].item() == 127  # +max clamps, off by half a step
 
 
 def test_asymmetric_covers_min_and_max():

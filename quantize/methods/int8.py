@@ -1,7 +1,7 @@
 """INT8 weights, two ways.
 
-`w8a16`: every linear's weight row W[o, :] gets one symmetric scale, scale[o] = max|W[o, :]| / 127, and
-q = round(W / scale) ∈ [-127, 127]; activations stay 16-bit. Written as a compressed-tensors checkpoint
+`w8a16`: every linear's weight row W[o, :] gets one symmetric scale, scale[o] = max|W[o, :]| / 127.5, and
+q = clamp(round(W / scale), -128, 127); activations stay 16-bit. Written as a compressed-tensors checkpoint
 (`pack-quantized`, the format vLLM/SGLang load and transformers reloads with the compressed-tensors package).
 The packing and the config are done by the compressed-tensors library itself; we only choose the scales.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from quantize import rtn
-from quantize.models import BaseModel, load_model, load_tokenizer
+from quantize.models import BaseModel, load_model, load_tokenizer, unique_parameters
 from quantize.recipe import Int8Method, ignored
 
 STORAGE_DTYPE = torch.float16  # dtype of scales and of the unquantised tensors in the artefact
@@ -127,14 +127,10 @@ def estimate_bytes(method: Int8Method, meta_model: torch.nn.Module) -> int:
     """Expected artefact tensor bytes from the architecture alone: 1 byte per quantized weight plus one
     scale per output row (fp16 for w8a16, fp32 `SCB` for bitsandbytes); everything else in fp16."""
     scale_bytes = 2 if method.scheme == "w8a16" else 4
-    total, seen = 0, set()
-    for name, module in meta_model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            if isinstance(module, torch.nn.Linear) and pname == "weight" and not ignored(name, method.ignore):
-                total += p.numel() + p.shape[0] * scale_bytes
-            else:
-                total += p.numel() * STORAGE_DTYPE.itemsize
+    total = 0
+    for name, module, pname, p in unique_parameters(meta_model):
+        if isinstance(module, torch.nn.Linear) and pname == "weight" and not ignored(name, method.ignore):
+            total += p.numel() + p.shape[0] * scale_bytes
+        else:
+            total += p.numel() * STORAGE_DTYPE.itemsize
     return total

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from quantize import rtn
+from quantize.models import unique_parameters
 from quantize.recipe import ignored
 
 
@@ -24,21 +25,17 @@ def build(method, base, out_dir, calib=None):
 
 def weight_only_bytes(method, meta_model: torch.nn.Module) -> int:
     """bits/8 per quantized weight + an fp16 scale (and packed zero) per group; everything else fp16."""
-    total, seen = 0, set()
-    for name, module in meta_model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            quantized = (isinstance(module, torch.nn.Linear) and pname == "weight" and ".layers." in name
-                         and not ignored(name, method.ignore))
-            if not quantized:
-                total += p.numel() * 2
-                continue
-            rows, cols = p.shape
-            gs = method.group_size if method.group_size != -1 and cols % method.group_size == 0 else cols
-            groups = rows * (cols // gs)
-            total += rows * cols * method.bits // 8 + groups * 2 + (0 if method.sym else groups * method.bits // 8)
+    total = 0
+    for name, module, pname, p in unique_parameters(meta_model):
+        quantized = (isinstance(module, torch.nn.Linear) and pname == "weight" and ".layers." in name
+                     and not ignored(name, method.ignore))
+        if not quantized:
+            total += p.numel() * 2
+            continue
+        rows, cols = p.shape
+        gs = method.group_size if method.group_size != -1 and cols % method.group_size == 0 else cols
+        groups = rows * (cols // gs)
+        total += rows * cols * method.bits // 8 + groups * 2 + (0 if method.sym else groups * method.bits // 8)
     return total
 
 

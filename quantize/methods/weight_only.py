@@ -18,7 +18,7 @@ import torch
 from quantize import rtn
 from quantize.ct_format import CompressedTensorsWriter
 from quantize.errors import QuantizeError
-from quantize.layerwise import quantize_layers, skeleton
+from quantize.layerwise import SEQUENTIAL_GROUPS, quantize_layers, skeleton
 from quantize.methods.gptq import Hessian, accumulate_hessian
 from quantize.models import BaseModel, load_tokenizer
 from quantize.recipe import ignored
@@ -56,21 +56,23 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
     check_group_sizes(base, method)
     n_layers = json.loads((base.path / "config.json").read_text())["num_hidden_layers"]
     writer = CompressedTensorsWriter(out_dir, base.path, n_layers)
+    input_groups = SEQUENTIAL_GROUPS[json.loads((base.path / "config.json").read_text())["model_type"]]
     log, pending = [], {}
 
     def quantize_group(i: int, linears: dict[str, torch.nn.Linear], run) -> None:
         hessians = {}
         if calib is not None:
-            # the linears of one sequential group read the same input (q/k/v, gate/up): one Hessian serves all
-            shared = method_true_sequential(method)
-            hooked = list(linears)[:1] if shared else list(linears)
-            H = {n: Hessian.zeros(linears[n].in_features) for n in hooked}
-            hooks = [linears[n].register_forward_hook(lambda mod, inp, out, n=n: accumulate_hessian(H[n], inp[0]))
-                     for n in hooked]
+            # linears in one row group of SEQUENTIAL_GROUPS read the same input (q/k/v, gate/up): one Hessian
+            # serves them all, whichever of them are quantized now
+            reader = {n: next((g[0] for g in input_groups if n in g), n) for n in linears}
+            H = {r: Hessian.zeros(linears[n].in_features) for n, r in reader.items()}
+            hooked = {r: linears[next(n for n in linears if reader[n] == r)] for r in H}
+            hooks = [lin.register_forward_hook(lambda mod, inp, out, r=r: accumulate_hessian(H[r], inp[0]))
+                     for r, lin in hooked.items()]
             run()
             for h in hooks:
                 h.remove()
-            hessians = {n: H[hooked[0]] if shared else H[n] for n in linears}
+            hessians = {n: H[reader[n]] for n in linears}
         for n, lin in linears.items():
             full = f"model.layers.{i}.{n}"
             gs = group_size_for(full, lin.in_features, method.group_size, method.on_indivisible)

@@ -1,0 +1,63 @@
+"""Reference GPTQ: llm-compressor's GPTQModifier through `oneshot`, on CPU. Runs in a SEPARATE environment
+(never a dependency of quantize):
+
+    python3 -m venv /tmp/refenv && /tmp/refenv/bin/pip install torch==2.13.0 \
+        && /tmp/refenv/bin/pip install -c <(echo torch==2.13.0) llmcompressor==0.14.0.1
+    /tmp/refenv/bin/python bench/reference_llmcompressor.py BASE_DIR CALIB.pt OUT_DIR --group-size 64
+
+CALIB.pt holds the calibration token ids [samples, seq_len] written by bench/gptq_reference.py, so both
+implementations see the same tokens. Writes OUT_DIR (compressed-tensors) and OUT_DIR/bench.json (seconds,
+peak RSS).
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("base")
+    ap.add_argument("calib")
+    ap.add_argument("out")
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--asym", action="store_true")
+    args = ap.parse_args()
+
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.load(args.calib)
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    weights = {"num_bits": 4, "type": "int", "symmetric": not args.asym, "strategy": "group",
+               "group_size": args.group_size}
+    modifier = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+                            ignore=["lm_head"], dampening_frac=0.01, block_size=128, actorder=None)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+    oneshot(model=model, dataset=ds, recipe=modifier, max_seq_length=ids.shape[1],
+            num_calibration_samples=ids.shape[0])
+    seconds = time.perf_counter() - start
+    model.save_pretrained(args.out, save_compressed=True)
+    import llmcompressor
+
+    (Path(args.out) / "bench.json").write_text(json.dumps({
+        "tool": f"llmcompressor {llmcompressor.__version__} GPTQModifier", "seconds": seconds,
+        "peak_rss_bytes": peak_rss(), "threads": torch.get_num_threads(), "weights": weights,
+        "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
