@@ -166,7 +166,7 @@ def run(recipe: Recipe, force: bool = False) -> Path:
             step(f"{name}: quantizing")
             folder = out / name
             manifest = _build_variant(method, base, folder, recipe, calib)
-            step(f"{name}: reloading with transformers and evaluating")
+            step(f"{name}: reloading the artefact with its loader and evaluating")
             model, loader, eval_dtype = _load_artefact(folder, method, dtype)
             measured = _evaluate(model, name, chunks, base_logprobs, False, recipe, vocab)
             _free(model)
