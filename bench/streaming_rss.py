@@ -25,7 +25,7 @@ CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hi
 def build_model(folder: Path) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if (folder / "config.json").is_file():
+    if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
         return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     torch.manual_seed(0)
     config = LlamaConfig(**CONFIG)
@@ -37,6 +37,10 @@ def build_model(folder: Path) -> int:
             p.normal_(0, 0.02) if p.ndim == 2 else p.fill_(1.0)
     model.save_pretrained(folder, max_shard_size="500MB")
     del model
+    # a tokenizer is part of every artefact; the bundled SmolLM2 one stands in (ids are random anyway)
+    from quantize.models import load_tokenizer, resolve_model
+
+    load_tokenizer(resolve_model("bundled:smollm2-135m").path).save_pretrained(folder)
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
