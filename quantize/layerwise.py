@@ -67,16 +67,13 @@ def release(module: torch.nn.Module) -> None:
 
 
 def skeleton(base_path: Path):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from quantize.errors import QuantizeError
+    from quantize.models import meta_model
 
-    config = AutoConfig.from_pretrained(base_path)
-    if config.model_type not in SEQUENTIAL_GROUPS:
-        from quantize.errors import QuantizeError
-
+    model = meta_model(base_path)
+    if model.config.model_type not in SEQUENTIAL_GROUPS:
         raise QuantizeError(f"layer-wise methods support model types {', '.join(SEQUENTIAL_GROUPS)}; "
-                            f"{base_path} is {config.model_type!r}")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                            f"{base_path} is {model.config.model_type!r}")
     return model
 
 

@@ -180,3 +180,13 @@ def unique_parameters(model):
             if id(p) not in seen:
                 seen.add(id(p))
                 yield name, module, pname, p
+
+
+def meta_model(config_or_path):
+    """The model's architecture on the meta device (no memory, no weights), from a config or a checkpoint dir."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = config_or_path if not isinstance(config_or_path, (str, Path)) else AutoConfig.from_pretrained(config_or_path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)

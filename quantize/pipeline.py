@@ -21,17 +21,10 @@ import yaml
 from quantize import artefact, ct_format, evaluate, fit, memory, report, speed
 from quantize.errors import QuantizeError
 from quantize.methods import METHODS
-from quantize.models import BaseModel, load_model, load_tokenizer, peek_config, resolve_model
+from quantize.models import BaseModel, load_model, load_tokenizer, meta_model, peek_config, resolve_model
 from quantize.recipe import Recipe
 from quantize.texts import calibration_batches, load_text
 from quantize.ui import step
-
-
-def _meta_model(config):
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def _base_model(recipe: Recipe, resolve=resolve_model):
@@ -44,7 +37,7 @@ def _base_model(recipe: Recipe, resolve=resolve_model):
 def plan(recipe: Recipe) -> dict:
     """What a run will do, the expected artefact sizes and the fit, from the config alone (no weights)."""
     config, base_bytes, described = _base_model(recipe, peek_config)
-    meta = _meta_model(config)
+    meta = meta_model(config)
     shape = fit.shape_from_config(config.to_dict())
     variants = {}
     for method in recipe.methods:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from quantize import rtn
-from quantize.models import BaseModel, load_model, load_tokenizer, unique_parameters
+from quantize.models import BaseModel, load_model, load_tokenizer, meta_model, unique_parameters
 from quantize.recipe import Int8Method, ignored
 
 STORAGE_DTYPE = torch.float16  # dtype of scales and of the unquantised tensors in the artefact
@@ -25,13 +25,6 @@ STORAGE_DTYPE = torch.float16  # dtype of scales and of the unquantised tensors 
 
 def linear_names(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-
-
-def _meta_model(base: BaseModel) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base.path))
 
 
 def build(method: Int8Method, base: BaseModel, out_dir: Path, calib=None) -> dict:
@@ -109,7 +102,7 @@ def build_w8a16(method: Int8Method, base: BaseModel, out_dir: Path) -> dict:
 def build_llm_int8(method: Int8Method, base: BaseModel, out_dir: Path) -> dict:
     from transformers import BitsAndBytesConfig
 
-    skipped = [n for n in linear_names(_meta_model(base)) if ignored(n, method.ignore)]
+    skipped = [n for n in linear_names(meta_model(base.path)) if ignored(n, method.ignore)]
     bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=method.threshold, llm_int8_skip_modules=skipped)
     model = load_model(base.path, "float16", quantization_config=bnb, device_map="cpu")
     model.save_pretrained(out_dir)

@@ -43,9 +43,8 @@ def group_size_for(name: str, cols: int, group_size: int, on_indivisible: str) -
     )
 
 
-def check_group_sizes(base: BaseModel, method) -> None:
+def check_group_sizes(model: torch.nn.Module, method) -> None:
     """Fail before any work if a layer cannot take the group size (and no fallback is allowed)."""
-    model = skeleton(base.path)
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in name and not ignored(name, method.ignore):
             group_size_for(name, module.in_features, method.group_size, method.on_indivisible)
@@ -53,10 +52,10 @@ def check_group_sizes(base: BaseModel, method) -> None:
 
 def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor | None,
                    quantize_linear: Callable) -> dict:
-    check_group_sizes(base, method)
-    n_layers = json.loads((base.path / "config.json").read_text())["num_hidden_layers"]
-    writer = CompressedTensorsWriter(out_dir, base.path, n_layers)
-    input_groups = SEQUENTIAL_GROUPS[json.loads((base.path / "config.json").read_text())["model_type"]]
+    meta = skeleton(base.path)
+    check_group_sizes(meta, method)
+    writer = CompressedTensorsWriter(out_dir, base.path, meta.config.num_hidden_layers)
+    input_groups = SEQUENTIAL_GROUPS[meta.config.model_type]
     log, pending = [], {}
 
     def quantize_group(i: int, linears: dict[str, torch.nn.Linear], run) -> None:
@@ -65,8 +64,10 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
             # linears in one row group of SEQUENTIAL_GROUPS read the same input (q/k/v, gate/up): one Hessian
             # serves them all, whichever of them are quantized now
             reader = {n: next((g[0] for g in input_groups if n in g), n) for n in linears}
-            H = {r: Hessian.zeros(linears[n].in_features) for n, r in reader.items()}
-            hooked = {r: linears[next(n for n in linears if reader[n] == r)] for r in H}
+            hooked = {}  # one linear per distinct input carries the hook
+            for n, r in reader.items():
+                hooked.setdefault(r, linears[n])
+            H = {r: Hessian.zeros(lin.in_features) for r, lin in hooked.items()}
             hooks = [lin.register_forward_hook(lambda mod, inp, out, r=r: accumulate_hessian(H[r], inp[0]))
                      for r, lin in hooked.items()]
             run()
@@ -86,7 +87,7 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
 
     not_quantized = lambda name: ignored(name, method.ignore)  # noqa: E731
     layers = quantize_layers(base.path, calib, quantize_group, not_quantized, method_true_sequential(method))
-    for i, layer in track(layers, f"{method.default_variant()} layers", total=n_layers):
+    for i, layer in track(layers, f"{method.default_variant()} layers", total=meta.config.num_hidden_layers):
         prefix = f"model.layers.{i}."
         tensors = {}
         for pname, p in layer.named_parameters():
@@ -99,7 +100,7 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
                 tensors[prefix + pname] = p.data.to(torch.float16)
         writer.write_shard(i, tensors)
 
-    names = [n for n, m in skeleton(base.path).named_modules() if isinstance(m, torch.nn.Linear)]
+    names = [n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)]
     kept = [n for n in names if ".layers." not in n or ignored(n, method.ignore)]
     qconfig = writer.finish(kept)
     load_tokenizer(base.path).save_pretrained(out_dir)
@@ -107,7 +108,7 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
         fh.writelines(json.dumps(row) + "\n" for row in log)
     return {"format": "compressed-tensors", "quantization_config": qconfig, "quantized_linears": len(log),
             "ignored_linears": kept, "total_loss": sum(r["loss"] for r in log),
-            "channel_fallback": sorted({f"{r['module']}" for r in log if r["group_size"] != method.group_size})}
+            "channel_fallback": sorted({r["module"] for r in log if r["group_size"] != method.group_size})}
 
 
 def method_true_sequential(method) -> bool:
