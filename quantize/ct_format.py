@@ -70,8 +70,9 @@ class CompressedTensorsWriter:
         self.weight_map.update({n: shard for n in tensors})
         self.written.update(tensors)
 
-    def finish(self, ignore: list[str]) -> dict:
-        """Copy every base tensor not written yet (embeddings, norms, lm_head) in fp16; write index and config."""
+    def finish(self, ignore: list[str]) -> dict | None:
+        """Copy every base tensor not written yet (embeddings, norms, lm_head) in fp16; write index and config.
+        With nothing packed (a dense export) the result is a plain fp16 checkpoint and this returns None."""
         from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
         from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
 
@@ -81,6 +82,16 @@ class CompressedTensorsWriter:
         total = sum((self.out_dir / s).stat().st_size for s in set(self.weight_map.values()))
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+        config = json.loads((self.base_path / "config.json").read_text())
+        config["dtype"] = str(STORAGE_DTYPE).replace("torch.", "")
+        config.pop("torch_dtype", None)
+        (self.out_dir / "config.json").write_text(json.dumps(config, indent=2))
+        for extra in ("generation_config.json",):
+            if (self.base_path / extra).is_file():
+                shutil.copy(self.base_path / extra, self.out_dir / extra)
+        if not self.schemes:
+            return None
 
         only_one = len(self.schemes) == 1
         groups = {
@@ -92,14 +103,7 @@ class CompressedTensorsWriter:
                                      quantization_status=QuantizationStatus.COMPRESSED)
         for group in qconfig.config_groups.values():
             group.format = "pack-quantized"
-        config = json.loads((self.base_path / "config.json").read_text())
-        config["dtype"] = str(STORAGE_DTYPE).replace("torch.", "")
-        config.pop("torch_dtype", None)
-        (self.out_dir / "config.json").write_text(json.dumps(config, indent=2))
         ModelCompressor(quantization_config=qconfig).update_config(str(self.out_dir))
-        for extra in ("generation_config.json",):
-            if (self.base_path / extra).is_file():
-                shutil.copy(self.base_path / extra, self.out_dir / extra)
         return json.loads((self.out_dir / "config.json").read_text())["quantization_config"]
 
 

@@ -15,6 +15,7 @@ is used, not the model.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Callable, Iterator
@@ -77,50 +78,89 @@ def skeleton(base_path: Path):
     return model
 
 
-def _run_layer(layer, hidden: torch.Tensor, position_embeddings, batch: int) -> torch.Tensor:
-    out = torch.empty_like(hidden)
-    for s in range(0, hidden.shape[0], batch):
-        x = hidden[s : s + batch]
-        cos, sin = position_embeddings
-        result = layer(x, attention_mask=None, position_embeddings=(cos.expand(x.shape[0], -1, -1),
-                                                                    sin.expand(x.shape[0], -1, -1)))
-        out[s : s + batch] = result[0] if isinstance(result, tuple) else result
-    return out
+class Activations:
+    """The calibration activations entering the current decoder layer, and how to run blocks of it on them.
+
+    hidden: [samples, seq_len, hidden]; position_embeddings: (cos, sin) [1, seq_len, head_dim]. Blocks run in
+    batches of `batch` sequences with no attention mask (causal attention over whole sequences)."""
+
+    def __init__(self, hidden: torch.Tensor, position_embeddings, batch: int):
+        self.hidden, self.position_embeddings, self.batch = hidden, position_embeddings, batch
+
+    def forward(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`block` (a decoder layer, its attention, its MLP or a linear) applied to x [samples, seq_len, d]."""
+        takes_positions = "position_embeddings" in inspect.signature(block.forward).parameters
+        outs = []
+        for s in range(0, x.shape[0], self.batch):
+            xb = x[s : s + self.batch]
+            if takes_positions:  # decoder layer or attention: rotary (cos, sin) for this batch, causal mask
+                cos, sin = self.position_embeddings
+                n = xb.shape[0]
+                result = block(xb, attention_mask=None,
+                               position_embeddings=(cos.expand(n, -1, -1), sin.expand(n, -1, -1)))
+            else:
+                result = block(xb)
+            outs.append(result[0] if isinstance(result, tuple) else result)
+        return torch.cat(outs)
+
+    def run(self, layer: torch.nn.Module) -> torch.Tensor:
+        return self.forward(layer, self.hidden)
+
+    def capture(self, layer: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+        """One pass through `layer`; the inputs each named submodule saw, [samples, seq_len, in_features]."""
+        seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        hooks = [layer.get_submodule(n).register_forward_hook(lambda m, inp, out, n=n: seen[n].append(inp[0]))
+                 for n in names]
+        try:
+            self.run(layer)
+        finally:
+            for h in hooks:
+                h.remove()
+        return {n: torch.cat(xs) for n, xs in seen.items()}
 
 
 @torch.inference_mode()
-def quantize_layers(base_path: Path, calib: torch.Tensor | None, quantize_group: Callable, ignore: Callable,
-                    true_sequential: bool = True, batch: int = 8) -> Iterator[tuple[int, torch.nn.Module]]:
-    """Yield (index, quantized decoder layer) one at a time. `quantize_group(layer_index, {name: linear}, run)`
-    quantizes the linears in place; `run()` sends the calibration activations through the layer (so hooks
-    on the linears see their inputs), or is None without calibration. `ignore(full_name)` says which linears
-    stay as they are."""
+def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Callable,
+                  batch: int = 8) -> Iterator[tuple[int, torch.nn.Module]]:
+    """Yield (index, processed decoder layer) one at a time. `process_layer(i, layer, acts)` changes the layer
+    in place; `acts` is the calibration Activations entering it (None without calibration). After it, the
+    calibration activations go through the processed layer to become the next layer's inputs."""
     shards = Shards(base_path)
     model = skeleton(base_path)
     inner = model.model
-    groups = SEQUENTIAL_GROUPS[model.config.model_type]
-    if not true_sequential:
-        groups = [[name for g in groups for name in g]]
 
-    hidden = position_embeddings = None
+    acts = None
     if calib is not None:
         materialize(inner.embed_tokens, "model.embed_tokens.", shards)
         hidden = inner.embed_tokens(calib).float()  # [samples, seq_len, hidden]
         release(inner.embed_tokens)
         rotary = type(inner.rotary_emb)(config=model.config)  # fresh: its inv_freq buffer is not a weight
-        position_embeddings = rotary(hidden[:1], torch.arange(calib.shape[1])[None])
+        acts = Activations(hidden, rotary(hidden[:1], torch.arange(calib.shape[1])[None]), batch)
 
     for i, layer in enumerate(inner.layers):
-        prefix = f"model.layers.{i}."
-        materialize(layer, prefix, shards)
-        for group in groups:
-            linears = {n: layer.get_submodule(n) for n in group if not ignore(prefix + n)}
-            if not linears:
-                continue
-            run = None if hidden is None else (lambda: _run_layer(layer, hidden, position_embeddings, batch))
-            quantize_group(i, linears, run)
-        if hidden is not None:
-            hidden = _run_layer(layer, hidden, position_embeddings, batch)
+        materialize(layer, f"model.layers.{i}.", shards)
+        process_layer(i, layer, acts)
+        if acts is not None:
+            acts.hidden = acts.run(layer)
         yield i, layer
         release(layer)
 
+
+def quantize_layers(base_path: Path, calib: torch.Tensor | None, quantize_group: Callable, ignore: Callable,
+                    model_type: str, true_sequential: bool = True,
+                    batch: int = 8) -> Iterator[tuple[int, torch.nn.Module]]:
+    """GPTQ-style streaming: per layer, the sequential groups in order. `quantize_group(layer_index,
+    {name: linear}, run)` quantizes the linears in place; `run()` sends the calibration activations through
+    the layer (so hooks on the linears see their inputs), or is None without calibration. `ignore(full_name)`
+    says which linears stay as they are."""
+    groups = SEQUENTIAL_GROUPS[model_type]
+    if not true_sequential:
+        groups = [[name for g in groups for name in g]]
+
+    def process_layer(i, layer, acts):
+        for group in groups:
+            linears = {n: layer.get_submodule(n) for n in group if not ignore(f"model.layers.{i}.{n}")}
+            if linears:
+                quantize_group(i, linears, None if acts is None else (lambda: acts.run(layer)))
+
+    return stream_layers(base_path, calib, process_layer, batch)

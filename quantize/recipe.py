@@ -82,8 +82,31 @@ class GptqMethod(WeightOnly):
         return True
 
 
-Method = Annotated[Union[Int8Method, RtnMethod, GptqMethod], Field(discriminator="name")]
-METHOD_NAMES = ("int8", "rtn", "gptq")
+class AwqMethod(WeightOnly):
+    """AWQ (Lin et al., 2023): per-channel scales searched on calibration activations and folded into the
+    previous op, a clipping search, then round-to-nearest with a zero point, layer by layer."""
+
+    name: Literal["awq"]
+    sym: bool = False
+    n_grid: int = Field(20, ge=1, description="points of the scale exponent grid α ∈ [0, 1)")
+    duo_scaling: bool = Field(True, description="s = x̄^α / w̄^(1-α) as AutoAWQ and llm-compressor; false: x̄^α")
+    clip: bool = Field(True, description="search a clipping range per group (not for q/k)")
+    clip_tokens: int = Field(512, ge=1, description="calibration tokens (evenly spaced) used by the clip search")
+    export: Literal["quantized", "scaled-fp16"] = Field(
+        "quantized", description="scaled-fp16: the AWQ-scaled and clipped model, unquantised (e.g. to feed GGUF)")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    def default_variant(self) -> str:
+        if self.variant is None and self.export == "scaled-fp16":
+            return super().default_variant() + "-scaled-fp16"
+        return super().default_variant()
+
+
+Method = Annotated[Union[Int8Method, RtnMethod, GptqMethod, AwqMethod], Field(discriminator="name")]
+METHOD_NAMES = ("int8", "rtn", "gptq", "awq")
 
 
 # ---- data, evaluation, fit -----------------------------------------------------------------------------

@@ -6,10 +6,11 @@
 The registry is a plain dict from the recipe's method name to that module.
 """
 
-from quantize.methods import gptq, int8, round
+from quantize.methods import awq, gptq, int8, round
 
 METHODS = {
     "int8": int8,
     "rtn": round,
     "gptq": gptq,
+    "awq": awq,
 }

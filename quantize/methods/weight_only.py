@@ -54,7 +54,6 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
                    quantize_linear: Callable) -> dict:
     meta = skeleton(base.path)
     check_group_sizes(meta, method)
-    writer = CompressedTensorsWriter(out_dir, base.path, meta.config.num_hidden_layers)
     input_groups = SEQUENTIAL_GROUPS[meta.config.model_type]
     log, pending = [], {}
 
@@ -86,13 +85,23 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
                         "seconds": round(time.perf_counter() - start, 4)})
 
     not_quantized = lambda name: ignored(name, method.ignore)  # noqa: E731
-    layers = quantize_layers(base.path, calib, quantize_group, not_quantized, method_true_sequential(method))
+    layers = quantize_layers(base.path, calib, quantize_group, not_quantized, meta.config.model_type,
+                             method_true_sequential(method))
+    return write_streamed(method, base, out_dir, meta, layers, pending, log)
+
+
+def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module, layers, pending: dict,
+                   log: list[dict], pack: bool = True) -> dict:
+    """Write each processed layer as it comes: linears listed in `pending` (name → q, scale, zero, group size)
+    packed as compressed-tensors, everything else fp16; then the rest, the config, tokenizer and the log.
+    With pack=False every layer is written dense (fp16) as it is, e.g. AWQ's scaled-but-unquantised export."""
+    writer = CompressedTensorsWriter(out_dir, base.path, meta.config.num_hidden_layers)
     for i, layer in track(layers, f"{method.default_variant()} layers", total=meta.config.num_hidden_layers):
         prefix = f"model.layers.{i}."
         tensors = {}
         for pname, p in layer.named_parameters():
             owner = prefix + pname.rsplit(".", 1)[0]
-            if owner in pending and pname.endswith("weight"):
+            if pack and owner in pending and pname.endswith("weight"):
                 q, scale, zero, gs = pending.pop(owner)
                 tensors.update(writer.packed(owner, q, scale, zero, method.bits, method.sym, gs,
                                              getattr(method, "act_order", False)))
@@ -106,7 +115,8 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
     load_tokenizer(base.path).save_pretrained(out_dir)
     with open(out_dir / "quantize-log.jsonl", "w") as fh:
         fh.writelines(json.dumps(row) + "\n" for row in log)
-    return {"format": "compressed-tensors", "quantization_config": qconfig, "quantized_linears": len(log),
+    fmt = "compressed-tensors" if qconfig is not None else "safetensors-fp16"
+    return {"format": fmt, "quantization_config": qconfig, "quantized_linears": len(log),
             "ignored_linears": kept, "total_loss": sum(r["loss"] for r in log),
             "channel_fallback": sorted({r["module"] for r in log if r["group_size"] != method.group_size})}
 

@@ -1,0 +1,124 @@
+"""AWQ: the search and the folding on small tensors, the exact fold and the streamed artefact on the tiny Llama."""
+
+import json
+
+import torch
+
+from conftest import write_recipe
+from quantize import ct_format, pipeline, rtn
+from quantize.layerwise import stream_layers
+from quantize.methods.awq import AWQ_MAPPINGS, awq_layer, block_loss_fn, fold_scale, search_clip, search_scale
+from quantize.models import load_model, load_tokenizer
+from quantize.recipe import AwqMethod, load_recipe
+
+
+def outlier_inputs(n=2048, cols=64, seed=0):
+    """Activations with a few large channels, as LLM activations have (the case AWQ is built for)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cols, generator=g)
+    x[:, :3] *= 30
+    return x
+
+
+def test_scale_search_beats_rtn_on_outlier_channels():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32, bias=False)
+    x = outlier_inputs()[None]  # [1 sample, tokens, cols]
+    W = lin.weight.data.clone()
+    Q = lambda w: rtn.fake_quantize(w, 3, False, 16)  # noqa: E731
+    x_mean = x.abs().mean((0, 1))
+    s, alpha, losses = search_scale([lin], [True], x_mean, block_loss_fn(None, lin, x), Q, 16, 20, True)
+    assert torch.equal(lin.weight.data, W)  # the search leaves the weights as they came
+    err = lambda Wq: (x @ (Wq - W).T).pow(2).mean().item()  # noqa: E731
+    awq_err = err(Q(W * s) / s)
+    assert awq_err == min(losses) or abs(awq_err - min(losses)) < 1e-6 * awq_err
+    assert awq_err < 0.7 * err(Q(W))  # the salient channels keep their precision
+    assert s[:3].min() > s[3:].max()  # the outlier channels got the largest scales
+
+
+def test_gram_loss_equals_the_output_error():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32, bias=False)
+    x = outlier_inputs()[None]
+    W = lin.weight.data.clone()
+    loss = block_loss_fn(None, lin, x)
+    lin.weight.data = rtn.fake_quantize(W, 3, False, 16)
+    direct = (x @ (lin.weight.data - W).T).pow(2).mean()
+    assert torch.allclose(loss(), direct, rtol=1e-3)
+
+
+def test_fold_into_norm_and_linear_is_exact():
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(16)
+    norm.weight.data.uniform_(0.5, 2)
+    up, down = torch.nn.Linear(16, 24), torch.nn.Linear(24, 8)
+    x = torch.randn(10, 16)
+    before = down(up(norm(x)))
+    fold_scale(norm, [up], torch.rand(16) + 0.5)
+    fold_scale(up, [down], torch.rand(24) + 0.5)
+    assert (down(up(norm(x))) - before).abs().max().item() < 1e-5
+
+
+def test_clip_search_never_worse_than_no_clip():
+    torch.manual_seed(0)
+    W = torch.randn(64, 64)
+    W[:, 5] *= 8  # a few large weights: clipping them helps the other weights of their group
+    x = torch.randn(256, 64)
+    Q = lambda w: rtn.fake_quantize(w, 3, False, 32)  # noqa: E731
+    m = search_clip(W, x, Q, 32)
+    assert m.shape == (64, 2)
+    clipped = torch.clamp(W.reshape(64, 2, 32), -m[..., None], m[..., None]).reshape(64, 64)
+    err = lambda Wq: (x @ (Wq - W).T).pow(2).mean().item()  # noqa: E731
+    assert err(Q(clipped)) < err(Q(W))
+    assert (m <= W.abs().reshape(64, 2, 32).amax(-1) + 1e-6).all()
+
+
+def test_scaled_model_is_the_same_function(tiny_model):
+    """Scales folded, nothing quantized or clipped: the fp32 model gives the original logits."""
+    method = AwqMethod(name="awq", bits=4, group_size=64, clip=False, export="scaled-fp16")
+    g = torch.Generator().manual_seed(0)
+    calib = torch.randint(3, 512, (4, 64), generator=g)
+    rows = AWQ_MAPPINGS["llama"]
+    scaled = {}
+
+    def process(i, layer, acts):
+        awq_layer(i, layer, acts, rows, method, lambda name, cols: 64, lambda name: False, {}, [], quantize=False)
+
+    for i, layer in stream_layers(tiny_model, calib, process):
+        scaled.update({f"model.layers.{i}.{k}": v.clone() for k, v in layer.state_dict().items()})
+    model = load_model(tiny_model, "float32")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    norm = "model.layers.0.input_layernorm.weight"
+    assert (scaled[norm] - original[norm]).abs().max() > 1e-3  # the scales really moved
+    ids = torch.randint(3, 512, (2, 96), generator=g)
+    with torch.no_grad():
+        before = model(ids).logits
+        model.load_state_dict(scaled, strict=False)
+        after = model(ids).logits
+    diff = (after - before).abs().max().item()
+    print(f"max |Δlogit| after folding: {diff:.3g}")
+    assert diff < 1e-4
+
+
+def test_streamed_awq_beats_rtn_and_reloads(tiny_model, tmp_path):
+    methods = [{"name": "rtn", "bits": 4, "group_size": 64, "sym": False},
+               {"name": "awq", "bits": 4, "group_size": 64},
+               {"name": "awq", "bits": 4, "group_size": 64, "sym": True}]
+    out = tmp_path / "a"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model), methods, out,
+                                      calibration={"samples": 16, "seq_len": 128}))
+    pipeline.run(recipe)
+    results = json.loads((out / "results.json").read_text())["variants"]
+    kld = {n: v["perplexity"]["kld"]["mean"] for n, v in results.items()}
+    assert kld["awq-w4-asym-g64"] < kld["rtn-w4-asym-g64"]
+    folder = out / "awq-w4-sym-g64"
+    assert results["awq-w4-sym-g64"]["loader"] == "transformers.from_pretrained"
+    log = [json.loads(line) for line in (folder / "quantize-log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 * 7 and all(r["samples"] == 16 for r in log)
+    # every linear got a searched scale but o_proj: v → o is skipped, GQA makes v narrower than o's input
+    assert {r["module"] for r in log if r["alpha"] is None} == {"self_attn.o_proj"}
+    ids = load_tokenizer(folder)("The history of the city", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a = load_model(folder, "float32")(ids).logits
+        b = ct_format.load_dense(folder)(ids).logits
+    assert (a - b).abs().max().item() < 1e-4
