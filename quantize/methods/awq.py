@@ -6,6 +6,7 @@ output judges them), with X the calibration inputs of those linears and W their 
     s(α) = x̄^α / w̄^(1-α)        (duo_scaling; plain AWQ uses s = x̄^α)       x̄ = mean|X| per input channel
     s    ← s / sqrt(max(s)·min(s))                                           w̄ = mean of |W| / max|W| per group
     α*   = argmin_α ‖ block(X; Q(W·diag(s))·diag(s)⁻¹) − block(X; W) ‖²     α ∈ {0, 1/n_grid, …, (n_grid-1)/n_grid}
+                                                                            (and s = 1, plain rounding)
 
 Code ↔ symbols: `x_mean` = x̄, `w_mean` = w̄, `s` = s, `block_loss` = the norm above, `Q` = the round-to-nearest
 min/max grid of the recipe (rtn.fake_quantize). s⁻¹ is then folded into `prev` (the RMSNorm weight, or the rows
@@ -66,13 +67,13 @@ def search_scale(linears: list[torch.nn.Linear], quantized: list[bool], x_mean: 
                  group_size: int, n_grid: int, duo_scaling: bool):
     """α* and s(α*) for linears whose inputs have mean magnitude x_mean [in]. `block_loss()` is the squared error
     of the judging block's output with the linears' current weights against full precision; `Q(W)`
-    fake-quantizes. The linears are left as they came. Returns (s, α*, losses per α)."""
+    fake-quantizes. The linears are left as they came. Returns (s, α* or None for s = 1, losses: [s = 1, α…])."""
     w_mean = weight_mean([lin.weight for lin in linears], group_size)
     originals = [lin.weight.data.clone() for lin in linears]
     best, losses = None, []
-    for k in range(n_grid):
-        alpha = k / n_grid
-        s = candidate_scales(x_mean, w_mean, alpha, duo_scaling)
+    # α = k/n_grid as AutoAWQ, plus s = 1 (plain rounding, α = None) as llm-compressor: never worse than RTN
+    for alpha in [None] + [k / n_grid for k in range(n_grid)]:
+        s = torch.ones_like(x_mean) if alpha is None else candidate_scales(x_mean, w_mean, alpha, duo_scaling)
         for lin, W, q in zip(linears, originals, quantized):
             lin.weight.data = (Q(W * s) / s) if q else W  # Q(W·s)·s⁻¹ applied to x ≡ Q(W·s)(s⁻¹x)
         loss = float(block_loss())
@@ -176,7 +177,7 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
         fold_scale(prev, linears, s)
         for n in names:
             X[n] = X[n] / s  # what the linears see from now on (they share the input)
-        alphas[names[0]] = (alpha, losses[0], min(losses), time.perf_counter() - start)
+        alphas[names[0]] = ("s=1" if alpha is None else alpha, losses[0], min(losses), time.perf_counter() - start)
 
     for _, names, _ in rows:
         for n in names:
