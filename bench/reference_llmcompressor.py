@@ -1,11 +1,12 @@
-"""Reference GPTQ: llm-compressor's GPTQModifier through `oneshot`, on CPU. Runs in a SEPARATE environment
+"""Reference GPTQ / AWQ: llm-compressor's GPTQModifier, or AWQModifier + QuantizationModifier, through
+`oneshot`, on CPU. Runs in a SEPARATE environment
 (never a dependency of quantize):
 
     python3 -m venv /tmp/refenv && /tmp/refenv/bin/pip install torch==2.13.0 \
         && /tmp/refenv/bin/pip install -c <(echo torch==2.13.0) llmcompressor==0.14.0.1
-    /tmp/refenv/bin/python bench/reference_llmcompressor.py BASE_DIR CALIB.pt OUT_DIR --group-size 64
+    /tmp/refenv/bin/python bench/reference_llmcompressor.py BASE_DIR CALIB.pt OUT_DIR --method awq --group-size 64
 
-CALIB.pt holds the calibration token ids [samples, seq_len] written by bench/gptq_reference.py, so both
+CALIB.pt holds the calibration token ids [samples, seq_len] written by bench/reference.py, so both
 implementations see the same tokens. Writes OUT_DIR (compressed-tensors) and OUT_DIR/bench.json (seconds,
 peak RSS).
 """
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--asym", action="store_true")
+    ap.add_argument("--method", choices=["gptq", "awq"], default="gptq")
     args = ap.parse_args()
 
     from datasets import Dataset
@@ -43,20 +45,36 @@ def main() -> None:
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     weights = {"num_bits": 4, "type": "int", "symmetric": not args.asym, "strategy": "group",
                "group_size": args.group_size}
-    modifier = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
-                            ignore=["lm_head"], dampening_frac=0.01, block_size=128, actorder=None)
+    groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
+    if args.method == "gptq":
+        recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=0.01, block_size=128,
+                              actorder=None)
+    else:  # AWQ only smooths; the quantization modifier after it rounds onto the grid
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+
+        # PATCH (CPU only): AWQModifier 0.14 pins its cached activations for faster host-to-GPU copies, and
+        # pin_memory() raises without an accelerator. Pinning changes no value: make it a no-op.
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        if not torch.cuda.is_available():
+            IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+        recipe = [AWQModifier(duo_scaling=True, n_grid=20),
+                  QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
-    oneshot(model=model, dataset=ds, recipe=modifier, max_seq_length=ids.shape[1],
+    oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=ids.shape[1],
             num_calibration_samples=ids.shape[0])
     seconds = time.perf_counter() - start
     model.save_pretrained(args.out, save_compressed=True)
     import llmcompressor
 
     (Path(args.out) / "bench.json").write_text(json.dumps({
-        "tool": f"llmcompressor {llmcompressor.__version__} GPTQModifier", "seconds": seconds,
+        "tool": f"llmcompressor {llmcompressor.__version__} "
+                + ("GPTQModifier" if args.method == "gptq" else "AWQModifier + QuantizationModifier"), "seconds": seconds,
         "peak_rss_bytes": peak_rss(), "threads": torch.get_num_threads(), "weights": weights,
-        "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])}, indent=2))
+        "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
+        "patched": "IntermediatesCache.pin_memory is a no-op (CPU)" if args.method == "awq" else None}, indent=2))
 
 
 if __name__ == "__main__":
