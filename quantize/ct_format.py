@@ -40,6 +40,7 @@ class CompressedTensorsWriter:
         self.schemes: dict[str, list[str]] = {}  # scheme key → module names
         self.args: dict[str, object] = {}
         self.written: set[str] = set()
+        self.packed_names: list[str] = []  # quantized linears written so far
 
     def _shard_name(self, k: int) -> str:
         return f"model-{k + 1:05d}-of-{self.n_shards:05d}.safetensors"
@@ -57,6 +58,7 @@ class CompressedTensorsWriter:
         if not symmetric:
             tensors[f"{name}.weight_zero_point"] = pack_to_int32((zero - offset).to(torch.int8), bits, packed_dim=0)
         self.written.add(f"{name}.weight")
+        self.packed_names.append(name)
         args = weight_args(bits, symmetric, group_size, act_order)
         key = args.model_dump_json()
         self.args[key] = args
@@ -73,9 +75,6 @@ class CompressedTensorsWriter:
     def finish(self, ignore: list[str]) -> dict | None:
         """Copy every base tensor not written yet (embeddings, norms, lm_head) in fp16; write index and config.
         With nothing packed (a dense export) the result is a plain fp16 checkpoint and this returns None."""
-        from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
-        from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
-
         shards = Shards(self.base_path)
         rest = {n: shards.get(n).to(STORAGE_DTYPE) for n in shards.names() if n not in self.written}
         self.write_shard(self.n_shards - 1, rest)
@@ -90,8 +89,13 @@ class CompressedTensorsWriter:
         for extra in ("generation_config.json",):
             if (self.base_path / extra).is_file():
                 shutil.copy(self.base_path / extra, self.out_dir / extra)
-        if not self.schemes:
+        if not self.packed_names:
             return None
+        return self.quantization_config(ignore)
+
+    def quantization_config(self, ignore: list[str]) -> dict:
+        from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
+        from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
 
         only_one = len(self.schemes) == 1
         groups = {

@@ -11,6 +11,7 @@ Output layout (`outputs/<name>/`, renamed into place only when complete):
 from __future__ import annotations
 
 import gc
+import importlib.util
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from quantize import artefact, ct_format, evaluate, fit, memory, report, speed
+from quantize import artefact, classic_format, ct_format, evaluate, fit, memory, report, speed
 from quantize.errors import QuantizeError
 from quantize.methods import METHODS
 from quantize.models import BaseModel, load_model, load_tokenizer, meta_model, peek_config, resolve_model
@@ -116,6 +117,13 @@ def _load_artefact(folder: Path, method, dtype: str):
     """(model, loader description, dtype): the artefact as its ecosystem's loader gives it back."""
     if method.name == "int8" and method.scheme == "llm.int8":  # bitsandbytes computes in fp16
         return load_model(folder, "float16", device_map="cpu"), "transformers + bitsandbytes", "float16"
+    layout = classic_format.format_of(folder)
+    if layout is not None:
+        if importlib.util.find_spec("gptqmodel") is not None:  # transformers loads gptq/awq through GPTQModel
+            return load_model(folder, dtype), "transformers.from_pretrained + GPTQModel", dtype
+        return (classic_format.load_dense(folder, getattr(torch, dtype)),
+                f"quantize's {layout} unpacking (GPTQModel, which transformers needs for {layout}, is not installed)",
+                dtype)
     if ct_format.is_asymmetric(folder):
         return (ct_format.load_dense(folder, getattr(torch, dtype)),
                 "compressed-tensors unpack (transformers cannot reload asymmetric pack-quantized, "

@@ -50,12 +50,24 @@ class WeightOnly(Strict):
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="regexes of linears left alone")
     on_indivisible: Literal["fail", "channel"] = Field(
         "fail", description="a linear whose input size is not a multiple of group_size: fail, or go per channel")
+    format: Literal["compressed-tensors", "gptq", "awq"] = Field(
+        "compressed-tensors", description="on-disk layout: compressed-tensors pack-quantized (vLLM, SGLang, "
+        "transformers), or the classic `gptq` (v1) / `awq` (GEMM) int32 layouts for older stacks")
     variant: str | None = None
+
+    @model_validator(mode="after")
+    def _format_packs_bits(self):
+        from quantize.classic_format import FORMATS
+
+        if self.format in FORMATS and self.bits not in FORMATS[self.format]:
+            raise ValueError(f"format {self.format!r} packs bits {list(FORMATS[self.format])}, got bits {self.bits}")
+        return self
 
     def default_variant(self) -> str:
         grid = "sym" if self.sym else "asym"
         group = "ch" if self.group_size == -1 else f"g{self.group_size}"
-        return self.variant or f"{self.name}-w{self.bits}-{grid}-{group}"
+        layout = "" if self.format == "compressed-tensors" else f"-{self.format}"
+        return self.variant or f"{self.name}-w{self.bits}-{grid}-{group}{layout}"
 
 
 class RtnMethod(WeightOnly):

@@ -122,3 +122,41 @@ def test_streamed_awq_beats_rtn_and_reloads(tiny_model, tmp_path):
         a = load_model(folder, "float32")(ids).logits
         b = ct_format.load_dense(folder)(ids).logits
     assert (a - b).abs().max().item() < 1e-4
+
+
+def test_pack_roundtrip_and_awq_order():
+    from quantize.classic_format import AWQ_ORDER, pack, unpack
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (6, 16), generator=g, dtype=torch.int32)
+    for dim, order in [(0, None), (1, None), (1, AWQ_ORDER)]:
+        assert torch.equal(unpack(pack(q.T if dim == 0 else q, 4, dim, order), 4, dim, order), q.T if dim == 0 else q)
+    word = pack(torch.arange(8, dtype=torch.int32)[None], 4, 1, AWQ_ORDER)  # AutoAWQ: nibble j ← column ORDER[j]
+    assert [(int(word) >> (4 * j)) & 15 for j in range(8)] == AWQ_ORDER
+
+
+def test_classic_layouts_hold_the_same_weights(tiny_model, tmp_path):
+    """The same AWQ / GPTQ result written as compressed-tensors and as the classic `awq` / `gptq` layouts
+    dequantizes to the same weights; the configs say what GPTQModel and transformers read."""
+    from quantize import classic_format
+
+    methods = [{"name": "awq", "bits": 4, "group_size": 64, "variant": "ct"},
+               {"name": "awq", "bits": 4, "group_size": 64, "format": "awq"},
+               {"name": "gptq", "bits": 4, "group_size": 64, "format": "gptq"},
+               {"name": "gptq", "bits": 4, "group_size": 64, "variant": "gptq-ct"}]
+    out = tmp_path / "c"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model), methods, out,
+                                      calibration={"samples": 8, "seq_len": 64}, eval={"kld": False,
+                                      "perplexity": {"n_ctx": 64, "max_chunks": 1}, "speed": {"enabled": False}}))
+    pipeline.run(recipe)
+    ids = load_tokenizer(out / "ct")("The history of the city", return_tensors="pt").input_ids
+    with torch.no_grad():
+        for ct, classic in [("ct", "awq-w4-asym-g64-awq"), ("gptq-ct", "gptq-w4-sym-g64-gptq")]:
+            a = ct_format.load_dense(out / ct) if ct == "ct" else load_model(out / ct, "float32")
+            b = classic_format.load_dense(out / classic)
+            assert (a(ids).logits - b(ids).logits).abs().max().item() < 1e-4
+    qc = json.loads((out / "awq-w4-asym-g64-awq" / "config.json").read_text())["quantization_config"]
+    assert qc == {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm",
+                  "modules_to_not_convert": ["lm_head"]}
+    qc = json.loads((out / "gptq-w4-sym-g64-gptq" / "quantize_config.json").read_text())
+    assert (qc["quant_method"], qc["checkpoint_format"], qc["sym"], qc["desc_act"]) == ("gptq", "gptq", True, False)

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from quantize import rtn
+from quantize.classic_format import ClassicWriter
 from quantize.ct_format import CompressedTensorsWriter
 from quantize.errors import QuantizeError
 from quantize.layerwise import SEQUENTIAL_GROUPS, quantize_layers, skeleton
@@ -44,10 +45,23 @@ def group_size_for(name: str, cols: int, group_size: int, on_indivisible: str) -
 
 
 def check_group_sizes(model: torch.nn.Module, method) -> None:
-    """Fail before any work if a layer cannot take the group size (and no fallback is allowed)."""
+    """Fail before any work if a layer cannot take the group size (and no fallback is allowed), or if a classic
+    layout (one group size, every decoder linear quantized) cannot hold the result."""
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name and not ignored(name, method.ignore):
-            group_size_for(name, module.in_features, method.group_size, method.on_indivisible)
+        if not (isinstance(module, torch.nn.Linear) and ".layers." in name):
+            continue
+        classic = method.format != "compressed-tensors"
+        if ignored(name, method.ignore):
+            if classic:
+                raise QuantizeError(f"{name}: format {method.format!r} quantizes every decoder-layer linear; it "
+                                    "matches `ignore`. Narrow `ignore` or use format compressed-tensors.")
+            continue
+        gs = group_size_for(name, module.in_features, method.group_size, method.on_indivisible)
+        if classic and gs != method.group_size:
+            raise QuantizeError(f"{name}: input size {module.in_features} is not divisible by group_size "
+                                f"{method.group_size}, and format {method.format!r} holds one group size for all "
+                                f"linears; group sizes that work for it: {', '.join(map(str, divisors(module.in_features)))}"
+                                " or use format compressed-tensors (per-channel fallback)")
 
 
 def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor | None,
@@ -95,7 +109,14 @@ def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module
     """Write each processed layer as it comes: linears listed in `pending` (name → q, scale, zero, group size)
     packed as compressed-tensors, everything else fp16; then the rest, the config, tokenizer and the log.
     With pack=False every layer is written dense (fp16) as it is, e.g. AWQ's scaled-but-unquantised export."""
-    writer = CompressedTensorsWriter(out_dir, base.path, meta.config.num_hidden_layers)
+    n_layers = meta.config.num_hidden_layers
+    if method.format == "compressed-tensors":
+        writer = CompressedTensorsWriter(out_dir, base.path, n_layers)
+    else:
+        extra = {"bits": method.bits, "damp_percent": getattr(method, "damp", None),
+                 "true_sequential": getattr(method, "true_sequential", None),
+                 "static_groups": getattr(method, "act_order", False), "meta": {"quantizer": [f"quantize {method.name}"]}}
+        writer = ClassicWriter(out_dir, base.path, n_layers, method.format, extra)
     for i, layer in track(layers, f"{method.default_variant()} layers", total=meta.config.num_hidden_layers):
         prefix = f"model.layers.{i}."
         tensors = {}
@@ -115,7 +136,7 @@ def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module
     load_tokenizer(base.path).save_pretrained(out_dir)
     with open(out_dir / "quantize-log.jsonl", "w") as fh:
         fh.writelines(json.dumps(row) + "\n" for row in log)
-    fmt = "compressed-tensors" if qconfig is not None else "safetensors-fp16"
+    fmt = method.format if qconfig is not None else "safetensors-fp16"
     return {"format": fmt, "quantization_config": qconfig, "quantized_linears": len(log),
             "ignored_linears": kept, "total_loss": sum(r["loss"] for r in log),
             "channel_fallback": sorted({r["module"] for r in log if r["group_size"] != method.group_size})}
