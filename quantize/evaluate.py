@@ -105,6 +105,13 @@ def _mean_unc(x: np.ndarray) -> tuple[float, float]:
     return mean, math.sqrt(max(var, 0.0) / (len(x) - 1))
 
 
+def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """[n, vocab] logits of one sequence ids [1, n] from a torch model or a llama.cpp model (LlamaCppModel)."""
+    if isinstance(model, torch.nn.Module):
+        return model(ids, use_cache=False).logits[0]
+    return model.logits(ids[0].tolist())
+
+
 @torch.inference_mode()
 def score(model, chunks: Chunks, base: BaseLogProbs, is_base: bool, label: str) -> dict:
     """Perplexity of `model` on the chunks; when it is the base, fill `base`; otherwise KLD against it."""
@@ -112,7 +119,7 @@ def score(model, chunks: Chunks, base: BaseLogProbs, is_base: bool, label: str) 
     nll, kld, same_top, base_nll = [], [], [], []
     for i in track(range(chunks.ids.shape[0]), f"perplexity {label}"):
         ids = chunks.ids[i : i + 1]
-        logits = model(ids, use_cache=False).logits[0, first:-1].float()  # [scored, vocab]
+        logits = forward_logits(model, ids)[first:-1].float()  # [scored, vocab]
         logp = torch.log_softmax(logits, dim=-1)
         targets = ids[0, first + 1 :]
         nll.append(-logp.gather(1, targets[:, None])[:, 0])

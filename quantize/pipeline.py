@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from quantize import artefact, classic_format, ct_format, evaluate, fit, memory, report, speed
+from quantize import artefact, classic_format, ct_format, evaluate, fit, llamacpp, memory, report, speed
 from quantize.errors import QuantizeError
 from quantize.methods import METHODS
 from quantize.models import BaseModel, load_model, load_tokenizer, meta_model, peek_config, resolve_model
@@ -59,6 +59,8 @@ def plan(recipe: Recipe) -> dict:
 
 
 def _free(model) -> None:
+    if isinstance(model, llamacpp.LlamaCppModel):
+        model.close()
     del model
     gc.collect()
 
@@ -66,14 +68,18 @@ def _free(model) -> None:
 def _evaluate(model, label: str, chunks, base_logprobs, is_base: bool, recipe: Recipe, vocab: int) -> dict:
     out = {"perplexity": evaluate.score(model, chunks, base_logprobs, is_base=is_base, label=label)}
     sp = recipe.eval.speed
-    if sp.enabled:
+    if sp.enabled and isinstance(model, llamacpp.LlamaCppModel):
+        out["speed"] = llamacpp.bench(model.path, sp.prompt_tokens, sp.gen_tokens, sp.repetitions, sp.threads,
+                                      label, seed=recipe.seed)
+    elif sp.enabled:
         out["speed"] = speed.bench(model, vocab, sp.prompt_tokens, sp.gen_tokens, sp.repetitions, sp.threads,
                                    label, seed=recipe.seed)
     return out
 
 
 def _fit(folder: Path, shape, recipe: Recipe) -> dict:
-    by_dtype = fit.weight_bytes_safetensors(folder)
+    gguf_file = folder / "model.gguf"
+    by_dtype = fit.weight_bytes_gguf(gguf_file) if gguf_file.is_file() else fit.weight_bytes_safetensors(folder)
     f = recipe.fit
     return {"weight_bytes_by_dtype": by_dtype,
             **fit.fit_report(sum(by_dtype.values()), shape, f.gpus, f.contexts, f.batch, f.kv_dtype)}
@@ -93,7 +99,7 @@ def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe, calib)
     batches, calib_info = calib if method.needs_calibration else (None, None)
     memory.reset_peak()
     start = time.perf_counter()
-    info = METHODS[method.name].build(method, base, folder, batches)
+    info = METHODS[method.name].build(method, base, folder, batches, calib_info)
     seconds = time.perf_counter() - start
     manifest = {
         "variant": folder.name,
@@ -113,8 +119,11 @@ def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe, calib)
     return manifest
 
 
-def _load_artefact(folder: Path, method, dtype: str):
+def _load_artefact(folder: Path, method, dtype: str, n_ctx: int):
     """(model, loader description, dtype): the artefact as its ecosystem's loader gives it back."""
+    if method.name == "gguf":  # llama.cpp's own kernels; its default F16 KV cache, as users run it
+        model = llamacpp.LlamaCppModel(folder / "model.gguf", n_ctx=n_ctx)
+        return model, f"llama.cpp (llama-cpp-python {llamacpp.binding().__version__}), KV cache F16", "gguf"
     if method.name == "int8" and method.scheme == "llm.int8":  # bitsandbytes computes in fp16
         return load_model(folder, "float16", device_map="cpu"), "transformers + bitsandbytes", "float16"
     layout = classic_format.format_of(folder)
@@ -168,7 +177,7 @@ def run(recipe: Recipe, force: bool = False) -> Path:
             folder = out / name
             manifest = _build_variant(method, base, folder, recipe, calib)
             step(f"{name}: reloading the artefact with its loader and evaluating")
-            model, loader, eval_dtype = _load_artefact(folder, method, dtype)
+            model, loader, eval_dtype = _load_artefact(folder, method, dtype, chunks.n_ctx)
             measured = _evaluate(model, name, chunks, base_logprobs, False, recipe, vocab)
             _free(model)
             variant = {"method": manifest["method"], "format": manifest["result"]["format"],

@@ -117,8 +117,37 @@ class AwqMethod(WeightOnly):
         return super().default_variant()
 
 
-Method = Annotated[Union[Int8Method, RtnMethod, GptqMethod, AwqMethod], Field(discriminator="name")]
-METHOD_NAMES = ("int8", "rtn", "gptq", "awq")
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M",
+              "Q3_K_S", "Q2_K")
+IMATRIX_BY_DEFAULT = ("Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K")  # 4 bits and below
+
+
+class GgufMethod(Strict):
+    """GGUF for llama.cpp / Ollama / LM Studio: converted from the HF checkpoint, k-quants by llama.cpp's own
+    quantiser (its Q4_K_M etc. mixes), with an importance matrix from the calibration data."""
+
+    name: Literal["gguf"]
+    type: Literal[GGUF_TYPES] = "Q4_K_M"
+    imatrix: bool | None = Field(None, description="use an importance matrix; default: on for 4-bit types and below")
+    pure: bool = Field(False, description="every quantized tensor gets `type` (no llama.cpp mix)")
+    variant: str | None = None
+
+    @property
+    def use_imatrix(self) -> bool:
+        if self.type in ("F32", "F16", "BF16"):
+            return False
+        return self.type in IMATRIX_BY_DEFAULT if self.imatrix is None else self.imatrix
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.use_imatrix
+
+    def default_variant(self) -> str:
+        return self.variant or f"gguf-{self.type.lower()}{'-imat' if self.use_imatrix else ''}{'-pure' if self.pure else ''}"
+
+
+Method = Annotated[Union[Int8Method, RtnMethod, GptqMethod, AwqMethod, GgufMethod], Field(discriminator="name")]
+METHOD_NAMES = ("int8", "rtn", "gptq", "awq", "gguf")
 
 
 # ---- data, evaluation, fit -----------------------------------------------------------------------------

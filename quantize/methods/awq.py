@@ -207,7 +207,7 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
                         "seconds": round(time.perf_counter() - start + (seconds if n == group else 0), 4)})
 
 
-def build(method, base, out_dir, calib: torch.Tensor):
+def build(method, base, out_dir, calib: torch.Tensor, calib_info=None):
     from quantize.methods.weight_only import check_group_sizes, group_size_for, write_streamed
 
     meta = skeleton(base.path)

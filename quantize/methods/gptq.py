@@ -119,7 +119,7 @@ def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, gr
 
 
 # ---- the method: streamed layer by layer, written as compressed-tensors -------------------------------------
-def build(method, base, out_dir, calib: torch.Tensor):
+def build(method, base, out_dir, calib: torch.Tensor, calib_info=None):
     from quantize.methods.weight_only import build_streamed
 
     def quantize_linear(W, hess: Hessian, group_size: int):

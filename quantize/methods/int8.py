@@ -27,7 +27,7 @@ def linear_names(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
 
 
-def build(method: Int8Method, base: BaseModel, out_dir: Path, calib=None) -> dict:
+def build(method: Int8Method, base: BaseModel, out_dir: Path, calib=None, calib_info=None) -> dict:
     if method.scheme == "w8a16":
         return build_w8a16(method, base, out_dir)
     return build_llm_int8(method, base, out_dir)

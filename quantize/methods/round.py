@@ -10,7 +10,7 @@ from quantize.models import unique_parameters
 from quantize.recipe import ignored
 
 
-def build(method, base, out_dir, calib=None):
+def build(method, base, out_dir, calib=None, calib_info=None):
     from quantize.methods.weight_only import build_streamed
 
     def quantize_linear(W, hess, group_size: int):

@@ -1,0 +1,183 @@
+"""HF checkpoint → GGUF (F32 / F16 / BF16 / Q8_0) for the Llama family, with the tokenizer metadata llama.cpp
+needs to tokenise exactly like transformers. Built on the `gguf` package (GGUFWriter, the tensor name map,
+SpecialVocab, and numpy encoders whose bytes match llama.cpp's); k-quants are then made from this file by
+llama.cpp's own quantiser (methods/gguf.py).
+
+Follows llama.cpp's convert_hf_to_gguf.py for these architectures: the `llama` arch stores Q and K with their
+rows permuted (llama.cpp's rotary pairs adjacent dims, transformers pairs dim i with i + head_dim/2), norms and
+other 1-D tensors stay F32, a tied lm_head is not written, and the BPE pre-tokenizer is identified by hashing
+the token ids of a fixed check text (CHECK_TEXT) against the table below.
+"""
+
+from __future__ import annotations
+
+import json
+from hashlib import sha256
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantize.errors import QuantizeError
+from quantize.layerwise import Shards
+
+# HF model_type → GGUF architecture. Mistral (non-tekken) uses llama's graph in llama.cpp.
+ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+PERMUTES_QK = {"llama"}  # GGUF arches whose Q/K rows are stored in llama.cpp's rotary order
+
+# sha256(str(tokenizer.encode(CHECK_TEXT))) → tokenizer.ggml.pre, rows from llama.cpp's convert_hf_to_gguf.py
+PRE_TOKENIZERS = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM / SmolLM2
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5 / Qwen2
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen2.5
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral Nemo
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+    "0fe1cf6eda062318a1af7270f3331a85c539a01778ff948e24388e949c5282f4": "gpt-2",
+}
+CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ "
+    "🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you "
+    "sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+OUT_TYPES = ("F32", "F16", "BF16", "Q8_0")
+
+
+def permute_qk(W: torch.Tensor, n_head: int) -> torch.Tensor:
+    """transformers' half-split rotary layout → llama.cpp's interleaved pairs, per head. W: [n_head·d, in]."""
+    return W.reshape(n_head, 2, W.shape[0] // n_head // 2, *W.shape[1:]).swapaxes(1, 2).reshape(W.shape)
+
+
+def pre_tokenizer(tokenizer) -> str:
+    """llama.cpp's name for the tokenizer's BPE pre-tokenizer: by hash, or plain GPT-2 byte-level."""
+    digest = sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+    if digest in PRE_TOKENIZERS:
+        return PRE_TOKENIZERS[digest]
+    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"  # a bare ByteLevel pre-tokenizer splits with GPT-2's regex
+    raise QuantizeError(f"unknown BPE pre-tokenizer (check-text hash {digest[:16]}…, pre_tokenizer "
+                        f"{pre.get('type')!r}); known: {', '.join(sorted(set(PRE_TOKENIZERS.values())))}")
+
+
+def add_vocab(writer, model_dir: Path, config: dict) -> None:
+    import gguf
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not (model_dir / "tokenizer.json").is_file() or tokenizer.backend_tokenizer.model.__class__.__name__ != "BPE":
+        raise QuantizeError(f"{model_dir}: GGUF conversion supports byte-level BPE tokenizers (tokenizer.json), "
+                            "as Llama 3, SmolLM, Qwen2 and Mistral Nemo use")
+    vocab_size = config.get("vocab_size", len(tokenizer.get_vocab()))
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        token = by_id[i]
+        if token in added:
+            types.append(gguf.TokenType.CONTROL if decoder[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        tokens.append(token)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer(tokenizer))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
+
+
+def add_hparams(writer, config: dict, arch: str) -> None:
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}  # transformers 5 / 4
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise QuantizeError(f"GGUF conversion: rope type {rope_type!r} is not supported yet (default rope only)")
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config.get("num_key_value_heads", config["num_attention_heads"]))
+    writer.add_rope_freq_base(theta)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(config["vocab_size"])
+
+
+def encode(data: np.ndarray, out_type: str):
+    """(array, GGML type) to write: 1-D tensors stay F32 as llama.cpp keeps them."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if data.ndim == 1 or out_type == "F32":
+        return data.astype(np.float32), T.F32
+    if out_type == "F16":
+        return data.astype(np.float16), T.F16
+    kind = T.BF16 if out_type == "BF16" else T.Q8_0
+    if out_type == "Q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[T.Q8_0][0]:
+        return data.astype(np.float16), T.F16  # rows not a multiple of 32: llama.cpp falls back too
+    return gguf.quants.quantize(data.astype(np.float32), kind), kind
+
+
+def tensor_names(arch: str, n_layers: int):
+    """gguf's HF → GGUF tensor name map for an architecture (`.get_name(hf_name, try_suffixes=...)`)."""
+    import gguf
+
+    return gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), n_layers)
+
+
+def convert(model_dir: Path, out_file: Path, out_type: str = "F16", name: str | None = None,
+            metadata: dict | None = None) -> Path:
+    """Write `out_file` (via a temporary name, renamed when complete). Returns it."""
+    import gguf
+
+    if out_type not in OUT_TYPES:
+        raise QuantizeError(f"GGUF out type {out_type!r}; accepted: {', '.join(OUT_TYPES)}")
+    config = json.loads((model_dir / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type not in ARCHES:
+        raise QuantizeError(f"{model_dir}: GGUF conversion supports model types {', '.join(ARCHES)}, "
+                            f"not {model_type!r}")
+    arch = ARCHES[model_type]
+    n_layers = config["num_hidden_layers"]
+    n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    names = tensor_names(arch, n_layers)
+    partial = out_file.with_name(out_file.name + ".partial")
+    writer = gguf.GGUFWriter(partial, arch)
+    writer.add_name(name or model_dir.name)
+    writer.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7, "BF16": 32}[out_type])  # LLAMA_FTYPE_ALL_F32, MOSTLY_*
+    add_hparams(writer, config, arch)
+    add_vocab(writer, model_dir, config)
+    for key, value in (metadata or {}).items():
+        writer.add_string(key, str(value))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    shards = Shards(model_dir)
+    tied = config.get("tie_word_embeddings", False)
+    for hf_name in shards.names():
+        if tied and hf_name == "lm_head.weight":
+            continue
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise QuantizeError(f"{model_dir}: no GGUF name for tensor {hf_name!r}")
+        W = shards.get(hf_name).float()
+        if arch in PERMUTES_QK and hf_name.endswith("q_proj.weight"):
+            W = permute_qk(W, n_head)
+        elif arch in PERMUTES_QK and hf_name.endswith("k_proj.weight"):
+            W = permute_qk(W, n_kv)
+        data, kind = encode(W.numpy(), out_type)
+        writer.add_tensor(gguf_name, data, raw_dtype=kind)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    partial.replace(out_file)
+    return out_file

@@ -1,0 +1,158 @@
+"""llama.cpp through its Python binding (llama-cpp-python): the k-quant encoder and the GGUF runtime.
+
+- quantize(): `llama_model_quantize` with llama.cpp's own type mixes (the reference definitions of Q4_K_M
+  and friends), an importance matrix passed as `llama_model_imatrix_data` rows (tensor name → mean x² per
+  input column, the statistic llama.cpp's imatrix tool computes as in_sum2 / counts), and the
+  `quantize.imatrix.*` metadata that llama-quantize writes.
+- LlamaCppModel: logits of a token sequence from llama.cpp's own kernels (fed the HF tokenizer's ids, so
+  both backends score the same tokens), and llama-bench-style pp/tg timings.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantize.errors import QuantizeError
+
+# llama_ftype values (llama.h, LLAMA_FTYPE_MOSTLY_*), by the names llama-quantize accepts
+FTYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14,
+          "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "BF16": 32}
+KV_OVERRIDE_STR, KV_OVERRIDE_INT = 3, 0  # llama_model_kv_override_type
+GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
+
+
+def binding():
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise QuantizeError("the gguf method needs llama-cpp-python (pip install llama-cpp-python==0.3.36; it "
+                            f"compiles llama.cpp, about 10 min on 2 cores): {exc}") from None
+    return llama_cpp
+
+
+def quantize(src: Path, dst: Path, ftype: str, imatrix: dict[str, np.ndarray] | None = None,
+             metadata: dict[str, str | int] | None = None, pure: bool = False, threads: int | None = None) -> None:
+    """llama-quantize SRC DST FTYPE, in process. `imatrix`: GGUF tensor name → importance per input column."""
+    lib = binding()
+    params = lib.llama_model_quantize_default_params()
+    params.ftype = FTYPES[ftype]
+    params.nthread = threads or os.cpu_count() or 1
+    params.pure = pure
+    keep = []  # ctypes buffers must outlive the call
+    if imatrix:
+        rows = (lib.llama_model_imatrix_data * (len(imatrix) + 1))()  # zeroed last row ends the list
+        for k, (name, values) in enumerate(sorted(imatrix.items())):
+            buf = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(buf)
+            rows[k].name = name.encode()
+            rows[k].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            rows[k].size = buf.size
+        params.imatrix = ctypes.cast(rows, ctypes.POINTER(lib.llama_model_imatrix_data))
+        keep.append(rows)
+    if metadata:
+        kv = (lib.llama_model_kv_override * (len(metadata) + 1))()  # key[0] == 0 ends the list
+        for k, (key, value) in enumerate(metadata.items()):
+            kv[k].key = key.encode()
+            if isinstance(value, int):
+                kv[k].tag, kv[k].value.val_i64 = KV_OVERRIDE_INT, value
+            else:
+                kv[k].tag, kv[k].value.val_str = KV_OVERRIDE_STR, str(value).encode()[:127]
+        params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(lib.llama_model_kv_override))
+        keep.append(kv)
+    partial = dst.with_name(dst.name + ".partial")
+    rc = lib.llama_model_quantize(str(src).encode(), str(partial).encode(), ctypes.byref(params))
+    if rc != 0:
+        partial.unlink(missing_ok=True)
+        raise QuantizeError(f"llama.cpp could not quantize {src} to {ftype} (llama_model_quantize returned {rc})")
+    partial.replace(dst)
+
+
+class LlamaCppModel:
+    """A GGUF loaded in llama.cpp. `kv_type` F16 is llama.cpp's default cache (what users run); F32 makes the
+    logits comparable with an fp32 torch model to ~1e-4."""
+
+    def __init__(self, path: Path, n_ctx: int = 512, threads: int | None = None, kv_type: str = "F16",
+                 logits_all: bool = True):
+        lib = binding()
+        kv = {"F16": GGML_TYPE_F16, "F32": GGML_TYPE_F32}[kv_type]
+        self.path, self.n_ctx, self.kv_type = path, n_ctx, kv_type
+        self.threads = threads or torch.get_num_threads()
+        self.llm = lib.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
+                             n_threads=self.threads, n_threads_batch=self.threads, type_k=kv, type_v=kv,
+                             verbose=False)
+        self.vocab_size = self.llm.n_vocab()
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """[len(ids), vocab] float32 logits of one sequence from an empty cache."""
+        self.llm.reset()
+        self.llm.eval(ids)
+        return torch.from_numpy(np.array(self.llm.scores[: len(ids)], dtype=np.float32))
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def bench(path: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, threads: list[int],
+          label: str, seed: int = 0) -> dict:
+    """llama-bench semantics on llama.cpp's runtime: pp = one batch of N random tokens from an empty cache,
+    tg = M tokens one by one from an empty cache; 1 warm-up, then timed repetitions; tokens/sec."""
+    from quantize import fit, memory
+    from quantize.ui import track
+
+    weights = sum(fit.weight_bytes_gguf(path).values())
+    model = None
+
+    def pp() -> float:
+        model.llm.reset()
+        start = time.perf_counter()
+        model.llm.eval(prompt)
+        return time.perf_counter() - start
+
+    def tg() -> float:
+        model.llm.reset()
+        start = time.perf_counter()
+        for token in prompt[:gen_tokens]:
+            model.llm.eval([token])
+        return time.perf_counter() - start
+
+    rows = []
+    try:
+        for n in threads:
+            if model is not None:
+                model.close()
+            model = LlamaCppModel(path, n_ctx=prompt_tokens + gen_tokens + 8, threads=n, logits_all=False)
+            prompt = np.random.default_rng(seed).integers(0, model.vocab_size, prompt_tokens).tolist()
+            load_before = os.getloadavg()[0]
+            pp(), tg()  # warm-up
+            memory.reset_peak()
+            pps = [pp() for _ in track(range(repetitions), f"pp{prompt_tokens} {label} t={n}")]
+            pp_peak = memory.peak_rss_bytes()
+            memory.reset_peak()
+            tgs = [tg() for _ in track(range(repetitions), f"tg{gen_tokens} {label} t={n}")]
+            tg_peak = memory.peak_rss_bytes()
+            tg_rates = [gen_tokens / s for s in tgs]
+            pp_rates = [prompt_tokens / s for s in pps]
+            rows.append({
+                "threads": n,
+                "pp": {"tokens": prompt_tokens, "median": statistics.median(pp_rates), "min": min(pp_rates),
+                       "max": max(pp_rates), "runs": len(pps), "peak_rss_bytes": pp_peak},
+                "tg": {"tokens": gen_tokens, "median": statistics.median(tg_rates), "min": min(tg_rates),
+                       "max": max(tg_rates), "runs": len(tgs), "peak_rss_bytes": tg_peak,
+                       "gb_per_s": weights * statistics.median(tg_rates) / 1e9},
+                "load_average_1m": {"before": load_before, "after": os.getloadavg()[0]},
+            })
+    finally:
+        if model is not None:
+            model.close()
+    return {"protocol": "llama-bench semantics on llama.cpp (llama-cpp-python): pp = one batch of N random "
+                        "tokens from an empty cache; tg = M tokens one by one from an empty cache; 1 warm-up, "
+                        "then timed repetitions; tokens/sec; KV cache F16",
+            "backend": "llama.cpp", "weight_bytes_in_memory": weights, "dtype": "gguf", "cpu_count": os.cpu_count(),
+            "rows": rows}
