@@ -17,16 +17,24 @@ def main(recipe_path: str, force: bool) -> None:
     base = results["base"]["perplexity"]
     rows = [f"# {recipe.name}", "", f"Base PPL {base['ppl']:.4f} ± {base['ppl_unc']:.4f}; protocol: "
             + json.dumps(results["protocol"]["perplexity"]), "",
-            "| variant | size | PPL | KLD mean ± | KLD p99 | same top % | build s | build peak RSS |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| variant | size | bpw | PPL | KLD mean ± | KLD p99 | same top % | pp t/s | tg t/s | build s | build peak RSS |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for name, v in results["variants"].items():
         p, k = v["perplexity"], v["perplexity"]["kld"]
         size = sum(v["fit"]["weight_bytes_by_dtype"].values())
-        rows.append(f"| {name} | {gib(size)} | {p['ppl']:.4f} ± {p['ppl_unc']:.4f} | {k['mean']:.5f} ± {k['unc']:.5f} "
-                    f"| {k['p99']:.4f} | {100 * k['same_top']:.2f} | {v['build_s']:.1f} | {gib(v['build_peak_rss_bytes'])} |")
-        summary[name] = {"bytes": size, "ppl": p["ppl"], "kld": k["mean"], "kld_unc": k["unc"],
-                         "same_top": k["same_top"], "build_s": v["build_s"], "build_peak_rss": v["build_peak_rss_bytes"]}
+        made = json.loads((out / name / "manifest.json").read_text())["result"]
+        bpw = made.get("bits_per_weight")  # measured from the GGUF's tensors; not recorded for other formats
+        speed = (v.get("speed") or {}).get("rows") or [{}]
+        pp, tg = (speed[0].get(x, {}).get("median") for x in ("pp", "tg"))
+        fmt = lambda x, f: "–" if x is None else format(x, f)  # noqa: E731
+        rows.append(f"| {name} | {gib(size)} | {fmt(bpw, '.3f')} | {p['ppl']:.4f} ± {p['ppl_unc']:.4f} "
+                    f"| {k['mean']:.5f} ± {k['unc']:.5f} | {k['p99']:.4f} | {100 * k['same_top']:.2f} | {fmt(pp, '.1f')} "
+                    f"| {fmt(tg, '.1f')} | {v['build_s']:.1f} | {gib(v['build_peak_rss_bytes'])} |")
+        summary[name] = {"bytes": size, "bits_per_weight": bpw, "ppl": p["ppl"], "kld": k["mean"], "kld_unc": k["unc"],
+                         "same_top": k["same_top"], "pp_median": pp, "tg_median": tg, "threads": speed[0].get("threads"),
+                         "tensor_types": made.get("tensor_types"), "loader": v["loader"],
+                         "build_s": v["build_s"], "build_peak_rss": v["build_peak_rss_bytes"]}
     dest = Path(__file__).parent / "results"
     dest.mkdir(exist_ok=True)
     (dest / f"{recipe.name}.md").write_text("\n".join(rows) + "\n")

@@ -39,8 +39,19 @@ OLLAMA_TEMPLATES = {
 }
 
 
+_IMATRIX_CACHE: dict[tuple[str, int], tuple[dict[str, torch.Tensor], int]] = {}  # variants of one run share it
+
+
 def importance_matrix(base_path: Path, calib: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
     """HF linear weight name → Σx² per input column, and the number of tokens behind each sum."""
+    key = (str(base_path), hash(calib.numpy().tobytes()))
+    if key not in _IMATRIX_CACHE:
+        _IMATRIX_CACHE.clear()  # keep one: the sums are as large as the model's input columns
+        _IMATRIX_CACHE[key] = _importance_matrix(base_path, calib)
+    return _IMATRIX_CACHE[key]
+
+
+def _importance_matrix(base_path: Path, calib: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
     sums: dict[str, torch.Tensor] = {}
     hooks = []
 
