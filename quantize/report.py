@@ -24,9 +24,9 @@ def _size(entry: dict) -> int:
 
 
 def _quality_table(results: dict) -> list[str]:
-    lines = ["| model | format | size on disk | PPL | Δ PPL | KLD mean ± | KLD median | KLD p99 | KLD max "
+    lines = ["| model | format | loader | size on disk | PPL | Δ PPL | KLD mean ± | KLD median | KLD p99 | KLD max "
              "| same top % | pp t/s (threads) | tg t/s (threads) | tg GB/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     entries = [("base", results["base"], "fp16 safetensors")]
     entries += [(n, v, v["format"]) for n, v in results["variants"].items()]
     base_ppl = results["base"]["perplexity"]["ppl"]
@@ -42,7 +42,8 @@ def _quality_table(results: dict) -> list[str]:
                  [f"{k['mean']:.6f} ± {k['unc']:.6f}", f"{k['median']:.6f}", f"{k['p99']:.5f}", f"{k['max']:.4f}",
                   f"{100 * k['same_top']:.2f} ± {100 * k['same_top_unc']:.2f}"])
         delta = "–" if name == "base" else f"{p['ppl'] - base_ppl:+.4f}"
-        lines.append(f"| {name} | {fmt} | {gib(_size(e))} | {_ppl(p)} | {delta} | " + " | ".join(kcols)
+        loader = e.get("loader", "transformers.from_pretrained").split(" (")[0]
+        lines.append(f"| {name} | {fmt} | {loader} | {gib(_size(e))} | {_ppl(p)} | {delta} | " + " | ".join(kcols)
                      + f" | {pp} ({pp_t}) | {tg} ({tg_t}) | {gbs} |")
     return lines
 
@@ -103,17 +104,18 @@ def render(recipe: Recipe, results: dict) -> str:
         f"{pp['text']['chars']} chars, {pp['text_tokens']} tokens); n_ctx {pp['n_ctx']}, {pp['chunks']} chunks, "
         f"{pp['tokens_scored']} tokens scored from position {pp['first_scored_position']}; {pp['bos']}; "
         f"tokenizer sha256 {pp['tokenizer_sha256'][:16]}…. KLD: llama.cpp definitions, KL(base ‖ variant) per "
-        "position in nats. Each variant is evaluated after reloading the artefact with "
-        "`transformers.from_pretrained`; the eval dtype per variant is in results.json (LLM.int8 runs in "
-        "float16, as bitsandbytes requires). Speed: best thread count shown; all rows below.",
+        "position in nats. Each variant is evaluated after reloading the artefact with its ecosystem's loader "
+        "(the loader column); GGUF files run on llama.cpp's own kernels with its default F16 KV cache, fed the "
+        "same token ids. The eval dtype per variant is in results.json (LLM.int8 runs in float16, as "
+        "bitsandbytes requires). Speed: best thread count shown; all rows below.",
         "",
         "## Speed (llama-bench semantics, every thread count)",
         "",
         *_speed_table(results),
         "",
-        "Weights in memory is what the torch runtime holds: transformers decompresses compressed-tensors "
-        "checkpoints to dense weights on CPU, so their CPU speed is that of dense weights. GB/s = weights in "
-        "memory × tg tokens/sec.",
+        "Weights in memory is what the runtime holds: transformers decompresses compressed-tensors "
+        "checkpoints to dense weights on CPU, so their CPU speed is that of dense weights; llama.cpp reads the "
+        "GGUF's quantized blocks as they are. GB/s = weights in memory × tg tokens/sec.",
         "",
         f"## VRAM fit (batch {row0['batch']}, KV cache {row0['kv_dtype']})",
         "",
