@@ -85,11 +85,15 @@ def add_vocab(writer, model_dir: Path, config: dict) -> None:
         else:
             types.append(gguf.TokenType.NORMAL)
         tokens.append(token)
+    from quantize.evaluate import tokenizer_adds_bos
+
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer(tokenizer))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
+    special.add_special_token.setdefault("bos", tokenizer_adds_bos(tokenizer))  # llama.cpp's converter states it
+    special.add_to_gguf(writer)
 
 
 def add_hparams(writer, config: dict, arch: str) -> None:
@@ -108,6 +112,8 @@ def add_hparams(writer, config: dict, arch: str) -> None:
     writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_vocab_size(config["vocab_size"])
 
 
