@@ -69,6 +69,55 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML"),
             typer.echo(f"  {gpu:16s} {cells}; largest context {ctx}")
 
 
+@app.command("fit")
+def fit_command(model: str = typer.Argument(..., help="a .gguf, an HF directory, a config.json or a hub id"),
+                gpu: list[str] = typer.Option(["RTX 3060", "RTX 4090", "A100 80GB", "H100 SXM"], "--gpu"),
+                ctx: list[int] = typer.Option([8192, 32768, 131072], "--ctx", help="context lengths"),
+                batch: int = typer.Option(1, "--batch", min=1),
+                kv_dtype: str = typer.Option("f16", "--kv-dtype", help="f16, bf16, f32, q8_0, q4_0, fp8"),
+                weights: str | None = typer.Option(None, "--weights",
+                                                   help="estimate the weights in this format: fp16, bf16, int8, "
+                                                        "int4, q8_0, q4_k_m (default: measured when present)"),
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """Will MODEL fit on these GPUs at these contexts? Headroom, largest context and batch, decode estimate."""
+    from quantize import fit, footprint
+
+    try:
+        m = footprint.describe_model(model, weights)
+        report = fit.fit_report(m["weights_bytes"], m["shape"], gpu, ctx, batch, kv_dtype)
+    except QuantizeError as exc:
+        _fail(exc)
+    c = m["counts"]
+    decode = {}
+    for g in report["protocol"]["gpus"]:
+        row = {}
+        for context in ctx:  # bytes read per generated token: active weights + the whole KV cache
+            per_token = m["active_weight_bytes"] + fit.kv_cache_bytes(m["shape"], context, batch, kv_dtype)
+            row[str(context)] = fit.decode_tokens_per_s_estimate(per_token, fit.gpu_by_name(g["name"])) * batch
+        decode[g["name"]] = row
+    if as_json:
+        typer.echo(json.dumps({"model": model, "source": m["source"], "weights_bytes": m["weights_bytes"],
+                               "weights_how": m["weights_how"], "params_total": c.total, "params_active": c.active,
+                               "decode_tokens_per_s_estimate": decode, **report}, indent=2, default=str))
+        return
+    moe = f", {c.n_experts} experts ({c.n_active} active: {c.active / 1e9:.2f} B)" if c.n_experts > 1 else ""
+    typer.echo(f"{model}: {c.total / 1e9:.2f} B parameters{moe}; weights {gib(m['weights_bytes'])} "
+               f"({m['weights_how']}); KV cache {kv_dtype}, batch {batch}")
+    for name in report["largest_context"]:
+        cells = []
+        for r in (r for r in report["rows"] if r["gpu"] == name):
+            verdict = "fits" if r["fits"] else "NO"
+            if m["shape"].max_position_embeddings and r["context"] > m["shape"].max_position_embeddings:
+                verdict += f", beyond the model's {m['shape'].max_position_embeddings}"
+            cells.append(f"{r['context']}: {verdict} ({gib(r['headroom_bytes'])} headroom, "
+                         f"~{decode[name][str(r['context'])]:.0f} tok/s est.)")
+        typer.echo(f"  {name:16s} " + "; ".join(cells))
+        batches = ", ".join(f"{k}: {v}" for k, v in report["largest_batch"][name].items())
+        typer.echo(f"  {'':16s} largest context {report['largest_context'][name]}; largest batch by context {batches}")
+    typer.echo("Estimates: total = weights + KV + overhead (" + report["protocol"]["overhead_note"] + "); decode "
+               "tok/s = GPU bandwidth / (active weight bytes + KV bytes) per token, an upper bound.")
+
+
 @app.command()
 def recipes() -> None:
     """List the bundled recipes."""

@@ -1,0 +1,69 @@
+"""`quantize fit` for models not downloaded: parameter counts and weight bytes per format from published
+hyper-parameters (tests/data/configs), checked against hand arithmetic and published file sizes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from quantize.fit import GiB, fit_one, gpu_by_name, kv_cache_bytes
+from quantize.footprint import describe_model, param_counts, use_more_bits, weight_bytes
+
+CONFIGS = Path(__file__).parent / "data" / "configs"
+
+
+def config(name):
+    return json.loads((CONFIGS / f"{name}.json").read_text())
+
+
+def test_llama3_8b_counts_and_formats_by_hand():
+    c = param_counts(config("llama-3-8b"))
+    attn = 4096 * 4096 * 2 + 4096 * 1024 * 2  # q, o + k, v (8 KV heads × 128)
+    mlp = 3 * 4096 * 14336
+    assert c.total == 2 * 128256 * 4096 + 32 * (attn + mlp) + 32 * 2 * 4096 + 4096 == 8_030_261_248  # "8.03B"
+    linears = 32 * (attn + mlp)
+    assert weight_bytes(c, "fp16") == 2 * c.total
+    assert weight_bytes(c, "int4") == int(linears * 4.125 / 8) + 2 * (2 * 128256 * 4096 + 32 * 2 * 4096 + 4096)
+    # Q4_K_M: 16 of 32 layers (first 4, last 4, and 6, 9, …, 27 between) keep attn_v and ffn_down at Q6_K
+    assert [i for i in range(32) if use_more_bits(i, 32)] == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    q4km = weight_bytes(c, "q4_k_m")
+    assert abs(q4km - 4_920_739_232) / 4_920_739_232 < 0.01  # a published Llama-3-8B-Instruct Q4_K_M file
+    assert abs(weight_bytes(c, "q8_0") - 8_540_770_784) / 8_540_770_784 < 0.01  # and its Q8_0
+
+
+def test_mixtral_resident_and_active():
+    c = param_counts(config("mixtral-8x7b"))
+    assert round(c.total / 1e9, 1) == 46.7 and round(c.active / 1e9, 1) == 12.9  # Mistral's published figures
+    expert = 3 * 4096 * 14336
+    assert c.total - c.active == 32 * 6 * expert  # 6 of 8 experts idle per token, every layer
+
+
+def test_gemma3_27b_sliding_kv_by_hand():
+    m = describe_model(str(CONFIGS / "gemma-3-27b.json"), "int4")
+    shape = m["shape"]
+    assert (shape.n_layers, shape.sliding_layers, shape.sliding_window) == (62, 52, 1024)  # 1 global in 6
+    per_token = 2 * 16 * 128 * 2  # K+V × 16 KV heads × head_dim 128 × f16
+    assert kv_cache_bytes(shape, 131072, 1, "f16") == per_token * (10 * 131072 + 52 * 1024)
+    assert kv_cache_bytes(shape, 131072, 1, "f16") < 0.2 * kv_cache_bytes(
+        shape.__class__(**{**shape.__dict__, "sliding_layers": 0}), 131072, 1, "f16")
+
+
+def test_rule_of_thumb_70b_int4_on_24gb_is_false():
+    """'24 GB → 70B INT4 just barely': the int4 weights alone are ~37 GiB, past a 24 GB card's 22.8 GiB usable."""
+    m = describe_model(str(CONFIGS / "llama-3-70b.json"), "int4")
+    assert 36 * GiB < m["weights_bytes"] < 38 * GiB
+    row = fit_one(m["weights_bytes"], m["shape"], gpu_by_name("RTX 4090"), 8192, 1, "f16")
+    assert not row.fits and row.headroom_bytes < -15 * GiB
+    assert fit_one(m["weights_bytes"], m["shape"], gpu_by_name("A100 80GB"), 32768, 1, "f16").fits
+
+
+def test_fit_cli_on_config_and_gguf(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "quantize.cli", "fit", *a], capture_output=True,  # noqa: E731
+                                    text=True)
+    out = run(str(CONFIGS / "mixtral-8x7b.json"), "--weights", "q4_k_m", "--gpu", "H100 SXM", "--ctx", "32768", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["params_active"] < report["params_total"] and report["rows"][0]["fits"]
+    assert "H100 SXM" in report["decode_tokens_per_s_estimate"]
+    bad = run(str(tmp_path / "nothing.gguf"))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "nothing.gguf" in bad.stderr
