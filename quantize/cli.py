@@ -119,6 +119,30 @@ def fit_command(model: str = typer.Argument(..., help="a .gguf, an HF directory,
 
 
 @app.command()
+def compare(runs: list[Path] = typer.Argument(..., help="run folders, e.g. outputs/*"),
+            png: Path = typer.Option(Path("compare.png"), "--png", help="chart of KLD against size"),
+            html_out: Path | None = typer.Option(None, "--html", help="self-contained HTML page"),
+            md_out: Path | None = typer.Option(None, "--md", help="also write the Markdown table here")) -> None:
+    """One table of every artefact in RUNS (quality, size, speed, fit), Pareto front of KLD against size."""
+    from quantize import compare as cmp
+    from quantize import fit
+
+    try:
+        rows = cmp.load_rows([r for r in runs if r.is_dir()])
+        usable = {name: fit.gpu_by_name(name).usable_bytes for name in (rows[0].fits if rows else {})}
+        cmp.chart(rows, png, usable)
+    except QuantizeError as exc:
+        _fail(exc)
+    table = cmp.markdown(rows)
+    typer.echo(table)
+    if md_out:
+        md_out.write_text(table)
+    if html_out:
+        html_out.write_text(cmp.html_page(rows, png))
+    typer.echo(f"chart: {png}" + (f"; page: {html_out}" if html_out else ""))
+
+
+@app.command()
 def recipes() -> None:
     """List the bundled recipes."""
     for path in bundled_recipes():
