@@ -34,6 +34,7 @@ class Chunks:
     text_tokens: int  # tokens in the whole text, before cutting
     text: dict  # source, sha256, chars
     tokenizer_sha256: str
+    scored_bytes: int = 0  # UTF-8 bytes of the scored target tokens (decoded per chunk), for bits per byte
 
     @property
     def first(self) -> int:
@@ -54,6 +55,8 @@ class Chunks:
             "first_scored_position": self.first,
             "bos": "first token of each chunk replaced by BOS" if self.bos_replaced else "no BOS (tokenizer adds none)",
             "tokenizer_sha256": self.tokenizer_sha256,
+            "scored_bytes": self.scored_bytes,
+            "bits_per_byte": "sum of NLL over scored tokens / ln 2 / UTF-8 bytes of those tokens (decoded per chunk)",
         }
 
 
@@ -78,7 +81,9 @@ def make_chunks(tokenizer, text: Text, n_ctx: int, max_chunks: int | None) -> Ch
     bos = tokenizer_adds_bos(tokenizer)
     if bos:
         chunks[:, 0] = tokenizer.bos_token_id
-    return Chunks(chunks, n_ctx, bos, int(ids.numel()), text.describe(), tokenizer_sha256(tokenizer))
+    first = n_ctx // 2
+    scored_bytes = sum(len(tokenizer.decode(row[first + 1 :].tolist()).encode()) for row in chunks)
+    return Chunks(chunks, n_ctx, bos, int(ids.numel()), text.describe(), tokenizer_sha256(tokenizer), scored_bytes)
 
 
 class BaseLogProbs:
@@ -133,7 +138,8 @@ def score(model, chunks: Chunks, base: BaseLogProbs, is_base: bool, label: str) 
     nll = torch.cat(nll).double().numpy()
     mean, unc = _mean_unc(nll)
     ppl = math.exp(mean)
-    out = {"ppl": ppl, "ppl_unc": ppl * unc, "mean_nll": mean, "tokens_scored": int(nll.size)}
+    out = {"ppl": ppl, "ppl_unc": ppl * unc, "mean_nll": mean, "tokens_scored": int(nll.size),
+           "bits_per_byte": float(nll.sum() / math.log(2) / chunks.scored_bytes) if chunks.scored_bytes else None}
     if is_base:
         return out
     kld = torch.cat(kld).double().numpy()

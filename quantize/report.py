@@ -24,9 +24,9 @@ def _size(entry: dict) -> int:
 
 
 def _quality_table(results: dict) -> list[str]:
-    lines = ["| model | format | loader | size on disk | PPL | Δ PPL | KLD mean ± | KLD median | KLD p99 | KLD max "
-             "| same top % | pp t/s (threads) | tg t/s (threads) | tg GB/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | format | loader | size on disk | PPL | bits/byte | Δ PPL | KLD mean ± | KLD median | KLD p99 "
+             "| KLD max | same top % | pp t/s (threads) | tg t/s (threads) | tg GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     entries = [("base", results["base"], "fp16 safetensors")]
     entries += [(n, v, v["format"]) for n, v in results["variants"].items()]
     base_ppl = results["base"]["perplexity"]["ppl"]
@@ -43,7 +43,8 @@ def _quality_table(results: dict) -> list[str]:
                   f"{100 * k['same_top']:.2f} ± {100 * k['same_top_unc']:.2f}"])
         delta = "–" if name == "base" else f"{p['ppl'] - base_ppl:+.4f}"
         loader = e.get("loader", "transformers.from_pretrained").split(" (")[0]
-        lines.append(f"| {name} | {fmt} | {loader} | {gib(_size(e))} | {_ppl(p)} | {delta} | " + " | ".join(kcols)
+        bpb = "–" if p.get("bits_per_byte") is None else f"{p['bits_per_byte']:.4f}"
+        lines.append(f"| {name} | {fmt} | {loader} | {gib(_size(e))} | {_ppl(p)} | {bpb} | {delta} | " + " | ".join(kcols)
                      + f" | {pp} ({pp_t}) | {tg} ({tg_t}) | {gbs} |")
     return lines
 
