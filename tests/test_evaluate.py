@@ -59,3 +59,14 @@ def test_kld_positive_for_a_perturbed_model(tiny_model, tmp_path):
     out = evaluate.score(model, chunks, store, is_base=False, label="t")
     k = out["kld"]
     assert k["mean"] > 0 and k["min"] >= -1e-6 and k["max"] >= k["p99"] >= k["median"]
+
+
+def test_bits_per_byte_counts_the_scored_text(tiny_model, tmp_path):
+    tok = load_tokenizer(tiny_model)
+    chunks = evaluate.make_chunks(tok, bundled_wiki("eval"), n_ctx=64, max_chunks=2)
+    scored_text = "".join(tok.decode(row[33:].tolist()) for row in chunks.ids)
+    assert chunks.scored_bytes == len(scored_text.encode()) > 2 * 31  # a 512-token BPE: > 1 byte per token
+    store = evaluate.BaseLogProbs(tmp_path / "b", chunks, 512)
+    out = evaluate.score(load_model(tiny_model, "float32"), chunks, store, True, "base")
+    assert math.isclose(out["bits_per_byte"] * math.log(2) * chunks.scored_bytes,
+                        out["mean_nll"] * out["tokens_scored"], rel_tol=1e-9)
