@@ -40,6 +40,8 @@ def main() -> None:
         folded.update({f"model.layers.{i}.{k}": v.clone() for k, v in layer.state_dict().items()})
     model = load_model(base.path, "float32")
     original = {k: v.clone() for k, v in model.state_dict().items()}
+    firsts = {names[0] for _, names, _ in AWQ_MAPPINGS["llama"]}
+    folds = sum(1 for r in log if r["alpha"] is not None and r["module"] in firsts)
     moved = max((folded[k] - original[k]).abs().max().item() for k in folded)
     eval_ids = torch.tensor(tok(bundled_wiki("eval").text, add_special_tokens=False).input_ids[: 4 * 512]).reshape(4, 512)
     with torch.no_grad():
@@ -50,12 +52,12 @@ def main() -> None:
     result = {"model": "bundled:smollm2-135m", "dtype": "float32", "calibration": [args.samples, args.seq_len],
               "grid": "4-bit asym g64 (scale search only)", "eval_tokens": int(eval_ids.numel()),
               "max_abs_logit_diff": diff.max().item(), "mean_abs_logit_diff": diff.mean().item(),
-              "max_logit_magnitude": before.abs().max().item(), "max_weight_change": moved,
+              "max_logit_magnitude": before.abs().max().item(), "max_weight_change": moved, "folds": folds,
               "alphas": sorted({r["alpha"] for r in log if r["alpha"] is not None}, key=str)}
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "awq_fold_check.json").write_text(json.dumps(result, indent=2))
     line = (f"AWQ folding on SmolLM2-135M fp32 ({args.samples}×{args.seq_len} calibration, scales of the 4-bit asym g64 "
-            f"search, 90 norm/linear folds): max |Δlogit| {result['max_abs_logit_diff']:.3g} (mean "
+            f"search, {folds} folds into norms / previous linears): max |Δlogit| {result['max_abs_logit_diff']:.3g} (mean "
             f"{result['mean_abs_logit_diff']:.3g}) over {result['eval_tokens']} held-out positions, logits up to "
             f"{result['max_logit_magnitude']:.1f}; weights moved by up to {moved:.3g}")
     (HERE / "results" / "awq_fold_check.md").write_text(line + "\n")
