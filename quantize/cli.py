@@ -69,6 +69,33 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML"),
             typer.echo(f"  {gpu:16s} {cells}; largest context {ctx}")
 
 
+@app.command("eval")
+def eval_command(path: Path = typer.Argument(..., help="an artefact: HF folder (any format) or .gguf file"),
+                 base: str | None = typer.Option(None, "--base", help="base model for KLD (cached once per text)"),
+                 recipe: Path | None = typer.Option(None, "--recipe", help="take the eval protocol from this recipe"),
+                 speed: bool = typer.Option(True, "--speed/--no-speed"),
+                 out: Path | None = typer.Option(None, "--out", help="write the JSON result here")) -> None:
+    """Evaluate any artefact on the backend its format runs on: perplexity, bits per byte, KLD, speed."""
+    from quantize import scorecard
+    from quantize.recipe import Eval
+
+    try:
+        ev = load_recipe(recipe).eval if recipe else Eval()
+        ev = ev.model_copy(update={"speed": ev.speed.model_copy(update={"enabled": ev.speed.enabled and speed})})
+        result = scorecard.evaluate_artefact(path, base, ev)
+    except QuantizeError as exc:
+        _fail(exc, recipe)
+    text = json.dumps(result, indent=2, default=str)
+    if out:
+        out.write_text(text)
+    p = result["perplexity"]
+    line = f"{path}: {result['format']} via {result['loader']}; PPL {p['ppl']:.4f} ± {p['ppl_unc']:.4f}, " \
+           f"{p['bits_per_byte']:.4f} bits/byte"
+    if "kld" in p:
+        line += f"; KLD {p['kld']['mean']:.6f} ± {p['kld']['unc']:.6f}, same top {100 * p['kld']['same_top']:.2f}%"
+    typer.echo(line if out else text)
+
+
 @app.command("fit")
 def fit_command(model: str = typer.Argument(..., help="a .gguf, an HF directory, a config.json or a hub id"),
                 gpu: list[str] = typer.Option(["RTX 3060", "RTX 4090", "A100 80GB", "H100 SXM"], "--gpu"),

@@ -11,7 +11,6 @@ Output layout (`outputs/<name>/`, renamed into place only when complete):
 from __future__ import annotations
 
 import gc
-import importlib.util
 import shutil
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from quantize import artefact, classic_format, ct_format, evaluate, fit, llamacpp, memory, report, speed
+from quantize import artefact, backends, evaluate, fit, llamacpp, memory, report, speed
 from quantize.errors import QuantizeError
 from quantize.methods import METHODS
 from quantize.models import BaseModel, load_model, load_tokenizer, meta_model, peek_config, resolve_model
@@ -59,13 +58,13 @@ def plan(recipe: Recipe) -> dict:
 
 
 def _free(model) -> None:
-    if isinstance(model, llamacpp.LlamaCppModel):
-        model.close()
+    backends.free(model)
     del model
     gc.collect()
 
 
-def _evaluate(model, label: str, chunks, base_logprobs, is_base: bool, recipe: Recipe, vocab: int) -> dict:
+def _evaluate(model, label: str, chunks, base_logprobs, is_base: bool, recipe: Recipe, vocab: int,
+              bandwidth: dict | None = None) -> dict:
     out = {"perplexity": evaluate.score(model, chunks, base_logprobs, is_base=is_base, label=label)}
     sp = recipe.eval.speed
     if sp.enabled and isinstance(model, llamacpp.LlamaCppModel):
@@ -74,6 +73,9 @@ def _evaluate(model, label: str, chunks, base_logprobs, is_base: bool, recipe: R
     elif sp.enabled:
         out["speed"] = speed.bench(model, vocab, sp.prompt_tokens, sp.gen_tokens, sp.repetitions, sp.threads,
                                    label, seed=recipe.seed)
+    if sp.enabled and bandwidth:  # decode reads every weight once per token: GB/s achieved ÷ GB/s available
+        for row in out["speed"]["rows"]:
+            row["tg"]["roofline_fraction"] = row["tg"]["gb_per_s"] / bandwidth["gb_per_s"]
     return out
 
 
@@ -119,27 +121,6 @@ def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe, calib)
     return manifest
 
 
-def _load_artefact(folder: Path, method, dtype: str, n_ctx: int):
-    """(model, loader description, dtype): the artefact as its ecosystem's loader gives it back."""
-    if method.name == "gguf":  # llama.cpp's own kernels; its default F16 KV cache, as users run it
-        model = llamacpp.LlamaCppModel(folder / "model.gguf", n_ctx=n_ctx)
-        return model, f"llama.cpp (llama-cpp-python {llamacpp.binding().__version__}), KV cache F16", "gguf"
-    if method.name == "int8" and method.scheme == "llm.int8":  # bitsandbytes computes in fp16
-        return load_model(folder, "float16", device_map="cpu"), "transformers + bitsandbytes", "float16"
-    layout = classic_format.format_of(folder)
-    if layout is not None:
-        if importlib.util.find_spec("gptqmodel") is not None:  # transformers loads gptq/awq through GPTQModel
-            return load_model(folder, dtype), "transformers.from_pretrained + GPTQModel", dtype
-        return (classic_format.load_dense(folder, getattr(torch, dtype)),
-                f"quantize's {layout} unpacking (GPTQModel, which transformers needs for {layout}, is not installed)",
-                dtype)
-    if ct_format.is_asymmetric(folder):
-        return (ct_format.load_dense(folder, getattr(torch, dtype)),
-                "compressed-tensors unpack (transformers cannot reload asymmetric pack-quantized, "
-                "llm-compressor#1618)", dtype)
-    return load_model(folder, dtype), "transformers.from_pretrained", dtype
-
-
 def run(recipe: Recipe, force: bool = False) -> Path:
     staging = artefact.Staging(recipe.output_dir, force)
     staging.check()  # fail before any work, not after it
@@ -159,10 +140,12 @@ def run(recipe: Recipe, force: bool = False) -> Path:
         model = load_model(base.path, dtype)
         vocab = model.config.vocab_size
         base_logprobs = evaluate.BaseLogProbs(out / "base-logprobs", chunks, vocab)
+        bandwidth = speed.memory_bandwidth_gb_s() if recipe.eval.speed.enabled else None
         results = {
             "protocol": {"perplexity": chunks.protocol(), "eval_dtype": dtype, "device": "cpu",
-                         "versions": artefact.versions()},
-            "base": {**base.describe(), **_evaluate(model, "base", chunks, base_logprobs, True, recipe, vocab),
+                         "memory_bandwidth": bandwidth, "versions": artefact.versions()},
+            "base": {**base.describe(), **_evaluate(model, "base", chunks, base_logprobs, True, recipe, vocab,
+                                                    bandwidth),
                      "fit": _fit(base.path, shape, recipe)},
             "variants": {},
         }
@@ -177,8 +160,8 @@ def run(recipe: Recipe, force: bool = False) -> Path:
             folder = out / name
             manifest = _build_variant(method, base, folder, recipe, calib)
             step(f"{name}: reloading the artefact with its loader and evaluating")
-            model, loader, eval_dtype = _load_artefact(folder, method, dtype, chunks.n_ctx)
-            measured = _evaluate(model, name, chunks, base_logprobs, False, recipe, vocab)
+            model, loader, eval_dtype = backends.load(folder, dtype, chunks.n_ctx)
+            measured = _evaluate(model, name, chunks, base_logprobs, False, recipe, vocab, bandwidth)
             _free(model)
             variant = {"method": manifest["method"], "format": manifest["result"]["format"],
                        "eval_dtype": eval_dtype, "loader": loader, "build_s": manifest["timings_s"]["build"],

@@ -51,8 +51,8 @@ def _quality_table(results: dict) -> list[str]:
 
 def _speed_table(results: dict) -> list[str]:
     lines = ["| model | dtype in memory | weights in memory | threads | pp t/s median (min–max) | pp peak RSS "
-             "| tg t/s median (min–max) | tg peak RSS | load avg before→after |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| tg t/s median (min–max) | tg peak RSS | tg GB/s (of roofline) | load avg before→after |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in [("base", results["base"]), *results["variants"].items()]:
         s = e.get("speed")
         if not s:
@@ -63,7 +63,8 @@ def _speed_table(results: dict) -> list[str]:
                 f"| {name} | {s['dtype']} | {gib(s['weight_bytes_in_memory'])} | {r['threads']} "
                 f"| {pp['median']:.1f} ({pp['min']:.1f}–{pp['max']:.1f}) | {gib(pp['peak_rss_bytes'] or 0)} "
                 f"| {tg['median']:.1f} ({tg['min']:.1f}–{tg['max']:.1f}) | {gib(tg['peak_rss_bytes'] or 0)} "
-                f"| {la['before']:.2f}→{la['after']:.2f} |")
+                f"| {tg['gb_per_s']:.2f}" + (f" ({100 * tg['roofline_fraction']:.0f}%)" if "roofline_fraction" in tg else "")
+                + f" | {la['before']:.2f}→{la['after']:.2f} |")
     return lines
 
 
@@ -116,7 +117,10 @@ def render(recipe: Recipe, results: dict) -> str:
         "",
         "Weights in memory is what the runtime holds: transformers decompresses compressed-tensors "
         "checkpoints to dense weights on CPU, so their CPU speed is that of dense weights; llama.cpp reads the "
-        "GGUF's quantized blocks as they are. GB/s = weights in memory × tg tokens/sec.",
+        "GGUF's quantized blocks as they are. GB/s = weights in memory × tg tokens/sec; the roofline is this "
+        "machine's streaming bandwidth, measured at the start of the run"
+        + (f" ({results['protocol']['memory_bandwidth']['gb_per_s']:.1f} GB/s, "
+           f"{results['protocol']['memory_bandwidth']['method']})." if results["protocol"].get("memory_bandwidth") else "."),
         "",
         f"## VRAM fit (batch {row0['batch']}, KV cache {row0['kv_dtype']})",
         "",

@@ -1,0 +1,68 @@
+"""Any artefact, loaded the way its ecosystem runs it: a GGUF file on llama.cpp; an HF directory through
+transformers with the package its `quantization_config` names (compressed-tensors, bitsandbytes, GPTQModel for
+the classic gptq/awq layouts), or, where that loader is missing or broken, our own unpacking, named as such.
+
+    detect(path) -> format name          load(path, dtype, n_ctx) -> (model, loader description, dtype)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from quantize import classic_format, ct_format, llamacpp
+from quantize.errors import QuantizeError
+from quantize.models import load_model
+
+
+def _gguf_file(path: Path) -> Path | None:
+    if path.suffix == ".gguf" and path.is_file():
+        return path
+    if path.is_dir() and (path / "model.gguf").is_file():
+        return path / "model.gguf"
+    return None
+
+
+def detect(path: Path) -> str:
+    """'gguf', 'compressed-tensors', 'gptq', 'awq', 'bitsandbytes' or 'dense'."""
+    if _gguf_file(path) is not None:
+        return "gguf"
+    config = path / "config.json"
+    if not config.is_file():
+        raise QuantizeError(f"{path}: not a .gguf file nor a folder with config.json or model.gguf")
+    qc = json.loads(config.read_text()).get("quantization_config") or {}
+    method = qc.get("quant_method")
+    if method is None:
+        return "dense"
+    if method in ("compressed-tensors", "gptq", "awq", "bitsandbytes"):
+        return method
+    raise QuantizeError(f"{config}: quantization_config.quant_method {method!r} is not supported for evaluation; "
+                        "accepted: compressed-tensors, gptq, awq, bitsandbytes, or none")
+
+
+def load(path: Path, dtype: str = "float32", n_ctx: int = 512):
+    """(model, loader description, eval dtype)."""
+    fmt = detect(path)
+    if fmt == "gguf":  # llama.cpp's own kernels; its default F16 KV cache, as users run it
+        model = llamacpp.LlamaCppModel(_gguf_file(path), n_ctx=n_ctx)
+        return model, f"llama.cpp (llama-cpp-python {llamacpp.binding().__version__}), KV cache F16", "gguf"
+    if fmt == "bitsandbytes":  # LLM.int8 computes in fp16
+        return load_model(path, "float16", device_map="cpu"), "transformers + bitsandbytes", "float16"
+    if fmt in ("gptq", "awq"):
+        if importlib.util.find_spec("gptqmodel") is not None:  # transformers loads gptq/awq through GPTQModel
+            return load_model(path, dtype), "transformers.from_pretrained + GPTQModel", dtype
+        return (classic_format.load_dense(path, getattr(torch, dtype)),
+                f"quantize's {fmt} unpacking (GPTQModel, which transformers needs for {fmt}, is not installed)", dtype)
+    if fmt == "compressed-tensors" and ct_format.is_asymmetric(path):
+        return (ct_format.load_dense(path, getattr(torch, dtype)),
+                "compressed-tensors unpack (transformers cannot reload asymmetric pack-quantized, llm-compressor#1618)",
+                dtype)
+    return load_model(path, dtype), "transformers.from_pretrained", dtype
+
+
+def free(model) -> None:
+    if isinstance(model, llamacpp.LlamaCppModel):
+        model.close()
