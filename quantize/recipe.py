@@ -130,6 +130,8 @@ class GgufMethod(Strict):
     type: Literal[GGUF_TYPES] = "Q4_K_M"
     imatrix: bool | None = Field(None, description="use an importance matrix; default: on for 4-bit types and below")
     pure: bool = Field(False, description="every quantized tensor gets `type` (no llama.cpp mix)")
+    awq_scales: bool = Field(False, description="fold AWQ scales (4-bit asym g32 search, clipping) into the model "
+                                                "before conversion, as AutoAWQ's export for llama.cpp does")
     variant: str | None = None
 
     @property
@@ -140,10 +142,11 @@ class GgufMethod(Strict):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.use_imatrix
+        return self.use_imatrix or self.awq_scales
 
     def default_variant(self) -> str:
-        return self.variant or f"gguf-{self.type.lower()}{'-imat' if self.use_imatrix else ''}{'-pure' if self.pure else ''}"
+        tags = ("-awq" if self.awq_scales else "") + ("-imat" if self.use_imatrix else "") + ("-pure" if self.pure else "")
+        return self.variant or f"gguf-{self.type.lower()}{tags}"
 
 
 Method = Annotated[Union[Int8Method, RtnMethod, GptqMethod, AwqMethod, GgufMethod], Field(discriminator="name")]

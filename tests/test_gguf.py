@@ -41,16 +41,20 @@ def test_kquants_with_imatrix_evaluated_by_llama_cpp(tiny_model, tmp_path):
     import gguf
 
     methods = [{"name": "gguf", "type": "Q8_0"}, {"name": "gguf", "type": "Q4_K_M"},
-               {"name": "gguf", "type": "Q4_K_M", "imatrix": False}]
+               {"name": "gguf", "type": "Q4_K_M", "imatrix": False},
+               {"name": "gguf", "type": "Q4_K_M", "awq_scales": True}]
     out = tmp_path / "g"
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model), methods, out,
                                       calibration={"samples": 8, "seq_len": 128}))
     pipeline.run(recipe)
     results = json.loads((out / "results.json").read_text())["variants"]
-    assert set(results) == {"gguf-q8_0", "gguf-q4_k_m-imat", "gguf-q4_k_m"}
+    assert set(results) == {"gguf-q8_0", "gguf-q4_k_m-imat", "gguf-q4_k_m", "gguf-q4_k_m-awq-imat"}
     assert all(v["loader"].startswith("llama.cpp") and v["speed"]["backend"] == "llama.cpp" for v in results.values())
     kld = {n: v["perplexity"]["kld"]["mean"] for n, v in results.items()}
     assert kld["gguf-q8_0"] < kld["gguf-q4_k_m-imat"]
+    awq = json.loads((out / "gguf-q4_k_m-awq-imat" / "manifest.json").read_text())["result"]
+    assert awq["awq_scales"]["export"] == "scaled-fp16" and 0 < kld["gguf-q4_k_m-awq-imat"] < 1
+    assert "AWQ scales folded in before conversion: yes" in (out / "gguf-q4_k_m-awq-imat" / "README.md").read_text()
     folder = out / "gguf-q4_k_m-imat"
     reader = gguf.GGUFReader(folder / "model.gguf")
     types = {t.tensor_type.name for t in reader.tensors}

@@ -121,6 +121,7 @@ def model_card(method, base, info: dict) -> str:
         f"- type: {method.type} (llama.cpp's mix{', pure' if method.pure else ''}), quantized by llama.cpp's own "
         f"quantiser through llama-cpp-python {info['llama_cpp_python']}",
         f"- importance matrix: {imatrix_line}",
+        f"- AWQ scales folded in before conversion: {'yes (4-bit asym g32 search + clipping)' if info.get('awq_scales') else 'no'}",
         f"- size: {info['bytes']} bytes of tensors, {info['bits_per_weight']:.3f} bits per weight over all tensors", "",
         "Run: `llama-cli -m model.gguf` · `ollama create NAME -f Modelfile` · LM Studio: load model.gguf.",
         "Quality and speed as measured by quantize: results.json beside this file.", ""])
@@ -152,15 +153,27 @@ def build(method, base, out_dir: Path, calib: torch.Tensor | None, calib_info: d
     lib = llamacpp.binding()
     target = out_dir / "model.gguf"
     info: dict = {"format": "gguf", "type": method.type, "llama_cpp_python": lib.__version__}
+    work = out_dir / "work"
+    work.mkdir()
+    source_model = base
+    if method.awq_scales:  # AWQ-scaled, clipped, unquantised fp16 checkpoint; llama.cpp quantizes that
+        from quantize.methods import awq
+        from quantize.recipe import AwqMethod
+
+        scaled = work / "awq-scaled"
+        scaled.mkdir()
+        awq_method = AwqMethod(name="awq", bits=4, group_size=32, sym=False, export="scaled-fp16",
+                               on_indivisible="channel")
+        awq.build(awq_method, base, scaled, calib)
+        source_model = type(base)(base.spec, scaled, base.origin)
+        info["awq_scales"] = awq_method.model_dump(mode="json")
     if method.type in DIRECT:
-        gguf_convert.convert(base.path, target, method.type, name=base.path.name)
+        gguf_convert.convert(source_model.path, target, method.type, name=base.path.name)
     else:
-        work = out_dir / "work"
-        work.mkdir()
-        source = gguf_convert.convert(base.path, work / "base-f16.gguf", "F16", name=base.path.name)
+        source = gguf_convert.convert(source_model.path, work / "base-f16.gguf", "F16", name=base.path.name)
         imatrix, metadata = None, {}
         if method.use_imatrix:
-            sums, tokens = importance_matrix(base.path, calib)
+            sums, tokens = importance_matrix(source_model.path, calib)
             arch = gguf_convert.ARCHES[base_config(base.path)["model_type"]]
             names = gguf_convert.tensor_names(arch, base_config(base.path)["num_hidden_layers"])
             sums = {names.get_name(k, try_suffixes=(".weight",)): v.numpy() for k, v in sums.items()}
@@ -173,7 +186,7 @@ def build(method, base, out_dir: Path, calib: torch.Tensor | None, calib_info: d
             info["imatrix"] = {"dataset": dataset, "chunks": int(calib.shape[0]), "chunk_size": int(calib.shape[1]),
                                "entries": len(imatrix), "tokens": tokens}
         llamacpp.quantize(source, target, method.type, imatrix, metadata, pure=method.pure)
-        shutil.rmtree(work)
+    shutil.rmtree(work)
     info.update(gguf_stats(target))
     tokenizer = load_tokenizer(base.path)
     (out_dir / "Modelfile").write_text(modelfile(tokenizer, target.name))
