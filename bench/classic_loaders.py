@@ -5,10 +5,12 @@
         && /tmp/gpmenv/bin/pip install -c constraints.txt -e . \
         && /tmp/gpmenv/bin/pip install --no-deps gptqmodel==7.7.0 \
         && /tmp/gpmenv/bin/pip install -c <(echo torch==2.13.0; echo transformers==5.23.0; echo numpy==2.4.6) \
-           threadpoolctl device-smi protobuf pillow requests pypcre tokenicer logbar ninja maturin dill defuser torchao
+           threadpoolctl device-smi protobuf pillow requests pypcre tokenicer logbar ninja maturin dill defuser torchao \
+           optimum
     python bench/classic_loaders.py --loader-python /tmp/gpmenv/bin/python
 
-(GPTQModel 7.7.0 asks for torch>=2.14.1, hence --no-deps; it imports and runs on 2.13.0 CPU.) Builds SmolLM2 AWQ
+(GPTQModel 7.7.0 asks for torch>=2.14.1, hence --no-deps; it imports and runs on 2.13.0 CPU. transformers' GPTQ
+path also imports optimum.) Builds SmolLM2 AWQ
 (asym g64, `format: awq`) and GPTQ (sym g64, `format: gptq`) from 16 × 512 calibration tokens, loads each both
 ways, and compares logits on a held-out chunk. Writes bench/results/classic_loaders.{json,md}.
 """
@@ -47,6 +49,7 @@ print(json.dumps({"q_proj_class": type(q).__module__ + "." + type(q).__name__, "
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--loader-python", required=True)
+    ap.add_argument("--only", choices=["awq", "gptq"], help="build and check one layout (rows of the other are kept)")
     args = ap.parse_args()
     base = resolve_model("bundled:smollm2-135m")
     tok = load_tokenizer(base.path)
@@ -55,9 +58,12 @@ def main() -> None:
     eval_ids = np.array([tok(bundled_wiki("eval").text[:6000], add_special_tokens=False).input_ids[:256]])
     work = Path(tempfile.mkdtemp(prefix="classic-"))
     np.save(work / "ids.npy", eval_ids)
-    rows = {}
+    previous = HERE / "results" / "classic_loaders.json"
+    rows = json.loads(previous.read_text()) if args.only and previous.is_file() else {}
     for method in [AwqMethod(name="awq", bits=4, group_size=64, sym=False, format="awq"),
                    GptqMethod(name="gptq", bits=4, group_size=64, sym=True, format="gptq")]:
+        if args.only and method.name != args.only:
+            continue
         folder = work / method.default_variant()
         folder.mkdir()
         METHODS[method.name].build(method, base, folder, calib)
