@@ -2,7 +2,8 @@
 
 - `gptq` (AutoGPTQ / GPTQModel checkpoint_format "gptq", v1), per quantized linear:
       qweight int32 [in·b/32, out]   codes packed along the input dim, value j of a word at bits b·j
-      qzeros  int32 [groups, out·b/32]  zero points − 1 (the v1 convention), packed along the output dim
+      qzeros  int32 [groups, out·b/32]  zero points − 1 (v1; asymmetric grids are written as v2, zeros as
+                                        they are: see gptq_checkpoint_format), packed along the output dim
       scales  fp16  [groups, out]      g_idx int32 [in] (group of each input column)
   plus `quantize_config.json` and config.json `quantization_config` with quant_method "gptq".
 - `awq` (AutoAWQ GEMM, version "gemm"), 4-bit only:
@@ -73,7 +74,8 @@ class ClassicWriter(CompressedTensorsWriter):
         if self.fmt == "awq":
             return {f"{name}.qweight": pack(q_u, bits, 1, AWQ_ORDER), f"{name}.qzeros": pack(zero_u, bits, 1, AWQ_ORDER),
                     f"{name}.scales": scales}
-        return {f"{name}.qweight": pack(q_u, bits, 0), f"{name}.qzeros": pack(zero_u - 1, bits, 1),
+        zeros_stored = zero_u - 1 if symmetric else zero_u  # v1 stores z − 1; see gptq_checkpoint_format
+        return {f"{name}.qweight": pack(q_u, bits, 0), f"{name}.qzeros": pack(zeros_stored, bits, 1),
                 f"{name}.scales": scales, f"{name}.g_idx": (torch.arange(cols) // gs).to(torch.int32)}
 
     def quantization_config(self, ignore: list[str]) -> dict:
@@ -84,7 +86,8 @@ class ClassicWriter(CompressedTensorsWriter):
                   "version": "gemm", "modules_to_not_convert": ignore or None}
         else:
             qc = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "sym": symmetric,
-                  "desc_act": False, "checkpoint_format": "gptq", "pack_dtype": "int32", **self.extra_config}
+                  "desc_act": False, "checkpoint_format": gptq_checkpoint_format(symmetric), "pack_dtype": "int32",
+                  **self.extra_config}
             (self.out_dir / "quantize_config.json").write_text(json.dumps(qc, indent=2))
         config = json.loads((self.out_dir / "config.json").read_text())
         config["quantization_config"] = qc
@@ -92,9 +95,12 @@ class ClassicWriter(CompressedTensorsWriter):
         return qc
 
 
-def format_of(folder: Path) -> str | None:
-    qc = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
-    return qc.get("quant_method") if qc.get("quant_method") in FORMATS else None
+def gptq_checkpoint_format(symmetric: bool) -> str:
+    """Symmetric grids: v1 ("gptq"), zeros stored as z − 1 = 2^(b−1) − 1, what every GPTQ stack reads.
+    Asymmetric grids: v2 ("gptq_v2"), zeros as they are, because a zero point of 0 (a group with no negative
+    weight) would be stored as −1, and v1 readers add 1 to the packed word as a whole, carrying into the next
+    column's zero; GPTQModel and transformers read v2."""
+    return "gptq" if symmetric else "gptq_v2"
 
 
 def load_dense(folder: Path, dtype=torch.float32):
@@ -121,7 +127,9 @@ def load_dense(folder: Path, dtype=torch.float32):
             g_idx = torch.arange(q.shape[0]) // (q.shape[0] // scales.shape[0])
         else:
             q = unpack(shards.get(name), bits, 0)
-            zero = (unpack(shards.get(module + ".qzeros"), bits, 1) + 1) & ((1 << bits) - 1)
+            zero = unpack(shards.get(module + ".qzeros"), bits, 1)
+            if qc.get("checkpoint_format", "gptq") == "gptq":  # v1: z − 1 on disk
+                zero = (zero + 1) & ((1 << bits) - 1)
             g_idx = shards.get(module + ".g_idx").long()
         W = (q.float() - zero[g_idx].float()) * scales[g_idx]  # [in, out]
         state[module + ".weight"] = W.T.contiguous()

@@ -10,7 +10,7 @@ import typer
 
 from quantize.errors import QuantizeError
 from quantize.fit import gib
-from quantize.recipe import bundled_recipes, load_recipe
+from quantize.recipe import Fit, bundled_recipes, load_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize LLMs from a YAML recipe; measure quality, speed and VRAM fit.")
@@ -98,7 +98,7 @@ def eval_command(path: Path = typer.Argument(..., help="an artefact: HF folder (
 
 @app.command("fit")
 def fit_command(model: str = typer.Argument(..., help="a .gguf, an HF directory, a config.json or a hub id"),
-                gpu: list[str] = typer.Option(["RTX 3060", "RTX 4090", "A100 80GB", "H100 SXM"], "--gpu"),
+                gpu: list[str] = typer.Option(Fit().gpus, "--gpu", help="GPU rows of quantize/fit.py"),
                 ctx: list[int] = typer.Option([8192, 32768, 131072], "--ctx", help="context lengths"),
                 batch: int = typer.Option(1, "--batch", min=1),
                 kv_dtype: str = typer.Option("f16", "--kv-dtype", help="f16, bf16, f32, q8_0, q4_0, fp8"),

@@ -38,8 +38,10 @@ class Row:
 
 
 def _protocol_id(results: dict) -> str:
+    """Same base model (its spec and its measured perplexity) and same evaluation: comparable KLDs."""
     p = results["protocol"]["perplexity"]
-    key = json.dumps({k: p.get(k) for k in ("text", "n_ctx", "chunks", "tokens_scored", "tokenizer_sha256")},
+    key = json.dumps({**{k: p.get(k) for k in ("text", "n_ctx", "chunks", "tokens_scored", "tokenizer_sha256")},
+                      "base": results["base"].get("spec"), "base_ppl": results["base"]["perplexity"]["ppl"]},
                      sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 
@@ -90,17 +92,26 @@ def _fmt(x, spec: str, none: str = "–") -> str:
     return none if x is None else format(x, spec)
 
 
-def markdown(rows: list[Row]) -> str:
+HEADER = ["run", "artefact", "method", "format", "size", "bpw", "PPL", "Δ PPL", "KLD", "same top %", "pp t/s",
+          "tg t/s"]
+
+
+def _cells(r: Row, gpus: list[str]) -> list[str]:
+    return [r.run, r.name, r.method, r.fmt, gib(r.size), _fmt(r.bpw, ".2f"), f"{r.ppl:.4f}", _fmt(r.d_ppl, "+.4f"),
+            _fmt(r.kld, ".5f"), _fmt(None if r.same_top is None else 100 * r.same_top, ".2f"), _fmt(r.pp, ".1f"),
+            _fmt(r.tg, ".1f"), *[str(r.fits.get(g, "–")) for g in gpus], "★" if r.pareto else "", r.protocol]
+
+
+def _table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     gpus = list(rows[0].fits) if rows else []
-    head = ["run", "artefact", "method", "format", "size", "bpw", "PPL", "Δ PPL", "KLD", "same top %", "pp t/s",
-            "tg t/s", *[f"{g}: max ctx" for g in gpus], "Pareto", "protocol"]
+    head = HEADER + [f"{g}: max ctx" for g in gpus] + ["Pareto", "protocol"]
+    return head, [_cells(r, gpus) for r in sorted(rows, key=lambda r: (r.protocol, r.size))]
+
+
+def markdown(rows: list[Row]) -> str:
+    head, body = _table(rows)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in sorted(rows, key=lambda r: (r.protocol, r.size)):
-        cells = [r.run, r.name, r.method, r.fmt, gib(r.size), _fmt(r.bpw, ".2f"), f"{r.ppl:.4f}", _fmt(r.d_ppl, "+.4f"),
-                 _fmt(r.kld, ".5f"), _fmt(None if r.same_top is None else 100 * r.same_top, ".2f"),
-                 _fmt(r.pp, ".1f"), _fmt(r.tg, ".1f"), *[str(r.fits.get(g, "–")) for g in gpus],
-                 "★" if r.pareto else "", r.protocol]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines) + "\n"
 
 
@@ -138,22 +149,15 @@ def chart(rows: list[Row], png: Path, gpus: dict[str, int] | None = None) -> Non
 
 def html_page(rows: list[Row], png: Path) -> str:
     image = base64.b64encode(png.read_bytes()).decode()
-    gpus = list(rows[0].fits) if rows else []
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["run", "artefact", "method", "format", "size", "bpw", "PPL",
-                                                          "Δ PPL", "KLD", "same top %", "pp t/s", "tg t/s",
-                                                          *[f"{g}: max ctx" for g in gpus], "Pareto", "protocol"])
-    body = []
-    for r in sorted(rows, key=lambda r: (r.protocol, r.size)):
-        cells = [r.run, r.name, r.method, r.fmt, gib(r.size), _fmt(r.bpw, ".2f"), f"{r.ppl:.4f}", _fmt(r.d_ppl, "+.4f"),
-                 _fmt(r.kld, ".5f"), _fmt(None if r.same_top is None else 100 * r.same_top, ".2f"), _fmt(r.pp, ".1f"),
-                 _fmt(r.tg, ".1f"), *[str(r.fits.get(g, "–")) for g in gpus], "★" if r.pareto else "", r.protocol]
-        body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    head, body = _table(rows)
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    lines = ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in body]
     return ("<!doctype html><html><head><meta charset='utf-8'><title>quantize compare</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:nth-child(-n+4){text-align:left}"
             "</style></head><body><h1>quantize compare</h1>"
             f"<img alt='KLD against size' src='data:image/png;base64,{image}'>"
-            f"<table><tr>{head}</tr>{''.join(body)}</table>"
+            f"<table><tr>{header}</tr>{''.join(lines)}</table>"
             "<p>KLD: mean KL(base ‖ artefact) per token in nats on the run's held-out text; comparable only "
-            "between rows with the same protocol id. ★: on the size/KLD Pareto front. Max ctx: largest context that "
-            "fits (estimate; see each run's fit.json).</p></body></html>")
+            "between rows with the same protocol id (same base model and evaluation). ★: on the size/KLD Pareto "
+            "front. Max ctx: largest context that fits (estimate; see each run's fit.json).</p></body></html>")

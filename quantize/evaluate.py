@@ -106,8 +106,9 @@ class BaseLogProbs:
 
 class CompactLogProbs(BaseLogProbs):
     """The same, stored as llama.cpp's --kl-divergence-base file stores them: per position, log-probabilities
-    within WINDOW nats of the top one as uint16 steps (WINDOW/65535 ≈ 2.4e-4 nats), lower ones clamped to the
-    window's floor, plus that floor as float32. Half the bytes of float32, exact to 1.2e-4 nats per entry."""
+    within WINDOW nats of the top one as uint16 steps (WINDOW/65535 ≈ 2.4e-4 nats), lower ones at the window's
+    floor, plus that floor as float32. Half the bytes of float32, exact to 1.2e-4 nats per entry. Entries at the
+    floor read back as -inf: as in llama.cpp, they drop out of the KLD sum instead of counting as e^floor each."""
 
     WINDOW = 16.0
 
@@ -115,7 +116,8 @@ class CompactLogProbs(BaseLogProbs):
         with np.load(self.folder / f"{i:06d}.npz") as f:
             q, floor = f["q"], f["floor"]
         assert q.shape == self.shape, f"cached base log-probs {q.shape} do not match {self.shape}"
-        return torch.from_numpy(floor[:, None] + q.astype(np.float32) * np.float32(self.WINDOW / 65535))
+        lp = floor[:, None] + q.astype(np.float32) * np.float32(self.WINDOW / 65535)
+        return torch.from_numpy(np.where(q == 0, -np.inf, lp).astype(np.float32))
 
     def __setitem__(self, i: int, value: torch.Tensor) -> None:
         lp = value.numpy().astype(np.float32)
@@ -128,6 +130,13 @@ def _mean_unc(x: np.ndarray) -> tuple[float, float]:
     mean = float(x.mean())
     var = float((x.astype(np.float64) ** 2).mean() - mean**2)
     return mean, math.sqrt(max(var, 0.0) / (len(x) - 1))
+
+
+def kl_divergence(base_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(P_base ‖ P) per position, [n]; base entries of -inf (not kept by a compact store) add nothing."""
+    kept = torch.isfinite(base_logp)
+    terms = base_logp.exp() * (torch.where(kept, base_logp, 0) - logp)
+    return torch.where(kept, terms, 0).sum(-1)
 
 
 def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -153,9 +162,10 @@ def score(model, chunks: Chunks, base: BaseLogProbs, is_base: bool, label: str) 
                 base[i] = logp
             continue
         base_logp = base[i]
-        kld.append((base_logp.exp() * (base_logp - logp)).sum(-1))
+        kld.append(kl_divergence(base_logp, logp))
         same_top.append(base_logp.argmax(-1) == logp.argmax(-1))
-        base_nll.append(-base_logp.gather(1, targets[:, None])[:, 0])
+        known = torch.where(torch.isfinite(base_logp), base_logp, base_logp.max(-1, keepdim=True).values - 16)
+        base_nll.append(-known.gather(1, targets[:, None])[:, 0])
     nll = torch.cat(nll).double().numpy()
     mean, unc = _mean_unc(nll)
     ppl = math.exp(mean)

@@ -11,7 +11,8 @@ gated MLP per expert; router; RMSNorms); weight bytes per format follow the form
                   weight; embeddings and lm_head fp16
     q8_0          llama.cpp Q8_0: 34 bytes per 32 weights for every 2-D tensor, norms F32
     q4_k_m        llama.cpp's Q4_K_M mix (llama-quant.cpp): Q4_K (4.5 bits) everywhere, Q6_K (6.5625 bits) for
-                  output.weight and for attn_v / ffn_down in the layers `use_more_bits` picks; norms F32
+                  output.weight and for attn_v / ffn_down in the layers `use_more_bits` picks, with llama.cpp's
+                  fallbacks for rows not a multiple of 256 (q4_k_m_tensors); norms and MoE router F32
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from pathlib import Path
 from quantize.errors import QuantizeError
 from quantize.fit import ModelShape, shape_from_config
 
-Q4_K_BITS, Q6_K_BITS, Q8_0_BITS = 4.5, 6.5625, 8.5  # GGML block sizes: 144/256, 210/256, 34/32 bytes per weight
 WEIGHT_FORMATS = ("fp16", "bf16", "int8", "int4", "q8_0", "q4_k_m")
 
 
@@ -37,6 +37,7 @@ class ParamCounts:
     n_layers: int
     n_experts: int
     n_active: int
+    vocab: int
     rows_per_layer: int  # output rows of all quantized linears in one layer (one int8 scale each)
 
     @property
@@ -68,7 +69,7 @@ def param_counts(cfg: dict) -> ParamCounts:
         mlp_per_expert={"gate": hidden * inter, "up": hidden * inter, "down": inter * hidden},
         router=hidden * experts if experts > 1 else 0,
         norms=layers * (norms_per_layer * hidden + qk_norms) + hidden,
-        n_layers=layers, n_experts=experts, n_active=active,
+        n_layers=layers, n_experts=experts, n_active=active, vocab=shape.vocab_size,
         rows_per_layer=q_out + 2 * kv_out + hidden + experts * (2 * inter + hidden))
 
 
@@ -92,17 +93,41 @@ def weight_bytes(counts: ParamCounts, fmt: str) -> int:
         return linears + 2 * c.n_layers * c.rows_per_layer + 2 * (edges + small)
     if fmt == "int4":
         return int(linears * (4 + 16 / 128) / 8) + 2 * (edges + small)
-    if fmt == "q8_0":
-        return int((linears + edges + c.n_layers * c.router) * Q8_0_BITS / 8) + 4 * c.norms
-    # q4_k_m: per layer, attn_v and ffn_down at Q6_K where use_more_bits, else Q4_K; output Q6_K; embedding Q4_K
-    bits = 0.0
-    down = c.n_experts * c.mlp_per_expert["down"]
+    if fmt == "q8_0":  # every 2-D tensor Q8_0 but the MoE router, which llama.cpp keeps F32
+        return int((linears + edges) * BITS["Q8_0"] / 8) + 4 * (c.norms + c.n_layers * c.router)
+    return int(sum(n * BITS[kind] for n, kind in q4_k_m_tensors(c)) / 8) + 4 * (c.norms + c.n_layers * c.router)
+
+
+# bits per weight of GGML block types: bytes per block × 8 / weights per block (gguf-py GGML_QUANT_SIZES)
+BITS = {"Q4_K": 144 * 8 / 256, "Q5_K": 176 * 8 / 256, "Q6_K": 210 * 8 / 256, "Q8_0": 34 * 8 / 32,
+        "Q5_0": 22 * 8 / 32, "Q5_1": 24 * 8 / 32}
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama.cpp, when a row is not a multiple of 256
+
+
+def q4_k_m_tensors(c: ParamCounts):
+    """(parameters, GGML type) of every quantized tensor under llama.cpp's Q4_K_M mix (llama-quant.cpp):
+    Q4_K, with Q6_K for attn_v and ffn_down in the layers use_more_bits picks and for the output (a tied
+    embedding takes the output's type), Q5_K attn_output with 8 experts; rows (input columns) not a multiple of
+    256 take the fallback type."""
+    hidden = c.embedding // c.vocab
+    q_out = c.attn["q"] // hidden
+    inter = c.mlp_per_expert["down"] // hidden
+
+    def typed(n, cols, kind):
+        return n, (FALLBACK[kind] if cols % 256 else kind)
+
     for i in range(c.n_layers):
         more = use_more_bits(i, c.n_layers)
-        six = (c.attn["v"] + down) if more else 0
-        bits += six * Q6_K_BITS + (sum(c.attn.values()) + mlp - six) * Q4_K_BITS + c.router * 32
-    bits += c.embedding * Q4_K_BITS + (c.lm_head or 0) * Q6_K_BITS
-    return int(bits / 8) + 4 * c.norms
+        yield typed(c.attn["q"] + c.attn["k"], hidden, "Q4_K")
+        yield typed(c.attn["v"], hidden, "Q6_K" if more else "Q4_K")
+        yield typed(c.attn["o"], q_out, "Q5_K" if c.n_experts == 8 else "Q4_K")
+        yield typed(c.n_experts * (c.mlp_per_expert["gate"] + c.mlp_per_expert["up"]), hidden, "Q4_K")
+        yield typed(c.n_experts * c.mlp_per_expert["down"], inter, "Q6_K" if more else "Q4_K")
+    if c.lm_head:
+        yield typed(c.embedding, hidden, "Q4_K")
+        yield typed(c.lm_head, hidden, "Q6_K")
+    else:
+        yield typed(c.embedding, hidden, "Q6_K")
 
 
 def shape_config_from_gguf(path: Path) -> dict:

@@ -154,11 +154,28 @@ def convert(model_dir: Path, out_file: Path, out_type: str = "F16", name: str | 
     arch = ARCHES[model_type]
     n_layers = config["num_hidden_layers"]
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
-    names = tensor_names(arch, n_layers)
     partial = out_file.with_name(out_file.name + ".partial")
     writer = gguf.GGUFWriter(partial, arch)
+    try:
+        _write(writer, model_dir, config, arch, out_type, name, metadata, n_head, n_kv, n_layers)
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)  # a failed conversion leaves nothing behind
+        raise
+    writer.close()
+    partial.replace(out_file)
+    return out_file
+
+
+def _write(writer, model_dir: Path, config: dict, arch: str, out_type: str, name: str | None, metadata: dict | None,
+           n_head: int, n_kv: int, n_layers: int) -> None:
+    import gguf
+
+    from quantize.llamacpp import FTYPES
+
+    names = tensor_names(arch, n_layers)
     writer.add_name(name or model_dir.name)
-    writer.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7, "BF16": 32}[out_type])  # LLAMA_FTYPE_ALL_F32, MOSTLY_*
+    writer.add_file_type(FTYPES[out_type])
     add_hparams(writer, config, arch)
     add_vocab(writer, model_dir, config)
     for key, value in (metadata or {}).items():
@@ -174,9 +191,9 @@ def convert(model_dir: Path, out_file: Path, out_type: str = "F16", name: str | 
         if gguf_name is None:
             raise QuantizeError(f"{model_dir}: no GGUF name for tensor {hf_name!r}")
         W = shards.get(hf_name).float()
-        if arch in PERMUTES_QK and hf_name.endswith("q_proj.weight"):
-            W = permute_qk(W, n_head)
-        elif arch in PERMUTES_QK and hf_name.endswith("k_proj.weight"):
+        if arch in PERMUTES_QK and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            W = permute_qk(W, n_head)  # rows (and a bias's entries) move; columns do not
+        elif arch in PERMUTES_QK and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             W = permute_qk(W, n_kv)
         data, kind = encode(W.numpy(), out_type)
         writer.add_tensor(gguf_name, data, raw_dtype=kind)
@@ -184,6 +201,3 @@ def convert(model_dir: Path, out_file: Path, out_type: str = "F16", name: str | 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
-    writer.close()
-    partial.replace(out_file)
-    return out_file

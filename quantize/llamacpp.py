@@ -95,8 +95,10 @@ class LlamaCppModel:
         self.llm.eval(ids)
         return torch.from_numpy(np.array(self.llm.scores[: len(ids)], dtype=np.float32))
 
-    def close(self) -> None:
-        self.llm.close()
+    def close(self) -> None:  # idempotent: the pipeline closes before benchmarking, and again when freeing
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
 
 
 def bench(path: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, threads: list[int],
@@ -118,7 +120,7 @@ def bench(path: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, thr
     def tg() -> float:
         model.llm.reset()
         start = time.perf_counter()
-        for token in prompt[:gen_tokens]:
+        for token in generated:
             model.llm.eval([token])
         return time.perf_counter() - start
 
@@ -128,7 +130,9 @@ def bench(path: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, thr
             if model is not None:
                 model.close()
             model = LlamaCppModel(path, n_ctx=prompt_tokens + gen_tokens + 8, threads=n, logits_all=False)
-            prompt = np.random.default_rng(seed).integers(0, model.vocab_size, prompt_tokens).tolist()
+            rng = np.random.default_rng(seed)
+            prompt = rng.integers(0, model.vocab_size, prompt_tokens).tolist()
+            generated = rng.integers(0, model.vocab_size, gen_tokens).tolist()  # fed one by one, as tg decodes
             load_before = os.getloadavg()[0]
             pp(), tg()  # warm-up
             memory.reset_peak()

@@ -188,5 +188,5 @@ def meta_model(config_or_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = config_or_path if not isinstance(config_or_path, (str, Path)) else AutoConfig.from_pretrained(config_or_path)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.device("meta"):  # sdpa: the layer-wise engine runs attention without a mask, causal only under sdpa
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")

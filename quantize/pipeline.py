@@ -68,6 +68,7 @@ def _evaluate(model, label: str, chunks, base_logprobs, is_base: bool, recipe: R
     out = {"perplexity": evaluate.score(model, chunks, base_logprobs, is_base=is_base, label=label)}
     sp = recipe.eval.speed
     if sp.enabled and isinstance(model, llamacpp.LlamaCppModel):
+        model.close()  # the bench loads its own instance; two open at once would double the measured memory
         out["speed"] = llamacpp.bench(model.path, sp.prompt_tokens, sp.gen_tokens, sp.repetitions, sp.threads,
                                       label, seed=recipe.seed)
     elif sp.enabled:

@@ -134,6 +134,12 @@ class GgufMethod(Strict):
                                                 "before conversion, as AutoAWQ's export for llama.cpp does")
     variant: str | None = None
 
+    @model_validator(mode="after")
+    def _options_that_apply(self):
+        if self.type in ("F32", "F16", "BF16") and (self.imatrix or self.awq_scales or self.pure):
+            raise ValueError(f"type {self.type} is not quantized: imatrix, awq_scales and pure apply to Q8_0 … Q2_K")
+        return self
+
     @property
     def use_imatrix(self) -> bool:
         if self.type in ("F32", "F16", "BF16"):

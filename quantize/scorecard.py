@@ -41,7 +41,7 @@ def tokenizer_for(path: Path, base: Path | None):
     for candidate in (path, base):
         if candidate is not None and candidate.is_dir() and (candidate / "tokenizer_config.json").is_file():
             return load_tokenizer(candidate)
-    gguf = path if path.suffix == ".gguf" else None
+    gguf = path if path.suffix == ".gguf" else (path / "model.gguf" if (path / "model.gguf").is_file() else None)
     if gguf is not None:  # the GGUF's own tokenizer, through transformers' GGUF reader
         from transformers import AutoTokenizer
 
@@ -62,11 +62,21 @@ def base_logprobs(base_path: Path, chunks, ev: Eval, n_vocab: int) -> tuple[eval
     store = evaluate.CompactLogProbs(partial, chunks, n_vocab)
     model, loader, _ = backends.load(base_path, ev.dtype, chunks.n_ctx)
     try:
+        base_vocab = model.vocab_size if not hasattr(model, "config") else model.config.vocab_size
+        if base_vocab != n_vocab:
+            raise QuantizeError(f"base {base_path} has a vocabulary of {base_vocab}, the artefact {n_vocab}: KLD "
+                                "needs the same vocabulary; give the artefact's own base model")
         scores = {**evaluate.score(model, chunks, store, True, "base"), "loader": loader, "key": key_src}
+        (partial / "done.json").write_text(json.dumps(scores, default=str))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays in the cache
+        raise
     finally:
         backends.free(model)
-    (partial / "done.json").write_text(json.dumps(scores, default=str))
-    partial.rename(folder)
+    try:
+        partial.rename(folder)
+    except OSError:  # another process published the same key first: theirs is as good
+        shutil.rmtree(partial, ignore_errors=True)
     return evaluate.CompactLogProbs(folder, chunks, n_vocab), scores, False
 
 
@@ -94,6 +104,7 @@ def evaluate_artefact(path: Path, base: str | None = None, ev: Eval | None = Non
             sp = ev.speed
             bandwidth = speed.memory_bandwidth_gb_s()
             if isinstance(model, llamacpp.LlamaCppModel):
+                model.close()  # the bench loads its own instance
                 measured = llamacpp.bench(model.path, sp.prompt_tokens, sp.gen_tokens, sp.repetitions, sp.threads,
                                           path.name)
             else:

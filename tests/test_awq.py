@@ -132,7 +132,7 @@ def test_pack_roundtrip_and_awq_order():
     for dim, order in [(0, None), (1, None), (1, AWQ_ORDER)]:
         assert torch.equal(unpack(pack(q.T if dim == 0 else q, 4, dim, order), 4, dim, order), q.T if dim == 0 else q)
     word = pack(torch.arange(8, dtype=torch.int32)[None], 4, 1, AWQ_ORDER)  # AutoAWQ: nibble j ← column ORDER[j]
-    assert [(int(word) >> (4 * j)) & 15 for j in range(8)] == AWQ_ORDER
+    assert int(word) & 0xFFFFFFFF == 0x75316420  # columns 0..7 → nibbles 0,2,4,6,1,3,5,7 (AutoAWQ's order_map)
 
 
 def test_classic_layouts_hold_the_same_weights(tiny_model, tmp_path):
@@ -143,7 +143,9 @@ def test_classic_layouts_hold_the_same_weights(tiny_model, tmp_path):
     methods = [{"name": "awq", "bits": 4, "group_size": 64, "variant": "ct"},
                {"name": "awq", "bits": 4, "group_size": 64, "format": "awq"},
                {"name": "gptq", "bits": 4, "group_size": 64, "format": "gptq"},
-               {"name": "gptq", "bits": 4, "group_size": 64, "variant": "gptq-ct"}]
+               {"name": "gptq", "bits": 4, "group_size": 64, "variant": "gptq-ct"},
+               {"name": "rtn", "bits": 4, "group_size": 64, "sym": False, "format": "gptq"},
+               {"name": "rtn", "bits": 4, "group_size": 64, "sym": False, "variant": "rtn-ct"}]
     out = tmp_path / "c"
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model), methods, out,
                                       calibration={"samples": 8, "seq_len": 64}, eval={"kld": False,
@@ -151,8 +153,9 @@ def test_classic_layouts_hold_the_same_weights(tiny_model, tmp_path):
     pipeline.run(recipe)
     ids = load_tokenizer(out / "ct")("The history of the city", return_tensors="pt").input_ids
     with torch.no_grad():
-        for ct, classic in [("ct", "awq-w4-asym-g64-awq"), ("gptq-ct", "gptq-w4-sym-g64-gptq")]:
-            a = ct_format.load_dense(out / ct) if ct == "ct" else load_model(out / ct, "float32")
+        for ct, classic in [("ct", "awq-w4-asym-g64-awq"), ("gptq-ct", "gptq-w4-sym-g64-gptq"),
+                            ("rtn-ct", "rtn-w4-asym-g64-gptq")]:
+            a = load_model(out / ct, "float32") if ct == "gptq-ct" else ct_format.load_dense(out / ct)
             b = classic_format.load_dense(out / classic)
             assert (a(ids).logits - b(ids).logits).abs().max().item() < 1e-4
     qc = json.loads((out / "awq-w4-asym-g64-awq" / "config.json").read_text())["quantization_config"]
@@ -160,3 +163,5 @@ def test_classic_layouts_hold_the_same_weights(tiny_model, tmp_path):
                   "modules_to_not_convert": ["lm_head"]}
     qc = json.loads((out / "gptq-w4-sym-g64-gptq" / "quantize_config.json").read_text())
     assert (qc["quant_method"], qc["checkpoint_format"], qc["sym"], qc["desc_act"]) == ("gptq", "gptq", True, False)
+    qc = json.loads((out / "rtn-w4-asym-g64-gptq" / "quantize_config.json").read_text())
+    assert (qc["checkpoint_format"], qc["sym"]) == ("gptq_v2", False)

@@ -70,3 +70,18 @@ def test_bits_per_byte_counts_the_scored_text(tiny_model, tmp_path):
     out = evaluate.score(load_model(tiny_model, "float32"), chunks, store, True, "base")
     assert math.isclose(out["bits_per_byte"] * math.log(2) * chunks.scored_bytes,
                         out["mean_nll"] * out["tokens_scored"], rel_tol=1e-9)
+
+
+def test_compact_base_store_keeps_kld_of_a_model_with_itself_near_zero(tmp_path):
+    """A peaked distribution over a large vocabulary puts most entries far below the 16-nat window: those must
+    drop out (as in llama.cpp), not count as e^floor each (which would add ~0.05 nats here)."""
+    g = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(20, 50000, generator=g) * 6, dim=-1)
+    chunks = type("C", (), {"scored_per_chunk": 20})()
+    store = evaluate.CompactLogProbs(tmp_path / "c", chunks, 50000)
+    store[0] = logp
+    back = store[0]
+    assert (torch.isinf(back).sum(-1) > 1000).all()  # most of the vocabulary is outside the window
+    assert evaluate.kl_divergence(back, logp).abs().max().item() < 1e-3
+    finite = torch.isfinite(back)
+    assert (back[finite] - logp[finite]).abs().max().item() <= 16 / 65535

@@ -155,8 +155,8 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
     """Scale search + fold, clip search + clamp, then (if `quantize`) rounding, for decoder layer i."""
     bits, sym = method.bits, method.sym
     full = lambda n: f"model.layers.{i}.{n}"  # noqa: E731
-    feed = [names[0] for _, names, _ in rows]
-    X = acts.capture(layer, feed + [n for _, names, _ in rows for n in names[1:]])
+    captured = acts.capture(layer, [names[0] for _, names, _ in rows])  # the linears of a row share one input
+    X = {n: captured[names[0]] for _, names, _ in rows for n in names}
     gs = {n: group_size_of(full(n), layer.get_submodule(n).in_features) for _, names, _ in rows for n in names}
     alphas = {}
     for prev_name, names, block_name in rows:
@@ -175,8 +175,9 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
         s, alpha, losses = search_scale(linears, quantized, x_mean, block_loss_fn(acts, block, x), Q, g,
                                         method.n_grid, method.duo_scaling)
         fold_scale(prev, linears, s)
+        scaled = x / s  # what the linears see from now on (one tensor for the row)
         for n in names:
-            X[n] = X[n] / s  # what the linears see from now on (they share the input)
+            X[n] = scaled
         alphas[names[0]] = ("s=1" if alpha is None else alpha, losses[0], min(losses), time.perf_counter() - start)
 
     for _, names, _ in rows:

@@ -130,16 +130,6 @@ def model_card(method, base, info: dict) -> str:
 def gguf_stats(path: Path) -> dict:
     import gguf
 
-    tensors = gguf.GGUFReader(path).tensors
-    n_bytes = sum(int(t.n_bytes) for t in tensors)
-    n_params = sum(int(t.n_elements) for t in tensors)
-    return {"bytes": n_bytes, "params": n_params, "bits_per_weight": 8 * n_bytes / n_params,
-            "tensor_types": dict(Counter(t.tensor_type.name for t in tensors))}
-
-
-def gguf_stats(path: Path) -> dict:
-    import gguf
-
     reader = gguf.GGUFReader(path)
     n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
     n_params = sum(int(t.n_elements) for t in reader.tensors)
