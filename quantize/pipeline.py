@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from quantize import artefact, backends, evaluate, fit, llamacpp, memory, report, speed
+from quantize import artefact, backends, evaluate, fit, llamacpp, lmeval, memory, report, speed
 from quantize.errors import QuantizeError
 from quantize.methods import METHODS
 from quantize.models import BaseModel, load_model, load_tokenizer, meta_model, peek_config, resolve_model
@@ -64,8 +64,13 @@ def _free(model) -> None:
 
 
 def _evaluate(model, label: str, chunks, base_logprobs, is_base: bool, recipe: Recipe, vocab: int,
-              bandwidth: dict | None = None) -> dict:
+              bandwidth: dict | None = None, tokenizer=None) -> dict:
     out = {"perplexity": evaluate.score(model, chunks, base_logprobs, is_base=is_base, label=label)}
+    if recipe.eval.tasks:
+        if isinstance(model, llamacpp.LlamaCppModel):
+            out["lm_eval"] = {"skipped": "lm-eval runs on the torch model in memory; GGUF artefacts run on llama.cpp"}
+        else:
+            out["lm_eval"] = lmeval.run(model, tokenizer, recipe.eval.tasks, recipe.eval.task_limit)
     sp = recipe.eval.speed
     if sp.enabled and isinstance(model, llamacpp.LlamaCppModel):
         model.close()  # the bench loads its own instance; two open at once would double the measured memory
@@ -146,7 +151,7 @@ def run(recipe: Recipe, force: bool = False) -> Path:
             "protocol": {"perplexity": chunks.protocol(), "eval_dtype": dtype, "device": "cpu",
                          "memory_bandwidth": bandwidth, "versions": artefact.versions()},
             "base": {**base.describe(), **_evaluate(model, "base", chunks, base_logprobs, True, recipe, vocab,
-                                                    bandwidth),
+                                                    bandwidth, tokenizer),
                      "fit": _fit(base.path, shape, recipe)},
             "variants": {},
         }
@@ -162,7 +167,7 @@ def run(recipe: Recipe, force: bool = False) -> Path:
             manifest = _build_variant(method, base, folder, recipe, calib)
             step(f"{name}: reloading the artefact with its loader and evaluating")
             model, loader, eval_dtype = backends.load(folder, dtype, chunks.n_ctx)
-            measured = _evaluate(model, name, chunks, base_logprobs, False, recipe, vocab, bandwidth)
+            measured = _evaluate(model, name, chunks, base_logprobs, False, recipe, vocab, bandwidth, tokenizer)
             _free(model)
             variant = {"method": manifest["method"], "format": manifest["result"]["format"],
                        "eval_dtype": eval_dtype, "loader": loader, "build_s": manifest["timings_s"]["build"],

@@ -194,6 +194,9 @@ class Eval(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="compute dtype for torch evaluation (fp32 is the fast one on CPU)"
     )
+    tasks: list[str] = Field(default_factory=list, description="lm-eval tasks: wiki_rolling, wiki_cloze (local, "
+                             "offline) or any lm-eval registry task (needs the hub)")
+    task_limit: int | None = Field(None, ge=1, description="documents per lm-eval task (None: all)")
 
 
 class Fit(Strict):

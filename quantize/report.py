@@ -68,6 +68,23 @@ def _speed_table(results: dict) -> list[str]:
     return lines
 
 
+def _lm_eval_section(results: dict) -> list[str]:
+    entries = [(n, e["lm_eval"]) for n, e in [("base", results["base"]), *results["variants"].items()]
+               if "lm_eval" in e and "results" in e["lm_eval"]]
+    if not entries:
+        return []
+    metrics = sorted({(task, m) for _, r in entries for task, ms in r["results"].items() for m in ms if m != "sample_len"})
+    proto = entries[0][1]["protocol"]
+    lines = ["## lm-eval tasks", "", "| model | " + " | ".join(f"{t} {m}" for t, m in metrics) + " |",
+             "|---|" + "---|" * len(metrics)]
+    for name, r in entries:
+        lines.append(f"| {name} | " + " | ".join(f"{r['results'].get(t, {}).get(m, float('nan')):.4f}"
+                                                  for t, m in metrics) + " |")
+    lines += ["", f"lm-eval {proto['lm_eval']}, zero-shot, limit {proto['limit']}, max_length {proto['max_length']}, "
+              f"batch {proto['batch_size']}; local task files in eval/tasks, data from the held-out bundled text.", ""]
+    return lines
+
+
 def _fit_table(results: dict) -> list[str]:
     entries = [("base", results["base"]), *results["variants"].items()]
     first = entries[0][1]["fit"]
@@ -122,6 +139,7 @@ def render(recipe: Recipe, results: dict) -> str:
         + (f" ({results['protocol']['memory_bandwidth']['gb_per_s']:.1f} GB/s, "
            f"{results['protocol']['memory_bandwidth']['method']})." if results["protocol"].get("memory_bandwidth") else "."),
         "",
+        *_lm_eval_section(results),
         f"## VRAM fit (batch {row0['batch']}, KV cache {row0['kv_dtype']})",
         "",
         *_fit_table(results),

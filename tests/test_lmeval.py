@@ -1,0 +1,38 @@
+"""lm-eval tasks offline on the in-memory model: local task files, data from held-out text, hub tasks refused."""
+
+import json
+import time
+
+import pytest
+
+from conftest import write_recipe
+from quantize import lmeval, pipeline
+from quantize.errors import QuantizeError
+from quantize.models import load_model, load_tokenizer
+from quantize.recipe import load_recipe
+
+pytest.importorskip("lm_eval")
+
+
+def test_local_tasks_run_in_the_pipeline(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTIZE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model), [{"name": "rtn", "bits": 8, "group_size": -1}],
+                                      out, eval={"perplexity": {"n_ctx": 64, "max_chunks": 2}, "speed": {"enabled": False},
+                                                 "tasks": ["wiki_rolling", "wiki_cloze"], "task_limit": 3}))
+    pipeline.run(recipe)
+    results = json.loads((out / "results.json").read_text())
+    for entry in (results["base"], results["variants"]["rtn-w8-sym-ch"]):
+        r = entry["lm_eval"]["results"]
+        assert r["quantize_wiki_rolling"]["bits_per_byte"] > 0 and 0 <= r["quantize_wiki_cloze"]["acc"] <= 1
+        assert entry["lm_eval"]["protocol"]["limit"] == 3
+    assert "## lm-eval tasks" in (out / "report.md").read_text()
+    docs = [json.loads(line) for line in (tmp_path / "cache" / "lmeval-data" / "wiki_cloze.jsonl").read_text().splitlines()]
+    assert len(docs) > 100 and all(d["word"].isalpha() and len(d["word"]) >= 4 for d in docs)
+
+
+def test_hub_task_offline_fails_fast(tiny_model):
+    start = time.perf_counter()
+    with pytest.raises(QuantizeError, match="hub is offline"):
+        lmeval.run(load_model(tiny_model, "float32"), load_tokenizer(tiny_model), ["hellaswag"])
+    assert time.perf_counter() - start < 30
