@@ -185,7 +185,12 @@ def build(method, base, out_dir: Path, calib: torch.Tensor | None, calib_info: d
 
 
 def estimate_bytes(method, meta_model) -> int:
-    """Nominal: every 2-D weight at the type's main bits per weight, 1-D tensors F32 (a plan-time estimate)."""
+    """Plan-time estimate: llama.cpp's own mix for Q4_K_M / Q8_0 / F16 (footprint.py, the same figures as
+    `quantize fit`); for the other types every 2-D weight at the type's main bits per weight, 1-D tensors F32."""
+    from quantize import footprint
+
+    if method.type.lower() in footprint.WEIGHT_FORMATS:
+        return footprint.weight_bytes(footprint.param_counts(meta_model.config.to_dict()), method.type.lower())
     total = 0
     for _, _, _, p in unique_parameters(meta_model):
         total += p.numel() * (4 if p.dim() == 1 else NOMINAL_BPW[method.type] / 8)
