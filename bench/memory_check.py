@@ -26,7 +26,7 @@ import llama_cpp, numpy  # libraries in before the baseline
 memory.reset_peak()
 before = memory.peak_rss_bytes()
 from quantize.llamacpp import LlamaCppModel
-m = LlamaCppModel(path, n_ctx=n_ctx, threads=2, logits_all=False)
+m = LlamaCppModel(path, n_ctx=n_ctx, threads=2, logits_all=False, n_batch=512)  # llama.cpp's default batch
 tokens = numpy.random.default_rng(0).integers(0, m.vocab_size, n_ctx - 1).tolist()
 m.llm.eval(tokens)  # touches every weight and fills the KV cache
 peak = memory.peak_rss_bytes()

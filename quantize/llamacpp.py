@@ -79,12 +79,13 @@ class LlamaCppModel:
     logits comparable with an fp32 torch model to ~1e-4."""
 
     def __init__(self, path: Path, n_ctx: int = 512, threads: int | None = None, kv_type: str = "F16",
-                 logits_all: bool = True):
+                 logits_all: bool = True, n_batch: int | None = None):
         lib = binding()
         kv = {"F16": GGML_TYPE_F16, "F32": GGML_TYPE_F32}[kv_type]
         self.path, self.n_ctx, self.kv_type = path, n_ctx, kv_type
         self.threads = threads or torch.get_num_threads()
-        self.llm = lib.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
+        n_batch = n_batch or n_ctx  # one evaluation chunk per batch; llama.cpp's own default is 512
+        self.llm = lib.Llama(str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, logits_all=logits_all,
                              n_threads=self.threads, n_threads_batch=self.threads, type_k=kv, type_v=kv,
                              verbose=False)
         self.vocab_size = self.llm.n_vocab()
