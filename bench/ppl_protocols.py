@@ -3,7 +3,7 @@ lm-eval's rolling log-likelihood (wikitext-style: each document scored whole, in
 max_length) on the same text and model: bits per byte side by side, with the difference explained by context.
 
 Text: the first N held-out bundled articles (the wiki_rolling task's documents). Model: SmolLM2-135M fp32.
-Usage: python bench/ppl_protocols.py [--articles 5]. Writes bench/results/ppl_protocols.{json,md}.
+Usage: python bench/ppl_protocols.py [--articles 5] [--max-length 2048]. Writes bench/results/ppl_protocols.{json,md}.
 """
 
 import argparse
@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--articles", type=int, default=5)
+    ap.add_argument("--max-length", type=int, default=2048, help="lm-eval window (SmolLM2's own 8192 took >10 min)")
     args = ap.parse_args()
     base = resolve_model("bundled:smollm2-135m")
     tok = load_tokenizer(base.path)
@@ -38,7 +39,7 @@ def main() -> None:
         rows[f"quantize (llama.cpp protocol), n_ctx {n_ctx}"] = {
             "ppl": s["ppl"], "bits_per_byte": s["bits_per_byte"], "tokens_scored": s["tokens_scored"],
             "context_per_scored_token": f"{n_ctx // 2}–{n_ctx - 1}", "text_tokens": chunks.text_tokens}
-    lm = lmeval.run(model, tok, ["wiki_rolling"], limit=args.articles)
+    lm = lmeval.run(model, tok, ["wiki_rolling"], limit=args.articles, max_length=args.max_length)
     r = lm["results"]["quantize_wiki_rolling"]
     rows[f"lm-eval {lm['protocol']['lm_eval']} rolling loglikelihood"] = {
         "word_perplexity": r["word_perplexity"], "byte_perplexity": r["byte_perplexity"],

@@ -66,7 +66,8 @@ def task_config(name: str, folder: Path) -> dict:
     return config
 
 
-def run(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8) -> dict:
+def run(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,
+        max_length: int | None = None) -> dict:
     """{task: {metric: value}} plus the protocol, for a torch model in memory."""
     try:
         from lm_eval import simple_evaluate
@@ -87,7 +88,8 @@ def run(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size
                                 f"local tasks: {', '.join(LOCAL_TASKS)}")
         else:
             specs.append(t)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device),
+              max_length=max_length)  # None: the model's own (8192 for SmolLM2: slow windows on CPU)
     out = simple_evaluate(model=lm, tasks=specs, limit=limit, log_samples=False, bootstrap_iters=0,
                           random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     results = {}
