@@ -66,3 +66,24 @@ def load(path: Path, dtype: str = "float32", n_ctx: int = 512):
 def free(model) -> None:
     if isinstance(model, llamacpp.LlamaCppModel):
         model.close()
+
+
+def vocab_size(model) -> int:
+    return model.vocab_size if isinstance(model, llamacpp.LlamaCppModel) else model.config.vocab_size
+
+
+def bench_speed(model, sp, label: str, seed: int, bandwidth: dict | None) -> dict:
+    """llama-bench-style pp/tg on the model's own runtime (`sp`: the recipe's Speed), each tg row also as a
+    fraction of the machine's streaming bandwidth when it was measured."""
+    from quantize import speed
+
+    if isinstance(model, llamacpp.LlamaCppModel):
+        model.close()  # the bench loads its own instance; two open at once would double the measured memory
+        out = llamacpp.bench(model.path, sp.prompt_tokens, sp.gen_tokens, sp.repetitions, sp.threads, label, seed)
+    else:
+        out = speed.bench(model, vocab_size(model), sp.prompt_tokens, sp.gen_tokens, sp.repetitions, sp.threads,
+                          label, seed=seed)
+    if bandwidth:  # decode reads every weight once per token: GB/s achieved ÷ GB/s available
+        for row in out["rows"]:
+            row["tg"]["roofline_fraction"] = row["tg"]["gb_per_s"] / bandwidth["gb_per_s"]
+    return out

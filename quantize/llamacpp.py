@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -107,6 +106,7 @@ def bench(path: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, thr
     """llama-bench semantics on llama.cpp's runtime: pp = one batch of N random tokens from an empty cache,
     tg = M tokens one by one from an empty cache; 1 warm-up, then timed repetitions; tokens/sec."""
     from quantize import fit, memory
+    from quantize.speed import _stats
     from quantize.ui import track
 
     weights = sum(fit.weight_bytes_gguf(path).values())
@@ -142,15 +142,12 @@ def bench(path: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, thr
             memory.reset_peak()
             tgs = [tg() for _ in track(range(repetitions), f"tg{gen_tokens} {label} t={n}")]
             tg_peak = memory.peak_rss_bytes()
-            tg_rates = [gen_tokens / s for s in tgs]
-            pp_rates = [prompt_tokens / s for s in pps]
+            tg_stats = _stats(gen_tokens, tgs)
             rows.append({
                 "threads": n,
-                "pp": {"tokens": prompt_tokens, "median": statistics.median(pp_rates), "min": min(pp_rates),
-                       "max": max(pp_rates), "runs": len(pps), "peak_rss_bytes": pp_peak},
-                "tg": {"tokens": gen_tokens, "median": statistics.median(tg_rates), "min": min(tg_rates),
-                       "max": max(tg_rates), "runs": len(tgs), "peak_rss_bytes": tg_peak,
-                       "gb_per_s": weights * statistics.median(tg_rates) / 1e9},
+                "pp": {"tokens": prompt_tokens, **_stats(prompt_tokens, pps), "peak_rss_bytes": pp_peak},
+                "tg": {"tokens": gen_tokens, **tg_stats, "peak_rss_bytes": tg_peak,
+                       "gb_per_s": weights * tg_stats["median"] / 1e9},
                 "load_average_1m": {"before": load_before, "after": os.getloadavg()[0]},
             })
     finally:

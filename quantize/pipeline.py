@@ -71,17 +71,8 @@ def _evaluate(model, label: str, chunks, base_logprobs, is_base: bool, recipe: R
             out["lm_eval"] = {"skipped": "lm-eval runs on the torch model in memory; GGUF artefacts run on llama.cpp"}
         else:
             out["lm_eval"] = lmeval.run(model, tokenizer, recipe.eval.tasks, recipe.eval.task_limit)
-    sp = recipe.eval.speed
-    if sp.enabled and isinstance(model, llamacpp.LlamaCppModel):
-        model.close()  # the bench loads its own instance; two open at once would double the measured memory
-        out["speed"] = llamacpp.bench(model.path, sp.prompt_tokens, sp.gen_tokens, sp.repetitions, sp.threads,
-                                      label, seed=recipe.seed)
-    elif sp.enabled:
-        out["speed"] = speed.bench(model, vocab, sp.prompt_tokens, sp.gen_tokens, sp.repetitions, sp.threads,
-                                   label, seed=recipe.seed)
-    if sp.enabled and bandwidth:  # decode reads every weight once per token: GB/s achieved ÷ GB/s available
-        for row in out["speed"]["rows"]:
-            row["tg"]["roofline_fraction"] = row["tg"]["gb_per_s"] / bandwidth["gb_per_s"]
+    if recipe.eval.speed.enabled:
+        out["speed"] = backends.bench_speed(model, recipe.eval.speed, label, recipe.seed, bandwidth)
     return out
 
 

@@ -62,7 +62,7 @@ def base_logprobs(base_path: Path, chunks, ev: Eval, n_vocab: int) -> tuple[eval
     store = evaluate.CompactLogProbs(partial, chunks, n_vocab)
     model, loader, _ = backends.load(base_path, ev.dtype, chunks.n_ctx)
     try:
-        base_vocab = model.vocab_size if not hasattr(model, "config") else model.config.vocab_size
+        base_vocab = backends.vocab_size(model)
         if base_vocab != n_vocab:
             raise QuantizeError(f"base {base_path} has a vocabulary of {base_vocab}, the artefact {n_vocab}: KLD "
                                 "needs the same vocabulary; give the artefact's own base model")
@@ -88,7 +88,7 @@ def evaluate_artefact(path: Path, base: str | None = None, ev: Eval | None = Non
     chunks = evaluate.make_chunks(tokenizer, load_text(ppl.source, "eval", ppl.field), ppl.n_ctx, ppl.max_chunks)
     model, loader, dtype = backends.load(path, ev.dtype, chunks.n_ctx)
     try:
-        n_vocab = model.vocab_size if not hasattr(model, "config") else model.config.vocab_size
+        n_vocab = backends.vocab_size(model)
         store, base_scores, reused = (None, None, False)
         if base_path is not None and ev.kld:
             store, base_scores, reused = base_logprobs(base_path, chunks, ev, n_vocab)
@@ -99,20 +99,9 @@ def evaluate_artefact(path: Path, base: str | None = None, ev: Eval | None = Non
             out["base"] = {"model": base, "perplexity": base_scores, "cache": "reused" if reused else "computed now",
                            "cache_format": "uint16 log-probs over a 16-nat window per position (llama.cpp)"}
         if ev.speed.enabled:
-            from quantize import llamacpp
-
-            sp = ev.speed
             bandwidth = speed.memory_bandwidth_gb_s()
-            if isinstance(model, llamacpp.LlamaCppModel):
-                model.close()  # the bench loads its own instance
-                measured = llamacpp.bench(model.path, sp.prompt_tokens, sp.gen_tokens, sp.repetitions, sp.threads,
-                                          path.name)
-            else:
-                measured = speed.bench(model, n_vocab, sp.prompt_tokens, sp.gen_tokens, sp.repetitions, sp.threads,
-                                       path.name)
-            for row in measured["rows"]:
-                row["tg"]["roofline_fraction"] = row["tg"]["gb_per_s"] / bandwidth["gb_per_s"]
-            out["speed"] = {**measured, "memory_bandwidth": bandwidth}
+            out["speed"] = {**backends.bench_speed(model, ev.speed, path.name, 0, bandwidth),
+                            "memory_bandwidth": bandwidth}
     finally:
         backends.free(model)
     return out

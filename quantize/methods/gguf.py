@@ -59,9 +59,10 @@ def _importance_matrix(base_path: Path, calib: torch.Tensor) -> tuple[dict[str, 
         x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
         sums[name] = sums.get(name, 0) + (x * x).sum(0)
 
+    linears = [n for group in SEQUENTIAL_GROUPS[base_config(base_path)["model_type"]] for n in group]
+
     def process(i, layer, acts):  # hooks see the propagation pass stream_layers makes after this
-        model_type = base_config(base_path)["model_type"]
-        for n in (n for group in SEQUENTIAL_GROUPS[model_type] for n in group):
+        for n in linears:
             name = f"model.layers.{i}.{n}.weight"
             hooks.append(layer.get_submodule(n).register_forward_hook(
                 lambda m, inp, out, name=name: accumulate(name, m, inp, out)))
@@ -164,8 +165,8 @@ def build(method, base, out_dir: Path, calib: torch.Tensor | None, calib_info: d
         imatrix, metadata = None, {}
         if method.use_imatrix:
             sums, tokens = importance_matrix(source_model.path, calib)
-            arch = gguf_convert.ARCHES[base_config(base.path)["model_type"]]
-            names = gguf_convert.tensor_names(arch, base_config(base.path)["num_hidden_layers"])
+            config = base_config(base.path)
+            names = gguf_convert.tensor_names(gguf_convert.ARCHES[config["model_type"]], config["num_hidden_layers"])
             sums = {names.get_name(k, try_suffixes=(".weight",)): v.numpy() for k, v in sums.items()}
             dataset = (calib_info or {}).get("source", "calibration")
             write_imatrix(out_dir / "imatrix.gguf", sums, tokens, dataset, int(calib.shape[0]), int(calib.shape[1]))
