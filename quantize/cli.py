@@ -105,13 +105,17 @@ def fit_command(model: str = typer.Argument(..., help="a .gguf, an HF directory,
                 weights: str | None = typer.Option(None, "--weights",
                                                    help="estimate the weights in this format: fp16, bf16, int8, "
                                                         "int4, q8_0, q4_k_m (default: measured when present)"),
+                flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn",
+                                                help="runtime uses flash attention (llama.cpp's default on GPUs); "
+                                                     "without it the compute buffer holds each layer's "
+                                                     "attention scores, which grow with context"),
                 as_json: bool = typer.Option(False, "--json")) -> None:
     """Will MODEL fit on these GPUs at these contexts? Headroom, largest context and batch, decode estimate."""
     from quantize import fit, footprint
 
     try:
         m = footprint.describe_model(model, weights)
-        report = fit.fit_report(m["weights_bytes"], m["shape"], gpu, ctx, batch, kv_dtype)
+        report = fit.fit_report(m["weights_bytes"], m["shape"], gpu, ctx, batch, kv_dtype, flash_attn)
     except QuantizeError as exc:
         _fail(exc)
     c = m["counts"]

@@ -38,17 +38,24 @@ KV_DTYPE_BYTES: dict[str, float] = {
 # Assumption, not a measurement: CUDA context + cuBLAS workspace + allocator slack.
 RUNTIME_OVERHEAD_BYTES = 512 * 2**20
 
-# Estimate of llama.cpp's compute buffer for one micro-batch (ubatch) of 512 tokens:
-# f32 logits of the ubatch (vocab_size) plus the largest live activations (~4 x hidden_size for
-# residual/norm/attention output, plus intermediate_size for the FFN). Independent of batch.
+# llama.cpp's compute buffer (the graph allocator's peak for one micro-batch of UBATCH tokens, f32 values).
+# Two phases peak; the buffer is the larger one:
+#   output:    ubatch x (vocab_size + 2 x hidden_size)                 (f32 logits of the micro-batch)
+#   attention: ubatch x (3 x hidden_size + intermediate_size)          (q/k/v, FFN activations)
+#              + without flash attention: ubatch x context x (n_heads + 1) (f32 KQ scores of one layer + mask)
+#              + with flash attention:    ubatch x context x 2/4       (f16 mask only; scores stay in tiles)
+# Checked against the "compute buffer size" llama.cpp 0.3.36 logs for SmolLM2-135M at n_ctx 512..16384, flash
+# attention on and off (bench/results/memory_check.md). Context is per sequence: llama.cpp reserves the
+# worst case for one sequence, so the buffer does not grow with batch.
 COMPUTE_UBATCH_TOKENS = 512
 COMPUTE_BYTES_PER_VALUE = 4  # f32 activations
 
 OVERHEAD_NOTE = (
     f"overhead = {RUNTIME_OVERHEAD_BYTES // 2**20} MiB fixed (assumed: CUDA context + cuBLAS workspace "
-    f"+ allocator slack) + compute buffer {COMPUTE_UBATCH_TOKENS} x (vocab_size + 4 x hidden_size + "
-    f"intermediate_size) x {COMPUTE_BYTES_PER_VALUE} bytes (estimate of llama.cpp's compute buffer for one "
-    f"{COMPUTE_UBATCH_TOKENS}-token micro-batch: f32 logits plus the largest activations; batch-independent)"
+    f"+ allocator slack) + llama.cpp's compute buffer for one {COMPUTE_UBATCH_TOKENS}-token micro-batch, f32: "
+    f"max(ubatch x (vocab + 2 x hidden), ubatch x (3 x hidden + intermediate) + attention scores), attention "
+    f"scores = ubatch x context x (n_heads + 1) without flash attention, ubatch x context / 2 with it; "
+    f"without flash attention also an f16 copy of the scores, ubatch x context x n_heads x 2 bytes"
 )
 
 # transformers' Gemma3TextConfig defaults: Gemma 3 config.json files (e.g. gemma-3-4b-it) omit these.
@@ -119,6 +126,11 @@ class ModelShape:
     sliding_layers: int  # layers that keep only the last sliding_window tokens; 0 if none
     n_params_estimate: int  # rough: embeddings + attention + gated MLP, ignores norms/biases
     max_position_embeddings: int | None = None
+    n_heads: int = 0  # query heads; 0 in reports written before it was recorded (then hidden // head_dim)
+
+    @property
+    def query_heads(self) -> int:
+        return self.n_heads or self.hidden_size // self.head_dim
 
 
 def shape_from_config(cfg: dict) -> ModelShape:
@@ -161,7 +173,7 @@ def shape_from_config(cfg: dict) -> ModelShape:
         vocab_size=vocab, intermediate_size=inter,
         sliding_window=int(window) if window is not None else None, sliding_layers=sliding,
         n_params_estimate=embed + n_layers * (attn + mlp),
-        max_position_embeddings=cfg.get("max_position_embeddings"),
+        max_position_embeddings=cfg.get("max_position_embeddings"), n_heads=n_heads,
     )
 
 
@@ -182,10 +194,31 @@ def kv_cache_bytes(shape: ModelShape, context: int, batch: int, kv_dtype: str) -
     return int(elements * kv_bytes_per_element(kv_dtype) + 0.5)
 
 
-def overhead_bytes(shape: ModelShape) -> int:
-    """Fixed runtime allowance + estimated compute buffer; see OVERHEAD_NOTE."""
-    activations = shape.vocab_size + 4 * shape.hidden_size + shape.intermediate_size
-    return RUNTIME_OVERHEAD_BYTES + COMPUTE_UBATCH_TOKENS * activations * COMPUTE_BYTES_PER_VALUE
+def compute_phases(shape: ModelShape, context: int, flash_attn: bool = True) -> tuple[int, int]:
+    """(output phase, attention phase) bytes of llama.cpp's compute buffer; see the constants' comment."""
+    ub, value = COMPUTE_UBATCH_TOKENS, COMPUTE_BYTES_PER_VALUE
+    output = ub * (shape.vocab_size + 2 * shape.hidden_size) * value
+    scores = ub * context * (value // 2 if flash_attn else (shape.query_heads + 1) * value)
+    attention = ub * (3 * shape.hidden_size + shape.intermediate_size) * value + scores
+    return output, attention
+
+
+def compute_buffer_bytes(shape: ModelShape, context: int, flash_attn: bool = True) -> int:
+    """Estimate of llama.cpp's compute buffer at this per-sequence context: the larger of its two phases."""
+    return max(compute_phases(shape, context, flash_attn))
+
+
+def attention_work_bytes(shape: ModelShape, context: int, flash_attn: bool = True) -> int:
+    """Without flash attention, the scores x V product converts one layer's probabilities to f16 first: a second
+    copy of the scores outside the compute buffer (ggml-cpu's work buffer, measured here; cuBLAS's f16 path
+    makes the same copy in ggml-cuda's pool). Zero with flash attention."""
+    return 0 if flash_attn else COMPUTE_UBATCH_TOKENS * context * shape.query_heads * 2
+
+
+def overhead_bytes(shape: ModelShape, context: int, flash_attn: bool = True) -> int:
+    """Fixed runtime allowance + estimated compute buffer (+ f16 scores without flash attention); see OVERHEAD_NOTE."""
+    return (RUNTIME_OVERHEAD_BYTES + compute_buffer_bytes(shape, context, flash_attn)
+            + attention_work_bytes(shape, context, flash_attn))
 
 
 # ---------------------------------------------------------------- GPU table (data, not code)
@@ -260,9 +293,10 @@ class FitRow:
     headroom_bytes: int  # usable - total; negative when it does not fit
 
 
-def fit_one(weight_bytes: int, shape: ModelShape, gpu: Gpu, context: int, batch: int, kv_dtype: str) -> FitRow:
+def fit_one(weight_bytes: int, shape: ModelShape, gpu: Gpu, context: int, batch: int, kv_dtype: str,
+            flash_attn: bool = True) -> FitRow:
     kv = kv_cache_bytes(shape, context, batch, kv_dtype)
-    over = overhead_bytes(shape)
+    over = overhead_bytes(shape, context, flash_attn)
     total = weight_bytes + kv + over
     usable = gpu.usable_bytes
     return FitRow(gpu.name, context, batch, kv_dtype, weight_bytes, kv, over, total, usable,
@@ -270,10 +304,10 @@ def fit_one(weight_bytes: int, shape: ModelShape, gpu: Gpu, context: int, batch:
 
 
 def fit_rows(weight_bytes: int, shape: ModelShape, gpus, contexts: list[int], batch: int,
-             kv_dtype: str) -> list[FitRow]:
+             kv_dtype: str, flash_attn: bool = True) -> list[FitRow]:
     """One FitRow per (gpu, context); gpus may be Gpu rows or names."""
     gpus = [g if isinstance(g, Gpu) else gpu_by_name(g) for g in gpus]
-    return [fit_one(weight_bytes, shape, g, c, batch, kv_dtype) for g in gpus for c in contexts]
+    return [fit_one(weight_bytes, shape, g, c, batch, kv_dtype, flash_attn) for g in gpus for c in contexts]
 
 
 def _largest(fits, cap: int) -> int:
@@ -286,18 +320,18 @@ def _largest(fits, cap: int) -> int:
 
 
 def largest_context(weight_bytes: int, shape: ModelShape, gpu: Gpu, batch: int, kv_dtype: str,
-                    max_context: int | None = None) -> int:
+                    max_context: int | None = None, flash_attn: bool = True) -> int:
     """Largest context <= max_context (default: max_position_embeddings) that fits; 0 if none does."""
     cap = max_context or shape.max_position_embeddings
     if not cap:
         raise QuantizeError("largest_context needs max_context or max_position_embeddings in config.json")
-    return _largest(lambda c: fit_one(weight_bytes, shape, gpu, c, batch, kv_dtype).fits, int(cap))
+    return _largest(lambda c: fit_one(weight_bytes, shape, gpu, c, batch, kv_dtype, flash_attn).fits, int(cap))
 
 
 def largest_batch(weight_bytes: int, shape: ModelShape, gpu: Gpu, context: int, kv_dtype: str,
-                  cap: int = 1024) -> int:
+                  cap: int = 1024, flash_attn: bool = True) -> int:
     """Largest batch <= cap whose KV cache fits at this context; 0 if batch 1 does not fit."""
-    return _largest(lambda b: fit_one(weight_bytes, shape, gpu, context, b, kv_dtype).fits, cap)
+    return _largest(lambda b: fit_one(weight_bytes, shape, gpu, context, b, kv_dtype, flash_attn).fits, cap)
 
 
 def decode_tokens_per_s_estimate(bytes_read_per_token: int, gpu: Gpu) -> float:
@@ -306,7 +340,7 @@ def decode_tokens_per_s_estimate(bytes_read_per_token: int, gpu: Gpu) -> float:
 
 
 def fit_report(weight_bytes: int, shape: ModelShape, gpu_names: list[str], contexts: list[int],
-               batch: int, kv_dtype: str) -> dict:
+               batch: int, kv_dtype: str, flash_attn: bool = True) -> dict:
     """JSON-serialisable fit report: protocol (formula, constants), rows, largest context and batch."""
     gpus = [gpu_by_name(n) for n in gpu_names]
     max_context = shape.max_position_embeddings or max(contexts)
@@ -318,6 +352,7 @@ def fit_report(weight_bytes: int, shape: ModelShape, gpu_names: list[str], conte
             "overhead_note": OVERHEAD_NOTE,
             "runtime_overhead_bytes": RUNTIME_OVERHEAD_BYTES,
             "compute_ubatch_tokens": COMPUTE_UBATCH_TOKENS,
+            "flash_attn": flash_attn,
             "kv_dtype_bytes": dict(KV_DTYPE_BYTES),
             "weights": "measured from tensor headers, not nominal bits per weight",
             "decode_estimate": "upper bound: bandwidth / bytes read per token",
@@ -325,11 +360,11 @@ def fit_report(weight_bytes: int, shape: ModelShape, gpu_names: list[str], conte
             "shape": asdict(shape),
             "gpus": [asdict(g) for g in gpus],
         },
-        "rows": [asdict(r) for r in fit_rows(weight_bytes, shape, gpus, contexts, batch, kv_dtype)],
+        "rows": [asdict(r) for r in fit_rows(weight_bytes, shape, gpus, contexts, batch, kv_dtype, flash_attn)],
         "largest_context": {
-            g.name: largest_context(weight_bytes, shape, g, batch, kv_dtype, max_context) for g in gpus
+            g.name: largest_context(weight_bytes, shape, g, batch, kv_dtype, max_context, flash_attn) for g in gpus
         },
         "largest_batch": {
-            g.name: {str(c): largest_batch(weight_bytes, shape, g, c, kv_dtype) for c in contexts} for g in gpus
+            g.name: {str(c): largest_batch(weight_bytes, shape, g, c, kv_dtype, flash_attn=flash_attn) for c in contexts} for g in gpus
         },
     }

@@ -78,7 +78,7 @@ class LlamaCppModel:
     logits comparable with an fp32 torch model to ~1e-4."""
 
     def __init__(self, path: Path, n_ctx: int = 512, threads: int | None = None, kv_type: str = "F16",
-                 logits_all: bool = True, n_batch: int | None = None):
+                 logits_all: bool = True, n_batch: int | None = None, flash_attn: bool = False):
         lib = binding()
         kv = {"F16": GGML_TYPE_F16, "F32": GGML_TYPE_F32}[kv_type]
         self.path, self.n_ctx, self.kv_type = path, n_ctx, kv_type
@@ -86,7 +86,7 @@ class LlamaCppModel:
         n_batch = n_batch or n_ctx  # one evaluation chunk per batch; llama.cpp's own default is 512
         self.llm = lib.Llama(str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, logits_all=logits_all,
                              n_threads=self.threads, n_threads_batch=self.threads, type_k=kv, type_v=kv,
-                             verbose=False)
+                             flash_attn=flash_attn, verbose=False)
         self.vocab_size = self.llm.n_vocab()
 
     def logits(self, ids: list[int]) -> torch.Tensor:

@@ -46,7 +46,7 @@ def plan(recipe: Recipe) -> dict:
             "method": method.model_dump(mode="json"),
             "expected_bytes": expected,
             "fit": fit.fit_report(expected, shape, recipe.fit.gpus, recipe.fit.contexts, recipe.fit.batch,
-                                  recipe.fit.kv_dtype),
+                                  recipe.fit.kv_dtype, recipe.fit.flash_attn),
         }
     return {
         "recipe": recipe.name,
@@ -81,7 +81,7 @@ def _fit(folder: Path, shape, recipe: Recipe) -> dict:
     by_dtype = fit.weight_bytes_gguf(gguf_file) if gguf_file.is_file() else fit.weight_bytes_safetensors(folder)
     f = recipe.fit
     return {"weight_bytes_by_dtype": by_dtype,
-            **fit.fit_report(sum(by_dtype.values()), shape, f.gpus, f.contexts, f.batch, f.kv_dtype)}
+            **fit.fit_report(sum(by_dtype.values()), shape, f.gpus, f.contexts, f.batch, f.kv_dtype, f.flash_attn)}
 
 
 def _calibration(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, dict]:

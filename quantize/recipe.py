@@ -206,6 +206,7 @@ class Fit(Strict):
     contexts: list[int] = Field(default_factory=lambda: [4096, 8192, 32768], min_length=1)
     batch: int = Field(1, ge=1)
     kv_dtype: str = "f16"
+    flash_attn: bool = True  # llama.cpp's default on GPUs; False adds each layer's attention scores
 
     @field_validator("gpus")
     @classmethod

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from quantize.errors import QuantizeError
 from quantize.fit import (
-    GPUS, GiB, OVERHEAD_NOTE, RUNTIME_OVERHEAD_BYTES, decode_tokens_per_s_estimate, fit_report, fit_rows,
+    GPUS, GiB, OVERHEAD_NOTE, compute_buffer_bytes, RUNTIME_OVERHEAD_BYTES, decode_tokens_per_s_estimate, fit_report, fit_rows,
     gib, gpu_by_name, kv_cache_bytes, largest_batch, largest_context, overhead_bytes, shape_from_config,
     weight_bytes_safetensors,
 )
@@ -91,7 +91,9 @@ def test_70b_int4_on_4090_does_not_fit():
     shape = shape_from_config(LLAMA3_70B)
     weights = 35_000_000_000
     kv = 2 * 80 * 8 * 128 * 8192 * 1 * 2
-    over = 512 * 2**20 + 512 * (128256 + 4 * 8192 + 28672) * 4
+    # flash attention (default): the f32 logits of a 512-token micro-batch are the largest compute buffer
+    over = 512 * 2**20 + max(512 * (128256 + 2 * 8192) * 4, 512 * (3 * 8192 + 28672) * 4 + 512 * 8192 * 2)
+    assert over == 512 * 2**20 + 296_222_720
     usable = int(24 * 2**30 * 0.95)
     [row] = fit_rows(weights, shape, ["RTX 4090"], [8192], 1, "f16")
     assert (row.kv_bytes, row.overhead_bytes) == (kv, over)
@@ -158,7 +160,8 @@ def test_fit_report_is_json_serialisable():
     assert len(report["rows"]) == 4
     assert report["protocol"]["runtime_overhead_bytes"] == RUNTIME_OVERHEAD_BYTES
     assert report["protocol"]["overhead_note"] == OVERHEAD_NOTE
-    assert report["rows"][0]["overhead_bytes"] == overhead_bytes(shape)
+    assert report["rows"][0]["overhead_bytes"] == overhead_bytes(shape, 4096)
+    assert report["protocol"]["flash_attn"] is True
     assert gib(GiB) == "1.00 GiB"
 
 
@@ -179,3 +182,18 @@ def test_weight_bytes_gguf(tmp_path):
     assert weight_bytes_gguf(path) == {"F16": 4 * 8 * 2, "F32": 16 * 4}
     with pytest.raises(QuantizeError, match="missing.gguf"):
         weight_bytes_gguf(tmp_path / "missing.gguf")
+
+
+def test_attention_scores_without_flash_attention_grow_with_context():
+    """Without flash attention llama.cpp's compute buffer holds one layer's f32 scores: 512 x ctx x (heads + 1)."""
+    shape = shape_from_config(LLAMA3_8B)
+    assert shape.n_heads == 32
+    attention = 512 * (3 * 4096 + 14336) * 4 + 512 * 131072 * 33 * 4
+    assert compute_buffer_bytes(shape, 131072, flash_attn=False) == attention  # 8.9 GB at 128k
+    assert overhead_bytes(shape, 131072, flash_attn=False) == 512 * 2**20 + attention + 512 * 131072 * 32 * 2
+    assert compute_buffer_bytes(shape, 131072, flash_attn=True) == 512 * (128256 + 2 * 4096) * 4
+    assert compute_buffer_bytes(shape, 1024, flash_attn=False) == 512 * (128256 + 2 * 4096) * 4
+    weights = 4_900_000_000  # ~Q4_K_M 8B
+    gpu = gpu_by_name("RTX 4090")
+    assert largest_context(weights, shape, gpu, 1, "f16", 131072, flash_attn=False) \
+        < largest_context(weights, shape, gpu, 1, "f16", 131072, flash_attn=True)
