@@ -11,7 +11,7 @@
 
 (GPTQModel 7.7.0 asks for torch>=2.14.1, hence --no-deps; it imports and runs on 2.13.0 CPU. transformers' GPTQ
 path also imports optimum.) Builds SmolLM2 AWQ
-(asym g64, `format: awq`) and GPTQ (sym g64, `format: gptq`) from 16 × 512 calibration tokens, loads each both
+(asym g64, `format: awq`) and GPTQ (sym g64 and asym g64, `format: gptq`; asym is written as gptq_v2) from 16 × 512 calibration tokens, loads each both
 ways, and compares logits on a held-out chunk. Writes bench/results/classic_loaders.{json,md}.
 """
 
@@ -49,7 +49,8 @@ print(json.dumps({"q_proj_class": type(q).__module__ + "." + type(q).__name__, "
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--loader-python", required=True)
-    ap.add_argument("--only", choices=["awq", "gptq"], help="build and check one layout (rows of the other are kept)")
+    ap.add_argument("--only", choices=["awq", "gptq", "gptq-asym"],
+                    help="build and check one layout (rows of the others are kept)")
     args = ap.parse_args()
     base = resolve_model("bundled:smollm2-135m")
     tok = load_tokenizer(base.path)
@@ -61,8 +62,10 @@ def main() -> None:
     previous = HERE / "results" / "classic_loaders.json"
     rows = json.loads(previous.read_text()) if args.only and previous.is_file() else {}
     for method in [AwqMethod(name="awq", bits=4, group_size=64, sym=False, format="awq"),
-                   GptqMethod(name="gptq", bits=4, group_size=64, sym=True, format="gptq")]:
-        if args.only and method.name != args.only:
+                   GptqMethod(name="gptq", bits=4, group_size=64, sym=True, format="gptq"),
+                   GptqMethod(name="gptq", bits=4, group_size=64, sym=False, format="gptq")]:  # written as gptq_v2
+        kind = method.name + ("" if method.sym or method.name == "awq" else "-asym")
+        if args.only and kind != args.only:
             continue
         folder = work / method.default_variant()
         folder.mkdir()
