@@ -29,7 +29,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("artefacts", nargs="*", type=Path)
     args = ap.parse_args()
-    artefacts = args.artefacts or [ROOT / "outputs/smollm2-awq/awq-w4-asym-g64", ROOT / "outputs/smollm2-gguf/gguf-q4_k_m"]
+    artefacts = args.artefacts or [ROOT / "outputs/smollm2-awq/awq-w4-asym-g64",
+                                   ROOT / "outputs/smollm2-gguf/gguf-q4_k_m"]
     cache = Path(tempfile.mkdtemp(prefix="base-logprobs-"))
     scorecard.cache_root = lambda: cache  # a fresh cache for this check only
     ev = Eval.model_validate({"perplexity": {"source": "bundled:wiki", "n_ctx": 512, "max_chunks": 32},

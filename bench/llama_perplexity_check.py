@@ -77,8 +77,8 @@ def main() -> None:
                      "text_tokens": {"llama.cpp": len(ids), "hf": hf_chunks.text_tokens},
                      "chunks_with_identical_ids": same_ids, "chunks": n, "tokenization_logged": bool(tokenized),
                      "seconds": time.perf_counter() - t0})
-        print(json.dumps(rows[-1]["llama_perplexity"] | {"ours_cpp": ours_cpp_tok["ppl"], "ours_hf": ours_hf_tok["ppl"]}),
-              flush=True)
+        ours = {"ours_cpp": ours_cpp_tok["ppl"], "ours_hf": ours_hf_tok["ppl"]}
+        print(json.dumps(rows[-1]["llama_perplexity"] | ours), flush=True)
     result = {"protocol": {"text": text.describe(), "n_ctx": args.n_ctx, "chunks": args.chunks, "bos": "none",
                            "kv": "F16 (llama.cpp default, both)", "threads": args.threads, "binary": str(args.binary)},
               "rows": rows}

@@ -139,19 +139,16 @@ def main() -> None:
             activations = args.torch_ctx * (3 * shape_t.intermediate_size + 4 * shape_t.hidden_size) * 4
             steady = m["steady_rss"] - m["baseline_rss"]
             prefill = m["prefill_peak_rss"] - m["steady_rss"]
+            predicted, measured = dense + kv + activations, steady + prefill
             torch_rows[f"{run.name}/{name}"] = {
-                "loader": m["loader"], "weights_predicted": dense, "steady_measured": steady,
-                "kv": kv, "activations": activations, "prefill_predicted": kv + activations, "prefill_measured": prefill,
-                "predicted": dense + kv + activations, "measured": steady + prefill,
-                "error": (dense + kv + activations - steady - prefill) / (steady + prefill),
+                "loader": m["loader"], "weights_predicted": dense, "steady_measured": steady, "kv": kv,
+                "activations": activations, "prefill_predicted": kv + activations, "prefill_measured": prefill,
+                "predicted": predicted, "measured": measured, "error": (predicted - measured) / measured,
                 "load_peak": m["load_peak_rss"] - m["baseline_rss"], **m}
             print(json.dumps(torch_rows[f"{run.name}/{name}"]), flush=True)
     if args.torch_only:
         old = json.loads((HERE / "results" / "memory_check.json").read_text())
         rows = old["rows"]
-        for r in rows:  # rows measured before the resident prediction existed get it from their own fields
-            resident = r["weights"] + r["kv"] + fit.compute_phases(shape, r["ctx"], r["flash_attn"])[1] + r["work"]
-            r.update(resident=resident, error_resident=(resident - r["measured"]) / r["measured"])
     result = {"run": str(args.run), "runtime": "llama.cpp (llama-cpp-python 0.3.36), CPU, 2 threads, KV F16, "
               "n_batch = n_ubatch = 512, last logits only",
               "torch": {"ctx": args.torch_ctx, "rows": torch_rows,

@@ -365,6 +365,8 @@ def fit_report(weight_bytes: int, shape: ModelShape, gpu_names: list[str], conte
             g.name: largest_context(weight_bytes, shape, g, batch, kv_dtype, max_context, flash_attn) for g in gpus
         },
         "largest_batch": {
-            g.name: {str(c): largest_batch(weight_bytes, shape, g, c, kv_dtype, flash_attn=flash_attn) for c in contexts} for g in gpus
+            g.name: {str(c): largest_batch(weight_bytes, shape, g, c, kv_dtype, flash_attn=flash_attn)
+                     for c in contexts}
+            for g in gpus
         },
     }

@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 
 from quantize.errors import QuantizeError
 from quantize.fit import (
-    GPUS, GiB, OVERHEAD_NOTE, compute_buffer_bytes, RUNTIME_OVERHEAD_BYTES, decode_tokens_per_s_estimate, fit_report, fit_rows,
+    GPUS, GiB, OVERHEAD_NOTE, RUNTIME_OVERHEAD_BYTES, compute_buffer_bytes, decode_tokens_per_s_estimate,
+    fit_report, fit_rows,
     gib, gpu_by_name, kv_cache_bytes, largest_batch, largest_context, overhead_bytes, shape_from_config,
     weight_bytes_safetensors,
 )
