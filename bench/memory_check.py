@@ -7,25 +7,25 @@ with flash attention off and on, then N-1 tokens decoded in 512-token batches wi
               attention), i.e. fit.overhead_bytes without the fixed 512 MiB GPU allowance a CPU process does not pay
   llama.cpp   the buffers llama.cpp itself reports in its log (model, repack, KV, compute, output): what the
               runtime allocates, i.e. what a GPU would be charged (the f16 scores copy is not in its log)
-  RSS         peak resident memory (VmHWM) after decoding minus the RSS before loading (Python, torch and
-              llama_cpp already imported). On CPU only touched pages count: with one output row the f32 logits
-              part of the compute buffer is never touched, and mmap'd weights count once read.
+  resident    quantize.cpu_memory: the same with what a CPU process really touches (repacked weight copies; the
+              attention phase of the compute buffer only), against RSS: peak resident memory (VmHWM) after
+              decoding minus the RSS before loading (Python, torch and llama_cpp already imported). A vocab_only
+              load measures llama.cpp's host-side vocabulary tables, which the prediction leaves out.
 
-torch (--torch RUN...): each artefact folder loaded by its loader (quantize.backends) in fp32, then a prefill of
---torch-ctx tokens with the KV cache kept and only the last position's logits (as generation does). Predicted:
-the dense weights it holds in memory (4 bytes x parameters: transformers decompresses on CPU) + the fp32 KV
-cache + the MLP's widest activation and one layer's attention scores (CPU sdpa materialises heads x ctx^2)
-for the prefill batch.
+torch (--torch RUN...): artefact folders loaded by their loader (quantize.backends), then a prefill of --torch-ctx
+tokens with the KV cache kept and only the last position's logits (as generation does). Predicted:
+quantize.cpu_memory.torch_resident_bytes (tensors held, the checkpoint's mmap'd pages, KV, prefill activations).
 
 Each measurement runs in a fresh process.
 
 Usage: python bench/memory_check.py outputs/smollm2-gguf [--ctx 2048 8192] [--only gguf-f16 ...]
-       [--torch outputs/smollm2-int8 ...]
+       [--torch outputs/smollm2-int8 ...] [--torch-variants NAME ...] [--torch-only]
 Writes bench/results/memory_check.{json,md}.
 """
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,33 +64,53 @@ import transformers, compressed_tensors  # libraries in before the baseline
 path, n_ctx = Path(sys.argv[1]), int(sys.argv[2])
 memory.reset_peak()
 before = memory.rss_bytes()
-model, loader, dtype = load(path, "float32", n_ctx)
+model, loader, dtype = load(path, "float32", n_ctx)  # decompresses and trims the heap (backends.load)
 load_peak = memory.peak_rss_bytes()
 ids = torch.randint(0, model.config.vocab_size, (1, n_ctx), generator=torch.Generator().manual_seed(0))
 with torch.inference_mode():
-    model(ids[:, :16], use_cache=False, logits_to_keep=1)  # warm-up: loaders that decompress on first use do so now
+    model(ids[:, :16], use_cache=False, logits_to_keep=1)  # warm-up: lazy kernels and buffers
 gc.collect()
+untrimmed = memory.rss_bytes()
+memory.release_free_heap()
 steady = memory.rss_bytes()
 memory.reset_peak()
 with torch.inference_mode():
     out = model(ids, use_cache=True, logits_to_keep=1)
 peak = memory.peak_rss_bytes()
-params = sum(p.numel() for p in {p.data_ptr(): p for p in model.parameters()}.values())
-print(json.dumps({"baseline_rss": before, "load_peak_rss": load_peak, "steady_rss": steady, "prefill_peak_rss": peak,
-                  "params": params, "loader": loader}))
+held = {t.data_ptr(): t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())}
+print(json.dumps({"baseline_rss": before, "load_peak_rss": load_peak, "untrimmed_rss": untrimmed,
+                  "steady_rss": steady, "prefill_peak_rss": peak, "tensor_bytes": sum(held.values()),
+                  "checkpoint_rss": memory.mapped_file_rss_bytes(path), "dtype_bytes": next(model.parameters()).element_size(),
+                  "loader": loader}))
+"""
+# glibc raises its mmap threshold each time a large mmap'd block is freed (up to 32 MiB), after which large tensors
+# come from the heap and freed ones stay in the process. Fixing the threshold at glibc's initial 128 KiB turns that
+# off: every large tensor is mmap'd and returned when freed.
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+VOCAB_ONLY = """
+import json, sys
+from quantize import memory
+from quantize.llamacpp import binding
+lib = binding()
+before = memory.rss_bytes()
+m = lib.Llama(sys.argv[1], vocab_only=True, verbose=False)
+print(json.dumps({"vocab_rss": memory.rss_bytes() - before}))
+del m
 """
 
 
 def main() -> None:
-    from quantize import fit
+    from quantize import cpu_memory, fit
 
     ap = argparse.ArgumentParser()
     ap.add_argument("run", type=Path)
     ap.add_argument("--ctx", type=int, nargs="+", default=[2048, 8192])
-    ap.add_argument("--only", nargs="*", default=["gguf-f16", "gguf-q8_0", "gguf-q4_k_m"],
-                    help="variant names (default: three sizes); empty for every GGUF variant")
+    ap.add_argument("--only", nargs="*", default=["gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-q2_k"],
+                    help="variant names (default: three sizes and Q2_K, whose Q4_0 fallbacks are repacked); "
+                    "empty for every GGUF variant")
     ap.add_argument("--torch", nargs="*", type=Path, default=[], help="run folders whose torch artefacts to load")
     ap.add_argument("--torch-ctx", type=int, default=2048)
+    ap.add_argument("--torch-variants", nargs="*", default=[], help="variant names (default: the first two of each run)")
     ap.add_argument("--torch-only", action="store_true", help="keep the llama.cpp rows of the last results")
     args = ap.parse_args()
     results = json.loads((args.run / "results.json").read_text())
@@ -101,6 +121,10 @@ def main() -> None:
         if not gguf_file.is_file() or (args.only and name not in args.only):
             continue
         weights = sum(fit.weight_bytes_gguf(gguf_file).values())
+        repack = cpu_memory.repack_bytes_gguf(gguf_file)
+        out = subprocess.run([sys.executable, "-c", VOCAB_ONLY, str(gguf_file)], capture_output=True, text=True,
+                             check=True)
+        vocab = json.loads(out.stdout.strip().splitlines()[-1])["vocab_rss"]
         for ctx in args.ctx:
             for flash_attn in (False, True):
                 out = subprocess.run([sys.executable, "-c", MEASURE, str(gguf_file), str(ctx), str(int(flash_attn))],
@@ -110,41 +134,45 @@ def main() -> None:
                 compute = fit.compute_buffer_bytes(shape, ctx, flash_attn)
                 work = fit.attention_work_bytes(shape, ctx, flash_attn)
                 predicted = weights + kv + compute + work
-                # on CPU only touched pages are resident: with one output row per batch the logits phase of the
-                # compute buffer is never written, so the attention phase is what a decode touches
-                resident = weights + kv + fit.compute_phases(shape, ctx, flash_attn)[1] + work
+                resident = cpu_memory.llamacpp_resident_bytes(weights, repack, shape, ctx, flash_attn)
                 measured = m["peak_rss"] - m["baseline_rss"]
                 allocated = sum(m["llamacpp_buffers"].values())
                 rows.append({"artefact": name, "ctx": ctx, "flash_attn": flash_attn, "weights": weights, "kv": kv,
-                             "compute": compute, "work": work, "predicted": predicted, "resident": resident,
+                             "compute": compute, "work": work, "predicted": predicted, "repack": repack,
+                             "resident": resident, "vocab_rss": vocab,
                              "llamacpp_compute": m["llamacpp_buffers"].get("CPU compute", 0.0),
                              "llamacpp_allocated": allocated, "measured": measured,
-                             "error_vs_llamacpp": (predicted - work - allocated) / allocated,
-                             "error": (predicted - measured) / measured,
-                             "error_resident": (resident - measured) / measured, **m})
+                             "error_vs_llamacpp": (predicted + repack - work - allocated) / allocated,
+                             "error_resident": (resident - measured) / measured,
+                             "error_resident_vocab": (resident + vocab - measured) / measured, **m})
                 print(json.dumps(rows[-1]), flush=True)
     torch_rows = {}
     for run in args.torch:
         res = json.loads((run / "results.json").read_text())
         shape_t = fit.ModelShape(**res["base"]["fit"]["protocol"]["shape"])
-        for name in list(res["variants"])[:2]:
-            out = subprocess.run([sys.executable, "-c", MEASURE_TORCH, str(run / name), str(args.torch_ctx)],
-                                 capture_output=True, text=True, check=True)
-            m = json.loads(out.stdout.strip().splitlines()[-1])
-            dense = 4 * m["params"]  # fp32: transformers decompresses compressed-tensors checkpoints on CPU
-            if "bitsandbytes" in m["loader"]:  # LLM.int8: linears int8 (+ fp32 row scales), the rest fp32
-                linears = m["params"] - shape_t.vocab_size * shape_t.hidden_size
-                dense = linears + 4 * (m["params"] - linears)
-            kv = fit.kv_cache_bytes(shape_t, args.torch_ctx, 1, "f32")
-            activations = args.torch_ctx * (3 * shape_t.intermediate_size + 4 * shape_t.hidden_size) * 4
-            steady = m["steady_rss"] - m["baseline_rss"]
-            prefill = m["prefill_peak_rss"] - m["steady_rss"]
-            predicted, measured = dense + kv + activations, steady + prefill
+        for name in args.torch_variants or list(res["variants"])[:2]:
+            if not (run / name).is_dir():
+                continue
+            m, fixed = [json.loads(subprocess.run([sys.executable, "-c", MEASURE_TORCH, str(run / name),
+                                                   str(args.torch_ctx)], capture_output=True, text=True, check=True,
+                                                  env={**os.environ, **env}).stdout.strip().splitlines()[-1])
+                        for env in ({}, FIXED_MMAP_THRESHOLD)]
+            checkpoint = sum(f.stat().st_size for f in (run / name).glob("*.safetensors"))
+            dtype_bytes = m["dtype_bytes"]
+            kv = fit.kv_cache_bytes(shape_t, args.torch_ctx, 1, {4: "f32", 2: "f16"}[dtype_bytes])
+            activations = cpu_memory.torch_activation_bytes(shape_t, args.torch_ctx, dtype_bytes)
+            predicted = cpu_memory.torch_resident_bytes(m["tensor_bytes"], checkpoint, shape_t, args.torch_ctx,
+                                                        dtype_bytes)
+            measured = {}
+            for label, r in (("default", m), ("fixed", fixed)):
+                steady, prefill = r["steady_rss"] - r["baseline_rss"], r["prefill_peak_rss"] - r["steady_rss"]
+                measured[label] = {"steady": steady, "prefill": prefill, "total": steady + prefill,
+                                   "error": (predicted - steady - prefill) / (steady + prefill),
+                                   "untrimmed": r["untrimmed_rss"] - r["baseline_rss"]}
             torch_rows[f"{run.name}/{name}"] = {
-                "loader": m["loader"], "weights_predicted": dense, "steady_measured": steady, "kv": kv,
-                "activations": activations, "prefill_predicted": kv + activations, "prefill_measured": prefill,
-                "predicted": predicted, "measured": measured, "error": (predicted - measured) / measured,
-                "load_peak": m["load_peak_rss"] - m["baseline_rss"], **m}
+                "loader": m["loader"], "checkpoint_bytes": checkpoint, "kv": kv, "activations": activations,
+                "prefill_predicted": kv + activations, "predicted": predicted, "measured": measured,
+                "load_peak": m["load_peak_rss"] - m["baseline_rss"], "raw": {"default": m, "fixed": fixed}}
             print(json.dumps(torch_rows[f"{run.name}/{name}"]), flush=True)
     if args.torch_only:
         old = json.loads((HERE / "results" / "memory_check.json").read_text())
@@ -152,12 +180,16 @@ def main() -> None:
     result = {"run": str(args.run), "runtime": "llama.cpp (llama-cpp-python 0.3.36), CPU, 2 threads, KV F16, "
               "n_batch = n_ubatch = 512, last logits only",
               "torch": {"ctx": args.torch_ctx, "rows": torch_rows,
-                        "prediction": "weights after a warm-up forward: 4 bytes x parameters (transformers decompresses "
-                                      "on CPU; LLM.int8: 1 byte per linear weight) + prefill: fp32 KV + "
-                                      "activations ctx x (3 x intermediate + 4 x hidden) x 4 bytes (CPU sdpa's "
-                                      "flash kernel keeps no ctx² scores)"},
+                        "prediction": "quantize.cpu_memory.torch_resident_bytes: tensors the model holds after "
+                                      "loading (decompressed to dense for compressed-tensors) + the checkpoint's "
+                                      "safetensors bytes (transformers keeps the file mmap'd, its pages stay "
+                                      "resident) + KV (model dtype) + prefill activations ctx x (3 x intermediate "
+                                      "+ 4 x hidden) x dtype bytes (CPU sdpa's flash kernel keeps no ctx² scores)"},
               "prediction": "GGUF tensor bytes + KV (fit.kv_cache_bytes, f16) + fit.compute_buffer_bytes + "
                             "fit.attention_work_bytes (= fit.overhead_bytes minus the fixed 512 MiB GPU allowance)",
+              "resident_prediction": "quantize.cpu_memory.llamacpp_resident_bytes: GGUF tensor bytes + repacked "
+                                     "copies (cpu_memory.REPACKED_TYPES) + KV + the compute buffer's attention "
+                                     "phase + f16 scores copy without flash attention",
               "rows": rows}
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "memory_check.json").write_text(json.dumps(result, indent=2))
@@ -170,32 +202,45 @@ def render(result: dict) -> None:
     lines = [f"Predicted vs measured memory, {result['runtime']} ({result['run']})", "",
              "- predicted = weights + KV + compute buffer + f16 scores copy (quantize.fit, what a GPU is charged, "
              "minus the fixed 512 MiB GPU allowance)",
-             "- llama.cpp alloc. = the buffers llama.cpp's log reports (model + repack + KV + compute + output)",
-             "- resident pred. = the same with only the compute buffer's attention phase (decoding with one output "
+             "- llama.cpp alloc. = the buffers llama.cpp's log reports (model + CPU_REPACK + KV + compute + output); "
+             "its error compares predicted + repack − f16 scores copy (which llama.cpp does not log) with it",
+             "- resident pred. = " + result["resident_prediction"].split(": ", 1)[1] + " (decoding with one output "
              "row never writes the f32 logits phase, so those pages are not resident on CPU)",
              "- RSS = peak RSS after decoding ctx−1 tokens − RSS before loading (fresh process, libraries imported); "
-             "'load' = RSS right after loading, before any decode", "",
-             "| artefact | ctx | flash attn | weights | KV | compute pred. / llama.cpp | f16 scores | predicted "
-             "| llama.cpp alloc. | error vs alloc. | resident pred. | RSS (load) | error vs RSS |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "'load' = RSS right after loading, before any decode",
+             "- vocab = RSS of a vocab_only load of the same GGUF (fresh process): llama.cpp's host-side vocabulary "
+             "tables, which no GPU is charged and the prediction leaves out; the last column adds it", "",
+             "| artefact | ctx | flash attn | weights | repack | KV | compute pred. / llama.cpp | f16 scores | predicted "
+             "| llama.cpp alloc. | error vs alloc. | resident pred. | RSS (load) | error vs RSS | vocab | error vs RSS "
+             "with vocab |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['artefact']} | {r['ctx']} | {'on' if r['flash_attn'] else 'off'} | {mib(r['weights'])} "
-                     f"| {mib(r['kv'])} | {mib(r['compute'])} / {mib(r['llamacpp_compute'])} | {mib(r['work'])} "
-                     f"| {mib(r['predicted'])} | {mib(r['llamacpp_allocated'])} | {100 * r['error_vs_llamacpp']:+.1f}% "
-                     f"| {mib(r['resident'])} | {mib(r['measured'])} ({mib(r['loaded_rss'] - r['baseline_rss'])}) "
-                     f"| {100 * r['error_resident']:+.1f}% |")
+                     f"| {mib(r['repack'])} | {mib(r['kv'])} | {mib(r['compute'])} / {mib(r['llamacpp_compute'])} "
+                     f"| {mib(r['work'])} | {mib(r['predicted'])} | {mib(r['llamacpp_allocated'])} "
+                     f"| {100 * r['error_vs_llamacpp']:+.1f}% | {mib(r['resident'])} | {mib(r['measured'])} "
+                     f"({mib(r['loaded_rss'] - r['baseline_rss'])}) | {100 * r['error_resident']:+.1f}% "
+                     f"| {mib(r['vocab_rss'])} | {100 * r['error_resident_vocab']:+.1f}% |")
     if torch_rows:
-        lines += ["", f"torch runtime (fp32 on CPU): load, a 16-token warm-up forward, then a prefill of "
-                  f"{result['torch']['ctx']} tokens with the KV cache kept (logits of the last position only). "
-                  "Prediction: " + result["torch"]["prediction"], "",
-                  "| artefact | loader | weights pred. | resident after warm-up | KV + activations pred. | "
-                  "prefill peak − steady | predicted | measured | error | load peak |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", f"torch runtime on CPU: load (compressed-tensors decompressed, freed heap handed back), a "
+                  f"16-token warm-up forward, then a prefill of {result['torch']['ctx']} tokens with the KV cache "
+                  "kept (logits of the last position only). Prediction: " + result["torch"]["prediction"], "",
+                  "- steady = RSS after the warm-up and malloc_trim − RSS before loading (untrimmed: before "
+                  "malloc_trim); checkpoint mapped = resident pages of the artefact's mmap'd safetensors (smaps)",
+                  "- measured twice per artefact, fresh processes: glibc's default allocator, and with "
+                  "MALLOC_MMAP_THRESHOLD_=131072 (glibc's dynamic mmap threshold off: large tensors are mmap'd and "
+                  "returned when freed instead of staying in the heap)", "",
+                  "| artefact | loader | dtype | tensors held | checkpoint file / mapped | steady (untrimmed) | "
+                  "KV + activations pred. | prefill peak − steady: default / fixed threshold | predicted | measured: "
+                  "default / fixed threshold | error: default / fixed threshold |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in torch_rows.items():
-            lines.append(f"| {name} | {r['loader'].split(' (')[0]} | {mib(r['weights_predicted'])} | "
-                         f"{mib(r['steady_measured'])} | {mib(r['prefill_predicted'])} | {mib(r['prefill_measured'])} "
-                         f"| {mib(r['predicted'])} | {mib(r['measured'])} | {100 * r['error']:+.1f}% | "
-                         f"{mib(r['load_peak'])} |")
+            d, f, raw = r["measured"]["default"], r["measured"]["fixed"], r["raw"]["default"]
+            lines.append(f"| {name} | {r['loader'].split(' (')[0]} | {'fp32' if raw['dtype_bytes'] == 4 else 'fp16'} "
+                         f"| {mib(raw['tensor_bytes'])} | {mib(r['checkpoint_bytes'])} / {mib(raw['checkpoint_rss'])} "
+                         f"| {mib(d['steady'])} ({mib(d['untrimmed'])}) | {mib(r['prefill_predicted'])} "
+                         f"| {mib(d['prefill'])} / {mib(f['prefill'])} | {mib(r['predicted'])} "
+                         f"| {mib(d['total'])} / {mib(f['total'])} | {100 * d['error']:+.1f}% / {100 * f['error']:+.1f}% |")
     (HERE / "results" / "memory_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -60,7 +60,21 @@ def load(path: Path, dtype: str = "float32", n_ctx: int = 512):
         return (ct_format.load_dense(path, getattr(torch, dtype)),
                 "compressed-tensors unpack (transformers cannot reload asymmetric pack-quantized, llm-compressor#1618)",
                 dtype)
-    return load_model(path, dtype), "transformers.from_pretrained", dtype
+    model = load_model(path, dtype)
+    if fmt == "compressed-tensors":
+        _decompress_now(model)
+    return model, "transformers.from_pretrained", dtype
+
+
+def _decompress_now(model) -> None:
+    """transformers decompresses compressed-tensors weights to dense on the first forward on CPU; do it here, then
+    hand the freed packed copies and decompression buffers back to the OS (glibc keeps ~200 MiB of them for
+    SmolLM2-135M otherwise, bench/results/memory_check.md), so the process holds what the model needs."""
+    from quantize import memory
+
+    with torch.inference_mode():
+        model(torch.zeros(1, 1, dtype=torch.long), use_cache=False)
+    memory.release_free_heap()
 
 
 def free(model) -> None:

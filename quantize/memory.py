@@ -38,3 +38,36 @@ def peak_rss_bytes() -> int | None:
 def rss_bytes() -> int | None:
     kib = _status_kib("VmRSS")
     return None if kib is None else kib * 1024
+
+
+def anon_rss_bytes() -> int | None:
+    """Private (anonymous) resident memory: heap, tensors, buffers; not file pages or shared libraries."""
+    kib = _status_kib("RssAnon")
+    return None if kib is None else kib * 1024
+
+
+def mapped_file_rss_bytes(folder: Path) -> int:
+    """Resident bytes of this process's mappings of files under `folder` (e.g. an mmap'd checkpoint)."""
+    folder, total, inside = str(Path(folder).resolve()), 0, False
+    try:
+        with open("/proc/self/smaps") as fh:
+            for line in fh:
+                head = line.split()
+                if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header line
+                    inside = len(head) >= 6 and head[5].startswith(folder + "/")
+                elif inside and head[0] == "Rss:":
+                    total += int(head[1]) * 1024
+    except OSError:
+        return 0
+    return total
+
+
+def release_free_heap() -> bool:
+    """Hand freed heap pages back to the OS (glibc malloc_trim). glibc keeps large freed blocks in the process,
+    e.g. the buffers of a checkpoint decompressed at load, so RSS would keep counting them. False elsewhere."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
