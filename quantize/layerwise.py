@@ -1,16 +1,22 @@
 """Streamed, layer-by-layer calibration for decoder-only models (the GPTQ reference's `sequential` loop).
 
 The model is built on the meta device; only one decoder layer's weights are read from the safetensors shards
-at a time. The calibration tokens go through the embedding once; then for each layer:
+at a time. The calibration tokens go through the embedding once; then for each layer the layer's method runs
+on the activations entering it, the activations go through the processed layer to become the next layer's
+inputs, and the finished layer goes to the writer and its weights are dropped.
 
-    for each sequential group of linears (q/k/v, then o, then gate/up, then down):
-        run the calibration activations through the layer with hooks that hand each linear its inputs
-        quantize those linears (their quantized weights are in place for the next group)
-    run the activations through the quantized layer → the inputs of the next layer
-    hand the finished layer to the writer, drop its weights
+GPTQ's true-sequential order (q/k/v, then o, then gate/up, then down, each calibrated on inputs that already went
+through the quantized linears before it) runs the layer in stages (`staged_layer`), so one pass through the
+layer serves every group and also gives the next layer's inputs:
 
-Peak memory ≈ one layer + its Hessians + the calibration activations (in and out) + the embedding while it
-is used, not the model.
+    h1 = input_layernorm(x)                      -> q/k/v inputs          quantize q/k/v
+    a  = attention core on h1                    -> o_proj input          quantize o
+    x2 = x + o_proj(a);  h2 = post_norm(x2)      -> gate/up inputs        quantize gate/up
+    m  = act(gate_proj(h2)) * up_proj(h2)        -> down_proj input       quantize down
+    out = x2 + down_proj(m)                      -> the next layer's x
+
+Peak memory ≈ one layer + its Hessians + the calibration activations (in and out, and one stage's inputs) +
+the embedding while it is used, not the model.
 """
 
 from __future__ import annotations
@@ -88,8 +94,9 @@ class Activations:
         self.hidden, self.position_embeddings, self.batch = hidden, position_embeddings, batch
 
     def forward(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """`block` (a decoder layer, its attention, its MLP or a linear) applied to x [samples, seq_len, d]."""
-        takes_positions = "position_embeddings" in inspect.signature(block.forward).parameters
+        """`block` (a decoder layer, its attention, its MLP, a linear or a function of x) applied to x
+        [samples, seq_len, d] in batches."""
+        takes_positions = "position_embeddings" in inspect.signature(getattr(block, "forward", block)).parameters
         outs = []
         for s in range(0, x.shape[0], self.batch):
             xb = x[s : s + self.batch]
@@ -123,8 +130,9 @@ class Activations:
 def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Callable,
                   batch: int = 8) -> Iterator[tuple[int, torch.nn.Module]]:
     """Yield (index, processed decoder layer) one at a time. `process_layer(i, layer, acts)` changes the layer
-    in place; `acts` is the calibration Activations entering it (None without calibration). After it, the
-    calibration activations go through the processed layer to become the next layer's inputs."""
+    in place; `acts` is the calibration Activations entering it (None without calibration). It may return the
+    processed layer's output on those activations; otherwise they go through the processed layer here to become
+    the next layer's inputs."""
     shards = Shards(base_path)
     model = skeleton(base_path)
     inner = model.model
@@ -139,28 +147,69 @@ def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Ca
 
     for i, layer in enumerate(inner.layers):
         materialize(layer, f"model.layers.{i}.", shards)
-        process_layer(i, layer, acts)
+        out = process_layer(i, layer, acts)
         if acts is not None:
-            acts.hidden = acts.run(layer)
+            acts.hidden = out if out is not None else acts.run(layer)
         yield i, layer
         release(layer)
+
+
+def staged_layer(layer: torch.nn.Module, acts: Activations, on_stage: Callable, quantize_between: bool = True
+                 ) -> torch.Tensor:
+    """A llama-family decoder layer run on acts.hidden in the stages of the module docstring. After each stage
+    `on_stage(group, X)` gets the group's SEQUENTIAL_GROUPS index and its input X [samples, seq_len, in]; with
+    quantize_between the later stages run on the linears as on_stage left them (true sequential), and the result
+    is the processed layer's output. Without it, all four inputs come from the layer as it was, and the caller
+    runs the processed layer itself (returns None)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    x = acts.hidden
+    h1 = acts.forward(layer.input_layernorm, x)
+    if quantize_between:
+        on_stage(0, h1)
+    seen = []  # the attention's o_proj input, captured while the attention runs
+    hook = attn.o_proj.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    try:
+        attn_out = acts.forward(attn, h1)
+    finally:
+        hook.remove()
+    a = torch.cat(seen)
+    del seen
+    if quantize_between:
+        on_stage(1, a)
+        attn_out = acts.forward(attn.o_proj, a)
+    x2 = x + attn_out
+    del attn_out
+    h2 = acts.forward(layer.post_attention_layernorm, x2)
+    if quantize_between:
+        on_stage(2, h2)
+    m = acts.forward(lambda v: mlp.act_fn(mlp.gate_proj(v)) * mlp.up_proj(v), h2)
+    if not quantize_between:
+        for group, X in enumerate((h1, a, h2, m)):
+            on_stage(group, X)
+        return None
+    del h1, a, h2
+    on_stage(3, m)
+    return x2 + acts.forward(mlp.down_proj, m)
 
 
 def quantize_layers(base_path: Path, calib: torch.Tensor | None, quantize_group: Callable, ignore: Callable,
                     model_type: str, true_sequential: bool = True,
                     batch: int = 8) -> Iterator[tuple[int, torch.nn.Module]]:
     """GPTQ-style streaming: per layer, the sequential groups in order. `quantize_group(layer_index,
-    {name: linear}, run)` quantizes the linears in place; `run()` sends the calibration activations through
-    the layer (so hooks on the linears see their inputs), or is None without calibration. `ignore(full_name)`
-    says which linears stay as they are."""
+    {name: linear}, X)` quantizes the linears in place from their common input X [samples, seq_len, in] (None
+    without calibration). `ignore(full_name)` says which linears stay as they are."""
     groups = SEQUENTIAL_GROUPS[model_type]
-    if not true_sequential:
-        groups = [[name for g in groups for name in g]]
 
     def process_layer(i, layer, acts):
-        for group in groups:
-            linears = {n: layer.get_submodule(n) for n in group if not ignore(f"model.layers.{i}.{n}")}
+        def on_stage(group: int, X: torch.Tensor | None) -> None:
+            linears = {n: layer.get_submodule(n) for n in groups[group] if not ignore(f"model.layers.{i}.{n}")}
             if linears:
-                quantize_group(i, linears, None if acts is None else (lambda: acts.run(layer)))
+                quantize_group(i, linears, X)
+
+        if acts is None:
+            for group in range(len(groups)):
+                on_stage(group, None)
+            return None
+        return staged_layer(layer, acts, on_stage, quantize_between=true_sequential)
 
     return stream_layers(base_path, calib, process_layer, batch)

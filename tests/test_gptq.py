@@ -100,3 +100,28 @@ def test_streamed_gptq_beats_rtn_and_reloads(tiny_model, tmp_path):
     assert (a - b).abs().max().item() < 1e-4
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["calibration"]["samples"] == 16 and len(manifest["calibration"]["sha256"]) == 64
+
+
+def test_staged_layer_equals_the_decoder_layer(tiny_model):
+    """The staged run (one pass that hands each true-sequential group its inputs) computes what the decoder layer
+    computes, and each stage sees the inputs the layer's own linears see."""
+    from quantize.layerwise import Activations, Shards, materialize, skeleton, staged_layer
+
+    model = skeleton(tiny_model)
+    shards = Shards(tiny_model)
+    inner = model.model
+    materialize(inner.embed_tokens, "model.embed_tokens.", shards)
+    layer = inner.layers[0]
+    materialize(layer, "model.layers.0.", shards)
+    calib = torch.randint(0, 512, (5, 32), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        hidden = inner.embed_tokens(calib).float()
+        rotary = type(inner.rotary_emb)(config=model.config)
+        acts = Activations(hidden, rotary(hidden[:1], torch.arange(32)[None]), batch=2)
+        names = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+        expected = acts.capture(layer, names)
+        stages = {}
+        out = staged_layer(layer, acts, lambda group, X: stages.setdefault(group, X))
+        assert torch.allclose(out, acts.run(layer), atol=1e-5)
+        for group, name in enumerate(names):
+            assert torch.allclose(stages[group], expected[name], atol=1e-5), name

@@ -19,7 +19,7 @@ from quantize import rtn
 from quantize.classic_format import ClassicWriter
 from quantize.ct_format import CompressedTensorsWriter
 from quantize.errors import QuantizeError
-from quantize.layerwise import SEQUENTIAL_GROUPS, quantize_layers, skeleton
+from quantize.layerwise import quantize_layers, skeleton
 from quantize.methods.gptq import Hessian, accumulate_hessian
 from quantize.models import BaseModel, load_tokenizer
 from quantize.recipe import ignored
@@ -68,30 +68,19 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
                    quantize_linear: Callable) -> dict:
     meta = skeleton(base.path)
     check_group_sizes(meta, method)
-    input_groups = SEQUENTIAL_GROUPS[meta.config.model_type]
     log, pending = [], {}
 
-    def quantize_group(i: int, linears: dict[str, torch.nn.Linear], run) -> None:
-        hessians = {}
-        if calib is not None:
-            # linears in one row group of SEQUENTIAL_GROUPS read the same input (q/k/v, gate/up): one Hessian
-            # serves them all, whichever of them are quantized now
-            reader = {n: next((g[0] for g in input_groups if n in g), n) for n in linears}
-            hooked = {}  # one linear per distinct input carries the hook
-            for n, r in reader.items():
-                hooked.setdefault(r, linears[n])
-            H = {r: Hessian.zeros(lin.in_features) for r, lin in hooked.items()}
-            hooks = [lin.register_forward_hook(lambda mod, inp, out, r=r: accumulate_hessian(H[r], inp[0]))
-                     for r, lin in hooked.items()]
-            run()
-            for h in hooks:
-                h.remove()
-            hessians = {n: H[reader[n]] for n in linears}
+    def quantize_group(i: int, linears: dict[str, torch.nn.Linear], X: torch.Tensor | None) -> None:
+        hess = None
+        if X is not None:  # the linears of a group read the same input (q/k/v, gate/up): one Hessian for all
+            hess = Hessian.zeros(X.shape[-1])
+            for part in X.split(8):  # 8 sequences at a time: bounded temporaries
+                accumulate_hessian(hess, part)
         for n, lin in linears.items():
             full = f"model.layers.{i}.{n}"
             gs = group_size_for(full, lin.in_features, method.group_size, method.on_indivisible)
             start = time.perf_counter()
-            q, scale, zero, loss, damp = quantize_linear(lin.weight.data, hessians.get(n), gs)
+            q, scale, zero, loss, damp = quantize_linear(lin.weight.data, hess, gs)
             lin.weight.data = rtn.dequantize(q, scale, zero, gs).to(lin.weight.dtype)
             pending[full] = (q, scale, zero, gs)
             log.append({"layer": i, "module": n, "group_size": gs, "loss": loss,

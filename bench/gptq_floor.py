@@ -1,0 +1,91 @@
+"""The arithmetic floor of GPTQ calibration on this machine: how fast any GPTQ implementation could be.
+
+GPTQ needs, per decoder layer, at least one forward pass of the calibration tokens (to get each linear's inputs
+and the next layer's inputs) and the Hessians 2·XᵀX of the four distinct linear inputs (q/k/v share one, gate/up
+share one). This script counts those FLOPs for a model config and calibration size, measures this machine's
+fp32 matmul throughput on the same shapes (torch, all threads, median of 5), and divides.
+
+Usage: python bench/gptq_floor.py [--samples 32] [--seq-len 512] [--reference bench/results/gptq_reference.json]
+Writes bench/results/gptq_floor.{json,md}.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from quantize.models import resolve_model
+
+HERE = Path(__file__).resolve().parent
+
+
+def layer_flops(cfg: dict, tokens: int, seq_len: int) -> dict[str, float]:
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    linears = 2 * tokens * (hidden * (q + 2 * kv) + q * hidden + 2 * hidden * inter + inter * hidden)
+    # causal attention: QKᵀ and PV over half the (seq_len x seq_len) square, per head
+    attention = 2 * 2 * tokens * (seq_len / 2) * heads * head_dim
+    hessians = 2 * tokens * (hidden**2 + q**2 + hidden**2 + inter**2)  # inputs of q/k/v, o, gate/up, down
+    return {"linears": linears, "attention": attention, "hessians": hessians}
+
+
+def matmul_gflops(m: int, k: int, n: int, repeats: int = 5) -> float:
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * m * k * n / statistics.median(times) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--reference", type=Path, default=HERE / "results" / "gptq_reference.json")
+    args = ap.parse_args()
+    base = resolve_model("bundled:smollm2-135m")
+    cfg = json.loads((base.path / "config.json").read_text())
+    tokens = args.samples * args.seq_len
+    per_layer = layer_flops(cfg, tokens, args.seq_len)
+    total = {k: v * cfg["num_hidden_layers"] for k, v in per_layer.items()}
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    shapes = {"X·Wᵀ (tokens 4096, 576 → 1536)": (4096, hidden, inter), "X·Wᵀ (4096, 1536 → 576)": (4096, inter, hidden),
+              "XᵀX (1536 x 4096 x 1536)": (inter, 4096, inter)}
+    gflops = {name: matmul_gflops(*shape) for name, shape in shapes.items()}
+    best = max(gflops.values())
+    floor_s = sum(total.values()) / best / 1e9
+    result = {"model": "bundled:smollm2-135m", "samples": args.samples, "seq_len": args.seq_len,
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "tflop": {k: v / 1e12 for k, v in total.items()},
+              "matmul_gflops": gflops, "floor_seconds": floor_s}
+    lines = [f"GPTQ arithmetic floor, SmolLM2-135M ({cfg['num_hidden_layers']} layers), {args.samples}×{args.seq_len} "
+             f"calibration tokens, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}", "",
+             "| work (one forward + the Hessians, all layers) | TFLOP |", "|---|---|"]
+    lines += [f"| {k} | {v / 1e12:.2f} |" for k, v in total.items()]
+    lines += [f"| total | {sum(total.values()) / 1e12:.2f} |", "", "| matmul on this machine (median of 5) | GFLOP/s |",
+              "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in gflops.items()]
+    lines += ["", f"floor = total FLOPs ÷ the best matmul rate = {floor_s:.1f} s (no real implementation reaches "
+              "it: norms, rotary, softmax, the GPTQ column loop and memory traffic come on top)"]
+    if args.reference.is_file():
+        ref = json.loads(args.reference.read_text())
+        theirs = ref["runs"]["llmcompressor"]["seconds"]
+        result["reference_seconds"] = theirs
+        lines.append(f"llm-compressor GPTQModifier on the same work: {theirs:.1f} s ({args.reference.name}); 20× "
+                     f"faster would be {theirs / 20:.1f} s, {floor_s / (theirs / 20):.1f}× below the floor; the "
+                     f"most any implementation can gain over it here is {theirs / floor_s:.1f}×")
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "gptq_floor.json").write_text(json.dumps(result, indent=2))
+    (HERE / "results" / "gptq_floor.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
