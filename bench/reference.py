@@ -4,8 +4,11 @@ RSS, and KLD/perplexity of both artefacts against the base on the held-out text.
 process, one after the other.
 
 Usage: python bench/reference.py --method gptq|awq --ref-python /tmp/refenv/bin/python [--samples 32]
-       [--seq-len 512] [--group-size 64] [--asym]
-Writes bench/results/<method>_reference.{json,md} (with --asym: <method>_asym_reference.*).
+       [--seq-len 512] [--group-size 64] [--asym] [--toy]
+Writes bench/results/<method>_reference.{json,md} (with --asym: <method>_asym_reference.*; with --toy:
+<method>_toy_reference.*). --toy replaces SmolLM2 by a random-init 4-layer Llama of ~8 M parameters (vocab 4096,
+hidden 384, MLP 1024, heads 6/2) with a BPE tokenizer trained on the calibration text, built by tests/conftest.py:
+the kind of toy on which the reference tools' fixed costs dominate.
 """
 
 import argparse
@@ -19,7 +22,7 @@ from pathlib import Path
 import torch
 
 from quantize import ct_format, evaluate
-from quantize.fit import gib
+from quantize.fit import gib, weight_bytes_safetensors
 from quantize.models import load_model, load_tokenizer, resolve_model
 from quantize.texts import bundled_wiki, calibration_batches
 
@@ -63,17 +66,26 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--chunks", type=int, default=32)
+    ap.add_argument("--toy", action="store_true", help="a random-init 4-layer toy instead of SmolLM2")
     args = ap.parse_args()
-    base = resolve_model("bundled:smollm2-135m")
-    tok = load_tokenizer(base.path)
     work = Path(tempfile.mkdtemp(prefix=f"{args.method}-ref-"))
+    spec = "bundled:smollm2-135m"
+    if args.toy:
+        sys.path.insert(0, str(HERE.parent / "tests"))
+        from conftest import build_tiny_llama
+
+        spec = str(build_tiny_llama(work / "toy", vocab_size=4096, hidden_size=384, intermediate_size=1024,
+                                    num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2))
+    base = resolve_model(spec)
+    tok = load_tokenizer(base.path)
+    vocab = json.loads((base.path / "config.json").read_text())["vocab_size"]
     grid = "sym" if not args.asym else "asym"
     ids = torch.tensor(tok(bundled_wiki("calibration").text, add_special_tokens=False).input_ids)
     calib = calibration_batches(ids, args.samples, args.seq_len, seed=0)
     torch.save(calib, work / "calib.pt")
 
     runs = {}
-    ours = lambda name, ts: (name, [sys.executable, "-c", OURS, args.method, "bundled:smollm2-135m",  # noqa: E731
+    ours = lambda name, ts: (name, [sys.executable, "-c", OURS, args.method, spec,  # noqa: E731
                                     str(work / "calib.pt"), str(work / name), str(args.group_size), grid, str(int(ts))])
     extra = [ours("quantize-true-sequential", True)] if args.method == "gptq" else []
     for name, cmd in [
@@ -88,22 +100,23 @@ def main() -> None:
         runs[name] = {**json.loads((work / name / "bench.json").read_text()), "process_seconds": time.perf_counter() - start}
 
     chunks = evaluate.make_chunks(tok, bundled_wiki("eval"), 512, args.chunks)
-    store = evaluate.BaseLogProbs(work / "base-logprobs", chunks, 49152)
+    store = evaluate.BaseLogProbs(work / "base-logprobs", chunks, vocab)
     base_q = evaluate.score(load_model(base.path, "float32"), chunks, store, True, "base")
     for name in runs:
         folder = work / name  # transformers cannot reload asymmetric pack-quantized: unpack those ourselves
         model = ct_format.load_dense(folder) if ct_format.is_asymmetric(folder) else load_model(folder, "float32")
         runs[name]["eval"] = evaluate.score(model, chunks, store, False, name)
-    result = {"model": "bundled:smollm2-135m", "calibration": {"samples": args.samples, "seq_len": args.seq_len,
+    params = sum(b // {"F16": 2, "BF16": 2, "F32": 4}[dt] for dt, b in weight_bytes_safetensors(base.path).items())
+    result = {"model": "toy (random init, see --toy)" if args.toy else spec, "parameters": params, "calibration": {"samples": args.samples, "seq_len": args.seq_len,
               "source": "bundled:wiki/calibration", "seed": 0}, "scheme": f"{args.method.upper()} W4A16 {grid} g{args.group_size}, {SCHEMES[args.method]}",
               "protocol": chunks.protocol(), "base": base_q, "runs": runs,
               "speedup": {n: runs["llmcompressor"]["seconds"] / r["seconds"] for n, r in runs.items() if n != "llmcompressor"},
               "kld_ratio": {n: r["eval"]["kld"]["mean"] / runs["llmcompressor"]["eval"]["kld"]["mean"]
                             for n, r in runs.items() if n != "llmcompressor"}}
     (HERE / "results").mkdir(exist_ok=True)
-    stem = f"{args.method}_reference" if not args.asym else f"{args.method}_asym_reference"
+    stem = f"{args.method}{'_asym' if args.asym else ''}{'_toy' if args.toy else ''}_reference"
     (HERE / "results" / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    lines = [f"{args.method.upper()} side by side: {result['scheme']}, {args.samples}×{args.seq_len} calibration tokens, "
+    lines = [f"{args.method.upper()} side by side on {result['model']} ({params / 1e6:.1f} M parameters): {result['scheme']}, {args.samples}×{args.seq_len} calibration tokens, "
              f"{chunks.protocol()['tokens_scored']} held-out tokens scored; base PPL {base_q['ppl']:.4f}", "",
              "| tool | build s | peak RSS | PPL | KLD mean ± | same top % |", "|---|---|---|---|---|---|"]
     for name, r in runs.items():

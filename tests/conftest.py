@@ -13,9 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def build_tiny_llama(folder: Path, vocab_size: int = 512, seed: int = 0) -> Path:
-    """A randomly initialised Llama (hidden 256, MLP 512, 2 layers, GQA 4/2 heads) with a BPE tokenizer
-    trained on the bundled calibration text, saved as an HF checkpoint."""
+def build_tiny_llama(folder: Path, vocab_size: int = 512, seed: int = 0, **config_overrides) -> Path:
+    """A randomly initialised Llama (hidden 256, MLP 512, 2 layers, GQA 4/2 heads, unless overridden) with a BPE
+    tokenizer trained on the bundled calibration text, saved as an HF checkpoint."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -30,9 +30,10 @@ def build_tiny_llama(folder: Path, vocab_size: int = 512, seed: int = 0) -> Path
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([text[i : i + 10000] for i in range(0, len(text), 10000)], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024)
+    config = LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                         **{**shape, **config_overrides})
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float16)
     model.save_pretrained(folder)

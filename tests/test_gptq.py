@@ -68,6 +68,21 @@ def test_act_order_keeps_static_groups_and_dead_columns():
     assert torch.isfinite(torch.tensor(r.loss)) and r.q[:, 3].abs().sum() == 0  # dead column quantized to 0
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_linears_sharing_a_hessian_solve_as_one_matrix(act_order):
+    """GPTQ treats output rows independently: q/k/v (or gate/up) stacked into one matrix get what each gets alone."""
+    X = correlated_inputs()
+    hess = hessian_of(X)
+    W1, W2 = torch.randn(6, 8), torch.randn(4, 8)
+    args = dict(bits=4, symmetric=False, group_size=4, act_order=act_order, block_size=4, scale_dtype=torch.float32)
+    both = gptq_quantize(torch.cat([W1, W2]), hess, **args)
+    for W, rows in ((W1, slice(0, 6)), (W2, slice(6, 10))):
+        alone = gptq_quantize(W, hess, **args)
+        assert torch.equal(both.q[rows], alone.q)
+        assert torch.allclose(both.scale[rows], alone.scale) and torch.equal(both.zero[rows], alone.zero)
+        assert torch.allclose(both.row_loss[rows], alone.row_loss, rtol=1e-5)
+
+
 def test_indivisible_group_names_layer_and_sizes():
     with pytest.raises(QuantizeError, match=r"model.layers.0.self_attn.q_proj: input size 576 .* 32, 64, 96, 192"):
         group_size_for("model.layers.0.self_attn.q_proj", 576, 128, "fail")

@@ -52,8 +52,12 @@ class GptqResult:
     q: torch.Tensor  # integer codes [rows, cols] (int32, natural column order)
     scale: torch.Tensor  # [rows, n_groups]
     zero: torch.Tensor  # [rows, n_groups]
-    loss: float  # Σ (w − q)² / Hinv_jj² / 2 over the layer
+    row_loss: torch.Tensor  # [rows]: Σ_j (w − q)² / Hinv_jj² / 2 per output row
     damp: float  # the absolute dampening added to diag(H)
+
+    @property
+    def loss(self) -> float:
+        return float(self.row_loss.sum())
 
 
 def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, group_size: int = -1,
@@ -115,7 +119,7 @@ def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, gr
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
-    return GptqResult(Q[:, invperm], scale, zero, float(losses.sum()), damp_abs)
+    return GptqResult(Q[:, invperm], scale, zero, losses, damp_abs)
 
 
 # ---- the method: streamed layer by layer, written as compressed-tensors -------------------------------------
@@ -125,7 +129,7 @@ def build(method, base, out_dir, calib: torch.Tensor, calib_info=None):
     def quantize_linear(W, hess: Hessian, group_size: int):
         r = gptq_quantize(W, hess, method.bits, method.sym, group_size, method.act_order, method.damp,
                           method.block_size)
-        return r.q, r.scale, r.zero, r.loss, r.damp
+        return r.q, r.scale, r.zero, r.row_loss, r.damp
 
     return {"scheme": f"w{method.bits}a16", **build_streamed(method, base, out_dir, calib, quantize_linear)}
 

@@ -17,8 +17,8 @@ def build(method, base, out_dir, calib=None, calib_info=None):
         scale, zero = rtn.scale_zero(W, method.bits, method.sym, group_size)
         scale = scale.to(torch.float16).float()
         q = rtn.quantize(W, scale, zero, method.bits, method.sym, group_size)
-        loss = float(((rtn.dequantize(q, scale, zero, group_size) - W.float()) ** 2).sum())
-        return q, scale, zero, loss, 0.0
+        row_loss = ((rtn.dequantize(q, scale, zero, group_size) - W.float()) ** 2).sum(dim=1)
+        return q, scale, zero, row_loss, 0.0
 
     return {"scheme": f"w{method.bits}a16", **build_streamed(method, base, out_dir, None, quantize_linear)}
 

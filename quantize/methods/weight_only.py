@@ -1,9 +1,11 @@
 """What every streamed weight-only method (RTN, GPTQ) shares: the group-size check, the layer loop, the
 per-layer log and the compressed-tensors writer. A method supplies one function:
 
-    quantize_linear(W, H | None, group_size) -> (q, scale, zero, loss, damp)
+    quantize_linear(W, H | None, group_size) -> (q, scale, zero, loss per output row, damp)
 
-H is the linear's input Hessian when the method asks for calibration, else None.
+H is the linear's input Hessian when the method asks for calibration, else None. W may hold the rows of several
+linears that share H and the group size (q/k/v, gate/up); the log gives each linear the seconds of that solve and
+names the linears solved with it.
 """
 
 from __future__ import annotations
@@ -76,16 +78,28 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
             hess = Hessian.zeros(X.shape[-1])
             for part in X.split(8):  # 8 sequences at a time: bounded temporaries
                 accumulate_hessian(hess, part)
+        # Linears that read the same input (so share H) and get the same group size are solved as one matrix:
+        # GPTQ and RTN treat output rows independently, so stacking the rows gives each linear its own result in
+        # one column loop instead of one loop per linear.
+        by_group_size: dict[int, list[str]] = {}
         for n, lin in linears.items():
-            full = f"model.layers.{i}.{n}"
-            gs = group_size_for(full, lin.in_features, method.group_size, method.on_indivisible)
+            gs = group_size_for(f"model.layers.{i}.{n}", lin.in_features, method.group_size, method.on_indivisible)
+            by_group_size.setdefault(gs, []).append(n)
+        for gs, names in by_group_size.items():
             start = time.perf_counter()
-            q, scale, zero, loss, damp = quantize_linear(lin.weight.data, hess, gs)
-            lin.weight.data = rtn.dequantize(q, scale, zero, gs).to(lin.weight.dtype)
-            pending[full] = (q, scale, zero, gs)
-            log.append({"layer": i, "module": n, "group_size": gs, "loss": loss,
-                        "samples": 0 if calib is None else int(calib.shape[0]), "damp": damp,
-                        "seconds": round(time.perf_counter() - start, 4)})
+            W = torch.cat([linears[n].weight.data for n in names])
+            q, scale, zero, row_loss, damp = quantize_linear(W, hess, gs)
+            seconds = round(time.perf_counter() - start, 4)
+            first = 0
+            for n in names:
+                lin, full = linears[n], f"model.layers.{i}.{n}"
+                rows = slice(first, first + lin.out_features)
+                first += lin.out_features
+                lin.weight.data = rtn.dequantize(q[rows], scale[rows], zero[rows], gs).to(lin.weight.dtype)
+                pending[full] = (q[rows], scale[rows], zero[rows], gs)
+                log.append({"layer": i, "module": n, "group_size": gs, "loss": float(row_loss[rows].sum()),
+                            "samples": 0 if calib is None else int(calib.shape[0]), "damp": damp,
+                            "seconds": seconds, "solved_with": names})
 
     not_quantized = lambda name: ignored(name, method.ignore)  # noqa: E731
     layers = quantize_layers(base.path, calib, quantize_group, not_quantized, meta.config.model_type,
