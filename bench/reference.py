@@ -4,7 +4,7 @@ RSS, and KLD/perplexity of both artefacts against the base on the held-out text.
 process, one after the other.
 
 Usage: python bench/reference.py --method gptq|awq --ref-python /tmp/refenv/bin/python [--samples 32]
-       [--seq-len 512] [--group-size 64] [--asym] [--toy]
+       [--seq-len 512] [--group-size 64] [--asym] [--toy] [--repeats 3]
 Writes bench/results/<method>_reference.{json,md} (with --asym: <method>_asym_reference.*; with --toy:
 <method>_toy_reference.*). --toy replaces SmolLM2 by a random-init 4-layer Llama of ~8 M parameters (vocab 4096,
 hidden 384, MLP 1024, heads 6/2) with a BPE tokenizer trained on the calibration text, built by tests/conftest.py:
@@ -12,7 +12,9 @@ the kind of toy on which the reference tools' fixed costs dominate.
 """
 
 import argparse
+import hashlib
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,9 +68,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--chunks", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=1, help="builds per tool (median seconds reported)")
+    ap.add_argument("--reuse", type=Path, help="score the builds already in this work folder (no new builds)")
     ap.add_argument("--toy", action="store_true", help="a random-init 4-layer toy instead of SmolLM2")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix=f"{args.method}-ref-"))
+    work = args.reuse or Path(tempfile.mkdtemp(prefix=f"{args.method}-ref-"))
     spec = "bundled:smollm2-135m"
     if args.toy:
         sys.path.insert(0, str(HERE.parent / "tests"))
@@ -84,30 +88,45 @@ def main() -> None:
     calib = calibration_batches(ids, args.samples, args.seq_len, seed=0)
     torch.save(calib, work / "calib.pt")
 
-    runs = {}
-    ours = lambda name, ts: (name, [sys.executable, "-c", OURS, args.method, spec,  # noqa: E731
-                                    str(work / "calib.pt"), str(work / name), str(args.group_size), grid, str(int(ts))])
-    extra = [ours("quantize-true-sequential", True)] if args.method == "gptq" else []
-    for name, cmd in [
-        ours("quantize", False), *extra,
-        ("llmcompressor", [args.ref_python, str(HERE / "reference_llmcompressor.py"), str(base.path),
-                           str(work / "calib.pt"), str(work / "llmcompressor"), "--method", args.method,
-                           "--group-size", str(args.group_size)] + (["--asym"] if args.asym else [])),
-    ]:
-        (work / name).mkdir(exist_ok=True)
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True)
-        runs[name] = {**json.loads((work / name / "bench.json").read_text()), "process_seconds": time.perf_counter() - start}
+    def command(name: str, out: Path) -> list[str]:
+        if name == "llmcompressor":
+            return [args.ref_python, str(HERE / "reference_llmcompressor.py"), str(base.path), str(work / "calib.pt"),
+                    str(out), "--method", args.method, "--group-size", str(args.group_size)] + (
+                        ["--asym"] if args.asym else [])
+        return [sys.executable, "-c", OURS, args.method, spec, str(work / "calib.pt"), str(out), str(args.group_size),
+                grid, str(int(name == "quantize-true-sequential"))]
+
+    names = ["quantize", *(["quantize-true-sequential"] if args.method == "gptq" else []), "llmcompressor"]
+    builds: dict[str, list[dict]] = {name: [] for name in names}
+    for k in range(args.repeats):  # round robin, so drift in the machine's speed hits every tool alike
+        for name in names:
+            out = work / name / f"run{k}"
+            if not args.reuse:
+                out.mkdir(parents=True)
+                start = time.perf_counter()
+                subprocess.run(command(name, out), check=True)
+            builds[name].append({**json.loads((out / "bench.json").read_text()), "folder": str(out)})
 
     chunks = evaluate.make_chunks(tok, bundled_wiki("eval"), 512, args.chunks)
     store = evaluate.BaseLogProbs(work / "base-logprobs", chunks, vocab)
     base_q = evaluate.score(load_model(base.path, "float32"), chunks, store, True, "base")
-    for name in runs:
-        folder = work / name  # transformers cannot reload asymmetric pack-quantized: unpack those ourselves
-        model = ct_format.load_dense(folder) if ct_format.is_asymmetric(folder) else load_model(folder, "float32")
-        runs[name]["eval"] = evaluate.score(model, chunks, store, False, name)
+    runs, scored = {}, {}
+    for name, reps in builds.items():
+        for rep in reps:  # every distinct artefact is scored (ours are deterministic, llm-compressor's are not)
+            folder = Path(rep["folder"])
+            digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(folder.glob("*.safetensors")))).hexdigest()
+            if digest not in scored:  # transformers cannot reload asymmetric pack-quantized: unpack those ourselves
+                model = ct_format.load_dense(folder) if ct_format.is_asymmetric(folder) else load_model(folder, "float32")
+                scored[digest] = evaluate.score(model, chunks, store, False, f"{name} {folder.name}")
+            rep["eval"], rep["sha256"] = scored[digest], digest
+        klds = [r["eval"]["kld"]["mean"] for r in reps]
+        middle = sorted(range(len(reps)), key=lambda j: klds[j])[len(reps) // 2]  # the run with the median KLD
+        runs[name] = {**reps[middle], "seconds_runs": [r["seconds"] for r in reps],
+                      "seconds": statistics.median(r["seconds"] for r in reps), "kld_runs": klds,
+                      "distinct_artefacts": len({r["sha256"] for r in reps}),
+                      "peak_rss_bytes": max(r["peak_rss_bytes"] for r in reps)}
     params = sum(b // {"F16": 2, "BF16": 2, "F32": 4}[dt] for dt, b in weight_bytes_safetensors(base.path).items())
-    result = {"model": "toy (random init, see --toy)" if args.toy else spec, "parameters": params, "calibration": {"samples": args.samples, "seq_len": args.seq_len,
+    result = {"model": "toy (random init, see --toy)" if args.toy else spec, "parameters": params, "repeats": args.repeats, "calibration": {"samples": args.samples, "seq_len": args.seq_len,
               "source": "bundled:wiki/calibration", "seed": 0}, "scheme": f"{args.method.upper()} W4A16 {grid} g{args.group_size}, {SCHEMES[args.method]}",
               "protocol": chunks.protocol(), "base": base_q, "runs": runs,
               "speedup": {n: runs["llmcompressor"]["seconds"] / r["seconds"] for n, r in runs.items() if n != "llmcompressor"},
@@ -118,10 +137,15 @@ def main() -> None:
     (HERE / "results" / f"{stem}.json").write_text(json.dumps(result, indent=2))
     lines = [f"{args.method.upper()} side by side on {result['model']} ({params / 1e6:.1f} M parameters): {result['scheme']}, {args.samples}×{args.seq_len} calibration tokens, "
              f"{chunks.protocol()['tokens_scored']} held-out tokens scored; base PPL {base_q['ppl']:.4f}", "",
-             "| tool | build s | peak RSS | PPL | KLD mean ± | same top % |", "|---|---|---|---|---|---|"]
+             f"build seconds: median of {args.repeats} (round robin, one process per build); peak RSS: the largest; "
+             "PPL, KLD, same top: the run with the median KLD; every distinct artefact is scored", "",
+             "| tool | build s | runs s | peak RSS | distinct artefacts | KLD per run | PPL | KLD mean ± | same top % |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         e = r["eval"]
-        lines.append(f"| {r['tool']} | {r['seconds']:.1f} | {gib(r['peak_rss_bytes'])} | {e['ppl']:.4f} | "
+        lines.append(f"| {r['tool']} | {r['seconds']:.1f} | {', '.join(f'{x:.1f}' for x in r['seconds_runs'])} | "
+                     f"{gib(r['peak_rss_bytes'])} | {r['distinct_artefacts']} | "
+                     f"{', '.join(f'{x:.5f}' for x in r['kld_runs'])} | {e['ppl']:.4f} | "
                      f"{e['kld']['mean']:.5f} ± {e['kld']['unc']:.5f} | {100 * e['kld']['same_top']:.2f} |")
     lines += [""] + [f"{runs[n]['tool']}: speed-up {result['speedup'][n]:.2f}×, KLD ratio ours/theirs "
                      f"{result['kld_ratio'][n]:.3f}" for n in result["speedup"]]
