@@ -105,7 +105,9 @@ def main() -> None:
                 out.mkdir(parents=True)
                 start = time.perf_counter()
                 subprocess.run(command(name, out), check=True)
-            builds[name].append({**json.loads((out / "bench.json").read_text()), "folder": str(out)})
+                (out / "process.json").write_text(json.dumps({"process_seconds": time.perf_counter() - start}))
+            process = json.loads((out / "process.json").read_text()) if (out / "process.json").is_file() else {}
+            builds[name].append({**json.loads((out / "bench.json").read_text()), **process, "folder": str(out)})
 
     chunks = evaluate.make_chunks(tok, bundled_wiki("eval"), 512, args.chunks)
     store = evaluate.BaseLogProbs(work / "base-logprobs", chunks, vocab)
