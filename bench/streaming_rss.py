@@ -1,7 +1,9 @@
 """Peak RSS of streamed GPTQ on a random-init Llama of ~1.8 B parameters (built here, saved as sharded fp16
 safetensors), against the model's own size. Writes bench/results/streaming_rss.json.
 
-Usage: python bench/streaming_rss.py [--samples 8] [--seq-len 256] [--workdir /tmp/quantize-rss]
+Usage: python bench/streaming_rss.py [--samples 8] [--seq-len 256] [--workdir /tmp/quantize-rss] [--tag _x]
+(e.g. MALLOC_MMAP_THRESHOLD_=131072 python bench/streaming_rss.py --tag _fixed_mmap_threshold: glibc then returns
+freed large blocks at once instead of keeping them in the heap.)
 """
 
 import argparse
@@ -64,6 +66,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--workdir", default="/tmp/quantize-rss")
+    ap.add_argument("--tag", default="", help="suffix of the result file, e.g. for a run under another allocator setting")
     args = ap.parse_args()
     work = Path(args.workdir)
     base_dir, out_dir = work / "llama-1.8b", work / "gptq"
@@ -89,10 +92,11 @@ def main() -> None:
         "seconds": seconds,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     }
     dest = Path(__file__).parent / "results"
     dest.mkdir(exist_ok=True)
-    (dest / "streaming_rss.json").write_text(json.dumps(result, indent=2))
+    (dest / f"streaming_rss{args.tag}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 

@@ -40,12 +40,6 @@ def rss_bytes() -> int | None:
     return None if kib is None else kib * 1024
 
 
-def anon_rss_bytes() -> int | None:
-    """Private (anonymous) resident memory: heap, tensors, buffers; not file pages or shared libraries."""
-    kib = _status_kib("RssAnon")
-    return None if kib is None else kib * 1024
-
-
 def mapped_file_rss_bytes(folder: Path) -> int:
     """Resident bytes of this process's mappings of files under `folder` (e.g. an mmap'd checkpoint)."""
     folder, total, inside = str(Path(folder).resolve()), 0, False
