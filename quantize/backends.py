@@ -48,7 +48,7 @@ def load(path: Path, dtype: str = "float32", n_ctx: int = 512):
     fmt = detect(path)
     if fmt == "gguf":  # llama.cpp's own kernels; its default F16 KV cache, as users run it
         model = llamacpp.LlamaCppModel(_gguf_file(path), n_ctx=n_ctx)
-        return model, f"llama.cpp (llama-cpp-python {llamacpp.binding().__version__}), KV cache F16", "gguf"
+        return model, f"llama.cpp (llama-cpp-python {llamacpp.binding().__version__}), {model.settings}", "gguf"
     if fmt == "bitsandbytes":  # LLM.int8 computes in fp16
         return load_model(path, "float16", device_map="cpu"), "transformers + bitsandbytes", "float16"
     if fmt in ("gptq", "awq"):

@@ -82,6 +82,8 @@ class LlamaCppModel:
         lib = binding()
         kv = {"F16": GGML_TYPE_F16, "F32": GGML_TYPE_F32}[kv_type]
         self.path, self.n_ctx, self.kv_type = path, n_ctx, kv_type
+        # what moves its numbers besides the weights: recorded with every figure it produces
+        self.settings = f"KV cache {kv_type}, flash attention {'on' if flash_attn else 'off'}"
         self.threads = threads or torch.get_num_threads()
         n_batch = n_batch or n_ctx  # one evaluation chunk per batch; llama.cpp's own default is 512
         self.llm = lib.Llama(str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, logits_all=logits_all,
@@ -125,12 +127,13 @@ def bench(path: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, thr
             model.llm.eval([token])
         return time.perf_counter() - start
 
-    rows = []
+    rows, settings = [], None
     try:
         for n in threads:
             if model is not None:
                 model.close()
             model = LlamaCppModel(path, n_ctx=prompt_tokens + gen_tokens + 8, threads=n, logits_all=False)
+            settings = model.settings
             rng = np.random.default_rng(seed)
             prompt = rng.integers(0, model.vocab_size, prompt_tokens).tolist()
             generated = rng.integers(0, model.vocab_size, gen_tokens).tolist()  # fed one by one, as tg decodes
@@ -155,6 +158,6 @@ def bench(path: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, thr
             model.close()
     return {"protocol": "llama-bench semantics on llama.cpp (llama-cpp-python): pp = one batch of N random "
                         "tokens from an empty cache; tg = M tokens one by one from an empty cache; 1 warm-up, "
-                        "then timed repetitions; tokens/sec; KV cache F16",
+                        f"then timed repetitions; tokens/sec; {settings}",
             "backend": "llama.cpp", "weight_bytes_in_memory": weights, "dtype": "gguf", "cpu_count": os.cpu_count(),
             "rows": rows}
