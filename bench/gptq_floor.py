@@ -57,8 +57,10 @@ def main() -> None:
     per_layer = layer_flops(cfg, tokens, args.seq_len)
     total = {k: v * cfg["num_hidden_layers"] for k, v in per_layer.items()}
     hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    shapes = {"X·Wᵀ (tokens 4096, 576 → 1536)": (4096, hidden, inter), "X·Wᵀ (4096, 1536 → 576)": (4096, inter, hidden),
-              "XᵀX (1536 x 4096 x 1536)": (inter, 4096, inter)}
+    rows = 4096  # one timing block of tokens; the rate, not the total, is what is measured
+    shapes = {f"X·Wᵀ ({rows} tokens, {hidden} → {inter})": (rows, hidden, inter),
+              f"X·Wᵀ ({rows} tokens, {inter} → {hidden})": (rows, inter, hidden),
+              f"XᵀX ({inter} x {rows} x {inter})": (inter, rows, inter)}
     gflops = {name: matmul_gflops(*shape) for name, shape in shapes.items()}
     best = max(gflops.values())
     floor_s = sum(total.values()) / best / 1e9
@@ -76,6 +78,9 @@ def main() -> None:
               "it: norms, rotary, softmax, the GPTQ column loop and memory traffic come on top)"]
     if args.reference.is_file():
         ref = json.loads(args.reference.read_text())
+        if (ref["calibration"]["samples"], ref["calibration"]["seq_len"]) != (args.samples, args.seq_len):
+            raise SystemExit(f"{args.reference} used {ref['calibration']['samples']}×{ref['calibration']['seq_len']} "
+                             f"calibration tokens, not {args.samples}×{args.seq_len}")
         theirs = ref["runs"]["llmcompressor"]["seconds"]
         result["reference_seconds"] = theirs
         lines.append(f"llm-compressor GPTQModifier on the same work: {theirs:.1f} s ({args.reference.name}); 20× "

@@ -81,6 +81,7 @@ held = {t.data_ptr(): t.numel() * t.element_size() for t in list(model.parameter
 print(json.dumps({"baseline_rss": before, "load_peak_rss": load_peak, "untrimmed_rss": untrimmed,
                   "steady_rss": steady, "prefill_peak_rss": peak, "tensor_bytes": sum(held.values()),
                   "checkpoint_rss": memory.mapped_file_rss_bytes(path), "dtype_bytes": next(model.parameters()).element_size(),
+                  "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                   "loader": loader}))
 """
 # glibc raises its mmap threshold each time a large mmap'd block is freed (up to 32 MiB), after which large tensors
@@ -225,18 +226,18 @@ def render(result: dict) -> None:
         lines += ["", f"torch runtime on CPU: load (compressed-tensors decompressed, freed heap handed back), a "
                   f"16-token warm-up forward, then a prefill of {result['torch']['ctx']} tokens with the KV cache "
                   "kept (logits of the last position only). Prediction: " + result["torch"]["prediction"], "",
-                  "- steady = RSS after the warm-up and malloc_trim − RSS before loading (untrimmed: before "
-                  "malloc_trim); checkpoint mapped = resident pages of the artefact's mmap'd safetensors (smaps)",
+                  "- steady = RSS after the warm-up and malloc_trim − RSS before loading (in brackets: before that "
+                  "second malloc_trim; backends.load already trimmed once after decompressing); checkpoint mapped = resident pages of the artefact's mmap'd safetensors (smaps)",
                   "- measured twice per artefact, fresh processes: glibc's default allocator, and with "
                   "MALLOC_MMAP_THRESHOLD_=131072 (glibc's dynamic mmap threshold off: large tensors are mmap'd and "
                   "returned when freed instead of staying in the heap)", "",
-                  "| artefact | loader | dtype | tensors held | checkpoint file / mapped | steady (untrimmed) | "
+                  "| artefact | loader | dtype | tensors held | checkpoint file / mapped | steady (before the 2nd trim) | "
                   "KV + activations pred. | prefill peak − steady: default / fixed threshold | predicted | measured: "
                   "default / fixed threshold | error: default / fixed threshold |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in torch_rows.items():
             d, f, raw = r["measured"]["default"], r["measured"]["fixed"], r["raw"]["default"]
-            lines.append(f"| {name} | {r['loader'].split(' (')[0]} | {'fp32' if raw['dtype_bytes'] == 4 else 'fp16'} "
+            lines.append(f"| {name} | {r['loader'].split(' (')[0]} | {raw['dtype']} "
                          f"| {mib(raw['tensor_bytes'])} | {mib(r['checkpoint_bytes'])} / {mib(raw['checkpoint_rss'])} "
                          f"| {mib(d['steady'])} ({mib(d['untrimmed'])}) | {mib(r['prefill_predicted'])} "
                          f"| {mib(d['prefill'])} / {mib(f['prefill'])} | {mib(r['predicted'])} "

@@ -6,7 +6,7 @@ process, one after the other.
 Usage: python bench/reference.py --method gptq|awq --ref-python /tmp/refenv/bin/python [--samples 32]
        [--seq-len 512] [--group-size 64] [--asym] [--toy] [--repeats 3]
 Writes bench/results/<method>_reference.{json,md} (with --asym: <method>_asym_reference.*; with --toy:
-<method>_toy_reference.*). --toy replaces SmolLM2 by a random-init 4-layer Llama of ~8 M parameters (vocab 4096,
+<method>_toy_reference.*). --toy replaces SmolLM2 by a random-init 4-layer Llama of 9.4 M parameters (vocab 4096,
 hidden 384, MLP 1024, heads 6/2) with a BPE tokenizer trained on the calibration text, built by tests/conftest.py:
 the kind of toy on which the reference tools' fixed costs dominate.
 """
@@ -78,15 +78,24 @@ def main() -> None:
         sys.path.insert(0, str(HERE.parent / "tests"))
         from conftest import build_tiny_llama
 
-        spec = str(build_tiny_llama(work / "toy", vocab_size=4096, hidden_size=384, intermediate_size=1024,
-                                    num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2))
+        spec = str(work / "toy")
+        if not (work / "toy" / "config.json").is_file():
+            build_tiny_llama(work / "toy", vocab_size=4096, hidden_size=384, intermediate_size=1024,
+                             num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2)
     base = resolve_model(spec)
     tok = load_tokenizer(base.path)
     vocab = json.loads((base.path / "config.json").read_text())["vocab_size"]
     grid = "sym" if not args.asym else "asym"
     ids = torch.tensor(tok(bundled_wiki("calibration").text, add_special_tokens=False).input_ids)
     calib = calibration_batches(ids, args.samples, args.seq_len, seed=0)
-    torch.save(calib, work / "calib.pt")
+    settings = {k: getattr(args, k) for k in ("method", "samples", "seq_len", "group_size", "asym", "toy")}
+    if args.reuse:  # the builds there must be of this very setup
+        built = json.loads((work / "settings.json").read_text())
+        if built != settings:
+            raise SystemExit(f"{work} was built with {built}, not {settings}")
+    else:
+        (work / "settings.json").write_text(json.dumps(settings))
+        torch.save(calib, work / "calib.pt")
 
     def command(name: str, out: Path) -> list[str]:
         if name == "llmcompressor":
@@ -98,7 +107,8 @@ def main() -> None:
 
     names = ["quantize", *(["quantize-true-sequential"] if args.method == "gptq" else []), "llmcompressor"]
     builds: dict[str, list[dict]] = {name: [] for name in names}
-    for k in range(args.repeats):  # round robin, so drift in the machine's speed hits every tool alike
+    repeats = len(list((work / names[0]).glob("run*"))) if args.reuse else args.repeats
+    for k in range(repeats):  # round robin, so drift in the machine's speed hits every tool alike
         for name in names:
             out = work / name / f"run{k}"
             if not args.reuse:
@@ -116,7 +126,12 @@ def main() -> None:
     for name, reps in builds.items():
         for rep in reps:  # every distinct artefact is scored (ours are deterministic, llm-compressor's are not)
             folder = Path(rep["folder"])
-            digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(folder.glob("*.safetensors")))).hexdigest()
+            digest = hashlib.sha256()
+            for f in sorted(folder.glob("*.safetensors")):
+                with open(f, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 24), b""):
+                        digest.update(block)
+            digest = digest.hexdigest()
             if digest not in scored:  # transformers cannot reload asymmetric pack-quantized: unpack those ourselves
                 model = ct_format.load_dense(folder) if ct_format.is_asymmetric(folder) else load_model(folder, "float32")
                 scored[digest] = evaluate.score(model, chunks, store, False, f"{name} {folder.name}")
@@ -128,7 +143,7 @@ def main() -> None:
                       "distinct_artefacts": len({r["sha256"] for r in reps}),
                       "peak_rss_bytes": max(r["peak_rss_bytes"] for r in reps)}
     params = sum(b // {"F16": 2, "BF16": 2, "F32": 4}[dt] for dt, b in weight_bytes_safetensors(base.path).items())
-    result = {"model": "toy (random init, see --toy)" if args.toy else spec, "parameters": params, "repeats": args.repeats, "calibration": {"samples": args.samples, "seq_len": args.seq_len,
+    result = {"model": "a random-init toy (--toy)" if args.toy else spec, "parameters": params, "repeats": repeats, "calibration": {"samples": args.samples, "seq_len": args.seq_len,
               "source": "bundled:wiki/calibration", "seed": 0}, "scheme": f"{args.method.upper()} W4A16 {grid} g{args.group_size}, {SCHEMES[args.method]}",
               "protocol": chunks.protocol(), "base": base_q, "runs": runs,
               "speedup": {n: runs["llmcompressor"]["seconds"] / r["seconds"] for n, r in runs.items() if n != "llmcompressor"},
@@ -139,7 +154,7 @@ def main() -> None:
     (HERE / "results" / f"{stem}.json").write_text(json.dumps(result, indent=2))
     lines = [f"{args.method.upper()} side by side on {result['model']} ({params / 1e6:.1f} M parameters): {result['scheme']}, {args.samples}×{args.seq_len} calibration tokens, "
              f"{chunks.protocol()['tokens_scored']} held-out tokens scored; base PPL {base_q['ppl']:.4f}", "",
-             f"build seconds: median of {args.repeats} (round robin, one process per build); peak RSS: the largest; "
+             f"build seconds: median of {repeats} (round robin, one process per build); peak RSS: the largest; "
              "PPL, KLD, same top: the run with the median KLD; every distinct artefact is scored", "",
              "| tool | build s | runs s | peak RSS | distinct artefacts | KLD per run | PPL | KLD mean ± | same top % |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -46,19 +46,22 @@ def build_model(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def bound(tokens: int) -> dict:
-    """What the streamed build should hold at most, in bytes (fp32): one decoder layer, the largest Hessian with
-    the solver's copies of it (H, its Cholesky factors and Hinv: ~4 matrices), the calibration activations of one
-    layer (input, the stage inputs q/k/v, o, gate/up, down, and the output), and the embedding while it is used."""
+def estimate(tokens: int) -> dict:
+    """What the streamed build should hold, in bytes (fp32), at its largest: one decoder layer and its integer
+    codes waiting to be written (int32, one per weight), the largest Hessian with the solver's copies of it (the
+    caller's H, the solver's H, its Cholesky factor, the inverse and Hinv: 5 matrices), the calibration
+    activations of one layer (input, x2, the stage inputs, output), and the embedding while it is used. Python,
+    torch and the allocator's own slack are not in it."""
     h, inter, heads, kv_heads = (CONFIG["hidden_size"], CONFIG["intermediate_size"], CONFIG["num_attention_heads"],
                                  CONFIG["num_key_value_heads"])
     kv = h // heads * kv_heads
     layer = 4 * (2 * h * h + 2 * h * kv + 3 * h * inter)
-    hessian = 4 * 4 * max(h, inter) ** 2
+    codes = layer  # int32 codes: 4 bytes per weight, like the fp32 layer
+    hessian = 5 * 4 * max(h, inter) ** 2
     activations = 4 * tokens * (5 * h + inter)
     embedding = 4 * CONFIG["vocab_size"] * h
-    return {"layer": layer, "hessian_and_solver": hessian, "activations": activations, "embedding": embedding,
-            "total": layer + hessian + activations + embedding}
+    return {"layer": layer, "codes": codes, "hessian_and_solver": hessian, "activations": activations,
+            "embedding": embedding, "total": layer + codes + hessian + activations + embedding}
 
 
 def main() -> None:
@@ -86,7 +89,7 @@ def main() -> None:
         "calibration": {"samples": args.samples, "seq_len": args.seq_len, "tokens": "random ids, seed 0"},
         "method": method.model_dump(mode="json"),
         "peak_rss_bytes": memory.peak_rss_bytes(),
-        "bound": bound(args.samples * args.seq_len),
+        "estimate": estimate(args.samples * args.seq_len),
         "rss_before_bytes": start_rss,
         "artefact_bytes": sum(p.stat().st_size for p in out_dir.glob("*.safetensors")),
         "seconds": seconds,

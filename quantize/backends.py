@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from quantize import classic_format, ct_format, llamacpp
+from quantize import classic_format, ct_format, llamacpp, memory
 from quantize.errors import QuantizeError
 from quantize.models import load_model
 
@@ -70,8 +70,6 @@ def _decompress_now(model) -> None:
     """transformers decompresses compressed-tensors weights to dense on the first forward on CPU; do it here, then
     hand the freed packed copies and decompression buffers back to the OS (glibc keeps ~200 MiB of them for
     SmolLM2-135M otherwise, bench/results/memory_check.md), so the process holds what the model needs."""
-    from quantize import memory
-
     with torch.inference_mode():
         model(torch.zeros(1, 1, dtype=torch.long), use_cache=False)
     memory.release_free_heap()

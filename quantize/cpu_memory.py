@@ -1,5 +1,5 @@
-"""Resident memory of an artefact's runtime on a CPU host: what `quantize fit` charges a GPU, adjusted for what a
-CPU process really holds. bench/memory_check.py checks both predictions against RSS on this machine.
+"""Resident memory of an artefact's runtime on a CPU host. `quantize fit` predicts what a GPU is charged; a CPU
+process holds something else, modelled here. bench/memory_check.py checks both against this machine.
 
 llama.cpp, CPU backend (weights mmap'd from the GGUF):
 

@@ -15,8 +15,8 @@ layer serves every group and also gives the next layer's inputs:
     m  = act(gate_proj(h2)) * up_proj(h2)        -> down_proj input       quantize down
     out = x2 + down_proj(m)                      -> the next layer's x
 
-Peak memory ≈ one layer + its Hessians + the calibration activations (in and out, and one stage's inputs) +
-the embedding while it is used, not the model.
+Peak memory ≈ one layer + its Hessians + the calibration activations (the layer's input, x2 and the current
+stage's input; without true sequential all four stage inputs) + the embedding while it is used, not the model.
 """
 
 from __future__ import annotations
@@ -139,6 +139,13 @@ def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Ca
 
     acts = None
     if calib is not None:
+        window = getattr(model.config, "sliding_window", None)
+        if window and getattr(model.config, "use_sliding_window", True) and calib.shape[1] > window:
+            from quantize.errors import QuantizeError
+
+            raise QuantizeError(f"{base_path}: calibration sequences of {calib.shape[1]} tokens exceed the model's "
+                                f"sliding_window {window}; the layer-wise engine runs full causal attention, so use "
+                                f"`calibration.seq_len` <= {window}")
         materialize(inner.embed_tokens, "model.embed_tokens.", shards)
         hidden = inner.embed_tokens(calib).float()  # [samples, seq_len, hidden]
         release(inner.embed_tokens)
@@ -155,12 +162,12 @@ def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Ca
 
 
 def staged_layer(layer: torch.nn.Module, acts: Activations, on_stage: Callable, quantize_between: bool = True
-                 ) -> torch.Tensor:
+                 ) -> torch.Tensor | None:
     """A llama-family decoder layer run on acts.hidden in the stages of the module docstring. After each stage
-    `on_stage(group, X)` gets the group's SEQUENTIAL_GROUPS index and its input X [samples, seq_len, in]; with
-    quantize_between the later stages run on the linears as on_stage left them (true sequential), and the result
-    is the processed layer's output. Without it, all four inputs come from the layer as it was, and the caller
-    runs the processed layer itself (returns None)."""
+    `on_stage(group, X)` gets the group's SEQUENTIAL_GROUPS["llama"] index and its input X [samples, seq_len, in];
+    with quantize_between the later stages run on the linears as on_stage left them (true sequential), and the
+    result is the processed layer's output. Without it, all four inputs come from the layer as it was, and the
+    caller runs the processed layer itself (returns None)."""
     attn, mlp = layer.self_attn, layer.mlp
     x = acts.hidden
     h1 = acts.forward(layer.input_layernorm, x)
@@ -174,9 +181,11 @@ def staged_layer(layer: torch.nn.Module, acts: Activations, on_stage: Callable, 
         hook.remove()
     a = torch.cat(seen)
     del seen
-    if quantize_between:
+    if quantize_between:  # each stage input is dropped once the next stage has what it needs
+        del h1, attn_out
         on_stage(1, a)
         attn_out = acts.forward(attn.o_proj, a)
+        del a
     x2 = x + attn_out
     del attn_out
     h2 = acts.forward(layer.post_attention_layernorm, x2)
@@ -187,7 +196,7 @@ def staged_layer(layer: torch.nn.Module, acts: Activations, on_stage: Callable, 
         for group, X in enumerate((h1, a, h2, m)):
             on_stage(group, X)
         return None
-    del h1, a, h2
+    del h2
     on_stage(3, m)
     return x2 + acts.forward(mlp.down_proj, m)
 
@@ -199,6 +208,7 @@ def quantize_layers(base_path: Path, calib: torch.Tensor | None, quantize_group:
     {name: linear}, X)` quantizes the linears in place from their common input X [samples, seq_len, in] (None
     without calibration). `ignore(full_name)` says which linears stay as they are."""
     groups = SEQUENTIAL_GROUPS[model_type]
+    assert groups == SEQUENTIAL_GROUPS["llama"], f"staged_layer runs the llama layout's stages, not {model_type}'s"
 
     def process_layer(i, layer, acts):
         def on_stage(group: int, X: torch.Tensor | None) -> None:

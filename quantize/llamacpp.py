@@ -127,7 +127,7 @@ def bench(path: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, thr
             model.llm.eval([token])
         return time.perf_counter() - start
 
-    rows, settings = [], None
+    rows, settings = [], "no thread count given"
     try:
         for n in threads:
             if model is not None:

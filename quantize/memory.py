@@ -2,7 +2,8 @@
 
 Writing "5" to /proc/self/clear_refs resets the kernel's peak-RSS counter (VmHWM), so the peak of one phase
 (build, prompt processing, generation) can be read on its own. Where that is not possible the peak is the
-process's lifetime peak, and `peak_is_per_phase()` says so.
+process's lifetime peak, and `peak_is_per_phase()` says so. Also: the resident pages of a folder's mmap'd files
+(from /proc/self/smaps) and handing freed heap back to the OS (glibc malloc_trim).
 """
 
 from __future__ import annotations
@@ -41,14 +42,18 @@ def rss_bytes() -> int | None:
 
 
 def mapped_file_rss_bytes(folder: Path) -> int:
-    """Resident bytes of this process's mappings of files under `folder` (e.g. an mmap'd checkpoint)."""
-    folder, total, inside = str(Path(folder).resolve()), 0, False
+    """Resident bytes of this process's mappings of the files in `folder` (e.g. an mmap'd checkpoint). smaps names
+    the resolved file, so symlinked files (a Hugging Face cache snapshot) count too."""
+    targets = {str(f.resolve()) for f in Path(folder).iterdir() if f.is_file()}
+    total, inside = 0, False
     try:
         with open("/proc/self/smaps") as fh:
             for line in fh:
-                head = line.split()
+                head = line.split(maxsplit=5)
+                if not head:
+                    continue
                 if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header line
-                    inside = len(head) >= 6 and head[5].startswith(folder + "/")
+                    inside = len(head) == 6 and head[5].strip() in targets
                 elif inside and head[0] == "Rss:":
                     total += int(head[1]) * 1024
     except OSError:
@@ -58,7 +63,8 @@ def mapped_file_rss_bytes(folder: Path) -> int:
 
 def release_free_heap() -> bool:
     """Hand freed heap pages back to the OS (glibc malloc_trim). glibc keeps large freed blocks in the process,
-    e.g. the buffers of a checkpoint decompressed at load, so RSS would keep counting them. False elsewhere."""
+    e.g. the buffers of a checkpoint decompressed at load, so RSS would keep counting them. Returns malloc_trim's
+    answer (whether memory was released); False without glibc."""
     import ctypes
 
     try:

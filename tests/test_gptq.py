@@ -117,26 +117,36 @@ def test_streamed_gptq_beats_rtn_and_reloads(tiny_model, tmp_path):
     assert manifest["calibration"]["samples"] == 16 and len(manifest["calibration"]["sha256"]) == 64
 
 
-def test_staged_layer_equals_the_decoder_layer(tiny_model):
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v with biases
+def test_staged_layer_equals_the_decoder_layer(family):
     """The staged run (one pass that hands each true-sequential group its inputs) computes what the decoder layer
-    computes, and each stage sees the inputs the layer's own linears see."""
-    from quantize.layerwise import Activations, Shards, materialize, skeleton, staged_layer
+    computes: each stage sees the inputs the layer's own linears see, and when the stages change the weights (as
+    quantizing does), the output is the changed layer's output."""
+    import transformers
 
-    model = skeleton(tiny_model)
-    shards = Shards(tiny_model)
-    inner = model.model
-    materialize(inner.embed_tokens, "model.embed_tokens.", shards)
-    layer = inner.layers[0]
-    materialize(layer, "model.layers.0.", shards)
-    calib = torch.randint(0, 512, (5, 32), generator=torch.Generator().manual_seed(0))
+    from quantize.layerwise import SEQUENTIAL_GROUPS, Activations, staged_layer
+
+    config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                 "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+    config = config_class(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    layer, groups = model.model.layers[0], SEQUENTIAL_GROUPS[family]
     with torch.inference_mode():
-        hidden = inner.embed_tokens(calib).float()
-        rotary = type(inner.rotary_emb)(config=model.config)
-        acts = Activations(hidden, rotary(hidden[:1], torch.arange(32)[None]), batch=2)
-        names = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
-        expected = acts.capture(layer, names)
+        x = torch.randn(5, 16, 64)
+        acts = Activations(x, model.model.rotary_emb(x[:1], torch.arange(16)[None]), batch=2)
+        expected = acts.capture(layer, [g[0] for g in groups])
         stages = {}
         out = staged_layer(layer, acts, lambda group, X: stages.setdefault(group, X))
         assert torch.allclose(out, acts.run(layer), atol=1e-5)
-        for group, name in enumerate(names):
-            assert torch.allclose(stages[group], expected[name], atol=1e-5), name
+        for group, names in enumerate(groups):
+            assert torch.allclose(stages[group], expected[names[0]], atol=1e-5), names
+
+        def coarsen(group, X):  # a stand-in for quantizing the group: round its weights onto a coarse grid
+            for name in groups[group]:
+                linear = layer.get_submodule(name)
+                linear.weight.data = (linear.weight.data * 4).round() / 4
+
+        out = staged_layer(layer, acts, coarsen)
+        assert torch.allclose(out, acts.run(layer), atol=1e-5)

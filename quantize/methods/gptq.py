@@ -93,8 +93,9 @@ def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, gr
     invperm = torch.argsort(perm)
 
     damp_abs = damp * torch.mean(torch.diag(H)).item()
-    H += damp_abs * torch.eye(cols)
+    H.diagonal().add_(damp_abs)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    del H
 
     Q = torch.zeros(rows, cols, dtype=torch.int32)
     losses = torch.zeros(rows)

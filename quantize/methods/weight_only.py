@@ -4,8 +4,8 @@ per-layer log and the compressed-tensors writer. A method supplies one function:
     quantize_linear(W, H | None, group_size) -> (q, scale, zero, loss per output row, damp)
 
 H is the linear's input Hessian when the method asks for calibration, else None. W may hold the rows of several
-linears that share H and the group size (q/k/v, gate/up); the log gives each linear the seconds of that solve and
-names the linears solved with it.
+linears that share H and the group size (q/k/v, gate/up); the log books the solve's seconds on the first of them
+(0 on the others) and names the linears solved with it.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
                 pending[full] = (q[rows], scale[rows], zero[rows], gs)
                 log.append({"layer": i, "module": n, "group_size": gs, "loss": float(row_loss[rows].sum()),
                             "samples": 0 if calib is None else int(calib.shape[0]), "damp": damp,
-                            "seconds": seconds, "solved_with": names})
+                            "seconds": seconds if n == names[0] else 0.0, "solved_with": names})
 
     not_quantized = lambda name: ignored(name, method.ignore)  # noqa: E731
     layers = quantize_layers(base.path, calib, quantize_group, not_quantized, meta.config.model_type,
