@@ -160,7 +160,7 @@ def main() -> None:
                         for env in ({}, FIXED_MMAP_THRESHOLD)]
             checkpoint = sum(f.stat().st_size for f in (run / name).glob("*.safetensors"))
             dtype_bytes = m["dtype_bytes"]
-            kv = fit.kv_cache_bytes(shape_t, args.torch_ctx, 1, {4: "f32", 2: "f16"}[dtype_bytes])
+            kv = cpu_memory.torch_kv_bytes(shape_t, args.torch_ctx, dtype_bytes)
             activations = cpu_memory.torch_activation_bytes(shape_t, args.torch_ctx, dtype_bytes)
             predicted = cpu_memory.torch_resident_bytes(m["tensor_bytes"], checkpoint, shape_t, args.torch_ctx,
                                                         dtype_bytes)

@@ -61,12 +61,15 @@ def llamacpp_resident_bytes(weight_bytes: int, repack_bytes: int, shape: fit.Mod
             + fit.attention_work_bytes(shape, context, flash_attn))
 
 
+def torch_kv_bytes(shape: fit.ModelShape, context: int, dtype_bytes: int) -> int:
+    return fit.kv_cache_bytes(shape, context, 1, {4: "f32", 2: "f16"}[dtype_bytes])
+
+
 def torch_activation_bytes(shape: fit.ModelShape, context: int, dtype_bytes: int) -> int:
     return context * (3 * shape.intermediate_size + 4 * shape.hidden_size) * dtype_bytes
 
 
 def torch_resident_bytes(tensor_bytes: int, checkpoint_bytes: int, shape: fit.ModelShape, context: int,
                          dtype_bytes: int) -> int:
-    kv_dtype = {4: "f32", 2: "f16"}[dtype_bytes]
-    return (tensor_bytes + checkpoint_bytes + fit.kv_cache_bytes(shape, context, 1, kv_dtype)
+    return (tensor_bytes + checkpoint_bytes + torch_kv_bytes(shape, context, dtype_bytes)
             + torch_activation_bytes(shape, context, dtype_bytes))

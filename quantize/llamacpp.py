@@ -127,13 +127,12 @@ def bench(path: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, thr
             model.llm.eval([token])
         return time.perf_counter() - start
 
-    rows, settings = [], "no thread count given"
+    rows = []
     try:
         for n in threads:
             if model is not None:
                 model.close()
             model = LlamaCppModel(path, n_ctx=prompt_tokens + gen_tokens + 8, threads=n, logits_all=False)
-            settings = model.settings
             rng = np.random.default_rng(seed)
             prompt = rng.integers(0, model.vocab_size, prompt_tokens).tolist()
             generated = rng.integers(0, model.vocab_size, gen_tokens).tolist()  # fed one by one, as tg decodes
@@ -158,6 +157,6 @@ def bench(path: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, thr
             model.close()
     return {"protocol": "llama-bench semantics on llama.cpp (llama-cpp-python): pp = one batch of N random "
                         "tokens from an empty cache; tg = M tokens one by one from an empty cache; 1 warm-up, "
-                        f"then timed repetitions; tokens/sec; {settings}",
+                        f"then timed repetitions; tokens/sec; {model.settings if model else ''}",
             "backend": "llama.cpp", "weight_bytes_in_memory": weights, "dtype": "gguf", "cpu_count": os.cpu_count(),
             "rows": rows}

@@ -63,7 +63,7 @@ def _free(model) -> None:
     gc.collect()
 
 
-def _evaluate(model, label: str, chunks, base_logprobs, is_base: bool, recipe: Recipe, vocab: int,
+def _evaluate(model, label: str, chunks, base_logprobs, is_base: bool, recipe: Recipe,
               bandwidth: dict | None = None, tokenizer=None) -> dict:
     out = {"perplexity": evaluate.score(model, chunks, base_logprobs, is_base=is_base, label=label)}
     if recipe.eval.tasks:
@@ -141,7 +141,7 @@ def run(recipe: Recipe, force: bool = False) -> Path:
         results = {
             "protocol": {"perplexity": chunks.protocol(), "eval_dtype": dtype, "device": "cpu",
                          "memory_bandwidth": bandwidth, "versions": artefact.versions()},
-            "base": {**base.describe(), **_evaluate(model, "base", chunks, base_logprobs, True, recipe, vocab,
+            "base": {**base.describe(), **_evaluate(model, "base", chunks, base_logprobs, True, recipe,
                                                     bandwidth, tokenizer),
                      "fit": _fit(base.path, shape, recipe)},
             "variants": {},
@@ -158,7 +158,7 @@ def run(recipe: Recipe, force: bool = False) -> Path:
             manifest = _build_variant(method, base, folder, recipe, calib)
             step(f"{name}: reloading the artefact with its loader and evaluating")
             model, loader, eval_dtype = backends.load(folder, dtype, chunks.n_ctx)
-            measured = _evaluate(model, name, chunks, base_logprobs, False, recipe, vocab, bandwidth, tokenizer)
+            measured = _evaluate(model, name, chunks, base_logprobs, False, recipe, bandwidth, tokenizer)
             _free(model)
             variant = {"method": manifest["method"], "format": manifest["result"]["format"],
                        "eval_dtype": eval_dtype, "loader": loader, "build_s": manifest["timings_s"]["build"],
