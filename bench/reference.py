@@ -1,10 +1,12 @@
 """Side by side on the same model, calibration tokens and evaluation: our GPTQ or AWQ vs llm-compressor's
-GPTQModifier or AWQModifier (run in its own environment by bench/reference_llmcompressor.py). Wall time, peak
-RSS, and KLD/perplexity of both artefacts against the base on the held-out text. Each build runs in its own
-process, one after the other.
+GPTQModifier or AWQModifier (run in its own environment by bench/reference_llmcompressor.py) and, for GPTQ,
+GPTQModel's quantizer (bench/reference_gptqmodel.py, in its own environment). Wall time, peak RSS, and
+KLD/perplexity of every artefact against the base on the held-out text. Each build runs in its own process, one
+after the other.
 
-Usage: python bench/reference.py --method gptq|awq --ref-python /tmp/refenv/bin/python [--samples 32]
-       [--seq-len 512] [--group-size 64] [--asym] [--toy] [--repeats 3]
+Usage: python bench/reference.py --method gptq|awq --ref-python /tmp/refenv/bin/python
+       [--gptqmodel-python /tmp/gpmenv/bin/python] [--samples 32] [--seq-len 512] [--group-size 64] [--asym]
+       [--toy] [--repeats 3]
 Writes bench/results/<method>_reference.{json,md} (with --asym: <method>_asym_reference.*; with --toy:
 <method>_toy_reference.*). --toy replaces SmolLM2 by a random-init 4-layer Llama of 9.4 M parameters (vocab 4096,
 hidden 384, MLP 1024, heads 6/2) with a BPE tokenizer trained on the calibration text, built by tests/conftest.py:
@@ -14,6 +16,7 @@ the kind of toy on which the reference tools' fixed costs dominate.
 import argparse
 import hashlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from quantize import ct_format, evaluate
+from quantize import backends, evaluate
 from quantize.fit import gib, weight_bytes_safetensors
 from quantize.models import load_model, load_tokenizer, resolve_model
 from quantize.texts import bundled_wiki, calibration_batches
@@ -63,7 +66,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--method", choices=["gptq", "awq"], default="gptq")
     ap.add_argument("--asym", action="store_true")
-    ap.add_argument("--ref-python", required=True)
+    ap.add_argument("--ref-python", required=True, help="python of the llm-compressor environment")
+    ap.add_argument("--gptqmodel-python", help="python of the GPTQModel environment (gptq only)")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--group-size", type=int, default=64)
@@ -102,10 +106,16 @@ def main() -> None:
             return [args.ref_python, str(HERE / "reference_llmcompressor.py"), str(base.path), str(work / "calib.pt"),
                     str(out), "--method", args.method, "--group-size", str(args.group_size)] + (
                         ["--asym"] if args.asym else [])
+        if name == "gptqmodel":
+            return [args.gptqmodel_python, str(HERE / "reference_gptqmodel.py"), str(base.path), str(work / "calib.pt"),
+                    str(out), "--group-size", str(args.group_size)] + (["--asym"] if args.asym else [])
         return [sys.executable, "-c", OURS, args.method, spec, str(work / "calib.pt"), str(out), str(args.group_size),
                 grid, str(int(name == "quantize-true-sequential"))]
 
-    names = ["quantize", *(["quantize-true-sequential"] if args.method == "gptq" else []), "llmcompressor"]
+    if args.gptqmodel_python and args.method != "gptq":
+        raise SystemExit("--gptqmodel-python: GPTQModel is a reference for --method gptq only")
+    references = ["llmcompressor", *(["gptqmodel"] if args.gptqmodel_python else [])]
+    names = ["quantize", *(["quantize-true-sequential"] if args.method == "gptq" else []), *references]
     builds: dict[str, list[dict]] = {name: [] for name in names}
     repeats = len(list((work / names[0]).glob("run*"))) if args.reuse else args.repeats
     for k in range(repeats):  # round robin, so drift in the machine's speed hits every tool alike
@@ -114,7 +124,8 @@ def main() -> None:
             if not args.reuse:
                 out.mkdir(parents=True)
                 start = time.perf_counter()
-                subprocess.run(command(name, out), check=True)
+                env = {**os.environ, "GPTQMODEL_CPU_WORKERS": str(torch.get_num_threads())}  # as the issue advises
+                subprocess.run(command(name, out), check=True, env=env)
                 (out / "process.json").write_text(json.dumps({"process_seconds": time.perf_counter() - start}))
             process = json.loads((out / "process.json").read_text()) if (out / "process.json").is_file() else {}
             builds[name].append({**json.loads((out / "bench.json").read_text()), **process, "folder": str(out)})
@@ -132,9 +143,10 @@ def main() -> None:
                     for block in iter(lambda: fh.read(1 << 24), b""):
                         digest.update(block)
             digest = digest.hexdigest()
-            if digest not in scored:  # transformers cannot reload asymmetric pack-quantized: unpack those ourselves
-                model = ct_format.load_dense(folder) if ct_format.is_asymmetric(folder) else load_model(folder, "float32")
-                scored[digest] = evaluate.score(model, chunks, store, False, f"{name} {folder.name}")
+            if digest not in scored:  # the evaluation's own loader per format (backends.load)
+                model, loader, _ = backends.load(folder, "float32")
+                scored[digest] = {**evaluate.score(model, chunks, store, False, f"{name} {folder.name}"),
+                                  "loader": loader}
             rep["eval"], rep["sha256"] = scored[digest], digest
         klds = [r["eval"]["kld"]["mean"] for r in reps]
         middle = sorted(range(len(reps)), key=lambda j: klds[j])[len(reps) // 2]  # the run with the median KLD
@@ -146,9 +158,10 @@ def main() -> None:
     result = {"model": "a random-init toy (--toy)" if args.toy else spec, "parameters": params, "repeats": repeats, "calibration": {"samples": args.samples, "seq_len": args.seq_len,
               "source": "bundled:wiki/calibration", "seed": 0}, "scheme": f"{args.method.upper()} W4A16 {grid} g{args.group_size}, {SCHEMES[args.method]}",
               "protocol": chunks.protocol(), "base": base_q, "runs": runs,
-              "speedup": {n: runs["llmcompressor"]["seconds"] / r["seconds"] for n, r in runs.items() if n != "llmcompressor"},
-              "kld_ratio": {n: r["eval"]["kld"]["mean"] / runs["llmcompressor"]["eval"]["kld"]["mean"]
-                            for n, r in runs.items() if n != "llmcompressor"}}
+              "speedup": {ref: {n: runs[ref]["seconds"] / r["seconds"] for n, r in runs.items() if n not in references}
+                          for ref in references},
+              "kld_ratio": {ref: {n: r["eval"]["kld"]["mean"] / runs[ref]["eval"]["kld"]["mean"]
+                                  for n, r in runs.items() if n not in references} for ref in references}}
     (HERE / "results").mkdir(exist_ok=True)
     stem = f"{args.method}{'_asym' if args.asym else ''}{'_toy' if args.toy else ''}_reference"
     (HERE / "results" / f"{stem}.json").write_text(json.dumps(result, indent=2))
@@ -164,8 +177,10 @@ def main() -> None:
                      f"{gib(r['peak_rss_bytes'])} | {r['distinct_artefacts']} | "
                      f"{', '.join(f'{x:.5f}' for x in r['kld_runs'])} | {e['ppl']:.4f} | "
                      f"{e['kld']['mean']:.5f} ± {e['kld']['unc']:.5f} | {100 * e['kld']['same_top']:.2f} |")
-    lines += [""] + [f"{runs[n]['tool']}: speed-up {result['speedup'][n]:.2f}×, KLD ratio ours/theirs "
-                     f"{result['kld_ratio'][n]:.3f}" for n in result["speedup"]]
+    lines += [""] + [f"{r['tool']} artefact evaluated through: {r['eval']['loader']}" for r in runs.values()]
+    lines += [""] + [f"{runs[n]['tool']} vs {runs[ref]['tool']}: speed-up {result['speedup'][ref][n]:.2f}×, "
+                     f"KLD ratio ours/theirs {result['kld_ratio'][ref][n]:.3f}"
+                     for ref in references for n in result["speedup"][ref]]
     (HERE / "results" / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
