@@ -155,7 +155,10 @@ def main() -> None:
                       "distinct_artefacts": len({r["sha256"] for r in reps}),
                       "peak_rss_bytes": max(r["peak_rss_bytes"] for r in reps)}
     params = sum(b // {"F16": 2, "BF16": 2, "F32": 4}[dt] for dt, b in weight_bytes_safetensors(base.path).items())
-    result = {"model": "a random-init toy (--toy)" if args.toy else spec, "parameters": params, "repeats": repeats, "calibration": {"samples": args.samples, "seq_len": args.seq_len,
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    result = {"model": "a random-init toy (--toy)" if args.toy else spec, "parameters": params, "cpu": cpu,
+              "threads": torch.get_num_threads(), "repeats": repeats, "calibration": {"samples": args.samples, "seq_len": args.seq_len,
               "source": "bundled:wiki/calibration", "seed": 0}, "scheme": f"{args.method.upper()} W4A16 {grid} g{args.group_size}, {SCHEMES[args.method]}",
               "protocol": chunks.protocol(), "base": base_q, "runs": runs,
               "speedup": {ref: {n: runs[ref]["seconds"] / r["seconds"] for n, r in runs.items() if n not in references}
@@ -167,7 +170,8 @@ def main() -> None:
     (HERE / "results" / f"{stem}.json").write_text(json.dumps(result, indent=2))
     lines = [f"{args.method.upper()} side by side on {result['model']} ({params / 1e6:.1f} M parameters): {result['scheme']}, {args.samples}×{args.seq_len} calibration tokens, "
              f"{chunks.protocol()['tokens_scored']} held-out tokens scored; base PPL {base_q['ppl']:.4f}", "",
-             f"build seconds: median of {repeats} (round robin, one process per build); peak RSS: the largest; "
+             f"build seconds: median of {repeats} (round robin, one process per build, {torch.get_num_threads()} threads on "
+             f"{cpu}); peak RSS: the largest; "
              "PPL, KLD, same top: the run with the median KLD; every distinct artefact is scored", "",
              "| tool | build s | runs s | peak RSS | distinct artefacts | KLD per run | PPL | KLD mean ± | same top % |",
              "|---|---|---|---|---|---|---|---|---|"]
