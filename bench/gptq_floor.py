@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from quantize.models import resolve_model
+from quantize.speed import cpu_model
 
 HERE = Path(__file__).resolve().parent
 
@@ -43,13 +44,6 @@ def matmul_gflops(m: int, k: int, n: int, repeats: int = 5) -> float:
         a @ b
         times.append(time.perf_counter() - start)
     return 2 * m * k * n / statistics.median(times) / 1e9
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def main() -> None:
@@ -89,9 +83,7 @@ def main() -> None:
             raise SystemExit(f"{args.reference} used {ref['calibration']['samples']}×{ref['calibration']['seq_len']} "
                              f"calibration tokens, not {args.samples}×{args.seq_len}")
         result["reference_seconds"] = {}
-        for name in ("llmcompressor", "gptqmodel"):  # the references that run has
-            if name not in ref["runs"]:
-                continue
+        for name in (n for n in ref["runs"] if not n.startswith("quantize")):  # the references that run has
             theirs = ref["runs"][name]["seconds"]
             result["reference_seconds"][name] = theirs
             below = floor_s / (theirs / 20)

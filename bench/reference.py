@@ -29,6 +29,7 @@ import torch
 from quantize import backends, evaluate
 from quantize.fit import gib, weight_bytes_safetensors
 from quantize.models import load_model, load_tokenizer, resolve_model
+from quantize.speed import cpu_model
 from quantize.texts import bundled_wiki, calibration_batches
 
 HERE = Path(__file__).resolve().parent
@@ -117,6 +118,7 @@ def main() -> None:
     references = ["llmcompressor", *(["gptqmodel"] if args.gptqmodel_python else [])]
     names = ["quantize", *(["quantize-true-sequential"] if args.method == "gptq" else []), *references]
     builds: dict[str, list[dict]] = {name: [] for name in names}
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": str(torch.get_num_threads())}  # one worker per thread, as advised
     repeats = len(list((work / names[0]).glob("run*"))) if args.reuse else args.repeats
     for k in range(repeats):  # round robin, so drift in the machine's speed hits every tool alike
         for name in names:
@@ -124,7 +126,6 @@ def main() -> None:
             if not args.reuse:
                 out.mkdir(parents=True)
                 start = time.perf_counter()
-                env = {**os.environ, "GPTQMODEL_CPU_WORKERS": str(torch.get_num_threads())}  # as the issue advises
                 subprocess.run(command(name, out), check=True, env=env)
                 (out / "process.json").write_text(json.dumps({"process_seconds": time.perf_counter() - start}))
             process = json.loads((out / "process.json").read_text()) if (out / "process.json").is_file() else {}
@@ -155,8 +156,7 @@ def main() -> None:
                       "distinct_artefacts": len({r["sha256"] for r in reps}),
                       "peak_rss_bytes": max(r["peak_rss_bytes"] for r in reps)}
     params = sum(b // {"F16": 2, "BF16": 2, "F32": 4}[dt] for dt, b in weight_bytes_safetensors(base.path).items())
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU")
+    cpu = cpu_model()
     result = {"model": "a random-init toy (--toy)" if args.toy else spec, "parameters": params, "cpu": cpu,
               "threads": torch.get_num_threads(), "repeats": repeats, "calibration": {"samples": args.samples, "seq_len": args.seq_len,
               "source": "bundled:wiki/calibration", "seed": 0}, "scheme": f"{args.method.upper()} W4A16 {grid} g{args.group_size}, {SCHEMES[args.method]}",

@@ -11,7 +11,6 @@ fp32 weights, lm_head kept. offload_to_disk (its default) is switched off: the m
 finished modules to disk would only slow it. Writes OUT_DIR (classic gptq layout) and OUT_DIR/bench.json.
 """
 
-import argparse
 import json
 import os
 import time
@@ -19,21 +18,11 @@ from pathlib import Path
 
 import torch
 
-
-def peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+from reference_common import parser, peak_rss
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("base")
-    ap.add_argument("calib")
-    ap.add_argument("out")
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--asym", action="store_true")
+    ap = parser()
     args = ap.parse_args()
 
     import gptqmodel

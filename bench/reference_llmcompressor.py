@@ -11,28 +11,17 @@ implementations see the same tokens. Writes OUT_DIR (compressed-tensors) and OUT
 peak RSS).
 """
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
 
-
-def peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+from reference_common import parser, peak_rss
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("base")
-    ap.add_argument("calib")
-    ap.add_argument("out")
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--asym", action="store_true")
+    ap = parser()
     ap.add_argument("--method", choices=["gptq", "awq"], default="gptq")
     args = ap.parse_args()
 

@@ -12,11 +12,19 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from quantize import memory
 from quantize.ui import track
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (Linux), for protocols whose figures depend on it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
 
 
 def memory_bandwidth_gb_s(megabytes: int = 512, repetitions: int = 5) -> dict:
