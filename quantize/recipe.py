@@ -88,6 +88,18 @@ class GptqMethod(WeightOnly):
     damp: float = Field(0.01, gt=0, lt=1, description="fraction of mean(diag H) added to the diagonal")
     block_size: int = Field(128, ge=1)
     true_sequential: bool = True
+    device: str = Field("auto", description="where the layers, activations and Hessians live: auto (cuda when visible), "
+                                    "cpu, cuda or cuda:N")
+    forward_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the calibration forward passes (linears and attention under autocast); "
+                               "the Hessians and the GPTQ solve are float32 either way")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"unknown device {value!r}; accepted: auto, cpu, cuda, cuda:N")
+        return value
 
     @property
     def needs_calibration(self) -> bool:

@@ -8,7 +8,7 @@ import torch
 from conftest import write_recipe
 from quantize import ct_format, pipeline, rtn
 from quantize.errors import QuantizeError
-from quantize.methods.gptq import Hessian, accumulate_hessian, gptq_quantize
+from quantize.methods.gptq import Hessian, accumulate_hessian, gptq_quantize, gram
 from quantize.methods.weight_only import group_size_for
 from quantize.models import load_model, load_tokenizer
 from quantize.recipe import load_recipe
@@ -30,6 +30,15 @@ def hessian_of(X):
 def test_hessian_is_running_mean_of_2xtx():
     X = correlated_inputs()
     assert torch.allclose(hessian_of(X).H, 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cols", [200, 600])  # one block; three blocks, the last one partial
+def test_blocked_gram_is_the_full_symmetric_product(cols):
+    X = correlated_inputs(n=300, cols=cols)
+    G = gram(X, 0.5)
+    exact = 0.5 * X.double().T @ X.double()
+    assert G.dtype == torch.float32 and torch.equal(G, G.T)
+    assert ((G.double() - exact).abs().max() / exact.abs().max()).item() < 1e-6
 
 
 @pytest.mark.parametrize("symmetric,group_size,act_order", [(True, -1, False), (False, 4, False), (True, 4, True)])
@@ -150,3 +159,57 @@ def test_staged_layer_equals_the_decoder_layer(family):
 
         out = staged_layer(layer, acts, coarsen)
         assert torch.allclose(out, acts.run(layer), atol=1e-5)
+
+
+def test_bfloat16_forward_stays_close_and_returns_float32():
+    """forward_dtype bfloat16: the linears and attention run under autocast, the activations stay float32."""
+    import transformers
+
+    from quantize.layerwise import Activations
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.inference_mode():
+        x = torch.randn(3, 16, 64)
+        pos = model.model.rotary_emb(x[:1], torch.arange(16)[None])
+        exact = Activations(x, pos, batch=2).run(model.model.layers[0])
+        half = Activations(x, pos, batch=2, forward_dtype=torch.bfloat16).run(model.model.layers[0])
+    assert half.dtype == torch.float32 and not torch.equal(half, exact)
+    assert ((half - exact).norm() / exact.norm()).item() < 1e-2  # bfloat16 rounding, ~2^-8 per operation
+
+
+def test_device_is_checked_at_the_edge():
+    from quantize.layerwise import resolve_device
+
+    assert resolve_device("auto", "recipe.yaml") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu", "recipe.yaml") == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(QuantizeError, match=r"recipe.yaml: device 'cuda'.*sees no CUDA device"):
+            resolve_device("cuda", "recipe.yaml")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streamed_gptq_on_cuda_matches_cpu(tiny_model, tmp_path):
+    """The same streamed GPTQ on the GPU: same layout; the codes differ only where float rounding tips a value."""
+    from safetensors.torch import load_file
+
+    from quantize.methods import METHODS
+    from quantize.models import resolve_model
+    from quantize.recipe import GptqMethod
+
+    base = resolve_model(str(tiny_model))
+    calib = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(0))
+    packed = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        out.mkdir()
+        info = METHODS["gptq"].build(GptqMethod(name="gptq", group_size=64, device=device), base, out, calib)
+        assert info["device"] == device
+        packed[device] = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert packed["cpu"].keys() == packed["cuda"].keys()
+    for name, tensor in packed["cpu"].items():
+        if name.endswith("weight_scale"):
+            close = torch.isclose(tensor.float(), packed["cuda"][name].float(), rtol=1e-2)
+            assert close.float().mean() > 0.9, name

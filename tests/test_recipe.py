@@ -89,3 +89,10 @@ def test_hub_id_offline_fails_fast_with_hint():
     with pytest.raises(QuantizeError, match="HF_HUB_OFFLINE=1 is set.*local HF directory"):
         resolve_model("someone/not-a-cached-model")
     assert time.time() - start < 20
+
+
+def test_bad_gptq_device_and_forward_dtype_list_accepted(tmp_path):
+    msg = error_of(write(tmp_path, {**GOOD, "method": {"name": "gptq", "device": "gpu"}}))
+    assert "recipe.yaml" in msg and "method.device" in msg and "accepted: auto, cpu, cuda, cuda:N" in msg
+    msg = error_of(write(tmp_path, {**GOOD, "method": {"name": "gptq", "forward_dtype": "float16"}}))
+    assert "method.forward_dtype" in msg and "float32" in msg and "bfloat16" in msg

@@ -21,7 +21,7 @@ from quantize import rtn
 from quantize.classic_format import ClassicWriter
 from quantize.ct_format import CompressedTensorsWriter
 from quantize.errors import QuantizeError
-from quantize.layerwise import quantize_layers, skeleton
+from quantize.layerwise import quantize_layers, resolve_device, skeleton
 from quantize.methods.gptq import Hessian, accumulate_hessian
 from quantize.models import BaseModel, load_tokenizer
 from quantize.recipe import ignored
@@ -75,7 +75,7 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
     def quantize_group(i: int, linears: dict[str, torch.nn.Linear], X: torch.Tensor | None) -> None:
         hess = None
         if X is not None:  # the linears of a group read the same input (q/k/v, gate/up): one Hessian for all
-            hess = Hessian.zeros(X.shape[-1])
+            hess = Hessian.zeros(X.shape[-1], device=X.device)
             for part in X.split(8):  # 8 sequences at a time: bounded temporaries
                 accumulate_hessian(hess, part)
         # Linears that read the same input (so share H) and get the same group size are solved as one matrix:
@@ -96,15 +96,18 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
                 rows = slice(first, first + lin.out_features)
                 first += lin.out_features
                 lin.weight.data = rtn.dequantize(q[rows], scale[rows], zero[rows], gs).to(lin.weight.dtype)
-                pending[full] = (q[rows], scale[rows], zero[rows], gs)
+                pending[full] = (q[rows].cpu(), scale[rows].cpu(), zero[rows].cpu(), gs)
                 log.append({"layer": i, "module": n, "group_size": gs, "loss": float(row_loss[rows].sum()),
                             "samples": 0 if calib is None else int(calib.shape[0]), "damp": damp,
                             "seconds": seconds if n == names[0] else 0.0, "solved_with": names})
 
     not_quantized = lambda name: ignored(name, method.ignore)  # noqa: E731
+    device = resolve_device(getattr(method, "device", "cpu"), f"method {method.name} `device`")
+    forward_dtype = getattr(torch, getattr(method, "forward_dtype", "float32"))
     layers = quantize_layers(base.path, calib, quantize_group, not_quantized, meta.config.model_type,
-                             method_true_sequential(method))
-    return write_streamed(method, base, out_dir, meta, layers, pending, log)
+                             method_true_sequential(method), device=device, forward_dtype=forward_dtype)
+    info = write_streamed(method, base, out_dir, meta, layers, pending, log)
+    return {**info, "device": device, "forward_dtype": str(forward_dtype).removeprefix("torch.")}
 
 
 def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module, layers, pending: dict,
@@ -130,7 +133,7 @@ def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module
                 tensors.update(writer.packed(owner, q, scale, zero, method.bits, method.sym, gs,
                                              getattr(method, "act_order", False)))
             else:
-                tensors[prefix + pname] = p.data.to(torch.float16)
+                tensors[prefix + pname] = p.data.to("cpu", torch.float16)
         writer.write_shard(i, tensors)
 
     names = [n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)]
