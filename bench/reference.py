@@ -42,22 +42,25 @@ from quantize.methods import METHODS
 from quantize.models import resolve_model
 from quantize.recipe import AwqMethod, GptqMethod
 name, base, calib, out, gs, sym = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6] == "sym"
-true_sequential = sys.argv[7] == "1"
+true_sequential, forward_dtype = sys.argv[7] == "1", sys.argv[8]
 ids = torch.load(calib)
 if name == "gptq":
-    method = GptqMethod(name="gptq", bits=4, group_size=gs, sym=sym, damp=0.01, block_size=128, true_sequential=true_sequential)
+    method = GptqMethod(name="gptq", bits=4, group_size=gs, sym=sym, damp=0.01, block_size=128, true_sequential=true_sequential,
+                        device="cpu", forward_dtype=forward_dtype)
 else:
     method = AwqMethod(name="awq", bits=4, group_size=gs, sym=sym)
 start = time.perf_counter()
 m = resolve_model(base)
 METHODS[name].build(method, m, Path(out), ids)
 seconds = time.perf_counter() - start
-open(out + "/bench.json", "w").write(json.dumps({"tool": f"quantize {name}" + (" (true sequential)" if true_sequential else ""), "seconds": seconds,
+tool = f"quantize {name}" + (" (true sequential)" if true_sequential else "") + (f" ({forward_dtype} forward)" if forward_dtype != "float32" else "")
+open(out + "/bench.json", "w").write(json.dumps({"tool": tool, "seconds": seconds,
     "peak_rss_bytes": memory.peak_rss_bytes(), "threads": torch.get_num_threads(), "method": method.model_dump()}))
 """
 SCHEMES = {
-    "gptq": "damp 0.01, block 128, no act-order; ours with true_sequential off (like the reference, every linear "
-            "of a layer calibrated from one pass of the unquantized layer) and on (our default)",
+    "gptq": "damp 0.01, block 128, no act-order; ours with true_sequential off (like llm-compressor, every linear "
+            "of a layer calibrated from one pass of the unquantized layer) and on (our default, and GPTQModel's), and "
+            "on with forward_dtype bfloat16 (calibration forward under bfloat16 autocast; Hessians and solve float32)",
     "awq": "duo scaling, n_grid 20 (ours α = k/20 plus s = 1; llm-compressor α = k/18 for k ≤ 18 plus s = 1), "
            "ours with the clip search (AutoAWQ's), llm-compressor 0.14 has none; then min/max round-to-nearest",
 }
@@ -73,7 +76,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--chunks", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=1, help="builds per tool (median seconds reported)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds; round k calibrates every tool on the calibration draw of seed k (median reported)")
     ap.add_argument("--reuse", type=Path, help="score the builds already in this work folder (no new builds)")
     ap.add_argument("--toy", action="store_true", help="a random-init 4-layer toy instead of SmolLM2")
     args = ap.parse_args()
@@ -92,7 +96,6 @@ def main() -> None:
     vocab = json.loads((base.path / "config.json").read_text())["vocab_size"]
     grid = "sym" if not args.asym else "asym"
     ids = torch.tensor(tok(bundled_wiki("calibration").text, add_special_tokens=False).input_ids)
-    calib = calibration_batches(ids, args.samples, args.seq_len, seed=0)
     settings = {k: getattr(args, k) for k in ("method", "samples", "seq_len", "group_size", "asym", "toy")}
     if args.reuse:  # the builds there must be of this very setup
         built = json.loads((work / "settings.json").read_text())
@@ -100,33 +103,36 @@ def main() -> None:
             raise SystemExit(f"{work} was built with {built}, not {settings}")
     else:
         (work / "settings.json").write_text(json.dumps(settings))
-        torch.save(calib, work / "calib.pt")
 
-    def command(name: str, out: Path) -> list[str]:
+    def command(name: str, out: Path, calib: Path) -> list[str]:
         if name == "llmcompressor":
-            return [args.ref_python, str(HERE / "reference_llmcompressor.py"), str(base.path), str(work / "calib.pt"),
+            return [args.ref_python, str(HERE / "reference_llmcompressor.py"), str(base.path), str(calib),
                     str(out), "--method", args.method, "--group-size", str(args.group_size)] + (
                         ["--asym"] if args.asym else [])
         if name == "gptqmodel":
-            return [args.gptqmodel_python, str(HERE / "reference_gptqmodel.py"), str(base.path), str(work / "calib.pt"),
+            return [args.gptqmodel_python, str(HERE / "reference_gptqmodel.py"), str(base.path), str(calib),
                     str(out), "--group-size", str(args.group_size)] + (["--asym"] if args.asym else [])
-        return [sys.executable, "-c", OURS, args.method, spec, str(work / "calib.pt"), str(out), str(args.group_size),
-                grid, str(int(name == "quantize-true-sequential"))]
+        return [sys.executable, "-c", OURS, args.method, spec, str(calib), str(out), str(args.group_size),
+                grid, str(int(name != "quantize")), "bfloat16" if name == "quantize-bf16" else "float32"]
 
     if args.gptqmodel_python and args.method != "gptq":
         raise SystemExit("--gptqmodel-python: GPTQModel is a reference for --method gptq only")
     references = ["llmcompressor", *(["gptqmodel"] if args.gptqmodel_python else [])]
-    names = ["quantize", *(["quantize-true-sequential"] if args.method == "gptq" else []), *references]
+    names = ["quantize", *(["quantize-true-sequential", "quantize-bf16"] if args.method == "gptq" else []),
+             *references]
     builds: dict[str, list[dict]] = {name: [] for name in names}
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": str(torch.get_num_threads())}  # one worker per thread, as advised
     repeats = len(list((work / names[0]).glob("run*"))) if args.reuse else args.repeats
     for k in range(repeats):  # round robin, so drift in the machine's speed hits every tool alike
+        calib = work / f"calib-seed{k}.pt"  # round k: every tool gets the same draw, a new one each round
+        if not args.reuse:
+            torch.save(calibration_batches(ids, args.samples, args.seq_len, seed=k), calib)
         for name in names:
             out = work / name / f"run{k}"
             if not args.reuse:
                 out.mkdir(parents=True)
                 start = time.perf_counter()
-                subprocess.run(command(name, out), check=True, env=env)
+                subprocess.run(command(name, out, calib), check=True, env=env)
                 (out / "process.json").write_text(json.dumps({"process_seconds": time.perf_counter() - start}))
             process = json.loads((out / "process.json").read_text()) if (out / "process.json").is_file() else {}
             builds[name].append({**json.loads((out / "bench.json").read_text()), **process, "folder": str(out)})
@@ -159,20 +165,25 @@ def main() -> None:
     cpu = cpu_model()
     result = {"model": "a random-init toy (--toy)" if args.toy else spec, "parameters": params, "cpu": cpu,
               "threads": torch.get_num_threads(), "repeats": repeats, "calibration": {"samples": args.samples, "seq_len": args.seq_len,
-              "source": "bundled:wiki/calibration", "seed": 0}, "scheme": f"{args.method.upper()} W4A16 {grid} g{args.group_size}, {SCHEMES[args.method]}",
+              "source": "bundled:wiki/calibration", "seeds": list(range(repeats))}, "scheme": f"{args.method.upper()} W4A16 {grid} g{args.group_size}, {SCHEMES[args.method]}",
               "protocol": chunks.protocol(), "base": base_q, "runs": runs,
               "speedup": {ref: {n: runs[ref]["seconds"] / r["seconds"] for n, r in runs.items() if n not in references}
                           for ref in references},
-              "kld_ratio": {ref: {n: r["eval"]["kld"]["mean"] / runs[ref]["eval"]["kld"]["mean"]
-                                  for n, r in runs.items() if n not in references} for ref in references}}
+              # median KLD over the rounds against the reference's median, and round by round (same tokens)
+              "kld_ratio": {ref: {n: statistics.median(r["kld_runs"]) / statistics.median(runs[ref]["kld_runs"])
+                                  for n, r in runs.items() if n not in references} for ref in references},
+              "kld_ratio_per_round": {ref: {n: [a / b for a, b in zip(r["kld_runs"], runs[ref]["kld_runs"])]
+                                            for n, r in runs.items() if n not in references} for ref in references}}
     (HERE / "results").mkdir(exist_ok=True)
     stem = f"{args.method}{'_asym' if args.asym else ''}{'_toy' if args.toy else ''}_reference"
     (HERE / "results" / f"{stem}.json").write_text(json.dumps(result, indent=2))
     lines = [f"{args.method.upper()} side by side on {result['model']} ({params / 1e6:.1f} M parameters): {result['scheme']}, {args.samples}×{args.seq_len} calibration tokens, "
              f"{chunks.protocol()['tokens_scored']} held-out tokens scored; base PPL {base_q['ppl']:.4f}", "",
-             f"build seconds: median of {repeats} (round robin, one process per build, {torch.get_num_threads()} threads on "
-             f"{cpu}); peak RSS: the largest; "
-             "PPL, KLD, same top: the run with the median KLD; every distinct artefact is scored", "",
+             f"build seconds: median of {repeats} rounds (round robin, one process per build, {torch.get_num_threads()} "
+             f"threads on {cpu}); round k calibrates every tool on the same draw of seed k (seeds "
+             f"{', '.join(map(str, range(repeats)))}), so the KLD per run shows how much the result moves with the "
+             "calibration sample; peak RSS: the largest; PPL, KLD ±, same top: the run with the median KLD; every "
+             "distinct artefact is scored", "",
              "| tool | build s | runs s | peak RSS | distinct artefacts | KLD per run | PPL | KLD mean ± | same top % |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
@@ -183,7 +194,8 @@ def main() -> None:
                      f"{e['kld']['mean']:.5f} ± {e['kld']['unc']:.5f} | {100 * e['kld']['same_top']:.2f} |")
     lines += [""] + [f"{r['tool']} artefact evaluated through: {r['eval']['loader']}" for r in runs.values()]
     lines += [""] + [f"{runs[n]['tool']} vs {runs[ref]['tool']}: speed-up {result['speedup'][ref][n]:.2f}×, "
-                     f"KLD ratio ours/theirs {result['kld_ratio'][ref][n]:.3f}"
+                     f"KLD ratio ours/theirs {result['kld_ratio'][ref][n]:.3f} (median over median; per round "
+                     f"{', '.join(f'{x:.3f}' for x in result['kld_ratio_per_round'][ref][n])})"
                      for ref in references for n in result["speedup"][ref]]
     (HERE / "results" / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

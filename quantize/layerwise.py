@@ -15,6 +15,9 @@ layer serves every group and also gives the next layer's inputs:
     m  = act(gate_proj(h2)) * up_proj(h2)        -> down_proj input       quantize down
     out = x2 + down_proj(m)                      -> the next layer's x
 
+The layer, the activations and the Hessians live on one device (`device: auto` picks CUDA when torch sees it);
+the finished layer goes back to the CPU only to be written.
+
 Peak memory ≈ one layer + its Hessians + the calibration activations (the layer's input, x2 and the current
 stage's input; without true sequential all four stage inputs) + the embedding while it is used, not the model.
 """

@@ -67,13 +67,19 @@ class WeightOnly(Strict):
         grid = "sym" if self.sym else "asym"
         group = "ch" if self.group_size == -1 else f"g{self.group_size}"
         layout = "" if self.format == "compressed-tensors" else f"-{self.format}"
-        return self.variant or f"{self.name}-w{self.bits}-{grid}-{group}{layout}"
+        observer = "-mse" if getattr(self, "observer", "minmax") == "mse" else ""
+        return self.variant or f"{self.name}-w{self.bits}-{grid}-{group}{observer}{layout}"
+
+
+OBSERVER = Field("minmax", description="how each group's grid is chosen: minmax (its min/max), or mse (the range "
+                                       "shrunk to minimise Σ|Q(w) − w|^2.4, the GPTQ reference's `mse` option)")
 
 
 class RtnMethod(WeightOnly):
-    """Round-to-nearest on each group's min/max grid: the calibration-free baseline."""
+    """Round-to-nearest on each group's grid: the calibration-free baseline."""
 
     name: Literal["rtn"]
+    observer: Literal["minmax", "mse"] = OBSERVER
 
     @property
     def needs_calibration(self) -> bool:
@@ -84,6 +90,7 @@ class GptqMethod(WeightOnly):
     """GPTQ (Frantar et al., 2022): Hessian-aware rounding with error feedback, layer by layer."""
 
     name: Literal["gptq"]
+    observer: Literal["minmax", "mse"] = OBSERVER
     act_order: bool = False
     damp: float = Field(0.01, gt=0, lt=1, description="fraction of mean(diag H) added to the diagonal")
     block_size: int = Field(128, ge=1)
