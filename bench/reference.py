@@ -7,6 +7,8 @@ after the other.
 Usage: python bench/reference.py --method gptq|awq --ref-python /tmp/refenv/bin/python
        [--gptqmodel-python /tmp/gpmenv/bin/python] [--samples 32] [--seq-len 512] [--group-size 64] [--asym]
        [--toy] [--repeats 3]
+Round k of --repeats calibrates every tool on the calibration draw of seed k: GPTQ's result on this model moves
+with the draw (and with rounding-level changes) by more than its ± suggests, so one draw cannot rank two tools.
 Writes bench/results/<method>_reference.{json,md} (with --asym: <method>_asym_reference.*; with --toy:
 <method>_toy_reference.*). --toy replaces SmolLM2 by a random-init 4-layer Llama of 9.4 M parameters (vocab 4096,
 hidden 384, MLP 1024, heads 6/2) with a BPE tokenizer trained on the calibration text, built by tests/conftest.py:

@@ -78,6 +78,9 @@ def scale_zero_mse(W: torch.Tensor, bits: int, symmetric: bool, group_size: int 
     return best_scale, best_zero
 
 
+OBSERVERS = {"minmax": scale_zero, "mse": scale_zero_mse}  # how a group's grid is chosen (recipe `observer`)
+
+
 def quantize(W, scale, zero, bits: int, symmetric: bool, group_size: int = -1) -> torch.Tensor:
     """Integer codes of W on the given grid, same shape as W (int32)."""
     G = _groups(W.float(), group_size)

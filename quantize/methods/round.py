@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from quantize import rtn
-from quantize.methods.gptq import OBSERVERS
 from quantize.models import unique_parameters
 from quantize.recipe import ignored
 
@@ -15,7 +14,7 @@ def build(method, base, out_dir, calib=None, calib_info=None):
     from quantize.methods.weight_only import build_streamed
 
     def quantize_linear(W, hess, group_size: int):
-        scale, zero = OBSERVERS[method.observer](W, method.bits, method.sym, group_size)
+        scale, zero = rtn.OBSERVERS[method.observer](W, method.bits, method.sym, group_size)
         scale = scale.to(torch.float16).float()
         q = rtn.quantize(W, scale, zero, method.bits, method.sym, group_size)
         row_loss = ((rtn.dequantize(q, scale, zero, group_size) - W.float()) ** 2).sum(dim=1)
