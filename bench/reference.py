@@ -144,7 +144,7 @@ def main() -> None:
     base_q = evaluate.score(load_model(base.path, "float32"), chunks, store, True, "base")
     runs, scored = {}, {}
     for name, reps in builds.items():
-        for rep in reps:  # every distinct artefact is scored (ours are deterministic, llm-compressor's are not)
+        for rep in reps:  # every distinct artefact is scored once
             folder = Path(rep["folder"])
             digest = hashlib.sha256()
             for f in sorted(folder.glob("*.safetensors")):

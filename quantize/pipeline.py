@@ -20,6 +20,7 @@ import yaml
 
 from quantize import artefact, backends, evaluate, fit, llamacpp, lmeval, memory, report, speed
 from quantize.errors import QuantizeError
+from quantize.layerwise import resolve_device
 from quantize.methods import METHODS
 from quantize.models import BaseModel, load_model, load_tokenizer, meta_model, peek_config, resolve_model
 from quantize.recipe import Recipe
@@ -121,6 +122,9 @@ def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe, calib)
 def run(recipe: Recipe, force: bool = False) -> Path:
     staging = artefact.Staging(recipe.output_dir, force)
     staging.check()  # fail before any work, not after it
+    for k, method in enumerate(recipe.methods):  # a device this machine lacks, before any work too
+        if hasattr(method, "device"):
+            resolve_device(method.device, f"recipe {recipe.name}: key `methods[{k}].device`")
     step(f"recipe {recipe.name}: model {recipe.model}, variants "
          + ", ".join(m.default_variant() for m in recipe.methods))
     base = _base_model(recipe)

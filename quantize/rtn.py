@@ -78,6 +78,13 @@ def scale_zero_mse(W: torch.Tensor, bits: int, symmetric: bool, group_size: int 
     return best_scale, best_zero
 
 
+def storable_scale(scale: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The scale as the artefact stores it (fp16), back in float32, never 0: a tiny or all-zero group's scale would
+    underflow to 0 in fp16 and turn its codes into 0/0. The smallest normal fp16 (6.1e-5) still codes such a group
+    to within half of it."""
+    return scale.to(dtype).float().clamp(min=torch.finfo(dtype).tiny)
+
+
 OBSERVERS = {"minmax": scale_zero, "mse": scale_zero_mse}  # how a group's grid is chosen (recipe `observer`)
 
 

@@ -213,3 +213,36 @@ def test_streamed_gptq_on_cuda_matches_cpu(tiny_model, tmp_path):
         if name.endswith("weight_scale"):
             close = torch.isclose(tensor.float(), packed["cuda"][name].float(), rtol=1e-2)
             assert close.float().mean() > 0.9, name
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_block_size_does_not_change_the_result(symmetric):
+    """The lazy block updates are exact: with blocks of 3 columns, groups of 4 start mid-block and run past it, and
+    their grids must come from the same error-updated weights as with one block for all columns."""
+    X = correlated_inputs()
+    W = torch.randn(6, 8)
+    args = dict(bits=3, symmetric=symmetric, group_size=4, scale_dtype=torch.float32)
+    one = gptq_quantize(W, hessian_of(X), block_size=8, **args)
+    lazy = gptq_quantize(W, hessian_of(X), block_size=3, **args)
+    assert torch.allclose(one.scale, lazy.scale, rtol=1e-5) and torch.equal(one.q, lazy.q)
+
+
+def test_all_zero_group_keeps_finite_codes():
+    """A group of zeros gets a scale fp16 can store (not 0), so its codes are exact and the row stays finite."""
+    X = correlated_inputs()
+    W = torch.randn(6, 8)
+    W[2, :4] = 0
+    r = gptq_quantize(W, hessian_of(X), 4, False, 4)  # fp16 scales, as the artefact stores them
+    assert (r.scale > 0).all() and torch.isfinite(r.row_loss).all()
+    deq = rtn.dequantize(r.q, r.scale, r.zero, 4)
+    assert torch.equal(deq[2, :4], torch.zeros(4)) and torch.isfinite(deq).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_missing_cuda_device_fails_before_any_work(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model),
+                                      [{"name": "rtn"}, {"name": "gptq", "group_size": 64, "device": "cuda"}], out))
+    with pytest.raises(QuantizeError, match=r"recipe run: key `methods\[1\].device`: device 'cuda'.*no CUDA"):
+        pipeline.run(recipe)
+    assert not out.exists()

@@ -193,7 +193,7 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
                                             method.n_grid), g)
             W = lin.weight.data
             scale, zero = rtn.scale_zero(W, bits, sym, g)
-            scale = scale.to(torch.float16).float()
+            scale = rtn.storable_scale(scale)
             q = rtn.quantize(W, scale, zero, bits, sym, g)
             Wq = rtn.dequantize(q, scale, zero, g)
             xs = even_tokens(X[n], method.clip_tokens).float()

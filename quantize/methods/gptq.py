@@ -95,7 +95,7 @@ def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, gr
 
     def set_group(g: int, block: torch.Tensor) -> None:
         s, z = rtn.OBSERVERS[observer](block, bits, symmetric)
-        scale[:, g], zero[:, g] = s[:, 0].to(scale_dtype).float(), z[:, 0]
+        scale[:, g], zero[:, g] = rtn.storable_scale(s[:, 0], scale_dtype), z[:, 0]
 
     static = group_size == -1 or act_order
     if static:
@@ -127,8 +127,12 @@ def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, gr
             col = order[i1 + i]
             g = col // gs
             if not static and col % gs == 0:  # the group's grid from the weights as they are now
-                rest = W1[:, i : i + gs] if i + gs <= i2 - i1 else torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                set_group(g, rest)
+                if i + gs <= i2 - i1:
+                    group = W1[:, i : i + gs]
+                else:  # the group runs past this block: its later columns still lack this block's feedback so far
+                    later = W[:, i2 : i1 + i + gs] - Err1[:, :i] @ Hinv[i1 : i1 + i, i2 : i1 + i + gs]
+                    group = torch.cat([W1[:, i:], later], dim=1)
+                set_group(g, group)
                 g_now = -1
             if g != g_now:
                 s, z, g_now = scale[:, g].contiguous(), zero[:, g].contiguous(), g

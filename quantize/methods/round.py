@@ -15,7 +15,7 @@ def build(method, base, out_dir, calib=None, calib_info=None):
 
     def quantize_linear(W, hess, group_size: int):
         scale, zero = rtn.OBSERVERS[method.observer](W, method.bits, method.sym, group_size)
-        scale = scale.to(torch.float16).float()
+        scale = rtn.storable_scale(scale)
         q = rtn.quantize(W, scale, zero, method.bits, method.sym, group_size)
         row_loss = ((rtn.dequantize(q, scale, zero, group_size) - W.float()) ** 2).sum(dim=1)
         return q, scale, zero, row_loss, 0.0
