@@ -62,7 +62,7 @@ def scale_zero_mse(W: torch.Tensor, bits: int, symmetric: bool, group_size: int 
     qmin, qmax = grid(bits, symmetric)
 
     def error(scale, zero):
-        q = torch.clamp(torch.round(G / scale[..., None]) + zero[..., None], qmin, qmax)
+        q = _codes(G, scale, zero, qmin, qmax)
         return ((q - zero[..., None]) * scale[..., None] - G).abs_().pow_(norm).sum(dim=-1)
 
     best_scale, best_zero = _scale_zero_of_range(lo, hi, bits, symmetric)
@@ -90,10 +90,13 @@ OBSERVERS = {"minmax": scale_zero, "mse": scale_zero_mse}  # how a group's grid 
 
 def quantize(W, scale, zero, bits: int, symmetric: bool, group_size: int = -1) -> torch.Tensor:
     """Integer codes of W on the given grid, same shape as W (int32)."""
-    G = _groups(W.float(), group_size)
-    qmin, qmax = grid(bits, symmetric)
-    q = torch.clamp(torch.round(G / scale[..., None]) + zero[..., None], qmin, qmax)
+    q = _codes(_groups(W.float(), group_size), scale, zero, *grid(bits, symmetric))
     return q.reshape(W.shape).to(torch.int32)
+
+
+def _codes(G: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Codes (as floats) of grouped weights G [rows, n_groups, group_size] on grids [rows, n_groups]."""
+    return torch.clamp(torch.round(G / scale[..., None]) + zero[..., None], qmin, qmax)
 
 
 def dequantize(q, scale, zero, group_size: int = -1) -> torch.Tensor:

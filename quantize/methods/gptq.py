@@ -132,8 +132,7 @@ def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, gr
                 else:  # the group runs past this block: its later columns still lack this block's feedback so far
                     later = W[:, i2 : i1 + i + gs] - Err1[:, :i] @ Hinv[i1 : i1 + i, i2 : i1 + i + gs]
                     group = torch.cat([W1[:, i:], later], dim=1)
-                set_group(g, group)
-                g_now = -1
+                set_group(g, group)  # a new group: g differs from g_now, so its grid is fetched below
             if g != g_now:
                 s, z, g_now = scale[:, g].contiguous(), zero[:, g].contiguous(), g
             w = W1[:, i]
