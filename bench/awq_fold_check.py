@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from quantize.layerwise import stream_layers
+from quantize.methods.engine import stream_layers
 from quantize.methods.awq import AWQ_MAPPINGS, awq_layer
-from quantize.models import load_model, load_tokenizer, resolve_model
-from quantize.recipe import AwqMethod
-from quantize.texts import bundled_wiki, calibration_batches
+from quantize.sources.models import load_model, load_tokenizer, resolve_model
+from quantize.methods.configs import AwqMethod
+from quantize.sources.texts import bundled_wiki, calibration_batches
 
 HERE = Path(__file__).resolve().parent
 

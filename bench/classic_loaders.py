@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantize import classic_format
-from quantize.methods import METHODS
-from quantize.models import load_tokenizer, resolve_model
-from quantize.recipe import AwqMethod, GptqMethod
-from quantize.texts import bundled_wiki, calibration_batches
+from quantize.formats import classic
+from quantize.methods.registry import METHODS
+from quantize.sources.models import load_tokenizer, resolve_model
+from quantize.methods.configs import AwqMethod, GptqMethod
+from quantize.sources.texts import bundled_wiki, calibration_batches
 
 HERE = Path(__file__).resolve().parent
 LOAD = """
@@ -78,7 +78,7 @@ def main() -> None:
         info = json.loads(proc.stdout.strip().splitlines()[-1])
         theirs = torch.tensor(np.load(work / "theirs.npy"))
         with torch.no_grad():
-            ours = classic_format.load_dense(folder)(torch.tensor(eval_ids)).logits[0]
+            ours = classic.load_dense(folder)(torch.tensor(eval_ids)).logits[0]
         ids = torch.tensor(eval_ids[0])
         nll = lambda lg: torch.nn.functional.cross_entropy(lg[:-1], ids[1:]).item()  # noqa: E731
         rows[folder.name] = {**info, "max_abs_logit_diff": (theirs - ours).abs().max().item(),

@@ -23,7 +23,7 @@ ROOT = HERE.parent
 
 
 def main() -> None:
-    from quantize import scorecard
+    from quantize.measure import scorecard
     from quantize.recipe import Eval
 
     ap = argparse.ArgumentParser()
@@ -32,7 +32,7 @@ def main() -> None:
     artefacts = args.artefacts or [ROOT / "outputs/smollm2-awq/awq-w4-asym-g64",
                                    ROOT / "outputs/smollm2-gguf/gguf-q4_k_m"]
     cache = Path(tempfile.mkdtemp(prefix="base-logprobs-"))
-    scorecard.cache_root = lambda: cache  # a fresh cache for this check only
+    scorecard.store_root = lambda: cache  # a fresh cache for this check only
     ev = Eval.model_validate({"perplexity": {"source": "bundled:wiki", "n_ctx": 512, "max_chunks": 32},
                               "speed": {"enabled": False}})
     rows = []

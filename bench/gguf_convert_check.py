@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantize.gguf_convert import convert
-from quantize.llamacpp import LlamaCppModel
-from quantize.models import load_model, load_tokenizer, resolve_model
-from quantize.texts import bundled_wiki
+from quantize.formats.gguf_convert import convert
+from quantize.runtimes.llamacpp import LlamaCppModel
+from quantize.sources.models import load_model, load_tokenizer, resolve_model
+from quantize.sources.texts import bundled_wiki
 
 HERE = Path(__file__).resolve().parent
 SKIP_KEYS = {"general.name", "general.basename", "general.size_label", "general.type", "general.finetune",

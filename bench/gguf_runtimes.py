@@ -33,10 +33,10 @@ def main() -> None:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from quantize import evaluate
-    from quantize.llamacpp import LlamaCppModel
-    from quantize.models import bundled_gguf, load_tokenizer, resolve_model
-    from quantize.texts import load_text
+    from quantize.measure import quality
+    from quantize.runtimes.llamacpp import LlamaCppModel
+    from quantize.sources.models import bundled_gguf, load_tokenizer, resolve_model
+    from quantize.sources.texts import load_text
 
     ap = argparse.ArgumentParser()
     ap.add_argument("gguf", nargs="*", type=Path)
@@ -48,20 +48,20 @@ def main() -> None:
     ggufs = [g for g in ggufs if g.is_file()]
     tok = load_tokenizer(resolve_model("bundled:smollm2-135m").path)
     text = load_text("bundled:wiki", "eval")
-    chunks = evaluate.make_chunks(tok, text, args.n_ctx, args.chunks)
+    chunks = quality.make_chunks(tok, text, args.n_ctx, args.chunks)
     threads = torch.get_num_threads()
     rows = []
     for g in ggufs:
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32).eval()
-        store = evaluate.BaseLogProbs(Path(tempfile.mkdtemp()), chunks, model.config.vocab_size)
-        ref = evaluate.score(model, chunks, store, True, f"{g.name} transformers")
+        store = quality.BaseLogProbs(Path(tempfile.mkdtemp()), chunks, model.config.vocab_size)
+        ref = quality.score_base(model, chunks, store, f"{g.name} transformers")
         del model
         row = {"gguf": str(g), "file_type": _file_type(g), "transformers_dequantised_fp32": ref, "llama_cpp": {}}
         for kv in ("F16", "F32"):
             m = LlamaCppModel(g, n_ctx=args.n_ctx, threads=threads, kv_type=kv)
             try:
-                row["llama_cpp"][kv] = evaluate.score(m, chunks, store, False, f"{g.name} llama.cpp KV {kv}")
+                row["llama_cpp"][kv] = quality.score(m, chunks, store, f"{g.name} llama.cpp KV {kv}")
             finally:
                 m.close()
         row["seconds"] = time.perf_counter() - t0

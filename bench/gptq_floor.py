@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from quantize.models import resolve_model
-from quantize.speed import cpu_model
+from quantize.sources.models import resolve_model
+from quantize.measure.speed import cpu_model
 
 HERE = Path(__file__).resolve().parent
 

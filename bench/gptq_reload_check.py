@@ -20,10 +20,10 @@ import compressed_tensors
 import torch
 import transformers
 
-from quantize.methods import METHODS, weight_only
-from quantize.models import load_model, load_tokenizer, resolve_model
-from quantize.recipe import GptqMethod
-from quantize.texts import bundled_wiki, calibration_batches
+from quantize.methods.registry import METHODS, weight_only
+from quantize.sources.models import load_model, load_tokenizer, resolve_model
+from quantize.methods.configs import GptqMethod
+from quantize.sources.texts import bundled_wiki, calibration_batches
 
 HERE = Path(__file__).resolve().parent
 

@@ -32,10 +32,10 @@ ROOT = HERE.parent
 
 
 def main() -> None:
-    from quantize import evaluate
-    from quantize.llamacpp import LlamaCppModel
-    from quantize.models import bundled_gguf, load_tokenizer, resolve_model
-    from quantize.texts import load_text
+    from quantize.measure import quality
+    from quantize.runtimes.llamacpp import LlamaCppModel
+    from quantize.sources.models import bundled_gguf, load_tokenizer, resolve_model
+    from quantize.sources.texts import load_text
 
     ap = argparse.ArgumentParser()
     ap.add_argument("gguf", nargs="*", type=Path)
@@ -49,7 +49,7 @@ def main() -> None:
     text_file = Path(tempfile.mkdtemp()) / "wiki_eval.txt"
     text_file.write_text(text.text, encoding="utf-8")
     hf_tok = load_tokenizer(resolve_model("bundled:smollm2-135m").path)
-    hf_chunks = evaluate.make_chunks(hf_tok, text, args.n_ctx, args.chunks)
+    hf_chunks = quality.make_chunks(hf_tok, text, args.n_ctx, args.chunks)
     rows = []
     for g in [g for g in ggufs if g.is_file()]:
         t0 = time.perf_counter()
@@ -66,9 +66,9 @@ def main() -> None:
             ids = m.llm.tokenize(text.text.encode("utf-8"), add_bos=False, special=False)
             n = min(len(ids) // args.n_ctx, args.chunks)
             cpp_ids = torch.tensor(ids[: n * args.n_ctx], dtype=torch.long).reshape(n, args.n_ctx)
-            cpp_chunks = evaluate.Chunks(cpp_ids, args.n_ctx, False, len(ids), text.describe(), "llama.cpp tokenizer")
-            ours_cpp_tok = evaluate.score(m, cpp_chunks, None, True, f"{g.name} llama.cpp tokens")
-            ours_hf_tok = evaluate.score(m, hf_chunks, None, True, f"{g.name} HF tokens")
+            cpp_chunks = quality.Chunks(cpp_ids, args.n_ctx, False, len(ids), text.describe(), "llama.cpp tokenizer")
+            ours_cpp_tok = quality.score_base(m, cpp_chunks, None, f"{g.name} llama.cpp tokens")
+            ours_hf_tok = quality.score_base(m, hf_chunks, None, f"{g.name} HF tokens")
         finally:
             m.close()
         same_ids = int((cpp_ids == hf_chunks.ids[:n]).all(dim=1).sum())

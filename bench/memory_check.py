@@ -4,17 +4,17 @@ llama.cpp: GGUF artefacts of a run loaded by llama.cpp's runtime (llama-cpp-pyth
 with flash attention off and on, then N-1 tokens decoded in 512-token batches with only the last logits kept
 (as generation does). Three figures per row:
   predicted   quantize.fit: GGUF tensor bytes + KV cache (f16) + compute buffer + f16 scores copy (no flash
-              attention), i.e. fit.overhead_bytes without the fixed 512 MiB GPU allowance a CPU process does not pay
+              attention), i.e. context_memory.overhead_bytes without the fixed 512 MiB GPU allowance a CPU process does not pay
   llama.cpp   the buffers llama.cpp itself reports in its log (model, repack, KV, compute, output): what the
               runtime allocates, i.e. what a GPU would be charged (the f16 scores copy is not in its log)
-  resident    quantize.cpu_memory: the same with what a CPU process really touches (repacked weight copies; the
+  resident    quantize.fit.cpu_resident: the same with what a CPU process really touches (repacked weight copies; the
               attention phase of the compute buffer only), against RSS: peak resident memory (VmHWM) after
               decoding minus the RSS before loading (Python, torch and llama_cpp already imported). A vocab_only
               load measures llama.cpp's host-side vocabulary tables, which the prediction leaves out.
 
-torch (--torch RUN...): artefact folders loaded by their loader (quantize.backends), then a prefill of --torch-ctx
+torch (--torch RUN...): artefact folders loaded by their loader (quantize.runtimes.load), then a prefill of --torch-ctx
 tokens with the KV cache kept and only the last position's logits (as generation does). Predicted:
-quantize.cpu_memory.torch_resident_bytes (tensors held, the checkpoint's mmap'd pages, KV, prefill activations).
+quantize.fit.cpu_resident.torch_resident_bytes (tensors held, the checkpoint's mmap'd pages, KV, prefill activations).
 
 Each measurement runs in a fresh process.
 
@@ -34,8 +34,8 @@ HERE = Path(__file__).resolve().parent
 MEASURE = """
 import ctypes, json, re, sys
 from pathlib import Path
-from quantize import memory
-from quantize.llamacpp import LlamaCppModel  # imports llama_cpp, numpy and torch: in before the baseline
+from quantize.measure import memory
+from quantize.runtimes.llamacpp import LlamaCppModel  # imports llama_cpp, numpy and torch: in before the baseline
 import llama_cpp, numpy
 path, n_ctx, flash_attn = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 buffers = {}
@@ -58,20 +58,20 @@ print(json.dumps({"baseline_rss": before, "loaded_rss": loaded, "peak_rss": peak
 MEASURE_TORCH = """
 import gc, json, sys, torch
 from pathlib import Path
-from quantize import memory
-from quantize.backends import load
+from quantize.measure import memory
+from quantize.runtimes.load import load, release_free_heap
 import transformers, compressed_tensors  # libraries in before the baseline
 path, n_ctx = Path(sys.argv[1]), int(sys.argv[2])
 memory.reset_peak()
 before = memory.rss_bytes()
-model, loader, dtype = load(path, "float32", n_ctx)  # decompresses and trims the heap (backends.load)
+model, loader, dtype = load(path, "float32", n_ctx)  # decompresses and trims the heap (load.load)
 load_peak = memory.peak_rss_bytes()
 ids = torch.randint(0, model.config.vocab_size, (1, n_ctx), generator=torch.Generator().manual_seed(0))
 with torch.inference_mode():
     model(ids[:, :16], use_cache=False, logits_to_keep=1)  # warm-up: lazy kernels and buffers
 gc.collect()
 untrimmed = memory.rss_bytes()
-memory.release_free_heap()
+release_free_heap()
 steady = memory.rss_bytes()
 memory.reset_peak()
 with torch.inference_mode():
@@ -90,8 +90,8 @@ print(json.dumps({"baseline_rss": before, "load_peak_rss": load_peak, "untrimmed
 FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 VOCAB_ONLY = """
 import json, sys
-from quantize import memory
-from quantize.llamacpp import binding
+from quantize.measure import memory
+from quantize.runtimes.llamacpp import binding
 lib = binding()
 before = memory.rss_bytes()
 m = lib.Llama(sys.argv[1], vocab_only=True, verbose=False)
@@ -101,7 +101,9 @@ del m
 
 
 def main() -> None:
-    from quantize import cpu_memory, fit
+    from quantize.fit import context_memory, cpu_resident
+    from quantize.fit.shape import ModelShape
+    from quantize.formats.tensors import weight_bytes_gguf
 
     ap = argparse.ArgumentParser()
     ap.add_argument("run", type=Path)
@@ -115,14 +117,14 @@ def main() -> None:
     ap.add_argument("--torch-only", action="store_true", help="keep the llama.cpp rows of the last results")
     args = ap.parse_args()
     results = json.loads((args.run / "results.json").read_text())
-    shape = fit.ModelShape(**results["base"]["fit"]["protocol"]["shape"])
+    shape = ModelShape(**results["base"]["fit"]["protocol"]["shape"])
     rows = []
     for name in [] if args.torch_only else results["variants"]:
         gguf_file = args.run / name / "model.gguf"
         if not gguf_file.is_file() or (args.only and name not in args.only):
             continue
-        weights = sum(fit.weight_bytes_gguf(gguf_file).values())
-        repack = cpu_memory.repack_bytes_gguf(gguf_file)
+        weights = sum(weight_bytes_gguf(gguf_file).values())
+        repack = cpu_resident.repack_bytes_gguf(gguf_file)
         out = subprocess.run([sys.executable, "-c", VOCAB_ONLY, str(gguf_file)], capture_output=True, text=True,
                              check=True)
         vocab = json.loads(out.stdout.strip().splitlines()[-1])["vocab_rss"]
@@ -131,11 +133,11 @@ def main() -> None:
                 out = subprocess.run([sys.executable, "-c", MEASURE, str(gguf_file), str(ctx), str(int(flash_attn))],
                                      capture_output=True, text=True, check=True)
                 m = json.loads(out.stdout.strip().splitlines()[-1])
-                kv = fit.kv_cache_bytes(shape, ctx, 1, "f16")
-                compute = fit.compute_buffer_bytes(shape, ctx, flash_attn)
-                work = fit.attention_work_bytes(shape, ctx, flash_attn)
+                kv = context_memory.kv_cache_bytes(shape, ctx, 1, "f16")
+                compute = context_memory.compute_buffer_bytes(shape, ctx, flash_attn)
+                work = context_memory.attention_work_bytes(shape, ctx, flash_attn)
                 predicted = weights + kv + compute + work
-                resident = cpu_memory.llamacpp_resident_bytes(weights, repack, shape, ctx, flash_attn)
+                resident = cpu_resident.llamacpp_resident_bytes(weights, repack, shape, ctx, flash_attn)
                 measured = m["peak_rss"] - m["baseline_rss"]
                 allocated = sum(m["llamacpp_buffers"].values())
                 rows.append({"artefact": name, "ctx": ctx, "flash_attn": flash_attn, "weights": weights, "kv": kv,
@@ -150,7 +152,7 @@ def main() -> None:
     torch_rows = {}
     for run in args.torch:
         res = json.loads((run / "results.json").read_text())
-        shape_t = fit.ModelShape(**res["base"]["fit"]["protocol"]["shape"])
+        shape_t = ModelShape(**res["base"]["fit"]["protocol"]["shape"])
         for name in args.torch_variants or list(res["variants"])[:2]:
             if not (run / name).is_dir():
                 continue
@@ -160,9 +162,9 @@ def main() -> None:
                         for env in ({}, FIXED_MMAP_THRESHOLD)]
             checkpoint = sum(f.stat().st_size for f in (run / name).glob("*.safetensors"))
             dtype_bytes = m["dtype_bytes"]
-            kv = cpu_memory.torch_kv_bytes(shape_t, args.torch_ctx, dtype_bytes)
-            activations = cpu_memory.torch_activation_bytes(shape_t, args.torch_ctx, dtype_bytes)
-            predicted = cpu_memory.torch_resident_bytes(m["tensor_bytes"], checkpoint, shape_t, args.torch_ctx,
+            kv = cpu_resident.torch_kv_bytes(shape_t, args.torch_ctx, dtype_bytes)
+            activations = cpu_resident.torch_activation_bytes(shape_t, args.torch_ctx, dtype_bytes)
+            predicted = cpu_resident.torch_resident_bytes(m["tensor_bytes"], checkpoint, shape_t, args.torch_ctx,
                                                         dtype_bytes)
             measured = {}
             for label, r in (("default", m), ("fixed", fixed)):
@@ -181,15 +183,15 @@ def main() -> None:
     result = {"run": str(args.run), "runtime": "llama.cpp (llama-cpp-python 0.3.36), CPU, 2 threads, KV F16, "
               "n_batch = n_ubatch = 512, last logits only",
               "torch": {"ctx": args.torch_ctx, "rows": torch_rows,
-                        "prediction": "quantize.cpu_memory.torch_resident_bytes: tensors the model holds after "
+                        "prediction": "quantize.fit.cpu_resident.torch_resident_bytes: tensors the model holds after "
                                       "loading (decompressed to dense for compressed-tensors) + the checkpoint's "
                                       "safetensors bytes (transformers keeps the file mmap'd, its pages stay "
                                       "resident) + KV (model dtype) + prefill activations ctx x (3 x intermediate "
                                       "+ 4 x hidden) x dtype bytes (CPU sdpa's flash kernel keeps no ctx² scores)"},
-              "prediction": "GGUF tensor bytes + KV (fit.kv_cache_bytes, f16) + fit.compute_buffer_bytes + "
-                            "fit.attention_work_bytes (= fit.overhead_bytes minus the fixed 512 MiB GPU allowance)",
-              "resident_prediction": "quantize.cpu_memory.llamacpp_resident_bytes: GGUF tensor bytes + repacked "
-                                     "copies (cpu_memory.REPACKED_TYPES) + KV + the compute buffer's attention "
+              "prediction": "GGUF tensor bytes + KV (context_memory.kv_cache_bytes, f16) + compute_buffer_bytes + "
+                            "attention_work_bytes (= overhead_bytes minus the fixed 512 MiB GPU allowance)",
+              "resident_prediction": "quantize.fit.cpu_resident.llamacpp_resident_bytes: GGUF tensor bytes + repacked "
+                                     "copies (cpu_resident.REPACKED_TYPES) + KV + the compute buffer's attention "
                                      "phase + f16 scores copy without flash attention",
               "rows": rows}
     (HERE / "results").mkdir(exist_ok=True)
@@ -227,7 +229,7 @@ def render(result: dict) -> None:
                   f"16-token warm-up forward, then a prefill of {result['torch']['ctx']} tokens with the KV cache "
                   "kept (logits of the last position only). Prediction: " + result["torch"]["prediction"], "",
                   "- steady = RSS after the warm-up and malloc_trim − RSS before loading (in brackets: before that "
-                  "second malloc_trim; backends.load already trimmed once after decompressing); checkpoint mapped = resident pages of the artefact's mmap'd safetensors (smaps)",
+                  "second malloc_trim; load.load already trimmed once after decompressing); checkpoint mapped = resident pages of the artefact's mmap'd safetensors (smaps)",
                   "- measured twice per artefact, fresh processes: glibc's default allocator, and with "
                   "MALLOC_MMAP_THRESHOLD_=131072 (glibc's dynamic mmap threshold off: large tensors are mmap'd and "
                   "returned when freed instead of staying in the heap)", "",

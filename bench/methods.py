@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from quantize import pipeline
-from quantize.fit import gib
+from quantize.fit.vram import gib
 from quantize.recipe import load_recipe
 
 

@@ -12,9 +12,10 @@ import math
 import tempfile
 from pathlib import Path
 
-from quantize import evaluate, lmeval
-from quantize.models import load_model, load_tokenizer, resolve_model
-from quantize.texts import Text
+from quantize.measure import lmeval
+from quantize.measure import quality
+from quantize.sources.models import load_model, load_tokenizer, resolve_model
+from quantize.sources.texts import Text
 
 HERE = Path(__file__).resolve().parent
 
@@ -33,9 +34,9 @@ def main() -> None:
     text = Text(f"bundled:wiki/eval first {args.articles} articles", "\n\n".join(d["text"] for d in docs))
     rows = {}
     for n_ctx in (512, 2048):
-        chunks = evaluate.make_chunks(tok, text, n_ctx, None)
-        store = evaluate.BaseLogProbs(Path(tempfile.mkdtemp()), chunks, model.config.vocab_size)
-        s = evaluate.score(model, chunks, store, True, f"ours n_ctx {n_ctx}")
+        chunks = quality.make_chunks(tok, text, n_ctx, None)
+        store = quality.BaseLogProbs(Path(tempfile.mkdtemp()), chunks, model.config.vocab_size)
+        s = quality.score_base(model, chunks, store, f"ours n_ctx {n_ctx}")
         rows[f"quantize (llama.cpp protocol), n_ctx {n_ctx}"] = {
             "ppl": s["ppl"], "bits_per_byte": s["bits_per_byte"], "tokens_scored": s["tokens_scored"],
             "context_per_scored_token": f"{n_ctx // 2}–{n_ctx - 1}", "text_tokens": chunks.text_tokens}

@@ -28,21 +28,23 @@ from pathlib import Path
 
 import torch
 
-from quantize import backends, evaluate
-from quantize.fit import gib, weight_bytes_safetensors
-from quantize.models import load_model, load_tokenizer, resolve_model
-from quantize.speed import cpu_model
-from quantize.texts import bundled_wiki, calibration_batches
+from quantize.measure import quality
+from quantize.runtimes import load
+from quantize.fit.vram import gib
+from quantize.formats.tensors import weight_bytes_safetensors
+from quantize.sources.models import load_model, load_tokenizer, resolve_model
+from quantize.measure.speed import cpu_model
+from quantize.sources.texts import bundled_wiki, calibration_batches
 
 HERE = Path(__file__).resolve().parent
 
 OURS = """
 import json, sys, time, torch
 from pathlib import Path
-from quantize import memory
-from quantize.methods import METHODS
-from quantize.models import resolve_model
-from quantize.recipe import AwqMethod, GptqMethod
+from quantize.measure import memory
+from quantize.methods.registry import METHODS
+from quantize.sources.models import resolve_model
+from quantize.methods.configs import AwqMethod, GptqMethod
 name, base, calib, out, gs, sym = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6] == "sym"
 true_sequential, forward_dtype = sys.argv[7] == "1", sys.argv[8]
 ids = torch.load(calib)
@@ -139,9 +141,9 @@ def main() -> None:
             process = json.loads((out / "process.json").read_text()) if (out / "process.json").is_file() else {}
             builds[name].append({**json.loads((out / "bench.json").read_text()), **process, "folder": str(out)})
 
-    chunks = evaluate.make_chunks(tok, bundled_wiki("eval"), 512, args.chunks)
-    store = evaluate.BaseLogProbs(work / "base-logprobs", chunks, vocab)
-    base_q = evaluate.score(load_model(base.path, "float32"), chunks, store, True, "base")
+    chunks = quality.make_chunks(tok, bundled_wiki("eval"), 512, args.chunks)
+    store = quality.BaseLogProbs(work / "base-logprobs", chunks, vocab)
+    base_q = quality.score_base(load_model(base.path, "float32"), chunks, store, "base")
     runs, scored = {}, {}
     for name, reps in builds.items():
         for rep in reps:  # every distinct artefact is scored once
@@ -152,9 +154,9 @@ def main() -> None:
                     for block in iter(lambda: fh.read(1 << 24), b""):
                         digest.update(block)
             digest = digest.hexdigest()
-            if digest not in scored:  # the evaluation's own loader per format (backends.load)
-                model, loader, _ = backends.load(folder, "float32")
-                scored[digest] = {**evaluate.score(model, chunks, store, False, f"{name} {folder.name}"),
+            if digest not in scored:  # the evaluation's own loader per format (load.load)
+                model, loader, _ = load.load(folder, "float32")
+                scored[digest] = {**quality.score(model, chunks, store, f"{name} {folder.name}"),
                                   "loader": loader}
             rep["eval"], rep["sha256"] = scored[digest], digest
         klds = [r["eval"]["kld"]["mean"] for r in reps]

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from quantize import memory
+from quantize.measure import memory
 from quantize.methods import gptq
-from quantize.models import BaseModel
-from quantize.recipe import GptqMethod
+from quantize.sources.models import BaseModel
+from quantize.methods.configs import GptqMethod
 
 CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=28,
               num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False)
@@ -40,7 +40,7 @@ def build_model(folder: Path) -> int:
     model.save_pretrained(folder, max_shard_size="500MB")
     del model
     # a tokenizer is part of every artefact; the bundled SmolLM2 one stands in (ids are random anyway)
-    from quantize.models import load_tokenizer, resolve_model
+    from quantize.sources.models import load_tokenizer, resolve_model
 
     load_tokenizer(resolve_model("bundled:smollm2-135m").path).save_pretrained(folder)
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import typer
 
-from quantize.errors import QuantizeError
-from quantize.fit import gib
-from quantize.recipe import Fit, bundled_recipes, load_recipe
+from quantize.common.errors import QuantizeError
+from quantize.fit.gpus import DEFAULT_CONTEXTS, DEFAULT_GPUS
+from quantize.fit.vram import gib
+from quantize.recipe import Eval, bundled_recipes, load_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize LLMs from a YAML recipe; measure quality, speed and VRAM fit.")
@@ -76,8 +77,7 @@ def eval_command(path: Path = typer.Argument(..., help="an artefact: HF folder (
                  speed: bool = typer.Option(True, "--speed/--no-speed"),
                  out: Path | None = typer.Option(None, "--out", help="write the JSON result here")) -> None:
     """Evaluate any artefact on the backend its format runs on: perplexity, bits per byte, KLD, speed."""
-    from quantize import scorecard
-    from quantize.recipe import Eval
+    from quantize.measure import scorecard
 
     try:
         ev = load_recipe(recipe).eval if recipe else Eval()
@@ -98,8 +98,8 @@ def eval_command(path: Path = typer.Argument(..., help="an artefact: HF folder (
 
 @app.command("fit")
 def fit_command(model: str = typer.Argument(..., help="a .gguf, an HF directory, a config.json or a hub id"),
-                gpu: list[str] = typer.Option(Fit().gpus, "--gpu", help="GPU rows of quantize/fit.py"),
-                ctx: list[int] = typer.Option([8192, 32768, 131072], "--ctx", help="context lengths"),
+                gpu: list[str] = typer.Option(list(DEFAULT_GPUS), "--gpu", help="GPU rows of quantize/fit/gpus.py"),
+                ctx: list[int] = typer.Option(list(DEFAULT_CONTEXTS), "--ctx", help="context lengths"),
                 batch: int = typer.Option(1, "--batch", min=1),
                 kv_dtype: str = typer.Option("f16", "--kv-dtype", help="f16, bf16, f32, q8_0, q4_0, fp8"),
                 weights: str | None = typer.Option(None, "--weights",
@@ -111,11 +111,13 @@ def fit_command(model: str = typer.Argument(..., help="a .gguf, an HF directory,
                                                      "attention scores, which grow with context"),
                 as_json: bool = typer.Option(False, "--json")) -> None:
     """Will MODEL fit on these GPUs at these contexts? Headroom, largest context and batch, decode estimate."""
-    from quantize import fit, footprint
+    from quantize.fit import footprint, vram
+    from quantize.fit.context_memory import kv_cache_bytes
+    from quantize.fit.gpus import gpu_by_name
 
     try:
         m = footprint.describe_model(model, weights)
-        report = fit.fit_report(m["weights_bytes"], m["shape"], gpu, ctx, batch, kv_dtype, flash_attn)
+        report = vram.fit_report(m["weights_bytes"], m["shape"], gpu, ctx, batch, kv_dtype, flash_attn)
     except QuantizeError as exc:
         _fail(exc)
     c = m["counts"]
@@ -123,8 +125,8 @@ def fit_command(model: str = typer.Argument(..., help="a .gguf, an HF directory,
     for g in report["protocol"]["gpus"]:
         row = {}
         for context in ctx:  # bytes read per generated token: active weights + the whole KV cache
-            per_token = m["active_weight_bytes"] + fit.kv_cache_bytes(m["shape"], context, batch, kv_dtype)
-            row[str(context)] = fit.decode_tokens_per_s_estimate(per_token, fit.gpu_by_name(g["name"])) * batch
+            per_token = m["active_weight_bytes"] + kv_cache_bytes(m["shape"], context, batch, kv_dtype)
+            row[str(context)] = vram.decode_tokens_per_s_estimate(per_token, gpu_by_name(g["name"])) * batch
         decode[g["name"]] = row
     if as_json:
         typer.echo(json.dumps({"model": model, "source": m["source"], "weights_bytes": m["weights_bytes"],
@@ -155,12 +157,12 @@ def compare(runs: list[Path] = typer.Argument(..., help="run folders, e.g. outpu
             html_out: Path | None = typer.Option(None, "--html", help="self-contained HTML page"),
             md_out: Path | None = typer.Option(None, "--md", help="also write the Markdown table here")) -> None:
     """One table of every artefact in RUNS (quality, size, speed, fit), Pareto front of KLD against size."""
-    from quantize import compare as cmp
-    from quantize import fit
+    from quantize.fit.gpus import gpu_by_name
+    from quantize.report import compare as cmp
 
     try:
         rows = cmp.load_rows([r for r in runs if r.is_dir()])
-        usable = {name: fit.gpu_by_name(name).usable_bytes for name in (rows[0].fits if rows else {})}
+        usable = {name: gpu_by_name(name).usable_bytes for name in (rows[0].fits if rows else {})}
         cmp.chart(rows, png, usable)
     except QuantizeError as exc:
         _fail(exc)

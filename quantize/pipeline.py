@@ -18,14 +18,21 @@ from pathlib import Path
 import torch
 import yaml
 
-from quantize import artefact, backends, evaluate, fit, llamacpp, lmeval, memory, report, speed
-from quantize.errors import QuantizeError
-from quantize.layerwise import resolve_device
-from quantize.methods import METHODS
-from quantize.models import BaseModel, load_model, load_tokenizer, meta_model, peek_config, resolve_model
+from quantize.common import files
+from quantize.common.errors import QuantizeError
+from quantize.common.ui import step
+from quantize.fit import footprint, vram
+from quantize.fit.shape import shape_from_config
+from quantize.formats.tensors import weight_bytes, weight_bytes_gguf, weight_bytes_safetensors
+from quantize.measure import lmeval, memory, quality, speed
+from quantize.methods.engine import resolve_device
+from quantize.methods.registry import METHODS
 from quantize.recipe import Recipe
-from quantize.texts import calibration_batches, load_text
-from quantize.ui import step
+from quantize.report import markdown
+from quantize.runtimes.llamacpp import LlamaCppModel
+from quantize.runtimes.load import free, load
+from quantize.sources.models import BaseModel, gguf_source, load_model, load_tokenizer, meta_model, resolve_model
+from quantize.sources.texts import calibration_batches, load_text
 
 
 def _base_model(recipe: Recipe, resolve=resolve_model):
@@ -35,18 +42,33 @@ def _base_model(recipe: Recipe, resolve=resolve_model):
         raise QuantizeError(f"key `model`: {exc}") from None
 
 
+def peek_config(spec: str):
+    """(transformers config, tensor bytes by dtype, description) of a base model without loading weights:
+    a GGUF that is not converted yet is read for its metadata and tensor headers only."""
+    from transformers import AutoConfig
+
+    source = gguf_source(spec)
+    if source is not None and not (source[1] / "config.json").is_file():
+        gguf, _, origin = source
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        return config, weight_bytes_gguf(gguf), {"spec": spec, "origin": origin, "source_file": str(gguf),
+                                                  "bytes_are": "the GGUF source (not yet converted)"}
+    base = resolve_model(spec)
+    return AutoConfig.from_pretrained(base.path), weight_bytes_safetensors(base.path), base.describe()
+
+
 def plan(recipe: Recipe) -> dict:
     """What a run will do, the expected artefact sizes and the fit, from the config alone (no weights)."""
     config, base_bytes, described = _base_model(recipe, peek_config)
     meta = meta_model(config)
-    shape = fit.shape_from_config(config.to_dict())
+    shape = shape_from_config(config.to_dict())
     variants = {}
     for method in recipe.methods:
-        expected = METHODS[method.name].estimate_bytes(method, meta)
+        expected = footprint.expected_bytes(method, meta)
         variants[method.default_variant()] = {
             "method": method.model_dump(mode="json"),
             "expected_bytes": expected,
-            "fit": fit.fit_report(expected, shape, recipe.fit.gpus, recipe.fit.contexts, recipe.fit.batch,
+            "fit": vram.fit_report(expected, shape, recipe.fit.gpus, recipe.fit.contexts, recipe.fit.batch,
                                   recipe.fit.kv_dtype, recipe.fit.flash_attn),
         }
     return {
@@ -59,30 +81,32 @@ def plan(recipe: Recipe) -> dict:
 
 
 def _free(model) -> None:
-    backends.free(model)
+    free(model)
     del model
     gc.collect()
 
 
 def _evaluate(model, label: str, chunks, base_logprobs, is_base: bool, recipe: Recipe,
               bandwidth: dict | None = None, tokenizer=None) -> dict:
-    out = {"perplexity": evaluate.score(model, chunks, base_logprobs, is_base=is_base, label=label)}
+    if is_base:  # the base fills the store of log-probabilities every variant is compared with
+        out = {"perplexity": quality.score_base(model, chunks, base_logprobs, label)}
+    else:
+        out = {"perplexity": quality.score(model, chunks, base_logprobs, label)}
     if recipe.eval.tasks:
-        if isinstance(model, llamacpp.LlamaCppModel):
+        if isinstance(model, LlamaCppModel):
             out["lm_eval"] = {"skipped": "lm-eval runs on the torch model in memory; GGUF artefacts run on llama.cpp"}
         else:
             out["lm_eval"] = lmeval.run(model, tokenizer, recipe.eval.tasks, recipe.eval.task_limit)
     if recipe.eval.speed.enabled:
-        out["speed"] = backends.bench_speed(model, recipe.eval.speed, label, recipe.seed, bandwidth)
+        out["speed"] = speed.bench_speed(model, recipe.eval.speed, label, recipe.seed, bandwidth)
     return out
 
 
 def _fit(folder: Path, shape, recipe: Recipe) -> dict:
-    gguf_file = folder / "model.gguf"
-    by_dtype = fit.weight_bytes_gguf(gguf_file) if gguf_file.is_file() else fit.weight_bytes_safetensors(folder)
+    by_dtype = weight_bytes(folder)
     f = recipe.fit
     return {"weight_bytes_by_dtype": by_dtype,
-            **fit.fit_report(sum(by_dtype.values()), shape, f.gpus, f.contexts, f.batch, f.kv_dtype, f.flash_attn)}
+            **vram.fit_report(sum(by_dtype.values()), shape, f.gpus, f.contexts, f.batch, f.kv_dtype, f.flash_attn)}
 
 
 def _calibration(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, dict]:
@@ -110,17 +134,17 @@ def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe, calib)
         "recipe_sha256": recipe.sha256(),
         "seed": recipe.seed,
         "calibration": calib_info,
-        "versions": artefact.versions(),
+        "versions": files.versions(),
         "timings_s": {"build": seconds},
         "peak_rss_bytes": {"build": memory.peak_rss_bytes()},
-        "files": artefact.file_hashes(folder),
+        "files": files.file_hashes(folder),
     }
-    artefact.write_json(folder / "manifest.json", manifest)
+    files.write_json(folder / "manifest.json", manifest)
     return manifest
 
 
 def run(recipe: Recipe, force: bool = False) -> Path:
-    staging = artefact.Staging(recipe.output_dir, force)
+    staging = files.Staging(recipe.output_dir, force)
     staging.check()  # fail before any work, not after it
     for k, method in enumerate(recipe.methods):  # a device this machine lacks, before any work too
         if hasattr(method, "device"):
@@ -130,8 +154,8 @@ def run(recipe: Recipe, force: bool = False) -> Path:
     base = _base_model(recipe)
     tokenizer = load_tokenizer(base.path)
     ppl = recipe.eval.perplexity
-    chunks = evaluate.make_chunks(tokenizer, load_text(ppl.source, "eval", ppl.field), ppl.n_ctx, ppl.max_chunks)
-    shape = fit.shape_from_config(base.config)
+    chunks = quality.make_chunks(tokenizer, load_text(ppl.source, "eval", ppl.field), ppl.n_ctx, ppl.max_chunks)
+    shape = shape_from_config(base.config)
     dtype = recipe.eval.dtype
     torch.manual_seed(recipe.seed)
 
@@ -140,11 +164,11 @@ def run(recipe: Recipe, force: bool = False) -> Path:
         step(f"base model: {chunks.ids.shape[0]} chunks × {chunks.n_ctx} tokens of {chunks.text['source']}")
         model = load_model(base.path, dtype)
         vocab = model.config.vocab_size
-        base_logprobs = evaluate.BaseLogProbs(out / "base-logprobs", chunks, vocab)
+        base_logprobs = quality.BaseLogProbs(out / "base-logprobs", chunks, vocab)
         bandwidth = speed.memory_bandwidth_gb_s() if recipe.eval.speed.enabled else None
         results = {
             "protocol": {"perplexity": chunks.protocol(), "eval_dtype": dtype, "device": "cpu",
-                         "memory_bandwidth": bandwidth, "versions": artefact.versions()},
+                         "memory_bandwidth": bandwidth, "versions": files.versions()},
             "base": {**base.describe(), **_evaluate(model, "base", chunks, base_logprobs, True, recipe,
                                                     bandwidth, tokenizer),
                      "fit": _fit(base.path, shape, recipe)},
@@ -161,21 +185,21 @@ def run(recipe: Recipe, force: bool = False) -> Path:
             folder = out / name
             manifest = _build_variant(method, base, folder, recipe, calib)
             step(f"{name}: reloading the artefact with its loader and evaluating")
-            model, loader, eval_dtype = backends.load(folder, dtype, chunks.n_ctx)
+            model, loader, eval_dtype = load(folder, dtype, chunks.n_ctx)
             measured = _evaluate(model, name, chunks, base_logprobs, False, recipe, bandwidth, tokenizer)
             _free(model)
             variant = {"method": manifest["method"], "format": manifest["result"]["format"],
                        "eval_dtype": eval_dtype, "loader": loader, "build_s": manifest["timings_s"]["build"],
                        "build_peak_rss_bytes": manifest["peak_rss_bytes"]["build"], **measured,
                        "fit": _fit(folder, shape, recipe)}
-            artefact.write_json(folder / "results.json", {"protocol": results["protocol"], **variant})
+            files.write_json(folder / "results.json", {"protocol": results["protocol"], **variant})
             results["variants"][name] = variant
 
         shutil.rmtree(out / "base-logprobs")
-        artefact.write_json(out / "results.json", results)
-        artefact.write_json(out / "fit.json", {n: v["fit"] for n, v in [("base", results["base"]),
+        files.write_json(out / "results.json", results)
+        files.write_json(out / "fit.json", {n: v["fit"] for n, v in [("base", results["base"]),
                                                                           *results["variants"].items()]})
-        (out / "report.md").write_text(report.render(recipe, results))
+        (out / "report.md").write_text(markdown.render(recipe.name, results))
     step(f"done: {recipe.output_dir}/report.md")
     return recipe.output_dir
 

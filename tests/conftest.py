@@ -20,7 +20,7 @@ def build_tiny_llama(folder: Path, vocab_size: int = 512, seed: int = 0, **confi
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from quantize.texts import bundled_wiki
+    from quantize.sources.texts import bundled_wiki
 
     text = bundled_wiki("calibration").text
     tok = Tokenizer(models.BPE(unk_token="<unk>"))

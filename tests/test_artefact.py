@@ -2,8 +2,8 @@
 
 import pytest
 
-from quantize.artefact import Staging
-from quantize.errors import QuantizeError
+from quantize.common.files import Staging
+from quantize.common.errors import QuantizeError
 
 
 def test_failure_inside_staging_leaves_nothing(tmp_path):

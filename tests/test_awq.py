@@ -5,11 +5,14 @@ import json
 import torch
 
 from conftest import write_recipe
-from quantize import ct_format, pipeline, rtn
-from quantize.layerwise import stream_layers
+from quantize import pipeline
+from quantize.formats import compressed_tensors
+from quantize.methods import grids
+from quantize.methods.engine import stream_layers
 from quantize.methods.awq import AWQ_MAPPINGS, awq_layer, block_loss_fn, fold_scale, search_clip, search_scale
-from quantize.models import load_model, load_tokenizer
-from quantize.recipe import AwqMethod, load_recipe
+from quantize.sources.models import load_model, load_tokenizer
+from quantize.methods.configs import AwqMethod
+from quantize.recipe import load_recipe
 
 
 def outlier_inputs(n=2048, cols=64, seed=0):
@@ -25,7 +28,7 @@ def test_scale_search_beats_rtn_on_outlier_channels():
     lin = torch.nn.Linear(64, 32, bias=False)
     x = outlier_inputs()[None]  # [1 sample, tokens, cols]
     W = lin.weight.data.clone()
-    Q = lambda w: rtn.fake_quantize(w, 3, False, 16)  # noqa: E731
+    Q = lambda w: grids.fake_quantize(w, 3, False, 16)  # noqa: E731
     x_mean = x.abs().mean((0, 1))
     s, alpha, losses = search_scale([lin], [True], x_mean, block_loss_fn(None, lin, x), Q, 16, 20, True)
     assert torch.equal(lin.weight.data, W)  # the search leaves the weights as they came
@@ -42,7 +45,7 @@ def test_gram_loss_equals_the_output_error():
     x = outlier_inputs()[None]
     W = lin.weight.data.clone()
     loss = block_loss_fn(None, lin, x)
-    lin.weight.data = rtn.fake_quantize(W, 3, False, 16)
+    lin.weight.data = grids.fake_quantize(W, 3, False, 16)
     direct = (x @ (lin.weight.data - W).T).pow(2).mean()
     assert torch.allclose(loss(), direct, rtol=1e-3)
 
@@ -64,7 +67,7 @@ def test_clip_search_never_worse_than_no_clip():
     W = torch.randn(64, 64)
     W[:, 5] *= 8  # a few large weights: clipping them helps the other weights of their group
     x = torch.randn(256, 64)
-    Q = lambda w: rtn.fake_quantize(w, 3, False, 32)  # noqa: E731
+    Q = lambda w: grids.fake_quantize(w, 3, False, 32)  # noqa: E731
     m = search_clip(W, x, Q, 32)
     assert m.shape == (64, 2)
     clipped = torch.clamp(W.reshape(64, 2, 32), -m[..., None], m[..., None]).reshape(64, 64)
@@ -120,12 +123,12 @@ def test_streamed_awq_beats_rtn_and_reloads(tiny_model, tmp_path):
     ids = load_tokenizer(folder)("The history of the city", return_tensors="pt").input_ids
     with torch.no_grad():
         a = load_model(folder, "float32")(ids).logits
-        b = ct_format.load_dense(folder)(ids).logits
+        b = compressed_tensors.load_dense(folder)(ids).logits
     assert (a - b).abs().max().item() < 1e-4
 
 
 def test_pack_roundtrip_and_awq_order():
-    from quantize.classic_format import AWQ_ORDER, pack, unpack
+    from quantize.formats.classic import AWQ_ORDER, pack, unpack
 
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (6, 16), generator=g, dtype=torch.int32)
@@ -138,7 +141,7 @@ def test_pack_roundtrip_and_awq_order():
 def test_classic_layouts_hold_the_same_weights(tiny_model, tmp_path):
     """The same AWQ / GPTQ result written as compressed-tensors and as the classic `awq` / `gptq` layouts
     dequantizes to the same weights; the configs say what GPTQModel and transformers read."""
-    from quantize import classic_format
+    from quantize.formats import classic
 
     methods = [{"name": "awq", "bits": 4, "group_size": 64, "variant": "ct"},
                {"name": "awq", "bits": 4, "group_size": 64, "format": "awq"},
@@ -153,10 +156,10 @@ def test_classic_layouts_hold_the_same_weights(tiny_model, tmp_path):
     pipeline.run(recipe)
     ids = load_tokenizer(out / "ct")("The history of the city", return_tensors="pt").input_ids
     with torch.no_grad():
-        for ct, classic in [("ct", "awq-w4-asym-g64-awq"), ("gptq-ct", "gptq-w4-sym-g64-gptq"),
+        for ct, layout in [("ct", "awq-w4-asym-g64-awq"), ("gptq-ct", "gptq-w4-sym-g64-gptq"),
                             ("rtn-ct", "rtn-w4-asym-g64-gptq")]:
-            a = load_model(out / ct, "float32") if ct == "gptq-ct" else ct_format.load_dense(out / ct)
-            b = classic_format.load_dense(out / classic)
+            a = load_model(out / ct, "float32") if ct == "gptq-ct" else compressed_tensors.load_dense(out / ct)
+            b = classic.load_dense(out / layout)
             assert (a(ids).logits - b(ids).logits).abs().max().item() < 1e-4
     qc = json.loads((out / "awq-w4-asym-g64-awq" / "config.json").read_text())["quantization_config"]
     assert qc == {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm",

@@ -5,7 +5,7 @@ import sys
 
 from conftest import write_recipe
 from quantize import pipeline
-from quantize.compare import Row, mark_pareto
+from quantize.report.compare import Row, mark_pareto
 from quantize.recipe import load_recipe
 
 

@@ -1,4 +1,4 @@
-"""Tests for quantize.fit: hand-computed KV bytes, real-header weight bytes, fit/headroom, searches."""
+"""Tests for quantize.fit (shape, gpus, context_memory, vram): hand-computed KV bytes, real-header weight bytes, fit/headroom, searches."""
 
 import json
 
@@ -6,13 +6,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from quantize.errors import QuantizeError
-from quantize.fit import (
-    GPUS, GiB, OVERHEAD_NOTE, RUNTIME_OVERHEAD_BYTES, compute_buffer_bytes, decode_tokens_per_s_estimate,
-    fit_report, fit_rows,
-    gib, gpu_by_name, kv_cache_bytes, largest_batch, largest_context, overhead_bytes, shape_from_config,
-    weight_bytes_safetensors,
+from quantize.common.errors import QuantizeError
+from quantize.fit.context_memory import (
+    OVERHEAD_NOTE, RUNTIME_OVERHEAD_BYTES, compute_buffer_bytes, kv_cache_bytes, overhead_bytes,
 )
+from quantize.fit.gpus import GPUS, GiB, gpu_by_name
+from quantize.fit.shape import shape_from_config
+from quantize.fit.vram import (
+    decode_tokens_per_s_estimate, fit_report, fit_rows, gib, largest_batch, largest_context,
+)
+from quantize.formats.tensors import weight_bytes_safetensors
 
 LLAMA3_8B = {
     "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32,
@@ -170,7 +173,7 @@ def test_weight_bytes_gguf(tmp_path):
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
-    from quantize.fit import weight_bytes_gguf
+    from quantize.formats.tensors import weight_bytes_gguf
 
     path = tmp_path / "tiny.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")

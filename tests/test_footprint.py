@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from quantize.fit import GiB, fit_one, gpu_by_name, kv_cache_bytes
-from quantize.footprint import describe_model, param_counts, use_more_bits, weight_bytes
+from quantize.fit.context_memory import kv_cache_bytes
+from quantize.fit.gpus import GiB, gpu_by_name
+from quantize.fit.vram import fit_one
+from quantize.fit.footprint import describe_model, param_counts, use_more_bits, weight_bytes
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 

@@ -9,16 +9,16 @@ import torch
 
 from conftest import write_recipe
 from quantize import pipeline
-from quantize.models import load_model, load_tokenizer
+from quantize.sources.models import load_model, load_tokenizer
 from quantize.recipe import load_recipe
-from quantize.texts import bundled_wiki
+from quantize.sources.texts import bundled_wiki
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
 
 def test_f32_gguf_matches_transformers(tiny_model, tmp_path):
-    from quantize.gguf_convert import convert
-    from quantize.llamacpp import LlamaCppModel
+    from quantize.formats.gguf_convert import convert
+    from quantize.runtimes.llamacpp import LlamaCppModel
 
     path = convert(tiny_model, tmp_path / "tiny-f32.gguf", "F32")
     tok = load_tokenizer(tiny_model)

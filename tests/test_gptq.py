@@ -6,11 +6,14 @@ import pytest
 import torch
 
 from conftest import write_recipe
-from quantize import ct_format, pipeline, rtn
-from quantize.errors import QuantizeError
-from quantize.methods.gptq import Hessian, accumulate_hessian, gptq_quantize, gram
+from quantize import pipeline
+from quantize.formats import compressed_tensors
+from quantize.methods import grids
+from quantize.common.errors import QuantizeError
+from quantize.methods.gptq import gptq_quantize
+from quantize.methods.statistics import Hessian, accumulate_hessian, gram
 from quantize.methods.weight_only import group_size_for
-from quantize.models import load_model, load_tokenizer
+from quantize.sources.models import load_model, load_tokenizer
 from quantize.recipe import load_recipe
 
 
@@ -49,9 +52,9 @@ def test_gptq_output_error_below_rtn(symmetric, group_size, act_order):
     W = layer.weight.data
     r = gptq_quantize(W, hessian_of(X), 3, symmetric, group_size, act_order, damp=0.01, block_size=4,
                       scale_dtype=torch.float32)
-    gptq_W = rtn.dequantize(r.q, r.scale, r.zero, group_size)
-    rtn_W = rtn.fake_quantize(W, 3, symmetric, group_size)
-    qmin, qmax = rtn.grid(3, symmetric)
+    gptq_W = grids.dequantize(r.q, r.scale, r.zero, group_size)
+    rtn_W = grids.fake_quantize(W, 3, symmetric, group_size)
+    qmin, qmax = grids.grid(3, symmetric)
     assert r.q.min() >= qmin and r.q.max() <= qmax
     err = lambda Wq: ((Wq - W) @ X.T).pow(2).sum().item()  # noqa: E731  ‖(W − Ŵ)Xᵀ‖²
     assert err(gptq_W) < 0.9 * err(rtn_W)
@@ -61,8 +64,8 @@ def test_identity_hessian_per_channel_is_rtn():
     """With uncorrelated unit inputs there is nothing to feed the error back into: GPTQ = RTN."""
     W = torch.randn(6, 8)
     r = gptq_quantize(W, Hessian(torch.eye(8), n=1), 4, True, -1, damp=1e-9, scale_dtype=torch.float32)
-    scale, zero = rtn.scale_zero(W, 4, True)
-    assert torch.equal(r.q, rtn.quantize(W, scale, zero, 4, True))
+    scale, zero = grids.scale_zero(W, 4, True)
+    assert torch.equal(r.q, grids.quantize(W, scale, zero, 4, True))
 
 
 def test_act_order_keeps_static_groups_and_dead_columns():
@@ -72,7 +75,7 @@ def test_act_order_keeps_static_groups_and_dead_columns():
     r = gptq_quantize(W, hessian_of(X), 4, True, 4, act_order=True, scale_dtype=torch.float32)
     W_live = W.clone()
     W_live[:, 3] = 0  # as in the reference, a dead input's weights are zeroed before the grids are set
-    scale, _ = rtn.scale_zero(W_live, 4, True, 4)
+    scale, _ = grids.scale_zero(W_live, 4, True, 4)
     assert torch.allclose(r.scale, scale)  # groups' grids fixed from the original weights, natural order
     assert torch.isfinite(torch.tensor(r.loss)) and r.q[:, 3].abs().sum() == 0  # dead column quantized to 0
 
@@ -120,7 +123,7 @@ def test_streamed_gptq_beats_rtn_and_reloads(tiny_model, tmp_path):
     ids = load_tokenizer(folder)("The history of the city", return_tensors="pt").input_ids
     with torch.no_grad():
         a = load_model(folder, "float32")(ids).logits
-        b = ct_format.load_dense(folder)(ids).logits
+        b = compressed_tensors.load_dense(folder)(ids).logits
     assert (a - b).abs().max().item() < 1e-4
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["calibration"]["samples"] == 16 and len(manifest["calibration"]["sha256"]) == 64
@@ -133,7 +136,7 @@ def test_staged_layer_equals_the_decoder_layer(family):
     quantizing does), the output is the changed layer's output."""
     import transformers
 
-    from quantize.layerwise import SEQUENTIAL_GROUPS, Activations, staged_layer
+    from quantize.methods.engine import SEQUENTIAL_GROUPS, Activations, staged_layer
 
     config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                                  "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
@@ -165,7 +168,7 @@ def test_bfloat16_forward_stays_close_and_returns_float32():
     """forward_dtype bfloat16: the linears and attention run under autocast, the activations stay float32."""
     import transformers
 
-    from quantize.layerwise import Activations
+    from quantize.methods.engine import Activations
 
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2)
@@ -181,7 +184,7 @@ def test_bfloat16_forward_stays_close_and_returns_float32():
 
 
 def test_device_is_checked_at_the_edge():
-    from quantize.layerwise import resolve_device
+    from quantize.methods.engine import resolve_device
 
     assert resolve_device("auto", "recipe.yaml") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu", "recipe.yaml") == "cpu"
@@ -195,9 +198,9 @@ def test_streamed_gptq_on_cuda_matches_cpu(tiny_model, tmp_path):
     """The same streamed GPTQ on the GPU: same layout; the codes differ only where float rounding tips a value."""
     from safetensors.torch import load_file
 
-    from quantize.methods import METHODS
-    from quantize.models import resolve_model
-    from quantize.recipe import GptqMethod
+    from quantize.methods.registry import METHODS
+    from quantize.sources.models import resolve_model
+    from quantize.methods.configs import GptqMethod
 
     base = resolve_model(str(tiny_model))
     calib = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(0))
@@ -234,7 +237,7 @@ def test_all_zero_group_keeps_finite_codes():
     W[2, :4] = 0
     r = gptq_quantize(W, hessian_of(X), 4, False, 4)  # fp16 scales, as the artefact stores them
     assert (r.scale > 0).all() and torch.isfinite(r.row_loss).all()
-    deq = rtn.dequantize(r.q, r.scale, r.zero, 4)
+    deq = grids.dequantize(r.q, r.scale, r.zero, 4)
     assert torch.equal(deq[2, :4], torch.zeros(4)) and torch.isfinite(deq).all()
 
 

@@ -6,9 +6,10 @@ import time
 import pytest
 
 from conftest import write_recipe
-from quantize import lmeval, pipeline
-from quantize.errors import QuantizeError
-from quantize.models import load_model, load_tokenizer
+from quantize import pipeline
+from quantize.measure import lmeval
+from quantize.common.errors import QuantizeError
+from quantize.sources.models import load_model, load_tokenizer
 from quantize.recipe import load_recipe
 
 pytest.importorskip("lm_eval")

@@ -7,7 +7,7 @@ import torch
 from conftest import write_recipe
 from quantize import pipeline
 from quantize.methods import int8
-from quantize.models import load_model, load_tokenizer
+from quantize.sources.models import load_model, load_tokenizer
 from quantize.recipe import load_recipe
 
 METHODS = [{"name": "int8", "scheme": "w8a16"}, {"name": "int8", "scheme": "llm.int8"}]
@@ -61,8 +61,8 @@ def test_w8a16_reload_matches_in_process(tiny_model, tmp_path):
 
 def test_plan_expected_size_matches_built_artefact(tiny_model, tmp_path):
     """`plan` predicts the artefact's tensor bytes from the architecture alone; compare with a real build."""
-    from quantize.fit import weight_bytes_safetensors
-    from quantize.models import resolve_model
+    from quantize.formats.tensors import weight_bytes_safetensors
+    from quantize.sources.models import resolve_model
 
     methods = [{"name": "int8", "scheme": "w8a16"}, {"name": "rtn", "bits": 4, "group_size": 64, "sym": False}]
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model), methods, tmp_path / "o"))

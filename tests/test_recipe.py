@@ -5,8 +5,8 @@ import time
 import pytest
 import yaml
 
-from quantize.errors import QuantizeError
-from quantize.models import resolve_model
+from quantize.common.errors import QuantizeError
+from quantize.sources.models import resolve_model
 from quantize.recipe import bundled_recipes, load_recipe
 
 GOOD = {"name": "r", "model": "bundled:smollm2-135m", "method": {"name": "int8", "scheme": "w8a16"}}

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from conftest import write_recipe
-from quantize import pipeline, scorecard
+from quantize import pipeline
+from quantize.measure import scorecard
 from quantize.recipe import load_recipe
 
 
@@ -37,7 +38,7 @@ def test_cached_base_gives_the_pipeline_kld_and_repeats_exactly(run, tiny_model)
 
 def test_gguf_file_runs_on_llama_cpp(run, tiny_model, tmp_path):
     pytest.importorskip("llama_cpp")
-    from quantize.gguf_convert import convert
+    from quantize.formats.gguf_convert import convert
 
     out, recipe = run
     gguf = convert(tiny_model, tmp_path / "tiny-q8.gguf", "Q8_0")

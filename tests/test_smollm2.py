@@ -8,7 +8,7 @@ import torch
 from conftest import write_recipe
 from quantize import pipeline
 from quantize.methods import int8
-from quantize.models import load_model, load_tokenizer, resolve_model
+from quantize.sources.models import load_model, load_tokenizer, resolve_model
 from quantize.recipe import load_recipe
 
 pytestmark = pytest.mark.slow

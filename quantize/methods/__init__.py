@@ -1,18 +1,10 @@
-"""Methods, one module each. A method turns a base model into an artefact folder:
+"""How to make it: one module per method, and what they share.
 
-    build(method_config, base, out_dir, calib, calib_info) -> dict  # calib: token ids [samples, seq_len]
-                                                        # or None; calib_info: where they came from
-    estimate_bytes(method_config, meta_model) -> int     # artefact size from the architecture
-
-The registry is a plain dict from the recipe's method name to that module.
+    configs.py      each method's recipe settings (pydantic; no torch)
+    registry.py     method name → the module that builds it
+    int8.py rtn.py gptq.py awq.py gguf.py      the methods: build(config, base, out_dir, calib, calib_info) -> dict
+    engine.py       streamed layer-by-layer calibration (one decoder layer in memory at a time)
+    statistics.py   per-linear input statistics: GPTQ's Hessian, llama.cpp's importance matrix (Σx²)
+    grids.py        integer grids: scale/zero per group, rounding, the mse observer
+    weight_only.py  group sizes, the per-linear solve loop and the writers shared by RTN, GPTQ and AWQ
 """
-
-from quantize.methods import awq, gguf, gptq, int8, round
-
-METHODS = {
-    "int8": int8,
-    "rtn": round,
-    "gptq": gptq,
-    "awq": awq,
-    "gguf": gguf,
-}

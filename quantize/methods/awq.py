@@ -9,7 +9,7 @@ output judges them), with X the calibration inputs of those linears and W their 
                                                                             (and s = 1, plain rounding)
 
 Code ↔ symbols: `x_mean` = x̄, `w_mean` = w̄, `s` = s, `block_loss` = the norm above, `Q` = the round-to-nearest
-min/max grid of the recipe (rtn.fake_quantize). s⁻¹ is then folded into `prev` (the RMSNorm weight, or the rows
+min/max grid of the recipe (grids.fake_quantize). s⁻¹ is then folded into `prev` (the RMSNorm weight, or the rows
 of the previous linear), and s into the columns of W, so in full precision the layer computes exactly what it
 computed before (tests/test_awq.py measures the difference). Then, per linear except q/k (whose outputs meet
 in the softmax), a clipping search per (row, group):
@@ -27,9 +27,13 @@ import time
 
 import torch
 
-from quantize import rtn
-from quantize.layerwise import Activations, skeleton, stream_layers
-from quantize.recipe import ignored
+from quantize.methods import grids
+from quantize.methods.configs import AwqMethod
+from quantize.methods.engine import Activations, skeleton, stream_layers
+from quantize.methods.weight_only import check_group_sizes, group_size_for, write_streamed
+from quantize.sources.models import ignored
+
+Config = AwqMethod
 
 # (prev op, linears it feeds, block whose output the scale search compares), per architecture family, names
 # relative to the decoder layer. A row whose prev is a linear applies only where its outputs are the inputs
@@ -169,7 +173,7 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
         x = X[names[0]]
         block = layer.get_submodule(block_name)
         g = gs[names[0]]
-        Q = lambda W, g=g: rtn.fake_quantize(W, bits, sym, g)  # noqa: E731
+        Q = lambda W, g=g: grids.fake_quantize(W, bits, sym, g)  # noqa: E731
         start = time.perf_counter()
         x_mean = x.abs().reshape(-1, x.shape[-1]).float().mean(0)
         s, alpha, losses = search_scale(linears, quantized, x_mean, block_loss_fn(acts, block, x), Q, g,
@@ -188,14 +192,14 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
             start = time.perf_counter()
             W0 = lin.weight.data.clone()
             if method.clip and not n.endswith(NO_CLIP):
-                Q = lambda W, g=g: rtn.fake_quantize(W, bits, sym, g)  # noqa: E731
+                Q = lambda W, g=g: grids.fake_quantize(W, bits, sym, g)  # noqa: E731
                 apply_clip(lin, search_clip(lin.weight.data, even_tokens(X[n], method.clip_tokens), Q, g,
                                             method.n_grid), g)
             W = lin.weight.data
-            scale, zero = rtn.scale_zero(W, bits, sym, g)
-            scale = rtn.storable_scale(scale)
-            q = rtn.quantize(W, scale, zero, bits, sym, g)
-            Wq = rtn.dequantize(q, scale, zero, g)
+            scale, zero = grids.scale_zero(W, bits, sym, g)
+            scale = grids.storable_scale(scale)
+            q = grids.quantize(W, scale, zero, bits, sym, g)
+            Wq = grids.dequantize(q, scale, zero, g)
             xs = even_tokens(X[n], method.clip_tokens).float()
             loss = float(((xs @ (Wq - W0).T) ** 2).mean())  # output error vs the scaled weights
             if quantize:
@@ -208,9 +212,7 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
                         "seconds": round(time.perf_counter() - start + (seconds if n == group else 0), 4)})
 
 
-def build(method, base, out_dir, calib: torch.Tensor, calib_info=None):
-    from quantize.methods.weight_only import check_group_sizes, group_size_for, write_streamed
-
+def build(method: AwqMethod, base, out_dir, calib: torch.Tensor, calib_info=None) -> dict:
     meta = skeleton(base.path)
     check_group_sizes(meta, method)
     rows = AWQ_MAPPINGS[meta.config.model_type]
@@ -225,12 +227,3 @@ def build(method, base, out_dir, calib: torch.Tensor, calib_info=None):
     layers = stream_layers(base.path, calib, process_layer)
     info = write_streamed(method, base, out_dir, meta, layers, pending, log, pack=not scaled_only)
     return {"scheme": "awq-scaled-fp16" if scaled_only else f"w{method.bits}a16", **info}
-
-
-def estimate_bytes(method, meta_model) -> int:
-    from quantize.methods.round import weight_only_bytes
-    from quantize.models import unique_parameters
-
-    if method.export == "scaled-fp16":
-        return sum(p.numel() * 2 for *_, p in unique_parameters(meta_model))
-    return weight_only_bytes(method, meta_model)

@@ -12,22 +12,22 @@ Ollama Modelfile and a model card.
 
 from __future__ import annotations
 
-import json
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from quantize import gguf_convert, llamacpp
-from quantize.layerwise import SEQUENTIAL_GROUPS, stream_layers
-from quantize.models import load_tokenizer, unique_parameters
+from quantize.formats import gguf_convert
+from quantize.formats.gguf_types import UNQUANTIZED
+from quantize.formats.tensors import gguf_stats
+from quantize.methods import awq
+from quantize.methods.configs import AwqMethod, GgufMethod
+from quantize.methods.statistics import importance_matrix
+from quantize.runtimes import llamacpp
+from quantize.sources.models import load_tokenizer
 
-# nominal bits per weight of each type's main tensors (GGML block sizes), for `plan` before anything is built
-NOMINAL_BPW = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K_M": 5.5, "Q5_K_S": 5.5,
-               "Q4_K_M": 4.5, "Q4_K_S": 4.5, "Q3_K_L": 3.4375, "Q3_K_M": 3.4375, "Q3_K_S": 3.4375, "Q2_K": 2.625}
-DIRECT = {"F32", "F16", "BF16"}  # written by the converter itself; every other type goes through llama.cpp
+Config = GgufMethod
 
 # Chat templates Ollama needs in its own Go-template syntax, keyed by a marker of the Jinja template.
 OLLAMA_TEMPLATES = {
@@ -37,45 +37,6 @@ OLLAMA_TEMPLATES = {
                             '{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n',
                             ["<|eot_id|>"]),
 }
-
-
-_IMATRIX_CACHE: dict[tuple[str, int], tuple[dict[str, torch.Tensor], int]] = {}  # variants of one run share it
-
-
-def importance_matrix(base_path: Path, calib: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
-    """HF linear weight name → Σx² per input column, and the number of tokens behind each sum."""
-    key = (str(base_path), hash(calib.numpy().tobytes()))
-    if key not in _IMATRIX_CACHE:
-        _IMATRIX_CACHE.clear()  # keep one: the sums are as large as the model's input columns
-        _IMATRIX_CACHE[key] = _importance_matrix(base_path, calib)
-    return _IMATRIX_CACHE[key]
-
-
-def _importance_matrix(base_path: Path, calib: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
-    sums: dict[str, torch.Tensor] = {}
-    hooks = []
-
-    def accumulate(name, module, inputs, output):
-        x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-        sums[name] = sums.get(name, 0) + (x * x).sum(0)
-
-    linears = [n for group in SEQUENTIAL_GROUPS[base_config(base_path)["model_type"]] for n in group]
-
-    def process(i, layer, acts):  # hooks see the propagation pass stream_layers makes after this
-        for n in linears:
-            name = f"model.layers.{i}.{n}.weight"
-            hooks.append(layer.get_submodule(n).register_forward_hook(
-                lambda m, inp, out, name=name: accumulate(name, m, inp, out)))
-
-    for _ in stream_layers(base_path, calib, process):
-        for h in hooks:
-            h.remove()
-        hooks.clear()
-    return sums, int(calib.numel())
-
-
-def base_config(path: Path) -> dict:
-    return json.loads((path / "config.json").read_text())
 
 
 def write_imatrix(path: Path, sums: dict[str, np.ndarray], tokens: int, dataset: str, chunks: int,
@@ -128,19 +89,8 @@ def model_card(method, base, info: dict) -> str:
         "Quality and speed as measured by quantize: results.json beside this file.", ""])
 
 
-def gguf_stats(path: Path) -> dict:
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
-    n_params = sum(int(t.n_elements) for t in reader.tensors)
-    return {"bytes": n_bytes, "params": n_params, "bits_per_weight": 8 * n_bytes / n_params,
-            "tensor_types": dict(sorted({t.tensor_type.name: 0 for t in reader.tensors}.items()))
-            | {k: sum(1 for t in reader.tensors if t.tensor_type.name == k)
-               for k in {t.tensor_type.name for t in reader.tensors}}}
-
-
-def build(method, base, out_dir: Path, calib: torch.Tensor | None, calib_info: dict | None = None) -> dict:
+def build(method: GgufMethod, base, out_dir: Path, calib: torch.Tensor | None, calib_info: dict | None = None
+          ) -> dict:
     lib = llamacpp.binding()
     target = out_dir / "model.gguf"
     info: dict = {"format": "gguf", "type": method.type, "llama_cpp_python": lib.__version__}
@@ -148,9 +98,6 @@ def build(method, base, out_dir: Path, calib: torch.Tensor | None, calib_info: d
     work.mkdir()
     source_model = base
     if method.awq_scales:  # AWQ-scaled, clipped, unquantised fp16 checkpoint; llama.cpp quantizes that
-        from quantize.methods import awq
-        from quantize.recipe import AwqMethod
-
         scaled = work / "awq-scaled"
         scaled.mkdir()
         awq_method = AwqMethod(name="awq", bits=4, group_size=32, sym=False, export="scaled-fp16",
@@ -158,14 +105,14 @@ def build(method, base, out_dir: Path, calib: torch.Tensor | None, calib_info: d
         awq.build(awq_method, base, scaled, calib)
         source_model = type(base)(base.spec, scaled, base.origin)
         info["awq_scales"] = awq_method.model_dump(mode="json")
-    if method.type in DIRECT:
+    if method.type in UNQUANTIZED:
         gguf_convert.convert(source_model.path, target, method.type, name=base.path.name)
     else:
         source = gguf_convert.convert(source_model.path, work / "base-f16.gguf", "F16", name=base.path.name)
         imatrix, metadata = None, {}
         if method.use_imatrix:
             sums, tokens = importance_matrix(source_model.path, calib)
-            config = base_config(base.path)
+            config = base.config
             names = gguf_convert.tensor_names(gguf_convert.ARCHES[config["model_type"]], config["num_hidden_layers"])
             sums = {names.get_name(k, try_suffixes=(".weight",)): v.numpy() for k, v in sums.items()}
             dataset = (calib_info or {}).get("source", "calibration")
@@ -183,16 +130,3 @@ def build(method, base, out_dir: Path, calib: torch.Tensor | None, calib_info: d
     (out_dir / "Modelfile").write_text(modelfile(tokenizer, target.name))
     (out_dir / "README.md").write_text(model_card(method, base, info))
     return info
-
-
-def estimate_bytes(method, meta_model) -> int:
-    """Plan-time estimate: llama.cpp's own mix for Q4_K_M / Q8_0 / F16 (footprint.py, the same figures as
-    `quantize fit`); for the other types every 2-D weight at the type's main bits per weight, 1-D tensors F32."""
-    from quantize import footprint
-
-    if method.type.lower() in footprint.WEIGHT_FORMATS:
-        return footprint.weight_bytes(footprint.param_counts(meta_model.config.to_dict()), method.type.lower())
-    total = 0
-    for _, _, _, p in unique_parameters(meta_model):
-        total += p.numel() * (4 if p.dim() == 1 else NOMINAL_BPW[method.type] / 8)
-    return int(total)

@@ -17,73 +17,27 @@ from the original weights in natural column order before the loop, so the artefa
 contiguous groups (compressed-tensors `actorder: weight`). Without act_order, a group's grid is computed from
 the error-updated weights when the loop reaches the group's first column, as the reference does. A group's grid
 is its min/max (`observer: minmax`, the reference's default) or the reference's `mse` shrink search
-(rtn.scale_zero_mse).
+(grids.scale_zero_mse). The Hessian is gathered by methods/statistics.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from quantize import rtn
-
-
-@dataclass
-class Hessian:
-    H: torch.Tensor  # [cols, cols], float32
-    n: int = 0
-
-    @classmethod
-    def zeros(cls, cols: int, device=None) -> "Hessian":
-        return cls(torch.zeros(cols, cols, dtype=torch.float32, device=device))
-
-
-def accumulate_hessian(hess: Hessian, X: torch.Tensor) -> None:
-    """Running mean of 2·XᵀX over all tokens seen; X is [..., cols]. float32 throughout."""
-    X = X.reshape(-1, X.shape[-1]).float()
-    tokens = X.shape[0]
-    hess.H *= hess.n / (hess.n + tokens)
-    hess.n += tokens
-    hess.H += gram(X, 2 / hess.n)
-
-
-def gram(X: torch.Tensor, alpha: float, block: int = 256) -> torch.Tensor:
-    """alpha·XᵀX for X [tokens, cols]. The product is symmetric, so only the blocks on and above the diagonal are
-    multiplied (a blocked syrk): ~60% of a full matmul's multiply-adds at 1536 columns. On SmolLM2-135M with
-    32×512 calibration tokens the Hessians took 11.9 s instead of 17.3 s (2 CPU threads)."""
-    cols = X.shape[1]
-    G = torch.empty(cols, cols, dtype=X.dtype, device=X.device)  # the only cols² buffer: Hessians can be large
-    for i in range(0, cols, block):
-        j = min(i + block, cols)
-        G[i:j, i:] = X[:, i:j].T @ X[:, i:]  # block row i, from the diagonal on
-        D = G[i:j, i:j]
-        G[i:j, i:j] = D.triu() + D.triu(1).T  # the diagonal block exactly symmetric: its upper triangle mirrored
-        G[j:, i:j] = G[i:j, j:].T  # the blocks below the diagonal mirror those right of it
-    return G.mul_(alpha)
-
-
-@dataclass
-class GptqResult:
-    q: torch.Tensor  # integer codes [rows, cols] (int32, natural column order)
-    scale: torch.Tensor  # [rows, n_groups]
-    zero: torch.Tensor  # [rows, n_groups]
-    row_loss: torch.Tensor  # [rows]: Σ_j (w − q)² / Hinv_jj² / 2 per output row
-    damp: float  # the absolute dampening added to diag(H)
-
-    @property
-    def loss(self) -> float:
-        return float(self.row_loss.sum())
+from quantize.methods import grids
+from quantize.methods.configs import GptqMethod
+from quantize.methods.statistics import Hessian
+from quantize.methods.weight_only import Solved, build_streamed
 
 
 def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, group_size: int = -1,
                   act_order: bool = False, damp: float = 0.01, block_size: int = 128,
-                  scale_dtype: torch.dtype = torch.float16, observer: str = "minmax") -> GptqResult:
+                  scale_dtype: torch.dtype = torch.float16, observer: str = "minmax") -> Solved:
     W = W.clone().float()
     H = hess.H.clone()
     rows, cols = W.shape
     assert group_size == -1 or cols % group_size == 0, f"{cols} columns not divisible by group_size {group_size}"
-    qmin, qmax = rtn.grid(bits, symmetric)
+    qmin, qmax = grids.grid(bits, symmetric)
     dead = torch.diag(H) == 0  # inputs that were always zero: any value is exact
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -94,8 +48,8 @@ def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, gr
     zero = torch.zeros(rows, n_groups, device=W.device)
 
     def set_group(g: int, block: torch.Tensor) -> None:
-        s, z = rtn.OBSERVERS[observer](block, bits, symmetric)
-        scale[:, g], zero[:, g] = rtn.storable_scale(s[:, 0], scale_dtype), z[:, 0]
+        s, z = grids.OBSERVERS[observer](block, bits, symmetric)
+        scale[:, g], zero[:, g] = grids.storable_scale(s[:, 0], scale_dtype), z[:, 0]
 
     static = group_size == -1 or act_order
     if static:
@@ -144,22 +98,17 @@ def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, gr
         losses += Err1.pow(2).sum(dim=1) / 2  # (w − q)² / Hinv_jj² / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
-    return GptqResult(Q[:, invperm].to(torch.int32), scale, zero, losses, damp_abs)
+    return Solved(Q[:, invperm].to(torch.int32), scale, zero, losses, damp_abs)
 
 
-# ---- the method: streamed layer by layer, written as compressed-tensors -------------------------------------
-def build(method, base, out_dir, calib: torch.Tensor, calib_info=None):
-    from quantize.methods.weight_only import build_streamed
-
-    def quantize_linear(W, hess: Hessian, group_size: int):
-        r = gptq_quantize(W, hess, method.bits, method.sym, group_size, method.act_order, method.damp,
-                          method.block_size, observer=method.observer)
-        return r.q, r.scale, r.zero, r.row_loss, r.damp
-
-    return {"scheme": f"w{method.bits}a16", **build_streamed(method, base, out_dir, calib, quantize_linear)}
+# ---- the method: streamed layer by layer, written as compressed-tensors (or a classic layout) ----------------
+Config = GptqMethod
 
 
-def estimate_bytes(method, meta_model) -> int:
-    from quantize.methods.round import weight_only_bytes
+def build(method: GptqMethod, base, out_dir, calib: torch.Tensor, calib_info=None) -> dict:
+    def solve(W, hess: Hessian, group_size: int) -> Solved:
+        return gptq_quantize(W, hess, method.bits, method.sym, group_size, method.act_order, method.damp,
+                             method.block_size, observer=method.observer)
 
-    return weight_only_bytes(method, meta_model)
+    return {"scheme": f"w{method.bits}a16", **build_streamed(method, base, out_dir, calib, solve)}
+

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from quantize import rtn
-from quantize.models import BaseModel, load_model, load_tokenizer, meta_model, unique_parameters
-from quantize.recipe import Int8Method, ignored
+from quantize.formats.compressed_tensors import STORAGE_DTYPE
+from quantize.methods import grids
+from quantize.methods.configs import Int8Method
+from quantize.sources.models import BaseModel, ignored, load_model, load_tokenizer, meta_model
 
-STORAGE_DTYPE = torch.float16  # dtype of scales and of the unquantised tensors in the artefact
+Config = Int8Method
 
 
 def linear_names(model: torch.nn.Module) -> list[str]:
@@ -44,10 +45,10 @@ def quantize_w8a16_(model: torch.nn.Module, ignore: list[str]) -> tuple[dict[str
             skipped.append(name)
             continue
         W = module.weight.data.float()
-        scale, zero = rtn.scale_zero(W, bits=8, symmetric=True)  # [out, 1]
+        scale, zero = grids.scale_zero(W, bits=8, symmetric=True)  # [out, 1]
         scale = scale.to(STORAGE_DTYPE).float()
-        q = rtn.quantize(W, scale, zero, bits=8, symmetric=True)
-        module.weight.data = rtn.dequantize(q, scale, zero).to(module.weight.dtype)
+        q = grids.quantize(W, scale, zero, bits=8, symmetric=True)
+        module.weight.data = grids.dequantize(q, scale, zero).to(module.weight.dtype)
         scales[name] = scale
     return scales, skipped
 
@@ -114,16 +115,3 @@ def build_llm_int8(method: Int8Method, base: BaseModel, out_dir: Path) -> dict:
         "quantized_linears": sum(type(m).__name__ == "Linear8bitLt" for m in model.modules()),
         "ignored_linears": skipped,
     }
-
-
-def estimate_bytes(method: Int8Method, meta_model: torch.nn.Module) -> int:
-    """Expected artefact tensor bytes from the architecture alone: 1 byte per quantized weight plus one
-    scale per output row (fp16 for w8a16, fp32 `SCB` for bitsandbytes); everything else in fp16."""
-    scale_bytes = 2 if method.scheme == "w8a16" else 4
-    total = 0
-    for name, module, pname, p in unique_parameters(meta_model):
-        if isinstance(module, torch.nn.Linear) and pname == "weight" and not ignored(name, method.ignore):
-            total += p.numel() + p.shape[0] * scale_bytes
-        else:
-            total += p.numel() * STORAGE_DTYPE.itemsize
-    return total

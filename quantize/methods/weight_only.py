@@ -1,31 +1,48 @@
-"""What every streamed weight-only method (RTN, GPTQ) shares: the group-size check, the layer loop, the
-per-layer log and the compressed-tensors writer. A method supplies one function:
+"""What every streamed weight-only method (RTN, GPTQ, AWQ) shares: the group-size check, the layer loop, the
+per-layer log and the writers (compressed-tensors, or the classic gptq/awq layouts). A method that solves one
+linear at a time (RTN, GPTQ) hands `build_streamed` its solve:
 
-    quantize_linear(W, H | None, group_size) -> (q, scale, zero, loss per output row, damp)
+    solve(W, H | None, group_size) -> Solved(q, scale, zero, row_loss, damp)
 
-H is the linear's input Hessian when the method asks for calibration, else None. W may hold the rows of several
-linears that share H and the group size (q/k/v, gate/up); the log books the solve's seconds on the first of them
-(0 on the others) and names the linears solved with it.
+H is the linear's input Hessian (methods/statistics.py) when the method calibrates, else None. W may hold the
+rows of several linears that share H and the group size (q/k/v, gate/up); the log books the solve's seconds on
+the first of them (0 on the others) and names the linears solved with it. The engine knows no method: it
+gathers the statistic and calls the solve it was given.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from quantize import rtn
-from quantize.classic_format import ClassicWriter
-from quantize.ct_format import CompressedTensorsWriter
-from quantize.errors import QuantizeError
-from quantize.layerwise import quantize_layers, resolve_device, skeleton
-from quantize.methods.gptq import Hessian, accumulate_hessian
-from quantize.models import BaseModel, load_tokenizer
-from quantize.recipe import ignored
-from quantize.ui import track
+from quantize.common.errors import QuantizeError
+from quantize.common.ui import track
+from quantize.formats.classic import ClassicWriter
+from quantize.formats.compressed_tensors import CompressedTensorsWriter
+from quantize.methods import grids
+from quantize.methods.engine import quantize_layers, resolve_device, skeleton
+from quantize.methods.statistics import Hessian, accumulate_hessian
+from quantize.sources.models import BaseModel, ignored, load_tokenizer
+
+
+@dataclass
+class Solved:
+    """One solve of a weight matrix W [rows, cols] onto its group grids."""
+
+    q: torch.Tensor  # integer codes [rows, cols] (int32, natural column order)
+    scale: torch.Tensor  # [rows, n_groups]
+    zero: torch.Tensor  # [rows, n_groups]
+    row_loss: torch.Tensor  # [rows]: the method's loss per output row (GPTQ: Σ_j (w − q)² / Hinv_jj² / 2)
+    damp: float = 0.0  # the absolute dampening added to diag(H) (GPTQ)
+
+    @property
+    def loss(self) -> float:
+        return float(self.row_loss.sum())
 
 
 def divisors(n: int) -> list[int]:
@@ -67,7 +84,7 @@ def check_group_sizes(model: torch.nn.Module, method) -> None:
 
 
 def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor | None,
-                   quantize_linear: Callable) -> dict:
+                   solve: Callable[[torch.Tensor, Hessian | None, int], Solved]) -> dict:
     meta = skeleton(base.path)
     check_group_sizes(meta, method)
     log, pending = [], {}
@@ -88,17 +105,17 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
         for gs, names in by_group_size.items():
             start = time.perf_counter()
             W = torch.cat([linears[n].weight.data for n in names])
-            q, scale, zero, row_loss, damp = quantize_linear(W, hess, gs)
+            r = solve(W, hess, gs)
             seconds = round(time.perf_counter() - start, 4)
             first = 0
             for n in names:
                 lin, full = linears[n], f"model.layers.{i}.{n}"
                 rows = slice(first, first + lin.out_features)
                 first += lin.out_features
-                lin.weight.data = rtn.dequantize(q[rows], scale[rows], zero[rows], gs).to(lin.weight.dtype)
-                pending[full] = (q[rows].cpu(), scale[rows].cpu(), zero[rows].cpu(), gs)
-                log.append({"layer": i, "module": n, "group_size": gs, "loss": float(row_loss[rows].sum()),
-                            "samples": 0 if calib is None else int(calib.shape[0]), "damp": damp,
+                lin.weight.data = grids.dequantize(r.q[rows], r.scale[rows], r.zero[rows], gs).to(lin.weight.dtype)
+                pending[full] = (r.q[rows].cpu(), r.scale[rows].cpu(), r.zero[rows].cpu(), gs)
+                log.append({"layer": i, "module": n, "group_size": gs, "loss": float(r.row_loss[rows].sum()),
+                            "samples": 0 if calib is None else int(calib.shape[0]), "damp": r.damp,
                             "seconds": seconds if n == names[0] else 0.0, "solved_with": names})
 
     not_quantized = lambda name: ignored(name, method.ignore)  # noqa: E731

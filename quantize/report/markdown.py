@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from quantize.fit import gib
-from quantize.recipe import Recipe
+from quantize.fit.vram import gib
 
 
 def _ppl(p: dict) -> str:
@@ -104,13 +103,13 @@ def _fit_table(results: dict) -> list[str]:
     return lines
 
 
-def render(recipe: Recipe, results: dict) -> str:
+def render(name: str, results: dict) -> str:
     proto = results["protocol"]
     pp = proto["perplexity"]
     fit_proto = results["base"]["fit"]["protocol"]
     row0 = results["base"]["fit"]["rows"][0]
     out = [
-        f"# {recipe.name}",
+        f"# {name}",
         "",
         f"Base model: `{results['base']['spec']}` ({results['base']['origin']}), evaluated in {proto['eval_dtype']} "
         f"on {proto['device']}. Variants: " + ", ".join(f"`{n}`" for n in results["variants"]) + ".",

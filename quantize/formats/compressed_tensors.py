@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from quantize.layerwise import Shards
+from quantize.sources.shards import Shards
 
-STORAGE_DTYPE = torch.float16
+STORAGE_DTYPE = torch.float16  # scales and every unquantized tensor of a compressed-tensors artefact
 
 
 def weight_args(bits: int, symmetric: bool, group_size: int, act_order: bool = False):

@@ -1,4 +1,4 @@
-"""Resident memory of an artefact's runtime on a CPU host. `quantize fit` predicts what a GPU is charged; a CPU
+"""Resident memory of an artefact's runtime on a CPU host. `quantize fit` (vram.py) predicts what a GPU is charged; a CPU
 process holds something else, modelled here. bench/memory_check.py checks both against this machine.
 
 llama.cpp, CPU backend (weights mmap'd from the GGUF):
@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantize import fit
+from quantize.fit.context_memory import attention_work_bytes, compute_phases, kv_cache_bytes
+from quantize.fit.shape import ModelShape
 
 # GGML types ggml-cpu repacks on x86 builds with AVX2 (ggml/src/ggml-cpu/repack.cpp,
 # ggml_repack_get_optimal_repack_type, llama.cpp as vendored in llama-cpp-python 0.3.36): Q4_0 -> q4_0_8x8,
@@ -54,22 +55,22 @@ def repack_bytes_gguf(path: Path) -> int:
                if is_repacked(t.name, t.tensor_type.name, tuple(int(d) for d in t.shape)))
 
 
-def llamacpp_resident_bytes(weight_bytes: int, repack_bytes: int, shape: fit.ModelShape, context: int,
+def llamacpp_resident_bytes(weight_bytes: int, repack_bytes: int, shape: ModelShape, context: int,
                             flash_attn: bool, kv_dtype: str = "f16") -> int:
-    attention_phase = fit.compute_phases(shape, context, flash_attn)[1]
-    return (weight_bytes + repack_bytes + fit.kv_cache_bytes(shape, context, 1, kv_dtype) + attention_phase
-            + fit.attention_work_bytes(shape, context, flash_attn))
+    attention_phase = compute_phases(shape, context, flash_attn)[1]
+    return (weight_bytes + repack_bytes + kv_cache_bytes(shape, context, 1, kv_dtype) + attention_phase
+            + attention_work_bytes(shape, context, flash_attn))
 
 
-def torch_kv_bytes(shape: fit.ModelShape, context: int, dtype_bytes: int) -> int:
-    return fit.kv_cache_bytes(shape, context, 1, {4: "f32", 2: "f16"}[dtype_bytes])
+def torch_kv_bytes(shape: ModelShape, context: int, dtype_bytes: int) -> int:
+    return kv_cache_bytes(shape, context, 1, {4: "f32", 2: "f16"}[dtype_bytes])
 
 
-def torch_activation_bytes(shape: fit.ModelShape, context: int, dtype_bytes: int) -> int:
+def torch_activation_bytes(shape: ModelShape, context: int, dtype_bytes: int) -> int:
     return context * (3 * shape.intermediate_size + 4 * shape.hidden_size) * dtype_bytes
 
 
-def torch_resident_bytes(tensor_bytes: int, checkpoint_bytes: int, shape: fit.ModelShape, context: int,
+def torch_resident_bytes(tensor_bytes: int, checkpoint_bytes: int, shape: ModelShape, context: int,
                          dtype_bytes: int) -> int:
     return (tensor_bytes + checkpoint_bytes + torch_kv_bytes(shape, context, dtype_bytes)
             + torch_activation_bytes(shape, context, dtype_bytes))

@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantize.errors import QuantizeError
-from quantize.layerwise import Shards
+from quantize.common.errors import QuantizeError
+from quantize.formats.gguf_types import ftype
+from quantize.sources.models import tied_embeddings, tokenizer_adds_bos
+from quantize.sources.shards import Shards
 
 # HF model_type → GGUF architecture. Mistral (non-tekken) uses llama's graph in llama.cpp.
 ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -85,8 +87,6 @@ def add_vocab(writer, model_dir: Path, config: dict) -> None:
         else:
             types.append(gguf.TokenType.NORMAL)
         tokens.append(token)
-    from quantize.evaluate import tokenizer_adds_bos
-
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer(tokenizer))
     writer.add_token_list(tokens)
@@ -171,11 +171,9 @@ def _write(writer, model_dir: Path, config: dict, arch: str, out_type: str, name
            n_head: int, n_kv: int, n_layers: int) -> None:
     import gguf
 
-    from quantize.llamacpp import FTYPES
-
     names = tensor_names(arch, n_layers)
     writer.add_name(name or model_dir.name)
-    writer.add_file_type(FTYPES[out_type])
+    writer.add_file_type(ftype(out_type))
     add_hparams(writer, config, arch)
     add_vocab(writer, model_dir, config)
     for key, value in (metadata or {}).items():
@@ -183,7 +181,7 @@ def _write(writer, model_dir: Path, config: dict, arch: str, out_type: str, name
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     shards = Shards(model_dir)
-    tied = config.get("tie_word_embeddings", False)
+    tied = tied_embeddings(config)
     for hf_name in shards.names():
         if tied and hf_name == "lm_head.weight":
             continue

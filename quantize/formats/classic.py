@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from quantize.ct_format import CompressedTensorsWriter
-from quantize.layerwise import Shards
+from quantize.formats import CLASSIC_BITS
+from quantize.formats.compressed_tensors import CompressedTensorsWriter
+from quantize.sources.shards import Shards
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ GEMM: nibble j of a word holds output column 8k + AWQ_ORDER[j]
 AWQ_REVERSE = [AWQ_ORDER.index(j) for j in range(8)]
-FORMATS = {"gptq": (2, 4, 8), "awq": (4,)}  # bit widths each layout packs into whole int32 words
 
 
 def pack(values: torch.Tensor, bits: int, dim: int, order: list[int] | None = None) -> torch.Tensor:
@@ -53,7 +53,7 @@ def unpack(words: torch.Tensor, bits: int, dim: int, order: list[int] | None = N
 
 
 class ClassicWriter(CompressedTensorsWriter):
-    """The streamed writer of ct_format with the `gptq` or `awq` tensors and config instead."""
+    """The streamed compressed-tensors writer with the `gptq` or `awq` tensors and config instead."""
 
     def __init__(self, out_dir: Path, base_path: Path, n_layers: int, fmt: str, extra_config: dict):
         super().__init__(out_dir, base_path, n_layers)
@@ -61,7 +61,7 @@ class ClassicWriter(CompressedTensorsWriter):
         self.shape: tuple[int, bool] | None = None  # (group_size, symmetric) shared by every linear
 
     def packed(self, name, q, scale, zero, bits, symmetric, group_size, act_order):
-        assert bits in FORMATS[self.fmt], (self.fmt, bits)
+        assert bits in CLASSIC_BITS[self.fmt], (self.fmt, bits)
         rows, cols = q.shape
         gs = cols if group_size == -1 else group_size
         assert self.shape in (None, (group_size, symmetric)), f"{name}: one group size per {self.fmt} checkpoint"

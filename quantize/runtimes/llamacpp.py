@@ -5,26 +5,23 @@
   input column, the statistic llama.cpp's imatrix tool computes as in_sum2 / counts), and the
   `quantize.imatrix.*` metadata that llama-quantize writes.
 - LlamaCppModel: logits of a token sequence from llama.cpp's own kernels (fed the HF tokenizer's ids, so
-  both backends score the same tokens), and llama-bench-style pp/tg timings.
+  both backends score the same tokens). Its llama-bench-style timings are in measure/speed.py.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
-from quantize.errors import QuantizeError
+from quantize.common.errors import QuantizeError
+from quantize.formats.gguf_types import ftype as ftype_of
 
-# llama_ftype values (llama.h, LLAMA_FTYPE_MOSTLY_*), by the names llama-quantize accepts
-FTYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14,
-          "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "BF16": 32}
 KV_OVERRIDE_STR, KV_OVERRIDE_INT = 3, 0  # llama_model_kv_override_type
-GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 
 
 def binding():
@@ -41,7 +38,7 @@ def quantize(src: Path, dst: Path, ftype: str, imatrix: dict[str, np.ndarray] | 
     """llama-quantize SRC DST FTYPE, in process. `imatrix`: GGUF tensor name → importance per input column."""
     lib = binding()
     params = lib.llama_model_quantize_default_params()
-    params.ftype = FTYPES[ftype]
+    params.ftype = ftype_of(ftype)
     params.nthread = threads or os.cpu_count() or 1
     params.pure = pure
     keep = []  # ctypes buffers must outlive the call
@@ -80,7 +77,7 @@ class LlamaCppModel:
     def __init__(self, path: Path, n_ctx: int = 512, threads: int | None = None, kv_type: str = "F16",
                  logits_all: bool = True, n_batch: int | None = None, flash_attn: bool = False):
         lib = binding()
-        kv = {"F16": GGML_TYPE_F16, "F32": GGML_TYPE_F32}[kv_type]
+        kv = int({"F16": GGMLQuantizationType.F16, "F32": GGMLQuantizationType.F32}[kv_type])
         self.path, self.n_ctx, self.kv_type = path, n_ctx, kv_type
         # what moves its numbers besides the weights: recorded with every figure it produces
         self.settings = f"KV cache {kv_type}, flash attention {'on' if flash_attn else 'off'}"
@@ -101,62 +98,3 @@ class LlamaCppModel:
         if self.llm is not None:
             self.llm.close()
             self.llm = None
-
-
-def bench(path: Path, prompt_tokens: int, gen_tokens: int, repetitions: int, threads: list[int],
-          label: str, seed: int = 0) -> dict:
-    """llama-bench semantics on llama.cpp's runtime: pp = one batch of N random tokens from an empty cache,
-    tg = M tokens one by one from an empty cache; 1 warm-up, then timed repetitions; tokens/sec."""
-    from quantize import fit, memory
-    from quantize.speed import _stats
-    from quantize.ui import track
-
-    weights = sum(fit.weight_bytes_gguf(path).values())
-    model = None
-
-    def pp() -> float:
-        model.llm.reset()
-        start = time.perf_counter()
-        model.llm.eval(prompt)
-        return time.perf_counter() - start
-
-    def tg() -> float:
-        model.llm.reset()
-        start = time.perf_counter()
-        for token in generated:
-            model.llm.eval([token])
-        return time.perf_counter() - start
-
-    rows = []
-    try:
-        for n in threads:
-            if model is not None:
-                model.close()
-            model = LlamaCppModel(path, n_ctx=prompt_tokens + gen_tokens + 8, threads=n, logits_all=False)
-            rng = np.random.default_rng(seed)
-            prompt = rng.integers(0, model.vocab_size, prompt_tokens).tolist()
-            generated = rng.integers(0, model.vocab_size, gen_tokens).tolist()  # fed one by one, as tg decodes
-            load_before = os.getloadavg()[0]
-            pp(), tg()  # warm-up
-            memory.reset_peak()
-            pps = [pp() for _ in track(range(repetitions), f"pp{prompt_tokens} {label} t={n}")]
-            pp_peak = memory.peak_rss_bytes()
-            memory.reset_peak()
-            tgs = [tg() for _ in track(range(repetitions), f"tg{gen_tokens} {label} t={n}")]
-            tg_peak = memory.peak_rss_bytes()
-            tg_stats = _stats(gen_tokens, tgs)
-            rows.append({
-                "threads": n,
-                "pp": {"tokens": prompt_tokens, **_stats(prompt_tokens, pps), "peak_rss_bytes": pp_peak},
-                "tg": {"tokens": gen_tokens, **tg_stats, "peak_rss_bytes": tg_peak,
-                       "gb_per_s": weights * tg_stats["median"] / 1e9},
-                "load_average_1m": {"before": load_before, "after": os.getloadavg()[0]},
-            })
-    finally:
-        if model is not None:
-            model.close()
-    return {"protocol": "llama-bench semantics on llama.cpp (llama-cpp-python): pp = one batch of N random "
-                        "tokens from an empty cache; tg = M tokens one by one from an empty cache; 1 warm-up, "
-                        f"then timed repetitions; tokens/sec; {model.settings if model else ''}",
-            "backend": "llama.cpp", "weight_bytes_in_memory": weights, "dtype": "gguf", "cpu_count": os.cpu_count(),
-            "rows": rows}

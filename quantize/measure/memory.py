@@ -3,7 +3,7 @@
 Writing "5" to /proc/self/clear_refs resets the kernel's peak-RSS counter (VmHWM), so the peak of one phase
 (build, prompt processing, generation) can be read on its own. Where that is not possible the peak is the
 process's lifetime peak, and `peak_is_per_phase()` says so. Also: the resident pages of a folder's mmap'd files
-(from /proc/self/smaps) and handing freed heap back to the OS (glibc malloc_trim).
+(from /proc/self/smaps).
 """
 
 from __future__ import annotations
@@ -59,15 +59,3 @@ def mapped_file_rss_bytes(folder: Path) -> int:
     except OSError:
         return 0
     return total
-
-
-def release_free_heap() -> bool:
-    """Hand freed heap pages back to the OS (glibc malloc_trim). glibc keeps large freed blocks in the process,
-    e.g. the buffers of a checkpoint decompressed at load, so RSS would keep counting them. Returns malloc_trim's
-    answer (whether memory was released); False without glibc."""
-    import ctypes
-
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False

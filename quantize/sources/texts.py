@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from quantize.errors import QuantizeError
+from quantize.common.errors import QuantizeError
 
 Split = Literal["calibration", "eval"]
 WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -38,7 +38,7 @@ class Text:
         return {"source": self.name, "sha256": self.sha256, "chars": len(self.text)}
 
 
-def _wiki_articles() -> list[tuple[int, str, str]]:
+def wiki_articles() -> list[tuple[int, str, str]]:
     """(page id, title, plain text) of every real article (redirects dropped), sorted by page id."""
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
@@ -61,10 +61,13 @@ def _wiki_articles() -> list[tuple[int, str, str]]:
     return sorted(articles)
 
 
+def wiki_split(split: Split) -> list[tuple[int, str, str]]:
+    """The articles of one split: every HELD_OUT_EVERY-th (by page id) is held out for evaluation."""
+    return [a for i, a in enumerate(wiki_articles()) if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == (split == "eval")]
+
+
 def bundled_wiki(split: Split) -> Text:
-    articles = _wiki_articles()
-    keep = [a for i, a in enumerate(articles) if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == (split == "eval")]
-    body = "\n\n".join(f"= {title} =\n\n{text}" for _, title, text in keep)
+    body = "\n\n".join(f"= {title} =\n\n{text}" for _, title, text in wiki_split(split))
     return Text(f"bundled:wiki/{split}", body)
 
 

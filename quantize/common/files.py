@@ -1,4 +1,5 @@
-"""Artefact folders: written to a staging folder, renamed into place only when complete.
+"""Files and their provenance: sha256 of files, JSON written atomically, library versions, and output folders
+written to a staging folder, renamed into place only when complete.
 
 A failed or interrupted run removes its staging folder and never touches `outputs/<name>`; a finished output
 (one with a `report.md`) is replaced only with `force`, and then only after the new one is complete.
@@ -14,7 +15,7 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
-from quantize.errors import QuantizeError
+from quantize.common.errors import QuantizeError
 
 LIBRARIES = ("quantize", "torch", "transformers", "compressed-tensors", "bitsandbytes", "safetensors", "gguf",
              "tokenizers", "numpy")

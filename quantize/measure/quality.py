@@ -13,7 +13,6 @@ back chunk by chunk for each artefact, so memory stays one chunk whatever the te
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantize.errors import QuantizeError
-from quantize.texts import Text
-from quantize.ui import track
+from quantize.common.errors import QuantizeError
+from quantize.common.ui import track
+from quantize.sources.models import tokenizer_adds_bos, tokenizer_sha256
+from quantize.sources.texts import Text
 
 
 @dataclass(frozen=True)
@@ -58,16 +58,6 @@ class Chunks:
             "scored_bytes": self.scored_bytes,
             "bits_per_byte": "sum of NLL over scored tokens / ln 2 / UTF-8 bytes of those tokens (decoded per chunk)",
         }
-
-
-def tokenizer_adds_bos(tokenizer) -> bool:
-    ids = tokenizer("a").input_ids
-    return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
-
-
-def tokenizer_sha256(tokenizer) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(repr((vocab, tokenizer_adds_bos(tokenizer))).encode()).hexdigest()
 
 
 def make_chunks(tokenizer, text: Text, n_ctx: int, max_chunks: int | None) -> Chunks:
@@ -146,33 +136,47 @@ def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model.logits(ids[0].tolist())
 
 
-@torch.inference_mode()
-def score(model, chunks: Chunks, base: BaseLogProbs, is_base: bool, label: str) -> dict:
-    """Perplexity of `model` on the chunks; when it is the base, fill `base`; otherwise KLD against it."""
+def _scored_log_probs(model, chunks: Chunks, label: str):
+    """(chunk index, log-softmax [scored, vocab], target ids [scored]) for every chunk, one at a time."""
     first = chunks.first
-    nll, kld, same_top, base_nll = [], [], [], []
     for i in track(range(chunks.ids.shape[0]), f"perplexity {label}"):
         ids = chunks.ids[i : i + 1]
         logits = forward_logits(model, ids)[first:-1].float()  # [scored, vocab]
-        logp = torch.log_softmax(logits, dim=-1)
-        targets = ids[0, first + 1 :]
+        yield i, torch.log_softmax(logits, dim=-1), ids[0, first + 1 :]
+
+
+def _perplexity(nll: np.ndarray, chunks: Chunks) -> dict:
+    mean, unc = _mean_unc(nll)
+    ppl = math.exp(mean)
+    return {"ppl": ppl, "ppl_unc": ppl * unc, "mean_nll": mean, "tokens_scored": int(nll.size),
+            "bits_per_byte": float(nll.sum() / math.log(2) / chunks.scored_bytes) if chunks.scored_bytes else None}
+
+
+@torch.inference_mode()
+def score_base(model, chunks: Chunks, store: BaseLogProbs | None, label: str = "base") -> dict:
+    """Perplexity of the base model on the chunks; its log-probabilities go to `store` (when given) for the KLD
+    of every variant after it."""
+    nll = []
+    for i, logp, targets in _scored_log_probs(model, chunks, label):
         nll.append(-logp.gather(1, targets[:, None])[:, 0])
-        if is_base:
-            if base is not None:
-                base[i] = logp
-            continue
+        if store is not None:
+            store[i] = logp
+    return _perplexity(torch.cat(nll).double().numpy(), chunks)
+
+
+@torch.inference_mode()
+def score(model, chunks: Chunks, base: BaseLogProbs, label: str) -> dict:
+    """Perplexity of `model` on the chunks and its KLD against the base log-probabilities in `base`."""
+    nll, kld, same_top, base_nll = [], [], [], []
+    for i, logp, targets in _scored_log_probs(model, chunks, label):
+        nll.append(-logp.gather(1, targets[:, None])[:, 0])
         base_logp = base[i]
         kld.append(kl_divergence(base_logp, logp))
         same_top.append(base_logp.argmax(-1) == logp.argmax(-1))
         known = torch.where(torch.isfinite(base_logp), base_logp, base_logp.max(-1, keepdim=True).values - 16)
         base_nll.append(-known.gather(1, targets[:, None])[:, 0])
     nll = torch.cat(nll).double().numpy()
-    mean, unc = _mean_unc(nll)
-    ppl = math.exp(mean)
-    out = {"ppl": ppl, "ppl_unc": ppl * unc, "mean_nll": mean, "tokens_scored": int(nll.size),
-           "bits_per_byte": float(nll.sum() / math.log(2) / chunks.scored_bytes) if chunks.scored_bytes else None}
-    if is_base:
-        return out
+    out = _perplexity(nll, chunks)
     kld = torch.cat(kld).double().numpy()
     same = torch.cat(same_top).double().numpy()
     base_nll = torch.cat(base_nll).double().numpy()

@@ -14,8 +14,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantize.errors import QuantizeError
-from quantize.fit import GiB, gib
+from quantize.common.errors import QuantizeError
+from quantize.fit.gpus import GiB
+from quantize.fit.vram import gib
 
 
 @dataclass

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from quantize import classic_format, ct_format, llamacpp, memory
-from quantize.errors import QuantizeError
-from quantize.models import load_model
+from quantize.common.errors import QuantizeError
+from quantize.formats import classic, compressed_tensors
+from quantize.runtimes import llamacpp
+from quantize.sources.models import load_model
 
 
 def _gguf_file(path: Path) -> Path | None:
@@ -54,10 +55,10 @@ def load(path: Path, dtype: str = "float32", n_ctx: int = 512):
     if fmt in ("gptq", "awq"):
         if importlib.util.find_spec("gptqmodel") is not None:  # transformers loads gptq/awq through GPTQModel
             return load_model(path, dtype), "transformers.from_pretrained + GPTQModel", dtype
-        return (classic_format.load_dense(path, getattr(torch, dtype)),
+        return (classic.load_dense(path, getattr(torch, dtype)),
                 f"quantize's {fmt} unpacking (GPTQModel, which transformers needs for {fmt}, is not installed)", dtype)
-    if fmt == "compressed-tensors" and ct_format.is_asymmetric(path):
-        return (ct_format.load_dense(path, getattr(torch, dtype)),
+    if fmt == "compressed-tensors" and compressed_tensors.is_asymmetric(path):
+        return (compressed_tensors.load_dense(path, getattr(torch, dtype)),
                 "compressed-tensors unpack (transformers cannot reload asymmetric pack-quantized, llm-compressor#1618)",
                 dtype)
     model = load_model(path, dtype)
@@ -72,7 +73,7 @@ def _decompress_now(model) -> None:
     SmolLM2-135M otherwise, bench/results/memory_check.md), so the process holds what the model needs."""
     with torch.inference_mode():
         model(torch.zeros(1, 1, dtype=torch.long), use_cache=False)
-    memory.release_free_heap()
+    release_free_heap()
 
 
 def free(model) -> None:
@@ -84,18 +85,13 @@ def vocab_size(model) -> int:
     return model.vocab_size if isinstance(model, llamacpp.LlamaCppModel) else model.config.vocab_size
 
 
-def bench_speed(model, sp, label: str, seed: int, bandwidth: dict | None) -> dict:
-    """llama-bench-style pp/tg on the model's own runtime (`sp`: the recipe's Speed), each tg row also as a
-    fraction of the machine's streaming bandwidth when it was measured."""
-    from quantize import speed
+def release_free_heap() -> bool:
+    """Hand freed heap pages back to the OS (glibc malloc_trim). glibc keeps large freed blocks in the process,
+    e.g. the buffers of a checkpoint decompressed at load, so RSS would keep counting them. Returns malloc_trim's
+    answer (whether memory was released); False without glibc."""
+    import ctypes
 
-    if isinstance(model, llamacpp.LlamaCppModel):
-        model.close()  # the bench loads its own instance; two open at once would double the measured memory
-        out = llamacpp.bench(model.path, sp.prompt_tokens, sp.gen_tokens, sp.repetitions, sp.threads, label, seed)
-    else:
-        out = speed.bench(model, vocab_size(model), sp.prompt_tokens, sp.gen_tokens, sp.repetitions, sp.threads,
-                          label, seed=seed)
-    if bandwidth:  # decode reads every weight once per token: GB/s achieved ÷ GB/s available
-        for row in out["rows"]:
-            row["tg"]["roofline_fraction"] = row["tg"]["gb_per_s"] / bandwidth["gb_per_s"]
-    return out
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
