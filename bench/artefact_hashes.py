@@ -3,7 +3,9 @@ unchanged on any version of the code, e.g. before and after a refactor that must
 
 The recipe's methods and calibration are kept as they are; evaluation is cut to one chunk without speed, KLD or
 lm-eval tasks, which cannot change an artefact's bytes. The hashes are the ones `quantize run` records in each
-variant's manifest.json (every file but manifest.json and results.json).
+variant's manifest.json (every file but manifest.json and results.json). The per-layer log quantize-log.jsonl
+holds each solve's wall time, so it differs between any two runs; it is also hashed with its `seconds` fields
+dropped ("quantize-log.jsonl without seconds"), which must not differ.
 
     python bench/artefact_hashes.py recipes/smollm2-gptq.yaml --out bench/results/artefact_hashes-gptq.json
 """
@@ -11,6 +13,7 @@ variant's manifest.json (every file but manifest.json and results.json).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -47,6 +50,11 @@ def main() -> None:
         for manifest in sorted(Path(recipe["output"]).glob("*/manifest.json")):
             files = json.loads(manifest.read_text())["files"]
             out[manifest.parent.name] = {name: f["sha256"] for name, f in files.items()}
+            log = manifest.parent / "quantize-log.jsonl"
+            if log.is_file():
+                rows = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in log.open()]
+                digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+                out[manifest.parent.name]["quantize-log.jsonl without seconds"] = digest
     result = {"recipe": str(args.recipe), "methods": methods, "run_seconds": round(seconds, 1),
               "code": subprocess.run([args.python, "-c", "import quantize; print(quantize.__file__)"],
                                      capture_output=True, text=True).stdout.strip(),

@@ -25,14 +25,19 @@ def _fail(exc: QuantizeError, recipe: Path | None = None) -> None:
     raise typer.Exit(2)
 
 
+SET_HELP = ("KEY=VALUE: set a recipe key (dotted: eval.perplexity.max_chunks=8, methods.0.bits=3, model=DIR; "
+            "VALUE is YAML), validated like the file and recorded in the output; repeatable")
+
+
 @app.command()
 def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
-        force: bool = typer.Option(False, "--force", help="replace a finished output folder")) -> None:
+        force: bool = typer.Option(False, "--force", help="replace a finished output folder"),
+        overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Build every variant of RECIPE, evaluate it against the base model, write the fit and the report."""
     from quantize import pipeline
 
     try:
-        out = pipeline.run(load_recipe(recipe), force=force)
+        out = pipeline.run(load_recipe(recipe, overrides), force=force)
     except QuantizeError as exc:
         _fail(exc, recipe)
     except KeyboardInterrupt:
@@ -43,12 +48,13 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
 
 @app.command()
 def plan(recipe: Path = typer.Argument(..., help="recipe YAML"),
-         as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")) -> None:
+         as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+         overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Validate RECIPE and print what will run, expected sizes and the fit, without loading weights."""
     from quantize import pipeline
 
     try:
-        p = pipeline.plan(load_recipe(recipe))
+        p = pipeline.plan(load_recipe(recipe, overrides))
     except QuantizeError as exc:
         _fail(exc, recipe)
     if as_json:

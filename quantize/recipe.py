@@ -85,12 +85,16 @@ class Fit(Strict):
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model: str = Field(description="bundled:smollm2-135m, a local HF directory, a .gguf file, or a hub id")
+    revision: str | None = Field(None, description="hub commit, tag or branch of `model` (hub ids only; a local "
+                                                   "model, e.g. given with --set model=DIR, ignores it)")
     methods: list[Method] = Field(min_length=1)
     calibration: Calibration = Calibration()
     eval: Eval = Eval()
     fit: Fit = Fit()
     output: str | None = None
     seed: int = 0
+    overrides: list[str] = Field(default_factory=list, description="the --set KEY=VALUE this recipe was run with "
+                                                                    "(already applied; recorded in the output)")
 
     @model_validator(mode="before")
     @classmethod
@@ -163,7 +167,48 @@ def parse_recipe(data: object, source: str) -> Recipe:
         raise QuantizeError("\n".join(lines)) from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
+    """The recipe mapping with each `KEY=VALUE` set: KEY is a dotted path (`eval.perplexity.max_chunks`,
+    `methods.0.bits`; `method.` means the only method), VALUE is read as YAML (`8`, `null`, `[1, 2]`, `Q4_K_M`).
+    Missing mappings on the path are created; the result is validated like the file."""
+    data = dict(data)
+    if "method" in data and "methods" not in data:
+        data["methods"] = [data.pop("method")]
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise QuantizeError(f"{source}: --set {item!r}: expected KEY=VALUE with a dotted KEY, "
+                                "e.g. --set eval.perplexity.max_chunks=8")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise QuantizeError(f"{source}: --set {item!r}: the value is not valid YAML: {exc}") from None
+        parts = key.strip().split(".")
+        if parts[0] == "method":
+            parts = ["methods", "0", *parts[1:]]
+        target = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(target, list):
+                if not part.isdigit() or int(part) >= len(target):
+                    raise QuantizeError(f"{source}: --set {item!r}: `{where}` needs an index 0..{len(target) - 1}")
+                part = int(part)
+            if last:
+                target[part] = value
+            else:
+                child = target.get(part) if isinstance(target, dict) else target[part]
+                if child is None:  # a section the file leaves out: created
+                    child = {}
+                elif not isinstance(child, (dict, list)):
+                    raise QuantizeError(f"{source}: --set {item!r}: `{where}` is a value, not a mapping")
+                target[part] = dict(child) if isinstance(child, dict) else list(child)  # the caller's data untouched
+                target = target[part]
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """The recipe in `path`, with the command line's `--set KEY=VALUE` applied and recorded (`overrides`)."""
     path = Path(path)
     if not path.is_file():
         bundled = sorted(p.stem for p in bundled_recipes())
@@ -172,7 +217,14 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise QuantizeError(f"{path}: not valid YAML: {exc}") from None
-    return parse_recipe(data, str(path))
+    source = str(path)
+    if overrides:
+        if not isinstance(data, dict):
+            raise QuantizeError(f"{path}: a recipe is a YAML mapping of keys, got {type(data).__name__}")
+        data = apply_overrides(data, overrides, source)
+        data["overrides"] = list(overrides)
+        source += " with " + " ".join(f"--set {o}" for o in overrides)
+    return parse_recipe(data, source)
 
 
 def bundled_recipes() -> list[Path]:

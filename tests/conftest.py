@@ -13,12 +13,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def build_tiny_llama(folder: Path, vocab_size: int = 512, seed: int = 0, **config_overrides) -> Path:
-    """A randomly initialised Llama (hidden 256, MLP 512, 2 layers, GQA 4/2 heads, unless overridden) with a BPE
-    tokenizer trained on the bundled calibration text, saved as an HF checkpoint."""
+def build_tiny_llama(folder: Path, vocab_size: int = 512, seed: int = 0, model_type: str = "llama",
+                     **config_overrides) -> Path:
+    """A randomly initialised Llama (hidden 256, MLP 512, 2 layers, GQA 4/2 heads, unless overridden; another
+    family's layout with `model_type`) with a BPE tokenizer trained on the bundled calibration text, saved as an
+    HF checkpoint."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from quantize.sources.texts import bundled_wiki
 
@@ -32,13 +34,29 @@ def build_tiny_llama(folder: Path, vocab_size: int = 512, seed: int = 0, **confi
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=1024)
-    config = LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-                         **{**shape, **config_overrides})
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2,
+                                  tie_word_embeddings=False, **{**shape, **config_overrides})
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float16)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float16)
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
+
+
+def f32_gguf_logits(model_dir: Path, gguf_path: Path, n_tokens: int = 200):
+    """(token ids, llama.cpp's logits [n, vocab] with an F32 KV cache) of held-out text, tokenised by the model's
+    HF tokenizer, for comparing a converted GGUF with transformers."""
+    from quantize.runtimes.llamacpp import LlamaCppModel
+    from quantize.sources.models import load_tokenizer
+    from quantize.sources.texts import bundled_wiki
+
+    text = bundled_wiki("eval").text[:4000]
+    ids = load_tokenizer(model_dir)(text, add_special_tokens=False).input_ids[:n_tokens]
+    model = LlamaCppModel(gguf_path, n_ctx=256, kv_type="F32")
+    try:
+        return ids, model.logits(ids)
+    finally:
+        model.close()
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ def test_bad_recipe_exit_2_no_traceback(tmp_path):
 
 
 def test_missing_model_and_offline_hub_id(tmp_path):
-    for model, expected in [("./nowhere", "no such file or directory"), ("org/model", "HF_HUB_OFFLINE=1 is set")]:
+    for model, expected in [("./nowhere", "no such file or directory"), ("org/model", "the hub is switched off (HF_HUB_OFFLINE=1)")]:
         write_recipe(tmp_path / "r.yaml", model, [{"name": "int8"}], tmp_path / "out")
         r = quantize("run", "r.yaml", cwd=tmp_path)
         assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr

@@ -18,11 +18,13 @@ from quantize.fit.vram import (
 from quantize.formats.tensors import weight_bytes_safetensors
 
 LLAMA3_8B = {
+    "model_type": "llama",
     "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32,
     "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
     "tie_word_embeddings": False,
 }
 LLAMA3_70B = {
+    "model_type": "llama",
     "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64, "num_hidden_layers": 80,
     "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
 }
@@ -49,9 +51,10 @@ def test_llama3_8b_kv_bytes_hand_computed():
 def test_gemma3_layer_types_sliding_window():
     shape = shape_from_config(GEMMA3_TOY)
     assert (shape.sliding_window, shape.sliding_layers, shape.n_kv_heads, shape.head_dim) == (1024, 5, 2, 256)
-    # 5 sliding layers hold 1024 tokens, 1 full layer holds 32768 tokens; K+V, 2 KV heads, dim 256, f16.
-    expected = 2 * 2 * 256 * 2 * (5 * 1024 + 1 * 32768)
-    assert expected == 77_594_624
+    # 5 sliding layers hold llama.cpp's SWA cache, window + one 512-token micro-batch padded to 256 cells
+    # (1024 + 512 = 1536), 1 full layer holds 32768 tokens; K+V, 2 KV heads, dim 256, f16.
+    expected = 2 * 2 * 256 * 2 * (5 * 1536 + 1 * 32768)
+    assert expected == 82_837_504
     assert kv_cache_bytes(shape, 32768, 1, "f16") == expected
     # Below the window every layer holds the full context.
     assert kv_cache_bytes(shape, 512, 1, "f16") == 2 * 2 * 256 * 2 * 6 * 512

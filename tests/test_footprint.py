@@ -6,8 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from quantize.fit.context_memory import kv_cache_bytes
 from quantize.fit.gpus import GiB, gpu_by_name
+from quantize.fit.shape import shape_from_config
 from quantize.fit.vram import fit_one
 from quantize.fit.footprint import describe_model, param_counts, use_more_bits, weight_bytes
 
@@ -45,7 +48,8 @@ def test_gemma3_27b_sliding_kv_by_hand():
     shape = m["shape"]
     assert (shape.n_layers, shape.sliding_layers, shape.sliding_window) == (62, 52, 1024)  # 1 global in 6
     per_token = 2 * 16 * 128 * 2  # K+V × 16 KV heads × head_dim 128 × f16
-    assert kv_cache_bytes(shape, 131072, 1, "f16") == per_token * (10 * 131072 + 52 * 1024)
+    swa_cells = 1024 + 512  # llama.cpp's SWA cache: the window + one 512-token micro-batch, padded to 256
+    assert kv_cache_bytes(shape, 131072, 1, "f16") == per_token * (10 * 131072 + 52 * swa_cells)
     assert kv_cache_bytes(shape, 131072, 1, "f16") < 0.2 * kv_cache_bytes(
         shape.__class__(**{**shape.__dict__, "sliding_layers": 0}), 131072, 1, "f16")
 
@@ -69,3 +73,32 @@ def test_fit_cli_on_config_and_gguf(tmp_path):
     assert "H100 SXM" in report["decode_tokens_per_s_estimate"]
     bad = run(str(tmp_path / "nothing.gguf"))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "nothing.gguf" in bad.stderr
+
+
+def test_deepseek_v3_mla_kv_and_counts_by_hand():
+    """MLA: llama.cpp caches, per token and layer, the compressed latent (kv_lora_rank) and the shared rope key
+    (qk_rope_head_dim), one K cache and no V; a GQA formula would count 2 × 128 heads × head_dim instead."""
+    cfg = config("deepseek-v3")
+    shape = shape_from_config(cfg)
+    per_token = 61 * (512 + 64)  # layers × (kv_lora_rank + qk_rope_head_dim) = 35,136 elements
+    assert kv_cache_bytes(shape, 1, 1, "f16") == per_token * 2 == 70_272
+    assert kv_cache_bytes(shape, 131072, 1, "f16") == 131072 * per_token * 2  # 8.58 GiB at 128k
+    assert kv_cache_bytes(shape, 131072, 1, "f16") < 2 * 128 * 56 * 61 * 131072 * 2 / 20
+    c = param_counts(cfg)
+    # DeepSeek's README_WEIGHTS: 671B in the main model (61 layers, without the MTP module), 36.6B activated
+    # including the 0.9B output head; the active count here also holds the 0.9B embedding.
+    assert round(c.total / 1e9) == 671
+    assert round((c.active - c.embedding) / 1e9, 1) == 36.6
+    assert (c.n_dense_layers, c.n_moe_layers, c.n_experts, c.n_active) == (3, 58, 256, 8)
+
+
+def test_unmodelled_architecture_is_refused(tmp_path):
+    """A model type whose attention or cache is not modelled gets a refusal, not a number."""
+    import json
+
+    from quantize.common.errors import QuantizeError
+
+    hybrid = {**config("llama-3-8b"), "model_type": "qwen3_next"}  # linear-attention layers: no per-token KV
+    (tmp_path / "config.json").write_text(json.dumps(hybrid))
+    with pytest.raises(QuantizeError, match="'qwen3_next': its layout is not modelled"):
+        describe_model(str(tmp_path / "config.json"), None)

@@ -86,7 +86,7 @@ def test_missing_model_path():
 
 def test_hub_id_offline_fails_fast_with_hint():
     start = time.time()
-    with pytest.raises(QuantizeError, match="HF_HUB_OFFLINE=1 is set.*local HF directory"):
+    with pytest.raises(QuantizeError, match=r"'someone/not-a-cached-model'.*HF_HUB_OFFLINE=1.*--set model=DIR"):
         resolve_model("someone/not-a-cached-model")
     assert time.time() - start < 20
 
@@ -96,3 +96,40 @@ def test_bad_gptq_device_and_forward_dtype_list_accepted(tmp_path):
     assert "recipe.yaml" in msg and "method.device" in msg and "accepted: auto, cpu, cuda, cuda:N" in msg
     msg = error_of(write(tmp_path, {**GOOD, "method": {"name": "gptq", "forward_dtype": "float16"}}))
     assert "method.forward_dtype" in msg and "float32" in msg and "bfloat16" in msg
+
+
+def test_hub_errors_say_what_to_do():
+    """Each cause of a failed hub fetch (the hub client's own error types) becomes advice, not a class name."""
+    import httpx2
+    from huggingface_hub import errors
+
+    from quantize.sources.models import hub_error
+
+    def response(code):
+        return httpx2.Response(code, request=httpx2.Request("GET", "https://huggingface.co/api/models/org/m"))
+
+    gated = str(hub_error("org/m", None, errors.GatedRepoError("403", response=response(403))))
+    assert "gated" in gated and "https://huggingface.co/org/m" in gated and "HF_TOKEN" in gated
+    missing = str(hub_error("org/m", "abc", errors.RevisionNotFoundError("404", response=response(404))))
+    assert "no revision 'abc'" in missing and "`revision:`" in missing
+    unknown = str(hub_error("org/m", None, errors.RepositoryNotFoundError("404", response=response(404))))
+    assert "no such repository" in unknown
+    for message in (gated, missing, unknown):
+        assert "Error" not in message
+
+
+def test_set_overrides_are_validated_and_recorded(tmp_path):
+    from quantize.recipe import load_recipe
+
+    path = write(tmp_path, {**GOOD, "method": {"name": "rtn", "bits": 4, "group_size": 64}})
+    r = load_recipe(path, ["model=/some/dir", "eval.perplexity.max_chunks=8", "method.bits=3",
+                           "fit.contexts=[1024, 2048]", "calibration.seed=7"])
+    assert (r.model, r.eval.perplexity.max_chunks, r.methods[0].bits, r.fit.contexts, r.calibration.seed) == (
+        "/some/dir", 8, 3, [1024, 2048], 7)
+    assert r.resolved()["overrides"][0] == "model=/some/dir"
+    for bad, expected in [(["eval.perplexity.max_chunk=8"], "eval.perplexity.max_chunk: unknown key"),
+                          (["method.bits=5"], "method.bits: got 5"), (["methods.3.bits=4"], "needs an index 0..0"),
+                          (["model"], "expected KEY=VALUE"), (["name.x=1"], "`name` is a value, not a mapping")]:
+        with pytest.raises(QuantizeError) as err:
+            load_recipe(path, bad)
+        assert expected in str(err.value) and "--set" in str(err.value), (bad, str(err.value))

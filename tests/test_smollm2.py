@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import write_recipe
 from quantize import pipeline

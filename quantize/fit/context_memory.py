@@ -1,8 +1,8 @@
 """The memory that grows with context, besides the weights: the KV cache and the runtime's compute buffer.
 
 * KV cache bytes follow from the model shape in config.json: per layer
-  2 (K and V) x n_kv_heads x head_dim x tokens x batch x bytes_per_element(kv_dtype),
-  where sliding-window layers keep only min(context, window) tokens.
+  2 (K and V) x n_kv_heads x head_dim (MLA: kv_lora_rank + rope head dim) x cells x batch x bytes_per_element,
+  where sliding-window layers keep only the window plus one micro-batch (llama.cpp's SWA cache, kv_cells).
 * Runtime overhead is a fixed allowance plus an estimated compute buffer (see OVERHEAD_NOTE).
 """
 
@@ -52,12 +52,22 @@ def kv_bytes_per_element(kv_dtype: str) -> float:
     return KV_DTYPE_BYTES[kv_dtype]
 
 
+def kv_cells(shape: ModelShape, context: int) -> tuple[int, int]:
+    """(cells of a full-attention layer, cells of a sliding-window layer) per sequence, as llama.cpp allocates
+    them (src/llama-kv-cache-iswa.cpp): the SWA cache holds the window plus one micro-batch, padded to 256 cells,
+    and never more than the context."""
+    if not shape.sliding_window:
+        return context, context
+    swa = -(-(shape.sliding_window + COMPUTE_UBATCH_TOKENS) // 256) * 256
+    return context, min(context, swa)
+
+
 def kv_cache_bytes(shape: ModelShape, context: int, batch: int, kv_dtype: str) -> int:
-    """KV cache bytes; sliding layers hold min(context, window) tokens, full layers hold context."""
-    per_token = 2 * shape.n_kv_heads * shape.head_dim * batch  # K and V elements per layer per token
+    """KV cache bytes: per layer and sequence, kv_elements per cell (ModelShape.kv_elements: K and V, or MLA's
+    latent) × the cells kv_cells gives, × batch sequences."""
+    full_cells, swa_cells = kv_cells(shape, context)
     full_layers = shape.n_layers - shape.sliding_layers
-    swa_tokens = min(context, shape.sliding_window) if shape.sliding_window else context
-    elements = per_token * (full_layers * context + shape.sliding_layers * swa_tokens)
+    elements = shape.kv_elements * batch * (full_layers * full_cells + shape.sliding_layers * swa_cells)
     return int(elements * kv_bytes_per_element(kv_dtype) + 0.5)
 
 

@@ -25,7 +25,7 @@ from quantize.fit.shape import ParamCounts, param_counts, shape_and_counts, shap
 from quantize.formats.compressed_tensors import STORAGE_DTYPE
 from quantize.formats.gguf_types import K_QUANT_BLOCK, K_QUANT_FALLBACK, bits_per_weight, nominal_bits_per_weight
 from quantize.formats.tensors import weight_bytes_gguf, weight_bytes_safetensors
-from quantize.sources.models import ignored, unique_parameters
+from quantize.sources.models import hub_config_and_bytes, ignored, is_hub_id, unique_parameters
 
 WEIGHT_FORMATS = ("fp16", "bf16", "int8", "int4", "q8_0", "q4_k_m")
 
@@ -40,40 +40,46 @@ def weight_bytes(counts: ParamCounts, fmt: str) -> int:
     if fmt not in WEIGHT_FORMATS:
         raise QuantizeError(f"unknown weight format {fmt!r}; accepted: {', '.join(WEIGHT_FORMATS)}")
     c = counts
-    mlp = c.n_experts * sum(c.mlp_per_expert.values())
-    linears = c.n_layers * (sum(c.attn.values()) + mlp)  # quantized linears in the decoder layers
+    moe = c.n_experts * sum(c.mlp_per_expert.values()) + sum((c.shared_mlp or {}).values())
+    linears = (c.n_layers * sum(c.attn.values()) + c.n_dense_layers * sum((c.dense_mlp or {}).values())
+               + c.n_moe_layers * moe)  # quantized linears in the decoder layers
     edges = c.embedding + c.lm_head
-    small = c.norms + c.n_layers * c.router
+    small = c.norms + c.n_moe_layers * c.router
     if fmt in ("fp16", "bf16"):
         return 2 * c.total
     if fmt == "int8":  # + an fp16 scale per output row of every linear
-        return linears + 2 * c.n_layers * c.rows_per_layer + 2 * (edges + small)
+        return linears + 2 * c.linear_rows + 2 * (edges + small)
     if fmt == "int4":
         return int(linears * (4 + 16 / 128) / 8) + 2 * (edges + small)
     if fmt == "q8_0":  # every 2-D tensor Q8_0 but the MoE router, which llama.cpp keeps F32
-        return int((linears + edges) * bits_per_weight("Q8_0") / 8) + 4 * (c.norms + c.n_layers * c.router)
-    return int(sum(n * bits_per_weight(kind) for n, kind in q4_k_m_tensors(c)) / 8) + 4 * (c.norms + c.n_layers * c.router)
+        return int((linears + edges) * bits_per_weight("Q8_0") / 8) + 4 * small
+    return int(sum(n * bits_per_weight(kind) for n, kind in q4_k_m_tensors(c)) / 8) + 4 * small
 
 
 def q4_k_m_tensors(c: ParamCounts):
     """(parameters, GGML type) of every quantized tensor under llama.cpp's Q4_K_M mix (llama-quant.cpp):
     Q4_K, with Q6_K for attn_v and ffn_down in the layers use_more_bits picks and for the output (a tied
     embedding takes the output's type), Q5_K attn_output with 8 experts; rows (input columns) not a multiple of
-    256 take the fallback type."""
+    256 take the fallback type. With shared experts or leading dense layers (DeepSeek), every ffn_down of a
+    picked layer counts as picked (llama.cpp counts the ffn_down tensors, so its pick can differ by a layer)."""
     hidden = c.embedding // c.vocab
-    q_out = c.attn["q"] // hidden
-    inter = c.mlp_per_expert["down"] // hidden
 
     def typed(n, cols, kind):
         return n, (K_QUANT_FALLBACK[kind] if cols % K_QUANT_BLOCK else kind)
 
     for i in range(c.n_layers):
         more = use_more_bits(i, c.n_layers)
-        yield typed(c.attn["q"] + c.attn["k"], hidden, "Q4_K")
-        yield typed(c.attn["v"], hidden, "Q6_K" if more else "Q4_K")
-        yield typed(c.attn["o"], q_out, "Q5_K" if c.n_experts == 8 else "Q4_K")
-        yield typed(c.n_experts * (c.mlp_per_expert["gate"] + c.mlp_per_expert["up"]), hidden, "Q4_K")
-        yield typed(c.n_experts * c.mlp_per_expert["down"], inter, "Q6_K" if more else "Q4_K")
+        for part, n in c.attn.items():
+            kind = "Q6_K" if part == "v" and more else "Q5_K" if part == "o" and c.n_experts == 8 else "Q4_K"
+            yield typed(n, c.attn_columns[part], kind)
+        down = "Q6_K" if more else "Q4_K"
+        if i < c.n_dense_layers:
+            mlps = [(1, c.dense_mlp)]
+        else:
+            mlps = [(c.n_experts, c.mlp_per_expert)] + ([(1, c.shared_mlp)] if c.shared_mlp else [])
+        for count, mlp in mlps:
+            yield typed(count * (mlp["gate"] + mlp["up"]), hidden, "Q4_K")
+            yield typed(count * mlp["down"], mlp["down"] // hidden, down)
     if c.lm_head:
         yield typed(c.embedding, hidden, "Q4_K")
         yield typed(c.lm_head, hidden, "Q6_K")
@@ -98,8 +104,9 @@ def describe_model(spec: str, fmt: str | None) -> dict:
         cfg, source = json.loads((path / "config.json").read_text()), "config.json"
         if any(path.glob("*.safetensors")):
             measured = sum(weight_bytes_safetensors(path).values())
-    elif spec.count("/") == 1 and not path.exists():
-        cfg, source = _hub_config(spec), f"hub config.json of {spec}"
+    elif is_hub_id(spec):
+        cfg, measured = hub_config_and_bytes(spec)
+        measured, source = sum(measured.values()), f"hub config.json and safetensors headers of {spec}"
     else:
         raise QuantizeError(f"model {spec}: not a .gguf file, a config.json, an HF directory or a hub id")
     shape, counts = shape_and_counts(cfg)
@@ -112,20 +119,6 @@ def describe_model(spec: str, fmt: str | None) -> dict:
     active_fraction = counts.active / counts.total
     return {"shape": shape, "counts": counts, "weights_bytes": weights, "weights_how": how, "source": source,
             "active_weight_bytes": int(weights * active_fraction)}
-
-
-def _hub_config(repo_id: str) -> dict:
-    import json
-    import os
-
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
-    except Exception as exc:  # noqa: BLE001 - offline, gated, missing: one message for the user
-        offline = " (HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise QuantizeError(f"model {repo_id}: could not fetch config.json from the hub{offline}: "
-                            f"{type(exc).__name__}. Give a local config.json, HF directory or .gguf") from None
 
 
 # ---- the expected artefact size of a recipe's method, for `quantize plan` (no weights read) ----------------------

@@ -29,6 +29,7 @@ APPLE_LARGE_USABLE = 3 / 4  # as llama.cpp's Metal backend reports it): ~2/3 of 
 
 # NVIDIA's (and Apple's) "GB" for these memory sizes is GiB, except H200: 141 x 10^9 bytes.
 GPUS: tuple[Gpu, ...] = (
+    Gpu("RTX 4060", 8 * GiB, NVIDIA_USABLE, 272, "NVIDIA GeForce RTX 4060 spec page"),
     Gpu("RTX 3060", 12 * GiB, NVIDIA_USABLE, 360, "NVIDIA GeForce RTX 3060 spec page"),
     Gpu("RTX 4060 Ti", 16 * GiB, NVIDIA_USABLE, 288, "NVIDIA GeForce RTX 4060 Ti spec page (16 GB)"),
     Gpu("RTX 3090", 24 * GiB, NVIDIA_USABLE, 936, "NVIDIA GeForce RTX 3090 spec page"),
@@ -37,6 +38,7 @@ GPUS: tuple[Gpu, ...] = (
     Gpu("L4", 24 * GiB, NVIDIA_USABLE, 300, "NVIDIA L4 datasheet"),
     Gpu("A10", 24 * GiB, NVIDIA_USABLE, 600, "NVIDIA A10 datasheet"),
     Gpu("A100 40GB", 40 * GiB, NVIDIA_USABLE, 1555, "NVIDIA A100 datasheet (40GB)"),
+    Gpu("L40S", 48 * GiB, NVIDIA_USABLE, 864, "NVIDIA L40S datasheet"),
     Gpu("A100 80GB", 80 * GiB, NVIDIA_USABLE, 2039, "NVIDIA A100 datasheet (80GB SXM)"),
     Gpu("H100 SXM", 80 * GiB, NVIDIA_USABLE, 3350, "NVIDIA H100 datasheet (SXM)"),
     Gpu("H200", 141 * 10**9, NVIDIA_USABLE, 4800, "NVIDIA H200 datasheet (141 GB taken as 10^9 bytes)"),

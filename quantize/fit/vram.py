@@ -101,8 +101,9 @@ def fit_report(weight_bytes: int, shape: ModelShape, gpu_names: list[str], conte
     return {
         "protocol": {
             "formula": "total = weights + kv + overhead; fits if total <= memory x usable_fraction",
-            "kv_formula": "per layer 2 x n_kv_heads x head_dim x tokens x batch x bytes_per_element; "
-                          "tokens = min(context, sliding_window) on sliding layers, context on full layers",
+            "kv_formula": "per layer 2 x n_kv_heads x head_dim (MLA: kv_lora_rank + rope head dim) x cells x batch x "
+                          "bytes_per_element; cells = context on full layers, min(context, sliding_window + "
+                          f"{COMPUTE_UBATCH_TOKENS} padded to 256) on sliding layers (llama.cpp's SWA cache)",
             "overhead_note": OVERHEAD_NOTE,
             "runtime_overhead_bytes": RUNTIME_OVERHEAD_BYTES,
             "compute_ubatch_tokens": COMPUTE_UBATCH_TOKENS,

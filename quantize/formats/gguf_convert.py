@@ -23,8 +23,9 @@ from quantize.formats.gguf_types import ftype
 from quantize.sources.models import tied_embeddings, tokenizer_adds_bos
 from quantize.sources.shards import Shards
 
-# HF model_type → GGUF architecture. Mistral (non-tekken) uses llama's graph in llama.cpp.
-ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+# HF model_type → GGUF architecture. Mistral (non-tekken) uses llama's graph in llama.cpp; Qwen3 adds per-head
+# q/k RMSNorms (attn_q_norm, attn_k_norm), which the tensor name map names.
+ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 PERMUTES_QK = {"llama"}  # GGUF arches whose Q/K rows are stored in llama.cpp's rotary order
 
 # sha256(str(tokenizer.encode(CHECK_TEXT))) → tokenizer.ggml.pre, rows from llama.cpp's convert_hf_to_gguf.py
@@ -96,12 +97,59 @@ def add_vocab(writer, model_dir: Path, config: dict) -> None:
     special.add_to_gguf(writer)
 
 
+ROPE_TYPES = ("default", "llama3")  # llama3: Llama 3.1+'s frequency scaling, written as the rope_freqs tensor
+
+
+def rope_parameters(config: dict) -> dict:
+    """The config's rope settings (transformers 5's `rope_parameters`, 4's `rope_scaling`), with `rope_type`."""
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope["rope_type"] = rope.get("rope_type", rope.get("type")) or "default"
+    return rope
+
+
+def check_convertible(config: dict) -> None:
+    """Fail before any work when this converter cannot write the model: its type or its rope scaling."""
+    model_type = config.get("model_type")
+    if model_type not in ARCHES:
+        raise QuantizeError(f"GGUF conversion supports model types {', '.join(ARCHES)}, not {model_type!r}")
+    rope_type = rope_parameters(config)["rope_type"]
+    if rope_type not in ROPE_TYPES:
+        raise QuantizeError(f"GGUF conversion: rope type {rope_type!r} is not supported; accepted: "
+                            f"{', '.join(ROPE_TYPES)}")
+
+
+def rope_freqs(config: dict, head_dim: int) -> np.ndarray | None:
+    """Llama 3.1+'s rope scaling as llama.cpp takes it: one factor per rotary frequency (`rope_freqs.weight`,
+    F32 [head_dim / 2]), dividing that frequency. As llama.cpp's converter (conversion/llama.py,
+    generate_extra_tensors): wavelengths shorter than original_max_position_embeddings / high_freq_factor keep
+    their frequency, longer than original / low_freq_factor are divided by `factor`, and those between are
+    interpolated. None for default rope."""
+    rope = rope_parameters(config)
+    if rope["rope_type"] != "llama3":
+        return None
+    base = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_context = rope.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < high_freq_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_freq_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
 def add_hparams(writer, config: dict, arch: str) -> None:
+    check_convertible(config)
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}  # transformers 5 / 4
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
-        raise QuantizeError(f"GGUF conversion: rope type {rope_type!r} is not supported yet (default rope only)")
+    rope = rope_parameters(config)
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -147,11 +195,11 @@ def convert(model_dir: Path, out_file: Path, out_type: str = "F16", name: str | 
     if out_type not in OUT_TYPES:
         raise QuantizeError(f"GGUF out type {out_type!r}; accepted: {', '.join(OUT_TYPES)}")
     config = json.loads((model_dir / "config.json").read_text())
-    model_type = config.get("model_type")
-    if model_type not in ARCHES:
-        raise QuantizeError(f"{model_dir}: GGUF conversion supports model types {', '.join(ARCHES)}, "
-                            f"not {model_type!r}")
-    arch = ARCHES[model_type]
+    try:
+        check_convertible(config)
+    except QuantizeError as exc:
+        raise QuantizeError(f"{model_dir}: {exc}") from None
+    arch = ARCHES[config["model_type"]]
     n_layers = config["num_hidden_layers"]
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     partial = out_file.with_name(out_file.name + ".partial")
@@ -180,6 +228,11 @@ def _write(writer, model_dir: Path, config: dict, arch: str, out_type: str, name
         writer.add_string(key, str(value))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+    factors = rope_freqs(config, head_dim)
+    if factors is not None:  # first, as llama.cpp's converter writes its extra tensors
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors,
+                          raw_dtype=gguf.GGMLQuantizationType.F32)
     shards = Shards(model_dir)
     tied = tied_embeddings(config)
     for hf_name in shards.names():

@@ -46,7 +46,8 @@ AWQ_MAPPINGS: dict[str, list[tuple[str, list[str], str]]] = {
         ("mlp.up_proj", ["mlp.down_proj"], "mlp.down_proj"),
     ],
 }
-AWQ_MAPPINGS["mistral"] = AWQ_MAPPINGS["qwen2"] = AWQ_MAPPINGS["llama"]
+for _family in ("mistral", "qwen2", "qwen3"):
+    AWQ_MAPPINGS[_family] = AWQ_MAPPINGS["llama"]
 NO_CLIP = ("q_proj", "k_proj")  # their errors are amplified through softmax(QKᵀ): AutoAWQ leaves them unclipped
 
 

@@ -6,7 +6,7 @@ in a fraction of a second, before any work.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union, get_args
+from typing import Annotated, ClassVar, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -16,6 +16,7 @@ from quantize.formats.gguf_types import MIXES, UNQUANTIZED
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    layer_wise: ClassVar[bool] = False  # streamed through methods/engine.py, one decoder layer at a time
 
 
 # ---- methods -------------------------------------------------------------------------------------------
@@ -39,6 +40,8 @@ class Int8Method(Strict):
 
 class WeightOnly(Strict):
     """Integer weights on b-bit grids per group of `group_size` input columns (-1: per output channel)."""
+
+    layer_wise: ClassVar[bool] = True
 
     bits: Literal[2, 3, 4, 8] = 4
     group_size: Literal[-1, 32, 64, 128, 256] = 128

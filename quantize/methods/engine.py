@@ -40,7 +40,9 @@ SEQUENTIAL_GROUPS: dict[str, list[list[str]]] = {
     "llama": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
               ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
 }
-SEQUENTIAL_GROUPS["mistral"] = SEQUENTIAL_GROUPS["qwen2"] = SEQUENTIAL_GROUPS["llama"]
+# the same layout: Qwen3's per-head q/k norms sit inside the attention, between q/k_proj and the rotary embedding
+for _family in ("mistral", "qwen2", "qwen3"):
+    SEQUENTIAL_GROUPS[_family] = SEQUENTIAL_GROUPS["llama"]
 
 
 def materialize(module: torch.nn.Module, prefix: str, shards: Shards, dtype=torch.float32) -> None:
@@ -55,11 +57,26 @@ def release(module: torch.nn.Module) -> None:
     module.to("meta")
 
 
+def check_model(config: dict, seq_len: int | None = None) -> None:
+    """Fail before any work if the engine cannot stream this model: its type has no row in SEQUENTIAL_GROUPS, or
+    (with calibration of `seq_len` tokens) a sliding window shorter than the calibration sequences."""
+    model_type = config.get("model_type")
+    if model_type not in SEQUENTIAL_GROUPS:
+        raise QuantizeError(f"layer-wise methods support model types {', '.join(SEQUENTIAL_GROUPS)}; "
+                            f"the model is {model_type!r}")
+    window = config.get("sliding_window")
+    if seq_len is not None and window and config.get("use_sliding_window", True) and seq_len > window:
+        raise QuantizeError(f"calibration sequences of {seq_len} tokens exceed the model's sliding_window {window}; "
+                            f"the layer-wise engine runs full causal attention, so use `calibration.seq_len` <= "
+                            f"{window}")
+
+
 def skeleton(base_path: Path):
     model = meta_model(base_path)
-    if model.config.model_type not in SEQUENTIAL_GROUPS:
-        raise QuantizeError(f"layer-wise methods support model types {', '.join(SEQUENTIAL_GROUPS)}; "
-                            f"{base_path} is {model.config.model_type!r}")
+    try:
+        check_model(model.config.to_dict())
+    except QuantizeError as exc:
+        raise QuantizeError(f"{base_path}: {exc}") from None
     return model
 
 
@@ -128,11 +145,10 @@ def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Ca
 
     acts = None
     if calib is not None:
-        window = getattr(model.config, "sliding_window", None)
-        if window and getattr(model.config, "use_sliding_window", True) and calib.shape[1] > window:
-            raise QuantizeError(f"{base_path}: calibration sequences of {calib.shape[1]} tokens exceed the model's "
-                                f"sliding_window {window}; the layer-wise engine runs full causal attention, so use "
-                                f"`calibration.seq_len` <= {window}")
+        try:
+            check_model(model.config.to_dict(), int(calib.shape[1]))
+        except QuantizeError as exc:
+            raise QuantizeError(f"{base_path}: {exc}") from None
         materialize(inner.embed_tokens, "model.embed_tokens.", shards)
         hidden = inner.embed_tokens(calib).float().to(device)  # [samples, seq_len, hidden]
         release(inner.embed_tokens)

@@ -31,6 +31,7 @@ class BaseModel:
     path: Path  # local HF directory
     origin: str  # "bundled", "local", "gguf" or "hub"
     source_file: Path | None = None  # the GGUF it was converted from, if any
+    revision: str | None = None  # the hub revision asked for (hub ids only)
 
     @property
     def config(self) -> dict:
@@ -40,6 +41,8 @@ class BaseModel:
         out = {"spec": self.spec, "origin": self.origin, "path": str(self.path)}
         if self.source_file:
             out["source_file"] = str(self.source_file)
+        if self.revision:
+            out["revision"] = self.revision
         return out
 
 
@@ -90,19 +93,61 @@ def gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def _hub_snapshot(repo_id: str) -> Path:
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]  # what a run needs
+
+
+def is_hub_id(spec: str) -> bool:
+    """`org/name` that is not a path on this machine."""
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists()
+
+
+def hub_error(repo_id: str, revision: str | None, exc: Exception, what: str = "model") -> QuantizeError:
+    """What to do about a failed hub fetch, by its cause, in words (not an exception class name)."""
+    from huggingface_hub import errors
+
+    at = f" at revision {revision}" if revision else ""
+    local = (f"Download it where there is a network (`hf download {repo_id}"
+             f"{f' --revision {revision}' if revision else ''} --local-dir DIR`) and point the recipe at that "
+             "folder: `--set model=DIR` on the command line, or `model: DIR` in the recipe.")
+    if isinstance(exc, errors.GatedRepoError):
+        return QuantizeError(f"{what} {repo_id!r} is gated: accept its licence at https://huggingface.co/{repo_id} "
+                             "while logged in, then set HF_TOKEN (or run `hf auth login`) and run again.")
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return QuantizeError(f"{what} {repo_id!r} has no revision {revision!r} on the hub; set `revision:` to a "
+                             "commit, tag or branch of the repository.")
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return QuantizeError(f"{what} {repo_id!r}: no such repository on the hub (or it is private: set HF_TOKEN). "
+                             "Accepted: bundled:smollm2-135m, a local HF directory, a .gguf file, or a hub id.")
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if offline or isinstance(exc, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, OSError)):
+        why = "the hub is switched off (HF_HUB_OFFLINE=1)" if offline else "the hub could not be reached"
+        return QuantizeError(f"{what} {repo_id!r}{at}: {why} and no copy is in the Hugging Face cache. {local}")
+    return QuantizeError(f"{what} {repo_id!r}{at} could not be fetched from the hub ({exc}). {local}")
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None, patterns: list[str] = HUB_PATTERNS) -> Path:
+    """The local folder of a hub repository at `revision` (downloaded once into the Hugging Face cache)."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as exc:  # offline, unknown repo, gated, ...: all mean "not available here"
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        raise QuantizeError(
-            f"model {repo_id!r} is neither a local path nor a hub id that could be fetched"
-            f"{' (HF_HUB_OFFLINE=1 is set)' if offline else ''}: {type(exc).__name__}. "
-            "Give a local HF directory, a .gguf file, or bundled:smollm2-135m."
-        ) from None
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as exc:  # noqa: BLE001 - every cause becomes one message the user can act on
+        raise hub_error(repo_id, revision, exc) from None
+
+
+def hub_config_and_bytes(repo_id: str, revision: str | None = None) -> tuple[dict, dict[str, int]]:
+    """config.json and the tensor bytes by dtype of a hub model, from the config and the safetensors headers
+    alone (HTTP range requests): no weights are downloaded."""
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+    try:
+        config = json.loads(Path(hf_hub_download(repo_id, "config.json", revision=revision)).read_text())
+        counts = get_safetensors_metadata(repo_id, revision=revision).parameter_count
+    except Exception as exc:  # noqa: BLE001
+        raise hub_error(repo_id, revision, exc) from None
+    size = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+            "F8_E4M3": 1, "F8_E5M2": 1}
+    return config, {dtype: n * size.get(dtype, 2) for dtype, n in counts.items()}
 
 
 def gguf_source(spec: str) -> tuple[Path, Path, str] | None:
@@ -119,7 +164,8 @@ def gguf_source(spec: str) -> tuple[Path, Path, str] | None:
     return None
 
 
-def resolve_model(spec: str) -> BaseModel:
+def resolve_model(spec: str, revision: str | None = None) -> BaseModel:
+    """The base model as a local HF folder. `revision` pins a hub id's commit (ignored for local models)."""
     source = gguf_source(spec)
     if source is not None:
         gguf, cache, origin = source
@@ -129,8 +175,8 @@ def resolve_model(spec: str) -> BaseModel:
         if not (path / "config.json").is_file():
             raise QuantizeError(f"model {spec}: directory has no config.json (expected a Hugging Face checkpoint)")
         return BaseModel(spec, path, "local")
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not path.exists():
-        return BaseModel(spec, _hub_snapshot(spec), "hub")
+    if is_hub_id(spec):
+        return BaseModel(spec, hub_snapshot(spec, revision), "hub", revision=revision)
     raise QuantizeError(
         f"model {spec}: no such file or directory (accepted: bundled:smollm2-135m, a local HF directory, "
         "a .gguf file, or a hub id like org/name)"

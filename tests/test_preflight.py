@@ -1,0 +1,58 @@
+"""`quantize plan` (and the first step of `quantize run`) catch what would fail later, from the config alone, in
+seconds, naming the recipe key."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import build_tiny_llama, write_recipe
+from test_cli import quantize
+
+
+def edited_copy(tiny_model, folder, **config):
+    shutil.copytree(tiny_model, folder)
+    data = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**data, **config}))
+    return folder
+
+
+CASES = {
+    "group size": ({"name": "gptq", "bits": 4, "group_size": 128}, "not divisible by group_size 128"),
+    "model type": ({"name": "awq", "bits": 4, "group_size": 64}, "the model is 'phi3'"),
+    "sliding window": ({"name": "rtn", "bits": 4, "group_size": 64}, None),
+    "rope type": ({"name": "gguf", "type": "Q8_0"}, "rope type 'yarn' is not supported"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_plan_fails_early_naming_the_key(case, tiny_model, tmp_path):
+    method, expected = CASES[case]
+    calibration = None
+    if case == "group size":
+        model = build_tiny_llama(tmp_path / "m", hidden_size=192)  # 192 input columns: no g128 groups
+    elif case == "model type":
+        model = edited_copy(tiny_model, tmp_path / "m", model_type="phi3", architectures=["Phi3ForCausalLM"])
+    elif case == "sliding window":
+        model = edited_copy(tiny_model, tmp_path / "m", model_type="mistral", sliding_window=32,
+                            architectures=["MistralForCausalLM"])
+        method = {"name": "gptq", "bits": 4, "group_size": 64}
+        calibration, expected = {"samples": 4, "seq_len": 64}, "exceed the model's sliding_window 32"
+    else:
+        model = edited_copy(tiny_model, tmp_path / "m", rope_parameters={
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "rope_theta": 10000.0})
+    extra = {"calibration": calibration} if calibration else {}
+    write_recipe(tmp_path / "r.yaml", str(model), [method, {"name": "int8"}], tmp_path / "out", **extra)
+    r = quantize("plan", "r.yaml", cwd=tmp_path)
+    print(f"{case}: {r.stderr.strip()}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "key `methods[0]`" in r.stderr and expected in r.stderr
+
+
+def test_run_fails_before_evaluating_the_base(tiny_model, tmp_path):
+    """The same checks open `quantize run`: the base model is not evaluated and nothing is written."""
+    model = build_tiny_llama(tmp_path / "m", hidden_size=192)
+    write_recipe(tmp_path / "r.yaml", str(model), [{"name": "rtn", "bits": 4, "group_size": 128}], tmp_path / "out")
+    r = quantize("run", "r.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "key `method`" in r.stderr and "not divisible by group_size 128" in r.stderr
+    assert "base model:" not in r.stderr and not (tmp_path / "out").exists()
