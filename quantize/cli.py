@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,28 +25,77 @@ def _fail(exc: QuantizeError, recipe: Path | None = None) -> None:
     if recipe is not None and not message.startswith(str(recipe)):
         message = f"{recipe}: {message}"
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(EXIT_USER_ERROR)
 
 
 SET_HELP = ("KEY=VALUE: set a recipe key (dotted: eval.perplexity.max_chunks=8, methods.0.bits=3, model=DIR; "
             "VALUE is YAML), validated like the file and recorded in the output; repeatable")
 
 
+EXIT_OK, EXIT_USER_ERROR, EXIT_GATE_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Everything written to stdout meanwhile (Python, or C libraries such as llama.cpp) goes to stderr, so that
+    --json leaves one JSON document on stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _run_summary(out: Path, results: dict) -> dict:
+    variants = {}
+    for name, v in results["variants"].items():
+        kld = v["perplexity"].get("kld") or {}
+        tg = [r["tg"]["median"] for r in (v.get("speed") or {}).get("rows", [])]
+        variants[name] = {"format": v["format"], "bytes": sum(v["fit"]["weight_bytes_by_dtype"].values()),
+                          "ppl": v["perplexity"]["ppl"], "kld_mean": kld.get("mean"), "same_top": kld.get("same_top"),
+                          "tg_tokens_per_s": max(tg) if tg else None, "gates": v.get("gates"), "folder": str(out / name)}
+    return {"output": str(out), "report": str(out / "report.md"), "results": str(out / "results.json"),
+            "base_ppl": results["base"]["perplexity"]["ppl"], "variants": variants, "gates": results.get("gates")}
+
+
 @app.command()
 def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
         force: bool = typer.Option(False, "--force", help="replace a finished output folder"),
-        overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
-    """Build every variant of RECIPE, evaluate it against the base model, write the fit and the report."""
+        overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+        gate: list[str] = typer.Option([], "--gate", help="KEY=VALUE: a quality gate (max_kld, max_ppl_delta, "
+                                       "min_same_top, min_tg_tps, must_fit='[{gpu: RTX 4090, context: 8192}]'), "
+                                       "the same as --set gates.KEY=VALUE; repeatable"),
+        as_json: bool = typer.Option(False, "--json", help="print one JSON result on stdout (logs stay on stderr)")
+        ) -> None:
+    """Build every variant of RECIPE, evaluate it against the base model, write the fit and the report.
+
+    Exit codes: 0 done (every gate passed), 2 user error (nothing run), 3 a gate failed (artefacts written and
+    marked), 130 interrupted (nothing published)."""
     from quantize import pipeline
 
     try:
-        out = pipeline.run(load_recipe(recipe, overrides), force=force)
+        loaded = load_recipe(recipe, [*overrides, *(f"gates.{g}" for g in gate)])
+        with _stdout_to_stderr() if as_json else contextlib.nullcontext():
+            out = pipeline.run(loaded, force=force)
     except QuantizeError as exc:
         _fail(exc, recipe)
     except KeyboardInterrupt:
         typer.echo("interrupted: nothing was written to the output folder", err=True)
-        raise typer.Exit(130)
-    typer.echo(str(out / "report.md"))
+        raise typer.Exit(EXIT_INTERRUPTED)
+    results = json.loads((out / "results.json").read_text())
+    failed = (results.get("gates") or {}).get("failed") or []
+    if as_json:
+        typer.echo(json.dumps({**_run_summary(out, results), "exit_code": EXIT_GATE_FAILED if failed else EXIT_OK},
+                              indent=2))
+    else:
+        typer.echo(str(out / "report.md"))
+    if failed:
+        typer.echo("gate failed: " + "; ".join(failed), err=True)
+        raise typer.Exit(EXIT_GATE_FAILED)
 
 
 @app.command()
@@ -81,14 +133,17 @@ def eval_command(path: Path = typer.Argument(..., help="an artefact: HF folder (
                  base: str | None = typer.Option(None, "--base", help="base model for KLD (cached once per text)"),
                  recipe: Path | None = typer.Option(None, "--recipe", help="take the eval protocol from this recipe"),
                  speed: bool = typer.Option(True, "--speed/--no-speed"),
-                 out: Path | None = typer.Option(None, "--out", help="write the JSON result here")) -> None:
+                 out: Path | None = typer.Option(None, "--out", help="write the JSON result here"),
+                 as_json: bool = typer.Option(False, "--json", help="print the JSON result on stdout (logs on stderr)")
+                 ) -> None:
     """Evaluate any artefact on the backend its format runs on: perplexity, bits per byte, KLD, speed."""
     from quantize.measure import scorecard
 
     try:
         ev = load_recipe(recipe).eval if recipe else Eval()
         ev = ev.model_copy(update={"speed": ev.speed.model_copy(update={"enabled": ev.speed.enabled and speed})})
-        result = scorecard.evaluate_artefact(path, base, ev)
+        with _stdout_to_stderr() if as_json else contextlib.nullcontext():
+            result = scorecard.evaluate_artefact(path, base, ev)
     except QuantizeError as exc:
         _fail(exc, recipe)
     text = json.dumps(result, indent=2, default=str)
@@ -99,7 +154,7 @@ def eval_command(path: Path = typer.Argument(..., help="an artefact: HF folder (
            f"{p['bits_per_byte']:.4f} bits/byte"
     if "kld" in p:
         line += f"; KLD {p['kld']['mean']:.6f} ± {p['kld']['unc']:.6f}, same top {100 * p['kld']['same_top']:.2f}%"
-    typer.echo(line if out else text)
+    typer.echo(text if as_json or not out else line)
 
 
 @app.command("fit")
@@ -161,7 +216,8 @@ def fit_command(model: str = typer.Argument(..., help="a .gguf, an HF directory,
 def compare(runs: list[Path] = typer.Argument(..., help="run folders, e.g. outputs/*"),
             png: Path = typer.Option(Path("compare.png"), "--png", help="chart of KLD against size"),
             html_out: Path | None = typer.Option(None, "--html", help="self-contained HTML page"),
-            md_out: Path | None = typer.Option(None, "--md", help="also write the Markdown table here")) -> None:
+            md_out: Path | None = typer.Option(None, "--md", help="also write the Markdown table here"),
+            as_json: bool = typer.Option(False, "--json", help="print the rows as JSON instead of the table")) -> None:
     """One table of every artefact in RUNS (quality, size, speed, fit), Pareto front of KLD against size."""
     from quantize.fit.gpus import gpu_by_name
     from quantize.report import compare as cmp
@@ -173,12 +229,17 @@ def compare(runs: list[Path] = typer.Argument(..., help="run folders, e.g. outpu
     except QuantizeError as exc:
         _fail(exc)
     table = cmp.markdown(rows)
-    typer.echo(table)
+    if as_json:
+        typer.echo(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "chart": str(png),
+                               "html": str(html_out) if html_out else None}, indent=2))
+    else:
+        typer.echo(table)
     if md_out:
         md_out.write_text(table)
     if html_out:
         html_out.write_text(cmp.html_page(rows, png))
-    typer.echo(f"chart: {png}" + (f"; page: {html_out}" if html_out else ""))
+    if not as_json:
+        typer.echo(f"chart: {png}" + (f"; page: {html_out}" if html_out else ""))
 
 
 @app.command()

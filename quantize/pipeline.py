@@ -31,7 +31,7 @@ from quantize.methods.engine import check_model, resolve_device
 from quantize.methods.registry import METHODS
 from quantize.methods.weight_only import check_group_sizes
 from quantize.recipe import Recipe
-from quantize.report import markdown
+from quantize.report import gates, markdown
 from quantize.runtimes.llamacpp import LlamaCppModel
 from quantize.runtimes.load import free, load
 from quantize.sources.models import (
@@ -39,6 +39,10 @@ from quantize.sources.models import (
     unique_parameters,
 )
 from quantize.sources.texts import calibration_batches, load_text
+
+
+def gates_set(limits) -> bool:
+    return any(v not in (None, []) for v in limits.model_dump().values())
 
 
 def _base_model(recipe: Recipe, resolve=resolve_model):
@@ -245,10 +249,16 @@ def run(recipe: Recipe, force: bool = False) -> Path:
                        "eval_dtype": eval_dtype, "loader": loader, "build_s": manifest["timings_s"]["build"],
                        "build_peak_rss_bytes": manifest["peak_rss_bytes"]["build"], **measured,
                        "fit": _fit(folder, shape, recipe)}
+            if gates_set(recipe.gates):
+                variant["gates"] = gates.judge(variant, results["base"], recipe.gates, shape, recipe.fit.kv_dtype,
+                                               recipe.fit.flash_attn)
             files.write_json(folder / "results.json", {"protocol": results["protocol"], **variant})
             results["variants"][name] = variant
 
         shutil.rmtree(out / "base-logprobs")
+        if gates_set(recipe.gates):
+            results["gates"] = {"limits": recipe.gates.model_dump(mode="json"),
+                                "passed": not gates.failed(results), "failed": gates.failed(results)}
         files.write_json(out / "results.json", results)
         files.write_json(out / "fit.json", {n: v["fit"] for n, v in [("base", results["base"]),
                                                                           *results["variants"].items()]})

@@ -82,6 +82,32 @@ class Fit(Strict):
         return name
 
 
+class MustFit(Strict):
+    gpu: str
+    context: int = Field(ge=1)
+    batch: int = Field(1, ge=1)
+
+    @field_validator("gpu")
+    @classmethod
+    def _known_gpu(cls, name: str) -> str:
+        try:
+            return gpu_by_name(name).name
+        except QuantizeError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class Gates(Strict):
+    """Limits every variant must meet (CI): a variant that misses one is marked in results.json and the report,
+    and `quantize run` exits 3. Unset gates are not checked."""
+
+    max_kld: float | None = Field(None, ge=0, description="mean KL(base ‖ variant), nats")
+    max_ppl_delta: float | None = Field(None, description="variant PPL − base PPL")
+    min_same_top: float | None = Field(None, ge=0, le=1, description="share of positions with the base's top token")
+    must_fit: list[MustFit] = Field(default_factory=list, description="GPU, context and batch the variant must fit "
+                                                                      "(the recipe's kv_dtype and flash_attn)")
+    min_tg_tps: float | None = Field(None, gt=0, description="generation tokens/sec, best thread count (median)")
+
+
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model: str = Field(description="bundled:smollm2-135m, a local HF directory, a .gguf file, or a hub id")
@@ -91,6 +117,7 @@ class Recipe(Strict):
     calibration: Calibration = Calibration()
     eval: Eval = Eval()
     fit: Fit = Fit()
+    gates: Gates = Gates()
     output: str | None = None
     seed: int = 0
     overrides: list[str] = Field(default_factory=list, description="the --set KEY=VALUE this recipe was run with "
@@ -113,6 +140,15 @@ class Recipe(Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"variant names must be unique, repeated: {dupes}; set `variant:` on each method")
+        return self
+
+    @model_validator(mode="after")
+    def _gates_are_measured(self):
+        g = self.gates
+        if (g.max_kld is not None or g.min_same_top is not None) and not self.eval.kld:
+            raise ValueError("gates.max_kld and gates.min_same_top need `eval.kld: true`")
+        if g.min_tg_tps is not None and not self.eval.speed.enabled:
+            raise ValueError("gates.min_tg_tps needs `eval.speed.enabled: true`")
         return self
 
     @property

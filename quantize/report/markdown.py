@@ -103,6 +103,19 @@ def _fit_table(results: dict) -> list[str]:
     return lines
 
 
+def _gates_section(results: dict) -> list[str]:
+    if "gates" not in results:
+        return []
+    verdict = "all variants pass" if results["gates"]["passed"] else "**FAILED**: " + "; ".join(results["gates"]["failed"])
+    lines = ["## Gates", "", f"Limits {results['gates']['limits']}: {verdict}.", "",
+             "| variant | gate | limit | measured | result |", "|---|---|---|---|---|"]
+    for name, v in results["variants"].items():
+        for c in v.get("gates", {}).get("checks", []):
+            lines.append(f"| {name} | {c['gate']} | {c['limit']} | {c['measured']} | "
+                         f"{'pass' if c['passed'] else '**FAIL**'} |")
+    return lines + [""]
+
+
 def render(name: str, results: dict) -> str:
     proto = results["protocol"]
     pp = proto["perplexity"]
@@ -114,6 +127,7 @@ def render(name: str, results: dict) -> str:
         f"Base model: `{results['base']['spec']}` ({results['base']['origin']}), evaluated in {proto['eval_dtype']} "
         f"on {proto['device']}. Variants: " + ", ".join(f"`{n}`" for n in results["variants"]) + ".",
         "",
+        *_gates_section(results),
         "## Quality and speed",
         "",
         *_quality_table(results),
