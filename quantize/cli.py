@@ -65,6 +65,8 @@ def _run_summary(out: Path, results: dict) -> dict:
 @app.command()
 def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
         force: bool = typer.Option(False, "--force", help="replace a finished output folder"),
+        restart: bool = typer.Option(False, "--restart", help="throw away the work an interrupted run of this "
+                                     "recipe kept, instead of continuing it"),
         overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
         gate: list[str] = typer.Option([], "--gate", help="KEY=VALUE: a quality gate (max_kld, max_ppl_delta, "
                                        "min_same_top, min_tg_tps, must_fit='[{gpu: RTX 4090, context: 8192}]'), "
@@ -73,18 +75,24 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
         ) -> None:
     """Build every variant of RECIPE, evaluate it against the base model, write the fit and the report.
 
+    An interrupted run (Ctrl-C, kill, OOM, reboot) keeps its work; the same command continues it: finished
+    variants and the base evaluation are kept, GPTQ/AWQ/RTN continue after their last finished layer.
+
     Exit codes: 0 done (every gate passed), 2 user error (nothing run), 3 a gate failed (artefacts written and
-    marked), 130 interrupted (nothing published)."""
+    marked), 130 interrupted (nothing published; the work is kept for the next run)."""
     from quantize import pipeline
 
+    loaded = None
     try:
         loaded = load_recipe(recipe, [*overrides, *(f"gates.{g}" for g in gate)])
         with _stdout_to_stderr() if as_json else contextlib.nullcontext():
-            out = pipeline.run(loaded, force=force)
+            out = pipeline.run(loaded, force=force, restart=restart)
     except QuantizeError as exc:
         _fail(exc, recipe)
     except KeyboardInterrupt:
-        typer.echo("interrupted: nothing was written to the output folder", err=True)
+        where = loaded.output_dir if loaded else "the output folder"
+        typer.echo(f"interrupted: nothing was published to {where}; the work so far is kept, and the same command "
+                   "continues it (--restart starts over)", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
     results = json.loads((out / "results.json").read_text())
     failed = (results.get("gates") or {}).get("failed") or []

@@ -4,13 +4,20 @@ Output layout (`outputs/<name>/`, renamed into place only when complete):
     recipe.yaml        the recipe as resolved (all defaults filled in)
     results.json       protocol + base numbers + every variant's numbers
     fit.json           VRAM fit of the base and every variant
-    report.md          the readable report
+    report.html        the same as one self-contained page with charts
+    report.md          the readable report, written last (it marks a finished run)
     <variant>/         one artefact each: model files, tokenizer, manifest.json, results.json
+
+The work happens in a hidden folder keyed by the recipe and the code (common/files.Staging); a run that fails or
+is killed keeps it, and the same recipe run again continues there.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +38,7 @@ from quantize.methods.engine import check_model, resolve_device
 from quantize.methods.registry import METHODS
 from quantize.methods.weight_only import check_group_sizes
 from quantize.recipe import Recipe
-from quantize.report import gates, markdown
+from quantize.report import gates, html, markdown
 from quantize.runtimes.llamacpp import LlamaCppModel
 from quantize.runtimes.load import free, load
 from quantize.sources.models import (
@@ -173,11 +180,16 @@ def _calibration(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, dict]:
 
 
 def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe, calib) -> dict:
-    folder.mkdir()
+    """Build into `<variant>.partial` and rename it to `folder` once its manifest is written. A layer-wise build
+    interrupted earlier continues in its partial folder after its last finished layer; any other starts over."""
+    partial = folder.with_name(folder.name + ".partial")
+    if not (method.layer_wise and partial.is_dir()):
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
     batches, calib_info = calib if method.needs_calibration else (None, None)
     memory.reset_peak()
     start = time.perf_counter()
-    info = METHODS[method.name].build(method, base, folder, batches, calib_info)
+    info = METHODS[method.name].build(method, base, partial, batches, calib_info)
     seconds = time.perf_counter() - start
     manifest = {
         "variant": folder.name,
@@ -191,14 +203,24 @@ def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe, calib)
         "versions": files.versions(),
         "timings_s": {"build": seconds},
         "peak_rss_bytes": {"build": memory.peak_rss_bytes()},
-        "files": files.file_hashes(folder),
+        "files": files.file_hashes(partial),
     }
-    files.write_json(folder / "manifest.json", manifest)
+    files.write_json(partial / "manifest.json", manifest)
+    os.replace(partial, folder)
     return manifest
 
 
-def run(recipe: Recipe, force: bool = False) -> Path:
-    staging = files.Staging(recipe.output_dir, force)
+def run_key(recipe: Recipe) -> str:
+    """What work may be reused under: the resolved recipe, this code and the libraries' versions."""
+    key = {"recipe": recipe.resolved(), "code": files.code_version(), "versions": files.versions()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
+    """The whole run. Its work folder is kept when it fails or is killed, and the same recipe run again continues
+    there: finished variants are not rebuilt, the base is not evaluated again, and a layer-wise build continues
+    after its last finished layer (`restart` starts over)."""
+    staging = files.Staging(recipe.output_dir, force, run_key(recipe), restart)
     staging.check()  # fail before any work, not after it
     for k, method in enumerate(recipe.methods):  # a device this machine lacks, before any work too
         if hasattr(method, "device"):
@@ -220,27 +242,25 @@ def run(recipe: Recipe, force: bool = False) -> Path:
     torch.manual_seed(recipe.seed)
 
     with staging as out:
+        if staging.resumed:
+            step(f"continuing the interrupted run in {out}")
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
-        step(f"base model: {chunks.ids.shape[0]} chunks × {chunks.n_ctx} tokens of {chunks.text['source']}")
-        model = load_model(base.path, dtype)
-        vocab = model.config.vocab_size
-        base_logprobs = quality.BaseLogProbs(out / "base-logprobs", chunks, vocab)
-        bandwidth = speed.memory_bandwidth_gb_s() if recipe.eval.speed.enabled else None
-        results = {
-            "protocol": {"perplexity": chunks.protocol(), "eval_dtype": dtype, "device": "cpu",
-                         "memory_bandwidth": bandwidth, "versions": files.versions()},
-            "base": {**base.describe(), **_evaluate(model, "base", chunks, base_logprobs, True, recipe,
-                                                    bandwidth, tokenizer),
-                     "fit": _fit(base.path, shape, recipe)},
-            "variants": {},
-        }
-        _free(model)
-
+        base_logprobs = quality.BaseLogProbs(out / "base-logprobs", chunks, meta.config.vocab_size)
+        results = _base_results(out, recipe, base, chunks, base_logprobs, shape, tokenizer)
+        bandwidth = results["protocol"]["memory_bandwidth"]
         for method in recipe.methods:
             name = method.default_variant()
-            step(f"{name}: quantizing")
             folder = out / name
-            manifest = _build_variant(method, base, folder, recipe, calib)
+            if (folder / "results.json").is_file():  # finished before an interruption
+                step(f"{name}: already built and evaluated")
+                done = json.loads((folder / "results.json").read_text())
+                results["variants"][name] = {k: v for k, v in done.items() if k != "protocol"}
+                continue
+            if (folder / "manifest.json").is_file():
+                manifest = json.loads((folder / "manifest.json").read_text())
+            else:
+                step(f"{name}: quantizing")
+                manifest = _build_variant(method, base, folder, recipe, calib)
             step(f"{name}: reloading the artefact with its loader and evaluating")
             model, loader, eval_dtype = load(folder, dtype, chunks.n_ctx)
             measured = _evaluate(model, name, chunks, base_logprobs, False, recipe, bandwidth, tokenizer)
@@ -256,13 +276,37 @@ def run(recipe: Recipe, force: bool = False) -> Path:
             results["variants"][name] = variant
 
         shutil.rmtree(out / "base-logprobs")
+        (out / "base.json").unlink()
         if gates_set(recipe.gates):
             results["gates"] = {"limits": recipe.gates.model_dump(mode="json"),
                                 "passed": not gates.failed(results), "failed": gates.failed(results)}
         files.write_json(out / "results.json", results)
         files.write_json(out / "fit.json", {n: v["fit"] for n, v in [("base", results["base"]),
                                                                           *results["variants"].items()]})
-        (out / "report.md").write_text(markdown.render(recipe.name, results))
+        report = markdown.render(recipe.name, results)
+        (out / "report.html").write_text(html.render(recipe.name, results, report, out))
+        (out / "report.md").write_text(report)  # last: its presence marks a finished run
     step(f"done: {recipe.output_dir}/report.md")
     return recipe.output_dir
 
+
+def _base_results(out: Path, recipe: Recipe, base: BaseModel, chunks, store, shape, tokenizer) -> dict:
+    """The run's protocol and the base model's numbers, its log-probabilities in `store`; kept in base.json once
+    complete, so that a resumed run does not evaluate the base again."""
+    saved = out / "base.json"
+    if saved.is_file():
+        step("base model: evaluated before the interruption")
+        return {**json.loads(saved.read_text()), "variants": {}}
+    dtype = recipe.eval.dtype
+    step(f"base model: {chunks.ids.shape[0]} chunks × {chunks.n_ctx} tokens of {chunks.text['source']}")
+    model = load_model(base.path, dtype)
+    bandwidth = speed.memory_bandwidth_gb_s() if recipe.eval.speed.enabled else None
+    results = {
+        "protocol": {"perplexity": chunks.protocol(), "eval_dtype": dtype, "device": "cpu",
+                     "memory_bandwidth": bandwidth, "versions": files.versions()},
+        "base": {**base.describe(), **_evaluate(model, "base", chunks, store, True, recipe, bandwidth, tokenizer),
+                 "fit": _fit(base.path, shape, recipe)},
+    }
+    _free(model)
+    files.write_json(saved, results)
+    return {**results, "variants": {}}

@@ -1,18 +1,46 @@
-"""Staging: a failed run leaves nothing; a finished output is replaced only with force."""
+"""Staging: a failed run publishes nothing and keeps its work for the next run of the same key; other keys and dead
+runs' leftovers are removed; one run per output (lock); a finished output is replaced only with force, in one step."""
 
 import pytest
 
-from quantize.common.files import Staging
 from quantize.common.errors import QuantizeError
+from quantize.common.files import Staging
 
 
-def test_failure_inside_staging_leaves_nothing(tmp_path):
+def test_failure_publishes_nothing_and_keeps_the_work_for_the_same_key(tmp_path):
     final = tmp_path / "out"
     with pytest.raises(RuntimeError):
-        with Staging(final, force=False) as folder:
+        with Staging(final, force=False, key="k1") as folder:
             (folder / "half-written.bin").write_bytes(b"x")
             raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []
+    assert not final.exists() and [p.name for p in tmp_path.iterdir()] == [".out.work-k1"]
+    staging = Staging(final, force=False, key="k1")
+    with staging as folder:  # the same recipe and code: continues
+        assert staging.resumed and (folder / "half-written.bin").read_bytes() == b"x"
+        (folder / "report.md").write_text("done")
+    assert (final / "half-written.bin").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_other_keys_and_dead_runs_are_cleaned_restart_starts_over(tmp_path):
+    final = tmp_path / "out"
+    for leftover in (".out.work-oldkey", ".out.partial-12345", ".out.old-12345", ".out.work-k2"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "x").write_text("stale")
+    (tmp_path / ".outlier.work-k2").mkdir()  # another output's work: not ours to touch
+    staging = Staging(final, force=False, key="k2", restart=True)
+    with staging as folder:
+        assert not staging.resumed and list(folder.iterdir()) == []
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", ".out.work-k2", ".outlier.work-k2"]
+
+
+def test_one_run_per_output(tmp_path):
+    final = tmp_path / "out"
+    with Staging(final, force=False, key="a"):
+        with pytest.raises(QuantizeError, match=r"being written by another run \(process \d+\)"):
+            with Staging(final, force=False, key="b"):
+                pass
+    with Staging(final, force=True, key="b"):  # the lock went with the first run
+        pass
 
 
 def test_finished_output_needs_force(tmp_path):
@@ -34,8 +62,8 @@ def test_failed_forced_run_keeps_the_old_output(tmp_path):
     final.mkdir()
     (final / "report.md").write_text("old")
     with pytest.raises(KeyboardInterrupt):
-        with Staging(final, force=True) as folder:
+        with Staging(final, force=True, key="k") as folder:
             (folder / "report.md").write_text("half")
             raise KeyboardInterrupt
     assert (final / "report.md").read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.work-k", "out"]

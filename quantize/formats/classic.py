@@ -55,6 +55,8 @@ def unpack(words: torch.Tensor, bits: int, dim: int, order: list[int] | None = N
 class ClassicWriter(CompressedTensorsWriter):
     """The streamed compressed-tensors writer with the `gptq` or `awq` tensors and config instead."""
 
+    STATE = (*CompressedTensorsWriter.STATE, "shape")
+
     def __init__(self, out_dir: Path, base_path: Path, n_layers: int, fmt: str, extra_config: dict):
         super().__init__(out_dir, base_path, n_layers)
         self.fmt, self.extra_config = fmt, extra_config

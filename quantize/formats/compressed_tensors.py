@@ -42,6 +42,16 @@ class CompressedTensorsWriter:
         self.written: set[str] = set()
         self.packed_names: list[str] = []  # quantized linears written so far
 
+    STATE = ("weight_map", "schemes", "args", "written", "packed_names")  # what a resumed build restores
+
+    def state(self) -> dict:
+        """What has been written so far (shards, schemes), for a build that resumes after an interruption."""
+        return {k: getattr(self, k) for k in self.STATE}
+
+    def restore(self, state: dict) -> None:
+        for k in self.STATE:
+            setattr(self, k, state[k])
+
     def _shard_name(self, k: int) -> str:
         return f"model-{k + 1:05d}-of-{self.n_shards:05d}.safetensors"
 

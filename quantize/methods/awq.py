@@ -29,7 +29,7 @@ import torch
 
 from quantize.methods import grids
 from quantize.methods.configs import AwqMethod
-from quantize.methods.engine import Activations, skeleton, stream_layers
+from quantize.methods.engine import Activations, Checkpoint, skeleton, stream_layers
 from quantize.methods.weight_only import check_group_sizes, group_size_for, write_streamed
 from quantize.sources.models import ignored
 
@@ -225,6 +225,8 @@ def build(method: AwqMethod, base, out_dir, calib: torch.Tensor, calib_info=None
     def process_layer(i, layer, acts):
         awq_layer(i, layer, acts, rows, method, group_size_of, ignore, pending, log, quantize=not scaled_only)
 
-    layers = stream_layers(base.path, calib, process_layer)
-    info = write_streamed(method, base, out_dir, meta, layers, pending, log, pack=not scaled_only)
+    checkpoint = Checkpoint(out_dir)  # continues after the last finished layer of an interrupted build
+    layers = stream_layers(base.path, calib, process_layer, checkpoint=checkpoint)
+    info = write_streamed(method, base, out_dir, meta, layers, pending, log, pack=not scaled_only,
+                          checkpoint=checkpoint)
     return {"scheme": "awq-scaled-fp16" if scaled_only else f"w{method.bits}a16", **info}

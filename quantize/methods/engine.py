@@ -25,6 +25,7 @@ stage's input; without true sequential all four stage inputs) + the embedding wh
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -131,17 +132,47 @@ class Activations:
         return {n: torch.cat(xs) for n, xs in seen.items()}
 
 
+class Checkpoint:
+    """Where a streamed build stands after its last finished decoder layer: `folder/.resume-state.pt` holds the
+    layer index, the calibration activations entering the next layer (float32, exactly as computed) and the
+    writer's state (`extra()`, set by the writer). Saved atomically after each layer's shard is on disk, so a
+    build killed at any moment continues with the layer after the last saved one and writes the same bytes."""
+
+    FILE = ".resume-state.pt"
+
+    def __init__(self, folder: Path):
+        self.path = folder / self.FILE
+        self.state = torch.load(self.path, weights_only=False) if self.path.is_file() else None
+        self.extra: Callable[[], dict] = dict
+
+    @property
+    def next_layer(self) -> int:
+        return 0 if self.state is None else self.state["layer"] + 1
+
+    def save(self, layer: int, hidden: torch.Tensor | None) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({"layer": layer, "hidden": None if hidden is None else hidden.cpu(), **self.extra()}, tmp)
+        os.replace(tmp, self.path)
+
+    def done(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 @torch.inference_mode()
 def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Callable, batch: int = 8,
-                  device: str = "cpu", forward_dtype: torch.dtype = torch.float32
-                  ) -> Iterator[tuple[int, torch.nn.Module]]:
+                  device: str = "cpu", forward_dtype: torch.dtype = torch.float32,
+                  checkpoint: Checkpoint | None = None) -> Iterator[tuple[int, torch.nn.Module]]:
     """Yield (index, processed decoder layer) one at a time. `process_layer(i, layer, acts)` changes the layer
     in place; `acts` is the calibration Activations entering it (None without calibration). It may return the
     processed layer's output on those activations; otherwise they go through the processed layer here to become
-    the next layer's inputs. The layer and the activations live on `device` (see `resolve_device`)."""
+    the next layer's inputs. The layer and the activations live on `device` (see `resolve_device`).
+
+    With a `checkpoint`, the state is saved once the consumer has taken each layer (written it), and a checkpoint
+    that holds a state starts after its layer, from its saved activations."""
     shards = Shards(base_path)
     model = skeleton(base_path)
     inner = model.model
+    start = checkpoint.next_layer if checkpoint is not None else 0
 
     acts = None
     if calib is not None:
@@ -149,20 +180,27 @@ def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Ca
             check_model(model.config.to_dict(), int(calib.shape[1]))
         except QuantizeError as exc:
             raise QuantizeError(f"{base_path}: {exc}") from None
-        materialize(inner.embed_tokens, "model.embed_tokens.", shards)
-        hidden = inner.embed_tokens(calib).float().to(device)  # [samples, seq_len, hidden]
-        release(inner.embed_tokens)
+        if start:  # resumed: the activations entering layer `start`, as the interrupted build saved them
+            hidden = checkpoint.state["hidden"].to(device)
+        else:
+            materialize(inner.embed_tokens, "model.embed_tokens.", shards)
+            hidden = inner.embed_tokens(calib).float().to(device)  # [samples, seq_len, hidden]
+            release(inner.embed_tokens)
         rotary = type(inner.rotary_emb)(config=model.config).to(device)  # fresh: inv_freq is not a weight
         positions = rotary(hidden[:1], torch.arange(calib.shape[1], device=device)[None])
         acts = Activations(hidden, positions, batch, forward_dtype)
 
     for i, layer in enumerate(inner.layers):
+        if i < start:
+            continue
         materialize(layer, f"model.layers.{i}.", shards)
         layer.to(device)
         out = process_layer(i, layer, acts)
         if acts is not None:
             acts.hidden = out if out is not None else acts.run(layer)
         yield i, layer
+        if checkpoint is not None:  # the consumer has written layer i
+            checkpoint.save(i, acts.hidden if acts is not None else None)
         release(layer)
 
 
@@ -208,7 +246,8 @@ def staged_layer(layer: torch.nn.Module, acts: Activations, on_stage: Callable, 
 
 def quantize_layers(base_path: Path, calib: torch.Tensor | None, quantize_group: Callable, ignore: Callable,
                     model_type: str, true_sequential: bool = True, batch: int = 8, device: str = "cpu",
-                    forward_dtype: torch.dtype = torch.float32) -> Iterator[tuple[int, torch.nn.Module]]:
+                    forward_dtype: torch.dtype = torch.float32, checkpoint: Checkpoint | None = None
+                    ) -> Iterator[tuple[int, torch.nn.Module]]:
     """GPTQ-style streaming: per layer, the sequential groups in order. `quantize_group(layer_index,
     {name: linear}, X)` quantizes the linears in place from their common input X [samples, seq_len, in] (None
     without calibration). `ignore(full_name)` says which linears stay as they are."""
@@ -227,7 +266,7 @@ def quantize_layers(base_path: Path, calib: torch.Tensor | None, quantize_group:
             return None
         return staged_layer(layer, acts, on_stage, quantize_between=true_sequential)
 
-    return stream_layers(base_path, calib, process_layer, batch, device, forward_dtype)
+    return stream_layers(base_path, calib, process_layer, batch, device, forward_dtype, checkpoint)
 
 
 def resolve_device(device: str, where: str) -> str:

@@ -25,7 +25,7 @@ from quantize.common.ui import track
 from quantize.formats.classic import ClassicWriter
 from quantize.formats.compressed_tensors import CompressedTensorsWriter
 from quantize.methods import grids
-from quantize.methods.engine import quantize_layers, resolve_device, skeleton
+from quantize.methods.engine import Checkpoint, quantize_layers, resolve_device, skeleton
 from quantize.methods.statistics import Hessian, accumulate_hessian
 from quantize.sources.models import BaseModel, ignored, load_tokenizer
 
@@ -121,17 +121,20 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
     not_quantized = lambda name: ignored(name, method.ignore)  # noqa: E731
     device = resolve_device(getattr(method, "device", "cpu"), f"method {method.name} `device`")
     forward_dtype = getattr(torch, getattr(method, "forward_dtype", "float32"))
+    checkpoint = Checkpoint(out_dir)  # continues after the last finished layer of an interrupted build
     layers = quantize_layers(base.path, calib, quantize_group, not_quantized, meta.config.model_type,
-                             method_true_sequential(method), device=device, forward_dtype=forward_dtype)
-    info = write_streamed(method, base, out_dir, meta, layers, pending, log)
+                             method_true_sequential(method), device=device, forward_dtype=forward_dtype,
+                             checkpoint=checkpoint)
+    info = write_streamed(method, base, out_dir, meta, layers, pending, log, checkpoint=checkpoint)
     return {**info, "device": device, "forward_dtype": str(forward_dtype).removeprefix("torch.")}
 
 
 def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module, layers, pending: dict,
-                   log: list[dict], pack: bool = True) -> dict:
+                   log: list[dict], pack: bool = True, checkpoint: Checkpoint | None = None) -> dict:
     """Write each processed layer as it comes: linears listed in `pending` (name → q, scale, zero, group size)
     packed as compressed-tensors, everything else fp16; then the rest, the config, tokenizer and the log.
-    With pack=False every layer is written dense (fp16) as it is, e.g. AWQ's scaled-but-unquantised export."""
+    With pack=False every layer is written dense (fp16) as it is, e.g. AWQ's scaled-but-unquantised export.
+    With a `checkpoint` that holds a state (an interrupted build), the writer and the log continue from it."""
     n_layers = meta.config.num_hidden_layers
     if method.format == "compressed-tensors":
         writer = CompressedTensorsWriter(out_dir, base.path, n_layers)
@@ -140,7 +143,14 @@ def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module
                  "true_sequential": getattr(method, "true_sequential", None),
                  "static_groups": getattr(method, "act_order", False), "meta": {"quantizer": [f"quantize {method.name}"]}}
         writer = ClassicWriter(out_dir, base.path, n_layers, method.format, extra)
-    for i, layer in track(layers, f"{method.default_variant()} layers", total=meta.config.num_hidden_layers):
+    resumed_at = 0
+    if checkpoint is not None:
+        if checkpoint.state is not None:
+            resumed_at = checkpoint.next_layer
+            writer.restore(checkpoint.state["writer"])
+            log[:] = checkpoint.state["log"]
+        checkpoint.extra = lambda: {"writer": writer.state(), "log": list(log)}
+    for i, layer in track(layers, f"{method.default_variant()} layers", total=n_layers - resumed_at):
         prefix = f"model.layers.{i}."
         tensors = {}
         for pname, p in layer.named_parameters():
@@ -151,18 +161,25 @@ def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module
                                              getattr(method, "act_order", False)))
             else:
                 tensors[prefix + pname] = p.data.to("cpu", torch.float16)
+        assert not [n for n in pending if n.startswith(prefix)], f"layer {i}: quantized linears left unwritten"
         writer.write_shard(i, tensors)
 
     names = [n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)]
     kept = [n for n in names if ".layers." not in n or ignored(n, method.ignore)]
     qconfig = writer.finish(kept)
     load_tokenizer(base.path).save_pretrained(out_dir)
+    # the artefact's log holds what the method decided; wall times differ between runs, so they go to the
+    # manifest (`solve_seconds`) and the same recipe writes the same bytes twice
+    seconds = [{"layer": r["layer"], "module": r["module"], "seconds": r["seconds"]} for r in log]
     with open(out_dir / "quantize-log.jsonl", "w") as fh:
-        fh.writelines(json.dumps(row) + "\n" for row in log)
+        fh.writelines(json.dumps({k: v for k, v in row.items() if k != "seconds"}) + "\n" for row in log)
+    if checkpoint is not None:
+        checkpoint.done()  # the artefact is complete: no resume state in it
     fmt = method.format if qconfig is not None else "safetensors-fp16"
     return {"format": fmt, "quantization_config": qconfig, "quantized_linears": len(log),
             "ignored_linears": kept, "total_loss": sum(r["loss"] for r in log),
-            "channel_fallback": sorted({r["module"] for r in log if r["group_size"] != method.group_size})}
+            "channel_fallback": sorted({r["module"] for r in log if r["group_size"] != method.group_size}),
+            "solve_seconds": seconds, **({"resumed_at_layer": resumed_at} if resumed_at else {})}
 
 
 def method_true_sequential(method) -> bool:

@@ -58,23 +58,29 @@ def load_rows(folders: list[Path]) -> list[Row]:
         path = folder / "results.json"
         if not path.is_file():
             raise QuantizeError(f"{folder}: no results.json (give run folders such as outputs/<recipe>)")
-        results = json.loads(path.read_text())
-        proto = _protocol_id(results)
-        base = results["base"]
-        base_ppl = base["perplexity"]["ppl"]
-        entries = [("base", base, "base", "fp16 safetensors", None)]
-        for name, v in results["variants"].items():
-            manifest = folder / name / "manifest.json"
-            bpw = json.loads(manifest.read_text())["result"].get("bits_per_weight") if manifest.is_file() else None
-            entries.append((name, v, v["method"]["name"], v["format"], bpw))
-        for name, e, method, fmt, bpw in entries:
-            k = e["perplexity"].get("kld")
-            rows.append(Row(run=folder.name, name=name, method=method, fmt=fmt,
-                            size=sum(e["fit"]["weight_bytes_by_dtype"].values()), bpw=bpw, ppl=e["perplexity"]["ppl"],
-                            d_ppl=None if name == "base" else e["perplexity"]["ppl"] - base_ppl,
-                            kld=None if k is None else k["mean"], same_top=None if k is None else k["same_top"],
-                            pp=_speed(e, "pp"), tg=_speed(e, "tg"), fits=e["fit"]["largest_context"], protocol=proto))
+        rows += run_rows(folder, json.loads(path.read_text()))
     mark_pareto(rows)
+    return rows
+
+
+def run_rows(folder: Path, results: dict) -> list[Row]:
+    """The base and every variant of one run (its results.json) as rows, bits per weight from the manifests."""
+    proto = _protocol_id(results)
+    base = results["base"]
+    base_ppl = base["perplexity"]["ppl"]
+    entries = [("base", base, "base", "fp16 safetensors", None)]
+    for name, v in results["variants"].items():
+        manifest = folder / name / "manifest.json"
+        bpw = json.loads(manifest.read_text())["result"].get("bits_per_weight") if manifest.is_file() else None
+        entries.append((name, v, v["method"]["name"], v["format"], bpw))
+    rows = []
+    for name, e, method, fmt, bpw in entries:
+        k = e["perplexity"].get("kld")
+        rows.append(Row(run=folder.name, name=name, method=method, fmt=fmt,
+                        size=sum(e["fit"]["weight_bytes_by_dtype"].values()), bpw=bpw, ppl=e["perplexity"]["ppl"],
+                        d_ppl=None if name == "base" else e["perplexity"]["ppl"] - base_ppl,
+                        kld=None if k is None else k["mean"], same_top=None if k is None else k["same_top"],
+                        pp=_speed(e, "pp"), tg=_speed(e, "tg"), fits=e["fit"]["largest_context"], protocol=proto))
     return rows
 
 
@@ -116,8 +122,9 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(rows: list[Row], png: Path, gpus: dict[str, int] | None = None) -> None:
-    """KLD (log) against size; the Pareto front joined; GPU memory as vertical lines when in range."""
+def chart(rows: list[Row], png, gpus: dict[str, int] | None = None) -> None:
+    """KLD (log) against size; the Pareto front joined; GPU memory as vertical lines when in range. `png`: a path
+    or a binary file object."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,7 +151,7 @@ def chart(rows: list[Row], png: Path, gpus: dict[str, int] | None = None) -> Non
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(png)
+    fig.savefig(png, format="png")
     plt.close(fig)
 
 

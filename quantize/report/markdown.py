@@ -107,11 +107,22 @@ def _gates_section(results: dict) -> list[str]:
     if "gates" not in results:
         return []
     verdict = "all variants pass" if results["gates"]["passed"] else "**FAILED**: " + "; ".join(results["gates"]["failed"])
-    lines = ["## Gates", "", f"Limits {results['gates']['limits']}: {verdict}.", "",
+    limits = ", ".join(f"{k} {v}" for k, v in results["gates"]["limits"].items() if v not in (None, []))
+    lines = ["## Gates", "", f"Limits: {limits}. {verdict}.", "",
              "| variant | gate | limit | measured | result |", "|---|---|---|---|---|"]
+
+    def shown(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.6g}"
+        if isinstance(value, dict) and "headroom_bytes" in value:
+            return f"{gib(value['total_bytes'])} of {gib(value['usable_bytes'])} usable"
+        if isinstance(value, dict):
+            return ", ".join(f"{k} {v}" for k, v in value.items())
+        return str(value)
+
     for name, v in results["variants"].items():
         for c in v.get("gates", {}).get("checks", []):
-            lines.append(f"| {name} | {c['gate']} | {c['limit']} | {c['measured']} | "
+            lines.append(f"| {name} | {c['gate']} | {shown(c['limit'])} | {shown(c['measured'])} | "
                          f"{'pass' if c['passed'] else '**FAIL**'} |")
     return lines + [""]
 

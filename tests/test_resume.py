@@ -1,0 +1,56 @@
+"""A run killed with SIGKILL in the middle of a GPTQ build keeps its work; the same command continues after the
+last finished layer, does not evaluate the base again, and writes the same bytes as an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import build_tiny_llama, write_recipe
+from quantize import pipeline
+from quantize.recipe import load_recipe
+
+METHODS = [{"name": "gptq", "bits": 4, "group_size": 64}, {"name": "rtn", "bits": 4, "group_size": 64}]
+SETTINGS = dict(calibration={"samples": 16, "seq_len": 64},
+                eval={"perplexity": {"n_ctx": 128, "max_chunks": 2}, "speed": {"enabled": False}})
+
+
+def files_of(out):
+    return {m["name"]: json.loads((out / f"{m['name']}-w4-sym-g64" / "manifest.json").read_text())
+            for m in METHODS}
+
+
+def test_kill_9_mid_gptq_then_resume_is_byte_identical(tmp_path):
+    model = build_tiny_llama(tmp_path / "m", num_hidden_layers=6)
+    reference = tmp_path / "reference"
+    pipeline.run(load_recipe(write_recipe(tmp_path / "ref.yaml", str(model), METHODS, reference, **SETTINGS)))
+
+    out = tmp_path / "out"
+    write_recipe(tmp_path / "r.yaml", str(model), METHODS, out, **SETTINGS)
+    command = [sys.executable, "-m", "quantize.cli", "run", "r.yaml"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        found = list(tmp_path.glob(".out.work-*/gptq-w4-sym-g64.partial/.resume-state.pt"))
+        if found:
+            state = found[0]
+            break
+        time.sleep(0.01)
+    assert state is not None, "the build never saved a layer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and state.parent.is_dir()  # nothing published, the work kept
+
+    r = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "continuing the interrupted run" in r.stderr
+    assert "base model: evaluated before the interruption" in r.stderr
+    resumed, uninterrupted = files_of(out), files_of(reference)
+    assert resumed["gptq"]["result"]["resumed_at_layer"] >= 1
+    for name in resumed:
+        assert resumed[name]["files"] == uninterrupted[name]["files"], name
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []  # nothing left behind
