@@ -26,12 +26,14 @@ import torch
 import yaml
 
 from quantize.common import files
+from quantize.common.cache import cache_root
 from quantize.common.errors import QuantizeError
 from quantize.common.ui import step
 from quantize.fit import footprint, vram
 from quantize.fit.shape import shape_from_config
 from quantize.formats.tensors import weight_bytes, weight_bytes_gguf, weight_bytes_safetensors
 from quantize.measure import lmeval, memory, quality, speed
+from quantize.measure.scorecard import files_sha256
 from quantize.formats.gguf_convert import check_convertible
 from quantize.formats.gguf_types import UNQUANTIZED
 from quantize.methods.engine import check_model, resolve_device
@@ -148,8 +150,12 @@ def _free(model) -> None:
 
 
 def _evaluate(model, label: str, chunks, base_logprobs, is_base: bool, recipe: Recipe,
-              bandwidth: dict | None = None, tokenizer=None) -> dict:
-    if is_base:  # the base fills the store of log-probabilities every variant is compared with
+              bandwidth: dict | None = None, tokenizer=None, scores: dict | None = None) -> dict:
+    """Perplexity (and KLD against the base's log-probabilities), lm-eval tasks and speed. `scores`: the
+    perplexity already known (the base's, from the cache)."""
+    if scores is not None:
+        out = {"perplexity": scores}
+    elif is_base:  # the base fills the store of log-probabilities every variant is compared with
         out = {"perplexity": quality.score_base(model, chunks, base_logprobs, label)}
     else:
         out = {"perplexity": quality.score(model, chunks, base_logprobs, label)}
@@ -301,12 +307,47 @@ def _base_results(out: Path, recipe: Recipe, base: BaseModel, chunks, store, sha
     step(f"base model: {chunks.ids.shape[0]} chunks × {chunks.n_ctx} tokens of {chunks.text['source']}")
     model = load_model(base.path, dtype)
     bandwidth = speed.memory_bandwidth_gb_s() if recipe.eval.speed.enabled else None
+    scores, cache = _base_perplexity(base, chunks, store, dtype, lambda: quality.score_base(model, chunks, store))
     results = {
         "protocol": {"perplexity": chunks.protocol(), "eval_dtype": dtype, "device": "cpu",
                      "memory_bandwidth": bandwidth, "versions": files.versions()},
-        "base": {**base.describe(), **_evaluate(model, "base", chunks, store, True, recipe, bandwidth, tokenizer),
-                 "fit": _fit(base.path, shape, recipe)},
+        "base": {**base.describe(), **_evaluate(model, "base", chunks, store, True, recipe, bandwidth, tokenizer,
+                                                scores),
+                 "perplexity_cache": cache, "fit": _fit(base.path, shape, recipe)},
     }
     _free(model)
     files.write_json(saved, results)
     return {**results, "variants": {}}
+
+
+def _base_perplexity(base: BaseModel, chunks, store, dtype: str, compute) -> tuple[dict, dict]:
+    """The base model's perplexity, its float32 log-probabilities in `store`: taken from the cache when the same
+    model files, text and protocol were evaluated before (by an earlier run, or a CI job that keeps the cache),
+    else computed by `compute()` and then kept there. Files are hard-linked where the file system allows it."""
+    key_src = {"model": files_sha256(base.path), "protocol": chunks.protocol(), "dtype": dtype,
+               "store": "float32 log-softmax of the scored positions, one .npy per chunk"}
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    cached = cache_root() / "run-base" / key
+    if (cached / "done.json").is_file():
+        step("base model: perplexity and log-probabilities from the cache")
+        _link_files(cached / "logprobs", store.folder)
+        return json.loads((cached / "done.json").read_text()), {"key": key, "state": "reused"}
+    scores = compute()
+    partial = cached.with_name(f"{key}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    _link_files(store.folder, partial / "logprobs")
+    files.write_json(partial / "done.json", scores)
+    try:
+        partial.rename(cached)
+    except OSError:  # another run published the same key first: theirs is as good
+        shutil.rmtree(partial, ignore_errors=True)
+    return scores, {"key": key, "state": "computed"}
+
+
+def _link_files(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        try:
+            os.link(f, target / f.name)
+        except OSError:
+            shutil.copy2(f, target / f.name)
