@@ -20,7 +20,8 @@ import compressed_tensors
 import torch
 import transformers
 
-from quantize.methods.registry import METHODS, weight_only
+from quantize.methods import weight_only
+from quantize.methods.registry import METHODS
 from quantize.sources.models import load_model, load_tokenizer, resolve_model
 from quantize.methods.configs import GptqMethod
 from quantize.sources.texts import bundled_wiki, calibration_batches
@@ -44,12 +45,12 @@ def main() -> None:
     in_process = {}  # every decoder layer's tensors as GPTQ left them, taken as the writer receives the layer
     write = weight_only.write_streamed
 
-    def keep_layers(method, base, out_dir, meta, layers, pending, log, pack=True):
+    def keep_layers(method, base, out_dir, meta, layers, pending, log, pack=True, checkpoint=None):
         def teed():
             for i, layer in layers:
                 in_process.update({f"model.layers.{i}.{k}": v.clone() for k, v in layer.state_dict().items()})
                 yield i, layer
-        return write(method, base, out_dir, meta, teed(), pending, log, pack)
+        return write(method, base, out_dir, meta, teed(), pending, log, pack, checkpoint)
 
     weight_only.write_streamed = keep_layers
     out = Path(tempfile.mkdtemp(prefix="gptq-reload-")) / "artefact"
