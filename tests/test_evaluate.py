@@ -85,3 +85,46 @@ def test_compact_base_store_keeps_kld_of_a_model_with_itself_near_zero(tmp_path)
     assert quality.kl_divergence(back, logp).abs().max().item() < 1e-3
     finite = torch.isfinite(back)
     assert (back[finite] - logp[finite]).abs().max().item() <= 16 / 65535
+
+
+def test_kld_statistics_follow_llama_perplexity():
+    """Percentiles, median and uncertainties as tools/perplexity/perplexity.cpp computes them (its formulas written
+    out here on random data): linear interpolation at fraction × (n − 1), the median of an even count as the mean
+    of the two middle values, sqrt(var / (n − 1)), and the ratio's uncertainty with the NLLs' covariance."""
+    import math
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 1000
+    base_nll = rng.gamma(2.0, 1.5, n)
+    nll = base_nll + rng.normal(0.05, 0.2, n)
+    kld = rng.gamma(0.5, 0.1, n)
+    same = (rng.random(n) < 0.9).astype(float)
+    s = quality.kld_statistics(kld, nll, base_nll, same)
+
+    def percentile(values, fraction):  # perplexity.cpp's lambda
+        values = sorted(values)
+        p = fraction * (len(values) - 1)
+        ip = int(p)
+        p -= ip
+        return (1 - p) * values[ip] + p * values[min(ip + 1, len(values) - 1)]
+
+    def mean_and_uncertainty(x):
+        f = sum(x) / len(x)
+        df = sum(v * v for v in x) / len(x) - f * f
+        return f, math.sqrt(df / (len(x) - 1))
+
+    for q in quality.KLD_PERCENTILES:
+        assert abs(s["percentiles"][str(q)] - percentile(kld, q / 100)) < 1e-12
+    ordered = sorted(kld)
+    assert abs(s["median"] - 0.5 * (ordered[n // 2] + ordered[n // 2 - 1])) < 1e-15
+    dp = np.exp(-nll) - np.exp(-base_nll)
+    for q in quality.DELTA_P_PERCENTILES:
+        assert abs(s["delta_p"]["percentiles"][str(q)] - percentile(dp, q / 100)) < 1e-12
+    assert np.allclose((s["mean"], s["unc"]), mean_and_uncertainty(kld), rtol=1e-12)
+    (a, da), (b, db) = mean_and_uncertainty(nll), mean_and_uncertainty(base_nll)
+    cov = (sum(nll * base_nll) / n - a * b) / (n - 1)
+    assert math.isclose(s["ln_ppl_ratio_unc"], math.sqrt(da * da + db * db - 2 * cov), rel_tol=1e-9)
+    mse, dmse = mean_and_uncertainty(dp**2)
+    assert math.isclose(s["delta_p_rms"], math.sqrt(mse)) and math.isclose(s["delta_p_rms_unc"], 0.5 / math.sqrt(mse) * dmse)

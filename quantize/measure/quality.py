@@ -6,8 +6,9 @@ empty cache and score only the second half: the logits at positions j = n_ctx/2 
 so n_ctx/2 - 1 tokens per chunk. PPL = exp(mean NLL), ± exp(mean)·sqrt(var(NLL)/(N-1)).
 
 KLD (llama.cpp --kl-divergence): on the same positions, KL(P_base ‖ P_q) = Σ_v p_base(v)·(ln p_base(v) − ln p_q(v));
-mean ± sqrt(var/(N-1)), median, p99, max; "same top" = share of positions where both argmaxes agree,
-± sqrt(p(1-p)/(N-1)). The base model's log-probabilities are written once to float32 files on disk and read
+llama.cpp's whole report (kld_statistics): mean ± sqrt(var/(N-1)), percentiles from 99.9% to 0.1%, the change of
+the right token's probability Δp (mean ±, percentiles, RMS ±), ln(PPL(Q)/PPL(base)) ± with the covariance of the
+two runs, and "same top" = share of positions where both argmaxes agree, ± sqrt(p(1-p)/(N-1)). The base model's log-probabilities are written once to float32 files on disk and read
 back chunk by chunk for each artefact, so memory stays one chunk whatever the text size.
 """
 
@@ -180,19 +181,50 @@ def score(model, chunks: Chunks, base: BaseLogProbs, label: str) -> dict:
     kld = torch.cat(kld).double().numpy()
     same = torch.cat(same_top).double().numpy()
     base_nll = torch.cat(base_nll).double().numpy()
+    out["kld"] = kld_statistics(kld, nll, base_nll, same)
+    return out
+
+
+# the percentiles llama-perplexity --kl-divergence prints (tools/perplexity/perplexity.cpp)
+KLD_PERCENTILES = (99.9, 99, 95, 90, 10, 5, 1, 0.1)
+DELTA_P_PERCENTILES = (99.9, 99, 95, 90, 75, 25, 10, 5, 1, 0.1)
+
+
+def kld_statistics(kld: np.ndarray, nll: np.ndarray, base_nll: np.ndarray, same: np.ndarray) -> dict:
+    """llama.cpp's KL-divergence report, per scored position: KLD mean ± and percentiles; Δp (the change of the
+    probability given to the right token, p_Q − p_base) mean ±, percentiles and RMS ±; ln(PPL(Q)/PPL(base)) ±
+    with the covariance of the two NLLs; same top ±. Percentiles interpolate linearly between ranks and the
+    median is the middle value (or the mean of the two), as llama.cpp and numpy both do."""
+    dp = np.exp(-nll) - np.exp(-base_nll)
     k_mean, k_unc = _mean_unc(kld)
     p_same = float(same.mean())
-    dp = np.exp(-nll) - np.exp(-base_nll)  # change of the probability given to the right token
-    out["kld"] = {
+    nll_mean, nll_unc = _mean_unc(nll)
+    base_mean, base_unc = _mean_unc(base_nll)
+    n = len(nll)
+    cov = float(((nll * base_nll).mean() - nll.mean() * base_nll.mean()) / (n - 1))  # of the two means
+    ratio_unc = math.sqrt(max(nll_unc**2 + base_unc**2 - 2 * cov, 0.0))
+    ppl, base_ppl = math.exp(nll_mean), math.exp(base_mean)
+    dp_mean, dp_unc = _mean_unc(dp)
+    mse, mse_unc = _mean_unc(dp**2)
+    rms = math.sqrt(mse)
+    pct = lambda x, q: float(np.percentile(x, q))  # noqa: E731
+    return {
         "mean": k_mean,
         "unc": k_unc,
-        "median": float(np.percentile(kld, 50)),
-        "p99": float(np.percentile(kld, 99)),
+        "median": pct(kld, 50),
+        "p99": pct(kld, 99),
         "max": float(kld.max()),
         "min": float(kld.min()),
+        "percentiles": {str(q): pct(kld, q) for q in KLD_PERCENTILES},
         "same_top": p_same,
         "same_top_unc": math.sqrt(p_same * (1 - p_same) / (len(same) - 1)),
-        "ln_ppl_ratio": float(nll.mean() - base_nll.mean()),
-        "delta_p_rms": float(np.sqrt((dp**2).mean())),
+        "ln_ppl_ratio": nll_mean - base_mean,
+        "ln_ppl_ratio_unc": ratio_unc,
+        "ppl_ratio": ppl / base_ppl,
+        "ppl_ratio_unc": ppl / base_ppl * ratio_unc,
+        "ppl_correlation": cov / (nll_unc * base_unc) if nll_unc and base_unc else None,
+        "delta_p": {"mean": dp_mean, "unc": dp_unc, "max": float(dp.max()), "median": pct(dp, 50),
+                    "min": float(dp.min()), "percentiles": {str(q): pct(dp, q) for q in DELTA_P_PERCENTILES}},
+        "delta_p_rms": rms,
+        "delta_p_rms_unc": 0.5 / rms * mse_unc if rms else 0.0,
     }
-    return out

@@ -48,6 +48,26 @@ def _quality_table(results: dict) -> list[str]:
     return lines
 
 
+def _kld_table(results: dict) -> list[str]:
+    """llama-perplexity --kl-divergence's statistics, one row per variant."""
+    entries = [(n, v["perplexity"]["kld"]) for n, v in results["variants"].items()
+               if "percentiles" in (v["perplexity"].get("kld") or {})]
+    if not entries:
+        return []
+    lines = ["## KL divergence statistics (llama-perplexity --kl-divergence)", "",
+             "| variant | KLD mean ± | 99.9% | 99% | 95% | 90% | median | 10% | 1% | max | Δp mean ± | Δp RMS ± "
+             "| ln(PPL(Q)/PPL(base)) ± | same top % |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, k in entries:
+        q, dp = k["percentiles"], k["delta_p"]
+        lines.append(f"| {name} | {k['mean']:.6f} ± {k['unc']:.6f} | {q['99.9']:.5f} | {q['99']:.5f} | {q['95']:.5f} "
+                     f"| {q['90']:.5f} | {k['median']:.6f} | {q['10']:.6f} | {q['1']:.6f} | {k['max']:.4f} "
+                     f"| {100 * dp['mean']:.3f} ± {100 * dp['unc']:.3f} % "
+                     f"| {100 * k['delta_p_rms']:.3f} ± {100 * k['delta_p_rms_unc']:.3f} % "
+                     f"| {k['ln_ppl_ratio']:.6f} ± {k['ln_ppl_ratio_unc']:.6f} "
+                     f"| {100 * k['same_top']:.2f} ± {100 * k['same_top_unc']:.2f} |")
+    return lines + [""]
+
+
 def _speed_table(results: dict) -> list[str]:
     lines = ["| model | dtype in memory | weights in memory | threads | pp t/s median (min–max) | pp peak RSS "
              "| tg t/s median (min–max) | tg peak RSS | tg GB/s (of roofline) | load avg before→after |",
@@ -152,6 +172,7 @@ def render(name: str, results: dict) -> str:
         "same token ids. The eval dtype per variant is in results.json (LLM.int8 runs in float16, as "
         "bitsandbytes requires). Speed: best thread count shown; all rows below.",
         "",
+        *_kld_table(results),
         "## Speed (llama-bench semantics, every thread count)",
         "",
         *_speed_table(results),
