@@ -60,6 +60,8 @@ def run(tmp: Path, name: str, kill_after: float | None = None) -> dict:
         proc.wait()
         killed = time.time()
     stderr = proc.stderr.read()
+    if killed is None and proc.returncode != 0:
+        raise SystemExit(f"run {name} failed with exit code {proc.returncode}:\n{stderr[-3000:]}")
     return {"start": start, "end": time.time(), "killed_at": killed, "rc": proc.returncode,
             "stage": [line for line in stderr.splitlines() if line.startswith("›")][-1:]}
 

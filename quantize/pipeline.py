@@ -330,24 +330,15 @@ def _base_perplexity(base: BaseModel, chunks, store, dtype: str, compute) -> tup
     cached = cache_root() / "run-base" / key
     if (cached / "done.json").is_file():
         step("base model: perplexity and log-probabilities from the cache")
-        _link_files(cached / "logprobs", store.folder)
+        files.link_files(cached / "logprobs", store.folder)
         return json.loads((cached / "done.json").read_text()), {"key": key, "state": "reused"}
     scores = compute()
     partial = cached.with_name(f"{key}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    _link_files(store.folder, partial / "logprobs")
+    files.link_files(store.folder, partial / "logprobs")
     files.write_json(partial / "done.json", scores)
     try:
         partial.rename(cached)
     except OSError:  # another run published the same key first: theirs is as good
         shutil.rmtree(partial, ignore_errors=True)
     return scores, {"key": key, "state": "computed"}
-
-
-def _link_files(source: Path, target: Path) -> None:
-    target.mkdir(parents=True, exist_ok=True)
-    for f in source.iterdir():
-        try:
-            os.link(f, target / f.name)
-        except OSError:
-            shutil.copy2(f, target / f.name)

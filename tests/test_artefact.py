@@ -67,3 +67,18 @@ def test_failed_forced_run_keeps_the_old_output(tmp_path):
             raise KeyboardInterrupt
     assert (final / "report.md").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.work-k", "out"]
+
+
+def test_link_files_twice_and_over_leftovers(tmp_path):
+    """A resumed run links the cached base log-probabilities again over what the killed run linked or wrote."""
+    from quantize.common.files import link_files
+
+    source, target = tmp_path / "cache", tmp_path / "work"
+    source.mkdir()
+    (source / "000000.npy").write_bytes(b"cached")
+    link_files(source, target)
+    link_files(source, target)  # the same links again: nothing to do, no error
+    (target / "000001.npy").write_bytes(b"other")
+    (source / "000001.npy").write_bytes(b"cached 1")
+    link_files(source, target)  # a different file in the way: replaced
+    assert (target / "000001.npy").read_bytes() == b"cached 1" and (target / "000000.npy").read_bytes() == b"cached"

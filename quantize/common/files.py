@@ -55,6 +55,21 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def link_files(source: Path, target: Path) -> None:
+    """Every file of `source` into `target`, as a hard link where possible; what is there already is replaced
+    (an interrupted run may have left the same files, or links to them)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        dest = target / f.name
+        if dest.exists() and os.path.samefile(f, dest):
+            continue
+        dest.unlink(missing_ok=True)
+        try:
+            os.link(f, dest)
+        except OSError:  # another file system
+            shutil.copy2(f, dest)
+
+
 def code_version() -> str:
     """The package version and a hash of this package's source files: work saved by another code is never reused."""
     from quantize import __version__
