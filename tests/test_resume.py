@@ -1,5 +1,5 @@
-"""A run killed with SIGKILL in the middle of a GPTQ build keeps its work; the same command continues after the
-last finished layer, does not evaluate the base again, and writes the same bytes as an uninterrupted run."""
+"""A run killed with SIGKILL in the middle of a GPTQ (or AWQ) build keeps its work; the same command continues after
+the last finished layer, does not evaluate the base again, and writes the same bytes as an uninterrupted run."""
 
 import json
 import os
@@ -8,34 +8,39 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import build_tiny_llama, write_recipe
 from quantize import pipeline
 from quantize.recipe import load_recipe
 
-METHODS = [{"name": "gptq", "bits": 4, "group_size": 64}, {"name": "rtn", "bits": 4, "group_size": 64}]
+FIRST = {"gptq": {"name": "gptq", "bits": 4, "group_size": 64, "sym": True},
+         "awq": {"name": "awq", "bits": 4, "group_size": 64, "sym": True}}
 SETTINGS = dict(calibration={"samples": 16, "seq_len": 64},
                 eval={"perplexity": {"n_ctx": 128, "max_chunks": 2}, "speed": {"enabled": False}})
 
 
-def files_of(out):
+def files_of(out, methods):
     return {m["name"]: json.loads((out / f"{m['name']}-w4-sym-g64" / "manifest.json").read_text())
-            for m in METHODS}
+            for m in methods}
 
 
-def test_kill_9_mid_gptq_then_resume_is_byte_identical(tmp_path):
+@pytest.mark.parametrize("first", sorted(FIRST))
+def test_kill_9_mid_build_then_resume_is_byte_identical(first, tmp_path):
+    methods = [FIRST[first], {"name": "rtn", "bits": 4, "group_size": 64}]
     model = build_tiny_llama(tmp_path / "m", num_hidden_layers=6)
     reference = tmp_path / "reference"
-    pipeline.run(load_recipe(write_recipe(tmp_path / "ref.yaml", str(model), METHODS, reference, **SETTINGS)))
+    pipeline.run(load_recipe(write_recipe(tmp_path / "ref.yaml", str(model), methods, reference, **SETTINGS)))
 
     out = tmp_path / "out"
-    write_recipe(tmp_path / "r.yaml", str(model), METHODS, out, **SETTINGS)
+    write_recipe(tmp_path / "r.yaml", str(model), methods, out, **SETTINGS)
     command = [sys.executable, "-m", "quantize.cli", "run", "r.yaml"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = None
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        found = list(tmp_path.glob(".out.work-*/gptq-w4-sym-g64.partial/.resume-state.pt"))
+        found = list(tmp_path.glob(f".out.work-*/{first}-w4-sym-g64.partial/.resume-state.pt"))
         if found:
             state = found[0]
             break
@@ -49,8 +54,8 @@ def test_kill_9_mid_gptq_then_resume_is_byte_identical(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "continuing the interrupted run" in r.stderr
     assert "base model: evaluated before the interruption" in r.stderr
-    resumed, uninterrupted = files_of(out), files_of(reference)
-    assert resumed["gptq"]["result"]["resumed_at_layer"] >= 1
+    resumed, uninterrupted = files_of(out, methods), files_of(reference, methods)
+    assert resumed[first]["result"]["resumed_at_layer"] >= 1
     for name in resumed:
         assert resumed[name]["files"] == uninterrupted[name]["files"], name
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []  # nothing left behind
