@@ -150,15 +150,16 @@ def _free(model) -> None:
 
 
 def _evaluate(model, label: str, chunks, base_logprobs, is_base: bool, recipe: Recipe,
-              bandwidth: dict | None = None, tokenizer=None, scores: dict | None = None) -> dict:
-    """Perplexity (and KLD against the base's log-probabilities), lm-eval tasks and speed. `scores`: the
-    perplexity already known (the base's, from the cache)."""
+              bandwidth: dict | None = None, tokenizer=None, scores: dict | None = None,
+              positions: Path | None = None) -> dict:
+    """Perplexity (and KLD against the base's log-probabilities, each position's saved to `positions`), lm-eval
+    tasks and speed. `scores`: the perplexity already known (the base's, from the cache)."""
     if scores is not None:
         out = {"perplexity": scores}
     elif is_base:  # the base fills the store of log-probabilities every variant is compared with
         out = {"perplexity": quality.score_base(model, chunks, base_logprobs, label)}
     else:
-        out = {"perplexity": quality.score(model, chunks, base_logprobs, label)}
+        out = {"perplexity": quality.score(model, chunks, base_logprobs, label, positions)}
     if recipe.eval.tasks:
         if isinstance(model, LlamaCppModel):
             out["lm_eval"] = {"skipped": "lm-eval runs on the torch model in memory; GGUF artefacts run on llama.cpp"}
@@ -216,6 +217,16 @@ def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe, calib)
     return manifest
 
 
+def _paired(folder: Path, names: list[str]) -> dict:
+    """For every two variants, the difference of their mean KLDs with its paired standard error (kept per position
+    in kld-positions/ beside the report)."""
+    import numpy as np
+
+    kld = {n: np.load(folder / f"{n}.npy") for n in names if (folder / f"{n}.npy").is_file()}
+    return {f"{a} − {b}": quality.paired_difference(kld[a], kld[b])
+            for i, a in enumerate(kld) for b in list(kld)[i + 1:]}
+
+
 def run_key(recipe: Recipe) -> str:
     """What work may be reused under: the resolved recipe, this code and the libraries' versions."""
     key = {"recipe": recipe.resolved(), "code": files.code_version(), "versions": files.versions()}
@@ -269,7 +280,8 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
                 manifest = _build_variant(method, base, folder, recipe, calib)
             step(f"{name}: reloading the artefact with its loader and evaluating")
             model, loader, eval_dtype = load(folder, dtype, chunks.n_ctx)
-            measured = _evaluate(model, name, chunks, base_logprobs, False, recipe, bandwidth, tokenizer)
+            measured = _evaluate(model, name, chunks, base_logprobs, False, recipe, bandwidth, tokenizer,
+                                 positions=out / "kld-positions" / f"{name}.npy")
             _free(model)
             variant = {"method": manifest["method"], "format": manifest["result"]["format"],
                        "eval_dtype": eval_dtype, "loader": loader, "build_s": manifest["timings_s"]["build"],
@@ -283,6 +295,7 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
 
         shutil.rmtree(out / "base-logprobs")
         (out / "base.json").unlink()
+        results["paired_kld"] = _paired(out / "kld-positions", list(results["variants"]))
         if gates_set(recipe.gates):
             results["gates"] = {"limits": recipe.gates.model_dump(mode="json"),
                                 "passed": not gates.failed(results), "failed": gates.failed(results)}
@@ -325,7 +338,7 @@ def _base_perplexity(base: BaseModel, chunks, store, dtype: str, compute) -> tup
     model files, text and protocol were evaluated before (by an earlier run, or a CI job that keeps the cache),
     else computed by `compute()` and then kept there. Files are hard-linked where the file system allows it."""
     key_src = {"model": files_sha256(base.path), "protocol": chunks.protocol(), "dtype": dtype,
-               "store": "float32 log-softmax of the scored positions, one .npy per chunk"}
+               "store": "float32 log-softmax of the scored positions, one .npy per chunk; scores with noise floor"}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:24]
     cached = cache_root() / "run-base" / key
     if (cached / "done.json").is_file():

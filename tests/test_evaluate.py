@@ -128,3 +128,16 @@ def test_kld_statistics_follow_llama_perplexity():
     assert math.isclose(s["ln_ppl_ratio_unc"], math.sqrt(da * da + db * db - 2 * cov), rel_tol=1e-9)
     mse, dmse = mean_and_uncertainty(dp**2)
     assert math.isclose(s["delta_p_rms"], math.sqrt(mse)) and math.isclose(s["delta_p_rms_unc"], 0.5 / math.sqrt(mse) * dmse)
+
+
+def test_paired_difference_cancels_shared_noise():
+    """Two variants scored on the same positions: the paired error of their difference is far below either one's
+    own error when they share most of their per-position noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    shared = rng.gamma(0.5, 0.2, 5000)
+    a, b = shared + 0.010 + rng.normal(0, 0.001, 5000), shared + rng.normal(0, 0.001, 5000)
+    d = quality.paired_difference(a, b)
+    unc_a = a.std() / np.sqrt(len(a) - 1)
+    assert abs(d["difference"] - 0.010) < 1e-4 and d["unc"] < unc_a / 20 and d["z"] > 100

@@ -22,7 +22,14 @@ def test_report_html_renders_in_chromium_without_errors_or_requests(tiny_model, 
                                           eval={"perplexity": {"n_ctx": 128, "max_chunks": 2},
                                                 "speed": {"enabled": False}},
                                           gates={"max_kld": 1.0})))
+    results = json.loads((out / "results.json").read_text())
+    floor = results["base"]["perplexity"]["noise_floor"]
+    rtn, int8 = (results["variants"][n]["perplexity"]["kld"]["mean"] for n in ("rtn-w4-sym-g64", "int8-w8a16"))
+    assert 0 < floor["kld_mean"] < rtn  # bf16 rounding of the logits moves less than 4-bit weights do
+    pair = results["paired_kld"]["rtn-w4-sym-g64 − int8-w8a16"]
+    assert abs(pair["difference"] - (rtn - int8)) < 1e-6 and pair["z"] > 2
     page = (out / "report.html").read_text()
+    assert "Noise floor" in page and "Paired differences" in page
     assert "<h2>Gates</h2>" in page and "<table>" in page and "rtn-w4-sym-g64" in page
     assert page.count("src='data:image/png;base64,") == 2  # KLD against size, and the fit chart
     assert not re.search(r"""(src|href)=['"]?(https?:)?//""", page)  # nothing fetched from elsewhere

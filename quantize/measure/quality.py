@@ -138,12 +138,12 @@ def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _scored_log_probs(model, chunks: Chunks, label: str):
-    """(chunk index, log-softmax [scored, vocab], target ids [scored]) for every chunk, one at a time."""
+    """(chunk index, logits and log-softmax [scored, vocab], target ids [scored]) for every chunk, one at a time."""
     first = chunks.first
     for i in track(range(chunks.ids.shape[0]), f"perplexity {label}"):
         ids = chunks.ids[i : i + 1]
         logits = forward_logits(model, ids)[first:-1].float()  # [scored, vocab]
-        yield i, torch.log_softmax(logits, dim=-1), ids[0, first + 1 :]
+        yield i, logits, torch.log_softmax(logits, dim=-1), ids[0, first + 1 :]
 
 
 def _perplexity(nll: np.ndarray, chunks: Chunks) -> dict:
@@ -157,19 +157,28 @@ def _perplexity(nll: np.ndarray, chunks: Chunks) -> dict:
 def score_base(model, chunks: Chunks, store: BaseLogProbs | None, label: str = "base") -> dict:
     """Perplexity of the base model on the chunks; its log-probabilities go to `store` (when given) for the KLD
     of every variant after it."""
-    nll = []
-    for i, logp, targets in _scored_log_probs(model, chunks, label):
+    nll, floor = [], []
+    for i, logits, logp, targets in _scored_log_probs(model, chunks, label):
         nll.append(-logp.gather(1, targets[:, None])[:, 0])
+        floor.append(kl_divergence(logp, torch.log_softmax(logits.bfloat16().float(), dim=-1)))
         if store is not None:
             store[i] = logp
-    return _perplexity(torch.cat(nll).double().numpy(), chunks)
+    out = _perplexity(torch.cat(nll).double().numpy(), chunks)
+    floor = torch.cat(floor).double().numpy()
+    mean, unc = _mean_unc(floor)
+    out["noise_floor"] = {"kld_mean": mean, "kld_unc": unc, "kld_p99": float(np.percentile(floor, 99)),
+                          "what": "KL(base ‖ base with its logits rounded to bfloat16), per scored position: "
+                                  "differences of mean KLD below this are rounding noise (as ExLlamaV3's qbench)"}
+    return out
 
 
 @torch.inference_mode()
-def score(model, chunks: Chunks, base: BaseLogProbs, label: str) -> dict:
-    """Perplexity of `model` on the chunks and its KLD against the base log-probabilities in `base`."""
+def score(model, chunks: Chunks, base: BaseLogProbs, label: str, positions: Path | None = None) -> dict:
+    """Perplexity of `model` on the chunks and its KLD against the base log-probabilities in `base`. With
+    `positions`, the KLD of every scored position is also saved there (.npy, float32), for paired comparisons of
+    variants scored on the same positions (paired_difference)."""
     nll, kld, same_top, base_nll = [], [], [], []
-    for i, logp, targets in _scored_log_probs(model, chunks, label):
+    for i, _, logp, targets in _scored_log_probs(model, chunks, label):
         nll.append(-logp.gather(1, targets[:, None])[:, 0])
         base_logp = base[i]
         kld.append(kl_divergence(base_logp, logp))
@@ -182,7 +191,19 @@ def score(model, chunks: Chunks, base: BaseLogProbs, label: str) -> dict:
     same = torch.cat(same_top).double().numpy()
     base_nll = torch.cat(base_nll).double().numpy()
     out["kld"] = kld_statistics(kld, nll, base_nll, same)
+    if positions is not None:
+        positions.parent.mkdir(parents=True, exist_ok=True)
+        np.save(positions, kld.astype(np.float32))
     return out
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> dict:
+    """Mean KLD of a − mean KLD of b, with the standard error of the per-position differences: both are scored
+    on the same positions, so the noise they share cancels and the error is far below either one's own."""
+    assert a.shape == b.shape, "paired only on the same positions"
+    d = a.astype(np.float64) - b.astype(np.float64)
+    mean, unc = _mean_unc(d)
+    return {"difference": mean, "unc": unc, "z": mean / unc if unc else None}
 
 
 # the percentiles llama-perplexity --kl-divergence prints (tools/perplexity/perplexity.cpp)

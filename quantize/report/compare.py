@@ -36,6 +36,7 @@ class Row:
     fits: dict[str, int]  # GPU → largest context that fits
     protocol: str
     pareto: bool = False
+    noise_floor: float | None = None  # the run's KLD noise floor (base vs base with bf16-rounded logits)
 
 
 def _protocol_id(results: dict) -> str:
@@ -80,7 +81,8 @@ def run_rows(folder: Path, results: dict) -> list[Row]:
                         size=sum(e["fit"]["weight_bytes_by_dtype"].values()), bpw=bpw, ppl=e["perplexity"]["ppl"],
                         d_ppl=None if name == "base" else e["perplexity"]["ppl"] - base_ppl,
                         kld=None if k is None else k["mean"], same_top=None if k is None else k["same_top"],
-                        pp=_speed(e, "pp"), tg=_speed(e, "tg"), fits=e["fit"]["largest_context"], protocol=proto))
+                        pp=_speed(e, "pp"), tg=_speed(e, "tg"), fits=e["fit"]["largest_context"], protocol=proto,
+                        noise_floor=(base["perplexity"].get("noise_floor") or {}).get("kld_mean")))
     return rows
 
 
@@ -139,6 +141,9 @@ def chart(rows: list[Row], png, gpus: dict[str, int] | None = None) -> None:
         ax.annotate(r.name, (r.size / GiB, r.kld), fontsize=7, xytext=(4, 3), textcoords="offset points")
     front = sorted((r for r in pts if r.pareto), key=lambda r: r.size)
     ax.plot([r.size / GiB for r in front], [r.kld for r in front], color="tab:red", lw=1, label="Pareto front")
+    for floor in sorted({r.noise_floor for r in rows if r.noise_floor}):
+        ax.axhline(floor, color="grey", ls=":", lw=1)
+        ax.text(ax.get_xlim()[0], floor, " noise floor (bf16 logits)", va="bottom", fontsize=7, color="grey")
     largest = max(r.size for r in rows) / GiB
     for name, usable in (gpus or {}).items():
         if usable / GiB <= 4 * largest:

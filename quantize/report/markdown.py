@@ -48,6 +48,26 @@ def _quality_table(results: dict) -> list[str]:
     return lines
 
 
+def _noise_and_pairs(results: dict) -> list[str]:
+    """The noise floor of KLD on this run's positions, and the paired differences between variants."""
+    lines = []
+    floor = results["base"]["perplexity"].get("noise_floor")
+    if floor:
+        lines += [f"Noise floor: the base against itself with its logits rounded to bfloat16 has mean KLD "
+                  f"{floor['kld_mean']:.3g} ± {floor['kld_unc']:.2g} (p99 {floor['kld_p99']:.3g}) on these positions; "
+                  "differences of mean KLD below it are rounding noise.", ""]
+    pairs = results.get("paired_kld") or {}
+    if pairs:
+        lines += ["Paired differences of mean KLD (the same positions, so the shared noise cancels): a − b ± standard "
+                  "error, and z = difference / error (|z| > 2: the two differ beyond noise).", "",
+                  "| a − b | difference ± | z |", "|---|---|---|"]
+        for pair, d in pairs.items():
+            z = "–" if d["z"] is None else f"{d['z']:+.1f}"
+            lines.append(f"| {pair} | {d['difference']:+.6f} ± {d['unc']:.6f} | {z} |")
+        lines.append("")
+    return lines
+
+
 def _kld_table(results: dict) -> list[str]:
     """llama-perplexity --kl-divergence's statistics, one row per variant."""
     entries = [(n, v["perplexity"]["kld"]) for n, v in results["variants"].items()
@@ -65,7 +85,7 @@ def _kld_table(results: dict) -> list[str]:
                      f"| {100 * k['delta_p_rms']:.3f} ± {100 * k['delta_p_rms_unc']:.3f} % "
                      f"| {k['ln_ppl_ratio']:.6f} ± {k['ln_ppl_ratio_unc']:.6f} "
                      f"| {100 * k['same_top']:.2f} ± {100 * k['same_top_unc']:.2f} |")
-    return lines + [""]
+    return lines + ["", *_noise_and_pairs(results)]
 
 
 def _speed_table(results: dict) -> list[str]:
