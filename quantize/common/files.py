@@ -72,14 +72,16 @@ def link_files(source: Path, target: Path) -> None:
 
 def code_version() -> str:
     """The package version and a hash of this package's source files: work saved by another code is never reused."""
-    from quantize import __version__
-
-    digest = hashlib.sha256(__version__.encode())
+    try:
+        version = metadata.version("quantize")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        version = "unknown"
+    digest = hashlib.sha256(version.encode())
     root = Path(__file__).resolve().parents[1]
     for path in sorted(root.rglob("*.py")):
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
-    return f"{__version__}+{digest.hexdigest()[:12]}"
+    return f"{version}+{digest.hexdigest()[:12]}"
 
 
 def _exchange(a: Path, b: Path) -> bool:
