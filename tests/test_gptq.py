@@ -249,3 +249,44 @@ def test_missing_cuda_device_fails_before_any_work(tiny_model, tmp_path):
     with pytest.raises(QuantizeError, match=r"recipe run: key `methods\[1\].device`: device 'cuda'.*no CUDA"):
         pipeline.run(recipe)
     assert not out.exists()
+
+
+def fasterquant_reference(W, H, bits, group_size, block_size=128, damp=0.01):
+    """IST-DASLab gptq.py fasterquant, the path without act_order and static groups, written out: a group's grid
+    is set from W[:, i1 + i : i1 + i + groupsize] (min/max, symmetric) when the loop reaches its first column."""
+    W, H = W.clone().float(), H.clone()
+    cols = W.shape[1]
+    qmax = 2 ** (bits - 1) - 1
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1, Q1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1), torch.zeros(W.shape[0], i2 - i1), \
+            Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w, d = W1[:, i], Hinv1[i, i]
+            if (i1 + i) % group_size == 0:
+                group = W[:, i1 + i : i1 + i + group_size]
+                scale = (group.abs().amax(dim=1) / ((2 * qmax + 1) / 2)).half().float()
+            q = torch.clamp(torch.round(w / scale), -qmax - 1, qmax)
+            Q1[:, i] = q
+            err = (w - q * scale) / d
+            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None]
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q.to(torch.int32)
+
+
+def test_reference_group_grid_is_fasterquant():
+    """group_grid "reference" gives the reference loop's codes; "updated" (ours) differs once a group starts
+    inside a block after columns whose feedback it sees."""
+    X = correlated_inputs(n=2048, cols=256)
+    hess = hessian_of(X)
+    W = torch.randn(48, 256, generator=torch.Generator().manual_seed(3))
+    ref = fasterquant_reference(W, hess.H, bits=4, group_size=32)
+    ours = gptq_quantize(W, hess, bits=4, symmetric=True, group_size=32, group_grid="reference")
+    assert torch.equal(ours.q, ref)
+    updated = gptq_quantize(W, hess, bits=4, symmetric=True, group_size=32)
+    assert not torch.equal(updated.q, ref)

@@ -64,8 +64,9 @@ class WeightOnly(Strict):
         grid = "sym" if self.sym else "asym"
         group = "ch" if self.group_size == -1 else f"g{self.group_size}"
         layout = "" if self.format == "compressed-tensors" else f"-{self.format}"
-        observer = "-mse" if getattr(self, "observer", "minmax") == "mse" else ""
-        return self.variant or f"{self.name}-w{self.bits}-{grid}-{group}{observer}{layout}"
+        options = "-mse" if getattr(self, "observer", "minmax") == "mse" else ""
+        options += "-refgrid" if getattr(self, "group_grid", "updated") == "reference" else ""
+        return self.variant or f"{self.name}-w{self.bits}-{grid}-{group}{options}{layout}"
 
 
 OBSERVER = Field("minmax", description="how each group's grid is chosen: minmax (its min/max), or mse (the range "
@@ -89,6 +90,9 @@ class GptqMethod(WeightOnly):
     name: Literal["gptq"]
     observer: Literal["minmax", "mse"] = OBSERVER
     act_order: bool = False
+    group_grid: Literal["updated", "reference"] = Field(
+        "updated", description="without act_order, where a group's grid comes from: the weights with all error "
+        "feedback so far (updated), or W as IST-DASLab's reference and llm-compressor read it (reference)")
     damp: float = Field(0.01, gt=0, lt=1, description="fraction of mean(diag H) added to the diagonal")
     block_size: int = Field(128, ge=1)
     true_sequential: bool = True

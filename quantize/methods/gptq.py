@@ -14,8 +14,9 @@ For one linear layer with weight W [rows, cols] and calibration inputs X [tokens
 
 `act_order` visits columns by descending diag(H) with *static groups*: each group's scale and zero are fixed
 from the original weights in natural column order before the loop, so the artefact needs no g_idx and keeps
-contiguous groups (compressed-tensors `actorder: weight`). Without act_order, a group's grid is computed from
-the error-updated weights when the loop reaches the group's first column, as the reference does. A group's grid
+contiguous groups (compressed-tensors `actorder: weight`). Without act_order, a group's grid is computed when the
+loop reaches the group's first column: by default from the weights with all the error feedback so far, or, with
+`group_grid: reference`, from W as the reference reads it (see GROUP_GRIDS). A group's grid
 is its min/max (`observer: minmax`, the reference's default) or the reference's `mse` shrink search
 (grids.scale_zero_mse). The Hessian is gathered by methods/statistics.py.
 """
@@ -30,9 +31,19 @@ from quantize.methods.statistics import Hessian
 from quantize.methods.weight_only import Solved, build_streamed
 
 
+# Where a group's grid comes from when groups are not static (no act_order): "updated", the weights as they are
+# when the loop reaches the group's first column, with the error feedback of every column before it (ours, the
+# default); "reference", W as IST-DASLab's fasterquant and llm-compressor read it, `W[:, i1 + i : i1 + i + gs]`,
+# whose columns in the current block have the earlier blocks' feedback but not this block's (they differ only when
+# group_size < block_size). bench/gptq_group_grid.py measures both.
+GROUP_GRIDS = ("updated", "reference")
+
+
 def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, group_size: int = -1,
                   act_order: bool = False, damp: float = 0.01, block_size: int = 128,
-                  scale_dtype: torch.dtype = torch.float16, observer: str = "minmax") -> Solved:
+                  scale_dtype: torch.dtype = torch.float16, observer: str = "minmax", group_grid: str = "updated"
+                  ) -> Solved:
+    assert group_grid in GROUP_GRIDS, group_grid
     W = W.clone().float()
     H = hess.H.clone()
     rows, cols = W.shape
@@ -80,7 +91,10 @@ def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, gr
         for i in range(i2 - i1):
             col = order[i1 + i]
             g = col // gs
-            if not static and col % gs == 0:  # the group's grid from the weights as they are now
+            if not static and col % gs == 0 and group_grid == "reference":
+                # the reference's grid: W's columns have the earlier blocks' feedback, not this block's so far
+                set_group(g, W[:, i1 + i : i1 + i + gs])
+            elif not static and col % gs == 0:  # the group's grid from the weights as they are now
                 if i + gs <= i2 - i1:
                     group = W1[:, i : i + gs]
                 else:  # the group runs past this block: its later columns still lack this block's feedback so far
@@ -108,7 +122,7 @@ Config = GptqMethod
 def build(method: GptqMethod, base, out_dir, calib: torch.Tensor, calib_info=None) -> dict:
     def solve(W, hess: Hessian, group_size: int) -> Solved:
         return gptq_quantize(W, hess, method.bits, method.sym, group_size, method.act_order, method.damp,
-                             method.block_size, observer=method.observer)
+                             method.block_size, observer=method.observer, group_grid=method.group_grid)
 
     return {"scheme": f"w{method.bits}a16", **build_streamed(method, base, out_dir, calib, solve)}
 
