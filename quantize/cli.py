@@ -111,10 +111,10 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML"),
          as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
          overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Validate RECIPE and print what will run, expected sizes and the fit, without loading weights."""
-    from quantize import pipeline
+    from quantize import preflight
 
     try:
-        p = pipeline.plan(load_recipe(recipe, overrides))
+        p = preflight.plan(load_recipe(recipe, overrides))
     except QuantizeError as exc:
         _fail(exc, recipe)
     if as_json:

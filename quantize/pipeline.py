@@ -27,120 +27,27 @@ import yaml
 
 from quantize.common import files
 from quantize.common.cache import cache_root
-from quantize.common.errors import QuantizeError
 from quantize.common.ui import step
-from quantize.fit import footprint, vram
+from quantize.fit import vram
 from quantize.fit.shape import shape_from_config
-from quantize.formats.tensors import weight_bytes, weight_bytes_gguf, weight_bytes_safetensors
+from quantize.formats.tensors import weight_bytes
 from quantize.measure import lmeval, memory, quality, speed
 from quantize.measure.scorecard import files_sha256
-from quantize.formats.gguf_convert import check_convertible
-from quantize.formats.gguf_types import UNQUANTIZED
-from quantize.methods.engine import check_model, resolve_device
+from quantize.methods.engine import resolve_device
 from quantize.methods.registry import METHODS
-from quantize.methods.weight_only import check_group_sizes
+from quantize.preflight import base_model, check_disk, check_recipe
 from quantize.recipe import Recipe
 from quantize.report import gates, html, markdown
 from quantize.runtimes.llamacpp import LlamaCppModel
 from quantize.runtimes.load import free, load
 from quantize.sources.models import (
-    BaseModel, gguf_source, hub_config_and_bytes, is_hub_id, load_model, load_tokenizer, meta_model, resolve_model,
-    unique_parameters,
+    BaseModel, load_model, load_tokenizer, meta_model,
 )
 from quantize.sources.texts import calibration_batches, load_text
 
 
 def gates_set(limits) -> bool:
     return any(v not in (None, []) for v in limits.model_dump().values())
-
-
-def _base_model(recipe: Recipe, resolve=resolve_model):
-    try:
-        return resolve(recipe.model, recipe.revision)
-    except QuantizeError as exc:
-        raise QuantizeError(f"key `model`: {exc}") from None
-
-
-def peek_config(spec: str, revision: str | None = None):
-    """(transformers config, tensor bytes by dtype, description) of a base model without loading weights:
-    a GGUF that is not converted yet is read for its metadata and tensor headers only, a hub model for its
-    config.json and safetensors headers only."""
-    from transformers import AutoConfig
-
-    if is_hub_id(spec):
-        config, by_dtype = hub_config_and_bytes(spec, revision)
-        described = {"spec": spec, "origin": "hub", "revision": revision,
-                     "bytes_are": "the hub's safetensors headers (nothing downloaded)"}
-        return AutoConfig.for_model(**config), by_dtype, described
-    source = gguf_source(spec)
-    if source is not None and not (source[1] / "config.json").is_file():
-        gguf, _, origin = source
-        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        return config, weight_bytes_gguf(gguf), {"spec": spec, "origin": origin, "source_file": str(gguf),
-                                                  "bytes_are": "the GGUF source (not yet converted)"}
-    base = resolve_model(spec, revision)
-    return AutoConfig.from_pretrained(base.path), weight_bytes_safetensors(base.path), base.describe()
-
-
-def preflight(recipe: Recipe, config: dict, meta) -> None:
-    """What would fail later, checked now from the config and the architecture alone, naming the recipe key: the
-    engine supports the model type (and its sliding window the calibration length), every linear takes the group
-    size, the GGUF converter can write the model."""
-    for k, method in enumerate(recipe.methods):
-        key = "method" if len(recipe.methods) == 1 else f"methods[{k}]"
-        try:
-            if method.layer_wise:
-                check_model(config, recipe.calibration.seq_len if method.needs_calibration else None)
-                check_group_sizes(meta, method)
-            if method.name == "gguf":
-                check_convertible(config)
-                if method.needs_calibration:
-                    check_model(config, recipe.calibration.seq_len)
-        except QuantizeError as exc:
-            raise QuantizeError(f"key `{key}` ({method.default_variant()}): {exc}") from None
-
-
-def check_disk(recipe: Recipe, meta, store_bytes: int) -> None:
-    """Fail before any work when the output's file system cannot hold the artefacts (footprint.expected_bytes),
-    the GGUF method's F16 (and AWQ-scaled) intermediates, and the base log-probabilities kept during the run."""
-    params = sum(p.numel() for *_, p in unique_parameters(meta))
-    need = store_bytes
-    for method in recipe.methods:
-        need += footprint.expected_bytes(method, meta)
-        if method.name == "gguf" and method.type not in UNQUANTIZED:
-            need += 2 * params * (2 if method.awq_scales else 1)  # base-f16.gguf (+ the AWQ-scaled checkpoint)
-    folder = recipe.output_dir.resolve()
-    while not folder.exists():
-        folder = folder.parent
-    free = shutil.disk_usage(folder).free
-    if need > free:
-        raise QuantizeError(f"output {recipe.output_dir}: the run needs about {vram.gib(need)} on disk (artefacts, "
-                            f"intermediates and {vram.gib(store_bytes)} of base log-probabilities), {folder} has "
-                            f"{vram.gib(free)} free. Set `output:` to a larger disk or lower `eval.perplexity.max_chunks`.")
-
-
-def plan(recipe: Recipe) -> dict:
-    """What a run will do, the expected artefact sizes and the fit, from the config alone (no weights)."""
-    config, base_bytes, described = _base_model(recipe, peek_config)
-    meta = meta_model(config)
-    preflight(recipe, config.to_dict(), meta)
-    shape = shape_from_config(config.to_dict())
-    variants = {}
-    for method in recipe.methods:
-        expected = footprint.expected_bytes(method, meta)
-        variants[method.default_variant()] = {
-            "method": method.model_dump(mode="json"),
-            "expected_bytes": expected,
-            "fit": vram.fit_report(expected, shape, recipe.fit.gpus, recipe.fit.contexts, recipe.fit.batch,
-                                  recipe.fit.kv_dtype, recipe.fit.flash_attn),
-        }
-    return {
-        "recipe": recipe.name,
-        "output": str(recipe.output_dir),
-        "base": {**described, "bytes": sum(base_bytes.values()), "bytes_by_dtype": base_bytes},
-        "variants": variants,
-        "eval": recipe.eval.model_dump(mode="json"),
-    }
 
 
 def _free(model) -> None:
@@ -244,9 +151,9 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
             resolve_device(method.device, f"recipe {recipe.name}: key `methods[{k}].device`")
     step(f"recipe {recipe.name}: model {recipe.model}, variants "
          + ", ".join(m.default_variant() for m in recipe.methods))
-    base = _base_model(recipe)
+    base = base_model(recipe)
     meta = meta_model(base.path)
-    preflight(recipe, base.config, meta)
+    check_recipe(recipe, base.config, meta)
     tokenizer = load_tokenizer(base.path)
     ppl = recipe.eval.perplexity
     chunks = quality.make_chunks(tokenizer, load_text(ppl.source, "eval", ppl.field), ppl.n_ctx, ppl.max_chunks)

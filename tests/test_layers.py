@@ -53,7 +53,7 @@ def test_every_folder_is_a_stage():
     folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"}
     assert folders == set(STAGES) - {"top"}
     top = {p.name for p in PACKAGE.glob("*.py")}
-    assert top == {"__init__.py", "recipe.py", "pipeline.py", "cli.py"}
+    assert top == {"__init__.py", "recipe.py", "preflight.py", "pipeline.py", "cli.py"}
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

@@ -5,7 +5,7 @@ import json
 import torch
 
 from conftest import write_recipe
-from quantize import pipeline
+from quantize import pipeline, preflight
 from quantize.methods import int8
 from quantize.sources.models import load_model, load_tokenizer
 from quantize.recipe import load_recipe
@@ -66,7 +66,7 @@ def test_plan_expected_size_matches_built_artefact(tiny_model, tmp_path):
 
     methods = [{"name": "int8", "scheme": "w8a16"}, {"name": "rtn", "bits": 4, "group_size": 64, "sym": False}]
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model), methods, tmp_path / "o"))
-    planned = pipeline.plan(recipe)["variants"]
+    planned = preflight.plan(recipe)["variants"]
     base = resolve_model(str(tiny_model))
     for method in recipe.methods:
         folder = tmp_path / method.default_variant()
