@@ -290,3 +290,6 @@ def test_reference_group_grid_is_fasterquant():
     assert torch.equal(ours.q, ref)
     updated = gptq_quantize(W, hess, bits=4, symmetric=True, group_size=32)
     assert not torch.equal(updated.q, ref)
+    # with group_size = block_size every group starts a block, where W and the block's copy agree: the same codes
+    same = [gptq_quantize(W, hess, 4, True, 128, block_size=128, group_grid=g).q for g in ("updated", "reference")]
+    assert torch.equal(*same)
