@@ -51,13 +51,14 @@ def _stdout_to_stderr():
 
 
 def _run_summary(out: Path, results: dict) -> dict:
+    from quantize.report.compare import best_speed
+
     variants = {}
     for name, v in results["variants"].items():
         kld = v["perplexity"].get("kld") or {}
-        tg = [r["tg"]["median"] for r in (v.get("speed") or {}).get("rows", [])]
         variants[name] = {"format": v["format"], "bytes": sum(v["fit"]["weight_bytes_by_dtype"].values()),
                           "ppl": v["perplexity"]["ppl"], "kld_mean": kld.get("mean"), "same_top": kld.get("same_top"),
-                          "tg_tokens_per_s": max(tg) if tg else None, "gates": v.get("gates"), "folder": str(out / name)}
+                          "tg_tokens_per_s": best_speed(v, "tg"), "gates": v.get("gates"), "folder": str(out / name)}
     return {"output": str(out), "report": str(out / "report.md"), "results": str(out / "results.json"),
             "base_ppl": results["base"]["perplexity"]["ppl"], "variants": variants, "gates": results.get("gates")}
 

@@ -46,10 +46,6 @@ from quantize.sources.models import (
 from quantize.sources.texts import calibration_batches, load_text
 
 
-def gates_set(limits) -> bool:
-    return any(v not in (None, []) for v in limits.model_dump().values())
-
-
 def _free(model) -> None:
     free(model)
     del model
@@ -194,7 +190,7 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
                        "eval_dtype": eval_dtype, "loader": loader, "build_s": manifest["timings_s"]["build"],
                        "build_peak_rss_bytes": manifest["peak_rss_bytes"]["build"], **measured,
                        "fit": _fit(folder, shape, recipe)}
-            if gates_set(recipe.gates):
+            if recipe.gates.is_set:
                 variant["gates"] = gates.judge(variant, results["base"], recipe.gates, shape, recipe.fit.kv_dtype,
                                                recipe.fit.flash_attn)
             files.write_json(folder / "results.json", {"protocol": results["protocol"], **variant})
@@ -203,7 +199,7 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
         shutil.rmtree(out / "base-logprobs")
         (out / "base.json").unlink()
         results["paired_kld"] = _paired(out / "kld-positions", list(results["variants"]))
-        if gates_set(recipe.gates):
+        if recipe.gates.is_set:
             results["gates"] = {"limits": recipe.gates.model_dump(mode="json"),
                                 "passed": not gates.failed(results), "failed": gates.failed(results)}
         files.write_json(out / "results.json", results)

@@ -107,6 +107,10 @@ class Gates(Strict):
                                                                       "(the recipe's kv_dtype and flash_attn)")
     min_tg_tps: float | None = Field(None, gt=0, description="generation tokens/sec, best thread count (median)")
 
+    @property
+    def is_set(self) -> bool:
+        return any(v not in (None, []) for v in self.model_dump().values())
+
 
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

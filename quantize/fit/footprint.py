@@ -130,12 +130,12 @@ def weight_only_bytes(method, meta_model: torch.nn.Module) -> int:
         quantized = (isinstance(module, torch.nn.Linear) and pname == "weight" and ".layers." in name
                      and not ignored(name, method.ignore))
         if not quantized:
-            total += p.numel() * 2
+            total += p.numel() * STORAGE_DTYPE.itemsize
             continue
         rows, cols = p.shape
         gs = method.group_size if method.group_size != -1 and cols % method.group_size == 0 else cols
         groups = rows * (cols // gs)
-        total += rows * cols * method.bits // 8 + groups * 2 + (0 if method.sym else groups * method.bits // 8)
+        total += rows * cols * method.bits // 8 + groups * STORAGE_DTYPE.itemsize + (0 if method.sym else groups * method.bits // 8)
     return total
 
 

@@ -48,7 +48,8 @@ def _protocol_id(results: dict) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
-def _speed(entry: dict, phase: str) -> float | None:
+def best_speed(entry: dict, phase: str) -> float | None:
+    """The best median tokens/sec of a results entry over its thread counts (phase pp or tg); None unmeasured."""
     rows = (entry.get("speed") or {}).get("rows") or []
     return max(r[phase]["median"] for r in rows) if rows else None
 
@@ -81,7 +82,7 @@ def run_rows(folder: Path, results: dict) -> list[Row]:
                         size=sum(e["fit"]["weight_bytes_by_dtype"].values()), bpw=bpw, ppl=e["perplexity"]["ppl"],
                         d_ppl=None if name == "base" else e["perplexity"]["ppl"] - base_ppl,
                         kld=None if k is None else k["mean"], same_top=None if k is None else k["same_top"],
-                        pp=_speed(e, "pp"), tg=_speed(e, "tg"), fits=e["fit"]["largest_context"], protocol=proto,
+                        pp=best_speed(e, "pp"), tg=best_speed(e, "tg"), fits=e["fit"]["largest_context"], protocol=proto,
                         noise_floor=(base["perplexity"].get("noise_floor") or {}).get("kld_mean")))
     return rows
 

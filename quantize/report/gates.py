@@ -6,11 +6,7 @@ from __future__ import annotations
 from quantize.fit.gpus import gpu_by_name
 from quantize.fit.shape import ModelShape
 from quantize.fit.vram import fit_one
-
-
-def _best_tg(entry: dict) -> float | None:
-    rows = (entry.get("speed") or {}).get("rows") or []
-    return max(r["tg"]["median"] for r in rows) if rows else None
+from quantize.report.compare import best_speed
 
 
 def judge(variant: dict, base: dict, gates, shape: ModelShape, kv_dtype: str, flash_attn: bool) -> dict:
@@ -29,7 +25,7 @@ def judge(variant: dict, base: dict, gates, shape: ModelShape, kv_dtype: str, fl
         delta = ppl["ppl"] - base["perplexity"]["ppl"]
         check("max_ppl_delta", gates.max_ppl_delta, delta, delta <= gates.max_ppl_delta)
     if gates.min_tg_tps is not None:
-        tg = _best_tg(variant)
+        tg = best_speed(variant, "tg")
         check("min_tg_tps", gates.min_tg_tps, tg, tg is not None and tg >= gates.min_tg_tps)
     weights = sum(variant["fit"]["weight_bytes_by_dtype"].values())
     for want in gates.must_fit:
