@@ -14,6 +14,7 @@ Writes bench/results/eval_cache_check.{json,md}.
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -31,8 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     artefacts = args.artefacts or [ROOT / "outputs/smollm2-awq/awq-w4-asym-g64",
                                    ROOT / "outputs/smollm2-gguf/gguf-q4_k_m"]
-    cache = Path(tempfile.mkdtemp(prefix="base-logprobs-"))
-    scorecard.store_root = lambda: cache  # a fresh cache for this check only
+    os.environ["QUANTIZE_CACHE"] = tempfile.mkdtemp(prefix="quantize-cache-")  # a fresh cache for this check only
     ev = Eval.model_validate({"perplexity": {"source": "bundled:wiki", "n_ctx": 512, "max_chunks": 32},
                               "speed": {"enabled": False}})
     rows = []
@@ -43,7 +43,7 @@ def main() -> None:
             t0 = time.perf_counter()
             out = scorecard.evaluate_artefact(path, "bundled:smollm2-135m", ev)
             runs.append({"ppl": out["perplexity"]["ppl"], "kld": out["perplexity"]["kld"]["mean"],
-                         "same_top": out["perplexity"]["kld"]["same_top"], "cache": out["base"]["cache"],
+                         "same_top": out["perplexity"]["kld"]["same_top"], "cache": out["base"]["perplexity_cache"]["state"],
                          "loader": out["loader"], "seconds": time.perf_counter() - t0})
             print(json.dumps({"artefact": str(path), **runs[-1]}), flush=True)
         rows.append({"artefact": str(path.relative_to(ROOT)), "runs": runs,

@@ -54,8 +54,7 @@ def main() -> None:
     for g in ggufs:
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32).eval()
-        store = quality.BaseLogProbs(Path(tempfile.mkdtemp()), chunks, model.config.vocab_size)
-        ref = quality.score_base(model, chunks, store, f"{g.name} transformers")
+        store, ref = quality.base_file(model, chunks, Path(tempfile.mkdtemp()) / "base.kld", f"{g.name} transformers")
         del model
         row = {"gguf": str(g), "file_type": _file_type(g), "transformers_dequantised_fp32": ref, "llama_cpp": {}}
         for kv in ("F16", "F32"):

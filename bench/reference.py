@@ -142,8 +142,7 @@ def main() -> None:
             builds[name].append({**json.loads((out / "bench.json").read_text()), **process, "folder": str(out)})
 
     chunks = quality.make_chunks(tok, bundled_wiki("eval"), 512, args.chunks)
-    store = quality.BaseLogProbs(work / "base-logprobs", chunks, vocab)
-    base_q = quality.score_base(load_model(base.path, "float32"), chunks, store, "base")
+    store, base_q = quality.base_file(load_model(base.path, "float32"), chunks, work / "base.kld", "base")
     runs, scored = {}, {}
     for name, reps in builds.items():
         for rep in reps:  # every distinct artefact is scored once

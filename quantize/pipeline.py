@@ -26,13 +26,13 @@ import torch
 import yaml
 
 from quantize.common import files
-from quantize.common.cache import cache_root
 from quantize.common.ui import step
 from quantize.fit import vram
 from quantize.fit.shape import shape_from_config
 from quantize.formats.tensors import weight_bytes
 from quantize.measure import lmeval, memory, quality, speed
-from quantize.measure.scorecard import files_sha256
+from quantize.measure.kld_base import row_width
+from quantize.measure.scorecard import base_store
 from quantize.methods.engine import resolve_device
 from quantize.methods.registry import METHODS
 from quantize.preflight import base_model, check_disk, check_recipe
@@ -41,7 +41,7 @@ from quantize.report import gates, html, markdown
 from quantize.runtimes.llamacpp import LlamaCppModel
 from quantize.runtimes.load import free, load
 from quantize.sources.models import (
-    BaseModel, load_model, load_tokenizer, meta_model,
+    BaseModel, load_model, load_tokenizer, meta_model, tokenizer_adds_bos,
 )
 from quantize.sources.texts import calibration_batches, load_text
 
@@ -52,15 +52,12 @@ def _free(model) -> None:
     gc.collect()
 
 
-def _evaluate(model, label: str, chunks, base_logprobs, is_base: bool, recipe: Recipe,
-              bandwidth: dict | None = None, tokenizer=None, scores: dict | None = None,
-              positions: Path | None = None) -> dict:
-    """Perplexity (and KLD against the base's log-probabilities, each position's saved to `positions`), lm-eval
-    tasks and speed. `scores`: the perplexity already known (the base's, from the cache)."""
+def _evaluate(model, label: str, chunks, base_logprobs, recipe: Recipe, bandwidth: dict | None = None,
+              tokenizer=None, scores: dict | None = None, positions: Path | None = None) -> dict:
+    """Perplexity and KLD against the base file (each position's KLD saved to `positions`), lm-eval tasks and
+    speed. `scores`: the perplexity already known (the base's, from the base store)."""
     if scores is not None:
         out = {"perplexity": scores}
-    elif is_base:  # the base fills the store of log-probabilities every variant is compared with
-        out = {"perplexity": quality.score_base(model, chunks, base_logprobs, label)}
     else:
         out = {"perplexity": quality.score(model, chunks, base_logprobs, label, positions)}
     if recipe.eval.tasks:
@@ -84,9 +81,12 @@ def _calibration(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, dict]:
     c = recipe.calibration
     text = load_text(c.source, "calibration", c.field)
     ids = torch.tensor(tokenizer(text.text, add_special_tokens=False).input_ids)
-    batches = calibration_batches(ids, c.samples, c.seq_len, c.seed)
+    bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+    batches = calibration_batches(ids, c.samples, c.seq_len, c.seed, bos)
     return batches, {**text.describe(), "tokens": int(ids.numel()), "samples": c.samples, "seq_len": c.seq_len,
-                     "seed": c.seed, "sampling": "seeded random windows"}
+                     "seed": c.seed, "sampling": "seeded random windows",
+                     "bos": "first token of each window replaced by BOS" if bos is not None else "no BOS (the "
+                            "tokenizer adds none)"}
 
 
 def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe, calib) -> dict:
@@ -156,7 +156,8 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
     calib = None  # the calibration text too is checked before any work
     if any(m.needs_calibration for m in recipe.methods):
         calib = _calibration(recipe, tokenizer)
-    check_disk(recipe, meta, chunks.ids.shape[0] * chunks.scored_per_chunk * meta.config.vocab_size * 4)
+    check_disk(recipe, meta, chunks.ids.numel() * 4
+               + chunks.ids.shape[0] * chunks.scored_per_chunk * row_width(meta.config.vocab_size) * 2)
     shape = shape_from_config(base.config)
     dtype = recipe.eval.dtype
     torch.manual_seed(recipe.seed)
@@ -165,8 +166,8 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
         if staging.resumed:
             step(f"continuing the interrupted run in {out}")
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
-        base_logprobs = quality.BaseLogProbs(out / "base-logprobs", chunks, meta.config.vocab_size)
-        results = _base_results(out, recipe, base, chunks, base_logprobs, shape, tokenizer)
+        base_logprobs, base_scores, cache = base_store(base.path, chunks, dtype, meta.config.vocab_size)
+        results = _base_results(out, recipe, base, chunks, base_scores, cache, shape, tokenizer)
         bandwidth = results["protocol"]["memory_bandwidth"]
         for method in recipe.methods:
             name = method.default_variant()
@@ -183,7 +184,7 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
                 manifest = _build_variant(method, base, folder, recipe, calib)
             step(f"{name}: reloading the artefact with its loader and evaluating")
             model, loader, eval_dtype = load(folder, dtype, chunks.n_ctx)
-            measured = _evaluate(model, name, chunks, base_logprobs, False, recipe, bandwidth, tokenizer,
+            measured = _evaluate(model, name, chunks, base_logprobs, recipe, bandwidth, tokenizer,
                                  positions=out / "kld-positions" / f"{name}.npy")
             _free(model)
             variant = {"method": manifest["method"], "format": manifest["result"]["format"],
@@ -196,7 +197,6 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
             files.write_json(folder / "results.json", {"protocol": results["protocol"], **variant})
             results["variants"][name] = variant
 
-        shutil.rmtree(out / "base-logprobs")
         (out / "base.json").unlink()
         results["paired_kld"] = _paired(out / "kld-positions", list(results["variants"]))
         if recipe.gates.is_set:
@@ -212,49 +212,27 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
     return recipe.output_dir
 
 
-def _base_results(out: Path, recipe: Recipe, base: BaseModel, chunks, store, shape, tokenizer) -> dict:
-    """The run's protocol and the base model's numbers, its log-probabilities in `store`; kept in base.json once
-    complete, so that a resumed run does not evaluate the base again."""
+def _base_results(out: Path, recipe: Recipe, base: BaseModel, chunks, scores: dict, cache: dict, shape,
+                  tokenizer) -> dict:
+    """The run's protocol and the base model's numbers (its perplexity from the shared base store); kept in
+    base.json once complete, so that a resumed run does not evaluate the base again."""
     saved = out / "base.json"
     if saved.is_file():
         step("base model: evaluated before the interruption")
         return {**json.loads(saved.read_text()), "variants": {}}
     dtype = recipe.eval.dtype
-    step(f"base model: {chunks.ids.shape[0]} chunks × {chunks.n_ctx} tokens of {chunks.text['source']}")
-    model = load_model(base.path, dtype)
+    step(f"base model: {chunks.ids.shape[0]} chunks × {chunks.n_ctx} tokens of {chunks.text['source']}, "
+         f"log-probabilities {cache['state']} ({cache['file']})")
     bandwidth = speed.memory_bandwidth_gb_s() if recipe.eval.speed.enabled else None
-    scores, cache = _base_perplexity(base, chunks, store, dtype, lambda: quality.score_base(model, chunks, store))
+    measured = {"perplexity": scores}
+    if recipe.eval.tasks or recipe.eval.speed.enabled:  # the base model in memory only when something needs it
+        model = load_model(base.path, dtype)
+        measured = _evaluate(model, "base", chunks, None, recipe, bandwidth, tokenizer, scores)
+        _free(model)
     results = {
         "protocol": {"perplexity": chunks.protocol(), "eval_dtype": dtype, "device": "cpu",
                      "memory_bandwidth": bandwidth, "versions": files.versions()},
-        "base": {**base.describe(), **_evaluate(model, "base", chunks, store, True, recipe, bandwidth, tokenizer,
-                                                scores),
-                 "perplexity_cache": cache, "fit": _fit(base.path, shape, recipe)},
+        "base": {**base.describe(), **measured, "perplexity_cache": cache, "fit": _fit(base.path, shape, recipe)},
     }
-    _free(model)
     files.write_json(saved, results)
     return {**results, "variants": {}}
-
-
-def _base_perplexity(base: BaseModel, chunks, store, dtype: str, compute) -> tuple[dict, dict]:
-    """The base model's perplexity, its float32 log-probabilities in `store`: taken from the cache when the same
-    model files, text and protocol were evaluated before (by an earlier run, or a CI job that keeps the cache),
-    else computed by `compute()` and then kept there. Files are hard-linked where the file system allows it."""
-    key_src = {"model": files_sha256(base.path), "protocol": chunks.protocol(), "dtype": dtype,
-               "store": "float32 log-softmax of the scored positions, one .npy per chunk; scores with noise floor"}
-    key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    cached = cache_root() / "run-base" / key
-    if (cached / "done.json").is_file():
-        step("base model: perplexity and log-probabilities from the cache")
-        files.link_files(cached / "logprobs", store.folder)
-        return json.loads((cached / "done.json").read_text()), {"key": key, "state": "reused"}
-    scores = compute()
-    partial = cached.with_name(f"{key}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    files.link_files(store.folder, partial / "logprobs")
-    files.write_json(partial / "done.json", scores)
-    try:
-        partial.rename(cached)
-    except OSError:  # another run published the same key first: theirs is as good
-        shutil.rmtree(partial, ignore_errors=True)
-    return scores, {"key": key, "state": "computed"}

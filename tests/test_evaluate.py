@@ -27,14 +27,27 @@ def test_bos_replaces_first_token_when_tokenizer_adds_one(tiny_model):
         single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
     chunks = quality.make_chunks(tok, bundled_wiki("eval"), n_ctx=64, max_chunks=2)
     assert chunks.bos_replaced and chunks.ids[:, 0].tolist() == [tok.bos_token_id] * 2
+    # as llama-perplexity: BOS before the text, so the first chunk's first text token is the text's first token
+    ids = tok(bundled_wiki("eval").text, add_special_tokens=False).input_ids
+    assert chunks.ids[0, 1:].tolist() == ids[:63] and chunks.ids[1, 1:].tolist() == ids[64:127]
+    assert chunks.text_tokens == len(ids) + 1
+
+
+def test_calibration_windows_start_with_bos_when_the_tokenizer_adds_one():
+    from quantize.sources.texts import calibration_batches
+
+    ids = torch.arange(1000) + 10
+    plain = calibration_batches(ids, 8, 32, seed=3)
+    with_bos = calibration_batches(ids, 8, 32, seed=3, bos=1)
+    assert (with_bos[:, 0] == 1).all() and torch.equal(with_bos[:, 1:], plain[:, 1:])
+    assert (plain[:, 0] >= 10).all()  # no BOS asked, none put
 
 
 def test_perplexity_matches_cross_entropy_and_self_kld_is_zero(tiny_model, tmp_path):
     tok = load_tokenizer(tiny_model)
     model = load_model(tiny_model, "float32")
     chunks = quality.make_chunks(tok, bundled_wiki("eval"), n_ctx=64, max_chunks=3)
-    store = quality.BaseLogProbs(tmp_path / "lp", chunks, model.config.vocab_size)
-    base = quality.score_base(model, chunks, store, "t")
+    store, base = quality.base_file(model, chunks, tmp_path / "b.kld")
     # independent: cross-entropy of positions 32..62 predicting tokens 33..63
     with torch.no_grad():
         logits = model(chunks.ids).logits
@@ -51,8 +64,7 @@ def test_kld_positive_for_a_perturbed_model(tiny_model, tmp_path):
     tok = load_tokenizer(tiny_model)
     model = load_model(tiny_model, "float32")
     chunks = quality.make_chunks(tok, bundled_wiki("eval"), n_ctx=64, max_chunks=2)
-    store = quality.BaseLogProbs(tmp_path / "lp", chunks, model.config.vocab_size)
-    quality.score_base(model, chunks, store, "t")
+    store, _ = quality.base_file(model, chunks, tmp_path / "b.kld")
     with torch.no_grad():
         for p in model.model.layers[0].mlp.parameters():
             p.add_(torch.randn_like(p) * 0.5)
@@ -66,25 +78,9 @@ def test_bits_per_byte_counts_the_scored_text(tiny_model, tmp_path):
     chunks = quality.make_chunks(tok, bundled_wiki("eval"), n_ctx=64, max_chunks=2)
     scored_text = "".join(tok.decode(row[33:].tolist()) for row in chunks.ids)
     assert chunks.scored_bytes == len(scored_text.encode()) > 2 * 31  # a 512-token BPE: > 1 byte per token
-    store = quality.BaseLogProbs(tmp_path / "b", chunks, 512)
-    out = quality.score_base(load_model(tiny_model, "float32"), chunks, store, "base")
+    out = quality.score_base(load_model(tiny_model, "float32"), chunks, None, "base")
     assert math.isclose(out["bits_per_byte"] * math.log(2) * chunks.scored_bytes,
                         out["mean_nll"] * out["tokens_scored"], rel_tol=1e-9)
-
-
-def test_compact_base_store_keeps_kld_of_a_model_with_itself_near_zero(tmp_path):
-    """A peaked distribution over a large vocabulary puts most entries far below the 16-nat window: those must
-    drop out (as in llama.cpp), not count as e^floor each (which would add ~0.05 nats here)."""
-    g = torch.Generator().manual_seed(0)
-    logp = torch.log_softmax(torch.randn(20, 50000, generator=g) * 6, dim=-1)
-    chunks = type("C", (), {"scored_per_chunk": 20})()
-    store = quality.CompactLogProbs(tmp_path / "c", chunks, 50000)
-    store[0] = logp
-    back = store[0]
-    assert (torch.isinf(back).sum(-1) > 1000).all()  # most of the vocabulary is outside the window
-    assert quality.kl_divergence(back, logp).abs().max().item() < 1e-3
-    finite = torch.isfinite(back)
-    assert (back[finite] - logp[finite]).abs().max().item() <= 16 / 65535
 
 
 def test_kld_statistics_follow_llama_perplexity():

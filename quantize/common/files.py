@@ -49,6 +49,17 @@ def file_hashes(folder: Path) -> dict:
     }
 
 
+def files_sha256(path: Path) -> str:
+    """Content hash of a model: every file that holds weights or shapes (safetensors, GGUF, config)."""
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir()
+                                                 if p.suffix in (".safetensors", ".gguf", ".json", ".bin"))
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        digest.update(sha256_file(f).encode())
+    return digest.hexdigest()
+
+
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

@@ -1,15 +1,17 @@
 """Quality: perplexity and KL divergence to the base model, with llama.cpp's `llama-perplexity` protocol.
 
-Protocol (llama.cpp tools/perplexity): tokenize the whole text once, cut it into non-overlapping chunks of
-n_ctx tokens, replace the first token of each chunk by BOS when the tokenizer adds one, run each chunk from an
-empty cache and score only the second half: the logits at positions j = n_ctx/2 … n_ctx-2 predict token j+1,
-so n_ctx/2 - 1 tokens per chunk. PPL = exp(mean NLL), ± exp(mean)·sqrt(var(NLL)/(N-1)).
+Protocol (llama.cpp tools/perplexity): tokenize the whole text once (BOS first when the tokenizer adds one), cut
+it into non-overlapping chunks of n_ctx tokens, replace the first token of each chunk by BOS when it adds one, run
+each chunk from an empty cache and score only the second half: the logits at positions j = n_ctx/2 … n_ctx-2
+predict token j+1, so n_ctx/2 - 1 tokens per chunk. PPL = exp(mean NLL), ± exp(mean)·sqrt(var(NLL)/(N-1)).
 
 KLD (llama.cpp --kl-divergence): on the same positions, KL(P_base ‖ P_q) = Σ_v p_base(v)·(ln p_base(v) − ln p_q(v));
 llama.cpp's whole report (kld_statistics): mean ± sqrt(var/(N-1)), percentiles from 99.9% to 0.1%, the change of
 the right token's probability Δp (mean ±, percentiles, RMS ±), ln(PPL(Q)/PPL(base)) ± with the covariance of the
-two runs, and "same top" = share of positions where both argmaxes agree, ± sqrt(p(1-p)/(N-1)). The base model's log-probabilities are written once to float32 files on disk and read
-back chunk by chunk for each artefact, so memory stays one chunk whatever the text size.
+two runs, and "same top" = share of positions where both argmaxes agree, ± sqrt(p(1-p)/(N-1)). The base model's
+log-probabilities go once into llama.cpp's own --kl-divergence-base file (kld_base.py) and are read back chunk by
+chunk for each artefact, so memory stays one chunk whatever the text size; the KLD against it follows llama.cpp's
+arithmetic, cut-off included.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from quantize.common.errors import QuantizeError
 from quantize.common.ui import track
+from quantize.measure.kld_base import KldBaseFile, KldBaseWriter, against_base
 from quantize.sources.models import tokenizer_adds_bos, tokenizer_sha256
 from quantize.sources.texts import Text
 
@@ -54,7 +57,8 @@ class Chunks:
             "chunks": int(self.ids.shape[0]),
             "tokens_scored": int(self.ids.shape[0] * self.scored_per_chunk),
             "first_scored_position": self.first,
-            "bos": "first token of each chunk replaced by BOS" if self.bos_replaced else "no BOS (tokenizer adds none)",
+            "bos": ("BOS before the text and in place of each chunk's first token" if self.bos_replaced
+                    else "no BOS (tokenizer adds none)"),
             "tokenizer_sha256": self.tokenizer_sha256,
             "scored_bytes": self.scored_bytes,
             "bits_per_byte": "sum of NLL over scored tokens / ln 2 / UTF-8 bytes of those tokens (decoded per chunk)",
@@ -62,59 +66,22 @@ class Chunks:
 
 
 def make_chunks(tokenizer, text: Text, n_ctx: int, max_chunks: int | None) -> Chunks:
-    ids = torch.tensor(tokenizer(text.text, add_special_tokens=False).input_ids, dtype=torch.long)
+    """The text tokenized whole as llama-perplexity does (common_tokenize with special tokens: BOS first when the
+    tokenizer adds one), cut into chunks of n_ctx, each chunk's first token replaced by BOS when it adds one."""
+    bos = tokenizer_adds_bos(tokenizer)
+    ids = tokenizer(text.text, add_special_tokens=False).input_ids
+    ids = torch.tensor(([tokenizer.bos_token_id] if bos else []) + ids, dtype=torch.long)
     n_chunks = ids.numel() // n_ctx
     if n_chunks < 1:
         raise QuantizeError(f"{text.name}: {ids.numel()} tokens is less than one chunk of n_ctx={n_ctx}")
     if max_chunks is not None:
         n_chunks = min(n_chunks, max_chunks)
     chunks = ids[: n_chunks * n_ctx].reshape(n_chunks, n_ctx).clone()
-    bos = tokenizer_adds_bos(tokenizer)
     if bos:
         chunks[:, 0] = tokenizer.bos_token_id
     first = n_ctx // 2
     scored_bytes = sum(len(tokenizer.decode(row[first + 1 :].tolist()).encode()) for row in chunks)
     return Chunks(chunks, n_ctx, bos, int(ids.numel()), text.describe(), tokenizer_sha256(tokenizer), scored_bytes)
-
-
-class BaseLogProbs:
-    """The base model's log-softmax on the scored positions, float32, one .npy file per chunk
-    ([scored, vocab] each), so only one chunk is ever in memory."""
-
-    def __init__(self, folder: Path, chunks: Chunks, vocab: int):
-        self.folder = folder
-        self.shape = (chunks.scored_per_chunk, vocab)
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        array = np.load(self.folder / f"{i:06d}.npy")
-        assert array.shape == self.shape, f"cached base log-probs {array.shape} do not match {self.shape}"
-        return torch.from_numpy(array)
-
-    def __setitem__(self, i: int, value: torch.Tensor) -> None:
-        np.save(self.folder / f"{i:06d}.npy", value.numpy().astype(np.float32))
-
-
-class CompactLogProbs(BaseLogProbs):
-    """The same, stored as llama.cpp's --kl-divergence-base file stores them: per position, log-probabilities
-    within WINDOW nats of the top one as uint16 steps (WINDOW/65535 ≈ 2.4e-4 nats), lower ones at the window's
-    floor, plus that floor as float32. Half the bytes of float32, exact to 1.2e-4 nats per entry. Entries at the
-    floor read back as -inf: as in llama.cpp, they drop out of the KLD sum instead of counting as e^floor each."""
-
-    WINDOW = 16.0
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        with np.load(self.folder / f"{i:06d}.npz") as f:
-            q, floor = f["q"], f["floor"]
-        assert q.shape == self.shape, f"cached base log-probs {q.shape} do not match {self.shape}"
-        lp = floor[:, None] + q.astype(np.float32) * np.float32(self.WINDOW / 65535)
-        return torch.from_numpy(np.where(q == 0, -np.inf, lp).astype(np.float32))
-
-    def __setitem__(self, i: int, value: torch.Tensor) -> None:
-        lp = value.numpy().astype(np.float32)
-        floor = lp.max(axis=1) - self.WINDOW
-        q = np.round((np.maximum(lp, floor[:, None]) - floor[:, None]) * (65535 / self.WINDOW))
-        np.savez(self.folder / f"{i:06d}.npz", q=q.astype(np.uint16), floor=floor.astype(np.float32))
 
 
 def _mean_unc(x: np.ndarray) -> tuple[float, float]:
@@ -124,10 +91,8 @@ def _mean_unc(x: np.ndarray) -> tuple[float, float]:
 
 
 def kl_divergence(base_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """KL(P_base ‖ P) per position, [n]; base entries of -inf (not kept by a compact store) add nothing."""
-    kept = torch.isfinite(base_logp)
-    terms = base_logp.exp() * (torch.where(kept, base_logp, 0) - logp)
-    return torch.where(kept, terms, 0).sum(-1)
+    """KL(P_base ‖ P) per position, [n], in full precision (no cut-off)."""
+    return (base_logp.exp() * (base_logp - logp)).sum(-1)
 
 
 def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -154,7 +119,7 @@ def _perplexity(nll: np.ndarray, chunks: Chunks) -> dict:
 
 
 @torch.inference_mode()
-def score_base(model, chunks: Chunks, store: BaseLogProbs | None, label: str = "base") -> dict:
+def score_base(model, chunks: Chunks, store: KldBaseWriter | None, label: str = "base") -> dict:
     """Perplexity of the base model on the chunks; its log-probabilities go to `store` (when given) for the KLD
     of every variant after it."""
     nll, floor = [], []
@@ -162,7 +127,7 @@ def score_base(model, chunks: Chunks, store: BaseLogProbs | None, label: str = "
         nll.append(-logp.gather(1, targets[:, None])[:, 0])
         floor.append(kl_divergence(logp, torch.log_softmax(logits.bfloat16().float(), dim=-1)))
         if store is not None:
-            store[i] = logp
+            store.write(i, logits)
     out = _perplexity(torch.cat(nll).double().numpy(), chunks)
     floor = torch.cat(floor).double().numpy()
     mean, unc = _mean_unc(floor)
@@ -172,24 +137,28 @@ def score_base(model, chunks: Chunks, store: BaseLogProbs | None, label: str = "
     return out
 
 
+def base_file(model, chunks: Chunks, path: Path, label: str = "base") -> tuple[KldBaseFile, dict]:
+    """score_base with its log-probabilities written to a base file at `path` (outside the cache: benches, tests)."""
+    writer = KldBaseWriter(path, chunks.ids)
+    try:
+        scores = score_base(model, chunks, writer, label)
+    finally:
+        writer.close()
+    return KldBaseFile(path), scores
+
+
 @torch.inference_mode()
-def score(model, chunks: Chunks, base: BaseLogProbs, label: str, positions: Path | None = None) -> dict:
-    """Perplexity of `model` on the chunks and its KLD against the base log-probabilities in `base`. With
-    `positions`, the KLD of every scored position is also saved there (.npy, float32), for paired comparisons of
-    variants scored on the same positions (paired_difference)."""
-    nll, kld, same_top, base_nll = [], [], [], []
-    for i, _, logp, targets in _scored_log_probs(model, chunks, label):
-        nll.append(-logp.gather(1, targets[:, None])[:, 0])
-        base_logp = base[i]
-        kld.append(kl_divergence(base_logp, logp))
-        same_top.append(base_logp.argmax(-1) == logp.argmax(-1))
-        known = torch.where(torch.isfinite(base_logp), base_logp, base_logp.max(-1, keepdim=True).values - 16)
-        base_nll.append(-known.gather(1, targets[:, None])[:, 0])
-    nll = torch.cat(nll).double().numpy()
+def score(model, chunks: Chunks, base: KldBaseFile, label: str, positions: Path | None = None) -> dict:
+    """Perplexity of `model` on the chunks and its KLD against the base file, as llama-perplexity --kl-divergence
+    computes them. With `positions`, the KLD of every scored position is also saved there (.npy, float32), for
+    paired comparisons of variants scored on the same positions (paired_difference)."""
+    base.check(chunks.ids)
+    rows = {"kld": [], "nll": [], "base_nll": [], "same_top": []}
+    for i, logits, _, targets in _scored_log_probs(model, chunks, label):
+        for name, values in against_base(base.chunk(i), logits, targets).items():
+            rows[name].append(values)
+    kld, nll, base_nll, same = (torch.cat(rows[k]).double().numpy() for k in ("kld", "nll", "base_nll", "same_top"))
     out = _perplexity(nll, chunks)
-    kld = torch.cat(kld).double().numpy()
-    same = torch.cat(same_top).double().numpy()
-    base_nll = torch.cat(base_nll).double().numpy()
     out["kld"] = kld_statistics(kld, nll, base_nll, same)
     if positions is not None:
         positions.parent.mkdir(parents=True, exist_ok=True)

@@ -3,42 +3,22 @@ scored with the recipe's protocol (perplexity, bits per byte, KLD against B, spe
 protocol.
 
 The base model's log-probabilities are computed once per (base model files, text, n_ctx, chunks, tokenizer,
-backend) and kept in the cache folder in llama.cpp's compact form (quality.CompactLogProbs), so scoring ten
-artefacts against one base costs ten forward passes plus one.
+dtype, backend) into llama.cpp's --kl-divergence-base file in the cache folder (kld_base.py), the same store
+`quantize run` uses, so scoring ten artefacts against one base costs ten forward passes plus one, and `run` and
+`eval` report the same KLD for the same artefact.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
 from pathlib import Path
 
-from quantize.common.files import sha256_file, versions
-from quantize.common.cache import cache_root
+from quantize.common.files import versions
 from quantize.common.errors import QuantizeError
-from quantize.measure import quality
+from quantize.measure import kld_base, quality
 from quantize.measure import speed
 from quantize.runtimes.load import detect, free, load, vocab_size
 from quantize.sources.models import load_tokenizer, resolve_model
 from quantize.sources.texts import load_text
-
-
-def store_root() -> Path:
-    """Where the base log-probabilities are kept, one folder per (model files, text, protocol, dtype, backend)."""
-    return cache_root() / "base-logprobs"
-
-
-def files_sha256(path: Path) -> str:
-    """Content hash of a model: every file that holds weights or shapes (safetensors, GGUF, config)."""
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir()
-                                                 if p.suffix in (".safetensors", ".gguf", ".json", ".bin"))
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.name.encode())
-        digest.update(sha256_file(f).encode())
-    return digest.hexdigest()
 
 
 def tokenizer_for(path: Path, base: Path | None):
@@ -53,35 +33,20 @@ def tokenizer_for(path: Path, base: Path | None):
     raise QuantizeError(f"{path}: no tokenizer found beside it; pass --base with the HF base model")
 
 
-def base_logprobs(base_path: Path, chunks, ev, n_vocab: int) -> tuple[quality.CompactLogProbs, dict, bool]:
-    """(store, base scores, reused?) from the cache, computing and publishing them atomically when missing."""
-    key_src = {"model": files_sha256(base_path), "protocol": chunks.protocol(), "dtype": ev.dtype,
-               "backend": detect(base_path)}
-    key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    folder = store_root() / key
-    if (folder / "done.json").is_file():
-        return quality.CompactLogProbs(folder, chunks, n_vocab), json.loads((folder / "done.json").read_text()), True
-    partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    store = quality.CompactLogProbs(partial, chunks, n_vocab)
-    model, loader, _ = load(base_path, ev.dtype, chunks.n_ctx)
-    try:
-        base_vocab = vocab_size(model)
-        if base_vocab != n_vocab:
-            raise QuantizeError(f"base {base_path} has a vocabulary of {base_vocab}, the artefact {n_vocab}: KLD "
-                                "needs the same vocabulary; give the artefact's own base model")
-        scores = {**quality.score_base(model, chunks, store), "loader": loader, "key": key_src}
-        (partial / "done.json").write_text(json.dumps(scores, default=str))
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays in the cache
-        raise
-    finally:
-        free(model)
-    try:
-        partial.rename(folder)
-    except OSError:  # another process published the same key first: theirs is as good
-        shutil.rmtree(partial, ignore_errors=True)
-    return quality.CompactLogProbs(folder, chunks, n_vocab), scores, False
+def base_store(base_path: Path, chunks, dtype: str, n_vocab: int):
+    """(base file, base scores, cache record): the one store of the base's log-probabilities that `run` and `eval`
+    share, computed on the base's own backend when the cache lacks it."""
+    def compute(writer) -> dict:
+        model, loader, _ = load(base_path, dtype, chunks.n_ctx)
+        try:
+            base_vocab = vocab_size(model)
+            if base_vocab != n_vocab:
+                raise QuantizeError(f"base {base_path} has a vocabulary of {base_vocab}, the artefact {n_vocab}: KLD "
+                                    "needs the same vocabulary; give the artefact's own base model")
+            return {**quality.score_base(model, chunks, writer), "loader": loader}
+        finally:
+            free(model)
+    return kld_base.cached(base_path, chunks, dtype, detect(base_path), compute, n_vocab)
 
 
 def evaluate_artefact(path: Path, base: str | None, ev) -> dict:
@@ -93,16 +58,15 @@ def evaluate_artefact(path: Path, base: str | None, ev) -> dict:
     model, loader, dtype = load(path, ev.dtype, chunks.n_ctx)
     try:
         n_vocab = vocab_size(model)
-        store, base_scores, reused = (None, None, False)
+        store, base_scores, cache = (None, None, None)
         if base_path is not None and ev.kld:
-            store, base_scores, reused = base_logprobs(base_path, chunks, ev, n_vocab)
+            store, base_scores, cache = base_store(base_path, chunks, ev.dtype, n_vocab)
         scores = (quality.score_base(model, chunks, None, path.name) if store is None
                   else quality.score(model, chunks, store, path.name))
         out = {"artefact": str(path), "format": detect(path), "loader": loader, "eval_dtype": dtype,
                "perplexity": scores, "protocol": {"perplexity": chunks.protocol(), "versions": versions()}}
         if base_scores is not None:
-            out["base"] = {"model": base, "perplexity": base_scores, "cache": "reused" if reused else "computed now",
-                           "cache_format": "uint16 log-probs over a 16-nat window per position (llama.cpp)"}
+            out["base"] = {"model": base, "perplexity": base_scores, "perplexity_cache": cache}
         if ev.speed.enabled:
             bandwidth = speed.memory_bandwidth_gb_s()
             out["speed"] = {**speed.bench_speed(model, ev.speed, path.name, 0, bandwidth),

@@ -118,12 +118,18 @@ def _hub_text(spec: str, split: Split, field: str) -> Text:
     return Text(f"hf:{spec}/{hub_split}", _join_column(rows, field, f"hf:{spec}"))
 
 
-def calibration_batches(token_ids: torch.Tensor, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+def calibration_batches(token_ids: torch.Tensor, samples: int, seq_len: int, seed: int,
+                        bos: int | None = None) -> torch.Tensor:
     """`samples` windows of `seq_len` tokens drawn at seeded random offsets (as the GPTQ reference draws from
-    C4). Shape [samples, seq_len]."""
+    C4). Shape [samples, seq_len]. `bos`: the id that replaces each window's first token, for a model whose
+    tokenizer adds BOS (Llama 3, Gemma): windows then start as the model always sees text, and as evaluation
+    chunks do (llama.cpp's perplexity and imatrix tools replace the first token the same way)."""
     n = token_ids.numel()
     if n <= seq_len:
         raise QuantizeError(f"calibration text has {n} tokens, fewer than seq_len={seq_len}")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, n - seq_len, (samples,), generator=gen)
-    return torch.stack([token_ids[s : s + seq_len] for s in starts.tolist()])
+    batches = torch.stack([token_ids[s : s + seq_len] for s in starts.tolist()])
+    if bos is not None:
+        batches[:, 0] = bos
+    return batches
