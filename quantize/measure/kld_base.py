@@ -74,7 +74,7 @@ def against_base(rows: np.ndarray, logits: torch.Tensor, targets: torch.Tensor) 
     base = decode(rows, logits.shape[1])  # [n, n_vocab]
     logq = torch.log_softmax(logits, dim=-1)
     kept = base > CUT
-    kld = torch.where(kept, base.exp() * (base - logq), 0).sum(-1)
+    kld = torch.where(kept, base.exp() * (base - logq), 0).sum(-1, dtype=torch.float64)  # float terms, double sum
     return {"kld": kld,
             "nll": -logq.gather(1, targets[:, None])[:, 0],
             "base_nll": -base.gather(1, targets[:, None])[:, 0],
