@@ -9,7 +9,6 @@ Usage: python bench/ppl_protocols.py [--articles 5] [--max-length 2048]. Writes 
 import argparse
 import json
 import math
-import tempfile
 from pathlib import Path
 
 from quantize.measure import lmeval

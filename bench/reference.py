@@ -97,7 +97,6 @@ def main() -> None:
                              num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2)
     base = resolve_model(spec)
     tok = load_tokenizer(base.path)
-    vocab = json.loads((base.path / "config.json").read_text())["vocab_size"]
     grid = "sym" if not args.asym else "asym"
     ids = torch.tensor(tok(bundled_wiki("calibration").text, add_special_tokens=False).input_ids)
     settings = {k: getattr(args, k) for k in ("method", "samples", "seq_len", "group_size", "asym", "toy")}

@@ -251,8 +251,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """The recipe in `path`, with the command line's `--set KEY=VALUE` applied and recorded (`overrides`)."""
     path = Path(path)
     if not path.is_file():
-        bundled = sorted(p.stem for p in bundled_recipes())
-        raise QuantizeError(f"{path}: no such recipe file; bundled recipes: {', '.join(bundled) or 'none'}")
+        path = bundled_recipe(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -268,5 +267,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def bundled_recipes() -> list[Path]:
-    here = Path(__file__).resolve().parent.parent / "recipes"
-    return sorted(here.glob("*.yaml"))
+    """The recipes shipped in the package (quantize/recipes: package data; in the repository, recipes/)."""
+    return sorted(p.resolve() for p in (Path(__file__).resolve().parent / "recipes").glob("*.yaml"))
+
+
+def bundled_recipe(name: Path) -> Path:
+    """A recipe given by a name that is not a file here: `NAME`, `NAME.yaml` or `recipes/NAME.yaml` name a
+    bundled recipe (so the README's commands work from any folder, and from an installed wheel)."""
+    bundled = {p.stem: p for p in bundled_recipes()}
+    stem = name.name.removesuffix(".yaml")
+    if name.parent.name in ("", "recipes") and stem in bundled:
+        return bundled[stem]
+    raise QuantizeError(f"{name}: no such recipe file; bundled recipes: {', '.join(sorted(bundled)) or 'none'}")

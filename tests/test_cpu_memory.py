@@ -24,7 +24,7 @@ def test_repack_rule(name, ggml_type, shape, expected):
 
 
 def test_repack_bytes_from_a_gguf(tmp_path):
-    gguf = pytest.importorskip("gguf")
+    import gguf
     rng = np.random.default_rng(0)
     path = tmp_path / "m.gguf"
     writer = gguf.GGUFWriter(path, "llama")

@@ -29,7 +29,6 @@ def family_model(request, tmp_path_factory):
 
 
 def test_f32_gguf_matches_transformers(family_model, tmp_path):
-    pytest.importorskip("llama_cpp")
     from quantize.formats.gguf_convert import convert
 
     family, model_dir = family_model

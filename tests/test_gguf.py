@@ -4,7 +4,6 @@ with our importance matrix; the artefact evaluated by llama.cpp."""
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from conftest import write_recipe
@@ -13,7 +12,7 @@ from quantize.sources.models import load_model, load_tokenizer
 from quantize.recipe import load_recipe
 from quantize.sources.texts import bundled_wiki
 
-llama_cpp = pytest.importorskip("llama_cpp")
+import llama_cpp  # noqa: E402,F401  a hard dependency: a broken install fails here
 
 
 def test_f32_gguf_matches_transformers(tiny_model, tmp_path):

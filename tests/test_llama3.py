@@ -31,7 +31,6 @@ def quantize(*args, cwd=REPO, **env):
 
 def test_llama3_rope_gguf_matches_transformers(tiny_llama31, tmp_path):
     """The F32 GGUF (with rope_freqs) on llama.cpp gives transformers' logits; without the scaling they differ."""
-    pytest.importorskip("llama_cpp")
     import gguf
 
     from quantize.formats.gguf_convert import convert

@@ -12,7 +12,7 @@ from quantize.common.errors import QuantizeError
 from quantize.sources.models import load_model, load_tokenizer
 from quantize.recipe import load_recipe
 
-pytest.importorskip("lm_eval")
+import lm_eval  # noqa: E402,F401  a hard dependency: a broken install fails here
 
 
 def test_local_tasks_run_in_the_pipeline(tiny_model, tmp_path, monkeypatch):

@@ -4,7 +4,6 @@ model's perplexity and log-probabilities from the cache the first one filled, an
 
 import json
 
-import pytest
 
 from conftest import write_recipe
 from quantize import pipeline
@@ -12,7 +11,6 @@ from quantize.recipe import load_recipe
 
 
 def test_same_recipe_twice_same_bytes(tiny_model, tmp_path, monkeypatch):
-    pytest.importorskip("llama_cpp")
     monkeypatch.setenv("QUANTIZE_CACHE", str(tmp_path / "cache"))
     methods = [{"name": "rtn", "bits": 4, "group_size": 64}, {"name": "gptq", "bits": 4, "group_size": 64},
                {"name": "awq", "bits": 4, "group_size": 64}, {"name": "int8"},

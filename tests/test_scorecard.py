@@ -39,7 +39,6 @@ def test_eval_reuses_the_runs_base_and_gives_its_numbers_to_the_last_digit(run, 
 
 
 def test_gguf_file_runs_on_llama_cpp(run, tiny_model, tmp_path):
-    pytest.importorskip("llama_cpp")
     from quantize.formats.gguf_convert import convert
 
     out, recipe = run

@@ -19,8 +19,8 @@ from quantize.common.cache import cache_root
 from quantize.common.errors import QuantizeError
 from quantize.sources.texts import wiki_split
 
-TASK_DIR = Path(__file__).resolve().parents[2] / "eval" / "tasks"
-LOCAL_TASKS = {p.stem: p for p in sorted(TASK_DIR.glob("*.yaml"))}
+TASK_DIR = Path(__file__).resolve().parents[1] / "eval_tasks"  # package data (in the repository: eval/tasks)
+LOCAL_TASKS = {p.stem: p.resolve() for p in sorted(TASK_DIR.glob("*.yaml"))}
 CLOZE_CONTEXT_WORDS = 60
 
 

@@ -1,0 +1,3 @@
+"""quantize: recipe → calibrate → quantize → evaluate → fit → report."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,274 @@
+"""`quantize` command line: run, plan, recipes. User errors print one message and exit 2, no traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from quantize.common.errors import QuantizeError
+from quantize.fit.gpus import DEFAULT_CONTEXTS, DEFAULT_GPUS
+from quantize.fit.vram import gib
+from quantize.recipe import Eval, bundled_recipes, load_recipe
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Quantize LLMs from a YAML recipe; measure quality, speed and VRAM fit.")
+
+
+def _fail(exc: QuantizeError, recipe: Path | None = None) -> None:
+    message = str(exc)
+    if recipe is not None and not message.startswith(str(recipe)):
+        message = f"{recipe}: {message}"
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(EXIT_USER_ERROR)
+
+
+SET_HELP = ("KEY=VALUE: set a recipe key (dotted: eval.perplexity.max_chunks=8, methods.0.bits=3, model=DIR; "
+            "VALUE is YAML), validated like the file and recorded in the output; repeatable")
+
+
+EXIT_OK, EXIT_USER_ERROR, EXIT_GATE_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Everything written to stdout meanwhile (Python, or C libraries such as llama.cpp) goes to stderr, so that
+    --json leaves one JSON document on stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _run_summary(out: Path, results: dict) -> dict:
+    from quantize.report.compare import best_speed
+
+    variants = {}
+    for name, v in results["variants"].items():
+        kld = v["perplexity"].get("kld") or {}
+        variants[name] = {"format": v["format"], "bytes": sum(v["fit"]["weight_bytes_by_dtype"].values()),
+                          "ppl": v["perplexity"]["ppl"], "kld_mean": kld.get("mean"), "same_top": kld.get("same_top"),
+                          "tg_tokens_per_s": best_speed(v, "tg"), "gates": v.get("gates"), "folder": str(out / name)}
+    return {"output": str(out), "report": str(out / "report.md"), "results": str(out / "results.json"),
+            "base_ppl": results["base"]["perplexity"]["ppl"], "variants": variants, "gates": results.get("gates")}
+
+
+@app.command()
+def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
+        force: bool = typer.Option(False, "--force", help="replace a finished output folder"),
+        restart: bool = typer.Option(False, "--restart", help="throw away the work an interrupted run of this "
+                                     "recipe kept, instead of continuing it"),
+        overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+        gate: list[str] = typer.Option([], "--gate", help="KEY=VALUE: a quality gate (max_kld, max_ppl_delta, "
+                                       "min_same_top, min_tg_tps, must_fit='[{gpu: RTX 4090, context: 8192}]'), "
+                                       "the same as --set gates.KEY=VALUE; repeatable"),
+        as_json: bool = typer.Option(False, "--json", help="print one JSON result on stdout (logs stay on stderr)")
+        ) -> None:
+    """Build every variant of RECIPE, evaluate it against the base model, write the fit and the report.
+
+    An interrupted run (Ctrl-C, kill, OOM, reboot) keeps its work; the same command continues it: finished
+    variants and the base evaluation are kept, GPTQ/AWQ/RTN continue after their last finished layer.
+
+    Exit codes: 0 done (every gate passed), 2 user error (nothing run), 3 a gate failed (artefacts written and
+    marked), 130 interrupted (nothing published; the work is kept for the next run)."""
+    from quantize import pipeline
+
+    loaded = None
+    try:
+        loaded = load_recipe(recipe, [*overrides, *(f"gates.{g}" for g in gate)])
+        with _stdout_to_stderr() if as_json else contextlib.nullcontext():
+            out = pipeline.run(loaded, force=force, restart=restart)
+    except QuantizeError as exc:
+        _fail(exc, recipe)
+    except KeyboardInterrupt:
+        where = loaded.output_dir if loaded else "the output folder"
+        typer.echo(f"interrupted: nothing was published to {where}; the work so far is kept, and the same command "
+                   "continues it (--restart starts over)", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    results = json.loads((out / "results.json").read_text())
+    failed = (results.get("gates") or {}).get("failed") or []
+    if as_json:
+        typer.echo(json.dumps({**_run_summary(out, results), "exit_code": EXIT_GATE_FAILED if failed else EXIT_OK},
+                              indent=2))
+    else:
+        typer.echo(str(out / "report.md"))
+    if failed:
+        typer.echo("gate failed: " + "; ".join(failed), err=True)
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+@app.command()
+def plan(recipe: Path = typer.Argument(..., help="recipe YAML"),
+         as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+         overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+    """Validate RECIPE and print what will run, expected sizes and the fit, without loading weights."""
+    from quantize import preflight
+
+    try:
+        p = preflight.plan(load_recipe(recipe, overrides))
+    except QuantizeError as exc:
+        _fail(exc, recipe)
+    if as_json:
+        typer.echo(json.dumps(p, indent=2))
+        return
+    typer.echo(f"recipe {p['recipe']} → {p['output']}")
+    note = f" in {p['base']['bytes_are']}" if "bytes_are" in p["base"] else ""
+    typer.echo(f"base  {p['base']['spec']} ({p['base']['origin']}): {gib(p['base']['bytes'])} of tensors{note}")
+    ev = p["eval"]
+    typer.echo(f"eval  perplexity n_ctx {ev['perplexity']['n_ctx']}, ≤{ev['perplexity']['max_chunks']} chunks of "
+               f"{ev['perplexity']['source']}; KLD {'on' if ev['kld'] else 'off'}; speed pp{ev['speed']['prompt_tokens']} "
+               f"tg{ev['speed']['gen_tokens']} × {ev['speed']['repetitions']} at threads {ev['speed']['threads']}")
+    for name, v in p["variants"].items():
+        typer.echo(f"variant {name}: expected {gib(v['expected_bytes'])}")
+        for gpu, ctx in v["fit"]["largest_context"].items():
+            rows = [r for r in v["fit"]["rows"] if r["gpu"] == gpu]
+            cells = ", ".join(f"{r['context']}: {'fits' if r['fits'] else 'NO'} ({gib(r['headroom_bytes'])} headroom)"
+                              for r in rows)
+            typer.echo(f"  {gpu:16s} {cells}; largest context {ctx}")
+
+
+@app.command("eval")
+def eval_command(path: Path = typer.Argument(..., help="an artefact: HF folder (any format) or .gguf file"),
+                 base: str | None = typer.Option(None, "--base", help="base model for KLD (cached once per text)"),
+                 recipe: Path | None = typer.Option(None, "--recipe", help="take the eval protocol from this recipe"),
+                 speed: bool = typer.Option(True, "--speed/--no-speed"),
+                 out: Path | None = typer.Option(None, "--out", help="write the JSON result here"),
+                 as_json: bool = typer.Option(False, "--json", help="print the JSON result on stdout (logs on stderr)")
+                 ) -> None:
+    """Evaluate any artefact on the backend its format runs on: perplexity, bits per byte, KLD, speed."""
+    from quantize.measure import scorecard
+
+    try:
+        ev = load_recipe(recipe).eval if recipe else Eval()
+        ev = ev.model_copy(update={"speed": ev.speed.model_copy(update={"enabled": ev.speed.enabled and speed})})
+        with _stdout_to_stderr() if as_json else contextlib.nullcontext():
+            result = scorecard.evaluate_artefact(path, base, ev)
+    except QuantizeError as exc:
+        _fail(exc, recipe)
+    text = json.dumps(result, indent=2, default=str)
+    if out:
+        out.write_text(text)
+    p = result["perplexity"]
+    line = f"{path}: {result['format']} via {result['loader']}; PPL {p['ppl']:.4f} ± {p['ppl_unc']:.4f}, " \
+           f"{p['bits_per_byte']:.4f} bits/byte"
+    if "kld" in p:
+        line += f"; KLD {p['kld']['mean']:.6f} ± {p['kld']['unc']:.6f}, same top {100 * p['kld']['same_top']:.2f}%"
+    typer.echo(text if as_json or not out else line)
+
+
+@app.command("fit")
+def fit_command(model: str = typer.Argument(..., help="a .gguf, an HF directory, a config.json or a hub id"),
+                gpu: list[str] = typer.Option(list(DEFAULT_GPUS), "--gpu", help="GPU rows of quantize/fit/gpus.py"),
+                ctx: list[int] = typer.Option(list(DEFAULT_CONTEXTS), "--ctx", help="context lengths"),
+                batch: int = typer.Option(1, "--batch", min=1),
+                kv_dtype: str = typer.Option("f16", "--kv-dtype", help="f16, bf16, f32, q8_0, q4_0, fp8"),
+                weights: str | None = typer.Option(None, "--weights",
+                                                   help="estimate the weights in this format: fp16, bf16, int8, "
+                                                        "int4, q8_0, q4_k_m (default: measured when present)"),
+                flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn",
+                                                help="runtime uses flash attention (llama.cpp's default on GPUs); "
+                                                     "without it the compute buffer holds each layer's "
+                                                     "attention scores, which grow with context"),
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """Will MODEL fit on these GPUs at these contexts? Headroom, largest context and batch, decode estimate."""
+    from quantize.fit import footprint, vram
+    from quantize.fit.context_memory import kv_cache_bytes
+    from quantize.fit.gpus import gpu_by_name
+
+    try:
+        m = footprint.describe_model(model, weights)
+        report = vram.fit_report(m["weights_bytes"], m["shape"], gpu, ctx, batch, kv_dtype, flash_attn)
+    except QuantizeError as exc:
+        _fail(exc)
+    c = m["counts"]
+    decode = {}
+    for g in report["protocol"]["gpus"]:
+        row = {}
+        for context in ctx:  # bytes read per generated token: active weights + the whole KV cache
+            per_token = m["active_weight_bytes"] + kv_cache_bytes(m["shape"], context, batch, kv_dtype)
+            row[str(context)] = vram.decode_tokens_per_s_estimate(per_token, gpu_by_name(g["name"])) * batch
+        decode[g["name"]] = row
+    if as_json:
+        typer.echo(json.dumps({"model": model, "source": m["source"], "weights_bytes": m["weights_bytes"],
+                               "weights_how": m["weights_how"], "params_total": c.total, "params_active": c.active,
+                               "decode_tokens_per_s_estimate": decode, **report}, indent=2, default=str))
+        return
+    moe = f", {c.n_experts} experts ({c.n_active} active: {c.active / 1e9:.2f} B)" if c.n_experts > 1 else ""
+    typer.echo(f"{model}: {c.total / 1e9:.2f} B parameters{moe}; weights {gib(m['weights_bytes'])} "
+               f"({m['weights_how']}); KV cache {kv_dtype}, batch {batch}")
+    for name in report["largest_context"]:
+        cells = []
+        for r in (r for r in report["rows"] if r["gpu"] == name):
+            verdict = "fits" if r["fits"] else "NO"
+            if m["shape"].max_position_embeddings and r["context"] > m["shape"].max_position_embeddings:
+                verdict += f", beyond the model's {m['shape'].max_position_embeddings}"
+            cells.append(f"{r['context']}: {verdict} ({gib(r['headroom_bytes'])} headroom, "
+                         f"~{decode[name][str(r['context'])]:.0f} tok/s est.)")
+        typer.echo(f"  {name:16s} " + "; ".join(cells))
+        batches = ", ".join(f"{k}: {v}" for k, v in report["largest_batch"][name].items())
+        typer.echo(f"  {'':16s} largest context {report['largest_context'][name]}; largest batch by context {batches}")
+    typer.echo("Estimates: total = weights + KV + overhead (" + report["protocol"]["overhead_note"] + "); decode "
+               "tok/s = GPU bandwidth / (active weight bytes + KV bytes) per token, an upper bound.")
+
+
+@app.command()
+def compare(runs: list[Path] = typer.Argument(..., help="run folders, e.g. outputs/*"),
+            png: Path = typer.Option(Path("compare.png"), "--png", help="chart of KLD against size"),
+            html_out: Path | None = typer.Option(None, "--html", help="self-contained HTML page"),
+            md_out: Path | None = typer.Option(None, "--md", help="also write the Markdown table here"),
+            as_json: bool = typer.Option(False, "--json", help="print the rows as JSON instead of the table")) -> None:
+    """One table of every artefact in RUNS (quality, size, speed, fit), Pareto front of KLD against size."""
+    from quantize.fit.gpus import gpu_by_name
+    from quantize.report import compare as cmp
+
+    try:
+        rows = cmp.load_rows([r for r in runs if r.is_dir()])
+        usable = {name: gpu_by_name(name).usable_bytes for name in (rows[0].fits if rows else {})}
+        cmp.chart(rows, png, usable)
+    except QuantizeError as exc:
+        _fail(exc)
+    table = cmp.markdown(rows)
+    if as_json:
+        typer.echo(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "chart": str(png),
+                               "html": str(html_out) if html_out else None}, indent=2))
+    else:
+        typer.echo(table)
+    if md_out:
+        md_out.write_text(table)
+    if html_out:
+        html_out.write_text(cmp.html_page(rows, png))
+    if not as_json:
+        typer.echo(f"chart: {png}" + (f"; page: {html_out}" if html_out else ""))
+
+
+@app.command()
+def recipes() -> None:
+    """List the bundled recipes."""
+    for path in bundled_recipes():
+        try:
+            r = load_recipe(path)
+            typer.echo(f"{path}  model {r.model}; " + ", ".join(m.default_variant() for m in r.methods))
+        except QuantizeError as exc:
+            typer.echo(f"{path}  INVALID: {exc}")
+
+
+def main() -> None:
+    try:
+        app()
+    except QuantizeError as exc:  # a user error raised outside a command body
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""A model's shape from its config.json or a GGUF's metadata: the dimensions the fit arithmetic needs (ModelShape)
+and the parameter count of each part (ParamCounts), for the model types in LAYOUTS and no other: a type whose
+attention or cache is not modelled here is refused, never guessed.
+
+Two attention layouts:
+- gqa: q, k, v, o projections; K and V cached per token and layer, 2 × n_kv_heads × head_dim elements.
+- mla (DeepSeek-V2/V3, Kimi K2: multi-head latent attention): q_a/q_b (or q), kv_a (with the shared rope key),
+  kv_b, o; llama.cpp caches the compressed latent and the rope key only, kv_lora_rank + qk_rope_head_dim
+  elements per token and layer (one K cache, no V: src/llama-kv-cache.cpp, is_mla).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantize.common.errors import QuantizeError
+from quantize.sources.models import tied_embeddings
+
+# transformers' config defaults that config.json files omit: Gemma3TextConfig's (e.g. gemma-3-4b-it), and
+# Gemma 2's alternation of sliding and global layers.
+_MODEL_TYPE_DEFAULTS: dict[str, dict] = {
+    "gemma3_text": {
+        "vocab_size": 262208, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+        "max_position_embeddings": 131072, "sliding_window": 4096, "sliding_window_pattern": 6,
+    },
+    "gemma2": {"sliding_window_pattern": 2},
+}
+
+# Model types whose layout is modelled: attention kind, RMSNorms per decoder layer, per-head q/k norms, and for
+# mixtures of experts the config keys of the routed expert count, the experts used per token and an expert's
+# width (shared experts and leading dense layers where the family has them).
+LAYOUTS: dict[str, dict] = {
+    "llama": {"attention": "gqa", "norms": 2},
+    "mistral": {"attention": "gqa", "norms": 2},
+    "qwen2": {"attention": "gqa", "norms": 2},
+    "phi3": {"attention": "gqa", "norms": 2},  # fused qkv and gate_up: the same parameters
+    "qwen3": {"attention": "gqa", "norms": 2, "qk_norm": True},
+    "gemma2": {"attention": "gqa", "norms": 4},
+    "gemma3": {"attention": "gqa", "norms": 4, "qk_norm": True},
+    "gemma3_text": {"attention": "gqa", "norms": 4, "qk_norm": True},
+    "mixtral": {"attention": "gqa", "norms": 2, "experts": "num_local_experts", "expert_width": "intermediate_size"},
+    "qwen3_moe": {"attention": "gqa", "norms": 2, "qk_norm": True, "experts": "num_experts",
+                  "expert_width": "moe_intermediate_size"},
+    "deepseek_v2": {"attention": "mla", "norms": 2, "experts": "n_routed_experts",
+                    "expert_width": "moe_intermediate_size", "shared": "n_shared_experts",
+                    "dense_layers": "first_k_dense_replace"},
+    "deepseek_v3": {"attention": "mla", "norms": 2, "experts": "n_routed_experts",
+                    "expert_width": "moe_intermediate_size", "shared": "n_shared_experts",
+                    "dense_layers": "first_k_dense_replace"},
+}
+
+
+def layout(cfg: dict) -> dict:
+    model_type = cfg.get("model_type")
+    if model_type not in LAYOUTS:
+        raise QuantizeError(f"model type {model_type!r}: its layout is not modelled, so its KV cache and parameter "
+                            f"counts would be guesses; modelled: {', '.join(LAYOUTS)}")
+    return LAYOUTS[model_type]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    intermediate_size: int
+    sliding_window: int | None
+    sliding_layers: int  # layers that keep only the last sliding_window tokens; 0 if none
+    n_params_estimate: int  # rough: embeddings + attention + gated MLP, ignores norms/biases
+    max_position_embeddings: int | None = None
+    n_heads: int = 0  # query heads; 0 in reports written before it was recorded (then hidden // head_dim)
+    kv_per_token_layer: int = 0  # cached elements per token and layer; 0 in older reports (then 2 × kv heads × dim)
+
+    @property
+    def query_heads(self) -> int:
+        return self.n_heads or self.hidden_size // self.head_dim
+
+    @property
+    def kv_elements(self) -> int:
+        """K and V elements cached per token and layer."""
+        return self.kv_per_token_layer or 2 * self.n_kv_heads * self.head_dim
+
+
+def flat_config(cfg: dict) -> dict:
+    """config.json with a nested text_config (multimodal checkpoints) lifted, and transformers' omitted defaults."""
+    if isinstance(cfg.get("text_config"), dict):
+        cfg = {**cfg, **cfg["text_config"]}
+    return {**_MODEL_TYPE_DEFAULTS.get(cfg.get("model_type", ""), {}), **cfg}
+
+
+def shape_from_config(cfg: dict) -> ModelShape:
+    """ModelShape from a Hugging Face config.json dict (text_config is used when nested)."""
+    cfg = flat_config(cfg)
+    kind = layout(cfg)
+
+    def need(key: str) -> int:
+        if cfg.get(key) is None:
+            raise QuantizeError(f"config.json is missing required key {key!r}")
+        return int(cfg[key])
+
+    n_layers = need("num_hidden_layers")
+    hidden = need("hidden_size")
+    n_heads = need("num_attention_heads")
+    n_kv_heads = int(cfg.get("num_key_value_heads") or n_heads)
+    head_dim = int(cfg.get("head_dim") or hidden // n_heads)
+    vocab = need("vocab_size")
+    inter = need("intermediate_size")
+
+    window = cfg.get("sliding_window")
+    if cfg.get("use_sliding_window") is False:  # Qwen2-style: window set but switched off
+        window = None
+    layer_types = cfg.get("layer_types")
+    if window is None:
+        sliding = 0
+    elif layer_types:  # Gemma 3 / newer transformers: explicit per-layer list
+        sliding = sum(1 for t in layer_types if t == "sliding_attention")
+    elif cfg.get("sliding_window_pattern"):  # every Nth layer is full attention
+        sliding = n_layers - n_layers // int(cfg["sliding_window_pattern"])
+    else:  # Mistral-style: every layer uses the window
+        sliding = n_layers
+
+    embed = vocab * hidden * (1 if tied_embeddings(cfg) else 2)
+    attn = hidden * head_dim * (2 * n_heads + 2 * n_kv_heads)  # q, o + k, v projections
+    mlp = 3 * hidden * inter  # gate, up, down
+    kv = 2 * n_kv_heads * head_dim
+    if kind["attention"] == "mla":
+        kv = int(cfg["kv_lora_rank"]) + int(cfg["qk_rope_head_dim"])
+    return ModelShape(
+        n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, hidden_size=hidden,
+        vocab_size=vocab, intermediate_size=inter,
+        sliding_window=int(window) if window is not None else None, sliding_layers=sliding,
+        n_params_estimate=embed + n_layers * (attn + mlp),
+        max_position_embeddings=cfg.get("max_position_embeddings"), n_heads=n_heads, kv_per_token_layer=kv,
+    )
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    embedding: int  # token embedding
+    lm_head: int  # 0 when tied to the embedding
+    attn: dict[str, int]  # per layer: q, k, v, o (gqa) or q_a, q_b, kv_a, kv_b, o (mla; q without q_lora_rank)
+    attn_columns: dict[str, int]  # each of those projections' input columns
+    mlp_per_expert: dict[str, int]  # per layer and routed expert (or the dense MLP): gate, up, down
+    router: int  # per MoE layer (the expert gate), 0 for dense
+    norms: int  # all layers + final
+    n_layers: int
+    n_experts: int  # routed experts per MoE layer; 1 for dense models
+    n_active: int  # routed experts used per token
+    vocab: int
+    linear_rows: int  # output rows of all decoder linears (one int8 scale each)
+    n_dense_layers: int = 0  # leading layers with a dense MLP instead of experts (DeepSeek's first_k_dense_replace)
+    dense_mlp: dict[str, int] | None = None  # that dense MLP: gate, up, down
+    shared_mlp: dict[str, int] | None = None  # per MoE layer, the always-used shared experts: gate, up, down
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.n_dense_layers
+
+    @property
+    def total(self) -> int:
+        moe = self.n_experts * sum(self.mlp_per_expert.values()) + sum((self.shared_mlp or {}).values()) + self.router
+        return (self.embedding + self.lm_head + self.n_layers * sum(self.attn.values()) + self.norms
+                + self.n_dense_layers * sum((self.dense_mlp or {}).values()) + self.n_moe_layers * moe)
+
+    @property
+    def active(self) -> int:
+        """Parameters read per token: all but the experts not routed to (MoE); = total for dense models."""
+        idle = self.n_experts - self.n_active
+        return self.total - self.n_moe_layers * idle * sum(self.mlp_per_expert.values())
+
+
+def _gated_mlp(hidden: int, width: int) -> dict[str, int]:
+    return {"gate": hidden * width, "up": hidden * width, "down": width * hidden}
+
+
+def param_counts(cfg: dict) -> ParamCounts:
+    cfg = flat_config(cfg)
+    kind = layout(cfg)
+    shape = shape_from_config(cfg)
+    hidden, layers, heads = shape.hidden_size, shape.n_layers, int(cfg["num_attention_heads"])
+    experts = int(cfg[kind["experts"]]) if "experts" in kind and cfg.get(kind["experts"]) else 1
+    active = int(cfg.get("num_experts_per_tok") or 1) if experts > 1 else 1
+    width = int(cfg[kind["expert_width"]]) if experts > 1 else shape.intermediate_size
+    if kind["attention"] == "mla":
+        rope, nope, v_dim = int(cfg["qk_rope_head_dim"]), int(cfg["qk_nope_head_dim"]), int(cfg["v_head_dim"])
+        kv_rank, q_rank = int(cfg["kv_lora_rank"]), cfg.get("q_lora_rank")
+        q = ({"q_a": hidden * q_rank, "q_b": q_rank * heads * (nope + rope)} if q_rank
+             else {"q": hidden * heads * (nope + rope)})
+        attn = {**q, "kv_a": hidden * (kv_rank + rope), "kv_b": kv_rank * heads * (nope + v_dim),
+                "o": heads * v_dim * hidden}
+        columns = {"q": hidden, "q_a": hidden, "q_b": q_rank or 0, "kv_a": hidden, "kv_b": kv_rank, "o": heads * v_dim}
+        attn_norms = kv_rank + (q_rank or 0)  # the latent RMSNorms
+        attn_rows = (q_rank or 0) + heads * (nope + rope) + kv_rank + rope + heads * (nope + v_dim) + hidden
+    else:
+        q_out, kv_out = heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
+        attn = {"q": hidden * q_out, "k": hidden * kv_out, "v": hidden * kv_out, "o": q_out * hidden}
+        columns = {"q": hidden, "k": hidden, "v": hidden, "o": q_out}
+        attn_norms = 2 * shape.head_dim if kind.get("qk_norm") else 0
+        attn_rows = q_out + 2 * kv_out + hidden
+    dense = int(cfg.get(kind["dense_layers"]) or 0) if "dense_layers" in kind and experts > 1 else 0
+    shared = int(cfg.get(kind["shared"]) or 0) if "shared" in kind and experts > 1 else 0
+    shared_mlp = _gated_mlp(hidden, shared * width) if shared else None
+    dense_mlp = _gated_mlp(hidden, shape.intermediate_size) if dense else None
+    moe_rows = experts * (2 * width + hidden) + (2 * shared * width + hidden if shared else 0)
+    return ParamCounts(
+        embedding=shape.vocab_size * hidden, lm_head=0 if tied_embeddings(cfg) else shape.vocab_size * hidden,
+        attn=attn, attn_columns={part: columns[part] for part in attn}, mlp_per_expert=_gated_mlp(hidden, width),
+        router=hidden * experts if experts > 1 else 0,
+        norms=layers * (kind["norms"] * hidden + attn_norms) + hidden,
+        n_layers=layers, n_experts=experts, n_active=active, vocab=shape.vocab_size,
+        linear_rows=layers * attn_rows + dense * (2 * shape.intermediate_size + hidden) + (layers - dense) * moe_rows,
+        n_dense_layers=dense, dense_mlp=dense_mlp, shared_mlp=shared_mlp)
+
+
+# llama.cpp's architecture names whose HF model type differs (the rest are the same: llama, qwen2, qwen3, phi3, ...)
+GGUF_ARCHES = {"gemma3": "gemma3_text", "qwen3moe": "qwen3_moe"}
+
+
+def shape_config_from_gguf(path: Path) -> dict:
+    """A config.json-like dict from a GGUF's metadata (header only)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+
+    def value(key, default=None):
+        field = reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    arch = value("general.architecture")
+    if arch is None:
+        raise QuantizeError(f"{path}: no general.architecture in the GGUF metadata")
+    k = lambda name: f"{arch}.{name}"  # noqa: E731
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    heads = value(k("attention.head_count"))
+    cfg = {
+        "model_type": GGUF_ARCHES.get(arch, arch),
+        "num_hidden_layers": value(k("block_count")), "hidden_size": value(k("embedding_length")),
+        "intermediate_size": value(k("feed_forward_length")), "num_attention_heads": heads,
+        "num_key_value_heads": value(k("attention.head_count_kv"), heads),
+        "head_dim": value(k("attention.key_length")), "max_position_embeddings": value(k("context_length")),
+        "vocab_size": value(k("vocab_size")) or (len(tokens.data) if tokens else None),
+        "sliding_window": value(k("attention.sliding_window")),
+        "num_local_experts": value(k("expert_count")), "num_experts": value(k("expert_count")),
+        "num_experts_per_tok": value(k("expert_used_count")),
+        "moe_intermediate_size": value(k("expert_feed_forward_length")),
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+    }
+    if arch == "gemma3" and cfg["sliding_window"]:
+        cfg["sliding_window_pattern"] = 6  # llama.cpp's Gemma 3 graph: every 6th layer is global
+    return {key: v for key, v in cfg.items() if v is not None}
+
+
+def shape_and_counts(cfg: dict) -> tuple[ModelShape, ParamCounts]:
+    return shape_from_config(cfg), param_counts(cfg)

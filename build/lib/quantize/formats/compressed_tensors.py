@@ -1,0 +1,172 @@
+"""Streamed compressed-tensors writer: one safetensors shard per decoder layer, written as soon as the layer is
+quantized, then the untouched tensors, the index and config.json.
+
+The on-disk layout is compressed-tensors' `pack-quantized` (what vLLM and SGLang load, and what transformers
+loads with the compressed-tensors package): per quantized linear `weight_packed` (int32, codes packed by the
+library's own `pack_to_int32`), `weight_scale` [out, groups], `weight_shape`, and for asymmetric grids a packed
+`weight_zero_point`. compressed-tensors codes are signed: an unsigned b-bit code q with zero z is stored as
+q − 2^(b−1) with zero z − 2^(b−1), which dequantizes to the same (q − z)·scale.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from quantize.sources.shards import Shards
+
+STORAGE_DTYPE = torch.float16  # scales and every unquantized tensor of a compressed-tensors artefact
+
+
+def weight_args(bits: int, symmetric: bool, group_size: int, act_order: bool = False):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    strategy = "channel" if group_size == -1 else "group"
+    return QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy=strategy,
+                            group_size=None if group_size == -1 else group_size,
+                            actorder="weight" if act_order and group_size != -1 else None)
+
+
+class CompressedTensorsWriter:
+    def __init__(self, out_dir: Path, base_path: Path, n_layers: int):
+        self.out_dir = out_dir
+        self.base_path = base_path
+        self.n_shards = n_layers + 1  # one per layer + one for everything outside the layers
+        self.weight_map: dict[str, str] = {}
+        self.schemes: dict[str, list[str]] = {}  # scheme key → module names
+        self.args: dict[str, object] = {}
+        self.written: set[str] = set()
+        self.packed_names: list[str] = []  # quantized linears written so far
+
+    STATE = ("weight_map", "schemes", "args", "written", "packed_names")  # what a resumed build restores
+
+    def state(self) -> dict:
+        """What has been written so far (shards, schemes), for a build that resumes after an interruption."""
+        return {k: getattr(self, k) for k in self.STATE}
+
+    def restore(self, state: dict) -> None:
+        for k in self.STATE:
+            setattr(self, k, state[k])
+
+    def _shard_name(self, k: int) -> str:
+        return f"model-{k + 1:05d}-of-{self.n_shards:05d}.safetensors"
+
+    def packed(self, name: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+               symmetric: bool, group_size: int, act_order: bool) -> dict[str, torch.Tensor]:
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+        offset = 0 if symmetric else 1 << (bits - 1)
+        tensors = {
+            f"{name}.weight_packed": pack_to_int32((q - offset).to(torch.int8), bits),
+            f"{name}.weight_scale": scale.to(STORAGE_DTYPE).contiguous(),
+            f"{name}.weight_shape": torch.tensor(list(q.shape)),
+        }
+        if not symmetric:
+            tensors[f"{name}.weight_zero_point"] = pack_to_int32((zero - offset).to(torch.int8), bits, packed_dim=0)
+        self.written.add(f"{name}.weight")
+        self.packed_names.append(name)
+        args = weight_args(bits, symmetric, group_size, act_order)
+        key = args.model_dump_json()
+        self.args[key] = args
+        self.schemes.setdefault(key, []).append(name)
+        return tensors
+
+    def write_shard(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
+        shard = self._shard_name(k)
+        tensors = {n: t.contiguous() for n, t in tensors.items()}
+        save_file(tensors, self.out_dir / shard, metadata={"format": "pt"})
+        self.weight_map.update({n: shard for n in tensors})
+        self.written.update(tensors)
+
+    def finish(self, ignore: list[str]) -> dict | None:
+        """Copy every base tensor not written yet (embeddings, norms, lm_head) in fp16; write index and config.
+        With nothing packed (a dense export) the result is a plain fp16 checkpoint and this returns None."""
+        shards = Shards(self.base_path)
+        rest = {n: shards.get(n).to(STORAGE_DTYPE) for n in shards.names() if n not in self.written}
+        self.write_shard(self.n_shards - 1, rest)
+        total = sum((self.out_dir / s).stat().st_size for s in set(self.weight_map.values()))
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+        config = json.loads((self.base_path / "config.json").read_text())
+        config["dtype"] = str(STORAGE_DTYPE).replace("torch.", "")
+        config.pop("torch_dtype", None)
+        (self.out_dir / "config.json").write_text(json.dumps(config, indent=2))
+        for extra in ("generation_config.json",):
+            if (self.base_path / extra).is_file():
+                shutil.copy(self.base_path / extra, self.out_dir / extra)
+        if not self.packed_names:
+            return None
+        return self.quantization_config(ignore)
+
+    def quantization_config(self, ignore: list[str]) -> dict:
+        from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
+        from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
+
+        only_one = len(self.schemes) == 1
+        groups = {
+            f"group_{k}": QuantizationScheme(targets=["Linear"] if only_one else sorted(names),
+                                             weights=self.args[key])
+            for k, (key, names) in enumerate(self.schemes.items())
+        }
+        qconfig = QuantizationConfig(config_groups=groups, ignore=ignore, format="pack-quantized",
+                                     quantization_status=QuantizationStatus.COMPRESSED)
+        for group in qconfig.config_groups.values():
+            group.format = "pack-quantized"
+        ModelCompressor(quantization_config=qconfig).update_config(str(self.out_dir))
+        return json.loads((self.out_dir / "config.json").read_text())["quantization_config"]
+
+
+def is_asymmetric(folder: Path) -> bool:
+    qc = json.loads((folder / "config.json").read_text()).get("quantization_config", {})
+    if qc.get("quant_method") != "compressed-tensors":
+        return False
+    return any(not (g.get("weights") or {}).get("symmetric", True) for g in qc.get("config_groups", {}).values())
+
+
+def load_dense(folder: Path, dtype=torch.float32):
+    """Reload a pack-quantized checkpoint as a dense torch model with compressed-tensors' own unpacking.
+
+    Used for asymmetric checkpoints only: transformers 5.23 with compressed-tensors 0.20 builds the zero point
+    unpacked and rejects the packed one on disk (the bug reported as llm-compressor#1618), while vLLM reads
+    the packed layout written here. Symmetric checkpoints reload through plain transformers."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = json.loads((folder / "config.json").read_text())
+    qc = config.pop("quantization_config")
+    bits_of = {}
+    for group in qc["config_groups"].values():
+        for target in group["targets"]:
+            bits_of[target] = group["weights"]
+    shards = Shards(folder)
+    state = {}
+    for name in shards.names():
+        if not name.endswith(".weight_packed"):
+            if not any(name.endswith(s) for s in (".weight_scale", ".weight_shape", ".weight_zero_point")):
+                state[name] = shards.get(name)
+            continue
+        module = name[: -len(".weight_packed")]
+        args = bits_of.get(module) or bits_of["Linear"]
+        bits = args["num_bits"]  # codes and zero points are both stored signed: the offset cancels in q - z
+        shape = torch.Size(shards.get(module + ".weight_shape").tolist())
+        q = unpack_from_int32(shards.get(name), bits, shape).float()  # signed codes
+        scale = shards.get(module + ".weight_scale").float()  # [rows, groups]
+        zero = torch.zeros_like(scale)
+        if module + ".weight_zero_point" in shards.files:
+            zp_shape = torch.Size(scale.shape)
+            zero = unpack_from_int32(shards.get(module + ".weight_zero_point"), bits, zp_shape, packed_dim=0).float()
+        groups = scale.shape[1]
+        W = (q.reshape(shape[0], groups, -1) - zero[..., None]) * scale[..., None]
+        state[module + ".weight"] = W.reshape(shape)
+    hf_config = AutoConfig.for_model(**config)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    assert not unexpected, unexpected
+    assert all("lm_head" in k for k in missing), missing  # tied lm_head comes from the embedding
+    model.tie_weights()
+    return model.eval()

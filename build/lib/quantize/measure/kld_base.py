@@ -1,0 +1,166 @@
+"""The base model's log-probabilities in llama.cpp's own `--kl-divergence-base` file, and the KLD of another model
+against it with llama-perplexity's arithmetic (tools/perplexity/perplexity.cpp: log_softmax, process_logits).
+
+One store serves `quantize run` and `quantize eval`, every backend, and llama.cpp itself: `llama-perplexity -m Q.gguf
+--kl-divergence-base FILE --kl-divergence` reads our file, and we read one it wrote.
+
+File (little-endian):
+    b"_logits_", uint32 n_ctx, int32 n_vocab, int32 n_chunk, int32 tokens[n_chunk × n_ctx]
+    then for each chunk, for each scored position j = n_ctx/2 … n_ctx−2, a row of nv = 2·⌈n_vocab/2⌉ + 4 uint16:
+        float32 scale, float32 min_log_prob (the first four uint16), then one uint16 code per vocabulary entry.
+    log p(v) = scale·code(v) + min_log_prob. With m = max logit, lo = max(min logit, m − 16) and lse the log of
+    Σ exp(logit − m): scale = (m − lo)/65535, min_log_prob = lo − m − lse, code = round((logit − lo)/scale) for
+    logit > lo, else 0. So the top 16 nats of each distribution are kept to 2.4e-4 nats.
+
+KLD of a model Q at a position (llama.cpp's log_softmax against the base): Σ over entries with log p_base > −16 of
+p_base·(log p_base − log p_Q); the base's NLL of the right token and its argmax ("same top") come from the stored
+codes too; entries at or below −16 drop out of the sum instead of counting as e^floor each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from quantize.common.cache import cache_root
+from quantize.common.files import files_sha256
+
+MAGIC = b"_logits_"
+CUT = -16.0  # llama.cpp: base entries with log p ≤ −16 drop out of the KLD sum, and codes span 16 nats
+STORE = "llama.cpp --kl-divergence-base file (uint16 codes over the top 16 nats per position)"
+
+
+def row_width(n_vocab: int) -> int:
+    return 2 * ((n_vocab + 1) // 2) + 4
+
+
+def encode(logits: torch.Tensor) -> np.ndarray:
+    """[n, n_vocab] float32 logits → [n, nv] uint16 rows, as perplexity.cpp's log_softmax(…, uint16_t *, …)."""
+    x = logits.float().numpy()
+    n, n_vocab = x.shape
+    top = x.max(axis=1)
+    lo = np.maximum(x.min(axis=1), top - np.float32(16))
+    lse = np.log(np.exp(x - top[:, None]).sum(axis=1, dtype=np.float64)).astype(np.float32)
+    scale = ((top - lo) / np.float32(65535)).astype(np.float32)
+    rows = np.zeros((n, row_width(n_vocab)), dtype=np.uint16)
+    head = rows[:, :4].view(np.float32)  # [n, 2] floats over the first four uint16
+    head[:, 0] = scale
+    head[:, 1] = (lo - top - lse).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(scale > 0, np.float32(1) / scale, np.float32(0)).astype(np.float32)
+    codes = np.rint(inv[:, None] * (x - lo[:, None]))  # float32 products, rounded half to even like nearest_int
+    rows[:, 4 : 4 + n_vocab] = np.where(x > lo[:, None], codes, 0).astype(np.uint16)
+    return rows
+
+
+def decode(rows: np.ndarray, n_vocab: int) -> torch.Tensor:
+    """[n, nv] uint16 rows → [n, n_vocab] float32 base log-probabilities (scale·code + min_log_prob)."""
+    head = np.ascontiguousarray(rows[:, :4]).view(np.float32)
+    codes = torch.from_numpy(rows[:, 4 : 4 + n_vocab].astype(np.float32))
+    return torch.from_numpy(head[:, 0:1].copy()) * codes + torch.from_numpy(head[:, 1:2].copy())
+
+
+def against_base(rows: np.ndarray, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per position, as llama.cpp scores a model against a base file: KLD, the model's NLL of the right token, the
+    base's (from its codes), and whether both put the same token on top."""
+    logits = logits.float()
+    base = decode(rows, logits.shape[1])  # [n, n_vocab]
+    logq = torch.log_softmax(logits, dim=-1)
+    kept = base > CUT
+    kld = torch.where(kept, base.exp() * (base - logq), 0).sum(-1, dtype=torch.float64)  # float terms, double sum
+    return {"kld": kld,
+            "nll": -logq.gather(1, targets[:, None])[:, 0],
+            "base_nll": -base.gather(1, targets[:, None])[:, 0],
+            "same_top": base.argmax(-1) == logits.argmax(-1)}
+
+
+class KldBaseFile:
+    """A finished base file, read chunk by chunk through a memory map (one chunk in memory at a time)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            if f.read(8) != MAGIC:
+                raise ValueError(f"{path}: not a llama.cpp --kl-divergence-base file (no _logits_ magic)")
+            self.n_ctx, self.n_vocab, self.n_chunk = (int(v) for v in np.frombuffer(f.read(12), dtype="<i4"))
+        offset = 20
+        self.tokens = np.memmap(path, dtype="<i4", mode="r", offset=offset, shape=(self.n_chunk, self.n_ctx))
+        offset += 4 * self.n_chunk * self.n_ctx
+        self.scored = self.n_ctx - 1 - self.n_ctx // 2
+        self.rows = np.memmap(path, dtype="<u2", mode="r", offset=offset,
+                              shape=(self.n_chunk, self.scored, row_width(self.n_vocab)))
+
+    def chunk(self, i: int) -> np.ndarray:
+        return np.asarray(self.rows[i])
+
+    def check(self, ids: torch.Tensor) -> None:
+        """The file was made for these chunks (token ids [n_chunk, n_ctx], BOS already in place)."""
+        assert tuple(ids.shape) == (self.n_chunk, self.n_ctx), (tuple(ids.shape), self.n_chunk, self.n_ctx)
+        assert np.array_equal(np.asarray(self.tokens), ids.numpy()), f"{self.path} was made for other tokens"
+
+
+class KldBaseWriter:
+    """Writes the file chunk by chunk, in order; the header once the first chunk tells the vocabulary's size."""
+
+    def __init__(self, path: Path, ids: torch.Tensor, n_vocab: int | None = None):
+        self.ids, self.n_vocab, self.next = ids, n_vocab, 0
+        self.file = open(path, "wb")
+
+    def write(self, i: int, logits: torch.Tensor) -> None:
+        assert i == self.next, (i, self.next)
+        if i == 0:
+            self.n_vocab = self.n_vocab or logits.shape[1]
+            n_chunk, n_ctx = self.ids.shape
+            self.file.write(MAGIC + np.array([n_ctx], "<u4").tobytes()
+                            + np.array([self.n_vocab, n_chunk], "<i4").tobytes())
+            self.file.write(self.ids.numpy().astype("<i4").tobytes())
+        assert logits.shape[1] == self.n_vocab, f"logits of width {logits.shape[1]}, the file's vocabulary {self.n_vocab}"
+        self.file.write(encode(logits).astype("<u2").tobytes())
+        self.next += 1
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def cached(model_path: Path, chunks, dtype: str, backend: str,
+           compute: Callable[[KldBaseWriter], dict], n_vocab: int) -> tuple[KldBaseFile, dict, dict]:
+    """(base file, base scores, cache record) for this model's files, text, protocol, dtype and backend: reused
+    when `run` or `eval` computed it before, else `compute(writer)` fills a new one, published by a rename only
+    once complete (a killed computation leaves nothing that looks finished)."""
+    key_src = {"model": files_sha256(model_path), "protocol": chunks.protocol(), "dtype": dtype,
+               "backend": backend, "store": STORE}
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    folder = cache_root() / "kld-base" / key
+    state = "reused"
+    if not (folder / "done.json").is_file():
+        state = "computed"
+        partial = folder.with_name(f"{key}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        try:
+            writer = KldBaseWriter(partial / "base.kld", chunks.ids, n_vocab)
+            try:
+                scores = compute(writer)
+            finally:
+                writer.close()
+            assert writer.next == chunks.ids.shape[0], "the base file misses chunks"
+            (partial / "done.json").write_text(json.dumps({**scores, "key": key_src}, default=str))
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        try:
+            partial.rename(folder)
+        except OSError:  # another process published the same key first: theirs is as good
+            shutil.rmtree(partial, ignore_errors=True)
+    store = KldBaseFile(folder / "base.kld")
+    store.check(chunks.ids)
+    scores = json.loads((folder / "done.json").read_text())
+    scores.pop("key", None)
+    return store, scores, {"key": key, "state": state, "file": str(folder / "base.kld"), "format": STORE}

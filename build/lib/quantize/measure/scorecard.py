@@ -1,0 +1,76 @@
+"""`quantize eval PATH [--base B] [--recipe R]`: any artefact (ours or not), on the backend its format runs on,
+scored with the recipe's protocol (perplexity, bits per byte, KLD against B, speed), every number with its
+protocol.
+
+The base model's log-probabilities are computed once per (base model files, text, n_ctx, chunks, tokenizer,
+dtype, backend) into llama.cpp's --kl-divergence-base file in the cache folder (kld_base.py), the same store
+`quantize run` uses, so scoring ten artefacts against one base costs ten forward passes plus one, and `run` and
+`eval` report the same KLD for the same artefact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from quantize.common.files import versions
+from quantize.common.errors import QuantizeError
+from quantize.measure import kld_base, quality
+from quantize.measure import speed
+from quantize.runtimes.load import detect, free, load, vocab_size
+from quantize.sources.models import load_tokenizer, resolve_model
+from quantize.sources.texts import load_text
+
+
+def tokenizer_for(path: Path, base: Path | None):
+    for candidate in (path, base):
+        if candidate is not None and candidate.is_dir() and (candidate / "tokenizer_config.json").is_file():
+            return load_tokenizer(candidate)
+    gguf = path if path.suffix == ".gguf" else (path / "model.gguf" if (path / "model.gguf").is_file() else None)
+    if gguf is not None:  # the GGUF's own tokenizer, through transformers' GGUF reader
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    raise QuantizeError(f"{path}: no tokenizer found beside it; pass --base with the HF base model")
+
+
+def base_store(base_path: Path, chunks, dtype: str, n_vocab: int):
+    """(base file, base scores, cache record): the one store of the base's log-probabilities that `run` and `eval`
+    share, computed on the base's own backend when the cache lacks it."""
+    def compute(writer) -> dict:
+        model, loader, _ = load(base_path, dtype, chunks.n_ctx)
+        try:
+            base_vocab = vocab_size(model)
+            if base_vocab != n_vocab:
+                raise QuantizeError(f"base {base_path} has a vocabulary of {base_vocab}, the artefact {n_vocab}: KLD "
+                                    "needs the same vocabulary; give the artefact's own base model")
+            return {**quality.score_base(model, chunks, writer), "loader": loader}
+        finally:
+            free(model)
+    return kld_base.cached(base_path, chunks, dtype, detect(base_path), compute, n_vocab)
+
+
+def evaluate_artefact(path: Path, base: str | None, ev) -> dict:
+    """`ev`: the recipe's `eval` section (recipe.Eval)."""
+    base_path = resolve_model(base).path if base else None
+    tokenizer = tokenizer_for(path, base_path)
+    ppl = ev.perplexity
+    chunks = quality.make_chunks(tokenizer, load_text(ppl.source, "eval", ppl.field), ppl.n_ctx, ppl.max_chunks)
+    model, loader, dtype = load(path, ev.dtype, chunks.n_ctx)
+    try:
+        n_vocab = vocab_size(model)
+        store, base_scores, cache = (None, None, None)
+        if base_path is not None and ev.kld:
+            store, base_scores, cache = base_store(base_path, chunks, ev.dtype, n_vocab)
+        scores = (quality.score_base(model, chunks, None, path.name) if store is None
+                  else quality.score(model, chunks, store, path.name))
+        out = {"artefact": str(path), "format": detect(path), "loader": loader, "eval_dtype": dtype,
+               "perplexity": scores, "protocol": {"perplexity": chunks.protocol(), "versions": versions()}}
+        if base_scores is not None:
+            out["base"] = {"model": base, "perplexity": base_scores, "perplexity_cache": cache}
+        if ev.speed.enabled:
+            bandwidth = speed.memory_bandwidth_gb_s()
+            out["speed"] = {**speed.bench_speed(model, ev.speed, path.name, 0, bandwidth),
+                            "memory_bandwidth": bandwidth}
+    finally:
+        free(model)
+    return out

@@ -1,0 +1,232 @@
+"""AWQ: activation-aware weight quantization (Lin et al., 2023, arXiv:2306.00978), streamed layer by layer.
+
+Per decoder layer, for each row of AWQ_MAPPINGS (an op `prev` that feeds a set of linears, and the block whose
+output judges them), with X the calibration inputs of those linears and W their weights:
+
+    s(α) = x̄^α / w̄^(1-α)        (duo_scaling; plain AWQ uses s = x̄^α)       x̄ = mean|X| per input channel
+    s    ← s / sqrt(max(s)·min(s))                                           w̄ = mean of |W| / max|W| per group
+    α*   = argmin_α ‖ block(X; Q(W·diag(s))·diag(s)⁻¹) − block(X; W) ‖²     α ∈ {0, 1/n_grid, …, (n_grid-1)/n_grid}
+                                                                            (and s = 1, plain rounding)
+
+Code ↔ symbols: `x_mean` = x̄, `w_mean` = w̄, `s` = s, `block_loss` = the norm above, `Q` = the round-to-nearest
+min/max grid of the recipe (grids.fake_quantize). s⁻¹ is then folded into `prev` (the RMSNorm weight, or the rows
+of the previous linear), and s into the columns of W, so in full precision the layer computes exactly what it
+computed before (tests/test_awq.py measures the difference). Then, per linear except q/k (whose outputs meet
+in the softmax), a clipping search per (row, group):
+
+    m* = argmin_m ‖ Xg·Q(clamp(Wg, −m, m))ᵀ − Xg·Wgᵀ ‖²     m = max|Wg|·(1 − i/n_grid), i < max_shrink·n_grid
+
+on `clip_tokens` evenly spaced calibration tokens, and W ← clamp(W, −m*, m*). Last, W is rounded onto its
+group's grid. As in AutoAWQ and llm-compressor, all scales are searched on the layer's full-precision
+activations; the next layer then gets the outputs of this layer as quantized (the engine's choice for GPTQ too).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from quantize.methods import grids
+from quantize.methods.configs import AwqMethod
+from quantize.methods.engine import Activations, Checkpoint, skeleton, stream_layers
+from quantize.methods.weight_only import check_group_sizes, group_size_for, write_streamed
+from quantize.sources.models import ignored
+
+Config = AwqMethod
+
+# (prev op, linears it feeds, block whose output the scale search compares), per architecture family, names
+# relative to the decoder layer. A row whose prev is a linear applies only where its outputs are the inputs
+# of the linears (v → o is skipped under grouped-query attention, where v is narrower than o's input).
+AWQ_MAPPINGS: dict[str, list[tuple[str, list[str], str]]] = {
+    "llama": [
+        ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "self_attn"),
+        ("self_attn.v_proj", ["self_attn.o_proj"], "self_attn.o_proj"),
+        ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"], "mlp"),
+        ("mlp.up_proj", ["mlp.down_proj"], "mlp.down_proj"),
+    ],
+}
+for _family in ("mistral", "qwen2", "qwen3"):
+    AWQ_MAPPINGS[_family] = AWQ_MAPPINGS["llama"]
+NO_CLIP = ("q_proj", "k_proj")  # their errors are amplified through softmax(QKᵀ): AutoAWQ leaves them unclipped
+
+
+def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """w̄: |W| normalised by its group's max, averaged over all output rows of the linears. [in_features]"""
+    W = torch.cat(weights).float()
+    gs = W.shape[1] if group_size == -1 else group_size
+    G = W.abs().reshape(-1, gs)
+    return (G / (G.amax(dim=1, keepdim=True) + 1e-6)).reshape(W.shape).mean(0)
+
+
+def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, alpha: float, duo_scaling: bool):
+    if duo_scaling:
+        s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
+    else:
+        s = x_mean.pow(alpha).clamp(min=1e-4)
+    s = s / (s.max() * s.min()).sqrt()
+    return torch.where(torch.isfinite(s), s, torch.ones_like(s))
+
+
+def search_scale(linears: list[torch.nn.Linear], quantized: list[bool], x_mean: torch.Tensor, block_loss, Q,
+                 group_size: int, n_grid: int, duo_scaling: bool):
+    """α* and s(α*) for linears whose inputs have mean magnitude x_mean [in]. `block_loss()` is the squared error
+    of the judging block's output with the linears' current weights against full precision; `Q(W)`
+    fake-quantizes. The linears are left as they came. Returns (s, α* or None for s = 1, losses: [s = 1, α…])."""
+    w_mean = weight_mean([lin.weight for lin in linears], group_size)
+    originals = [lin.weight.data.clone() for lin in linears]
+    best, losses = None, []
+    # α = k/n_grid as AutoAWQ, plus s = 1 (plain rounding, α = None) as llm-compressor: never worse than RTN
+    for alpha in [None] + [k / n_grid for k in range(n_grid)]:
+        s = torch.ones_like(x_mean) if alpha is None else candidate_scales(x_mean, w_mean, alpha, duo_scaling)
+        for lin, W, q in zip(linears, originals, quantized):
+            lin.weight.data = (Q(W * s) / s) if q else W  # Q(W·s)·s⁻¹ applied to x ≡ Q(W·s)(s⁻¹x)
+        loss = float(block_loss())
+        losses.append(loss)
+        if best is None or loss < best[0]:
+            best = (loss, alpha, s)
+    for lin, W in zip(linears, originals):
+        lin.weight.data = W
+    return best[2], best[1], losses
+
+
+def block_loss_fn(acts: Activations, block: torch.nn.Module, x: torch.Tensor):
+    """Mean squared error of block(x) against its full-precision output, as a function of the block's
+    current weights. When the block is one linear (o, down), ‖x·ΔWᵀ‖² = tr(ΔW·XᵀX·ΔWᵀ): the Gram matrix XᵀX
+    is formed once and each candidate costs rows·in² instead of tokens·rows·in (the same loss, exactly)."""
+    if isinstance(block, torch.nn.Linear):
+        flat = x.reshape(-1, x.shape[-1]).float()
+        gram, n = flat.T @ flat, flat.shape[0] * block.out_features
+        W0 = block.weight.data.clone()
+        return lambda: ((block.weight.data - W0) @ gram * (block.weight.data - W0)).sum() / n
+    fp_out = acts.forward(block, x)
+    return lambda: (acts.forward(block, x) - fp_out).pow(2).mean()
+
+
+def fold_scale(prev: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.Tensor) -> None:
+    """prev's output ÷ s, the linears' inputs × s: W·x = (W·diag(s))·(diag(s)⁻¹·x), exact in full precision."""
+    if isinstance(prev, torch.nn.Linear):  # the rows that produce the scaled channels
+        prev.weight.data = prev.weight.data / s[:, None]
+        if prev.bias is not None:
+            prev.bias.data = prev.bias.data / s
+    else:  # RMSNorm/LayerNorm: y = norm(x) · weight (+ bias)
+        prev.weight.data = prev.weight.data / s
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.data = prev.bias.data / s
+    for lin in linears:
+        lin.weight.data = lin.weight.data * s
+
+
+def search_clip(W: torch.Tensor, x: torch.Tensor, Q, group_size: int, n_grid: int = 20, max_shrink: float = 0.5,
+                row_batch: int = 256) -> torch.Tensor:
+    """m* per (row, group) [rows, groups] for W [rows, cols] and sample inputs x [tokens, cols]."""
+    rows, cols = W.shape
+    gs = cols if group_size == -1 else group_size
+    groups = cols // gs
+    Xg = x.float().reshape(-1, groups, gs).transpose(0, 1)  # [groups, tokens, gs]
+    best_all = []
+    for r in range(0, rows, row_batch):
+        Wg = W[r : r + row_batch].float().reshape(-1, groups, gs)  # [rb, groups, gs]
+        partial = lambda Wx: torch.bmm(Xg, Wx.permute(1, 2, 0))  # noqa: E731  [groups, tokens, rb]: Xg·Wgᵀ
+        org_max = Wg.abs().amax(dim=-1, keepdim=True)  # [rb, groups, 1]
+        org_out = partial(Wg)
+        best_err = torch.full_like(org_max, float("inf"))
+        best_max = org_max.clone()
+        for i in range(int(max_shrink * n_grid)):
+            m = org_max * (1 - i / n_grid)
+            Wq = Q(torch.clamp(Wg, -m, m).reshape(-1, cols)).reshape(Wg.shape)
+            err = (partial(Wq) - org_out).pow(2).mean(dim=1).T[..., None]  # [rb, groups, 1]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_max = torch.where(better, m, best_max)
+        best_all.append(best_max[..., 0])
+    return torch.cat(best_all)
+
+
+def apply_clip(lin: torch.nn.Linear, m: torch.Tensor, group_size: int) -> None:
+    rows, cols = lin.weight.shape
+    gs = cols if group_size == -1 else group_size
+    G = lin.weight.data.reshape(rows, cols // gs, gs)
+    lin.weight.data = torch.clamp(G, -m[..., None], m[..., None]).reshape(rows, cols)
+
+
+def even_tokens(x: torch.Tensor, n: int) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    return flat[:: max(1, flat.shape[0] // n)]
+
+
+def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, group_size_of, ignore,
+              pending: dict, log: list, quantize: bool = True) -> None:
+    """Scale search + fold, clip search + clamp, then (if `quantize`) rounding, for decoder layer i."""
+    bits, sym = method.bits, method.sym
+    full = lambda n: f"model.layers.{i}.{n}"  # noqa: E731
+    captured = acts.capture(layer, [names[0] for _, names, _ in rows])  # the linears of a row share one input
+    X = {n: captured[names[0]] for _, names, _ in rows for n in names}
+    gs = {n: group_size_of(full(n), layer.get_submodule(n).in_features) for _, names, _ in rows for n in names}
+    alphas = {}
+    for prev_name, names, block_name in rows:
+        prev, linears = layer.get_submodule(prev_name), [layer.get_submodule(n) for n in names]
+        if isinstance(prev, torch.nn.Linear) and prev.out_features != linears[0].in_features:
+            continue  # e.g. v → o under grouped-query attention
+        quantized = [not ignore(full(n)) for n in names]
+        if not any(quantized):
+            continue
+        x = X[names[0]]
+        block = layer.get_submodule(block_name)
+        g = gs[names[0]]
+        Q = lambda W, g=g: grids.fake_quantize(W, bits, sym, g)  # noqa: E731
+        start = time.perf_counter()
+        x_mean = x.abs().reshape(-1, x.shape[-1]).float().mean(0)
+        s, alpha, losses = search_scale(linears, quantized, x_mean, block_loss_fn(acts, block, x), Q, g,
+                                        method.n_grid, method.duo_scaling)
+        fold_scale(prev, linears, s)
+        scaled = x / s  # what the linears see from now on (one tensor for the row)
+        for n in names:
+            X[n] = scaled
+        alphas[names[0]] = ("s=1" if alpha is None else alpha, losses[0], min(losses), time.perf_counter() - start)
+
+    for _, names, _ in rows:
+        for n in names:
+            if ignore(full(n)):
+                continue
+            lin, g = layer.get_submodule(n), gs[n]
+            start = time.perf_counter()
+            W0 = lin.weight.data.clone()
+            if method.clip and not n.endswith(NO_CLIP):
+                Q = lambda W, g=g: grids.fake_quantize(W, bits, sym, g)  # noqa: E731
+                apply_clip(lin, search_clip(lin.weight.data, even_tokens(X[n], method.clip_tokens), Q, g,
+                                            method.n_grid), g)
+            W = lin.weight.data
+            scale, zero = grids.scale_zero(W, bits, sym, g)
+            scale = grids.storable_scale(scale)
+            q = grids.quantize(W, scale, zero, bits, sym, g)
+            Wq = grids.dequantize(q, scale, zero, g)
+            xs = even_tokens(X[n], method.clip_tokens).float()
+            loss = float(((xs @ (Wq - W0).T) ** 2).mean())  # output error vs the scaled weights
+            if quantize:
+                lin.weight.data = Wq
+                pending[full(n)] = (q, scale, zero, g)
+            group = next(names for _, names, _ in rows if n in names)[0]
+            alpha, loss_rtn, loss_best, seconds = alphas.get(group, (None, None, None, 0.0))
+            log.append({"layer": i, "module": n, "group_size": g, "alpha": alpha, "scale_loss_rtn": loss_rtn,
+                        "scale_loss_best": loss_best, "loss": loss, "samples": int(acts.hidden.shape[0]),
+                        "seconds": round(time.perf_counter() - start + (seconds if n == group else 0), 4)})
+
+
+def build(method: AwqMethod, base, out_dir, calib: torch.Tensor, calib_info=None) -> dict:
+    meta = skeleton(base.path)
+    check_group_sizes(meta, method)
+    rows = AWQ_MAPPINGS[meta.config.model_type]
+    log, pending = [], {}
+    ignore = lambda name: ignored(name, method.ignore)  # noqa: E731
+    group_size_of = lambda name, cols: group_size_for(name, cols, method.group_size, method.on_indivisible)  # noqa: E731
+    scaled_only = method.export == "scaled-fp16"
+
+    def process_layer(i, layer, acts):
+        awq_layer(i, layer, acts, rows, method, group_size_of, ignore, pending, log, quantize=not scaled_only)
+
+    checkpoint = Checkpoint(out_dir)  # continues after the last finished layer of an interrupted build
+    layers = stream_layers(base.path, calib, process_layer, checkpoint=checkpoint)
+    info = write_streamed(method, base, out_dir, meta, layers, pending, log, pack=not scaled_only,
+                          checkpoint=checkpoint)
+    return {"scheme": "awq-scaled-fp16" if scaled_only else f"w{method.bits}a16", **info}

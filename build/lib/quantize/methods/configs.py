@@ -1,0 +1,182 @@
+"""Each method's settings, as the recipe's `method:` entries give them: pydantic models validated once at the
+edge (unknown keys rejected, every value checked), discriminated on `name`. No torch here: a recipe is checked
+in a fraction of a second, before any work.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, ClassVar, Literal, Union, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from quantize.formats import CLASSIC_BITS
+from quantize.formats.gguf_types import MIXES, UNQUANTIZED
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    layer_wise: ClassVar[bool] = False  # streamed through methods/engine.py, one decoder layer at a time
+
+
+# ---- methods -------------------------------------------------------------------------------------------
+class Int8Method(Strict):
+    """INT8 weights. `w8a16`: symmetric per-output-channel round-to-nearest, written as compressed-tensors.
+    `llm.int8`: bitsandbytes LLM.int8 (int8 weights, fp16 outlier columns above `threshold`)."""
+
+    name: Literal["int8"]
+    scheme: Literal["w8a16", "llm.int8"] = "w8a16"
+    threshold: float = Field(6.0, gt=0, description="LLM.int8 outlier threshold (llm.int8 only)")
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="regexes of linears left alone")
+    variant: str | None = Field(None, description="name of this variant's folder; default: method-scheme")
+
+    def default_variant(self) -> str:
+        return self.variant or f"int8-{self.scheme}"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return False
+
+
+class WeightOnly(Strict):
+    """Integer weights on b-bit grids per group of `group_size` input columns (-1: per output channel)."""
+
+    layer_wise: ClassVar[bool] = True
+
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: Literal[-1, 32, 64, 128, 256] = 128
+    sym: bool = True
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="regexes of linears left alone")
+    on_indivisible: Literal["fail", "channel"] = Field(
+        "fail", description="a linear whose input size is not a multiple of group_size: fail, or go per channel")
+    format: Literal["compressed-tensors", "gptq", "awq"] = Field(
+        "compressed-tensors", description="on-disk layout: compressed-tensors pack-quantized (vLLM, SGLang, "
+        "transformers), or the classic `gptq` (v1) / `awq` (GEMM) int32 layouts for older stacks")
+    variant: str | None = None
+
+    @model_validator(mode="after")
+    def _format_packs_bits(self):
+        if self.format in CLASSIC_BITS and self.bits not in CLASSIC_BITS[self.format]:
+            raise ValueError(f"format {self.format!r} packs bits {list(CLASSIC_BITS[self.format])}, got bits {self.bits}")
+        return self
+
+    def default_variant(self) -> str:
+        grid = "sym" if self.sym else "asym"
+        group = "ch" if self.group_size == -1 else f"g{self.group_size}"
+        layout = "" if self.format == "compressed-tensors" else f"-{self.format}"
+        options = "-mse" if getattr(self, "observer", "minmax") == "mse" else ""
+        options += "-refgrid" if getattr(self, "group_grid", "updated") == "reference" else ""
+        return self.variant or f"{self.name}-w{self.bits}-{grid}-{group}{options}{layout}"
+
+
+OBSERVER = Field("minmax", description="how each group's grid is chosen: minmax (its min/max), or mse (the range "
+                                       "shrunk to minimise Σ|Q(w) − w|^2.4, the GPTQ reference's `mse` option)")
+
+
+class RtnMethod(WeightOnly):
+    """Round-to-nearest on each group's grid: the calibration-free baseline."""
+
+    name: Literal["rtn"]
+    observer: Literal["minmax", "mse"] = OBSERVER
+
+    @property
+    def needs_calibration(self) -> bool:
+        return False
+
+
+class GptqMethod(WeightOnly):
+    """GPTQ (Frantar et al., 2022): Hessian-aware rounding with error feedback, layer by layer."""
+
+    name: Literal["gptq"]
+    observer: Literal["minmax", "mse"] = OBSERVER
+    act_order: bool = False
+    group_grid: Literal["updated", "reference"] = Field(
+        "updated", description="without act_order, where a group's grid comes from: the weights with all error "
+        "feedback so far (updated), or W as IST-DASLab's reference and llm-compressor read it (reference)")
+    damp: float = Field(0.01, gt=0, lt=1, description="fraction of mean(diag H) added to the diagonal")
+    block_size: int = Field(128, ge=1)
+    true_sequential: bool = True
+    device: str = Field("auto", description="where the layers, activations and Hessians live: auto (cuda when visible), "
+                                    "cpu, cuda or cuda:N")
+    forward_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the calibration forward passes (linears and attention under autocast); "
+                               "the Hessians and the GPTQ solve are float32 either way")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"unknown device {value!r}; accepted: auto, cpu, cuda, cuda:N")
+        return value
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+
+class AwqMethod(WeightOnly):
+    """AWQ (Lin et al., 2023): per-channel scales searched on calibration activations and folded into the
+    previous op, a clipping search, then round-to-nearest with a zero point, layer by layer."""
+
+    name: Literal["awq"]
+    sym: bool = False
+    n_grid: int = Field(20, ge=1, description="points of the scale exponent grid α ∈ [0, 1)")
+    duo_scaling: bool = Field(True, description="s = x̄^α / w̄^(1-α) as AutoAWQ and llm-compressor; false: x̄^α")
+    clip: bool = Field(True, description="search a clipping range per group (not for q/k)")
+    clip_tokens: int = Field(512, ge=1, description="calibration tokens (evenly spaced) used by the clip search")
+    export: Literal["quantized", "scaled-fp16"] = Field(
+        "quantized", description="scaled-fp16: the AWQ-scaled and clipped model, unquantised (e.g. to feed GGUF)")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    def default_variant(self) -> str:
+        if self.variant is None and self.export == "scaled-fp16":
+            return super().default_variant() + "-scaled-fp16"
+        return super().default_variant()
+
+
+IMATRIX_BY_DEFAULT = ("Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K")  # 4 bits and below
+
+
+class GgufMethod(Strict):
+    """GGUF for llama.cpp / Ollama / LM Studio: converted from the HF checkpoint, k-quants by llama.cpp's own
+    quantiser (its Q4_K_M etc. mixes), with an importance matrix from the calibration data."""
+
+    name: Literal["gguf"]
+    type: Literal[tuple(MIXES)] = "Q4_K_M"
+    imatrix: bool | None = Field(None, description="use an importance matrix; default: on for 4-bit types and below")
+    pure: bool = Field(False, description="every quantized tensor gets `type` (no llama.cpp mix)")
+    awq_scales: bool = Field(False, description="fold AWQ scales (4-bit asym g32 search, clipping) into the model "
+                                                "before conversion, as AutoAWQ's export for llama.cpp does")
+    variant: str | None = None
+
+    @model_validator(mode="after")
+    def _options_that_apply(self):
+        if self.type in UNQUANTIZED and (self.imatrix or self.awq_scales or self.pure):
+            raise ValueError(f"type {self.type} is not quantized: imatrix, awq_scales and pure apply to Q8_0 … Q2_K")
+        return self
+
+    @property
+    def use_imatrix(self) -> bool:
+        if self.type in UNQUANTIZED:
+            return False
+        return self.type in IMATRIX_BY_DEFAULT if self.imatrix is None else self.imatrix
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.use_imatrix or self.awq_scales
+
+    def default_variant(self) -> str:
+        tags = ("-awq" if self.awq_scales else "") + ("-imat" if self.use_imatrix else "") + ("-pure" if self.pure else "")
+        return self.variant or f"gguf-{self.type.lower()}{tags}"
+
+
+# The method names, once: each config's `name` literal. The recipe's `method` is a union discriminated on it and the
+# registry (registry.py) maps the same names to the modules that build them.
+CONFIGS: dict[str, type[Strict]] = {
+    get_args(c.model_fields["name"].annotation)[0]: c for c in (Int8Method, RtnMethod, GptqMethod, AwqMethod, GgufMethod)
+}
+METHOD_NAMES = tuple(CONFIGS)
+Method = Annotated[Union[tuple(CONFIGS.values())], Field(discriminator="name")]

@@ -1,0 +1,284 @@
+"""Streamed, layer-by-layer calibration for decoder-only models (the GPTQ reference's `sequential` loop).
+
+The model is built on the meta device; only one decoder layer's weights are read from the safetensors shards
+at a time. The calibration tokens go through the embedding once; then for each layer the layer's method runs
+on the activations entering it, the activations go through the processed layer to become the next layer's
+inputs, and the finished layer goes to the writer and its weights are dropped.
+
+GPTQ's true-sequential order (q/k/v, then o, then gate/up, then down, each calibrated on inputs that already went
+through the quantized linears before it) runs the layer in stages (`staged_layer`), so one pass through the
+layer serves every group and also gives the next layer's inputs:
+
+    h1 = input_layernorm(x)                      -> q/k/v inputs          quantize q/k/v
+    a  = attention core on h1                    -> o_proj input          quantize o
+    x2 = x + o_proj(a);  h2 = post_norm(x2)      -> gate/up inputs        quantize gate/up
+    m  = act(gate_proj(h2)) * up_proj(h2)        -> down_proj input       quantize down
+    out = x2 + down_proj(m)                      -> the next layer's x
+
+The layer, the activations and the Hessians live on one device (`device: auto` picks CUDA when torch sees it);
+the finished layer goes back to the CPU only to be written.
+
+Peak memory ≈ one layer + its Hessians + the calibration activations (the layer's input, x2 and the current
+stage's input; without true sequential all four stage inputs) + the embedding while it is used, not the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from quantize.common.errors import QuantizeError
+from quantize.sources.models import meta_model
+from quantize.sources.shards import Shards
+
+# Which linears of a decoder layer are quantized together, in order (GPTQ "true sequential"): each group sees
+# inputs that already went through the quantized groups before it. One row per architecture family.
+SEQUENTIAL_GROUPS: dict[str, list[list[str]]] = {
+    "llama": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
+}
+# the same layout: Qwen3's per-head q/k norms sit inside the attention, between q/k_proj and the rotary embedding
+for _family in ("mistral", "qwen2", "qwen3"):
+    SEQUENTIAL_GROUPS[_family] = SEQUENTIAL_GROUPS["llama"]
+
+
+def materialize(module: torch.nn.Module, prefix: str, shards: Shards, dtype=torch.float32) -> None:
+    for name, param in list(module.named_parameters()):
+        owner, _, leaf = name.rpartition(".")
+        target = module.get_submodule(owner) if owner else module
+        tensor = shards.get(prefix + name).to(dtype)
+        target._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+
+
+def release(module: torch.nn.Module) -> None:
+    module.to("meta")
+
+
+def check_model(config: dict, seq_len: int | None = None) -> None:
+    """Fail before any work if the engine cannot stream this model: its type has no row in SEQUENTIAL_GROUPS, or
+    (with calibration of `seq_len` tokens) a sliding window shorter than the calibration sequences."""
+    model_type = config.get("model_type")
+    if model_type not in SEQUENTIAL_GROUPS:
+        raise QuantizeError(f"layer-wise methods support model types {', '.join(SEQUENTIAL_GROUPS)}; "
+                            f"the model is {model_type!r}")
+    window = config.get("sliding_window")
+    if seq_len is not None and window and config.get("use_sliding_window", True) and seq_len > window:
+        raise QuantizeError(f"calibration sequences of {seq_len} tokens exceed the model's sliding_window {window}; "
+                            f"the layer-wise engine runs full causal attention, so use `calibration.seq_len` <= "
+                            f"{window}")
+
+
+def skeleton(base_path: Path):
+    model = meta_model(base_path)
+    try:
+        check_model(model.config.to_dict())
+    except QuantizeError as exc:
+        raise QuantizeError(f"{base_path}: {exc}") from None
+    return model
+
+
+class Activations:
+    """The calibration activations entering the current decoder layer, and how to run blocks of it on them.
+
+    hidden: [samples, seq_len, hidden]; position_embeddings: (cos, sin) [1, seq_len, head_dim]. Blocks run in
+    batches of `batch` sequences with no attention mask (causal attention over whole sequences).
+
+    The activations are kept in float32. With forward_dtype bfloat16 the blocks run under autocast: linears and
+    attention in bfloat16 (about 4x the float32 matmul rate on CPUs with AVX512-BF16, and the usual dtype on
+    GPUs), norms and the residual additions in float32; what a block returns is float32 again."""
+
+    def __init__(self, hidden: torch.Tensor, position_embeddings, batch: int,
+                 forward_dtype: torch.dtype = torch.float32):
+        self.hidden, self.position_embeddings, self.batch = hidden, position_embeddings, batch
+        self.forward_dtype = forward_dtype
+
+    def forward(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`block` (a decoder layer, its attention, its MLP, a linear or a function of x) applied to x
+        [samples, seq_len, d] in batches."""
+        takes_positions = "position_embeddings" in inspect.signature(getattr(block, "forward", block)).parameters
+        outs = []
+        autocast = torch.autocast(x.device.type, dtype=self.forward_dtype,
+                                  enabled=self.forward_dtype != torch.float32)
+        for s in range(0, x.shape[0], self.batch):
+            xb = x[s : s + self.batch]
+            with autocast:
+                if takes_positions:  # decoder layer or attention: rotary (cos, sin) for this batch, causal mask
+                    cos, sin = self.position_embeddings
+                    n = xb.shape[0]
+                    result = block(xb, attention_mask=None,
+                                   position_embeddings=(cos.expand(n, -1, -1), sin.expand(n, -1, -1)))
+                else:
+                    result = block(xb)
+            outs.append((result[0] if isinstance(result, tuple) else result).float())
+        return torch.cat(outs)
+
+    def run(self, layer: torch.nn.Module) -> torch.Tensor:
+        return self.forward(layer, self.hidden)
+
+    def capture(self, layer: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+        """One pass through `layer`; the inputs each named submodule saw, [samples, seq_len, in_features]."""
+        seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        hooks = [layer.get_submodule(n).register_forward_hook(lambda m, inp, out, n=n: seen[n].append(inp[0]))
+                 for n in names]
+        try:
+            self.run(layer)
+        finally:
+            for h in hooks:
+                h.remove()
+        return {n: torch.cat(xs) for n, xs in seen.items()}
+
+
+class Checkpoint:
+    """Where a streamed build stands after its last finished decoder layer: `folder/.resume-state.pt` holds the
+    layer index, the calibration activations entering the next layer (float32, exactly as computed) and the
+    writer's state (`extra()`, set by the writer). Saved atomically after each layer's shard is on disk, so a
+    build killed at any moment continues with the layer after the last saved one and writes the same bytes."""
+
+    FILE = ".resume-state.pt"
+
+    def __init__(self, folder: Path):
+        self.path = folder / self.FILE
+        self.state = torch.load(self.path, weights_only=False) if self.path.is_file() else None
+        self.extra: Callable[[], dict] = dict
+
+    @property
+    def next_layer(self) -> int:
+        return 0 if self.state is None else self.state["layer"] + 1
+
+    def save(self, layer: int, hidden: torch.Tensor | None) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({"layer": layer, "hidden": None if hidden is None else hidden.cpu(), **self.extra()}, tmp)
+        os.replace(tmp, self.path)
+
+    def done(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+@torch.inference_mode()
+def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Callable, batch: int = 8,
+                  device: str = "cpu", forward_dtype: torch.dtype = torch.float32,
+                  checkpoint: Checkpoint | None = None) -> Iterator[tuple[int, torch.nn.Module]]:
+    """Yield (index, processed decoder layer) one at a time. `process_layer(i, layer, acts)` changes the layer
+    in place; `acts` is the calibration Activations entering it (None without calibration). It may return the
+    processed layer's output on those activations; otherwise they go through the processed layer here to become
+    the next layer's inputs. The layer and the activations live on `device` (see `resolve_device`).
+
+    With a `checkpoint`, the state is saved once the consumer has taken each layer (written it), and a checkpoint
+    that holds a state starts after its layer, from its saved activations."""
+    shards = Shards(base_path)
+    model = skeleton(base_path)
+    inner = model.model
+    start = checkpoint.next_layer if checkpoint is not None else 0
+
+    acts = None
+    if calib is not None:
+        try:
+            check_model(model.config.to_dict(), int(calib.shape[1]))
+        except QuantizeError as exc:
+            raise QuantizeError(f"{base_path}: {exc}") from None
+        if start:  # resumed: the activations entering layer `start`, as the interrupted build saved them
+            hidden = checkpoint.state["hidden"].to(device)
+        else:
+            materialize(inner.embed_tokens, "model.embed_tokens.", shards)
+            hidden = inner.embed_tokens(calib).float().to(device)  # [samples, seq_len, hidden]
+            release(inner.embed_tokens)
+        rotary = type(inner.rotary_emb)(config=model.config).to(device)  # fresh: inv_freq is not a weight
+        positions = rotary(hidden[:1], torch.arange(calib.shape[1], device=device)[None])
+        acts = Activations(hidden, positions, batch, forward_dtype)
+
+    for i, layer in enumerate(inner.layers):
+        if i < start:
+            continue
+        materialize(layer, f"model.layers.{i}.", shards)
+        layer.to(device)
+        out = process_layer(i, layer, acts)
+        if acts is not None:
+            acts.hidden = out if out is not None else acts.run(layer)
+        yield i, layer
+        if checkpoint is not None:  # the consumer has written layer i
+            checkpoint.save(i, acts.hidden if acts is not None else None)
+        release(layer)
+
+
+def staged_layer(layer: torch.nn.Module, acts: Activations, on_stage: Callable, quantize_between: bool = True
+                 ) -> torch.Tensor | None:
+    """A llama-family decoder layer run on acts.hidden in the stages of the module docstring. After each stage
+    `on_stage(group, X)` gets the group's SEQUENTIAL_GROUPS["llama"] index and its input X [samples, seq_len, in];
+    with quantize_between the later stages run on the linears as on_stage left them (true sequential), and the
+    result is the processed layer's output. Without it, all four inputs come from the layer as it was, and the
+    caller runs the processed layer itself (returns None)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    x = acts.hidden
+    h1 = acts.forward(layer.input_layernorm, x)
+    if quantize_between:
+        on_stage(0, h1)
+    seen = []  # the attention's o_proj input, captured while the attention runs
+    hook = attn.o_proj.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    try:
+        attn_out = acts.forward(attn, h1)
+    finally:
+        hook.remove()
+    a = torch.cat(seen)
+    del seen
+    if quantize_between:  # each stage input is dropped once the next stage has what it needs
+        del h1, attn_out
+        on_stage(1, a)
+        attn_out = acts.forward(attn.o_proj, a)
+        del a
+    x2 = x + attn_out
+    del attn_out
+    h2 = acts.forward(layer.post_attention_layernorm, x2)
+    if quantize_between:
+        on_stage(2, h2)
+    m = acts.forward(lambda v: mlp.act_fn(mlp.gate_proj(v)) * mlp.up_proj(v), h2)
+    if not quantize_between:
+        for group, X in enumerate((h1, a, h2, m)):
+            on_stage(group, X)
+        return None
+    del h2
+    on_stage(3, m)
+    return x2 + acts.forward(mlp.down_proj, m)
+
+
+def quantize_layers(base_path: Path, calib: torch.Tensor | None, quantize_group: Callable, ignore: Callable,
+                    model_type: str, true_sequential: bool = True, batch: int = 8, device: str = "cpu",
+                    forward_dtype: torch.dtype = torch.float32, checkpoint: Checkpoint | None = None
+                    ) -> Iterator[tuple[int, torch.nn.Module]]:
+    """GPTQ-style streaming: per layer, the sequential groups in order. `quantize_group(layer_index,
+    {name: linear}, X)` quantizes the linears in place from their common input X [samples, seq_len, in] (None
+    without calibration). `ignore(full_name)` says which linears stay as they are."""
+    groups = SEQUENTIAL_GROUPS[model_type]
+    assert groups == SEQUENTIAL_GROUPS["llama"], f"staged_layer runs the llama layout's stages, not {model_type}'s"
+
+    def process_layer(i, layer, acts):
+        def on_stage(group: int, X: torch.Tensor | None) -> None:
+            linears = {n: layer.get_submodule(n) for n in groups[group] if not ignore(f"model.layers.{i}.{n}")}
+            if linears:
+                quantize_group(i, linears, X)
+
+        if acts is None:
+            for group in range(len(groups)):
+                on_stage(group, None)
+            return None
+        return staged_layer(layer, acts, on_stage, quantize_between=true_sequential)
+
+    return stream_layers(base_path, calib, process_layer, batch, device, forward_dtype, checkpoint)
+
+
+def resolve_device(device: str, where: str) -> str:
+    """The recipe's `device` (auto, cpu, cuda, cuda:N) as a torch device; auto is cuda when one is visible."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise QuantizeError(f"{where}: device {device!r}, but this torch ({torch.__version__}) sees no CUDA "
+                                "device; use `device: auto` or `cpu`")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise QuantizeError(f"{where}: device {device!r}, but only {torch.cuda.device_count()} CUDA device(s) "
+                                "are visible")
+    return device

@@ -1,0 +1,132 @@
+"""GGUF: the llama.cpp / Ollama / LM Studio artefact.
+
+    HF checkpoint ──gguf_convert──▶ F16 GGUF ──llama.cpp llama_model_quantize(type, imatrix)──▶ model.gguf
+
+The k-quant mixes (which tensors get Q6_K in a Q4_K_M, …) are llama.cpp's own. The importance matrix is the
+mean of x² per input column of every decoder linear over the recipe's calibration tokens, gathered with
+forward hooks while the calibration activations stream through the base model layer by layer (one pass per
+layer). It is written beside the model in llama.cpp's GGUF imatrix format (imatrix.gguf: `<tensor>.in_sum2`,
+`<tensor>.counts`), so `llama-quantize --imatrix imatrix.gguf` reproduces the artefact. Beside model.gguf go an
+Ollama Modelfile and a model card.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantize.formats import gguf_convert
+from quantize.formats.gguf_types import UNQUANTIZED
+from quantize.formats.tensors import gguf_stats
+from quantize.methods import awq
+from quantize.methods.configs import AwqMethod, GgufMethod
+from quantize.methods.statistics import importance_matrix
+from quantize.runtimes import llamacpp
+from quantize.sources.models import load_tokenizer
+
+Config = GgufMethod
+
+# Chat templates Ollama needs in its own Go-template syntax, keyed by a marker of the Jinja template.
+OLLAMA_TEMPLATES = {
+    "<|im_start|>": ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
+                     '<|im_start|>assistant\n', ["<|im_end|>"]),
+    "<|start_header_id|>": ('{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
+                            '{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n',
+                            ["<|eot_id|>"]),
+}
+
+
+def write_imatrix(path: Path, sums: dict[str, np.ndarray], tokens: int, dataset: str, chunks: int,
+                  chunk_size: int) -> None:
+    """llama.cpp's GGUF imatrix file (tools/imatrix): per tensor `.in_sum2` [1, n_cols] and `.counts` [1, 1]."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, arch="imatrix")
+    writer.add_type("imatrix")
+    writer.add_array("imatrix.datasets", [dataset])
+    writer.add_uint32("imatrix.chunk_count", chunks)
+    writer.add_uint32("imatrix.chunk_size", chunk_size)
+    for name, in_sum2 in sorted(sums.items()):
+        writer.add_tensor(f"{name}.in_sum2", np.asarray(in_sum2, dtype=np.float32)[None])
+        writer.add_tensor(f"{name}.counts", np.array([[tokens]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def modelfile(tokenizer, gguf_name: str) -> str:
+    template = getattr(tokenizer, "chat_template", None) or ""
+    lines = [f"FROM ./{gguf_name}"]
+    for marker, (go_template, stops) in OLLAMA_TEMPLATES.items():
+        if marker in template:
+            lines.append(f'TEMPLATE """{go_template}"""')
+            lines += [f'PARAMETER stop "{s}"' for s in stops]
+            break
+    else:
+        lines.append("# chat template: none recognised; Ollama reads tokenizer.chat_template from the GGUF")
+        if tokenizer.eos_token:
+            lines.append(f'PARAMETER stop "{tokenizer.eos_token}"')
+    return "\n".join(lines) + "\n"
+
+
+def model_card(method, base, info: dict) -> str:
+    imat = info.get("imatrix")
+    imatrix_line = (f"from {imat['dataset']} ({imat['chunks']} chunks × {imat['chunk_size']} tokens), in imatrix.gguf"
+                    if imat else "none")
+    return "\n".join([
+        f"# {base.path.name}: GGUF {method.type}", "",
+        f"- base model: {base.describe()}",
+        f"- type: {method.type} (llama.cpp's mix{', pure' if method.pure else ''}), quantized by llama.cpp's own "
+        f"quantiser through llama-cpp-python {info['llama_cpp_python']}",
+        f"- importance matrix: {imatrix_line}",
+        f"- AWQ scales folded in before conversion: {'yes (4-bit asym g32 search + clipping)' if info.get('awq_scales') else 'no'}",
+        f"- size: {info['bytes']} bytes of tensors, {info['bits_per_weight']:.3f} bits per weight over all tensors", "",
+        "Run: `llama-cli -m model.gguf` · `ollama create NAME -f Modelfile` · LM Studio: load model.gguf.",
+        "Quality and speed as measured by quantize: results.json beside this file.", ""])
+
+
+def build(method: GgufMethod, base, out_dir: Path, calib: torch.Tensor | None, calib_info: dict | None = None
+          ) -> dict:
+    lib = llamacpp.binding()
+    target = out_dir / "model.gguf"
+    info: dict = {"format": "gguf", "type": method.type, "llama_cpp_python": lib.__version__}
+    work = out_dir / "work"
+    work.mkdir()
+    source_model = base
+    if method.awq_scales:  # AWQ-scaled, clipped, unquantised fp16 checkpoint; llama.cpp quantizes that
+        scaled = work / "awq-scaled"
+        scaled.mkdir()
+        awq_method = AwqMethod(name="awq", bits=4, group_size=32, sym=False, export="scaled-fp16",
+                               on_indivisible="channel")
+        awq.build(awq_method, base, scaled, calib)
+        source_model = type(base)(base.spec, scaled, base.origin)
+        info["awq_scales"] = awq_method.model_dump(mode="json")
+    if method.type in UNQUANTIZED:
+        gguf_convert.convert(source_model.path, target, method.type, name=base.path.name)
+    else:
+        source = gguf_convert.convert(source_model.path, work / "base-f16.gguf", "F16", name=base.path.name)
+        imatrix, metadata = None, {}
+        if method.use_imatrix:
+            sums, tokens = importance_matrix(source_model.path, calib)
+            config = base.config
+            names = gguf_convert.tensor_names(gguf_convert.ARCHES[config["model_type"]], config["num_hidden_layers"])
+            sums = {names.get_name(k, try_suffixes=(".weight",)): v.numpy() for k, v in sums.items()}
+            dataset = (calib_info or {}).get("source", "calibration")
+            write_imatrix(out_dir / "imatrix.gguf", sums, tokens, dataset, int(calib.shape[0]), int(calib.shape[1]))
+            imatrix = {k: v / tokens for k, v in sums.items()}  # in_sum2 / counts, as llama-quantize reads it
+            metadata = {"quantize.imatrix.file": "imatrix.gguf", "quantize.imatrix.dataset": dataset,
+                        "quantize.imatrix.entries_count": len(imatrix),
+                        "quantize.imatrix.chunks_count": int(calib.shape[0])}
+            info["imatrix"] = {"dataset": dataset, "chunks": int(calib.shape[0]), "chunk_size": int(calib.shape[1]),
+                               "entries": len(imatrix), "tokens": tokens}
+        llamacpp.quantize(source, target, method.type, imatrix, metadata, pure=method.pure)
+    shutil.rmtree(work)
+    info.update(gguf_stats(target))
+    tokenizer = load_tokenizer(base.path)
+    (out_dir / "Modelfile").write_text(modelfile(tokenizer, target.name))
+    (out_dir / "README.md").write_text(model_card(method, base, info))
+    return info

@@ -1,0 +1,117 @@
+"""INT8 weights, two ways.
+
+`w8a16`: every linear's weight row W[o, :] gets one symmetric scale, scale[o] = max|W[o, :]| / 127.5, and
+q = clamp(round(W / scale), -128, 127); activations stay 16-bit. Written as a compressed-tensors checkpoint
+(`pack-quantized`, the format vLLM/SGLang load and transformers reloads with the compressed-tensors package).
+The packing and the config are done by the compressed-tensors library itself; we only choose the scales.
+
+`llm.int8`: bitsandbytes' LLM.int8 (Dettmers et al., 2022): vector-wise int8 weights, with input columns whose
+activations exceed `threshold` computed in fp16. Saved with transformers' bitsandbytes serialisation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from quantize.formats.compressed_tensors import STORAGE_DTYPE
+from quantize.methods import grids
+from quantize.methods.configs import Int8Method
+from quantize.sources.models import BaseModel, ignored, load_model, load_tokenizer, meta_model
+
+Config = Int8Method
+
+
+def linear_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def build(method: Int8Method, base: BaseModel, out_dir: Path, calib=None, calib_info=None) -> dict:
+    if method.scheme == "w8a16":
+        return build_w8a16(method, base, out_dir)
+    return build_llm_int8(method, base, out_dir)
+
+
+def quantize_w8a16_(model: torch.nn.Module, ignore: list[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Round every non-ignored linear's weight onto its per-channel int8 grid, in place; return the scales.
+    Scales are first rounded to the storage dtype so the artefact reproduces these weights exactly."""
+    scales, skipped = {}, []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if ignored(name, ignore):
+            skipped.append(name)
+            continue
+        W = module.weight.data.float()
+        scale, zero = grids.scale_zero(W, bits=8, symmetric=True)  # [out, 1]
+        scale = scale.to(STORAGE_DTYPE).float()
+        q = grids.quantize(W, scale, zero, bits=8, symmetric=True)
+        module.weight.data = grids.dequantize(q, scale, zero).to(module.weight.dtype)
+        scales[name] = scale
+    return scales, skipped
+
+
+def write_compressed_tensors(
+    model: torch.nn.Module, scales: dict[str, torch.Tensor], skipped: list[str], out_dir: Path, bits: int = 8
+) -> None:
+    """Save a model whose linears already lie on the symmetric per-channel grids given by `scales`
+    ([out, 1] each) as compressed-tensors; the library re-derives q = round(W / scale) and packs it."""
+    from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+        apply_quantization_config,
+    )
+
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="channel")
+    config = QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+        ignore=skipped,
+        quantization_status=QuantizationStatus.FROZEN,
+    )
+    apply_quantization_config(model, config, show_progress=False)
+    for name, module in model.named_modules():
+        if hasattr(module, "weight_scale"):
+            module.weight_scale.data = scales[name].to(module.weight_scale.dtype)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.to(STORAGE_DTYPE)  # scales, norms and embeddings; the packed int32 weights keep their dtype
+    model.config.dtype = STORAGE_DTYPE
+    model.save_pretrained(out_dir)
+    compressor.update_config(out_dir)
+
+
+def build_w8a16(method: Int8Method, base: BaseModel, out_dir: Path) -> dict:
+    model = load_model(base.path, "float32")
+    scales, skipped = quantize_w8a16_(model, method.ignore)
+    write_compressed_tensors(model, scales, skipped, out_dir)
+    load_tokenizer(base.path).save_pretrained(out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    return {
+        "scheme": "w8a16",
+        "format": "compressed-tensors",
+        "quantization_config": config["quantization_config"],
+        "quantized_linears": len(scales),
+        "ignored_linears": skipped,
+    }
+
+
+def build_llm_int8(method: Int8Method, base: BaseModel, out_dir: Path) -> dict:
+    from transformers import BitsAndBytesConfig
+
+    skipped = [n for n in linear_names(meta_model(base.path)) if ignored(n, method.ignore)]
+    bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=method.threshold, llm_int8_skip_modules=skipped)
+    model = load_model(base.path, "float16", quantization_config=bnb, device_map="cpu")
+    model.save_pretrained(out_dir)
+    load_tokenizer(base.path).save_pretrained(out_dir)
+    return {
+        "scheme": "llm.int8",
+        "format": "bitsandbytes",
+        "threshold": method.threshold,
+        "quantized_linears": sum(type(m).__name__ == "Linear8bitLt" for m in model.modules()),
+        "ignored_linears": skipped,
+    }

@@ -1,0 +1,90 @@
+"""Per-linear input statistics gathered on calibration activations, for any method that asks for them:
+
+    H   = 2/n · Σ XᵀX         GPTQ's Hessian of the layer-wise squared error (Hessian, accumulate_hessian)
+    Σx² = diag(Σ XᵀX)          llama.cpp's importance matrix (importance_matrix): what its quantiser weighs each
+                              input column's rounding error by
+
+X is a linear's input [tokens, cols]. Both are float32/float64 sums over the calibration tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quantize.methods.engine import SEQUENTIAL_GROUPS, stream_layers
+
+
+@dataclass
+class Hessian:
+    """The running 2/n · Σ XᵀX of one linear's inputs (shared by the linears that read the same input)."""
+
+    H: torch.Tensor  # [cols, cols], float32
+    n: int = 0
+
+    @classmethod
+    def zeros(cls, cols: int, device=None) -> "Hessian":
+        return cls(torch.zeros(cols, cols, dtype=torch.float32, device=device))
+
+
+def accumulate_hessian(hess: Hessian, X: torch.Tensor) -> None:
+    """Running mean of 2·XᵀX over all tokens seen; X is [..., cols]. float32 throughout."""
+    X = X.reshape(-1, X.shape[-1]).float()
+    tokens = X.shape[0]
+    hess.H *= hess.n / (hess.n + tokens)
+    hess.n += tokens
+    hess.H += gram(X, 2 / hess.n)
+
+
+def gram(X: torch.Tensor, alpha: float, block: int = 256) -> torch.Tensor:
+    """alpha·XᵀX for X [tokens, cols]. The product is symmetric, so only the blocks on and above the diagonal are
+    multiplied (a blocked syrk): ~60% of a full matmul's multiply-adds at 1536 columns. On SmolLM2-135M with
+    32×512 calibration tokens the Hessians took 11.9 s instead of 17.3 s (2 CPU threads)."""
+    cols = X.shape[1]
+    G = torch.empty(cols, cols, dtype=X.dtype, device=X.device)  # the only cols² buffer: Hessians can be large
+    for i in range(0, cols, block):
+        j = min(i + block, cols)
+        G[i:j, i:] = X[:, i:j].T @ X[:, i:]  # block row i, from the diagonal on
+        D = G[i:j, i:j]
+        G[i:j, i:j] = D.triu() + D.triu(1).T  # the diagonal block exactly symmetric: its upper triangle mirrored
+        G[j:, i:j] = G[i:j, j:].T  # the blocks below the diagonal mirror those right of it
+    return G.mul_(alpha)
+
+
+_IMATRIX_CACHE: dict[tuple[str, int], tuple[dict[str, torch.Tensor], int]] = {}  # variants of one run share it
+
+
+def importance_matrix(base_path: Path, calib: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+    """HF linear weight name → Σx² per input column, and the number of tokens behind each sum."""
+    key = (str(base_path), hash(calib.numpy().tobytes()))
+    if key not in _IMATRIX_CACHE:
+        _IMATRIX_CACHE.clear()  # keep one: the sums are as large as the model's input columns
+        _IMATRIX_CACHE[key] = _importance_matrix(base_path, calib)
+    return _IMATRIX_CACHE[key]
+
+
+def _importance_matrix(base_path: Path, calib: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def accumulate(name, module, inputs, output):
+        x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+        sums[name] = sums.get(name, 0) + (x * x).sum(0)
+
+    model_type = json.loads((base_path / "config.json").read_text())["model_type"]
+    linears = [n for group in SEQUENTIAL_GROUPS[model_type] for n in group]
+
+    def process(i, layer, acts):  # hooks see the propagation pass stream_layers makes after this
+        for n in linears:
+            name = f"model.layers.{i}.{n}.weight"
+            hooks.append(layer.get_submodule(n).register_forward_hook(
+                lambda m, inp, out, name=name: accumulate(name, m, inp, out)))
+
+    for _ in stream_layers(base_path, calib, process):
+        for h in hooks:
+            h.remove()
+        hooks.clear()
+    return sums, int(calib.numel())

@@ -1,0 +1,186 @@
+"""What every streamed weight-only method (RTN, GPTQ, AWQ) shares: the group-size check, the layer loop, the
+per-layer log and the writers (compressed-tensors, or the classic gptq/awq layouts). A method that solves one
+linear at a time (RTN, GPTQ) hands `build_streamed` its solve:
+
+    solve(W, H | None, group_size) -> Solved(q, scale, zero, row_loss, damp)
+
+H is the linear's input Hessian (methods/statistics.py) when the method calibrates, else None. W may hold the
+rows of several linears that share H and the group size (q/k/v, gate/up); the log books the solve's seconds on
+the first of them (0 on the others) and names the linears solved with it. The engine knows no method: it
+gathers the statistic and calls the solve it was given.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from quantize.common.errors import QuantizeError
+from quantize.common.ui import track
+from quantize.formats.classic import ClassicWriter
+from quantize.formats.compressed_tensors import CompressedTensorsWriter
+from quantize.methods import grids
+from quantize.methods.engine import Checkpoint, quantize_layers, resolve_device, skeleton
+from quantize.methods.statistics import Hessian, accumulate_hessian
+from quantize.sources.models import BaseModel, ignored, load_tokenizer
+
+
+@dataclass
+class Solved:
+    """One solve of a weight matrix W [rows, cols] onto its group grids."""
+
+    q: torch.Tensor  # integer codes [rows, cols] (int32, natural column order)
+    scale: torch.Tensor  # [rows, n_groups]
+    zero: torch.Tensor  # [rows, n_groups]
+    row_loss: torch.Tensor  # [rows]: the method's loss per output row (GPTQ: Σ_j (w − q)² / Hinv_jj² / 2)
+    damp: float = 0.0  # the absolute dampening added to diag(H) (GPTQ)
+
+    @property
+    def loss(self) -> float:
+        return float(self.row_loss.sum())
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in (32, 64, 96, 128, 192, 256) if n % d == 0]
+
+
+def group_size_for(name: str, cols: int, group_size: int, on_indivisible: str) -> int:
+    """The group size a linear really gets: the recipe's, or per-channel (-1) when its input size is not a
+    multiple of it and the recipe allows the fallback; otherwise a clear error."""
+    if group_size == -1 or cols % group_size == 0:
+        return group_size
+    if on_indivisible == "channel":
+        return -1
+    raise QuantizeError(
+        f"{name}: input size {cols} is not divisible by group_size {group_size}; group sizes that work for it: "
+        f"{', '.join(map(str, divisors(cols))) or 'none'} or -1 (per channel). Set `group_size`, add the layer "
+        "to `ignore`, or set `on_indivisible: channel` to quantize such layers per channel."
+    )
+
+
+def check_group_sizes(model: torch.nn.Module, method) -> None:
+    """Fail before any work if a layer cannot take the group size (and no fallback is allowed), or if a classic
+    layout (one group size, every decoder linear quantized) cannot hold the result."""
+    for name, module in model.named_modules():
+        if not (isinstance(module, torch.nn.Linear) and ".layers." in name):
+            continue
+        classic = method.format != "compressed-tensors"
+        if ignored(name, method.ignore):
+            if classic:
+                raise QuantizeError(f"{name}: format {method.format!r} quantizes every decoder-layer linear; it "
+                                    "matches `ignore`. Narrow `ignore` or use format compressed-tensors.")
+            continue
+        gs = group_size_for(name, module.in_features, method.group_size, method.on_indivisible)
+        if classic and gs != method.group_size:
+            raise QuantizeError(f"{name}: input size {module.in_features} is not divisible by group_size "
+                                f"{method.group_size}, and format {method.format!r} holds one group size for all "
+                                f"linears; group sizes that work for it: {', '.join(map(str, divisors(module.in_features)))}"
+                                " or use format compressed-tensors (per-channel fallback)")
+
+
+def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor | None,
+                   solve: Callable[[torch.Tensor, Hessian | None, int], Solved]) -> dict:
+    meta = skeleton(base.path)
+    check_group_sizes(meta, method)
+    log, pending = [], {}
+
+    def quantize_group(i: int, linears: dict[str, torch.nn.Linear], X: torch.Tensor | None) -> None:
+        hess = None
+        if X is not None:  # the linears of a group read the same input (q/k/v, gate/up): one Hessian for all
+            hess = Hessian.zeros(X.shape[-1], device=X.device)
+            for part in X.split(8):  # 8 sequences at a time: bounded temporaries
+                accumulate_hessian(hess, part)
+        # Linears that read the same input (so share H) and get the same group size are solved as one matrix:
+        # GPTQ and RTN treat output rows independently, so stacking the rows gives each linear its own result in
+        # one column loop instead of one loop per linear.
+        by_group_size: dict[int, list[str]] = {}
+        for n, lin in linears.items():
+            gs = group_size_for(f"model.layers.{i}.{n}", lin.in_features, method.group_size, method.on_indivisible)
+            by_group_size.setdefault(gs, []).append(n)
+        for gs, names in by_group_size.items():
+            start = time.perf_counter()
+            W = torch.cat([linears[n].weight.data for n in names])
+            r = solve(W, hess, gs)
+            seconds = round(time.perf_counter() - start, 4)
+            first = 0
+            for n in names:
+                lin, full = linears[n], f"model.layers.{i}.{n}"
+                rows = slice(first, first + lin.out_features)
+                first += lin.out_features
+                lin.weight.data = grids.dequantize(r.q[rows], r.scale[rows], r.zero[rows], gs).to(lin.weight.dtype)
+                pending[full] = (r.q[rows].cpu(), r.scale[rows].cpu(), r.zero[rows].cpu(), gs)
+                log.append({"layer": i, "module": n, "group_size": gs, "loss": float(r.row_loss[rows].sum()),
+                            "samples": 0 if calib is None else int(calib.shape[0]), "damp": r.damp,
+                            "seconds": seconds if n == names[0] else 0.0, "solved_with": names})
+
+    not_quantized = lambda name: ignored(name, method.ignore)  # noqa: E731
+    device = resolve_device(getattr(method, "device", "cpu"), f"method {method.name} `device`")
+    forward_dtype = getattr(torch, getattr(method, "forward_dtype", "float32"))
+    checkpoint = Checkpoint(out_dir)  # continues after the last finished layer of an interrupted build
+    layers = quantize_layers(base.path, calib, quantize_group, not_quantized, meta.config.model_type,
+                             method_true_sequential(method), device=device, forward_dtype=forward_dtype,
+                             checkpoint=checkpoint)
+    info = write_streamed(method, base, out_dir, meta, layers, pending, log, checkpoint=checkpoint)
+    return {**info, "device": device, "forward_dtype": str(forward_dtype).removeprefix("torch.")}
+
+
+def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module, layers, pending: dict,
+                   log: list[dict], pack: bool = True, checkpoint: Checkpoint | None = None) -> dict:
+    """Write each processed layer as it comes: linears listed in `pending` (name → q, scale, zero, group size)
+    packed as compressed-tensors, everything else fp16; then the rest, the config, tokenizer and the log.
+    With pack=False every layer is written dense (fp16) as it is, e.g. AWQ's scaled-but-unquantised export.
+    With a `checkpoint` that holds a state (an interrupted build), the writer and the log continue from it."""
+    n_layers = meta.config.num_hidden_layers
+    if method.format == "compressed-tensors":
+        writer = CompressedTensorsWriter(out_dir, base.path, n_layers)
+    else:
+        extra = {"bits": method.bits, "damp_percent": getattr(method, "damp", None),
+                 "true_sequential": getattr(method, "true_sequential", None),
+                 "static_groups": getattr(method, "act_order", False), "meta": {"quantizer": [f"quantize {method.name}"]}}
+        writer = ClassicWriter(out_dir, base.path, n_layers, method.format, extra)
+    resumed_at = 0
+    if checkpoint is not None:
+        if checkpoint.state is not None:
+            resumed_at = checkpoint.next_layer
+            writer.restore(checkpoint.state["writer"])
+            log[:] = checkpoint.state["log"]
+        checkpoint.extra = lambda: {"writer": writer.state(), "log": list(log)}
+    for i, layer in track(layers, f"{method.default_variant()} layers", total=n_layers - resumed_at):
+        prefix = f"model.layers.{i}."
+        tensors = {}
+        for pname, p in layer.named_parameters():
+            owner = prefix + pname.rsplit(".", 1)[0]
+            if pack and owner in pending and pname.endswith("weight"):
+                q, scale, zero, gs = pending.pop(owner)
+                tensors.update(writer.packed(owner, q, scale, zero, method.bits, method.sym, gs,
+                                             getattr(method, "act_order", False)))
+            else:
+                tensors[prefix + pname] = p.data.to("cpu", torch.float16)
+        assert not [n for n in pending if n.startswith(prefix)], f"layer {i}: quantized linears left unwritten"
+        writer.write_shard(i, tensors)
+
+    names = [n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)]
+    kept = [n for n in names if ".layers." not in n or ignored(n, method.ignore)]
+    qconfig = writer.finish(kept)
+    load_tokenizer(base.path).save_pretrained(out_dir)
+    # the artefact's log holds what the method decided; wall times differ between runs, so they go to the
+    # manifest (`solve_seconds`) and the same recipe writes the same bytes twice
+    seconds = [{"layer": r["layer"], "module": r["module"], "seconds": r["seconds"]} for r in log]
+    with open(out_dir / "quantize-log.jsonl", "w") as fh:
+        fh.writelines(json.dumps({k: v for k, v in row.items() if k != "seconds"}) + "\n" for row in log)
+    if checkpoint is not None:
+        checkpoint.done()  # the artefact is complete: no resume state in it
+    fmt = method.format if qconfig is not None else "safetensors-fp16"
+    return {"format": fmt, "quantization_config": qconfig, "quantized_linears": len(log),
+            "ignored_linears": kept, "total_loss": sum(r["loss"] for r in log),
+            "channel_fallback": sorted({r["module"] for r in log if r["group_size"] != method.group_size}),
+            "solve_seconds": seconds, **({"resumed_at_layer": resumed_at} if resumed_at else {})}
+
+
+def method_true_sequential(method) -> bool:
+    return getattr(method, "true_sequential", True)

@@ -1,0 +1,238 @@
+"""The whole run: recipe → base model → quantize each variant → evaluate → fit → report.
+
+Output layout (`outputs/<name>/`, renamed into place only when complete):
+    recipe.yaml        the recipe as resolved (all defaults filled in)
+    results.json       protocol + base numbers + every variant's numbers
+    fit.json           VRAM fit of the base and every variant
+    report.html        the same as one self-contained page with charts
+    report.md          the readable report, written last (it marks a finished run)
+    <variant>/         one artefact each: model files, tokenizer, manifest.json, results.json
+
+The work happens in a hidden folder keyed by the recipe and the code (common/files.Staging); a run that fails or
+is killed keeps it, and the same recipe run again continues there.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from quantize.common import files
+from quantize.common.ui import step
+from quantize.fit import vram
+from quantize.fit.shape import shape_from_config
+from quantize.formats.tensors import weight_bytes
+from quantize.measure import lmeval, memory, quality, speed
+from quantize.measure.kld_base import row_width
+from quantize.measure.scorecard import base_store
+from quantize.methods.engine import resolve_device
+from quantize.methods.registry import METHODS
+from quantize.preflight import base_model, check_disk, check_recipe
+from quantize.recipe import Recipe
+from quantize.report import gates, html, markdown
+from quantize.runtimes.llamacpp import LlamaCppModel
+from quantize.runtimes.load import free, load
+from quantize.sources.models import (
+    BaseModel, load_model, load_tokenizer, meta_model, tokenizer_adds_bos,
+)
+from quantize.sources.texts import calibration_batches, load_text
+
+
+def _free(model) -> None:
+    free(model)
+    del model
+    gc.collect()
+
+
+def _evaluate(model, label: str, chunks, base_logprobs, recipe: Recipe, bandwidth: dict | None = None,
+              tokenizer=None, scores: dict | None = None, positions: Path | None = None) -> dict:
+    """Perplexity and KLD against the base file (each position's KLD saved to `positions`), lm-eval tasks and
+    speed. `scores`: the perplexity already known (the base's, from the base store)."""
+    if scores is not None:
+        out = {"perplexity": scores}
+    else:
+        out = {"perplexity": quality.score(model, chunks, base_logprobs, label, positions)}
+    if recipe.eval.tasks:
+        if isinstance(model, LlamaCppModel):
+            out["lm_eval"] = {"skipped": "lm-eval runs on the torch model in memory; GGUF artefacts run on llama.cpp"}
+        else:
+            out["lm_eval"] = lmeval.run(model, tokenizer, recipe.eval.tasks, recipe.eval.task_limit)
+    if recipe.eval.speed.enabled:
+        out["speed"] = speed.bench_speed(model, recipe.eval.speed, label, recipe.seed, bandwidth)
+    return out
+
+
+def _fit(folder: Path, shape, recipe: Recipe) -> dict:
+    by_dtype = weight_bytes(folder)
+    f = recipe.fit
+    return {"weight_bytes_by_dtype": by_dtype,
+            **vram.fit_report(sum(by_dtype.values()), shape, f.gpus, f.contexts, f.batch, f.kv_dtype, f.flash_attn)}
+
+
+def _calibration(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, dict]:
+    c = recipe.calibration
+    text = load_text(c.source, "calibration", c.field)
+    ids = torch.tensor(tokenizer(text.text, add_special_tokens=False).input_ids)
+    bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+    batches = calibration_batches(ids, c.samples, c.seq_len, c.seed, bos)
+    return batches, {**text.describe(), "tokens": int(ids.numel()), "samples": c.samples, "seq_len": c.seq_len,
+                     "seed": c.seed, "sampling": "seeded random windows",
+                     "bos": "first token of each window replaced by BOS" if bos is not None else "no BOS (the "
+                            "tokenizer adds none)"}
+
+
+def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe, calib) -> dict:
+    """Build into `<variant>.partial` and rename it to `folder` once its manifest is written. A layer-wise build
+    interrupted earlier continues in its partial folder after its last finished layer; any other starts over."""
+    partial = folder.with_name(folder.name + ".partial")
+    if not (method.layer_wise and partial.is_dir()):
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    batches, calib_info = calib if method.needs_calibration else (None, None)
+    memory.reset_peak()
+    start = time.perf_counter()
+    info = METHODS[method.name].build(method, base, partial, batches, calib_info)
+    seconds = time.perf_counter() - start
+    manifest = {
+        "variant": folder.name,
+        "method": method.model_dump(mode="json"),
+        "result": info,
+        "base_model": base.describe(),
+        "recipe": recipe.resolved(),
+        "recipe_sha256": recipe.sha256(),
+        "seed": recipe.seed,
+        "calibration": calib_info,
+        "versions": files.versions(),
+        "timings_s": {"build": seconds},
+        "peak_rss_bytes": {"build": memory.peak_rss_bytes()},
+        "files": files.file_hashes(partial),
+    }
+    files.write_json(partial / "manifest.json", manifest)
+    os.replace(partial, folder)
+    return manifest
+
+
+def _paired(folder: Path, names: list[str]) -> dict:
+    """For every two variants, the difference of their mean KLDs with its paired standard error (kept per position
+    in kld-positions/ beside the report)."""
+    import numpy as np
+
+    kld = {n: np.load(folder / f"{n}.npy") for n in names if (folder / f"{n}.npy").is_file()}
+    return {f"{a} − {b}": quality.paired_difference(kld[a], kld[b])
+            for i, a in enumerate(kld) for b in list(kld)[i + 1:]}
+
+
+def run_key(recipe: Recipe) -> str:
+    """What work may be reused under: the resolved recipe, this code and the libraries' versions."""
+    key = {"recipe": recipe.resolved(), "code": files.code_version(), "versions": files.versions()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
+    """The whole run. Its work folder is kept when it fails or is killed, and the same recipe run again continues
+    there: finished variants are not rebuilt, the base is not evaluated again, and a layer-wise build continues
+    after its last finished layer (`restart` starts over)."""
+    staging = files.Staging(recipe.output_dir, force, run_key(recipe), restart)
+    staging.check()  # fail before any work, not after it
+    for k, method in enumerate(recipe.methods):  # a device this machine lacks, before any work too
+        if hasattr(method, "device"):
+            resolve_device(method.device, f"recipe {recipe.name}: key `methods[{k}].device`")
+    step(f"recipe {recipe.name}: model {recipe.model}, variants "
+         + ", ".join(m.default_variant() for m in recipe.methods))
+    base = base_model(recipe)
+    meta = meta_model(base.path)
+    check_recipe(recipe, base.config, meta)
+    tokenizer = load_tokenizer(base.path)
+    ppl = recipe.eval.perplexity
+    chunks = quality.make_chunks(tokenizer, load_text(ppl.source, "eval", ppl.field), ppl.n_ctx, ppl.max_chunks)
+    calib = None  # the calibration text too is checked before any work
+    if any(m.needs_calibration for m in recipe.methods):
+        calib = _calibration(recipe, tokenizer)
+    check_disk(recipe, meta, chunks.ids.numel() * 4
+               + chunks.ids.shape[0] * chunks.scored_per_chunk * row_width(meta.config.vocab_size) * 2)
+    shape = shape_from_config(base.config)
+    dtype = recipe.eval.dtype
+    torch.manual_seed(recipe.seed)
+
+    with staging as out:
+        if staging.resumed:
+            step(f"continuing the interrupted run in {out}")
+        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+        base_logprobs, base_scores, cache = base_store(base.path, chunks, dtype, meta.config.vocab_size)
+        results = _base_results(out, recipe, base, chunks, base_scores, cache, shape, tokenizer)
+        bandwidth = results["protocol"]["memory_bandwidth"]
+        for method in recipe.methods:
+            name = method.default_variant()
+            folder = out / name
+            if (folder / "results.json").is_file():  # finished before an interruption
+                step(f"{name}: already built and evaluated")
+                done = json.loads((folder / "results.json").read_text())
+                results["variants"][name] = {k: v for k, v in done.items() if k != "protocol"}
+                continue
+            if (folder / "manifest.json").is_file():
+                manifest = json.loads((folder / "manifest.json").read_text())
+            else:
+                step(f"{name}: quantizing")
+                manifest = _build_variant(method, base, folder, recipe, calib)
+            step(f"{name}: reloading the artefact with its loader and evaluating")
+            model, loader, eval_dtype = load(folder, dtype, chunks.n_ctx)
+            measured = _evaluate(model, name, chunks, base_logprobs, recipe, bandwidth, tokenizer,
+                                 positions=out / "kld-positions" / f"{name}.npy")
+            _free(model)
+            variant = {"method": manifest["method"], "format": manifest["result"]["format"],
+                       "eval_dtype": eval_dtype, "loader": loader, "build_s": manifest["timings_s"]["build"],
+                       "build_peak_rss_bytes": manifest["peak_rss_bytes"]["build"], **measured,
+                       "fit": _fit(folder, shape, recipe)}
+            if recipe.gates.is_set:
+                variant["gates"] = gates.judge(variant, results["base"], recipe.gates, shape, recipe.fit.kv_dtype,
+                                               recipe.fit.flash_attn)
+            files.write_json(folder / "results.json", {"protocol": results["protocol"], **variant})
+            results["variants"][name] = variant
+
+        (out / "base.json").unlink()
+        results["paired_kld"] = _paired(out / "kld-positions", list(results["variants"]))
+        if recipe.gates.is_set:
+            results["gates"] = {"limits": recipe.gates.model_dump(mode="json"),
+                                "passed": not gates.failed(results), "failed": gates.failed(results)}
+        files.write_json(out / "results.json", results)
+        files.write_json(out / "fit.json", {n: v["fit"] for n, v in [("base", results["base"]),
+                                                                          *results["variants"].items()]})
+        report = markdown.render(recipe.name, results)
+        (out / "report.html").write_text(html.render(recipe.name, results, report, out))
+        (out / "report.md").write_text(report)  # last: its presence marks a finished run
+    step(f"done: {recipe.output_dir}/report.md")
+    return recipe.output_dir
+
+
+def _base_results(out: Path, recipe: Recipe, base: BaseModel, chunks, scores: dict, cache: dict, shape,
+                  tokenizer) -> dict:
+    """The run's protocol and the base model's numbers (its perplexity from the shared base store); kept in
+    base.json once complete, so that a resumed run does not evaluate the base again."""
+    saved = out / "base.json"
+    if saved.is_file():
+        step("base model: evaluated before the interruption")
+        return {**json.loads(saved.read_text()), "variants": {}}
+    dtype = recipe.eval.dtype
+    step(f"base model: {chunks.ids.shape[0]} chunks × {chunks.n_ctx} tokens of {chunks.text['source']}, "
+         f"log-probabilities {cache['state']} ({cache['file']})")
+    bandwidth = speed.memory_bandwidth_gb_s() if recipe.eval.speed.enabled else None
+    measured = {"perplexity": scores}
+    if recipe.eval.tasks or recipe.eval.speed.enabled:  # the base model in memory only when something needs it
+        model = load_model(base.path, dtype)
+        measured = _evaluate(model, "base", chunks, None, recipe, bandwidth, tokenizer, scores)
+        _free(model)
+    results = {
+        "protocol": {"perplexity": chunks.protocol(), "eval_dtype": dtype, "device": "cpu",
+                     "memory_bandwidth": bandwidth, "versions": files.versions()},
+        "base": {**base.describe(), **measured, "perplexity_cache": cache, "fit": _fit(base.path, shape, recipe)},
+    }
+    files.write_json(saved, results)
+    return {**results, "variants": {}}

@@ -1,0 +1,110 @@
+"""Before any work: what a run will do and what would fail later, from the recipe, the model's config and its
+tensor headers alone (`quantize plan`, and the first step of `quantize run`). Every failure names the recipe key.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from quantize.common.errors import QuantizeError
+from quantize.fit import footprint, vram
+from quantize.fit.shape import shape_from_config
+from quantize.formats.gguf_convert import check_convertible
+from quantize.formats.gguf_types import UNQUANTIZED
+from quantize.formats.tensors import weight_bytes_gguf, weight_bytes_safetensors
+from quantize.methods.engine import check_model
+from quantize.methods.weight_only import check_group_sizes
+from quantize.recipe import Recipe
+from quantize.sources.models import (
+    gguf_source, hub_config_and_bytes, is_hub_id, meta_model, resolve_model, unique_parameters,
+)
+
+
+def base_model(recipe: Recipe, resolve=resolve_model):
+    """The recipe's base model, resolved by `resolve`; its errors name the key."""
+    try:
+        return resolve(recipe.model, recipe.revision)
+    except QuantizeError as exc:
+        raise QuantizeError(f"key `model`: {exc}") from None
+
+
+def peek_config(spec: str, revision: str | None = None):
+    """(transformers config, tensor bytes by dtype, description) of a base model without loading weights:
+    a GGUF that is not converted yet is read for its metadata and tensor headers only, a hub model for its
+    config.json and safetensors headers only."""
+    from transformers import AutoConfig
+
+    if is_hub_id(spec):
+        config, by_dtype = hub_config_and_bytes(spec, revision)
+        described = {"spec": spec, "origin": "hub", "revision": revision,
+                     "bytes_are": "the hub's safetensors headers (nothing downloaded)"}
+        return AutoConfig.for_model(**config), by_dtype, described
+    source = gguf_source(spec)
+    if source is not None and not (source[1] / "config.json").is_file():
+        gguf, _, origin = source
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        return config, weight_bytes_gguf(gguf), {"spec": spec, "origin": origin, "source_file": str(gguf),
+                                                  "bytes_are": "the GGUF source (not yet converted)"}
+    base = resolve_model(spec, revision)
+    return AutoConfig.from_pretrained(base.path), weight_bytes_safetensors(base.path), base.describe()
+
+
+def check_recipe(recipe: Recipe, config: dict, meta) -> None:
+    """What would fail later, checked now from the config and the architecture alone, naming the recipe key: the
+    engine supports the model type (and its sliding window the calibration length), every linear takes the group
+    size, the GGUF converter can write the model."""
+    for k, method in enumerate(recipe.methods):
+        key = "method" if len(recipe.methods) == 1 else f"methods[{k}]"
+        try:
+            if method.layer_wise:
+                check_model(config, recipe.calibration.seq_len if method.needs_calibration else None)
+                check_group_sizes(meta, method)
+            if method.name == "gguf":
+                check_convertible(config)
+                if method.needs_calibration:
+                    check_model(config, recipe.calibration.seq_len)
+        except QuantizeError as exc:
+            raise QuantizeError(f"key `{key}` ({method.default_variant()}): {exc}") from None
+
+
+def check_disk(recipe: Recipe, meta, store_bytes: int) -> None:
+    """Fail before any work when the output's file system cannot hold the artefacts (footprint.expected_bytes),
+    the GGUF method's F16 (and AWQ-scaled) intermediates, and the base log-probabilities kept during the run."""
+    params = sum(p.numel() for *_, p in unique_parameters(meta))
+    need = store_bytes
+    for method in recipe.methods:
+        need += footprint.expected_bytes(method, meta)
+        if method.name == "gguf" and method.type not in UNQUANTIZED:
+            need += 2 * params * (2 if method.awq_scales else 1)  # base-f16.gguf (+ the AWQ-scaled checkpoint)
+    folder = recipe.output_dir.resolve()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise QuantizeError(f"output {recipe.output_dir}: the run needs about {vram.gib(need)} on disk (artefacts, "
+                            f"intermediates and {vram.gib(store_bytes)} of base log-probabilities), {folder} has "
+                            f"{vram.gib(free)} free. Set `output:` to a larger disk or lower `eval.perplexity.max_chunks`.")
+
+
+def plan(recipe: Recipe) -> dict:
+    """What a run will do, the expected artefact sizes and the fit, from the config alone (no weights)."""
+    config, base_bytes, described = base_model(recipe, peek_config)
+    meta = meta_model(config)
+    check_recipe(recipe, config.to_dict(), meta)
+    shape = shape_from_config(config.to_dict())
+    variants = {}
+    for method in recipe.methods:
+        expected = footprint.expected_bytes(method, meta)
+        variants[method.default_variant()] = {
+            "method": method.model_dump(mode="json"),
+            "expected_bytes": expected,
+            "fit": vram.fit_report(expected, shape, recipe.fit.gpus, recipe.fit.contexts, recipe.fit.batch,
+                                  recipe.fit.kv_dtype, recipe.fit.flash_attn),
+        }
+    return {
+        "recipe": recipe.name,
+        "output": str(recipe.output_dir),
+        "base": {**described, "bytes": sum(base_bytes.values()), "bytes_by_dtype": base_bytes},
+        "variants": variants,
+        "eval": recipe.eval.model_dump(mode="json"),
+    }

@@ -1,0 +1,224 @@
+"""report.md: the run's numbers for people, base and variants side by side, each with its protocol."""
+
+from __future__ import annotations
+
+from quantize.fit.vram import gib
+
+
+def _ppl(p: dict) -> str:
+    return f"{p['ppl']:.4f} ± {p['ppl_unc']:.4f}"
+
+
+def _best_speed(entry: dict, phase: str) -> tuple[str, str]:
+    rows = entry.get("speed", {}).get("rows", [])
+    if not rows:
+        return "–", "–"
+    best = max(rows, key=lambda r: r[phase]["median"])
+    s = best[phase]
+    return f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})", str(best["threads"])
+
+
+def _size(entry: dict) -> int:
+    return sum(entry["fit"]["weight_bytes_by_dtype"].values())
+
+
+def _quality_table(results: dict) -> list[str]:
+    lines = ["| model | format | loader | size on disk | PPL | bits/byte | Δ PPL | KLD mean ± | KLD median | KLD p99 "
+             "| KLD max | same top % | pp t/s (threads) | tg t/s (threads) | tg GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    entries = [("base", results["base"], "fp16 safetensors")]
+    entries += [(n, v, v["format"]) for n, v in results["variants"].items()]
+    base_ppl = results["base"]["perplexity"]["ppl"]
+    for name, e, fmt in entries:
+        p = e["perplexity"]
+        k = p.get("kld")
+        pp, pp_t = _best_speed(e, "pp")
+        tg, tg_t = _best_speed(e, "tg")
+        gbs = "–"
+        if e.get("speed", {}).get("rows"):
+            gbs = f"{max(r['tg']['gb_per_s'] for r in e['speed']['rows']):.2f}"
+        kcols = (["–"] * 5 if k is None else
+                 [f"{k['mean']:.6f} ± {k['unc']:.6f}", f"{k['median']:.6f}", f"{k['p99']:.5f}", f"{k['max']:.4f}",
+                  f"{100 * k['same_top']:.2f} ± {100 * k['same_top_unc']:.2f}"])
+        delta = "–" if name == "base" else f"{p['ppl'] - base_ppl:+.4f}"
+        loader = e.get("loader", "transformers.from_pretrained").split(" (")[0]
+        bpb = "–" if p.get("bits_per_byte") is None else f"{p['bits_per_byte']:.4f}"
+        lines.append(f"| {name} | {fmt} | {loader} | {gib(_size(e))} | {_ppl(p)} | {bpb} | {delta} | " + " | ".join(kcols)
+                     + f" | {pp} ({pp_t}) | {tg} ({tg_t}) | {gbs} |")
+    return lines
+
+
+def _noise_and_pairs(results: dict) -> list[str]:
+    """The noise floor of KLD on this run's positions, and the paired differences between variants."""
+    lines = []
+    floor = results["base"]["perplexity"].get("noise_floor")
+    if floor:
+        lines += [f"Noise floor: the base against itself with its logits rounded to bfloat16 has mean KLD "
+                  f"{floor['kld_mean']:.3g} ± {floor['kld_unc']:.2g} (p99 {floor['kld_p99']:.3g}) on these positions; "
+                  "differences of mean KLD below it are rounding noise.", ""]
+    pairs = results.get("paired_kld") or {}
+    if pairs:
+        lines += ["Paired differences of mean KLD (the same positions, so the shared noise cancels): a − b ± standard "
+                  "error, and z = difference / error (|z| > 2: the two differ beyond noise).", "",
+                  "| a − b | difference ± | z |", "|---|---|---|"]
+        for pair, d in pairs.items():
+            z = "–" if d["z"] is None else f"{d['z']:+.1f}"
+            lines.append(f"| {pair} | {d['difference']:+.6f} ± {d['unc']:.6f} | {z} |")
+        lines.append("")
+    return lines
+
+
+def _kld_table(results: dict) -> list[str]:
+    """llama-perplexity --kl-divergence's statistics, one row per variant."""
+    entries = [(n, v["perplexity"]["kld"]) for n, v in results["variants"].items()
+               if "percentiles" in (v["perplexity"].get("kld") or {})]
+    if not entries:
+        return []
+    lines = ["## KL divergence statistics (llama-perplexity --kl-divergence)", "",
+             "| variant | KLD mean ± | 99.9% | 99% | 95% | 90% | median | 10% | 1% | max | Δp mean ± | Δp RMS ± "
+             "| ln(PPL(Q)/PPL(base)) ± | same top % |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, k in entries:
+        q, dp = k["percentiles"], k["delta_p"]
+        lines.append(f"| {name} | {k['mean']:.6f} ± {k['unc']:.6f} | {q['99.9']:.5f} | {q['99']:.5f} | {q['95']:.5f} "
+                     f"| {q['90']:.5f} | {k['median']:.6f} | {q['10']:.6f} | {q['1']:.6f} | {k['max']:.4f} "
+                     f"| {100 * dp['mean']:.3f} ± {100 * dp['unc']:.3f} % "
+                     f"| {100 * k['delta_p_rms']:.3f} ± {100 * k['delta_p_rms_unc']:.3f} % "
+                     f"| {k['ln_ppl_ratio']:.6f} ± {k['ln_ppl_ratio_unc']:.6f} "
+                     f"| {100 * k['same_top']:.2f} ± {100 * k['same_top_unc']:.2f} |")
+    return lines + ["", *_noise_and_pairs(results)]
+
+
+def _speed_table(results: dict) -> list[str]:
+    lines = ["| model | dtype in memory | weights in memory | threads | pp t/s median (min–max) | pp peak RSS "
+             "| tg t/s median (min–max) | tg peak RSS | tg GB/s (of roofline) | load avg before→after |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, e in [("base", results["base"]), *results["variants"].items()]:
+        s = e.get("speed")
+        if not s:
+            continue
+        for r in s["rows"]:
+            pp, tg, la = r["pp"], r["tg"], r["load_average_1m"]
+            lines.append(
+                f"| {name} | {s['dtype']} | {gib(s['weight_bytes_in_memory'])} | {r['threads']} "
+                f"| {pp['median']:.1f} ({pp['min']:.1f}–{pp['max']:.1f}) | {gib(pp['peak_rss_bytes'] or 0)} "
+                f"| {tg['median']:.1f} ({tg['min']:.1f}–{tg['max']:.1f}) | {gib(tg['peak_rss_bytes'] or 0)} "
+                f"| {tg['gb_per_s']:.2f}" + (f" ({100 * tg['roofline_fraction']:.0f}%)" if "roofline_fraction" in tg else "")
+                + f" | {la['before']:.2f}→{la['after']:.2f} |")
+    return lines
+
+
+def _lm_eval_section(results: dict) -> list[str]:
+    entries = [(n, e["lm_eval"]) for n, e in [("base", results["base"]), *results["variants"].items()]
+               if "lm_eval" in e and "results" in e["lm_eval"]]
+    if not entries:
+        return []
+    metrics = sorted({(task, m) for _, r in entries for task, ms in r["results"].items() for m in ms if m != "sample_len"})
+    proto = entries[0][1]["protocol"]
+    lines = ["## lm-eval tasks", "", "| model | " + " | ".join(f"{t} {m}" for t, m in metrics) + " |",
+             "|---|" + "---|" * len(metrics)]
+    for name, r in entries:
+        lines.append(f"| {name} | " + " | ".join(f"{r['results'].get(t, {}).get(m, float('nan')):.4f}"
+                                                  for t, m in metrics) + " |")
+    lines += ["", f"lm-eval {proto['lm_eval']}, zero-shot, limit {proto['limit']}, max_length {proto['max_length']}, "
+              f"batch {proto['batch_size']}; local task files in eval/tasks, data from the held-out bundled text.", ""]
+    return lines
+
+
+def _fit_table(results: dict) -> list[str]:
+    entries = [("base", results["base"]), *results["variants"].items()]
+    first = entries[0][1]["fit"]
+    contexts = sorted({r["context"] for r in first["rows"]})
+    gpus = list(first["largest_context"])
+    header = "| model | GPU | " + " | ".join(f"ctx {c}: headroom" for c in contexts) + " | largest context |"
+    lines = [header, "|---|---|" + "---|" * (len(contexts) + 1)]
+    for name, e in entries:
+        f = e["fit"]
+        for g in gpus:
+            cells = []
+            for c in contexts:
+                row = next(r for r in f["rows"] if r["gpu"] == g and r["context"] == c)
+                mark = "fits" if row["fits"] else "**no**"
+                cells.append(f"{mark}, {gib(row['headroom_bytes'])}")
+            lines.append(f"| {name} | {g} | " + " | ".join(cells) + f" | {f['largest_context'][g]} |")
+    return lines
+
+
+def _gates_section(results: dict) -> list[str]:
+    if "gates" not in results:
+        return []
+    verdict = "all variants pass" if results["gates"]["passed"] else "**FAILED**: " + "; ".join(results["gates"]["failed"])
+    limits = ", ".join(f"{k} {v}" for k, v in results["gates"]["limits"].items() if v not in (None, []))
+    lines = ["## Gates", "", f"Limits: {limits}. {verdict}.", "",
+             "| variant | gate | limit | measured | result |", "|---|---|---|---|---|"]
+
+    def shown(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.6g}"
+        if isinstance(value, dict) and "headroom_bytes" in value:
+            return f"{gib(value['total_bytes'])} of {gib(value['usable_bytes'])} usable"
+        if isinstance(value, dict):
+            return ", ".join(f"{k} {v}" for k, v in value.items())
+        return str(value)
+
+    for name, v in results["variants"].items():
+        for c in v.get("gates", {}).get("checks", []):
+            lines.append(f"| {name} | {c['gate']} | {shown(c['limit'])} | {shown(c['measured'])} | "
+                         f"{'pass' if c['passed'] else '**FAIL**'} |")
+    return lines + [""]
+
+
+def render(name: str, results: dict) -> str:
+    proto = results["protocol"]
+    pp = proto["perplexity"]
+    fit_proto = results["base"]["fit"]["protocol"]
+    row0 = results["base"]["fit"]["rows"][0]
+    out = [
+        f"# {name}",
+        "",
+        f"Base model: `{results['base']['spec']}` ({results['base']['origin']}), evaluated in {proto['eval_dtype']} "
+        f"on {proto['device']}. Variants: " + ", ".join(f"`{n}`" for n in results["variants"]) + ".",
+        "",
+        *_gates_section(results),
+        "## Quality and speed",
+        "",
+        *_quality_table(results),
+        "",
+        f"Perplexity protocol: {pp['protocol']}; text `{pp['text']['source']}` (sha256 {pp['text']['sha256'][:16]}…, "
+        f"{pp['text']['chars']} chars, {pp['text_tokens']} tokens); n_ctx {pp['n_ctx']}, {pp['chunks']} chunks, "
+        f"{pp['tokens_scored']} tokens scored from position {pp['first_scored_position']}; {pp['bos']}; "
+        f"tokenizer sha256 {pp['tokenizer_sha256'][:16]}…. KLD: llama.cpp definitions, KL(base ‖ variant) per "
+        "position in nats. Each variant is evaluated after reloading the artefact with its ecosystem's loader "
+        "(the loader column); GGUF files run on llama.cpp's own kernels with its default F16 KV cache, fed the "
+        "same token ids. The eval dtype per variant is in results.json (LLM.int8 runs in float16, as "
+        "bitsandbytes requires). Speed: best thread count shown; all rows below.",
+        "",
+        *_kld_table(results),
+        "## Speed (llama-bench semantics, every thread count)",
+        "",
+        *_speed_table(results),
+        "",
+        "Weights in memory is what the runtime holds: transformers decompresses compressed-tensors "
+        "checkpoints to dense weights on CPU, so their CPU speed is that of dense weights; llama.cpp reads the "
+        "GGUF's quantized blocks as they are. GB/s = weights in memory × tg tokens/sec; the roofline is this "
+        "machine's streaming bandwidth, measured at the start of the run"
+        + (f" ({results['protocol']['memory_bandwidth']['gb_per_s']:.1f} GB/s, "
+           f"{results['protocol']['memory_bandwidth']['method']})." if results["protocol"].get("memory_bandwidth") else "."),
+        "",
+        *_lm_eval_section(results),
+        f"## VRAM fit (batch {row0['batch']}, KV cache {row0['kv_dtype']})",
+        "",
+        *_fit_table(results),
+        "",
+        f"Weights: {fit_proto['weights']}. KV: {fit_proto['kv_formula']}. {fit_proto['overhead_note']}. "
+        f"{fit_proto['formula']}.",
+        "",
+        "GPUs (capacity, usable fraction, source): "
+        + "; ".join(f"{g['name']} {gib(g['memory_bytes'])} × {g['usable_fraction']:.3f} ({g['source']})"
+                    for g in fit_proto["gpus"]) + ".",
+        "",
+        "## Versions",
+        "",
+        ", ".join(f"{k} {v}" for k, v in proto["versions"].items() if v),
+        "",
+    ]
+    return "\n".join(out)

@@ -1,0 +1,97 @@
+"""Any artefact, loaded the way its ecosystem runs it: a GGUF file on llama.cpp; an HF directory through
+transformers with the package its `quantization_config` names (compressed-tensors, bitsandbytes, GPTQModel for
+the classic gptq/awq layouts), or, where that loader is missing or broken, our own unpacking, named as such.
+
+    detect(path) -> format name          load(path, dtype, n_ctx) -> (model, loader description, dtype)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from quantize.common.errors import QuantizeError
+from quantize.formats import classic, compressed_tensors
+from quantize.runtimes import llamacpp
+from quantize.sources.models import load_model
+
+
+def _gguf_file(path: Path) -> Path | None:
+    if path.suffix == ".gguf" and path.is_file():
+        return path
+    if path.is_dir() and (path / "model.gguf").is_file():
+        return path / "model.gguf"
+    return None
+
+
+def detect(path: Path) -> str:
+    """'gguf', 'compressed-tensors', 'gptq', 'awq', 'bitsandbytes' or 'dense'."""
+    if _gguf_file(path) is not None:
+        return "gguf"
+    config = path / "config.json"
+    if not config.is_file():
+        raise QuantizeError(f"{path}: not a .gguf file nor a folder with config.json or model.gguf")
+    qc = json.loads(config.read_text()).get("quantization_config") or {}
+    method = qc.get("quant_method")
+    if method is None:
+        return "dense"
+    if method in ("compressed-tensors", "gptq", "awq", "bitsandbytes"):
+        return method
+    raise QuantizeError(f"{config}: quantization_config.quant_method {method!r} is not supported for evaluation; "
+                        "accepted: compressed-tensors, gptq, awq, bitsandbytes, or none")
+
+
+def load(path: Path, dtype: str = "float32", n_ctx: int = 512):
+    """(model, loader description, eval dtype)."""
+    fmt = detect(path)
+    if fmt == "gguf":  # llama.cpp's own kernels; its default F16 KV cache, as users run it
+        model = llamacpp.LlamaCppModel(_gguf_file(path), n_ctx=n_ctx)
+        return model, f"llama.cpp (llama-cpp-python {llamacpp.binding().__version__}), {model.settings}", "gguf"
+    if fmt == "bitsandbytes":  # LLM.int8 computes in fp16
+        return load_model(path, "float16", device_map="cpu"), "transformers + bitsandbytes", "float16"
+    if fmt in ("gptq", "awq"):
+        if importlib.util.find_spec("gptqmodel") is not None:  # transformers loads gptq/awq through GPTQModel
+            return load_model(path, dtype), "transformers.from_pretrained + GPTQModel", dtype
+        return (classic.load_dense(path, getattr(torch, dtype)),
+                f"quantize's {fmt} unpacking (GPTQModel, which transformers needs for {fmt}, is not installed)", dtype)
+    if fmt == "compressed-tensors" and compressed_tensors.is_asymmetric(path):
+        return (compressed_tensors.load_dense(path, getattr(torch, dtype)),
+                "compressed-tensors unpack (transformers cannot reload asymmetric pack-quantized, llm-compressor#1618)",
+                dtype)
+    model = load_model(path, dtype)
+    if fmt == "compressed-tensors":
+        _decompress_now(model)
+    return model, "transformers.from_pretrained", dtype
+
+
+def _decompress_now(model) -> None:
+    """transformers decompresses compressed-tensors weights to dense on the first forward on CPU; do it here, then
+    hand the freed packed copies and decompression buffers back to the OS (glibc keeps ~200 MiB of them for
+    SmolLM2-135M otherwise, bench/results/memory_check.md), so the process holds what the model needs."""
+    with torch.inference_mode():
+        model(torch.zeros(1, 1, dtype=torch.long), use_cache=False)
+    release_free_heap()
+
+
+def free(model) -> None:
+    if isinstance(model, llamacpp.LlamaCppModel):
+        model.close()
+
+
+def vocab_size(model) -> int:
+    return model.vocab_size if isinstance(model, llamacpp.LlamaCppModel) else model.config.vocab_size
+
+
+def release_free_heap() -> bool:
+    """Hand freed heap pages back to the OS (glibc malloc_trim). glibc keeps large freed blocks in the process,
+    e.g. the buffers of a checkpoint decompressed at load, so RSS would keep counting them. Returns malloc_trim's
+    answer (whether memory was released); False without glibc."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
