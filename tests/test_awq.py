@@ -8,8 +8,8 @@ from conftest import write_recipe
 from quantize import pipeline
 from quantize.formats import compressed_tensors
 from quantize.methods import grids
-from quantize.methods.engine import stream_layers
-from quantize.methods.awq import AWQ_MAPPINGS, awq_layer, block_loss_fn, fold_scale, search_clip, search_scale
+from quantize.methods.engine import LAYOUTS, stream_layers
+from quantize.methods.awq import awq_layer, block_loss_fn, fold_scale, search_clip, search_scale
 from quantize.sources.models import load_model, load_tokenizer
 from quantize.methods.configs import AwqMethod
 from quantize.recipe import load_recipe
@@ -81,7 +81,7 @@ def test_scaled_model_is_the_same_function(tiny_model):
     method = AwqMethod(name="awq", bits=4, group_size=64, clip=False, export="scaled-fp16")
     g = torch.Generator().manual_seed(0)
     calib = torch.randint(3, 512, (4, 64), generator=g)
-    rows = AWQ_MAPPINGS["llama"]
+    rows = LAYOUTS["llama"].awq
     scaled = {}
 
     def process(i, layer, acts):

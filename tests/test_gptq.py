@@ -136,7 +136,7 @@ def test_staged_layer_equals_the_decoder_layer(family):
     quantizing does), the output is the changed layer's output."""
     import transformers
 
-    from quantize.methods.engine import SEQUENTIAL_GROUPS, Activations, staged_layer
+    from quantize.methods.engine import LAYOUTS, Activations, staged_layer
 
     config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                                  "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
@@ -144,7 +144,7 @@ def test_staged_layer_equals_the_decoder_layer(family):
                           num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
     model = model_class(config).eval()
-    layer, groups = model.model.layers[0], SEQUENTIAL_GROUPS[family]
+    layer, groups = model.model.layers[0], LAYOUTS[family].groups
     with torch.inference_mode():
         x = torch.randn(5, 16, 64)
         acts = Activations(x, model.model.rotary_emb(x[:1], torch.arange(16)[None]), batch=2)

@@ -214,9 +214,15 @@ def meta_model(config_or_path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from accelerate import init_empty_weights
+
     config = config_or_path if not isinstance(config_or_path, (str, Path)) else AutoConfig.from_pretrained(config_or_path)
-    with torch.device("meta"):  # sdpa: the layer-wise engine runs attention without a mask, causal only under sdpa
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    # parameters on meta, buffers real: values the constructor computes and no checkpoint holds (Gemma's embedding
+    # scale, rotary frequencies) stay usable. sdpa: the layer-wise engine runs attention without a mask, causal
+    # only under sdpa
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    return model
 
 
 def ignored(module_name: str, patterns: list[str]) -> bool:
