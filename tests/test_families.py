@@ -15,8 +15,9 @@ FAMILIES = {
     "mistral": {"sliding_window": 4096},  # llama's graph in llama.cpp; the window is longer than any test sequence
     "qwen2": {},  # q/k/v biases
     "qwen3": {"head_dim": 64},  # per-head q/k RMSNorms inside the attention
-    # sandwich norms, scaled embedding, (1 + w) norms, a sliding and a global layer with their own rotary tables
-    "gemma3_text": {"head_dim": 64, "sliding_window": 128, "layer_types": ["sliding_attention", "full_attention"]},
+    # sandwich norms, scaled embedding, (1 + w) norms; six layers as Gemma 3's pattern (five sliding-window, one
+    # global with its own rotary table), the pattern llama.cpp assumes for gemma3
+    "gemma3_text": {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 128, "num_hidden_layers": 6},
     "phi3": {"pad_token_id": 0},  # fused qkv_proj and gate_up_proj
 }
 # transformers loads its own Qwen2 tokenizer class for model type qwen2, with Qwen2's pre-tokenizer over the test's
@@ -113,3 +114,60 @@ def test_awq_scales_fold_into_the_same_function(family_model):
     diff = (after - before).abs().max().item()
     print(f"{family}: max |Δlogit| after folding {diff:.3g}; scaled: {sorted(searched)}")
     assert diff < 1e-4
+
+
+@pytest.fixture(scope="module", params=["gemma3_text", "phi3"])
+def real_vocab_model(request, tmp_path_factory):
+    """A tiny random-init model of a family our own converter does not write, with SmolLM2's real tokenizer (whose
+    pre-tokenizer llama.cpp's converter recognises; the tests' trained BPE it would not)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quantize.sources.models import resolve_model
+
+    family = request.param
+    smollm2 = resolve_model("bundled:smollm2-135m").path
+    # the folder's name becomes the GGUF's general.name, from which llama.cpp guesses model-specific special tokens
+    # (a name with "phi3" in it must hold Phi-3's <|end|> …): a neutral name
+    folder = tmp_path_factory.mktemp(family) / "tiny-smollm2-vocab"
+    overrides = {k: v for k, v in FAMILIES[family].items() if k != "pad_token_id"}
+    shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024)
+    config = AutoConfig.for_model(family, vocab_size=49152, tie_word_embeddings=False, bos_token_id=1,
+                                  eos_token_id=2, pad_token_id=0, **{**shape, **overrides})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(torch.float16).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (smollm2 / name).is_file():
+            shutil.copy(smollm2 / name, folder / name)
+    config_file = folder / "tokenizer_config.json"  # Phi-3's converter takes a GPT-2 style BPE by this name
+    tok_config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**tok_config, "tokenizer_class": "GPT2Tokenizer"}))
+    return family, folder
+
+
+def test_llama_cpp_converter_writes_other_families(real_vocab_model, tmp_path):
+    """Families outside our converter go through llama.cpp's own convert_hf_to_gguf.py: the F32 GGUF on llama.cpp
+    gives transformers' logits, and the pipeline's GGUF method quantises and evaluates it."""
+    from quantize.formats.gguf_convert import ARCHES, convert, gguf_arch
+
+    family, model_dir = real_vocab_model
+    assert family not in ARCHES
+    gguf_file = convert(model_dir, tmp_path / "f32.gguf", "F32")
+    assert gguf_arch(gguf_file) == {"gemma3_text": "gemma3", "phi3": "phi3"}[family]
+    ids, a = f32_gguf_logits(model_dir, gguf_file)
+    with torch.no_grad():
+        b = load_model(model_dir, "float32")(torch.tensor([ids])).logits[0]
+    diff = (a - b).abs().max().item()
+    print(f"{family}: llama.cpp-converted F32 GGUF vs transformers: max |Δlogit| {diff:.3g}")
+    assert diff < 1e-3
+    out = tmp_path / "run"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(model_dir), [{"name": "gguf", "type": "Q8_0"},
+                                      {"name": "gguf", "type": "Q4_K_M", "imatrix": True}], out,
+                                      calibration={"samples": 4, "seq_len": 64},
+                                      eval={"perplexity": {"n_ctx": 128, "max_chunks": 2}, "speed": {"enabled": False}}))
+    pipeline.run(recipe)
+    variants = json.loads((out / "results.json").read_text())["variants"]
+    for name, v in variants.items():
+        assert v["loader"].startswith("llama.cpp") and 0 <= v["perplexity"]["kld"]["mean"] < 0.1, name

@@ -50,8 +50,10 @@ def imports(module: str) -> list[tuple[str, str | None]]:
 
 
 def test_every_folder_is_a_stage():
-    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and not p.is_symlink() and p.name != "__pycache__"}
     assert folders == set(STAGES) - {"top"}
+    data = {p.name for p in PACKAGE.iterdir() if p.is_symlink()}  # package data: links to recipes/ and eval/tasks
+    assert data == {"recipes", "eval_tasks"} and not [f for d in data for f in (PACKAGE / d).glob("*.py")]
     top = {p.name for p in PACKAGE.glob("*.py")}
     assert top == {"__init__.py", "recipe.py", "preflight.py", "pipeline.py", "cli.py"}
 
