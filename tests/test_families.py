@@ -171,3 +171,35 @@ def test_llama_cpp_converter_writes_other_families(real_vocab_model, tmp_path):
     variants = json.loads((out / "results.json").read_text())["variants"]
     for name, v in variants.items():
         assert v["loader"].startswith("llama.cpp") and 0 <= v["perplexity"]["kld"]["mean"] < 0.1, name
+
+
+def test_a_bf16_base_stays_bf16(tiny_model, tmp_path):
+    """A base stored in bfloat16 gives artefacts whose config, scales and unquantized tensors are bfloat16 (not
+    forced to fp16), and they reload with transformers; an fp16 base keeps fp16."""
+    from safetensors import safe_open
+
+    base = tmp_path / "bf16-base"
+    model = load_model(tiny_model, "float32").to(torch.bfloat16)
+    model.save_pretrained(base)
+    for f in tiny_model.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            (base / f.name).write_bytes(f.read_bytes())
+    assert json.loads((base / "config.json").read_text())["dtype"] == "bfloat16"
+    methods = [{"name": "rtn", "bits": 4, "group_size": 64}, {"name": "int8"}]
+    out = tmp_path / "run"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(base), methods, out,
+                                      eval={"perplexity": {"n_ctx": 128, "max_chunks": 2}, "speed": {"enabled": False}}))
+    pipeline.run(recipe)
+    results = json.loads((out / "results.json").read_text())["variants"]
+    for name in ("rtn-w4-sym-g64", "int8-w8a16"):
+        folder = out / name
+        assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16", name
+        dtypes = {}
+        for shard in folder.glob("*.safetensors"):
+            with safe_open(shard, "pt") as f:
+                dtypes.update({k: f.get_slice(k).get_dtype() for k in f.keys()})
+        scales = {d for k, d in dtypes.items() if k.endswith("weight_scale")}
+        dense = {d for k, d in dtypes.items() if k.endswith("norm.weight") or "embed_tokens" in k}
+        assert scales == {"BF16"} and dense == {"BF16"}, (name, scales, dense)
+        assert results[name]["loader"] == "transformers.from_pretrained"
+        assert 0 < results[name]["perplexity"]["kld"]["mean"] < 0.1

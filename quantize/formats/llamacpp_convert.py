@@ -63,12 +63,16 @@ def converter() -> Path:
 
 
 def supports(config: dict) -> bool:
-    """Whether llama.cpp's converter registers the model's architecture (config.json `architectures`)."""
+    """Whether llama.cpp's converter registers the model's architecture (config.json `architectures`, or where a
+    config lacks it, transformers' causal-LM class for its model_type)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     registered = set()
     for module in (converter().parent / "conversion").glob("*.py"):
         for call in re.findall(r"@ModelBase\.register\(([^)]*)\)", module.read_text()):
             registered.update(re.findall(r'"([^"]+)"', call))
-    return any(arch in registered for arch in config.get("architectures") or [])
+    archs = config.get("architectures") or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"), "")]
+    return any(arch in registered for arch in archs)
 
 
 def convert(model_dir: Path, out_file: Path, out_type: str = "F16") -> Path:

