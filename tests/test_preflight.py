@@ -56,3 +56,27 @@ def test_run_fails_before_evaluating_the_base(tiny_model, tmp_path):
     r = quantize("run", "r.yaml", cwd=tmp_path)
     assert r.returncode == 2 and "key `method`" in r.stderr and "not divisible by group_size 128" in r.stderr
     assert "base model:" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_memory_check_names_the_step_that_does_not_fit(tiny_model, tmp_path, monkeypatch):
+    """The estimated peaks (fit/build_memory.py) against what the machine can give; here the machine is made
+    small by replacing its /proc/meminfo reading, the one thing this test controls."""
+    from quantize import preflight
+    from quantize.common.errors import QuantizeError
+    from quantize.fit import build_memory
+    from quantize.measure import memory
+    from quantize.recipe import load_recipe
+    from quantize.sources.models import meta_model
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model),
+                                      [{"name": "int8"}, {"name": "gptq", "bits": 4, "group_size": 64}],
+                                      tmp_path / "out", calibration={"samples": 64, "seq_len": 512}))
+    meta = meta_model(tiny_model)
+    need = preflight.memory_needed(recipe, meta)
+    assert set(need) == {"methods[0]", "methods[1]", "eval.dtype"}
+    # the GPTQ build holds 64 × 512 tokens of activations: at least (2 × hidden + MLP width) floats each
+    assert need["methods[1]"] - build_memory.PROCESS_BYTES >= 64 * 512 * (2 * 256 + 512) * 4
+    preflight.check_memory(recipe, meta)  # this machine has room
+    monkeypatch.setattr(memory, "available_bytes", lambda: need["methods[1]"] - 1)
+    with pytest.raises(QuantizeError, match=r"key `methods\[1\]`: needs about .*calibration\.samples"):
+        preflight.check_memory(recipe, meta)

