@@ -99,7 +99,7 @@ CORPUS = {
     "set unknown key": (GOOD, "plan", ["--set", "eval.sped.enabled=false"], ["eval.sped: unknown key"]),
     "set not a mapping": (GOOD, "plan", ["--set", "name.x=1"], ["`name` is a value, not a mapping"]),
     "gate malformed": (GOOD, "run", ["--gate", "max_kld=lots"], ["gates.max_kld", "valid number"]),
-    "missing recipe file": (None, "plan", [], ["no such recipe file", "bundled recipes: llama3-int4"]),
+    "missing recipe file": (None, "plan", [], ["no such recipe file", "bundled recipes: gemma3-270m, llama3-int4"]),
 }
 
 

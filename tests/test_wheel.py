@@ -51,5 +51,5 @@ def test_wheel_ships_recipes_and_tasks_and_runs_from_anywhere(tmp_path):
     assert plan.returncode == 0, plan.stderr
     assert "recipe smollm2-int8" in plan.stdout and "variant int8-w8a16" in plan.stdout
     missing = run(str(env_dir / "bin" / "quantize"), "plan", "no-such-recipe")
-    assert missing.returncode == 2 and "bundled recipes: llama3-int4" in missing.stderr
+    assert missing.returncode == 2 and "bundled recipes: gemma3-270m, llama3-int4" in missing.stderr
     assert "Traceback" not in missing.stderr

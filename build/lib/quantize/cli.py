@@ -135,6 +135,10 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML"),
             cells = ", ".join(f"{r['context']}: {'fits' if r['fits'] else 'NO'} ({gib(r['headroom_bytes'])} headroom)"
                               for r in rows)
             typer.echo(f"  {gpu:16s} {cells}; largest context {ctx}")
+    mem = p["memory_bytes"]
+    peaks = ", ".join(f"{k} {gib(v)}" for k, v in mem.items() if k not in ("available", "what"))
+    available = f"{gib(mem['available'])} available" if mem["available"] is not None else "available unknown"
+    typer.echo(f"memory (estimated peaks) {peaks}; {available}")
 
 
 @app.command("eval")

@@ -35,7 +35,7 @@ from quantize.measure.kld_base import row_width
 from quantize.measure.scorecard import base_store
 from quantize.methods.engine import resolve_device
 from quantize.methods.registry import METHODS
-from quantize.preflight import base_model, check_disk, check_recipe
+from quantize.preflight import base_model, check_disk, check_memory, check_recipe
 from quantize.recipe import Recipe
 from quantize.report import gates, html, markdown
 from quantize.runtimes.llamacpp import LlamaCppModel
@@ -150,6 +150,7 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
     base = base_model(recipe)
     meta = meta_model(base.path)
     check_recipe(recipe, base.config, meta)
+    check_memory(recipe, meta)
     tokenizer = load_tokenizer(base.path)
     ppl = recipe.eval.perplexity
     chunks = quality.make_chunks(tokenizer, load_text(ppl.source, "eval", ppl.field), ppl.n_ctx, ppl.max_chunks)

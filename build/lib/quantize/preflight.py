@@ -7,11 +7,12 @@ from __future__ import annotations
 import shutil
 
 from quantize.common.errors import QuantizeError
-from quantize.fit import footprint, vram
+from quantize.fit import build_memory, footprint, vram
 from quantize.fit.shape import shape_from_config
 from quantize.formats.gguf_convert import check_convertible
 from quantize.formats.gguf_types import UNQUANTIZED
 from quantize.formats.tensors import weight_bytes_gguf, weight_bytes_safetensors
+from quantize.measure import memory
 from quantize.methods.engine import check_model
 from quantize.methods.weight_only import check_group_sizes
 from quantize.recipe import Recipe
@@ -86,11 +87,39 @@ def check_disk(recipe: Recipe, meta, store_bytes: int) -> None:
                             f"{vram.gib(free)} free. Set `output:` to a larger disk or lower `eval.perplexity.max_chunks`.")
 
 
+def memory_needed(recipe: Recipe, meta) -> dict[str, int]:
+    """Estimated peak host memory per recipe key (fit/build_memory.py), the process itself included."""
+    shape = shape_from_config(meta.config.to_dict())
+    params = sum(p.numel() for *_, p in unique_parameters(meta))
+    c, ev = recipe.calibration, recipe.eval
+    keys = ["method" if len(recipe.methods) == 1 else f"methods[{k}]" for k in range(len(recipe.methods))]
+    need = {key: build_memory.build_bytes(m, shape, params, c.samples, c.seq_len)
+            for key, m in zip(keys, recipe.methods)}
+    need["eval.dtype"] = build_memory.eval_bytes(shape, params, ev.dtype, ev.perplexity.n_ctx)
+    return {key: value + build_memory.PROCESS_BYTES for key, value in need.items()}
+
+
+def check_memory(recipe: Recipe, meta) -> None:
+    """Fail before any work when a step's estimated peak exceeds what the machine can give (MemAvailable + free
+    swap), naming the recipe key and what would lower it."""
+    available = memory.available_bytes()
+    if available is None:
+        return
+    for key, need in memory_needed(recipe, meta).items():
+        if need > available:
+            lower = ("`eval.dtype: bfloat16` or a smaller `eval.perplexity.n_ctx`" if key == "eval.dtype" else
+                     "fewer `calibration.samples` or a shorter `calibration.seq_len`")
+            raise QuantizeError(f"key `{key}`: needs about {vram.gib(need)} of memory (estimate, "
+                                f"fit/build_memory.py), this machine has {vram.gib(available)} available; "
+                                f"use {lower}, or a machine with more memory")
+
+
 def plan(recipe: Recipe) -> dict:
     """What a run will do, the expected artefact sizes and the fit, from the config alone (no weights)."""
     config, base_bytes, described = base_model(recipe, peek_config)
     meta = meta_model(config)
     check_recipe(recipe, config.to_dict(), meta)
+    check_memory(recipe, meta)
     shape = shape_from_config(config.to_dict())
     variants = {}
     for method in recipe.methods:
@@ -107,4 +136,6 @@ def plan(recipe: Recipe) -> dict:
         "base": {**described, "bytes": sum(base_bytes.values()), "bytes_by_dtype": base_bytes},
         "variants": variants,
         "eval": recipe.eval.model_dump(mode="json"),
+        "memory_bytes": {**memory_needed(recipe, meta), "available": memory.available_bytes(),
+                         "what": "estimated peak host memory per recipe key (fit/build_memory.py)"},
     }

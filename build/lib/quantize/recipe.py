@@ -114,7 +114,8 @@ class Gates(Strict):
 
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    model: str = Field(description="bundled:smollm2-135m, a local HF directory, a .gguf file, or a hub id")
+    model: str = Field(description="bundled:smollm2-135m, bundled:gemma3-270m, a local HF directory, a .gguf "
+                                   "file, or a hub id")
     revision: str | None = Field(None, description="hub commit, tag or branch of `model` (hub ids only; a local "
                                                    "model, e.g. given with --set model=DIR, ignores it)")
     methods: list[Method] = Field(min_length=1)

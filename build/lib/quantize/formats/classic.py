@@ -59,6 +59,7 @@ class ClassicWriter(CompressedTensorsWriter):
 
     def __init__(self, out_dir: Path, base_path: Path, n_layers: int, fmt: str, extra_config: dict):
         super().__init__(out_dir, base_path, n_layers)
+        self.dtype = torch.float16  # the GPTQ v1 and AutoAWQ layouts are fp16 by definition
         self.fmt, self.extra_config = fmt, extra_config
         self.shape: tuple[int, bool] | None = None  # (group_size, symmetric) shared by every linear
 

@@ -19,7 +19,15 @@ from safetensors.torch import save_file
 
 from quantize.sources.shards import Shards
 
-STORAGE_DTYPE = torch.float16  # scales and every unquantized tensor of a compressed-tensors artefact
+STORAGE_DTYPE = torch.float16  # scales and every unquantized tensor, unless the base is bf16 (storage_dtype)
+
+
+def storage_dtype(config: dict) -> torch.dtype:
+    """The dtype of an artefact's scales and unquantized tensors: a base stored in bfloat16 stays bfloat16 (Gemma,
+    Llama 3, Qwen: fp16 would overflow activations they were trained to keep in bf16's range); any other base
+    (float16, float32) is stored in float16, as W{b}A16 checkpoints are. Both are 2 bytes."""
+    dtype = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+    return torch.bfloat16 if dtype == "bfloat16" else STORAGE_DTYPE
 
 
 def weight_args(bits: int, symmetric: bool, group_size: int, act_order: bool = False):
@@ -35,6 +43,7 @@ class CompressedTensorsWriter:
     def __init__(self, out_dir: Path, base_path: Path, n_layers: int):
         self.out_dir = out_dir
         self.base_path = base_path
+        self.dtype = storage_dtype(json.loads((base_path / "config.json").read_text()))
         self.n_shards = n_layers + 1  # one per layer + one for everything outside the layers
         self.weight_map: dict[str, str] = {}
         self.schemes: dict[str, list[str]] = {}  # scheme key → module names
@@ -62,7 +71,7 @@ class CompressedTensorsWriter:
         offset = 0 if symmetric else 1 << (bits - 1)
         tensors = {
             f"{name}.weight_packed": pack_to_int32((q - offset).to(torch.int8), bits),
-            f"{name}.weight_scale": scale.to(STORAGE_DTYPE).contiguous(),
+            f"{name}.weight_scale": scale.to(self.dtype).contiguous(),
             f"{name}.weight_shape": torch.tensor(list(q.shape)),
         }
         if not symmetric:
@@ -83,17 +92,17 @@ class CompressedTensorsWriter:
         self.written.update(tensors)
 
     def finish(self, ignore: list[str]) -> dict | None:
-        """Copy every base tensor not written yet (embeddings, norms, lm_head) in fp16; write index and config.
-        With nothing packed (a dense export) the result is a plain fp16 checkpoint and this returns None."""
+        """Copy every base tensor not written yet (embeddings, norms, lm_head) in the storage dtype; write index and
+        config. With nothing packed (a dense export) the result is a plain checkpoint and this returns None."""
         shards = Shards(self.base_path)
-        rest = {n: shards.get(n).to(STORAGE_DTYPE) for n in shards.names() if n not in self.written}
+        rest = {n: shards.get(n).to(self.dtype) for n in shards.names() if n not in self.written}
         self.write_shard(self.n_shards - 1, rest)
         total = sum((self.out_dir / s).stat().st_size for s in set(self.weight_map.values()))
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
         config = json.loads((self.base_path / "config.json").read_text())
-        config["dtype"] = str(STORAGE_DTYPE).replace("torch.", "")
+        config["dtype"] = str(self.dtype).replace("torch.", "")
         config.pop("torch_dtype", None)
         (self.out_dir / "config.json").write_text(json.dumps(config, indent=2))
         for extra in ("generation_config.json",):

@@ -7,6 +7,12 @@ Follows llama.cpp's convert_hf_to_gguf.py for these architectures: the `llama` a
 rows permuted (llama.cpp's rotary pairs adjacent dims, transformers pairs dim i with i + head_dim/2), norms and
 other 1-D tensors stay F32, a tied lm_head is not written, and the BPE pre-tokenizer is identified by hashing
 the token ids of a fixed check text (CHECK_TEXT) against the table below.
+
+Every other architecture (Gemma 3, Phi-3, and whatever else llama.cpp registers) goes through llama.cpp's own
+converter (llamacpp_convert.py). This one stays for the Llama family because it writes the artefacts the project
+has measured byte for byte (bench/results/house_hashes.md), and because it takes a BPE tokenizer with a plain
+byte-level pre-tokenizer (GPT-2's split) that llama.cpp's converter rejects when its hash is not in its table
+(the tests' trained tokenizers; a fine-tuned vocabulary).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import numpy as np
 import torch
 
 from quantize.common.errors import QuantizeError
+from quantize.formats import llamacpp_convert
 from quantize.formats.gguf_types import ftype
 from quantize.sources.models import tied_embeddings, tokenizer_adds_bos
 from quantize.sources.shards import Shards
@@ -108,10 +115,14 @@ def rope_parameters(config: dict) -> dict:
 
 
 def check_convertible(config: dict) -> None:
-    """Fail before any work when this converter cannot write the model: its type or its rope scaling."""
+    """Fail before any work when no converter can write the model: this one for its types (and rope scalings),
+    llama.cpp's own for the architectures it registers."""
     model_type = config.get("model_type")
     if model_type not in ARCHES:
-        raise QuantizeError(f"GGUF conversion supports model types {', '.join(ARCHES)}, not {model_type!r}")
+        if not llamacpp_convert.supports(config):
+            raise QuantizeError(f"GGUF conversion: llama.cpp's converter does not know the architecture "
+                                f"{config.get('architectures')} (model type {model_type!r})")
+        return
     rope_type = rope_parameters(config)["rope_type"]
     if rope_type not in ROPE_TYPES:
         raise QuantizeError(f"GGUF conversion: rope type {rope_type!r} is not supported; accepted: "
@@ -187,9 +198,18 @@ def tensor_names(arch: str, n_layers: int):
     return gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), n_layers)
 
 
+def gguf_arch(path: Path) -> str:
+    """general.architecture of a GGUF file."""
+    import gguf
+
+    field = gguf.GGUFReader(path).fields["general.architecture"]
+    return bytes(field.parts[field.data[0]]).decode()
+
+
 def convert(model_dir: Path, out_file: Path, out_type: str = "F16", name: str | None = None,
             metadata: dict | None = None) -> Path:
-    """Write `out_file` (via a temporary name, renamed when complete). Returns it."""
+    """Write `out_file` (via a temporary name, renamed when complete). Returns it. Model types outside ARCHES go
+    through llama.cpp's own converter (llamacpp_convert)."""
     import gguf
 
     if out_type not in OUT_TYPES:
@@ -199,6 +219,8 @@ def convert(model_dir: Path, out_file: Path, out_type: str = "F16", name: str | 
         check_convertible(config)
     except QuantizeError as exc:
         raise QuantizeError(f"{model_dir}: {exc}") from None
+    if config["model_type"] not in ARCHES:
+        return llamacpp_convert.convert(model_dir, out_file, out_type)
     arch = ARCHES[config["model_type"]]
     n_layers = config["num_hidden_layers"]
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])

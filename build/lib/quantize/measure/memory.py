@@ -59,3 +59,12 @@ def mapped_file_rss_bytes(folder: Path) -> int:
     except OSError:
         return 0
     return total
+
+
+def available_bytes() -> int | None:
+    """Memory this machine can still give a process: MemAvailable + SwapFree from /proc/meminfo."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return (int(fields["MemAvailable"].split()[0]) + int(fields["SwapFree"].split()[0])) * 1024
+    except (OSError, KeyError, ValueError):
+        return None

@@ -1,6 +1,6 @@
 """AWQ: activation-aware weight quantization (Lin et al., 2023, arXiv:2306.00978), streamed layer by layer.
 
-Per decoder layer, for each row of AWQ_MAPPINGS (an op `prev` that feeds a set of linears, and the block whose
+Per decoder layer, for each AWQ row of the architecture's layout (engine.LAYOUTS: an op `prev` that feeds a set of linears, and the block whose
 output judges them), with X the calibration inputs of those linears and W their weights:
 
     s(α) = x̄^α / w̄^(1-α)        (duo_scaling; plain AWQ uses s = x̄^α)       x̄ = mean|X| per input channel
@@ -29,26 +29,13 @@ import torch
 
 from quantize.methods import grids
 from quantize.methods.configs import AwqMethod
-from quantize.methods.engine import Activations, Checkpoint, skeleton, stream_layers
-from quantize.methods.weight_only import check_group_sizes, group_size_for, write_streamed
+from quantize.methods.engine import LAYOUTS, Activations, Checkpoint, skeleton, stream_layers
+from quantize.methods.weight_only import check_group_sizes, group_size_for, scale_dtype, write_streamed
 from quantize.sources.models import ignored
 
 Config = AwqMethod
 
-# (prev op, linears it feeds, block whose output the scale search compares), per architecture family, names
-# relative to the decoder layer. A row whose prev is a linear applies only where its outputs are the inputs
-# of the linears (v → o is skipped under grouped-query attention, where v is narrower than o's input).
-AWQ_MAPPINGS: dict[str, list[tuple[str, list[str], str]]] = {
-    "llama": [
-        ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "self_attn"),
-        ("self_attn.v_proj", ["self_attn.o_proj"], "self_attn.o_proj"),
-        ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"], "mlp"),
-        ("mlp.up_proj", ["mlp.down_proj"], "mlp.down_proj"),
-    ],
-}
-for _family in ("mistral", "qwen2", "qwen3"):
-    AWQ_MAPPINGS[_family] = AWQ_MAPPINGS["llama"]
-NO_CLIP = ("q_proj", "k_proj")  # their errors are amplified through softmax(QKᵀ): AutoAWQ leaves them unclipped
+NO_CLIP = ("q_proj", "k_proj", "qkv_proj")  # their errors are amplified through softmax(QKᵀ): AutoAWQ leaves them unclipped
 
 
 def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -103,14 +90,19 @@ def block_loss_fn(acts: Activations, block: torch.nn.Module, x: torch.Tensor):
     return lambda: (acts.forward(block, x) - fp_out).pow(2).mean()
 
 
-def fold_scale(prev: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.Tensor) -> None:
-    """prev's output ÷ s, the linears' inputs × s: W·x = (W·diag(s))·(diag(s)⁻¹·x), exact in full precision."""
+def fold_scale(prev: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.Tensor,
+               norm_offset: float = 0.0) -> None:
+    """prev's output ÷ s, the linears' inputs × s: W·x = (W·diag(s))·(diag(s)⁻¹·x), exact in full precision.
+    A linear prev wider than the linears' input (Phi-3's gate_up feeding down through act(gate)·up) has its last
+    rows, the up half, scaled. A norm computing x̂·(norm_offset + weight) (Gemma) gets weight' with
+    norm_offset + weight' = (norm_offset + weight)/s."""
     if isinstance(prev, torch.nn.Linear):  # the rows that produce the scaled channels
-        prev.weight.data = prev.weight.data / s[:, None]
+        rows = slice(prev.out_features - s.numel(), prev.out_features)
+        prev.weight.data[rows] = prev.weight.data[rows] / s[:, None]
         if prev.bias is not None:
-            prev.bias.data = prev.bias.data / s
-    else:  # RMSNorm/LayerNorm: y = norm(x) · weight (+ bias)
-        prev.weight.data = prev.weight.data / s
+            prev.bias.data[rows] = prev.bias.data[rows] / s
+    else:  # RMSNorm/LayerNorm: y = norm(x) · (norm_offset + weight) (+ bias)
+        prev.weight.data = (norm_offset + prev.weight.data) / s - norm_offset
         if getattr(prev, "bias", None) is not None:
             prev.bias.data = prev.bias.data / s
     for lin in linears:
@@ -156,7 +148,8 @@ def even_tokens(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, group_size_of, ignore,
-              pending: dict, log: list, quantize: bool = True) -> None:
+              pending: dict, log: list, quantize: bool = True, norm_offset: float = 0.0,
+              scale_storage: torch.dtype = torch.float16) -> None:
     """Scale search + fold, clip search + clamp, then (if `quantize`) rounding, for decoder layer i."""
     bits, sym = method.bits, method.sym
     full = lambda n: f"model.layers.{i}.{n}"  # noqa: E731
@@ -166,8 +159,9 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
     alphas = {}
     for prev_name, names, block_name in rows:
         prev, linears = layer.get_submodule(prev_name), [layer.get_submodule(n) for n in names]
-        if isinstance(prev, torch.nn.Linear) and prev.out_features != linears[0].in_features:
-            continue  # e.g. v → o under grouped-query attention
+        if isinstance(prev, torch.nn.Linear) and prev.out_features not in (linears[0].in_features,
+                                                                          2 * linears[0].in_features):
+            continue  # e.g. v → o under grouped-query attention (twice as wide: a fused gate_up feeding down)
         quantized = [not ignore(full(n)) for n in names]
         if not any(quantized):
             continue
@@ -179,7 +173,7 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
         x_mean = x.abs().reshape(-1, x.shape[-1]).float().mean(0)
         s, alpha, losses = search_scale(linears, quantized, x_mean, block_loss_fn(acts, block, x), Q, g,
                                         method.n_grid, method.duo_scaling)
-        fold_scale(prev, linears, s)
+        fold_scale(prev, linears, s, norm_offset)
         scaled = x / s  # what the linears see from now on (one tensor for the row)
         for n in names:
             X[n] = scaled
@@ -198,7 +192,7 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
                                             method.n_grid), g)
             W = lin.weight.data
             scale, zero = grids.scale_zero(W, bits, sym, g)
-            scale = grids.storable_scale(scale)
+            scale = grids.storable_scale(scale, scale_storage)
             q = grids.quantize(W, scale, zero, bits, sym, g)
             Wq = grids.dequantize(q, scale, zero, g)
             xs = even_tokens(X[n], method.clip_tokens).float()
@@ -216,14 +210,16 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
 def build(method: AwqMethod, base, out_dir, calib: torch.Tensor, calib_info=None) -> dict:
     meta = skeleton(base.path)
     check_group_sizes(meta, method)
-    rows = AWQ_MAPPINGS[meta.config.model_type]
+    layout = LAYOUTS[meta.config.model_type]
     log, pending = [], {}
     ignore = lambda name: ignored(name, method.ignore)  # noqa: E731
     group_size_of = lambda name, cols: group_size_for(name, cols, method.group_size, method.on_indivisible)  # noqa: E731
     scaled_only = method.export == "scaled-fp16"
+    dtype = scale_dtype(method, base)
 
     def process_layer(i, layer, acts):
-        awq_layer(i, layer, acts, rows, method, group_size_of, ignore, pending, log, quantize=not scaled_only)
+        awq_layer(i, layer, acts, layout.awq, method, group_size_of, ignore, pending, log,
+                  quantize=not scaled_only, norm_offset=layout.norm_offset, scale_storage=dtype)
 
     checkpoint = Checkpoint(out_dir)  # continues after the last finished layer of an interrupted build
     layers = stream_layers(base.path, calib, process_layer, checkpoint=checkpoint)

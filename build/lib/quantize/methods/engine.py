@@ -5,9 +5,12 @@ at a time. The calibration tokens go through the embedding once; then for each l
 on the activations entering it, the activations go through the processed layer to become the next layer's
 inputs, and the finished layer goes to the writer and its weights are dropped.
 
-GPTQ's true-sequential order (q/k/v, then o, then gate/up, then down, each calibrated on inputs that already went
-through the quantized linears before it) runs the layer in stages (`staged_layer`), so one pass through the
-layer serves every group and also gives the next layer's inputs:
+What the engine knows of an architecture is one row of LAYOUTS: its groups of linears, AWQ's mappings, and how
+its norms store their weights. GPTQ's true-sequential order (q/k/v, then o, then gate/up, then down, each
+calibrated on inputs that already went through the quantized linears before it) runs a llama-family layer in
+stages (`staged_layer`), so one pass through the layer serves every group and also gives the next layer's inputs;
+any other layout (Gemma 3's sandwich norms, Phi-3's fused linears) runs the model's own decoder layer once per
+group with a hook on the group's input (`hooked_layer`):
 
     h1 = input_layernorm(x)                      -> q/k/v inputs          quantize q/k/v
     a  = attention core on h1                    -> o_proj input          quantize o
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -35,15 +39,53 @@ from quantize.common.errors import QuantizeError
 from quantize.sources.models import meta_model
 from quantize.sources.shards import Shards
 
-# Which linears of a decoder layer are quantized together, in order (GPTQ "true sequential"): each group sees
-# inputs that already went through the quantized groups before it. One row per architecture family.
-SEQUENTIAL_GROUPS: dict[str, list[list[str]]] = {
-    "llama": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
+@dataclass(frozen=True)
+class Layout:
+    """What the engine and the methods need to know about one architecture's decoder layer (names relative to it).
+
+    groups: the linears quantized together, in order (GPTQ "true sequential": each group sees inputs that already
+        went through the quantized groups before it); the linears of a group read one input.
+    awq: (op that feeds the linears, the linears, the block whose output judges a scale), AWQ's mappings; a row
+        whose op is a linear applies where its outputs are the linears' inputs (v → o is skipped under
+        grouped-query attention) or, for a fused gate_up, to its last rows (the up half).
+    staged: the llama layer, which staged_layer runs in one pass per layer; other layouts run the decoder layer
+        itself once per group with a hook on the group's input (hooked_layer): the same inputs, G + 1 passes.
+    norm_offset: the RMSNorm computes x̂·(norm_offset + weight) (Gemma: 1), which AWQ's fold must respect."""
+
+    groups: list[list[str]]
+    awq: list[tuple[str, list[str], str]]
+    staged: bool = False
+    norm_offset: float = 0.0
+
+
+_ATTN = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+_LLAMA = Layout(
+    groups=[_ATTN, ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
+    awq=[("input_layernorm", _ATTN, "self_attn"), ("self_attn.v_proj", ["self_attn.o_proj"], "self_attn.o_proj"),
+         ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"], "mlp"),
+         ("mlp.up_proj", ["mlp.down_proj"], "mlp.down_proj")],
+    staged=True)
+LAYOUTS: dict[str, Layout] = {
+    # Qwen3's per-head q/k norms sit inside the attention, between q/k_proj and the rotary embedding
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
+    # Gemma 3: sandwich norms (post-attention and post-feed-forward norms on the branch outputs, the MLP fed by
+    # pre_feedforward_layernorm), the embedding scaled by sqrt(hidden) (inside its module), sliding-window and
+    # global layers with their own rotary tables, RMSNorm weights stored as offsets from 1
+    "gemma3_text": Layout(
+        groups=_LLAMA.groups,
+        awq=[("input_layernorm", _ATTN, "self_attn"),
+             ("self_attn.v_proj", ["self_attn.o_proj"], "self_attn.o_proj"),
+             ("pre_feedforward_layernorm", ["mlp.gate_proj", "mlp.up_proj"], "mlp"),
+             ("mlp.up_proj", ["mlp.down_proj"], "mlp.down_proj")],
+        norm_offset=1.0),
+    # Phi-3: q/k/v fused in qkv_proj and gate/up in gate_up_proj (the fused tensors are what vLLM and llama.cpp
+    # load); AWQ as AutoAWQ: norm → qkv, norm → gate_up, the up half of gate_up → down (no v → o: v is fused)
+    "phi3": Layout(
+        groups=[["self_attn.qkv_proj"], ["self_attn.o_proj"], ["mlp.gate_up_proj"], ["mlp.down_proj"]],
+        awq=[("input_layernorm", ["self_attn.qkv_proj"], "self_attn"),
+             ("post_attention_layernorm", ["mlp.gate_up_proj"], "mlp"),
+             ("mlp.gate_up_proj", ["mlp.down_proj"], "mlp.down_proj")]),
 }
-# the same layout: Qwen3's per-head q/k norms sit inside the attention, between q/k_proj and the rotary embedding
-for _family in ("mistral", "qwen2", "qwen3"):
-    SEQUENTIAL_GROUPS[_family] = SEQUENTIAL_GROUPS["llama"]
 
 
 def materialize(module: torch.nn.Module, prefix: str, shards: Shards, dtype=torch.float32) -> None:
@@ -59,11 +101,11 @@ def release(module: torch.nn.Module) -> None:
 
 
 def check_model(config: dict, seq_len: int | None = None) -> None:
-    """Fail before any work if the engine cannot stream this model: its type has no row in SEQUENTIAL_GROUPS, or
+    """Fail before any work if the engine cannot stream this model: its type has no row in LAYOUTS, or
     (with calibration of `seq_len` tokens) a sliding window shorter than the calibration sequences."""
     model_type = config.get("model_type")
-    if model_type not in SEQUENTIAL_GROUPS:
-        raise QuantizeError(f"layer-wise methods support model types {', '.join(SEQUENTIAL_GROUPS)}; "
+    if model_type not in LAYOUTS:
+        raise QuantizeError(f"layer-wise methods support model types {', '.join(LAYOUTS)}; "
                             f"the model is {model_type!r}")
     window = config.get("sliding_window")
     if seq_len is not None and window and config.get("use_sliding_window", True) and seq_len > window:
@@ -158,6 +200,24 @@ class Checkpoint:
         self.path.unlink(missing_ok=True)
 
 
+def layer_type(config, i: int) -> str | None:
+    """The attention kind of layer i where the model mixes kinds (Gemma 3: sliding_attention, full_attention)."""
+    types = getattr(config, "layer_types", None)
+    return types[i] if types else None
+
+
+def rotary_tables(model, hidden: torch.Tensor, device) -> dict:
+    """The rotary (cos, sin) [1, seq_len, head_dim] per attention kind: one table, or (Gemma 3) one per layer
+    type, each with its own base frequency, as the model's own forward computes them."""
+    rotary = type(model.model.rotary_emb)(config=model.config).to(device)  # fresh: inv_freq is not a weight
+    positions = torch.arange(hidden.shape[1], device=device)[None]
+    types = set(getattr(model.config, "layer_types", None) or [None])
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        return {t: rotary(hidden[:1], positions, t) for t in types}
+    table = rotary(hidden[:1], positions)
+    return {t: table for t in types}
+
+
 @torch.inference_mode()
 def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Callable, batch: int = 8,
                   device: str = "cpu", forward_dtype: torch.dtype = torch.float32,
@@ -186,15 +246,16 @@ def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Ca
             materialize(inner.embed_tokens, "model.embed_tokens.", shards)
             hidden = inner.embed_tokens(calib).float().to(device)  # [samples, seq_len, hidden]
             release(inner.embed_tokens)
-        rotary = type(inner.rotary_emb)(config=model.config).to(device)  # fresh: inv_freq is not a weight
-        positions = rotary(hidden[:1], torch.arange(calib.shape[1], device=device)[None])
-        acts = Activations(hidden, positions, batch, forward_dtype)
+        positions = rotary_tables(model, hidden, device)
+        acts = Activations(hidden, positions[layer_type(model.config, start)], batch, forward_dtype)
 
     for i, layer in enumerate(inner.layers):
         if i < start:
             continue
         materialize(layer, f"model.layers.{i}.", shards)
         layer.to(device)
+        if acts is not None:
+            acts.position_embeddings = positions[layer_type(model.config, i)]
         out = process_layer(i, layer, acts)
         if acts is not None:
             acts.hidden = out if out is not None else acts.run(layer)
@@ -207,7 +268,7 @@ def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Ca
 def staged_layer(layer: torch.nn.Module, acts: Activations, on_stage: Callable, quantize_between: bool = True
                  ) -> torch.Tensor | None:
     """A llama-family decoder layer run on acts.hidden in the stages of the module docstring. After each stage
-    `on_stage(group, X)` gets the group's SEQUENTIAL_GROUPS["llama"] index and its input X [samples, seq_len, in];
+    `on_stage(group, X)` gets the group's LAYOUTS["llama"].groups index and its input X [samples, seq_len, in];
     with quantize_between the later stages run on the linears as on_stage left them (true sequential), and the
     result is the processed layer's output. Without it, all four inputs come from the layer as it was, and the
     caller runs the processed layer itself (returns None)."""
@@ -244,6 +305,22 @@ def staged_layer(layer: torch.nn.Module, acts: Activations, on_stage: Callable, 
     return x2 + acts.forward(mlp.down_proj, m)
 
 
+def hooked_layer(layer: torch.nn.Module, acts: Activations, groups: list[list[str]], on_stage: Callable,
+                 quantize_between: bool = True) -> torch.Tensor | None:
+    """staged_layer for any decoder layer: the layer's own forward, once per group, with a hook that keeps the
+    input of the group's first linear; `on_stage(group, X)` as in staged_layer. With quantize_between each pass
+    runs on the groups before it as on_stage left them (true sequential), and a last pass gives the processed
+    layer's output; without it, one pass gives every group's input and the caller runs the layer (None)."""
+    if not quantize_between:
+        captured = acts.capture(layer, [names[0] for names in groups])
+        for group, names in enumerate(groups):
+            on_stage(group, captured.pop(names[0]))
+        return None
+    for group, names in enumerate(groups):
+        on_stage(group, acts.capture(layer, [names[0]])[names[0]])
+    return acts.run(layer)
+
+
 def quantize_layers(base_path: Path, calib: torch.Tensor | None, quantize_group: Callable, ignore: Callable,
                     model_type: str, true_sequential: bool = True, batch: int = 8, device: str = "cpu",
                     forward_dtype: torch.dtype = torch.float32, checkpoint: Checkpoint | None = None
@@ -251,8 +328,10 @@ def quantize_layers(base_path: Path, calib: torch.Tensor | None, quantize_group:
     """GPTQ-style streaming: per layer, the sequential groups in order. `quantize_group(layer_index,
     {name: linear}, X)` quantizes the linears in place from their common input X [samples, seq_len, in] (None
     without calibration). `ignore(full_name)` says which linears stay as they are."""
-    groups = SEQUENTIAL_GROUPS[model_type]
-    assert groups == SEQUENTIAL_GROUPS["llama"], f"staged_layer runs the llama layout's stages, not {model_type}'s"
+    layout = LAYOUTS[model_type]
+    groups = layout.groups
+    run_stages = staged_layer if layout.staged else lambda layer, acts, on_stage, quantize_between: hooked_layer(
+        layer, acts, groups, on_stage, quantize_between)
 
     def process_layer(i, layer, acts):
         def on_stage(group: int, X: torch.Tensor | None) -> None:
@@ -264,7 +343,7 @@ def quantize_layers(base_path: Path, calib: torch.Tensor | None, quantize_group:
             for group in range(len(groups)):
                 on_stage(group, None)
             return None
-        return staged_layer(layer, acts, on_stage, quantize_between=true_sequential)
+        return run_stages(layer, acts, on_stage, quantize_between=true_sequential)
 
     return stream_layers(base_path, calib, process_layer, batch, device, forward_dtype, checkpoint)
 

@@ -113,7 +113,7 @@ def build(method: GgufMethod, base, out_dir: Path, calib: torch.Tensor | None, c
         if method.use_imatrix:
             sums, tokens = importance_matrix(source_model.path, calib)
             config = base.config
-            names = gguf_convert.tensor_names(gguf_convert.ARCHES[config["model_type"]], config["num_hidden_layers"])
+            names = gguf_convert.tensor_names(gguf_convert.gguf_arch(source), config["num_hidden_layers"])
             sums = {names.get_name(k, try_suffixes=(".weight",)): v.numpy() for k, v in sums.items()}
             dataset = (calib_info or {}).get("source", "calibration")
             write_imatrix(out_dir / "imatrix.gguf", sums, tokens, dataset, int(calib.shape[0]), int(calib.shape[1]))

@@ -28,7 +28,7 @@ import torch
 from quantize.methods import grids
 from quantize.methods.configs import GptqMethod
 from quantize.methods.statistics import Hessian
-from quantize.methods.weight_only import Solved, build_streamed
+from quantize.methods.weight_only import Solved, build_streamed, scale_dtype
 
 
 # Where a group's grid comes from when groups are not static (no act_order): "updated", the weights as they are
@@ -120,9 +120,12 @@ Config = GptqMethod
 
 
 def build(method: GptqMethod, base, out_dir, calib: torch.Tensor, calib_info=None) -> dict:
+    dtype = scale_dtype(method, base)
+
     def solve(W, hess: Hessian, group_size: int) -> Solved:
         return gptq_quantize(W, hess, method.bits, method.sym, group_size, method.act_order, method.damp,
-                             method.block_size, observer=method.observer, group_grid=method.group_grid)
+                             method.block_size, scale_dtype=dtype, observer=method.observer,
+                             group_grid=method.group_grid)
 
     return {"scheme": f"w{method.bits}a16", **build_streamed(method, base, out_dir, calib, solve)}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from quantize.formats.compressed_tensors import STORAGE_DTYPE
+from quantize.formats.compressed_tensors import STORAGE_DTYPE, storage_dtype
 from quantize.methods import grids
 from quantize.methods.configs import Int8Method
 from quantize.sources.models import BaseModel, ignored, load_model, load_tokenizer, meta_model
@@ -34,7 +34,8 @@ def build(method: Int8Method, base: BaseModel, out_dir: Path, calib=None, calib_
     return build_llm_int8(method, base, out_dir)
 
 
-def quantize_w8a16_(model: torch.nn.Module, ignore: list[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def quantize_w8a16_(model: torch.nn.Module, ignore: list[str], dtype: torch.dtype = STORAGE_DTYPE
+                    ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Round every non-ignored linear's weight onto its per-channel int8 grid, in place; return the scales.
     Scales are first rounded to the storage dtype so the artefact reproduces these weights exactly."""
     scales, skipped = {}, []
@@ -46,7 +47,7 @@ def quantize_w8a16_(model: torch.nn.Module, ignore: list[str]) -> tuple[dict[str
             continue
         W = module.weight.data.float()
         scale, zero = grids.scale_zero(W, bits=8, symmetric=True)  # [out, 1]
-        scale = scale.to(STORAGE_DTYPE).float()
+        scale = scale.to(dtype).float()
         q = grids.quantize(W, scale, zero, bits=8, symmetric=True)
         module.weight.data = grids.dequantize(q, scale, zero).to(module.weight.dtype)
         scales[name] = scale
@@ -54,8 +55,8 @@ def quantize_w8a16_(model: torch.nn.Module, ignore: list[str]) -> tuple[dict[str
 
 
 def write_compressed_tensors(
-    model: torch.nn.Module, scales: dict[str, torch.Tensor], skipped: list[str], out_dir: Path, bits: int = 8
-) -> None:
+    model: torch.nn.Module, scales: dict[str, torch.Tensor], skipped: list[str], out_dir: Path, bits: int = 8,
+    dtype: torch.dtype = STORAGE_DTYPE) -> None:
     """Save a model whose linears already lie on the symmetric per-channel grids given by `scales`
     ([out, 1] each) as compressed-tensors; the library re-derives q = round(W / scale) and packs it."""
     from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
@@ -79,16 +80,17 @@ def write_compressed_tensors(
             module.weight_scale.data = scales[name].to(module.weight_scale.dtype)
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
     compressor.compress_model(model)
-    model.to(STORAGE_DTYPE)  # scales, norms and embeddings; the packed int32 weights keep their dtype
-    model.config.dtype = STORAGE_DTYPE
+    model.to(dtype)  # scales, norms and embeddings; the packed int32 weights keep their dtype
+    model.config.dtype = dtype
     model.save_pretrained(out_dir)
     compressor.update_config(out_dir)
 
 
 def build_w8a16(method: Int8Method, base: BaseModel, out_dir: Path) -> dict:
     model = load_model(base.path, "float32")
-    scales, skipped = quantize_w8a16_(model, method.ignore)
-    write_compressed_tensors(model, scales, skipped, out_dir)
+    dtype = storage_dtype(base.config)  # a bf16 base stays bf16
+    scales, skipped = quantize_w8a16_(model, method.ignore, dtype)
+    write_compressed_tensors(model, scales, skipped, out_dir, dtype=dtype)
     load_tokenizer(base.path).save_pretrained(out_dir)
     config = json.loads((out_dir / "config.json").read_text())
     return {

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from quantize.methods.engine import SEQUENTIAL_GROUPS, stream_layers
+from quantize.methods.engine import LAYOUTS, stream_layers
 
 
 @dataclass
@@ -75,7 +75,7 @@ def _importance_matrix(base_path: Path, calib: torch.Tensor) -> tuple[dict[str, 
         sums[name] = sums.get(name, 0) + (x * x).sum(0)
 
     model_type = json.loads((base_path / "config.json").read_text())["model_type"]
-    linears = [n for group in SEQUENTIAL_GROUPS[model_type] for n in group]
+    linears = [n for group in LAYOUTS[model_type].groups for n in group]
 
     def process(i, layer, acts):  # hooks see the propagation pass stream_layers makes after this
         for n in linears:

