@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -168,6 +169,44 @@ def eval_command(path: Path = typer.Argument(..., help="an artefact: HF folder (
     if "kld" in p:
         line += f"; KLD {p['kld']['mean']:.6f} ± {p['kld']['unc']:.6f}, same top {100 * p['kld']['same_top']:.2f}%"
     typer.echo(text if as_json or not out else line)
+
+
+@app.command("serve")
+def serve_command(path: Path = typer.Argument(..., help="an artefact: a .gguf (or a folder with model.gguf) or an "
+                                                        "HF folder"),
+                  engine: str | None = typer.Option(None, "--engine", help="llama.cpp, transformers or vllm "
+                                                                          "(default: the one for the format)"),
+                  host: str = typer.Option("127.0.0.1", "--host", help="listen address (0.0.0.0 only if you mean it)"),
+                  port: int = typer.Option(0, "--port", min=0, max=65535, help="listen port (default: a free one)"),
+                  api_key: str | None = typer.Option(None, "--api-key", help="require this key (llama.cpp, vllm)"),
+                  ctx: int = typer.Option(2048, "--ctx", min=16, help="context length the engine allocates"),
+                  threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (llama.cpp)"),
+                  timeout: float = typer.Option(180, "--timeout", help="seconds to wait for the server to answer"),
+                  ) -> None:
+    """Serve an artefact behind the engine's own OpenAI-compatible API until Ctrl-C."""
+    from quantize.runtimes import serve
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    # Ctrl-C and SIGTERM stop the server, also when this command was started with SIGINT ignored (a background job)
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        server = serve.start(path, engine, host, port, api_key, ctx, threads, timeout)
+    except QuantizeError as exc:
+        _fail(exc)
+    typer.echo(serve.examples(server))
+    typer.echo(f"serving (pid {server.process.pid}); Ctrl-C stops it", err=True)
+    try:
+        code = server.process.wait()
+        typer.echo(f"error: the {server.engine} server stopped by itself (exit {code}); log: {server.log}", err=True)
+        raise typer.Exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
+        typer.echo("stopping the server", err=True)
+    finally:
+        serve.stop(server)
 
 
 @app.command("fit")

@@ -1,0 +1,197 @@
+"""`quantize serve ARTEFACT`: the real engine's own OpenAI-compatible server for the artefact's format, on loopback
+unless asked otherwise, stopped with the command.
+
+    GGUF                                  llama-cpp-python's server (python -m llama_cpp.server), with the GGUF's
+                                          own chat template
+    HF folder (dense, symmetric            `transformers serve FOLDER` (transformers' own server, the model
+    compressed-tensors, bitsandbytes)     preloaded)
+    vLLM (--engine vllm)                  `vllm serve FOLDER`, where vLLM is installed and a GPU is visible
+
+Refused with the reason and the engine that does serve it: asymmetric compressed-tensors (transformers 5.23 cannot
+load it, llm-compressor#1618; vLLM does), the classic gptq/awq layouts without GPTQModel.
+
+A server is started in its own process group, polled until it answers (bounded), and stopped by SIGINT to the
+group, then SIGKILL after a grace period: no process is left behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantize.common.errors import QuantizeError
+from quantize.formats import compressed_tensors
+from quantize.runtimes.load import detect
+
+ENGINES = ("llama.cpp", "transformers", "vllm")
+
+
+@dataclass
+class Server:
+    engine: str
+    command: list[str]
+    base_url: str
+    model: str  # the model id clients send
+    api_key: str | None
+    process: subprocess.Popen
+    log: Path
+
+
+def default_engine(path: Path) -> str:
+    return "llama.cpp" if detect(path) == "gguf" else "transformers"
+
+
+def check_engine(path: Path, engine: str) -> None:
+    """Refuse, before starting anything, an engine that cannot serve this artefact (or is not installed here)."""
+    fmt = detect(path)
+    if engine not in ENGINES:
+        raise QuantizeError(f"--engine {engine!r}; accepted: {', '.join(ENGINES)}")
+    if engine == "llama.cpp":
+        if fmt != "gguf":
+            raise QuantizeError(f"{path}: llama.cpp serves GGUF files; this is a {fmt} folder (use --engine "
+                                "transformers or vllm)")
+        if importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("sse_starlette") is None:
+            raise QuantizeError("llama.cpp's server needs its extras: pip install 'llama-cpp-python[server]'")
+    elif engine == "transformers":
+        if fmt == "gguf":
+            raise QuantizeError(f"{path}: a GGUF is served by llama.cpp (--engine llama.cpp, the default)")
+        if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+            raise QuantizeError("transformers serve needs its extras: pip install 'transformers[serving]'")
+        if fmt == "compressed-tensors" and compressed_tensors.is_asymmetric(path):
+            raise QuantizeError(f"{path}: asymmetric compressed-tensors does not load in transformers 5.23 "
+                                "(llm-compressor#1618); vLLM serves it: quantize serve --engine vllm on a GPU machine")
+        if fmt in ("gptq", "awq") and importlib.util.find_spec("gptqmodel") is None:
+            raise QuantizeError(f"{path}: transformers serves the classic {fmt} layout through GPTQModel, which is "
+                                "not installed (pip install gptqmodel), or use format compressed-tensors")
+    elif shutil.which("vllm") is None:
+        raise QuantizeError("--engine vllm: vLLM is not installed here (it needs a CUDA GPU: pip install vllm)")
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def command(path: Path, engine: str, host: str, port: int, api_key: str | None, ctx: int,
+            threads: int | None) -> tuple[list[str], str]:
+    """(command line, model id the clients send)."""
+    if engine == "llama.cpp":
+        gguf = path if path.suffix == ".gguf" else path / "model.gguf"
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", host, "--port", str(port),
+               "--n_ctx", str(ctx)]
+        if threads:
+            cmd += ["--n_threads", str(threads)]
+        if api_key:
+            cmd += ["--api_key", api_key]
+        return cmd, str(gguf)
+    if engine == "transformers":
+        if api_key:
+            raise QuantizeError("--api-key: transformers serve has no API keys; put it behind a proxy that checks "
+                                "them, or serve with vLLM")
+        from huggingface_hub import constants
+
+        # its /v1/models lists the hub cache and fails (500) when that folder does not exist yet
+        Path(constants.HF_HUB_CACHE).mkdir(parents=True, exist_ok=True)
+        exe = Path(sys.executable).with_name("transformers")
+        return [str(exe), "serve", str(path), "--host", host, "--port", str(port), "--device", "cpu"], str(path)
+    cmd = ["vllm", "serve", str(path), "--host", host, "--port", str(port), "--max-model-len", str(ctx)]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    return cmd, str(path)
+
+
+def _answers(server: "Server") -> bool:
+    """Whether the server answers its readiness endpoint: GET /v1/models (llama.cpp, vLLM) or GET /health
+    (transformers serve, whose model list scans the hub cache instead of naming the model it serves)."""
+    url = server.base_url.removesuffix("/v1") + "/health" if server.engine == "transformers" else \
+        server.base_url + "/models"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {server.api_key}"}
+                                     if server.api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def start(path: Path, engine: str | None = None, host: str = "127.0.0.1", port: int = 0,
+          api_key: str | None = None, ctx: int = 2048, threads: int | None = None, timeout: float = 180,
+          log_dir: Path | None = None) -> Server:
+    """Start the engine's server and wait until it answers; a server that exits or stays silent is stopped and
+    its log's last lines are the error."""
+    path = Path(path)
+    if not path.exists():
+        raise QuantizeError(f"{path}: no such artefact")
+    engine = engine or default_engine(path)
+    check_engine(path, engine)
+    if port == 0:
+        port = free_port(host)
+    elif not port_free(host, port):
+        raise QuantizeError(f"--port {port}: {host}:{port} is in use; pick another port or leave --port out for a "
+                            "free one")
+    cmd, model = command(path, engine, host, port, api_key, ctx, threads)
+    log = (log_dir or Path(os.environ.get("TMPDIR", "/tmp"))) / f"quantize-serve-{os.getpid()}-{port}.log"
+    with open(log, "wb") as fh:
+        process = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(engine, cmd, f"http://{host}:{port}/v1", model, api_key, process, log)
+    deadline = time.monotonic() + timeout
+    while not _answers(server):
+        if process.poll() is not None or time.monotonic() > deadline:
+            why = "exited" if process.poll() is not None else f"did not answer within {timeout:.0f} s"
+            stop(server)
+            tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-4:]
+            raise QuantizeError(f"{path}: the {engine} server {why}; its log ({log}) ends: {' | '.join(tail)}")
+        time.sleep(0.5)
+    return server
+
+
+def stop(server: Server, grace: float = 15) -> None:
+    """SIGINT to the server's process group (a clean shutdown), SIGKILL after `grace` seconds."""
+    if server.process.poll() is None:
+        try:
+            os.killpg(server.process.pid, signal.SIGINT)
+            server.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+        except ProcessLookupError:
+            pass
+    try:  # children the engine started in its group
+        os.killpg(server.process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def examples(server: Server) -> str:
+    key = server.api_key or "none"
+    return "\n".join([
+        f"base URL: {server.base_url}   (engine: {server.engine}; model: {server.model})",
+        "curl:",
+        f"  curl {server.base_url}/chat/completions -H 'Content-Type: application/json' "
+        f"-H 'Authorization: Bearer {key}' -d '{{\"model\": \"{server.model}\", "
+        "\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}], \"max_tokens\": 64}'",
+        "python (pip install openai):",
+        f"  from openai import OpenAI; client = OpenAI(base_url=\"{server.base_url}\", api_key=\"{key}\")",
+        f"  client.chat.completions.create(model=\"{server.model}\", "
+        "messages=[{\"role\": \"user\", \"content\": \"Hello\"}], max_tokens=64)",
+    ])
