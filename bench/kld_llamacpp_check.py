@@ -246,8 +246,10 @@ def markdown(result: dict) -> str:
             return next((s["rel_diff"] for s in r[section] if s["statistic"] == key), None)
         pcts = [abs(s["rel_diff"]) for s in r["shared_base"] if s["statistic"].startswith("kld.percentiles")
                 and s["rel_diff"] is not None and abs(s["llama_cpp"]) > 100 * s["printed_step"]]
-        lines.append(f"| {r['model']} | {r['type']} | {100 * rel('shared_base', 'kld.mean'):+.3f} % | "
-                     f"{100 * max(pcts):.3f} % | {100 * rel('llama_cpp_end_to_end', 'kld.mean'):+.2f} % |")
+        def pct(x, digits):
+            return "— (llama.cpp: 0)" if x is None else f"{100 * x:+.{digits}f} %"
+        lines.append(f"| {r['model']} | {r['type']} | {pct(rel('shared_base', 'kld.mean'), 3)} | "
+                     f"{100 * max(pcts):.3f} % | {pct(rel('llama_cpp_end_to_end', 'kld.mean'), 2)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -260,7 +262,12 @@ def main() -> None:
     ap.add_argument("--chunks-smollm2", type=int, default=32)
     ap.add_argument("--chunks-gemma", type=int, default=16)
     ap.add_argument("--only", choices=["smollm2", "gemma"])
+    ap.add_argument("--markdown-from", type=Path, help="only rewrite the .md from a results .json")
     args = ap.parse_args()
+    if args.markdown_from:
+        result = json.loads(args.markdown_from.read_text())
+        args.markdown_from.with_suffix(".md").write_text(markdown(result))
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="kld-check-"))
     text = load_text("bundled:wiki", "eval")
