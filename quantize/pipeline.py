@@ -39,17 +39,18 @@ from quantize.preflight import base_model, check_disk, check_memory, check_recip
 from quantize.recipe import Recipe
 from quantize.report import gates, html, markdown
 from quantize.runtimes.llamacpp import LlamaCppModel
-from quantize.runtimes.load import free, load
+from quantize.runtimes.load import free, load, release_free_heap
 from quantize.sources.models import (
     BaseModel, load_model, load_tokenizer, meta_model, tokenizer_adds_bos,
 )
 from quantize.sources.texts import calibration_batches, load_text
 
 
-def _free(model) -> None:
-    free(model)
-    del model
+def _collect() -> None:
+    """After the caller has closed (runtimes.load.free) and dropped a model: collect it and hand the freed heap
+    back to the OS, so the next build's memory and peak RSS are its own."""
     gc.collect()
+    release_free_heap()
 
 
 def _evaluate(model, label: str, chunks, base_logprobs, recipe: Recipe, bandwidth: dict | None = None,
@@ -187,7 +188,9 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
             model, loader, eval_dtype = load(folder, dtype, chunks.n_ctx)
             measured = _evaluate(model, name, chunks, base_logprobs, recipe, bandwidth, tokenizer,
                                  positions=out / "kld-positions" / f"{name}.npy")
-            _free(model)
+            free(model)
+            del model  # not alive during the next variant's build
+            _collect()
             variant = {"method": manifest["method"], "format": manifest["result"]["format"],
                        "eval_dtype": eval_dtype, "loader": loader, "build_s": manifest["timings_s"]["build"],
                        "build_peak_rss_bytes": manifest["peak_rss_bytes"]["build"], **measured,
@@ -229,7 +232,9 @@ def _base_results(out: Path, recipe: Recipe, base: BaseModel, chunks, scores: di
     if recipe.eval.tasks or recipe.eval.speed.enabled:  # the base model in memory only when something needs it
         model = load_model(base.path, dtype)
         measured = _evaluate(model, "base", chunks, None, recipe, bandwidth, tokenizer, scores)
-        _free(model)
+        free(model)
+        del model
+        _collect()
     results = {
         "protocol": {"perplexity": chunks.protocol(), "eval_dtype": dtype, "device": "cpu",
                      "memory_bandwidth": bandwidth, "versions": files.versions()},
