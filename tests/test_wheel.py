@@ -7,6 +7,7 @@ The fresh venv gets only the wheel (--no-deps); its dependencies are the test ve
 install's own .pth, so `quantize` can only come from the wheel (the test checks where it came from)."""
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -17,9 +18,19 @@ from conftest import REPO
 
 
 def test_wheel_ships_recipes_and_tasks_and_runs_from_anywhere(tmp_path):
+    # built from a copy of the tracked files, so setuptools' build/ folder lands there, not in the checkout
+    src = tmp_path / "src"
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, check=True, capture_output=True, text=True).stdout
+    for name in tracked.splitlines():
+        target = src / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (REPO / name).is_symlink():
+            target.symlink_to(os.readlink(REPO / name))
+        else:
+            shutil.copy2(REPO / name, target)
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(dist), str(REPO)], check=True, capture_output=True)
+                    str(dist), str(src)], check=True, capture_output=True)
     wheel = next(dist.glob("quantize-*.whl"))
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)

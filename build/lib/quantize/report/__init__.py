@@ -1,1 +1,0 @@
-"""What a person reads: one run's report.md, and `quantize compare` across runs."""
