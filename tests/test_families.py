@@ -203,3 +203,19 @@ def test_a_bf16_base_stays_bf16(tiny_model, tmp_path):
         assert scales == {"BF16"} and dense == {"BF16"}, (name, scales, dense)
         assert results[name]["loader"] == "transformers.from_pretrained"
         assert 0 < results[name]["perplexity"]["kld"]["mean"] < 0.1
+
+
+def test_meta_skeleton_keeps_tied_embeddings_and_real_buffers():
+    """The engine's skeleton: parameters on meta, the output head still the embedding where the config ties them
+    (sizes, the writers' lists), and buffers no checkpoint holds (Gemma's embedding scale) real."""
+    from transformers import AutoConfig
+
+    from quantize.sources.models import meta_model
+
+    config = AutoConfig.for_model("gemma3_text", vocab_size=512, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                  tie_word_embeddings=True)
+    model = meta_model(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.model.embed_tokens.weight.is_meta
+    assert model.model.embed_tokens.embed_scale.item() == pytest.approx(64 ** 0.5)

@@ -233,6 +233,7 @@ def meta_model(config_or_path):
     # only under sdpa
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    model.tie_weights()  # init_empty_weights re-creates each parameter it registers, which unties lm_head
     return model
 
 
