@@ -15,7 +15,7 @@ Peaks per step (bytes; f = 4 for float32; T = calibration samples × seq_len tok
                                                                         + 4 × n_ctx × vocab × f (logits, log-softmax,
                                                                           the decoded base row, the KLD terms)
 
-plus PROCESS_BYTES for Python, torch, transformers and llama.cpp themselves. These are estimates, checked against
+plus PROCESS_BYTES for the process itself (Python and the libraries, the tokenizer, text and batches). These are estimates, checked against
 the builds' measured peak RSS (manifest.json `peak_rss_bytes`) in bench/results/gemma3_270m.md.
 """
 
@@ -24,7 +24,10 @@ from __future__ import annotations
 from quantize.fit.shape import ModelShape
 
 F32 = 4
-PROCESS_BYTES = 1 << 29  # the interpreter and the libraries imported: 0.38 GiB RSS measured (2026-12-02)
+# the pipeline's process before a step: the interpreter and libraries (0.38 GiB measured), the tokenizer, the text,
+# the evaluation chunks and calibration batches; Gemma-3-270m's builds measured 0.4-1.0 GiB above the per-step
+# terms with 0.5 GiB here (bench/results/gemma3_270m.md)
+PROCESS_BYTES = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
