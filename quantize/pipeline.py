@@ -30,8 +30,7 @@ from quantize.common.ui import step
 from quantize.fit import vram
 from quantize.fit.shape import shape_from_config
 from quantize.formats.tensors import weight_bytes
-from quantize.measure import lmeval, memory, quality, speed
-from quantize.measure.kld_base import row_width
+from quantize.measure import kld_base, lmeval, memory, quality, speed
 from quantize.measure.scorecard import base_store
 from quantize.methods.engine import resolve_device
 from quantize.methods.registry import METHODS
@@ -158,8 +157,7 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
     calib = None  # the calibration text too is checked before any work
     if any(m.needs_calibration for m in recipe.methods):
         calib = _calibration(recipe, tokenizer)
-    check_disk(recipe, meta, chunks.ids.numel() * 4
-               + chunks.ids.shape[0] * chunks.scored_per_chunk * row_width(meta.config.vocab_size) * 2)
+    check_disk(recipe, meta, kld_base.file_bytes(*chunks.ids.shape, meta.config.vocab_size))
     shape = shape_from_config(base.config)
     dtype = recipe.eval.dtype
     torch.manual_seed(recipe.seed)

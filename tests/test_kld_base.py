@@ -116,7 +116,7 @@ def test_file_round_trip_and_header(tmp_path):
     raw = path.read_bytes()
     assert raw[:8] == b"_logits_" and struct.unpack("<Iii", raw[8:20]) == (16, 11, 3)
     nv = kld_base.row_width(11)
-    assert nv == 16 and len(raw) == 20 + 4 * 48 + 3 * 7 * nv * 2
+    assert nv == 16 and len(raw) == 20 + 4 * 48 + 3 * 7 * nv * 2 == kld_base.file_bytes(3, 16, 11)
     f = kld_base.KldBaseFile(path)
     f.check(ids)
     assert np.array_equal(f.chunk(2), kld_base.encode(chunks_logits[2]))

@@ -41,6 +41,11 @@ def row_width(n_vocab: int) -> int:
     return 2 * ((n_vocab + 1) // 2) + 4
 
 
+def file_bytes(n_chunk: int, n_ctx: int, n_vocab: int) -> int:
+    """Size of a base file: header, tokens, and one row per scored position."""
+    return 20 + 4 * n_chunk * n_ctx + 2 * n_chunk * (n_ctx - 1 - n_ctx // 2) * row_width(n_vocab)
+
+
 def encode(logits: torch.Tensor) -> np.ndarray:
     """[n, n_vocab] float32 logits → [n, nv] uint16 rows, as perplexity.cpp's log_softmax(…, uint16_t *, …)."""
     x = logits.float().numpy()

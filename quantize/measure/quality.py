@@ -102,13 +102,12 @@ def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model.logits(ids[0].tolist())
 
 
-def _scored_log_probs(model, chunks: Chunks, label: str):
-    """(chunk index, logits and log-softmax [scored, vocab], target ids [scored]) for every chunk, one at a time."""
+def _scored_logits(model, chunks: Chunks, label: str):
+    """(chunk index, logits [scored, vocab], target ids [scored]) for every chunk, one at a time."""
     first = chunks.first
     for i in track(range(chunks.ids.shape[0]), f"perplexity {label}"):
         ids = chunks.ids[i : i + 1]
-        logits = forward_logits(model, ids)[first:-1].float()  # [scored, vocab]
-        yield i, logits, torch.log_softmax(logits, dim=-1), ids[0, first + 1 :]
+        yield i, forward_logits(model, ids)[first:-1].float(), ids[0, first + 1 :]
 
 
 def _perplexity(nll: np.ndarray, chunks: Chunks) -> dict:
@@ -123,7 +122,8 @@ def score_base(model, chunks: Chunks, store: KldBaseWriter | None, label: str = 
     """Perplexity of the base model on the chunks; its log-probabilities go to `store` (when given) for the KLD
     of every variant after it."""
     nll, floor = [], []
-    for i, logits, logp, targets in _scored_log_probs(model, chunks, label):
+    for i, logits, targets in _scored_logits(model, chunks, label):
+        logp = torch.log_softmax(logits, dim=-1)
         nll.append(-logp.gather(1, targets[:, None])[:, 0])
         floor.append(kl_divergence(logp, torch.log_softmax(logits.bfloat16().float(), dim=-1)))
         if store is not None:
@@ -154,7 +154,7 @@ def score(model, chunks: Chunks, base: KldBaseFile, label: str, positions: Path 
     paired comparisons of variants scored on the same positions (paired_difference)."""
     base.check(chunks.ids)
     rows = {"kld": [], "nll": [], "base_nll": [], "same_top": []}
-    for i, logits, _, targets in _scored_log_probs(model, chunks, label):
+    for i, logits, targets in _scored_logits(model, chunks, label):  # against_base takes its own log-softmax
         for name, values in against_base(base.chunk(i), logits, targets).items():
             rows[name].append(values)
     kld, nll, base_nll, same = (torch.cat(rows[k]).double().numpy() for k in ("kld", "nll", "base_nll", "same_top"))
