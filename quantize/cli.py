@@ -172,14 +172,14 @@ def eval_command(path: Path = typer.Argument(..., help="an artefact: HF folder (
 
 
 @app.command("serve")
-def serve_command(path: Path = typer.Argument(..., help="an artefact: a .gguf (or a folder with model.gguf) or an "
-                                                        "HF folder"),
-                  engine: str | None = typer.Option(None, "--engine", help="llama.cpp, transformers or vllm "
+def serve_command(path: Path = typer.Argument(..., help="an artefact: a .gguf (or a folder with model.gguf), an "
+                                                        "HF folder or an MLX folder"),
+                  engine: str | None = typer.Option(None, "--engine", help="llama.cpp, transformers, mlx or vllm "
                                                                           "(default: the one for the format)"),
                   host: str = typer.Option("127.0.0.1", "--host", help="listen address (0.0.0.0 only if you mean it)"),
                   port: int = typer.Option(0, "--port", min=0, max=65535, help="listen port (default: a free one)"),
                   api_key: str | None = typer.Option(None, "--api-key", help="require this key (llama.cpp, vllm)"),
-                  ctx: int = typer.Option(2048, "--ctx", min=16, help="context length the engine allocates"),
+                  ctx: int = typer.Option(2048, "--ctx", min=16, help="context length the engine allocates (llama.cpp, vllm)"),
                   threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (llama.cpp)"),
                   timeout: float = typer.Option(180, "--timeout", help="seconds to wait for the server to answer"),
                   ) -> None:

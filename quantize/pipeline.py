@@ -37,7 +37,6 @@ from quantize.methods.registry import METHODS
 from quantize.preflight import base_model, check_disk, check_memory, check_recipe
 from quantize.recipe import Recipe
 from quantize.report import gates, html, markdown
-from quantize.runtimes.llamacpp import LlamaCppModel
 from quantize.runtimes.load import free, load, release_free_heap
 from quantize.sources.models import (
     BaseModel, load_model, load_tokenizer, meta_model, tokenizer_adds_bos,
@@ -61,8 +60,9 @@ def _evaluate(model, label: str, chunks, base_logprobs, recipe: Recipe, bandwidt
     else:
         out = {"perplexity": quality.score(model, chunks, base_logprobs, label, positions)}
     if recipe.eval.tasks:
-        if isinstance(model, LlamaCppModel):
-            out["lm_eval"] = {"skipped": "lm-eval runs on the torch model in memory; GGUF artefacts run on llama.cpp"}
+        if not isinstance(model, torch.nn.Module):
+            out["lm_eval"] = {"skipped": "lm-eval runs on the torch model in memory; GGUF artefacts run on "
+                                         "llama.cpp, MLX artefacts on mlx-lm"}
         else:
             out["lm_eval"] = lmeval.run(model, tokenizer, recipe.eval.tasks, recipe.eval.task_limit)
     if recipe.eval.speed.enabled:

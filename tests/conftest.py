@@ -14,10 +14,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def build_tiny_llama(folder: Path, vocab_size: int = 512, seed: int = 0, model_type: str = "llama",
-                     **config_overrides) -> Path:
+                     dtype: str = "float16", **config_overrides) -> Path:
     """A randomly initialised Llama (hidden 256, MLP 512, 2 layers, GQA 4/2 heads, unless overridden; another
     family's layout with `model_type`) with a BPE tokenizer trained on the bundled calibration text, saved as an
-    HF checkpoint."""
+    HF checkpoint in `dtype`."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -39,7 +39,7 @@ def build_tiny_llama(folder: Path, vocab_size: int = 512, seed: int = 0, model_t
     config = AutoConfig.for_model(model_type, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2,
                                   tie_word_embeddings=False, **{**shape, **config_overrides})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).to(torch.float16)
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder

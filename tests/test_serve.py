@@ -97,6 +97,37 @@ def test_compressed_tensors_on_transformers_serve(tiny_model, tmp_path):
     assert served_then_stopped(folder, tmp_path) == "transformers"
 
 
+@pytest.fixture(scope="module")
+def tiny_mlx(tiny_model, tmp_path_factory):
+    from quantize.methods.configs import RtnMethod
+    from quantize.methods.registry import METHODS
+    from quantize.sources.models import resolve_model
+
+    folder = tmp_path_factory.mktemp("mlx") / "rtn-mlx"
+    folder.mkdir()
+    METHODS["rtn"].build(RtnMethod(name="rtn", bits=4, group_size=64, format="mlx"), resolve_model(str(tiny_model)),
+                         folder, None)
+    return folder
+
+
+def test_mlx_on_mlx_lm_server(tiny_mlx, tmp_path):
+    pytest.importorskip("mlx_lm")
+    assert served_then_stopped(tiny_mlx, tmp_path) == "mlx"
+
+
+def test_a_corrupt_mlx_folder_exits_2(tiny_mlx, tmp_path):
+    pytest.importorskip("mlx_lm")
+    corrupt = tmp_path / "corrupt-mlx"
+    corrupt.mkdir()
+    for f in tiny_mlx.iterdir():
+        data = f.read_bytes()
+        (corrupt / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
+    bad = serve(corrupt, "--timeout", "60", cwd=tmp_path)
+    _, err = bad.communicate(timeout=120)
+    assert bad.returncode == 2 and "the mlx server failed to load the model" in err, err
+    assert "invalid data offsets" in err and "Traceback" not in err, err
+
+
 def test_port_in_use_and_a_corrupt_artefact_exit_2(tiny_gguf, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -115,4 +146,4 @@ def test_port_in_use_and_a_corrupt_artefact_exit_2(tiny_gguf, tmp_path):
 def test_an_engine_that_cannot_load_it_is_refused(tiny_gguf, tmp_path):
     wrong = serve(tiny_gguf, "--engine", "transformers", cwd=tmp_path)
     _, err = wrong.communicate(timeout=60)
-    assert wrong.returncode == 2 and "served by llama.cpp" in err
+    assert wrong.returncode == 2 and "served by --engine llama.cpp" in err

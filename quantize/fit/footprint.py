@@ -123,8 +123,8 @@ def describe_model(spec: str, fmt: str | None) -> dict:
 
 # ---- the expected artefact size of a recipe's method, for `quantize plan` (no weights read) ----------------------
 def weight_only_bytes(method, meta_model: torch.nn.Module) -> int:
-    """W{b}A16 (RTN, GPTQ, AWQ): bits/8 per quantized weight + an fp16 scale (and packed zero) per group;
-    everything else fp16."""
+    """W{b}A16 (RTN, GPTQ, AWQ): bits/8 per quantized weight + an fp16 scale (and packed zero) per group, MLX an
+    fp16 scale and bias per group; everything else fp16."""
     total = 0
     for name, module, pname, p in unique_parameters(meta_model):
         quantized = (isinstance(module, torch.nn.Linear) and pname == "weight" and ".layers." in name
@@ -135,7 +135,8 @@ def weight_only_bytes(method, meta_model: torch.nn.Module) -> int:
         rows, cols = p.shape
         gs = method.group_size if method.group_size != -1 and cols % method.group_size == 0 else cols
         groups = rows * (cols // gs)
-        total += rows * cols * method.bits // 8 + groups * STORAGE_DTYPE.itemsize + (0 if method.sym else groups * method.bits // 8)
+        zeros = groups * STORAGE_DTYPE.itemsize if method.format == "mlx" else 0 if method.sym else groups * method.bits // 8
+        total += rows * cols * method.bits // 8 + groups * STORAGE_DTYPE.itemsize + zeros
     return total
 
 

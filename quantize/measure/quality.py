@@ -96,7 +96,8 @@ def kl_divergence(base_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 
 def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """[n, vocab] logits of one sequence ids [1, n] from a torch model or a llama.cpp model (LlamaCppModel)."""
+    """[n, vocab] logits of one sequence ids [1, n] from a torch model or a runtime with `logits(ids)` (llama.cpp's
+    LlamaCppModel, mlx-lm's MlxModel)."""
     if isinstance(model, torch.nn.Module):
         return model(ids, use_cache=False).logits[0]
     return model.logits(ids[0].tolist())

@@ -21,6 +21,7 @@ from quantize.common.ui import track
 from quantize.formats.tensors import weight_bytes_gguf
 from quantize.measure import memory
 from quantize.runtimes.llamacpp import LlamaCppModel
+from quantize.runtimes.mlx import MlxModel, bench_mlx
 
 
 def cpu_model() -> str:
@@ -178,6 +179,8 @@ def bench_speed(model, sp, label: str, seed: int, bandwidth: dict | None) -> dic
     if isinstance(model, LlamaCppModel):
         model.close()  # the bench loads its own instance; two open at once would double the measured memory
         out = bench_llamacpp(model.path, sp.prompt_tokens, sp.gen_tokens, sp.repetitions, sp.threads, label, seed)
+    elif isinstance(model, MlxModel):
+        out = bench_mlx(model, sp.prompt_tokens, sp.gen_tokens, sp.repetitions, label, seed, _timed_row)
     else:
         out = bench(model, model.config.vocab_size, sp.prompt_tokens, sp.gen_tokens, sp.repetitions, sp.threads,
                     label, seed=seed)

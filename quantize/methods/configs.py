@@ -10,7 +10,7 @@ from typing import Annotated, ClassVar, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from quantize.formats import CLASSIC_BITS
+from quantize.formats import CLASSIC_BITS, MLX_GROUP_SIZES
 from quantize.formats.gguf_types import MIXES, UNQUANTIZED
 
 
@@ -49,15 +49,23 @@ class WeightOnly(Strict):
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="regexes of linears left alone")
     on_indivisible: Literal["fail", "channel"] = Field(
         "fail", description="a linear whose input size is not a multiple of group_size: fail, or go per channel")
-    format: Literal["compressed-tensors", "gptq", "awq"] = Field(
+    format: Literal["compressed-tensors", "gptq", "awq", "mlx"] = Field(
         "compressed-tensors", description="on-disk layout: compressed-tensors pack-quantized (vLLM, SGLang, "
-        "transformers), or the classic `gptq` (v1) / `awq` (GEMM) int32 layouts for older stacks")
+        "transformers), the classic `gptq` (v1) / `awq` (GEMM) int32 layouts for older stacks, or `mlx` (mlx-lm's "
+        "affine layout, Apple Silicon)")
     variant: str | None = None
 
     @model_validator(mode="after")
     def _format_packs_bits(self):
         if self.format in CLASSIC_BITS and self.bits not in CLASSIC_BITS[self.format]:
             raise ValueError(f"format {self.format!r} packs bits {list(CLASSIC_BITS[self.format])}, got bits {self.bits}")
+        if self.format == "mlx":
+            if self.group_size not in MLX_GROUP_SIZES:
+                raise ValueError(f"format 'mlx' takes group_size {', '.join(map(str, MLX_GROUP_SIZES))} (MLX's affine "
+                                 f"kernels have no per-channel or wider grid), got {self.group_size}")
+            if self.on_indivisible == "channel":
+                raise ValueError("format 'mlx' cannot hold a per-channel fallback (on_indivisible: channel); set "
+                                 "on_indivisible: fail, or a group_size that divides every linear's input size")
         return self
 
     def default_variant(self) -> str:

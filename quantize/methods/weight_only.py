@@ -22,8 +22,10 @@ import torch
 
 from quantize.common.errors import QuantizeError
 from quantize.common.ui import track
+from quantize.formats import CLASSIC_BITS
 from quantize.formats.classic import ClassicWriter
 from quantize.formats.compressed_tensors import CompressedTensorsWriter, storage_dtype
+from quantize.formats.mlx import MlxWriter
 from quantize.methods import grids
 from quantize.methods.engine import Checkpoint, quantize_layers, resolve_device, skeleton
 from quantize.methods.statistics import Hessian, accumulate_hessian
@@ -69,7 +71,7 @@ def check_group_sizes(model: torch.nn.Module, method) -> None:
     for name, module in model.named_modules():
         if not (isinstance(module, torch.nn.Linear) and ".layers." in name):
             continue
-        classic = method.format != "compressed-tensors"
+        classic = method.format in CLASSIC_BITS  # one group size, every decoder linear
         if ignored(name, method.ignore):
             if classic:
                 raise QuantizeError(f"{name}: format {method.format!r} quantizes every decoder-layer linear; it "
@@ -131,19 +133,22 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
 
 def scale_dtype(method, base: BaseModel) -> torch.dtype:
     """The dtype the artefact stores scales in (the solve rounds them to it before coding): the base's storage
-    dtype for compressed-tensors, fp16 for the classic layouts."""
-    return storage_dtype(base.config) if method.format == "compressed-tensors" else torch.float16
+    dtype for compressed-tensors and MLX (whose fp32 copy of an fp32 base's scales is then exact), fp16 for the
+    classic layouts."""
+    return torch.float16 if method.format in CLASSIC_BITS else storage_dtype(base.config)
 
 
 def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module, layers, pending: dict,
                    log: list[dict], pack: bool = True, checkpoint: Checkpoint | None = None) -> dict:
     """Write each processed layer as it comes: linears listed in `pending` (name → q, scale, zero, group size)
-    packed as compressed-tensors, everything else in the storage dtype; then the rest, the config, tokenizer and the log.
+    packed as compressed-tensors, MLX or a classic layout (`method.format`), everything else in the storage dtype; then the rest, the config, tokenizer and the log.
     With pack=False every layer is written dense as it is, e.g. AWQ's scaled-but-unquantised export.
     With a `checkpoint` that holds a state (an interrupted build), the writer and the log continue from it."""
     n_layers = meta.config.num_hidden_layers
     if method.format == "compressed-tensors":
         writer = CompressedTensorsWriter(out_dir, base.path, n_layers)
+    elif method.format == "mlx":
+        writer = MlxWriter(out_dir, base.path, n_layers)
     else:
         extra = {"bits": method.bits, "damp_percent": getattr(method, "damp", None),
                  "true_sequential": getattr(method, "true_sequential", None),

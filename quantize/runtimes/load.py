@@ -1,4 +1,5 @@
-"""Any artefact, loaded the way its ecosystem runs it: a GGUF file on llama.cpp; an HF directory through
+"""Any artefact, loaded the way its ecosystem runs it: a GGUF file on llama.cpp; an MLX folder on mlx-lm; an HF
+directory through
 transformers with the package its `quantization_config` names (compressed-tensors, bitsandbytes, GPTQModel for
 the classic gptq/awq layouts), or, where that loader is missing or broken, our own unpacking, named as such.
 
@@ -14,8 +15,8 @@ from pathlib import Path
 import torch
 
 from quantize.common.errors import QuantizeError
-from quantize.formats import classic, compressed_tensors
-from quantize.runtimes import llamacpp
+from quantize.formats import classic, compressed_tensors, mlx as mlx_format
+from quantize.runtimes import llamacpp, mlx
 from quantize.sources.models import load_model
 
 
@@ -28,12 +29,14 @@ def _gguf_file(path: Path) -> Path | None:
 
 
 def detect(path: Path) -> str:
-    """'gguf', 'compressed-tensors', 'gptq', 'awq', 'bitsandbytes' or 'dense'."""
+    """'gguf', 'mlx', 'compressed-tensors', 'gptq', 'awq', 'bitsandbytes' or 'dense'."""
     if _gguf_file(path) is not None:
         return "gguf"
     config = path / "config.json"
     if not config.is_file():
         raise QuantizeError(f"{path}: not a .gguf file nor a folder with config.json or model.gguf")
+    if mlx_format.is_mlx(path):
+        return "mlx"
     qc = json.loads(config.read_text()).get("quantization_config") or {}
     method = qc.get("quant_method")
     if method is None:
@@ -50,6 +53,9 @@ def load(path: Path, dtype: str = "float32", n_ctx: int = 512):
     if fmt == "gguf":  # llama.cpp's own kernels; its default F16 KV cache, as users run it
         model = llamacpp.LlamaCppModel(_gguf_file(path), n_ctx=n_ctx)
         return model, f"llama.cpp (llama-cpp-python {llamacpp.binding().__version__}), {model.settings}", "gguf"
+    if fmt == "mlx":  # mlx-lm's model code and MLX's quantized matmul, in the dtype the folder stores
+        model = mlx.MlxModel(path)
+        return model, f"mlx-lm {model.version} ({model.settings})", f"mlx-{model.dtype}"
     if fmt == "bitsandbytes":  # LLM.int8 computes in fp16
         return load_model(path, "float16", device_map="cpu"), "transformers + bitsandbytes", "float16"
     if fmt in ("gptq", "awq"):
@@ -77,12 +83,12 @@ def _decompress_now(model) -> None:
 
 
 def free(model) -> None:
-    if isinstance(model, llamacpp.LlamaCppModel):
+    if isinstance(model, (llamacpp.LlamaCppModel, mlx.MlxModel)):
         model.close()
 
 
 def vocab_size(model) -> int:
-    return model.vocab_size if isinstance(model, llamacpp.LlamaCppModel) else model.config.vocab_size
+    return model.config.vocab_size if isinstance(model, torch.nn.Module) else model.vocab_size
 
 
 def release_free_heap() -> bool:

@@ -5,6 +5,7 @@ unless asked otherwise, stopped with the command.
                                           own chat template
     HF folder (dense, symmetric            `transformers serve FOLDER` (transformers' own server, the model
     compressed-tensors, bitsandbytes)     preloaded)
+    MLX folder                            mlx-lm's server (python -m mlx_lm server; MLX's CPU backend on Linux)
     vLLM (--engine vllm)                  `vllm serve FOLDER`, where vLLM is installed and a GPU is visible
 
 Refused with the reason and the engine that does serve it: asymmetric compressed-tensors (transformers 5.23 cannot
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,7 +35,9 @@ from quantize.common.errors import QuantizeError
 from quantize.formats import compressed_tensors
 from quantize.runtimes.load import detect
 
-ENGINES = ("llama.cpp", "transformers", "vllm")
+ENGINES = ("llama.cpp", "transformers", "mlx", "vllm")
+DEFAULT_ENGINE = {"gguf": "llama.cpp", "mlx": "mlx"}  # every other format: transformers
+NO_API_KEYS = "has no API keys; put it behind a proxy that checks them, or serve with vLLM"
 
 
 @dataclass
@@ -48,7 +52,7 @@ class Server:
 
 
 def default_engine(path: Path) -> str:
-    return "llama.cpp" if detect(path) == "gguf" else "transformers"
+    return DEFAULT_ENGINE.get(detect(path), "transformers")
 
 
 def check_engine(path: Path, engine: str) -> None:
@@ -62,9 +66,16 @@ def check_engine(path: Path, engine: str) -> None:
                                 "transformers or vllm)")
         if importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("sse_starlette") is None:
             raise QuantizeError("llama.cpp's server needs its extras: pip install 'llama-cpp-python[server]'")
+    elif engine == "mlx":
+        if fmt != "mlx":
+            raise QuantizeError(f"{path}: mlx-lm serves MLX folders (format: mlx); this is {fmt} (use --engine "
+                                f"{default_engine(path)})")
+        if importlib.util.find_spec("mlx_lm") is None:
+            raise QuantizeError("--engine mlx: mlx-lm is not installed (pip install 'mlx-lm[cpu]' on Linux, 'mlx-lm' "
+                                "on Apple Silicon)")
+    elif fmt in DEFAULT_ENGINE:
+        raise QuantizeError(f"{path}: a {fmt} artefact is served by --engine {DEFAULT_ENGINE[fmt]} (the default)")
     elif engine == "transformers":
-        if fmt == "gguf":
-            raise QuantizeError(f"{path}: a GGUF is served by llama.cpp (--engine llama.cpp, the default)")
         if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
             raise QuantizeError("transformers serve needs its extras: pip install 'transformers[serving]'")
         if fmt == "compressed-tensors" and compressed_tensors.is_asymmetric(path):
@@ -104,14 +115,17 @@ def command(path: Path, engine: str, host: str, port: int, api_key: str | None, 
         if api_key:
             cmd += ["--api_key", api_key]
         return cmd, str(gguf)
-    if engine == "transformers":
+    if engine in ("transformers", "mlx"):
         if api_key:
-            raise QuantizeError("--api-key: transformers serve has no API keys; put it behind a proxy that checks "
-                                "them, or serve with vLLM")
+            raise QuantizeError(f"--api-key: {engine}'s server {NO_API_KEYS}")
         from huggingface_hub import constants
 
-        # its /v1/models lists the hub cache and fails (500) when that folder does not exist yet
+        # their /v1/models list the hub cache and fail (500) when that folder does not exist yet
         Path(constants.HF_HUB_CACHE).mkdir(parents=True, exist_ok=True)
+    if engine == "mlx":  # the model id is the folder, which the server maps to the model it loaded at start
+        return [sys.executable, "-m", "mlx_lm", "server", "--model", str(path), "--host", host, "--port", str(port)], \
+            str(path)
+    if engine == "transformers":
         exe = Path(sys.executable).with_name("transformers")
         return [str(exe), "serve", str(path), "--host", host, "--port", str(port), "--device", "cpu"], str(path)
     cmd = ["vllm", "serve", str(path), "--host", host, "--port", str(port), "--max-model-len", str(ctx)]
@@ -122,8 +136,8 @@ def command(path: Path, engine: str, host: str, port: int, api_key: str | None, 
 
 def _answers(server: "Server") -> bool:
     """Whether the server answers its readiness endpoint: GET /v1/models (llama.cpp, vLLM) or GET /health
-    (transformers serve, whose model list scans the hub cache instead of naming the model it serves)."""
-    url = server.base_url.removesuffix("/v1") + "/health" if server.engine == "transformers" else \
+    (transformers serve and mlx-lm, whose model lists scan the hub cache instead of naming the model they serve)."""
+    url = server.base_url.removesuffix("/v1") + "/health" if server.engine in ("transformers", "mlx") else \
         server.base_url + "/models"
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {server.api_key}"}
                                      if server.api_key else {})
@@ -156,13 +170,26 @@ def start(path: Path, engine: str | None = None, host: str = "127.0.0.1", port: 
     server = Server(engine, cmd, f"http://{host}:{port}/v1", model, api_key, process, log)
     deadline = time.monotonic() + timeout
     while not _answers(server):
-        if process.poll() is not None or time.monotonic() > deadline:
-            why = "exited" if process.poll() is not None else f"did not answer within {timeout:.0f} s"
+        failed = _failure(log)  # mlx-lm's server stays up, unhealthy, after its model failed to load
+        if process.poll() is not None or failed or time.monotonic() > deadline:
+            why = ("exited" if process.poll() is not None else "failed to load the model" if failed
+                   else f"did not answer within {timeout:.0f} s")
             stop(server)
-            tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-4:]
+            lines = [line for line in log.read_text(errors="replace").splitlines()
+                     if line.strip() and '"GET /' not in line]  # not the readiness polls' access log
+            tail = [failed] if failed else lines[-4:]
             raise QuantizeError(f"{path}: the {engine} server {why}; its log ({log}) ends: {' | '.join(tail)}")
         time.sleep(0.5)
     return server
+
+
+def _failure(log: Path) -> str | None:
+    """The exception line of a Python traceback in the server's log, if one was printed."""
+    lines = log.read_text(errors="replace").splitlines()
+    if not any(line.startswith("Traceback (most recent call last)") for line in lines):
+        return None
+    return next((line for line in reversed(lines) if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", line)),
+                "a Python traceback")
 
 
 def stop(server: Server, grace: float = 15) -> None:
