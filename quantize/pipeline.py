@@ -2,7 +2,7 @@
 
 Output layout (`outputs/<name>/`, renamed into place only when complete):
     recipe.yaml        the recipe as resolved (all defaults filled in)
-    results.json       protocol + base numbers + every variant's numbers
+    results.json       protocol + base numbers + every variant's numbers (quality, speed, the serve check)
     fit.json           VRAM fit of the base and every variant
     report.html        the same as one self-contained page with charts
     report.md          the readable report, written last (it marks a finished run)
@@ -30,7 +30,7 @@ from quantize.common.ui import step
 from quantize.fit import vram
 from quantize.fit.shape import shape_from_config
 from quantize.formats.tensors import weight_bytes
-from quantize.measure import kld_base, lmeval, memory, quality, speed
+from quantize.measure import kld_base, lmeval, memory, quality, serving, speed
 from quantize.measure.scorecard import base_store
 from quantize.methods.engine import resolve_device
 from quantize.methods.registry import METHODS
@@ -189,6 +189,9 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
             free(model)
             del model  # not alive during the next variant's build
             _collect()
+            if recipe.eval.serve.enabled:  # after the model is freed: the server loads its own copy
+                step(f"{name}: serve check")
+                measured["serve"] = serving.check(folder, recipe.eval.serve, max(recipe.eval.speed.threads), dtype)
             variant = {"method": manifest["method"], "format": manifest["result"]["format"],
                        "eval_dtype": eval_dtype, "loader": loader, "build_s": manifest["timings_s"]["build"],
                        "build_peak_rss_bytes": manifest["peak_rss_bytes"]["build"], **measured,

@@ -47,10 +47,23 @@ class Speed(Strict):
     threads: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
 
 
+class Serve(Strict):
+    """The serve check: each variant behind its engine's OpenAI-compatible server (measure/serving.py)."""
+
+    enabled: bool = True
+    requests: int = Field(4, ge=1, description="chat completions sent `concurrency` at a time")
+    concurrency: int = Field(4, ge=1)
+    max_tokens: int = Field(32, ge=1, description="tokens per answer")
+    repetitions: int = Field(3, ge=1, description="streamed completions timed for TTFT and decode tokens/sec")
+    ctx: int = Field(2048, ge=64, description="context the server allocates (llama.cpp, vLLM)")
+    timeout: float = Field(180, gt=0, description="seconds for the server to get healthy, and for each request")
+
+
 class Eval(Strict):
     perplexity: Perplexity = Perplexity()
     kld: bool = True
     speed: Speed = Speed()
+    serve: Serve = Serve()
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="compute dtype for torch evaluation (fp32 is the fast one on CPU)"
     )
@@ -106,10 +119,12 @@ class Gates(Strict):
     must_fit: list[MustFit] = Field(default_factory=list, description="GPU, context and batch the variant must fit "
                                                                       "(the recipe's kv_dtype and flash_attn)")
     min_tg_tps: float | None = Field(None, gt=0, description="generation tokens/sec, best thread count (median)")
+    must_serve: bool = Field(False, description="the serve check (eval.serve) must pass: the engine loads the "
+                                                "variant and answers every chat completion with text")
 
     @property
     def is_set(self) -> bool:
-        return any(v not in (None, []) for v in self.model_dump().values())
+        return any(v not in (None, [], False) for v in self.model_dump().values())
 
 
 class Recipe(Strict):
@@ -154,6 +169,8 @@ class Recipe(Strict):
             raise ValueError("gates.max_kld and gates.min_same_top need `eval.kld: true`")
         if g.min_tg_tps is not None and not self.eval.speed.enabled:
             raise ValueError("gates.min_tg_tps needs `eval.speed.enabled: true`")
+        if g.must_serve and not self.eval.serve.enabled:
+            raise ValueError("gates.must_serve needs `eval.serve.enabled: true`")
         return self
 
     @property

@@ -67,7 +67,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def write_recipe(path: Path, model: str, methods: list[dict], output: Path, **overrides) -> Path:
-    """A fast recipe: few short chunks, two speed repetitions, one thread."""
+    """A fast recipe: few short chunks, two speed repetitions, one thread, no serve check unless `eval` asks."""
     recipe = {
         "name": output.name,
         "model": model,
@@ -80,5 +80,6 @@ def write_recipe(path: Path, model: str, methods: list[dict], output: Path, **ov
         "output": str(output),
     }
     recipe.update(overrides)
+    recipe["eval"] = {"serve": {"enabled": False}, **recipe["eval"]}  # servers only in the tests that ask for them
     path.write_text(json.dumps(recipe))  # JSON is YAML
     return path

@@ -35,6 +35,7 @@ class Row:
     tg: float | None
     fits: dict[str, int]  # GPU → largest context that fits
     protocol: str
+    serve: str = "–"  # the serve check: API decode t/s and TTFT, or its status when it did not pass
     pareto: bool = False
     noise_floor: float | None = None  # the run's KLD noise floor (base vs base with bf16-rounded logits)
 
@@ -52,6 +53,17 @@ def best_speed(entry: dict, phase: str) -> float | None:
     """The best median tokens/sec of a results entry over its thread counts (phase pp or tg); None unmeasured."""
     rows = (entry.get("speed") or {}).get("rows") or []
     return max(r[phase]["median"] for r in rows) if rows else None
+
+
+def serve_cell(entry: dict) -> str:
+    """'API decode t/s / TTFT ms' of a results entry's serve check, its status if it did not pass, – if unchecked."""
+    s = entry.get("serve")
+    if not s:
+        return "–"
+    if s["status"] != "ok":
+        return s["status"]
+    rate = s["stream"]["decode_tokens_per_s"]
+    return f"{rate:.1f} / {1000 * s['stream']['ttft_s']:.0f} ms" if rate else f"ok / {1000 * s['stream']['ttft_s']:.0f} ms"
 
 
 def load_rows(folders: list[Path]) -> list[Row]:
@@ -83,6 +95,7 @@ def run_rows(folder: Path, results: dict) -> list[Row]:
                         d_ppl=None if name == "base" else e["perplexity"]["ppl"] - base_ppl,
                         kld=None if k is None else k["mean"], same_top=None if k is None else k["same_top"],
                         pp=best_speed(e, "pp"), tg=best_speed(e, "tg"), fits=e["fit"]["largest_context"], protocol=proto,
+                        serve=serve_cell(e),
                         noise_floor=(base["perplexity"].get("noise_floor") or {}).get("kld_mean")))
     return rows
 
@@ -103,13 +116,13 @@ def _fmt(x, spec: str, none: str = "–") -> str:
 
 
 HEADER = ["run", "artefact", "method", "format", "size", "bpw", "PPL", "Δ PPL", "KLD", "same top %", "pp t/s",
-          "tg t/s"]
+          "tg t/s", "API t/s / TTFT"]
 
 
 def _cells(r: Row, gpus: list[str]) -> list[str]:
     return [r.run, r.name, r.method, r.fmt, gib(r.size), _fmt(r.bpw, ".2f"), f"{r.ppl:.4f}", _fmt(r.d_ppl, "+.4f"),
             _fmt(r.kld, ".5f"), _fmt(None if r.same_top is None else 100 * r.same_top, ".2f"), _fmt(r.pp, ".1f"),
-            _fmt(r.tg, ".1f"), *[str(r.fits.get(g, "–")) for g in gpus], "★" if r.pareto else "", r.protocol]
+            _fmt(r.tg, ".1f"), r.serve, *[str(r.fits.get(g, "–")) for g in gpus], "★" if r.pareto else "", r.protocol]
 
 
 def _table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:

@@ -27,6 +27,10 @@ def judge(variant: dict, base: dict, gates, shape: ModelShape, kv_dtype: str, fl
     if gates.min_tg_tps is not None:
         tg = best_speed(variant, "tg")
         check("min_tg_tps", gates.min_tg_tps, tg, tg is not None and tg >= gates.min_tg_tps)
+    if gates.must_serve:
+        served = variant.get("serve") or {}
+        ok = served.get("status") == "ok" and not (served.get("concurrent") or {}).get("empty_answers")
+        check("must_serve", True, served.get("status", "not checked"), ok)
     weights = sum(variant["fit"]["weight_bytes_by_dtype"].values())
     for want in gates.must_fit:
         row = fit_one(weights, shape, gpu_by_name(want.gpu), want.context, want.batch, kv_dtype, flash_attn)

@@ -107,6 +107,39 @@ def _speed_table(results: dict) -> list[str]:
     return lines
 
 
+def _serve_section(results: dict) -> list[str]:
+    """Each variant behind its engine's OpenAI-compatible server: TTFT, decode tokens/sec over the API next to the
+    in-process tg at the same thread count, and tokens/sec at the recipe's concurrency."""
+    entries = [(n, e["serve"]) for n, e in results["variants"].items() if "serve" in e]
+    if not entries:
+        return []
+    lines = ["## Serving (OpenAI-compatible API)", "",
+             "| variant | engine | status | TTFT ms (median) | API decode t/s | in-process tg t/s | API / in-process "
+             "| concurrent t/s (requests × concurrency) |", "|---|---|---|---|---|---|---|---|"]
+    for name, s in entries:
+        if s["status"] != "ok":
+            lines.append(f"| {name} | {s.get('engine') or '–'} | **{s['status']}**: {s.get('reason', '')} "
+                         "| – | – | – | – | – |")
+            continue
+        st, cc = s["stream"], s["concurrent"]
+        api = st["decode_tokens_per_s"]
+        tg = (results["variants"][name].get("speed") or {}).get("rows") or []
+        tg = max((r["tg"]["median"] for r in tg), default=None)
+        ratio = f"{api / tg:.2f}" if api and tg else "–"
+        lines.append(f"| {name} | {s['engine']} | ok | {1000 * st['ttft_s']:.0f} | {api:.1f} | "
+                     + (f"{tg:.1f}" if tg else "–") + f" | {ratio} | "
+                     + (f"{cc['tokens_per_s']:.1f}" if cc["tokens_per_s"] else "–")
+                     + f" ({cc['requests']} × {cc['concurrency']}) |")
+    first = entries[0][1]
+    lines += ["", f"Each server started on a free loopback port and stopped after its check; greedy answers of at "
+              f"most {first.get('max_tokens', '?')} tokens to one fixed prompt through the official `openai` client. "
+              "TTFT: request to first streamed content; API decode: (tokens − 1) / (last − first chunk), median of the "
+              "streamed repetitions; in-process tg: the speed table's best row (llama-bench semantics, random "
+              "tokens from an empty cache), so the ratio is what the server's HTTP, chat template and sampling "
+              "cost. Commands in results.json.", ""]
+    return lines
+
+
 def _lm_eval_section(results: dict) -> list[str]:
     entries = [(n, e["lm_eval"]) for n, e in [("base", results["base"]), *results["variants"].items()]
                if "lm_eval" in e and "results" in e["lm_eval"]]
@@ -204,6 +237,7 @@ def render(name: str, results: dict) -> str:
         + (f" ({results['protocol']['memory_bandwidth']['gb_per_s']:.1f} GB/s, "
            f"{results['protocol']['memory_bandwidth']['method']})." if results["protocol"].get("memory_bandwidth") else "."),
         "",
+        *_serve_section(results),
         *_lm_eval_section(results),
         f"## VRAM fit (batch {row0['batch']}, KV cache {row0['kv_dtype']})",
         "",

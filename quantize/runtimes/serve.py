@@ -104,8 +104,9 @@ def free_port(host: str) -> int:
 
 
 def command(path: Path, engine: str, host: str, port: int, api_key: str | None, ctx: int,
-            threads: int | None) -> tuple[list[str], str]:
-    """(command line, model id the clients send)."""
+            threads: int | None, dtype: str | None = None) -> tuple[list[str], str]:
+    """(command line, model id the clients send). `dtype`: transformers serve's compute dtype (default: the
+    checkpoint's)."""
     if engine == "llama.cpp":
         gguf = path if path.suffix == ".gguf" else path / "model.gguf"
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", host, "--port", str(port),
@@ -127,7 +128,8 @@ def command(path: Path, engine: str, host: str, port: int, api_key: str | None, 
             str(path)
     if engine == "transformers":
         exe = Path(sys.executable).with_name("transformers")
-        return [str(exe), "serve", str(path), "--host", host, "--port", str(port), "--device", "cpu"], str(path)
+        cmd = [str(exe), "serve", str(path), "--host", host, "--port", str(port), "--device", "cpu"]
+        return cmd + (["--dtype", dtype] if dtype else []), str(path)
     cmd = ["vllm", "serve", str(path), "--host", host, "--port", str(port), "--max-model-len", str(ctx)]
     if api_key:
         cmd += ["--api-key", api_key]
@@ -150,7 +152,7 @@ def _answers(server: "Server") -> bool:
 
 def start(path: Path, engine: str | None = None, host: str = "127.0.0.1", port: int = 0,
           api_key: str | None = None, ctx: int = 2048, threads: int | None = None, timeout: float = 180,
-          log_dir: Path | None = None) -> Server:
+          log_dir: Path | None = None, dtype: str | None = None) -> Server:
     """Start the engine's server and wait until it answers; a server that exits or stays silent is stopped and
     its log's last lines are the error."""
     path = Path(path)
@@ -163,7 +165,7 @@ def start(path: Path, engine: str | None = None, host: str = "127.0.0.1", port: 
     elif not port_free(host, port):
         raise QuantizeError(f"--port {port}: {host}:{port} is in use; pick another port or leave --port out for a "
                             "free one")
-    cmd, model = command(path, engine, host, port, api_key, ctx, threads)
+    cmd, model = command(path, engine, host, port, api_key, ctx, threads, dtype)
     log = (log_dir or Path(os.environ.get("TMPDIR", "/tmp"))) / f"quantize-serve-{os.getpid()}-{port}.log"
     with open(log, "wb") as fh:
         process = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
