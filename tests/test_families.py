@@ -171,6 +171,14 @@ def test_llama_cpp_converter_writes_other_families(real_vocab_model, tmp_path):
     variants = json.loads((out / "results.json").read_text())["variants"]
     for name, v in variants.items():
         assert v["loader"].startswith("llama.cpp") and 0 <= v["perplexity"]["kld"]["mean"] < 0.1, name
+    import gguf  # the general.* keys LM Studio shows, given to llama.cpp's converter as its --metadata override
+
+    for name in variants:
+        fields = gguf.GGUFReader(out / name / "model.gguf").fields
+        assert fields["general.name"].contents() == model_dir.name
+        assert fields["general.quantized_by"].contents().startswith("quantize ")
+        assert fields["general.base_model.0.name"].contents() == model_dir.name
+        assert fields["general.size_label"].contents().endswith("M")
 
 
 def test_a_bf16_base_stays_bf16(tiny_model, tmp_path):

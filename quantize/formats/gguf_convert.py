@@ -220,7 +220,7 @@ def convert(model_dir: Path, out_file: Path, out_type: str = "F16", name: str | 
     except QuantizeError as exc:
         raise QuantizeError(f"{model_dir}: {exc}") from None
     if config["model_type"] not in ARCHES:
-        return llamacpp_convert.convert(model_dir, out_file, out_type)
+        return llamacpp_convert.convert(model_dir, out_file, out_type, name, metadata)
     arch = ARCHES[config["model_type"]]
     n_layers = config["num_hidden_layers"]
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
@@ -247,7 +247,10 @@ def _write(writer, model_dir: Path, config: dict, arch: str, out_type: str, name
     add_hparams(writer, config, arch)
     add_vocab(writer, model_dir, config)
     for key, value in (metadata or {}).items():
-        writer.add_string(key, str(value))
+        if isinstance(value, int):
+            writer.add_uint32(key, value)
+        else:
+            writer.add_string(key, str(value))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head

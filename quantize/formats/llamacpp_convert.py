@@ -9,6 +9,7 @@ folder), or from a llama.cpp checkout named by QUANTIZE_LLAMA_CPP.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -23,12 +24,13 @@ from quantize.common.cache import cache_root
 from quantize.common.errors import QuantizeError
 
 SCRIPT = "convert_hf_to_gguf.py"
-PARTS = (SCRIPT, "conversion/", "gguf-py/")
+# the converter, and the chat templates llama.cpp tests against (real models' Jinja, tests/test_ollama.py)
+PARTS = (SCRIPT, "conversion/", "gguf-py/", "models/templates/")
 OUT_TYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0"}
 
 
 def converter() -> Path:
-    """The converter script, beside its conversion/ and gguf-py/."""
+    """The converter script, beside its conversion/, gguf-py/ and models/templates/."""
     checkout = os.environ.get("QUANTIZE_LLAMA_CPP")
     if checkout:
         script = Path(checkout) / SCRIPT
@@ -36,7 +38,7 @@ def converter() -> Path:
             raise QuantizeError(f"QUANTIZE_LLAMA_CPP={checkout}: no {SCRIPT} there (a llama.cpp checkout holds it)")
         return script
     version = metadata.version("llama-cpp-python")
-    folder = cache_root() / f"llama.cpp-convert-{version}"
+    folder = cache_root() / f"llama.cpp-sdist-parts-{version}"
     if (folder / SCRIPT).is_file():
         return folder / SCRIPT
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,13 +77,32 @@ def supports(config: dict) -> bool:
     return any(arch in registered for arch in archs)
 
 
-def convert(model_dir: Path, out_file: Path, out_type: str = "F16") -> Path:
-    """Write `out_file` with llama.cpp's converter (via a temporary name, renamed when complete)."""
+def convert(model_dir: Path, out_file: Path, out_type: str = "F16", name: str | None = None,
+            metadata: dict | None = None) -> Path:
+    """Write `out_file` with llama.cpp's converter (via a temporary name, renamed when complete). `name` and the
+    `general.*` keys of `metadata` go in through the converter's --model-name and --metadata override file (its
+    base models as one `general.base_models` list)."""
     if out_type not in OUT_TYPES:
         raise QuantizeError(f"GGUF out type {out_type!r} for llama.cpp's converter; accepted: {', '.join(OUT_TYPES)}")
     partial = out_file.with_name(out_file.name + ".partial")
-    done = subprocess.run([sys.executable, str(converter()), str(model_dir), "--outfile", str(partial),
-                           "--outtype", OUT_TYPES[out_type]], capture_output=True, text=True)
+    cmd = [sys.executable, str(converter()), str(model_dir), "--outfile", str(partial), "--outtype", OUT_TYPES[out_type]]
+    if name:
+        cmd += ["--model-name", name]
+    override = out_file.with_name(out_file.name + ".metadata.json")
+    if metadata:
+        flat = {k: v for k, v in metadata.items() if not k.startswith("general.base_model.")}
+        bases: dict[int, dict] = {}
+        for key, value in metadata.items():
+            if found := re.fullmatch(r"general\.base_model\.(\d+)\.(\w+)", key):
+                bases.setdefault(int(found.group(1)), {})[found.group(2)] = value
+        if bases:
+            flat["general.base_models"] = [bases[i] for i in sorted(bases)]
+        override.write_text(json.dumps(flat))
+        cmd += ["--metadata", str(override)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    finally:
+        override.unlink(missing_ok=True)
     if done.returncode != 0:
         partial.unlink(missing_ok=True)
         last = [line for line in done.stderr.splitlines() if line.strip()][-3:]

@@ -158,6 +158,8 @@ class GgufMethod(Strict):
     pure: bool = Field(False, description="every quantized tensor gets `type` (no llama.cpp mix)")
     awq_scales: bool = Field(False, description="fold AWQ scales (4-bit asym g32 search, clipping) into the model "
                                                 "before conversion, as AutoAWQ's export for llama.cpp does")
+    num_ctx: int = Field(4096, ge=64, description="the Modelfile's PARAMETER num_ctx (Ollama's context), capped "
+                                                  "at the model's trained context")
     variant: str | None = None
 
     @model_validator(mode="after")

@@ -6,19 +6,21 @@ The k-quant mixes (which tensors get Q6_K in a Q4_K_M, …) are llama.cpp's own.
 mean of x² per input column of every decoder linear over the recipe's calibration tokens, gathered with
 forward hooks while the calibration activations stream through the base model layer by layer (one pass per
 layer). It is written beside the model in llama.cpp's GGUF imatrix format (imatrix.gguf: `<tensor>.in_sum2`,
-`<tensor>.counts`), so `llama-quantize --imatrix imatrix.gguf` reproduces the artefact. Beside model.gguf go an
-Ollama Modelfile and a model card.
+`<tensor>.counts`), so `llama-quantize --imatrix imatrix.gguf` reproduces the artefact. The GGUF carries the chat template and the
+`general.*` metadata LM Studio shows (gguf_metadata); beside it go an Ollama Modelfile (formats/ollama.py) and a
+model card.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from quantize.formats import gguf_convert
+from quantize.formats import gguf_convert, ollama
 from quantize.formats.gguf_types import UNQUANTIZED
 from quantize.formats.tensors import gguf_stats
 from quantize.methods import awq
@@ -26,18 +28,9 @@ from quantize.methods.configs import AwqMethod, GgufMethod
 from quantize.methods.statistics import importance_matrix
 from quantize.runtimes import llamacpp
 from quantize.sources.models import load_tokenizer
+from quantize.sources.shards import Shards
 
 Config = GgufMethod
-
-# Chat templates Ollama needs in its own Go-template syntax, keyed by a marker of the Jinja template.
-OLLAMA_TEMPLATES = {
-    "<|im_start|>": ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
-                     '<|im_start|>assistant\n', ["<|im_end|>"]),
-    "<|start_header_id|>": ('{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
-                            '{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n',
-                            ["<|eot_id|>"]),
-}
-
 
 def write_imatrix(path: Path, sums: dict[str, np.ndarray], tokens: int, dataset: str, chunks: int,
                   chunk_size: int) -> None:
@@ -58,19 +51,24 @@ def write_imatrix(path: Path, sums: dict[str, np.ndarray], tokens: int, dataset:
     writer.close()
 
 
-def modelfile(tokenizer, gguf_name: str) -> str:
-    template = getattr(tokenizer, "chat_template", None) or ""
-    lines = [f"FROM ./{gguf_name}"]
-    for marker, (go_template, stops) in OLLAMA_TEMPLATES.items():
-        if marker in template:
-            lines.append(f'TEMPLATE """{go_template}"""')
-            lines += [f'PARAMETER stop "{s}"' for s in stops]
-            break
-    else:
-        lines.append("# chat template: none recognised; Ollama reads tokenizer.chat_template from the GGUF")
-        if tokenizer.eos_token:
-            lines.append(f'PARAMETER stop "{tokenizer.eos_token}"')
-    return "\n".join(lines) + "\n"
+def gguf_metadata(base) -> dict[str, str | int]:
+    """The `general.*` keys LM Studio and llama.cpp's tools show: name, size label, licence, who quantized it, and
+    the base model (with its hub address for hub models). The file type is written by the quantiser."""
+    import gguf
+
+    from quantize import __version__
+
+    config = base.config
+    shards = Shards(base.path)
+    meta: dict[str, str | int] = {"general.type": "model", "general.quantized_by": f"quantize {__version__}",
+                                  "general.base_model.count": 1, "general.base_model.0.name": base.name}
+    if not any(config.get(k) for k in ("num_local_experts", "num_experts")):  # llama.cpp labels MoE models itself
+        meta["general.size_label"] = gguf.size_label(sum(math.prod(shards.shape(n)) for n in shards.names()), 0, 0, 0)
+    if base.license:
+        meta["general.license"] = base.license
+    if base.origin == "hub":
+        meta["general.base_model.0.repo_url"] = f"https://huggingface.co/{base.spec}"
+    return meta
 
 
 def model_card(method, base, info: dict) -> str:
@@ -105,10 +103,12 @@ def build(method: GgufMethod, base, out_dir: Path, calib: torch.Tensor | None, c
         awq.build(awq_method, base, scaled, calib)
         source_model = type(base)(base.spec, scaled, base.origin)
         info["awq_scales"] = awq_method.model_dump(mode="json")
+    metadata = gguf_metadata(base)  # kept by llama.cpp's quantiser, which copies every key of its source
     if method.type in UNQUANTIZED:
-        gguf_convert.convert(source_model.path, target, method.type, name=base.path.name)
+        gguf_convert.convert(source_model.path, target, method.type, name=base.name, metadata=metadata)
     else:
-        source = gguf_convert.convert(source_model.path, work / "base-f16.gguf", "F16", name=base.path.name)
+        source = gguf_convert.convert(source_model.path, work / "base-f16.gguf", "F16", name=base.name,
+                                      metadata=metadata)
         imatrix, metadata = None, {}
         if method.use_imatrix:
             sums, tokens = importance_matrix(source_model.path, calib)
@@ -127,6 +127,7 @@ def build(method: GgufMethod, base, out_dir: Path, calib: torch.Tensor | None, c
     shutil.rmtree(work)
     info.update(gguf_stats(target))
     tokenizer = load_tokenizer(base.path)
-    (out_dir / "Modelfile").write_text(modelfile(tokenizer, target.name))
+    num_ctx = min(method.num_ctx, base.config.get("max_position_embeddings") or method.num_ctx)
+    (out_dir / "Modelfile").write_text(ollama.modelfile(tokenizer, base.path, target.name, num_ctx))
     (out_dir / "README.md").write_text(model_card(method, base, info))
     return info

@@ -43,6 +43,28 @@ class BaseModel:
     def config(self) -> dict:
         return json.loads((self.path / "config.json").read_text())
 
+    @property
+    def name(self) -> str:
+        """The model's name for people (GGUF general.name, model cards): the hub repository's name, the bundled
+        name, the local folder's or the GGUF file's."""
+        spec = self.spec.removeprefix("bundled:")
+        return Path(spec).stem if spec.endswith(".gguf") else Path(spec.rstrip("/")).name
+
+    @property
+    def license(self) -> str | None:
+        """The licence: the bundled model's, else the `license:` of the model card's front matter (README.md)."""
+        if self.spec.startswith("bundled:"):
+            return BUNDLED[self.spec.split(":", 1)[1]][2]
+        card = self.path / "README.md"
+        if card.is_file():
+            text = card.read_text(errors="replace")
+            if text.startswith("---"):
+                front = text.split("---", 2)[1] if text.count("---") >= 2 else ""
+                found = re.search(r"^license:\s*(\S.*)$", front, re.M)
+                if found:
+                    return found.group(1).strip().strip("'\"")
+        return None
+
     def describe(self) -> dict:
         out = {"spec": self.spec, "origin": self.origin, "path": str(self.path)}
         if self.source_file:

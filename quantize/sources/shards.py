@@ -27,6 +27,11 @@ class Shards:
     def names(self) -> list[str]:
         return list(self.files)
 
+    def shape(self, name: str) -> list[int]:
+        """A tensor's shape from its file's header, no data read."""
+        with safe_open(self.files[name], "pt") as fh:
+            return list(fh.get_slice(name).get_shape())
+
     def get(self, name: str) -> torch.Tensor:
         with safe_open(self.files[name], "pt") as fh:
             return fh.get_tensor(name)
