@@ -191,7 +191,9 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
             _collect()
             if recipe.eval.serve.enabled:  # after the model is freed: the server loads its own copy
                 step(f"{name}: serve check")
-                measured["serve"] = serving.check(folder, recipe.eval.serve, max(recipe.eval.speed.threads), dtype)
+                torch_dtype = eval_dtype if eval_dtype in ("float32", "bfloat16", "float16") else None  # as evaluated
+                measured["serve"] = serving.check(folder, recipe.eval.serve, max(recipe.eval.speed.threads),
+                                                  torch_dtype)
             variant = {"method": manifest["method"], "format": manifest["result"]["format"],
                        "eval_dtype": eval_dtype, "loader": loader, "build_s": manifest["timings_s"]["build"],
                        "build_peak_rss_bytes": manifest["peak_rss_bytes"]["build"], **measured,

@@ -120,8 +120,8 @@ def test_mlx_logits_match_transformers_on_the_same_codes(family_run, tmp_path):
 
 def test_mlx_in_a_run(family_run):
     """The run evaluates the MLX variants on mlx-lm: the same codes, so the same KLD as compressed-tensors to the
-    float error of an fp16-stored vs fp32-stored embedding and norms."""
-    family, _, out = family_run
+    float error of an fp16-stored vs fp32-stored embedding and norms; `quantize eval` gives the run's numbers."""
+    family, base, out = family_run
     variants = json.loads((out / "results.json").read_text())["variants"]
     for grid in ("sym", "asym"):
         ct, mlx = variants[f"rtn-w4-{grid}-g64"], variants[f"rtn-w4-{grid}-g64-mlx"]
@@ -130,6 +130,13 @@ def test_mlx_in_a_run(family_run):
     config = json.loads((out / "rtn-w4-sym-g64-mlx" / "config.json").read_text())
     assert config["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
     assert "quantization_config" not in config  # transformers would take the folder for its own format
+    if family == "llama":  # `quantize eval` of an MLX folder: mlx-lm again, the run's base file, the same numbers
+        from quantize.measure import scorecard
+
+        res = scorecard.evaluate_artefact(out / "rtn-w4-sym-g64-mlx", str(base),
+                                          load_recipe(out / "recipe.yaml").eval)
+        assert res["format"] == "mlx" and res["loader"].startswith("mlx-lm")
+        assert res["perplexity"] == variants["rtn-w4-sym-g64-mlx"]["perplexity"]
 
 
 @pytest.mark.parametrize("method, message", [
@@ -164,16 +171,3 @@ def test_gptq_and_awq_as_mlx(tiny_model, tmp_path):
         ct_log = (out / name / "quantize-log.jsonl").read_text()
         assert (out / (name + "-mlx") / "quantize-log.jsonl").read_text() == ct_log  # the same solve, row for row
 
-
-def test_quantize_eval_scores_an_mlx_folder_like_the_run(family_run):
-    """`quantize eval` of an MLX artefact: mlx-lm again, the run's base file, the run's numbers to the last digit."""
-    from quantize.measure import scorecard
-
-    family, base, out = family_run
-    if family != "llama":
-        pytest.skip("one family is enough for the eval path")
-    recipe = load_recipe(out / "recipe.yaml")
-    res = scorecard.evaluate_artefact(out / "rtn-w4-sym-g64-mlx", str(base), recipe.eval)
-    assert res["format"] == "mlx" and res["loader"].startswith("mlx-lm")
-    run = json.loads((out / "results.json").read_text())["variants"]["rtn-w4-sym-g64-mlx"]
-    assert res["perplexity"] == run["perplexity"]

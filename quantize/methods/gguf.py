@@ -56,11 +56,9 @@ def gguf_metadata(base) -> dict[str, str | int]:
     the base model (with its hub address for hub models). The file type is written by the quantiser."""
     import gguf
 
-    from quantize import __version__
-
     config = base.config
     shards = Shards(base.path)
-    meta: dict[str, str | int] = {"general.type": "model", "general.quantized_by": f"quantize {__version__}",
+    meta: dict[str, str | int] = {"general.type": "model", "general.quantized_by": "quantize",
                                   "general.base_model.count": 1, "general.base_model.0.name": base.name}
     if not any(config.get(k) for k in ("num_local_experts", "num_experts")):  # llama.cpp labels MoE models itself
         meta["general.size_label"] = gguf.size_label(sum(math.prod(shards.shape(n)) for n in shards.names()), 0, 0, 0)
