@@ -2,7 +2,8 @@
 OpenAI-compatible server (the run's serve check, eval.serve), next to the same artefact's in-process decode rate.
 
     int8 W8A16 and RTN W4 g64 (compressed-tensors)  → transformers serve
-    RTN W4 g64 as MLX                                → mlx-lm's server (MLX's CPU backend)
+    RTN W4 g64 as MLX                                → mlx-lm's server where MLX has Metal; on this CPU the
+                                                       check says why it is skipped (float16 on MLX's CPU backend)
     GGUF Q8_0 and Q4_K_M (imatrix)                   → llama-cpp-python's server
 
 One `quantize run` of the recipe below (2 threads for the in-process tg and llama.cpp's server; 8 requests at

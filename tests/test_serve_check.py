@@ -31,7 +31,7 @@ def engine_processes() -> list[str]:
 
 @pytest.fixture(scope="module")
 def talking_model(tiny_model, tmp_path_factory):
-    """The tiny random Llama, made to answer in text: the output rows of tokens that do not decode to printable
+    """The tiny random Llama in float32, made to answer in text: the output rows of tokens that do not decode to printable
     text on their own (lone UTF-8 bytes, which the servers hold back while streaming) and of the special tokens
     (EOS would end an answer at once) are zeroed, so greedy decoding picks a word piece."""
     import torch
@@ -39,7 +39,7 @@ def talking_model(tiny_model, tmp_path_factory):
     from quantize.sources.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model)
-    model = load_model(tiny_model, "float16")
+    model = load_model(tiny_model, "float32")  # float32: MLX's CPU backend serves it (see the test at the end)
     silent = [i for i in range(tokenizer.vocab_size)
               if i in tokenizer.all_special_ids or not tokenizer.decode([i]).isprintable()
               or "\ufffd" in tokenizer.decode([i]) or not tokenizer.decode([i]).strip()]
@@ -110,3 +110,21 @@ def test_compare_shows_the_serve_check(served_run):
     rows = {r.name: r for r in compare.load_rows([out])}
     assert rows["rtn-w4-asym-g64"].serve == "refused" and rows["base"].serve == "–"
     assert rows["gguf-q8_0"].serve.endswith(" ms") and "API t/s / TTFT" in compare.markdown(list(rows.values()))
+
+
+def test_mlx_float16_is_not_served_on_mlx_cpu_backend(tiny_model, tmp_path):
+    """MLX's CPU backend runs float16 quantized matmuls too slowly to measure a real model: the check says so
+    instead of timing out (on Apple Silicon it runs)."""
+    from quantize.methods.configs import RtnMethod
+    from quantize.methods.registry import METHODS
+    from quantize.runtimes import mlx
+    from quantize.sources.models import resolve_model
+
+    if not mlx.on_cpu():
+        pytest.skip("MLX has a GPU here")
+    folder = tmp_path / "mlx-fp16"
+    folder.mkdir()
+    METHODS["rtn"].build(RtnMethod(name="rtn", group_size=64, format="mlx"), resolve_model(str(tiny_model)), folder,
+                         None)
+    res = serving.check(folder, Serve(**SERVE))
+    assert res["status"] == "skipped" and "float16" in res["reason"] and engine_processes() == []

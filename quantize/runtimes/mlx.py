@@ -30,8 +30,24 @@ def binding():
     return mx, mlx_lm
 
 
+def on_cpu() -> bool:
+    """Whether MLX runs on its CPU backend here (no Metal, no CUDA)."""
+    mx, _ = binding()
+    return mx.default_device() == mx.cpu
+
+
+def stored_dtype(path: Path) -> str:
+    import json
+
+    return json.loads((Path(path) / "config.json").read_text()).get("dtype") or "float16"
+
+
+# On its CPU backend MLX's float16 quantized matmul is far slower than its float32 one (SmolLM2-135M W4 g64, one
+# thread: a 128-token forward did not finish in 600 s in float16; 12.8 s in float32), so off Apple Silicon (and
+# CUDA) the model computes in float32 on the stored values, as torch artefacts are evaluated in float32 on CPU.
 class MlxModel:
-    """An MLX folder loaded by mlx-lm; computes in the dtype its tensors are stored in."""
+    """An MLX folder loaded by mlx-lm; computes in the dtype its tensors are stored in, or float32 on MLX's CPU
+    backend."""
 
     def __init__(self, path: Path):
         mx, mlx_lm = binding()
@@ -40,8 +56,13 @@ class MlxModel:
         self.path = Path(path)
         self.model, config = load_model(self.path)
         self.vocab_size = int(config.get("vocab_size") or config["text_config"]["vocab_size"])
-        self.dtype = str(self.model.parameters()["model"]["embed_tokens"]["weight"].dtype).removeprefix("mlx.core.")
-        self.settings = f"mlx {mx.__version__} on {mx.default_device()}, {self.dtype}"
+        stored = stored_dtype(self.path)
+        self.dtype = stored
+        if on_cpu() and stored != "float32":
+            self.model.set_dtype(mx.float32)  # upcasts scales, biases and dense tensors; the codes stay packed
+            self.dtype = "float32"
+        self.settings = (f"mlx {mx.__version__} on {mx.default_device()}, computed in {self.dtype} (stored "
+                         f"{stored})")
         self.version = mlx_lm.__version__
 
     def logits(self, ids: list[int]) -> torch.Tensor:
