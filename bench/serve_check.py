@@ -47,7 +47,9 @@ RECIPE = {
 
 def main() -> None:
     from quantize.common.files import versions
+    from quantize.measure import serving
     from quantize.measure.speed import cpu_model
+    from quantize.recipe import load_recipe
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--output", type=Path, default=Path(tempfile.mkdtemp(prefix="serve-check-")) / "run")
@@ -61,6 +63,7 @@ def main() -> None:
         if done.returncode != 0:
             raise SystemExit(f"quantize run failed ({done.returncode})")
     results = json.loads((args.output / "results.json").read_text())
+    recipe = load_recipe(args.output / "recipe.yaml")
 
     rows = []
     for name, v in results["variants"].items():
@@ -75,6 +78,11 @@ def main() -> None:
                        concurrency=cc["concurrency"], answer=s["answer"][:80])
             row["api_over_in_process"] = row["api_decode"] / row["tg_in_process"]
             row["concurrent_over_one"] = row["concurrent"] / row["api_decode"]
+            again = serving.check(args.output / name, recipe.eval.serve, threads=2,
+                                  dtype="float32" if v["eval_dtype"] == "float32" else None)  # the same check again
+            row["again"] = {"ttft_ms": 1000 * again["stream"]["ttft_s"],
+                            "api_decode": again["stream"]["decode_tokens_per_s"],
+                            "concurrent": again["concurrent"]["tokens_per_s"]} if again["status"] == "ok" else again
         else:
             row["reason"] = s.get("reason")
         rows.append(row)
@@ -89,17 +97,20 @@ def main() -> None:
              "streamed chunk): medians of 5 streamed completions. In-process tg: llama-bench semantics (64 random "
              "tokens one by one from an empty cache), median of 5, on the runtime the artefact loads into, 2 threads "
              "(llama.cpp's server also runs 2 threads; transformers, mlx-lm and torch use their defaults). "
-             "Concurrent: 8 completions 4 at a time, completion tokens over the wall time.", "",
+             "Concurrent: 8 completions 4 at a time, completion tokens over the wall time. \"Again\": the same serve check "
+             "run a second time on the same artefact after the run, a fresh server.", "",
              "| variant | engine | status | KLD | TTFT ms | API decode t/s | in-process tg t/s | API / in-process "
-             "| t/s at concurrency 4 | concurrent / one stream |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| t/s at concurrency 4 | concurrent / one stream | again: TTFT ms, API decode, concurrent |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['variant']} | {r['engine']} | {r['status']}: {r.get('reason')} | {r['kld']:.4f} "
-                         f"| – | – | {r['tg_in_process']:.1f} | – | – | – |")
+                         f"| – | – | {r['tg_in_process']:.1f} | – | – | – | – |")
             continue
         lines.append(f"| {r['variant']} | {r['engine']} | ok | {r['kld']:.4f} | {r['ttft_ms']:.0f} | "
                      f"{r['api_decode']:.1f} | {r['tg_in_process']:.1f} | {r['api_over_in_process']:.2f} | "
-                     f"{r['concurrent']:.1f} | {r['concurrent_over_one']:.2f} |")
+                     f"{r['concurrent']:.1f} | {r['concurrent_over_one']:.2f} | "
+                     f"{r['again']['ttft_ms']:.0f}, {r['again']['api_decode']:.1f}, {r['again']['concurrent']:.1f} |")
     lines += ["", "Answers (first 80 characters):", ""]
     lines += [f"- {r['variant']}: {r.get('answer', r.get('reason'))!r}" for r in rows]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in out["versions"].items() if v), ""]
