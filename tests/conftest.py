@@ -37,7 +37,7 @@ def build_tiny_llama(folder: Path, vocab_size: int = 512, seed: int = 0, model_t
     shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=1024)
     config = AutoConfig.for_model(model_type, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2,
-                                  tie_word_embeddings=False, **{**shape, **config_overrides})
+                                  **{"tie_word_embeddings": False, **shape, **config_overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
     model.save_pretrained(folder)

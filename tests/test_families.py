@@ -19,11 +19,14 @@ FAMILIES = {
     # global with its own rotary table), the pattern llama.cpp assumes for gemma3
     "gemma3_text": {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 128, "num_hidden_layers": 6},
     "phi3": {"pad_token_id": 0},  # fused qkv_proj and gate_up_proj
+    # Gemma 3's layout with attention and final-logit soft-capping, which only eager attention computes (the engine
+    # then passes a causal mask); alternating sliding-window and global layers
+    "gemma2": {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 128, "num_hidden_layers": 4},
 }
 # transformers loads its own Qwen2 tokenizer class for model type qwen2, with Qwen2's pre-tokenizer over the test's
 # small vocabulary; GGUF conversion identifies a pre-tokenizer by the token ids of a check text (as llama.cpp's
 # converter does), which only a real Qwen2 vocabulary gives. So no GGUF for the tiny qwen2.
-NO_GGUF = {"qwen2", "gemma3_text", "phi3"}
+NO_GGUF = {"qwen2", "gemma3_text", "phi3", "gemma2"}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

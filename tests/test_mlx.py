@@ -29,6 +29,9 @@ FAMILIES = {  # (model_type, config overrides), as tests/test_families.py builds
     "gemma3_text": ("gemma3_text", {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 128,
                                     "num_hidden_layers": 6}),
     "phi3": ("phi3", {"pad_token_id": 0}),
+    # tied embeddings, as every Gemma 2 (mlx-lm's Gemma 2 has no lm_head of its own)
+    "gemma2": ("gemma2", {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 128, "num_hidden_layers": 4,
+                          "tie_word_embeddings": True}),
 }
 TOLERANCE = 1e-4  # max |Δlogit| between mlx-lm and transformers on the same codes, fp32
 

@@ -65,19 +65,20 @@ _LLAMA = Layout(
          ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"], "mlp"),
          ("mlp.up_proj", ["mlp.down_proj"], "mlp.down_proj")],
     staged=True)
+_GEMMA = Layout(
+    groups=_LLAMA.groups,
+    awq=[("input_layernorm", _ATTN, "self_attn"), ("self_attn.v_proj", ["self_attn.o_proj"], "self_attn.o_proj"),
+         ("pre_feedforward_layernorm", ["mlp.gate_proj", "mlp.up_proj"], "mlp"),
+         ("mlp.up_proj", ["mlp.down_proj"], "mlp.down_proj")],
+    norm_offset=1.0)
 LAYOUTS: dict[str, Layout] = {
     # Qwen3's per-head q/k norms sit inside the attention, between q/k_proj and the rotary embedding
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
     # Gemma 3: sandwich norms (post-attention and post-feed-forward norms on the branch outputs, the MLP fed by
     # pre_feedforward_layernorm), the embedding scaled by sqrt(hidden) (inside its module), sliding-window and
-    # global layers with their own rotary tables, RMSNorm weights stored as offsets from 1
-    "gemma3_text": Layout(
-        groups=_LLAMA.groups,
-        awq=[("input_layernorm", _ATTN, "self_attn"),
-             ("self_attn.v_proj", ["self_attn.o_proj"], "self_attn.o_proj"),
-             ("pre_feedforward_layernorm", ["mlp.gate_proj", "mlp.up_proj"], "mlp"),
-             ("mlp.up_proj", ["mlp.down_proj"], "mlp.down_proj")],
-        norm_offset=1.0),
+    # global layers with their own rotary tables, RMSNorm weights stored as offsets from 1. Gemma 2: the same
+    # layout; its attention and final logit soft-capping run under eager attention (sources/models.meta_model)
+    "gemma3_text": _GEMMA, "gemma2": _GEMMA,
     # Phi-3: q/k/v fused in qkv_proj and gate/up in gate_up_proj (the fused tensors are what vLLM and llama.cpp
     # load); AWQ as AutoAWQ: norm → qkv, norm → gate_up, the up half of gate_up → down (no v → o: v is fused)
     "phi3": Layout(
@@ -127,16 +128,22 @@ class Activations:
     """The calibration activations entering the current decoder layer, and how to run blocks of it on them.
 
     hidden: [samples, seq_len, hidden]; position_embeddings: (cos, sin) [1, seq_len, head_dim]. Blocks run in
-    batches of `batch` sequences with no attention mask (causal attention over whole sequences).
+    batches of `batch` sequences, causal attention over whole sequences: with no mask under sdpa (is_causal), with
+    an additive causal mask [1, 1, seq_len, seq_len] under eager attention (`causal_mask`, e.g. Gemma 2, whose
+    soft-capping sdpa does not do).
 
     The activations are kept in float32. With forward_dtype bfloat16 the blocks run under autocast: linears and
     attention in bfloat16 (about 4x the float32 matmul rate on CPUs with AVX512-BF16, and the usual dtype on
     GPUs), norms and the residual additions in float32; what a block returns is float32 again."""
 
     def __init__(self, hidden: torch.Tensor, position_embeddings, batch: int,
-                 forward_dtype: torch.dtype = torch.float32):
+                 forward_dtype: torch.dtype = torch.float32, causal_mask: bool = False):
         self.hidden, self.position_embeddings, self.batch = hidden, position_embeddings, batch
         self.forward_dtype = forward_dtype
+        self.mask = None
+        if causal_mask:
+            n = hidden.shape[1]
+            self.mask = torch.full((n, n), torch.finfo(torch.float32).min, device=hidden.device).triu(1)[None, None]
 
     def forward(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """`block` (a decoder layer, its attention, its MLP, a linear or a function of x) applied to x
@@ -151,7 +158,7 @@ class Activations:
                 if takes_positions:  # decoder layer or attention: rotary (cos, sin) for this batch, causal mask
                     cos, sin = self.position_embeddings
                     n = xb.shape[0]
-                    result = block(xb, attention_mask=None,
+                    result = block(xb, attention_mask=self.mask,
                                    position_embeddings=(cos.expand(n, -1, -1), sin.expand(n, -1, -1)))
                 else:
                     result = block(xb)
@@ -247,7 +254,8 @@ def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Ca
             hidden = inner.embed_tokens(calib).float().to(device)  # [samples, seq_len, hidden]
             release(inner.embed_tokens)
         positions = rotary_tables(model, hidden, device)
-        acts = Activations(hidden, positions[layer_type(model.config, start)], batch, forward_dtype)
+        acts = Activations(hidden, positions[layer_type(model.config, start)], batch, forward_dtype,
+                           causal_mask=model.config._attn_implementation == "eager")
 
     for i, layer in enumerate(inner.layers):
         if i < start:

@@ -249,12 +249,17 @@ def meta_model(config_or_path):
 
     from accelerate import init_empty_weights
 
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
     config = config_or_path if not isinstance(config_or_path, (str, Path)) else AutoConfig.from_pretrained(config_or_path)
     # parameters on meta, buffers real: values the constructor computes and no checkpoint holds (Gemma's embedding
-    # scale, rotary frequencies) stay usable. sdpa: the layer-wise engine runs attention without a mask, causal
-    # only under sdpa
+    # scale, rotary frequencies) stay usable. sdpa where the model supports it (the layer-wise engine then runs
+    # attention without a mask, causal under sdpa); eager otherwise (Gemma 2's logit soft-capping), to which the
+    # engine passes a causal mask (methods/engine.Activations)
+    sdpa = getattr(MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None), "_supports_sdpa", True)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                 attn_implementation="sdpa" if sdpa else "eager")
     model.tie_weights()  # init_empty_weights re-creates each parameter it registers, which unties lm_head
     return model
 
