@@ -124,7 +124,7 @@ class Gates(Strict):
 
     @property
     def is_set(self) -> bool:
-        return any(v not in (None, [], False) for v in self.model_dump().values())
+        return any(v is not None and v != [] and v is not False for v in self.model_dump().values())
 
 
 class Recipe(Strict):

@@ -52,3 +52,11 @@ def test_gate_on_something_not_measured_is_a_user_error(tiny_model, tmp_path):
     r = quantize("run", "r.yaml", "--gate", "must_fit=[{gpu: RTX 9999, context: 4096}]", cwd=tmp_path)
     assert r.returncode == 2 and "unknown GPU 'RTX 9999'" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_zero_limit_is_a_gate():
+    """max_ppl_delta: 0 ("no worse than the base") is a limit, not an unset gate; must_serve: false is unset."""
+    from quantize.recipe import Gates
+
+    assert Gates(max_ppl_delta=0).is_set and Gates(max_kld=0.0).is_set
+    assert not Gates().is_set and not Gates(must_serve=False).is_set and Gates(must_serve=True).is_set

@@ -174,3 +174,13 @@ def test_gptq_and_awq_as_mlx(tiny_model, tmp_path):
         ct_log = (out / name / "quantize-log.jsonl").read_text()
         assert (out / (name + "-mlx") / "quantize-log.jsonl").read_text() == ct_log  # the same solve, row for row
 
+
+
+def test_a_folder_from_mlx_lm_convert_is_mlx(tmp_path):
+    """mlx_lm.convert writes its `quantization` entry twice, also as a `quantization_config` without quant_method."""
+    entry = {"group_size": 64, "bits": 4, "mode": "affine"}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization": entry,
+                                                       "quantization_config": entry}))
+    assert detect(tmp_path) == "mlx"
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    assert detect(tmp_path) == "gptq"

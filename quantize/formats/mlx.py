@@ -139,6 +139,7 @@ class MlxWriter:
 
 
 def is_mlx(folder: Path) -> bool:
-    """An MLX checkpoint: config.json with mlx-lm's `quantization` entry and no transformers quantization_config."""
+    """An MLX checkpoint: config.json with mlx-lm's `quantization` entry and no transformers quantization method
+    (mlx_lm.convert also copies the entry to `quantization_config`, without a quant_method)."""
     config = json.loads((folder / "config.json").read_text())
-    return "quantization" in config and "quantization_config" not in config
+    return "quantization" in config and "quant_method" not in (config.get("quantization_config") or {})

@@ -62,9 +62,12 @@ def _streamed(client, model: str, max_tokens: int) -> dict:
 def check(path: Path, settings, threads: int | None = None, dtype: str | None = None) -> dict:
     """The serve check of one artefact (`settings`: the recipe's eval.serve). Returns what was measured, or
     {"status": "refused" | "failed", "reason": …}; never raises for what the engine does."""
-    from openai import APIError
-
     engine = None
+    try:
+        from openai import APIError
+    except ImportError:
+        return {"status": "refused", "engine": None, "reason": "the serve check talks to the server with the official "
+                "`openai` client, which is not installed: pip install 'quantize[serve]' (or set eval.serve.enabled: false)"}
     try:
         engine = serve.default_engine(path)
         serve.check_engine(path, engine)
@@ -110,6 +113,10 @@ def check(path: Path, settings, threads: int | None = None, dtype: str | None = 
         out["status"] = "ok"
     except APIError as exc:  # the client's errors (timeouts, connection resets, HTTP errors): the check failed
         out.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
+    except (IndexError, AttributeError, TypeError) as exc:  # a reply without the fields the API promises
+        out.update(status="failed", reason=f"malformed reply ({type(exc).__name__}: {exc})")
     finally:
         serve.stop(server)
+    if out.get("status") == "ok":  # a failed check names its log in the reason; a passed one leaves none behind
+        server.log.unlink(missing_ok=True)
     return out

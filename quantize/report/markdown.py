@@ -118,7 +118,8 @@ def _serve_section(results: dict) -> list[str]:
              "| concurrent t/s (requests × concurrency) |", "|---|---|---|---|---|---|---|---|"]
     for name, s in entries:
         if s["status"] != "ok":
-            lines.append(f"| {name} | {s.get('engine') or '–'} | **{s['status']}**: {s.get('reason', '')} "
+            reason = s.get("reason", "").replace("|", "\\|")  # engine log lines are joined with " | "
+            lines.append(f"| {name} | {s.get('engine') or '–'} | **{s['status']}**: {reason} "
                          "| – | – | – | – | – |")
             continue
         st, cc = s["stream"], s["concurrent"]
@@ -126,7 +127,8 @@ def _serve_section(results: dict) -> list[str]:
         tg = (results["variants"][name].get("speed") or {}).get("rows") or []
         tg = max((r["tg"]["median"] for r in tg), default=None)
         ratio = f"{api / tg:.2f}" if api and tg else "–"
-        lines.append(f"| {name} | {s['engine']} | ok | {1000 * st['ttft_s']:.0f} | {api:.1f} | "
+        lines.append(f"| {name} | {s['engine']} | ok | {1000 * st['ttft_s']:.0f} | "
+                     + (f"{api:.1f}" if api else "–") + " | "
                      + (f"{tg:.1f}" if tg else "–") + f" | {ratio} | "
                      + (f"{cc['tokens_per_s']:.1f}" if cc["tokens_per_s"] else "–")
                      + f" ({cc['requests']} × {cc['concurrency']}) |")

@@ -63,7 +63,7 @@ def check_engine(path: Path, engine: str) -> None:
     if engine == "llama.cpp":
         if fmt != "gguf":
             raise QuantizeError(f"{path}: llama.cpp serves GGUF files; this is a {fmt} folder (use --engine "
-                                "transformers or vllm)")
+                                f"{default_engine(path)})")
         if importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("sse_starlette") is None:
             raise QuantizeError("llama.cpp's server needs its extras: pip install 'llama-cpp-python[server]'")
     elif engine == "mlx":
@@ -73,9 +73,9 @@ def check_engine(path: Path, engine: str) -> None:
         if importlib.util.find_spec("mlx_lm") is None:
             raise QuantizeError("--engine mlx: mlx-lm is not installed (pip install 'mlx-lm[cpu]' on Linux, 'mlx-lm' "
                                 "on Apple Silicon)")
-    elif fmt in DEFAULT_ENGINE:
-        raise QuantizeError(f"{path}: a {fmt} artefact is served by --engine {DEFAULT_ENGINE[fmt]} (the default)")
     elif engine == "transformers":
+        if fmt in DEFAULT_ENGINE:
+            raise QuantizeError(f"{path}: a {fmt} artefact is served by --engine {DEFAULT_ENGINE[fmt]} (the default)")
         if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
             raise QuantizeError("transformers serve needs its extras: pip install 'transformers[serving]'")
         if fmt == "compressed-tensors" and compressed_tensors.is_asymmetric(path):
@@ -84,6 +84,8 @@ def check_engine(path: Path, engine: str) -> None:
         if fmt in ("gptq", "awq") and importlib.util.find_spec("gptqmodel") is None:
             raise QuantizeError(f"{path}: transformers serves the classic {fmt} layout through GPTQModel, which is "
                                 "not installed (pip install gptqmodel), or use format compressed-tensors")
+    elif fmt == "mlx":
+        raise QuantizeError(f"{path}: vLLM does not load MLX folders; mlx-lm serves them (--engine mlx, the default)")
     elif shutil.which("vllm") is None:
         raise QuantizeError("--engine vllm: vLLM is not installed here (it needs a CUDA GPU: pip install vllm)")
 

@@ -48,7 +48,7 @@ class BaseModel:
         """The model's name for people (GGUF general.name, model cards): the hub repository's name, the bundled
         name, the local folder's or the GGUF file's."""
         spec = self.spec.removeprefix("bundled:")
-        return Path(spec).stem if spec.endswith(".gguf") else Path(spec.rstrip("/")).name
+        return Path(spec).stem if spec.endswith(".gguf") else Path(spec.rstrip("/")).name or self.path.resolve().name
 
     @property
     def license(self) -> str | None:
