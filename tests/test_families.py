@@ -21,7 +21,9 @@ FAMILIES = {
     "phi3": {"pad_token_id": 0},  # fused qkv_proj and gate_up_proj
     # Gemma 3's layout with attention and final-logit soft-capping, which only eager attention computes (the engine
     # then passes a causal mask); alternating sliding-window and global layers
-    "gemma2": {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 128, "num_hidden_layers": 4},
+    # (tied embeddings, as every Gemma 2: mlx-lm's Gemma 2 has no lm_head of its own)
+    "gemma2": {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 128, "num_hidden_layers": 4,
+               "tie_word_embeddings": True},
 }
 # transformers loads its own Qwen2 tokenizer class for model type qwen2, with Qwen2's pre-tokenizer over the test's
 # small vocabulary; GGUF conversion identifies a pre-tokenizer by the token ids of a check text (as llama.cpp's
@@ -230,3 +232,43 @@ def test_meta_skeleton_keeps_tied_embeddings_and_real_buffers():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.model.embed_tokens.weight.is_meta
     assert model.model.embed_tokens.embed_scale.item() == pytest.approx(64 ** 0.5)
+
+
+def test_rtn_artefacts_reload_to_the_in_process_quantised_model(family_model, tmp_path):
+    """The quantised model as quantize computes it in process (each decoder linear replaced by its RTN W4 g64
+    dequantisation, written out here with the grid primitives) against the artefacts reloaded by their real
+    loaders: compressed-tensors by transformers, MLX by mlx-lm. fp16 base, fp32 compute."""
+    from quantize.methods import grids
+    from quantize.methods.configs import RtnMethod
+    from quantize.methods.registry import METHODS
+    from quantize.runtimes.load import load
+    from quantize.sources.models import resolve_model
+
+    family, model_dir = family_model
+    expected_model = load_model(model_dir, "float32")
+    with torch.no_grad():
+        for name, lin in expected_model.named_modules():
+            if isinstance(lin, torch.nn.Linear) and ".layers." in name:
+                W = lin.weight.data
+                scale, zero = grids.scale_zero(W, 4, True, 64)
+                scale = grids.storable_scale(scale, torch.float16)
+                lin.weight.data = grids.dequantize(grids.quantize(W, scale, zero, 4, True, 64), scale, zero, 64)
+        ids = torch.arange(3, 131)[None]
+        expected = expected_model(ids).logits[0]
+    formats = ["compressed-tensors"]
+    try:
+        import mlx_lm  # noqa: F401
+        formats.append("mlx")
+    except ImportError:
+        pass
+    for fmt in formats:
+        folder = tmp_path / fmt
+        folder.mkdir()
+        METHODS["rtn"].build(RtnMethod(name="rtn", bits=4, group_size=64, format=fmt), resolve_model(str(model_dir)),
+                             folder, None)
+        model, loader, _ = load(folder, "float32")
+        with torch.no_grad():
+            got = model(ids).logits[0] if isinstance(model, torch.nn.Module) else model.logits(ids[0].tolist())
+        diff = (got - expected).abs().max().item()
+        print(f"{family} RTN W4 g64 {fmt} ({loader.split(' (')[0]}) vs in-process: max |Δlogit| {diff:.3g}")
+        assert diff < 1e-4
