@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from quantize.sources.models import config_dtype
 from quantize.sources.shards import Shards
 
 STORAGE_DTYPE = torch.float16  # scales and every unquantized tensor, unless the base is bf16 (storage_dtype)
@@ -26,8 +27,7 @@ def storage_dtype(config: dict) -> torch.dtype:
     """The dtype of an artefact's scales and unquantized tensors: a base stored in bfloat16 stays bfloat16 (Gemma,
     Llama 3, Qwen: fp16 would overflow activations they were trained to keep in bf16's range); any other base
     (float16, float32) is stored in float16, as W{b}A16 checkpoints are. Both are 2 bytes."""
-    dtype = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
-    return torch.bfloat16 if dtype == "bfloat16" else STORAGE_DTYPE
+    return torch.bfloat16 if config_dtype(config) == "bfloat16" else STORAGE_DTYPE
 
 
 def weight_args(bits: int, symmetric: bool, group_size: int, act_order: bool = False):

@@ -31,13 +31,13 @@ import torch
 from safetensors.torch import save_file
 
 from quantize.formats import MLX_GROUP_SIZES
+from quantize.sources.models import config_dtype
 from quantize.sources.shards import Shards
 
 
-
 def mlx_dtype(config: dict) -> torch.dtype:
-    dtype = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype, torch.float16)
+    """The base's own dtype (float16 unless it says bfloat16 or float32), as mlx_lm.convert keeps it."""
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(config_dtype(config), torch.float16)
 
 
 def with_rope_keys(config: dict) -> dict:
@@ -86,8 +86,6 @@ class MlxWriter:
         self.written: set[str] = set()
         self.schemes: set[tuple[int, int]] = set()  # (bits, group_size) used
         self.packed_names: list[str] = []
-
-    STATE = ("written", "schemes", "packed_names")
 
     def state(self) -> dict:
         return {"written": sorted(self.written), "schemes": sorted(self.schemes), "packed_names": self.packed_names}
@@ -138,8 +136,7 @@ class MlxWriter:
         return qconfig
 
 
-def is_mlx(folder: Path) -> bool:
-    """An MLX checkpoint: config.json with mlx-lm's `quantization` entry and no transformers quantization method
+def is_mlx(config: dict) -> bool:
+    """An MLX checkpoint's config.json: mlx-lm's `quantization` entry and no transformers quantization method
     (mlx_lm.convert also copies the entry to `quantization_config`, without a quant_method)."""
-    config = json.loads((folder / "config.json").read_text())
     return "quantization" in config and "quant_method" not in (config.get("quantization_config") or {})

@@ -73,9 +73,9 @@ def check(path: Path, settings, threads: int | None = None, dtype: str | None = 
         serve.check_engine(path, engine)
     except QuantizeError as exc:  # an engine that cannot serve this format here, said before starting anything
         return {"status": "refused", "engine": engine, "reason": str(exc)}
-    if engine == "mlx" and mlx.on_cpu() and mlx.stored_dtype(path) != "float32":
+    if engine == "mlx" and mlx.on_cpu() and (stored := mlx.stored_dtype(path)) != "float32":
         return {"status": "skipped", "engine": engine,
-                "reason": f"mlx-lm's server computes in the folder's {mlx.stored_dtype(path)}, which MLX's CPU "
+                "reason": f"mlx-lm's server computes in the folder's {stored}, which MLX's CPU "
                           "backend runs too slowly to measure (runtimes/mlx.py); it runs where MLX has Metal"}
     try:
         server = serve.start(path, engine, host="127.0.0.1", ctx=settings.ctx, threads=threads,

@@ -32,18 +32,18 @@ def detect(path: Path) -> str:
     """'gguf', 'mlx', 'compressed-tensors', 'gptq', 'awq', 'bitsandbytes' or 'dense'."""
     if _gguf_file(path) is not None:
         return "gguf"
-    config = path / "config.json"
-    if not config.is_file():
+    config_file = path / "config.json"
+    if not config_file.is_file():
         raise QuantizeError(f"{path}: not a .gguf file nor a folder with config.json or model.gguf")
-    if mlx_format.is_mlx(path):
+    config = json.loads(config_file.read_text())
+    if mlx_format.is_mlx(config):
         return "mlx"
-    qc = json.loads(config.read_text()).get("quantization_config") or {}
-    method = qc.get("quant_method")
+    method = (config.get("quantization_config") or {}).get("quant_method")
     if method is None:
         return "dense"
     if method in ("compressed-tensors", "gptq", "awq", "bitsandbytes"):
         return method
-    raise QuantizeError(f"{config}: quantization_config.quant_method {method!r} is not supported for evaluation; "
+    raise QuantizeError(f"{config_file}: quantization_config.quant_method {method!r} is not supported for evaluation; "
                         "accepted: compressed-tensors, gptq, awq, bitsandbytes, or none")
 
 

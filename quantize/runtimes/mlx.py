@@ -10,6 +10,7 @@ MLX is lazy: nothing is computed until mx.eval, so every timing ends with one.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from quantize.common.errors import QuantizeError
+from quantize.sources.models import config_dtype
 
 
 def binding():
@@ -37,9 +39,8 @@ def on_cpu() -> bool:
 
 
 def stored_dtype(path: Path) -> str:
-    import json
-
-    return json.loads((Path(path) / "config.json").read_text()).get("dtype") or "float16"
+    """The dtype an MLX folder's tensors are stored in (its config.json; float16 when it says nothing)."""
+    return config_dtype(json.loads((Path(path) / "config.json").read_text())) or "float16"
 
 
 # On its CPU backend MLX's float16 quantized matmul is far slower than its float32 one (SmolLM2-135M W4 g64, one

@@ -264,6 +264,12 @@ def meta_model(config_or_path):
     return model
 
 
+def config_dtype(config: dict) -> str | None:
+    """The dtype a checkpoint's config.json says its tensors are stored in (`dtype`, or the older `torch_dtype`, or a
+    multimodal model's text_config), e.g. "bfloat16"; None when it says nothing."""
+    return config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+
+
 def ignored(module_name: str, patterns: list[str]) -> bool:
     """True when a linear's name matches one of the recipe's `ignore` regexes (searched, not anchored)."""
     return any(re.search(p, module_name) for p in patterns)
