@@ -32,7 +32,7 @@ from quantize.fit.shape import shape_from_config
 from quantize.formats.tensors import weight_bytes
 from quantize.measure import kld_base, lmeval, memory, quality, serving, speed
 from quantize.measure.scorecard import base_store
-from quantize.methods.engine import resolve_device
+from quantize.methods.engine import resolve_device, with_experts
 from quantize.methods.registry import METHODS
 from quantize.preflight import base_model, check_disk, check_memory, check_recipe
 from quantize.recipe import Recipe
@@ -148,7 +148,7 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
     step(f"recipe {recipe.name}: model {recipe.model}, variants "
          + ", ".join(m.default_variant() for m in recipe.methods))
     base = base_model(recipe)
-    meta = meta_model(base.path)
+    meta = with_experts(meta_model(base.path))  # expert linears as the engine sees them (sizes, group checks)
     check_recipe(recipe, base.config, meta)
     check_memory(recipe, meta)
     tokenizer = load_tokenizer(base.path)

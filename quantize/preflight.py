@@ -13,7 +13,7 @@ from quantize.formats.gguf_convert import check_convertible
 from quantize.formats.gguf_types import UNQUANTIZED
 from quantize.formats.tensors import weight_bytes_gguf, weight_bytes_safetensors
 from quantize.measure import memory
-from quantize.methods.engine import check_model
+from quantize.methods.engine import check_model, has_experts, with_experts
 from quantize.methods.weight_only import check_group_sizes
 from quantize.recipe import Recipe
 from quantize.sources.models import (
@@ -60,6 +60,10 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
             if method.layer_wise:
                 check_model(config, recipe.calibration.seq_len if method.needs_calibration else None)
                 check_group_sizes(meta, method)
+            if method.name == "int8" and method.scheme == "llm.int8" and has_experts(config):
+                raise QuantizeError(f"scheme llm.int8 (bitsandbytes) quantizes nn.Linear modules only, and "
+                                    f"transformers holds this {config.get('model_type')} model's experts as 3-D "
+                                    "tensors, which it would leave unquantized; use scheme w8a16")
             if method.name == "gguf":
                 check_convertible(config)
                 if method.needs_calibration:
@@ -117,7 +121,7 @@ def check_memory(recipe: Recipe, meta) -> None:
 def plan(recipe: Recipe) -> dict:
     """What a run will do, the expected artefact sizes and the fit, from the config alone (no weights)."""
     config, base_bytes, described = base_model(recipe, peek_config)
-    meta = meta_model(config)
+    meta = with_experts(meta_model(config))  # expert linears as the engine sees them (sizes, group checks)
     check_recipe(recipe, config.to_dict(), meta)
     check_memory(recipe, meta)
     shape = shape_from_config(config.to_dict())

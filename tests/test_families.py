@@ -24,11 +24,16 @@ FAMILIES = {
     # (tied embeddings, as every Gemma 2: mlx-lm's Gemma 2 has no lm_head of its own)
     "gemma2": {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 128, "num_hidden_layers": 4,
                "tie_word_embeddings": True},
+    # sparse mixtures of experts, 4 experts with 2 per token (transformers holds them as 3-D tensors, the engine
+    # as linears: engine.ExpertList); Qwen3-MoE's second layer keeps a dense MLP (mlp_only_layers)
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 128},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "head_dim": 64,
+                  "mlp_only_layers": [1], "norm_topk_prob": True},
 }
 # transformers loads its own Qwen2 tokenizer class for model type qwen2, with Qwen2's pre-tokenizer over the test's
 # small vocabulary; GGUF conversion identifies a pre-tokenizer by the token ids of a check text (as llama.cpp's
 # converter does), which only a real Qwen2 vocabulary gives. So no GGUF for the tiny qwen2.
-NO_GGUF = {"qwen2", "gemma3_text", "phi3", "gemma2"}
+NO_GGUF = {"qwen2", "gemma3_text", "phi3", "gemma2", "mixtral", "qwen3_moe"}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -92,7 +97,7 @@ def test_awq_scales_fold_into_the_same_function(family_model):
     from 1 in Gemma, the up half of Phi-3's fused gate_up) leaves the model's logits as they were."""
     from quantize.methods.awq import awq_layer
     from quantize.methods.configs import AwqMethod
-    from quantize.methods.engine import LAYOUTS, stream_layers
+    from quantize.methods.engine import LAYOUTS, awq_rows, stream_layers, transformers_names
 
     family, model_dir = family_model
     layout = LAYOUTS[family]
@@ -102,12 +107,13 @@ def test_awq_scales_fold_into_the_same_function(family_model):
     scaled, log = {}, []
 
     def process(i, layer, acts):
-        awq_layer(i, layer, acts, layout.awq, method, lambda name, cols: 64, lambda name: False, {}, log,
-                  quantize=False, norm_offset=layout.norm_offset)
+        awq_layer(i, layer, acts, awq_rows(layout, layer), method, lambda name, cols: 64, lambda name: False, {},
+                  log, quantize=False, norm_offset=layout.norm_offset)
 
     for i, layer in stream_layers(model_dir, calib, process):
         scaled.update({f"model.layers.{i}.{k}": v.clone() for k, v in layer.state_dict().items()})
     model = load_model(model_dir, "float32")
+    scaled = transformers_names(scaled, family)
     moved = [k for k, v in model.state_dict().items() if k in scaled and (scaled[k] - v).abs().max() > 1e-3]
     searched = {r["module"] for r in log if r["alpha"] not in (None, "s=1")}
     assert moved and searched, (family, moved, searched)  # the scales really moved something
@@ -121,7 +127,10 @@ def test_awq_scales_fold_into_the_same_function(family_model):
     assert diff < 1e-4
 
 
-@pytest.fixture(scope="module", params=["gemma3_text", "phi3"])
+GGUF_ARCH = {"gemma3_text": "gemma3", "phi3": "phi3", "mixtral": "llama", "qwen3_moe": "qwen3moe"}
+
+
+@pytest.fixture(scope="module", params=sorted(GGUF_ARCH))
 def real_vocab_model(request, tmp_path_factory):
     """A tiny random-init model of a family our own converter does not write, with SmolLM2's real tokenizer (whose
     pre-tokenizer llama.cpp's converter recognises; the tests' trained BPE it would not)."""
@@ -136,7 +145,8 @@ def real_vocab_model(request, tmp_path_factory):
     # the folder's name becomes the GGUF's general.name, from which llama.cpp guesses model-specific special tokens
     # (a name with "phi3" in it must hold Phi-3's <|end|> …): a neutral name
     folder = tmp_path_factory.mktemp(family) / "tiny-smollm2-vocab"
-    overrides = {k: v for k, v in FAMILIES[family].items() if k != "pad_token_id"}
+    # llama.cpp's qwen3moe has experts in every layer (no mlp_only_layers)
+    overrides = {k: v for k, v in FAMILIES[family].items() if k not in ("pad_token_id", "mlp_only_layers")}
     shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=1024)
     config = AutoConfig.for_model(family, vocab_size=49152, tie_word_embeddings=False, bos_token_id=1,
@@ -160,7 +170,7 @@ def test_llama_cpp_converter_writes_other_families(real_vocab_model, tmp_path):
     family, model_dir = real_vocab_model
     assert family not in ARCHES
     gguf_file = convert(model_dir, tmp_path / "f32.gguf", "F32")
-    assert gguf_arch(gguf_file) == {"gemma3_text": "gemma3", "phi3": "phi3"}[family]
+    assert gguf_arch(gguf_file) == GGUF_ARCH[family]
     ids, a = f32_gguf_logits(model_dir, gguf_file)
     with torch.no_grad():
         b = load_model(model_dir, "float32")(torch.tensor([ids])).logits[0]
@@ -246,15 +256,28 @@ def test_rtn_artefacts_reload_to_the_in_process_quantised_model(family_model, tm
 
     family, model_dir = family_model
     expected_model = load_model(model_dir, "float32")
+
+    def rtn(W):  # rows are independent: an expert's fused [gate; up] rows round as gate and up apart
+        scale, zero = grids.scale_zero(W, 4, True, 64)
+        scale = grids.storable_scale(scale, torch.float16)
+        return grids.dequantize(grids.quantize(W, scale, zero, 4, True, 64), scale, zero, 64)
+
+    ids = torch.arange(3, 131)[None]
+    expected = {}
     with torch.no_grad():
         for name, lin in expected_model.named_modules():
             if isinstance(lin, torch.nn.Linear) and ".layers." in name:
-                W = lin.weight.data
-                scale, zero = grids.scale_zero(W, 4, True, 64)
-                scale = grids.storable_scale(scale, torch.float16)
-                lin.weight.data = grids.dequantize(grids.quantize(W, scale, zero, 4, True, 64), scale, zero, 64)
-        ids = torch.arange(3, 131)[None]
-        expected = expected_model(ids).logits[0]
+                lin.weight.data = rtn(lin.weight.data)
+        experts = [p for name, p in expected_model.named_parameters()  # transformers' 3-D [experts, out, in]
+                   if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+        for p in experts:
+            p.data = torch.stack([rtn(W) for W in p.data])
+        expected["mlx"] = expected_model(ids).logits[0]
+        # transformers 5.23 dequantizes compressed experts into the checkpoint's dtype (fp16), whatever dtype the
+        # model is loaded in: its reloaded experts are these weights rounded to fp16
+        for p in experts:
+            p.data = p.data.half().float()
+        expected["compressed-tensors"] = expected_model(ids).logits[0]
     formats = ["compressed-tensors"]
     try:
         import mlx_lm  # noqa: F401
@@ -269,6 +292,40 @@ def test_rtn_artefacts_reload_to_the_in_process_quantised_model(family_model, tm
         model, loader, _ = load(folder, "float32")
         with torch.no_grad():
             got = model(ids).logits[0] if isinstance(model, torch.nn.Module) else model.logits(ids[0].tolist())
-        diff = (got - expected).abs().max().item()
+        diff = (got - expected[fmt]).abs().max().item()
         print(f"{family} RTN W4 g64 {fmt} ({loader.split(' (')[0]}) vs in-process: max |Δlogit| {diff:.3g}")
         assert diff < 1e-4
+
+
+@pytest.mark.parametrize("name", ["gptq", "awq"])
+def test_calibrated_artefacts_reload_to_the_in_process_quantised_model(family_model, name, tmp_path):
+    """GPTQ and AWQ: the model as the build left it in process (every quantized linear holding its dequantized
+    weights, AWQ's scales folded into the norms; the writer's `keep`) against the compressed-tensors artefact
+    reloaded by its real loader (transformers; asymmetric AWQ through compressed-tensors' own unpacking, which
+    transformers cannot do, llm-compressor#1618). The artefact stores norms in fp16, so AWQ's folded norms round."""
+    from quantize.methods.configs import AwqMethod, GptqMethod
+    from quantize.methods.engine import transformers_names
+    from quantize.methods.registry import METHODS
+    from quantize.runtimes.load import load
+    from quantize.sources.models import resolve_model
+
+    family, model_dir = family_model
+    config = {"gptq": GptqMethod, "awq": AwqMethod}[name](name=name, bits=4, group_size=64)
+    calib = torch.randint(3, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    keep: dict = {}
+    METHODS[name].build(config, resolve_model(str(model_dir)), tmp_path, calib, keep=keep)
+    expected_model = load_model(model_dir, "float32")
+    state = transformers_names(keep, family)
+    missing = set(state) - set(expected_model.state_dict())
+    assert not missing, missing
+    model, loader, _ = load(tmp_path, "float32")
+    if loader == "transformers.from_pretrained":  # which dequantizes MoE experts into fp16 (see the RTN test)
+        state = {k: v.half().float() if k.endswith(("experts.gate_up_proj", "experts.down_proj")) else v
+                 for k, v in state.items()}
+    expected_model.load_state_dict(state, strict=False)
+    ids = torch.arange(3, 131)[None]
+    with torch.no_grad():
+        diff = (model(ids).logits[0] - expected_model(ids).logits[0]).abs().max().item()
+    print(f"{family} {name.upper()} W4 g64 compressed-tensors ({loader.split(' (')[0]}) vs in-process: "
+          f"max |Δlogit| {diff:.3g}")
+    assert diff < (1e-4 if name == "gptq" else 2e-2)

@@ -181,7 +181,11 @@ def param_counts(cfg: dict) -> ParamCounts:
     kind = layout(cfg)
     shape = shape_from_config(cfg)
     hidden, layers, heads = shape.hidden_size, shape.n_layers, int(cfg["num_attention_heads"])
-    experts = int(cfg[kind["experts"]]) if "experts" in kind and cfg.get(kind["experts"]) else 1
+    # transformers ≥ 5 saves Qwen3-MoE's `num_experts` as `num_local_experts` (its attribute map): either key
+    experts = next((int(cfg[k]) for k in (kind.get("experts"), "num_local_experts") if k and cfg.get(k)), 1)
+    if "experts" in kind and experts == 1:
+        raise QuantizeError(f"model type {cfg.get('model_type')!r}: the config gives no expert count "
+                            f"(`{kind['experts']}`), so the parameter counts would be guesses")
     active = int(cfg.get("num_experts_per_tok") or 1) if experts > 1 else 1
     width = int(cfg[kind["expert_width"]]) if experts > 1 else shape.intermediate_size
     if kind["attention"] == "mla":

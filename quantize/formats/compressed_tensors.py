@@ -146,6 +146,8 @@ def load_dense(folder: Path, dtype=torch.float32):
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from quantize.methods.engine import transformers_names
+
     config = json.loads((folder / "config.json").read_text())
     qc = config.pop("quantization_config")
     bits_of = {}
@@ -174,6 +176,7 @@ def load_dense(folder: Path, dtype=torch.float32):
         state[module + ".weight"] = W.reshape(shape)
     hf_config = AutoConfig.for_model(**config)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    state = transformers_names(state, config["model_type"])  # a sparse MoE model's experts: 3-D tensors
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     assert not unexpected, unexpected
     assert all("lm_head" in k for k in missing), missing  # tied lm_head comes from the embedding

@@ -23,6 +23,7 @@ error). Linears left alone (`ignore`, e.g. lm_head) and embeddings stay dense; a
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -43,11 +44,14 @@ def mlx_dtype(config: dict) -> torch.dtype:
 def with_rope_keys(config: dict) -> dict:
     """transformers ≥ 5 writes the rotary settings as `rope_parameters` (per layer type for Gemma 3); mlx-lm's
     ModelArgs read the older top-level `rope_theta`, `rope_local_base_freq` and `rope_scaling`, and fall back to
-    their own defaults without them (Qwen2: θ = 1e6, where transformers' default is 1e4). Write both spellings."""
+    their own defaults without them (Qwen2: θ = 1e6, where transformers' default is 1e4). Write both spellings; and
+    Qwen3-MoE's expert count, which transformers ≥ 5 saves as `num_local_experts`, as mlx-lm's `num_experts` too."""
+    config = dict(config)
+    if config.get("model_type") == "qwen3_moe" and "num_local_experts" in config:
+        config.setdefault("num_experts", config["num_local_experts"])  # transformers ≥ 5's name for it; mlx-lm's
     params = config.get("rope_parameters")
     if not params:
         return config
-    config = dict(config)
     full = params.get("full_attention", params)  # Gemma 3: {full_attention: {…}, sliding_attention: {…}}
     if "rope_theta" in full:
         config.setdefault("rope_theta", full["rope_theta"])
@@ -75,6 +79,27 @@ def unpack(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     raw = words.contiguous().numpy().view(np.uint8)
     stream = np.unpackbits(raw, axis=-1, bitorder="little").reshape(raw.shape[0], cols, bits)
     return torch.from_numpy((stream.astype(np.int64) << np.arange(bits)).sum(-1))
+
+
+SWITCH_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # Mixtral's expert linears in mlx-lm
+
+
+def switch_mlp(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A sparse MoE block's per-expert tensors (`{block}.experts.{e}.{linear}.{weight,scales,biases}`) stacked
+    over the experts as mlx-lm's SwitchGLU holds them and mlx_lm.convert writes them:
+    `{block}.switch_mlp.{gate_proj,up_proj,down_proj}.{…}` [experts, …] (mlx-lm's Qwen3-MoE stacks only
+    unquantized expert weights itself). Other tensors as they are."""
+    out, stacks = {}, {}
+    for name, t in tensors.items():
+        m = re.fullmatch(r"(.*)\.experts\.(\d+)\.(\w+)\.(weight|scales|biases)", name)
+        if m is None:
+            out[name] = t
+            continue
+        key = f"{m[1]}.switch_mlp.{SWITCH_NAMES.get(m[3], m[3])}.{m[4]}"
+        stacks.setdefault(key, {})[int(m[2])] = t
+    for key, experts in stacks.items():
+        out[key] = torch.stack([experts[e] for e in range(len(experts))])
+    return out
 
 
 class MlxWriter:
@@ -111,7 +136,7 @@ class MlxWriter:
                 f"{name}.biases": (-scale * (zero.float() + off)).to(self.dtype).contiguous()}
 
     def write_shard(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
-        save_file({n: t.contiguous() for n, t in tensors.items()}, self.out_dir / self._shard_name(k),
+        save_file({n: t.contiguous() for n, t in switch_mlp(tensors).items()}, self.out_dir / self._shard_name(k),
                   metadata={"format": "mlx"})
         self.written.update(tensors)
 

@@ -29,8 +29,8 @@ import torch
 
 from quantize.methods import grids
 from quantize.methods.configs import AwqMethod
-from quantize.methods.engine import LAYOUTS, Activations, Checkpoint, skeleton, stream_layers
-from quantize.methods.weight_only import check_group_sizes, group_size_for, scale_dtype, write_streamed
+from quantize.methods.engine import LAYOUTS, Activations, Checkpoint, awq_rows, capture, skeleton, stream_layers
+from quantize.methods.weight_only import check_group_sizes, expert_policy, group_size_for, scale_dtype, write_streamed
 from quantize.sources.models import ignored
 
 Config = AwqMethod
@@ -153,8 +153,14 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
     """Scale search + fold, clip search + clamp, then (if `quantize`) rounding, for decoder layer i."""
     bits, sym = method.bits, method.sym
     full = lambda n: f"model.layers.{i}.{n}"  # noqa: E731
-    captured = acts.capture(layer, [names[0] for _, names, _ in rows])  # the linears of a row share one input
-    X = {n: captured[names[0]] for _, names, _ in rows for n in names}
+    # a row's linears read one input, except in a sparse MoE block, where each expert reads its routed tokens:
+    # a linear's input is that of the row's first linear in the same module (q/k/v: q; an expert's gate/up: its
+    # gate), and the row's scale is judged on the input of the whole block (every token entering it)
+    first = {n: next(m for m in names if m.rpartition(".")[0] == n.rpartition(".")[0])
+             for _, names, _ in rows for n in names}
+    moe_rows = {block for _, names, block in rows if len({n.rpartition(".")[0] for n in names}) > 1}
+    captured = capture(acts, layer, sorted(set(first.values()) | moe_rows))
+    X = {n: captured[first[n]] for n in first}
     gs = {n: group_size_of(full(n), layer.get_submodule(n).in_features) for _, names, _ in rows for n in names}
     alphas = {}
     for prev_name, names, block_name in rows:
@@ -165,7 +171,7 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
         quantized = [not ignore(full(n)) for n in names]
         if not any(quantized):
             continue
-        x = X[names[0]]
+        x = captured[block_name] if block_name in moe_rows else X[names[0]]
         block = layer.get_submodule(block_name)
         g = gs[names[0]]
         Q = lambda W, g=g: grids.fake_quantize(W, bits, sym, g)  # noqa: E731
@@ -174,9 +180,12 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
         s, alpha, losses = search_scale(linears, quantized, x_mean, block_loss_fn(acts, block, x), Q, g,
                                         method.n_grid, method.duo_scaling)
         fold_scale(prev, linears, s, norm_offset)
-        scaled = x / s  # what the linears see from now on (one tensor for the row)
+        if block_name in moe_rows:  # the router reads the same norm output: its columns take s too (unquantized)
+            router = layer.get_submodule(block_name).gate
+            router.weight.data = router.weight.data * s
+        scaled = {f: X[f] / s for f in {first[n] for n in names}}  # what the linears see from now on
         for n in names:
-            X[n] = scaled
+            X[n] = scaled[first[n]]
         alphas[names[0]] = ("s=1" if alpha is None else alpha, losses[0], min(losses), time.perf_counter() - start)
 
     for _, names, _ in rows:
@@ -204,11 +213,13 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
             alpha, loss_rtn, loss_best, seconds = alphas.get(group, (None, None, None, 0.0))
             log.append({"layer": i, "module": n, "group_size": g, "alpha": alpha, "scale_loss_rtn": loss_rtn,
                         "scale_loss_best": loss_best, "loss": loss, "samples": int(acts.hidden.shape[0]),
+                        "tokens": int(X[n].reshape(-1, X[n].shape[-1]).shape[0]),
                         "seconds": round(time.perf_counter() - start + (seconds if n == group else 0), 4)})
 
 
-def build(method: AwqMethod, base, out_dir, calib: torch.Tensor, calib_info=None) -> dict:
-    meta = skeleton(base.path)
+def build(method: AwqMethod, base, out_dir, calib: torch.Tensor, calib_info=None, keep: dict | None = None) -> dict:
+    policy = expert_policy(method)
+    meta = skeleton(base.path, policy)
     check_group_sizes(meta, method)
     layout = LAYOUTS[meta.config.model_type]
     log, pending = [], {}
@@ -218,11 +229,11 @@ def build(method: AwqMethod, base, out_dir, calib: torch.Tensor, calib_info=None
     dtype = scale_dtype(method, base)
 
     def process_layer(i, layer, acts):
-        awq_layer(i, layer, acts, layout.awq, method, group_size_of, ignore, pending, log,
+        awq_layer(i, layer, acts, awq_rows(layout, layer), method, group_size_of, ignore, pending, log,
                   quantize=not scaled_only, norm_offset=layout.norm_offset, scale_storage=dtype)
 
     checkpoint = Checkpoint(out_dir)  # continues after the last finished layer of an interrupted build
-    layers = stream_layers(base.path, calib, process_layer, checkpoint=checkpoint)
+    layers = stream_layers(base.path, calib, process_layer, checkpoint=checkpoint, policy=policy)
     info = write_streamed(method, base, out_dir, meta, layers, pending, log, pack=not scaled_only,
-                          checkpoint=checkpoint)
+                          checkpoint=checkpoint, keep=keep)
     return {"scheme": "awq-scaled-fp16" if scaled_only else f"w{method.bits}a16", **info}

@@ -92,6 +92,14 @@ class RtnMethod(WeightOnly):
         return False
 
 
+EXPERT_CALIBRATION = Field(
+    "routed", description="sparse MoE models (Mixtral, Qwen3-MoE): routed (each expert's statistics from the tokens "
+    "routed to it; an expert routed fewer than expert_min_tokens is calibrated on every token entering its block) or "
+    "all (every expert on every token)")
+EXPERT_MIN_TOKENS = Field(None, ge=1, description="routed calibration: the fewest routed tokens an expert is calibrated "
+                                                  "on before it falls back to every token; default the hidden size")
+
+
 class GptqMethod(WeightOnly):
     """GPTQ (Frantar et al., 2022): Hessian-aware rounding with error feedback, layer by layer."""
 
@@ -109,6 +117,8 @@ class GptqMethod(WeightOnly):
     forward_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype of the calibration forward passes (linears and attention under autocast); "
                                "the Hessians and the GPTQ solve are float32 either way")
+    expert_calibration: Literal["routed", "all"] = EXPERT_CALIBRATION
+    expert_min_tokens: int | None = EXPERT_MIN_TOKENS
 
     @field_validator("device")
     @classmethod
@@ -134,6 +144,8 @@ class AwqMethod(WeightOnly):
     clip_tokens: int = Field(512, ge=1, description="calibration tokens (evenly spaced) used by the clip search")
     export: Literal["quantized", "scaled-fp16"] = Field(
         "quantized", description="scaled-fp16: the AWQ-scaled and clipped model, unquantised (e.g. to feed GGUF)")
+    expert_calibration: Literal["routed", "all"] = EXPERT_CALIBRATION
+    expert_min_tokens: int | None = EXPERT_MIN_TOKENS
 
     @property
     def needs_calibration(self) -> bool:

@@ -50,12 +50,26 @@ class Layout:
         grouped-query attention) or, for a fused gate_up, to its last rows (the up half).
     staged: the llama layer, which staged_layer runs in one pass per layer; other layouts run the decoder layer
         itself once per group with a hook on the group's input (hooked_layer): the same inputs, G + 1 passes.
-    norm_offset: the RMSNorm computes x̂·(norm_offset + weight) (Gemma: 1), which AWQ's fold must respect."""
+    norm_offset: the RMSNorm computes x̂·(norm_offset + weight) (Gemma: 1), which AWQ's fold must respect.
+    experts: a sparse MoE block's path and expert linear names as the checkpoint stores them (Experts); in a layer
+        whose MLP is sparse, the groups and AWQ rows under `mlp.` are replaced by per-expert ones (layer_stages,
+        awq_rows)."""
 
     groups: list[list[str]]
     awq: list[tuple[str, list[str], str]]
     staged: bool = False
     norm_offset: float = 0.0
+    experts: "Experts | None" = None
+
+
+@dataclass(frozen=True)
+class Experts:
+    """Where a sparse MoE block's experts live in the checkpoint: `block`, the block's name in the decoder layer
+    (Mixtral: block_sparse_moe, which transformers 5 calls `mlp`), and each expert's gate, up and down linears
+    (`{block}.experts.{e}.{name}`). The router is `{block}.gate`."""
+
+    block: str
+    linears: tuple[str, str, str]
 
 
 _ATTN = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
@@ -79,6 +93,11 @@ LAYOUTS: dict[str, Layout] = {
     # global layers with their own rotary tables, RMSNorm weights stored as offsets from 1. Gemma 2: the same
     # layout; its attention and final logit soft-capping run under eager attention (sources/models.meta_model)
     "gemma3_text": _GEMMA, "gemma2": _GEMMA,
+    # Mixtral and Qwen3-MoE: attention as llama (Qwen3-MoE with Qwen3's q/k norms), a sparse MoE block instead of
+    # the MLP (Qwen3-MoE's `mlp_only_layers` keep a dense MLP); see ExpertList
+    "mixtral": Layout(groups=_LLAMA.groups, awq=_LLAMA.awq, experts=Experts("block_sparse_moe", ("w1", "w3", "w2"))),
+    "qwen3_moe": Layout(groups=_LLAMA.groups, awq=_LLAMA.awq,
+                        experts=Experts("mlp", ("gate_proj", "up_proj", "down_proj"))),
     # Phi-3: q/k/v fused in qkv_proj and gate/up in gate_up_proj (the fused tensors are what vLLM and llama.cpp
     # load); AWQ as AutoAWQ: norm → qkv, norm → gate_up, the up half of gate_up → down (no v → o: v is fused)
     "phi3": Layout(
@@ -115,13 +134,166 @@ def check_model(config: dict, seq_len: int | None = None) -> None:
                             f"{window}")
 
 
-def skeleton(base_path: Path):
+@dataclass(frozen=True)
+class ExpertPolicy:
+    """How a sparse MoE block's experts are calibrated. `routed`: each expert's statistics come from the tokens the
+    router sends it, and an expert that received fewer than `min_tokens` (default: the hidden size, the dimension
+    of its gate/up Hessian, below which that Hessian is rank-deficient) is calibrated on every token entering the
+    block instead (its output still uses only its routed tokens). `all`: every expert on every token (as
+    llm-compressor's calibrate-all-experts)."""
+
+    calibration: str = "routed"
+    min_tokens: int | None = None
+
+
+class Expert(torch.nn.Module):
+    """One expert's MLP, down(act(gate(x)) · up(x)), its linears under the checkpoint's names."""
+
+    def __init__(self, names: tuple[str, str, str], hidden: int, inter: int, act_fn):
+        super().__init__()
+        self.names, self.act_fn = names, act_fn
+        gate, up, down = names
+        self.add_module(gate, torch.nn.Linear(hidden, inter, bias=False))
+        self.add_module(up, torch.nn.Linear(hidden, inter, bias=False))
+        self.add_module(down, torch.nn.Linear(inter, hidden, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (getattr(self, n) for n in self.names)
+        return down(self.act_fn(gate(x)) * up(x))
+
+
+class ExpertList(torch.nn.Module):
+    """A sparse MoE block's experts as one Expert each, in place of transformers' 3-D expert tensors (its
+    MixtralExperts / Qwen3MoeExperts: gate_up_proj [E, 2·inter, hidden], down_proj [E, hidden, inter]), so every
+    expert linear is an ordinary linear, named as in the checkpoint, for every method and writer. forward is
+    theirs (same routing inputs, same order of accumulation). It counts the tokens routed to each expert
+    (`routed`, per pass); experts in `all_tokens` run on every token, so hooks on their linears see every token,
+    and keep only their routed rows."""
+
+    def __init__(self, experts: torch.nn.Module, names: tuple[str, str, str], policy: ExpertPolicy):
+        super().__init__()
+        n, inter2, hidden = experts.gate_up_proj.shape
+        for e in range(n):
+            self.add_module(str(e), Expert(names, hidden, inter2 // 2, experts.act_fn))
+        self.num_experts, self.policy = n, policy
+        self.min_tokens = max(1, policy.min_tokens if policy.min_tokens is not None else hidden)
+        self.routed = [0] * n
+        self.all_tokens: set[int] = set(range(n)) if policy.calibration == "all" else set()
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden)
+        for e in range(self.num_experts):
+            top_k_pos, token_idx = torch.where((top_k_index == e).T)
+            self.routed[e] += int(token_idx.numel())
+            if e in self.all_tokens:
+                y = self._modules[str(e)](hidden)[token_idx]
+            elif token_idx.numel():
+                y = self._modules[str(e)](hidden[token_idx])
+            else:
+                continue
+            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, top_k_pos, None]).to(out.dtype))
+        return out
+
+    def starved(self) -> set[int]:
+        return {e for e, n in enumerate(self.routed) if n < self.min_tokens} - self.all_tokens
+
+
+def install_experts(model: torch.nn.Module, layout: Layout, policy: ExpertPolicy) -> None:
+    """Every sparse MoE block of the (meta) model gets an ExpertList, and sits under its checkpoint name
+    (`Experts.block`) so that its parameters are named as the shards name them; the decoder layer's own forward
+    still reaches it as `mlp`."""
+    for layer in model.model.layers:
+        block = layer.mlp
+        if not hasattr(block, "experts"):
+            continue  # a dense layer of an MoE model (Qwen3-MoE's mlp_only_layers)
+        block.experts = ExpertList(block.experts, layout.experts.linears, policy).to("meta")
+        if layout.experts.block != "mlp":
+            del layer._modules["mlp"]
+            layer._modules[layout.experts.block] = block
+            layer.__dict__["mlp"] = block  # found before nn.Module's lookup of _modules
+
+
+def transformers_names(state: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
+    """A state dict under the checkpoint's names (the engine's and the artefacts': `{block}.experts.{e}.{gate,
+    up,down}.weight`) as transformers 5 names it for load_state_dict: each layer's experts stacked into the 3-D
+    `mlp.experts.gate_up_proj` [E, 2·inter, hidden] (gate rows, then up) and `mlp.experts.down_proj`. The
+    inverse of transformers' own conversion mapping for these families; other models' names pass through."""
+    layout = LAYOUTS.get(model_type)
+    if layout is None or layout.experts is None:
+        return state
+    block, (gate, up, down) = layout.experts.block, layout.experts.linears
+    out, experts = {}, {}
+    for k, v in state.items():
+        k = k.replace(f".{block}.", ".mlp.")
+        head, sep, tail = k.partition(".experts.")
+        if not sep:
+            out[k] = v
+            continue
+        e, name, _ = tail.split(".")
+        experts.setdefault(head, {}).setdefault(name, {})[int(e)] = v
+    for head, parts in experts.items():
+        n = range(len(parts[gate]))
+        out[f"{head}.experts.gate_up_proj"] = torch.stack([torch.cat([parts[gate][e], parts[up][e]]) for e in n])
+        out[f"{head}.experts.down_proj"] = torch.stack([parts[down][e] for e in n])
+    return out
+
+
+def expert_lists(layer: torch.nn.Module) -> list[tuple[str, ExpertList]]:
+    return [(n, m) for n, m in layer.named_modules() if isinstance(m, ExpertList)]
+
+
+def skeleton(base_path: Path, policy: ExpertPolicy = ExpertPolicy()):
     model = meta_model(base_path)
     try:
         check_model(model.config.to_dict())
     except QuantizeError as exc:
         raise QuantizeError(f"{base_path}: {exc}") from None
+    return with_experts(model, policy)
+
+
+def has_experts(config: dict) -> bool:
+    """Whether the engine streams this model type with sparse MoE experts (LAYOUTS)."""
+    layout = LAYOUTS.get(config.get("model_type"))
+    return layout is not None and layout.experts is not None
+
+
+def with_experts(model: torch.nn.Module, policy: ExpertPolicy = ExpertPolicy()) -> torch.nn.Module:
+    """The meta model with its sparse MoE blocks' experts as linears (install_experts) where its layout has
+    experts, as the engine, the writers and the size estimates see it; any other model as it is."""
+    layout = LAYOUTS.get(model.config.model_type)
+    if layout is not None and layout.experts is not None:
+        install_experts(model, layout, policy)
     return model
+
+
+def layer_stages(layout: Layout, layer: torch.nn.Module) -> list[list[list[str]]]:
+    """The layer's GPTQ stages in order, each a list of groups (linears that read one input). A dense layer: one
+    group per stage (Layout.groups). A sparse MoE layer: the attention groups, then every expert's gate/up, then
+    every expert's down (experts do not feed each other, so one pass through the layer serves all experts)."""
+    moe = expert_lists(layer)
+    if not moe:
+        return [[g] for g in layout.groups]
+    stages = [[g] for g in layout.groups if not g[0].startswith("mlp.")]
+    path, experts = moe[0]
+    gate, up, down = layout.experts.linears
+    e_names = [f"{path}.{e}" for e in range(experts.num_experts)]
+    return stages + [[[f"{n}.{gate}", f"{n}.{up}"] for n in e_names], [[f"{n}.{down}"] for n in e_names]]
+
+
+def awq_rows(layout: Layout, layer: torch.nn.Module) -> list[tuple[str, list[str], str]]:
+    """AWQ's rows for this layer (Layout.awq). A sparse MoE layer: the attention rows; the post-attention norm
+    scaling every expert's gate and up, judged by the whole MoE block (as AutoAWQ's Mixtral); each expert's up
+    scaling its down."""
+    moe = expert_lists(layer)
+    if not moe:
+        return layout.awq
+    rows = [r for r in layout.awq if not r[1][0].startswith("mlp.")]
+    path, experts = moe[0]
+    gate, up, down = layout.experts.linears
+    e_names = [f"{path}.{e}" for e in range(experts.num_experts)]
+    rows.append(("post_attention_layernorm", [f"{n}.{x}" for n in e_names for x in (gate, up)],
+                 path.rsplit(".", 1)[0]))
+    return rows + [(f"{n}.{up}", [f"{n}.{down}"], f"{n}.{down}") for n in e_names]
 
 
 class Activations:
@@ -178,7 +350,7 @@ class Activations:
         finally:
             for h in hooks:
                 h.remove()
-        return {n: torch.cat(xs) for n, xs in seen.items()}
+        return {n: torch.cat(xs) if xs else None for n, xs in seen.items()}  # None: never called (an idle expert)
 
 
 class Checkpoint:
@@ -228,7 +400,8 @@ def rotary_tables(model, hidden: torch.Tensor, device) -> dict:
 @torch.inference_mode()
 def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Callable, batch: int = 8,
                   device: str = "cpu", forward_dtype: torch.dtype = torch.float32,
-                  checkpoint: Checkpoint | None = None) -> Iterator[tuple[int, torch.nn.Module]]:
+                  checkpoint: Checkpoint | None = None, policy: ExpertPolicy = ExpertPolicy()
+                  ) -> Iterator[tuple[int, torch.nn.Module]]:
     """Yield (index, processed decoder layer) one at a time. `process_layer(i, layer, acts)` changes the layer
     in place; `acts` is the calibration Activations entering it (None without calibration). It may return the
     processed layer's output on those activations; otherwise they go through the processed layer here to become
@@ -237,7 +410,7 @@ def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Ca
     With a `checkpoint`, the state is saved once the consumer has taken each layer (written it), and a checkpoint
     that holds a state starts after its layer, from its saved activations."""
     shards = Shards(base_path)
-    model = skeleton(base_path)
+    model = skeleton(base_path, policy)
     inner = model.model
     start = checkpoint.next_layer if checkpoint is not None else 0
 
@@ -313,47 +486,69 @@ def staged_layer(layer: torch.nn.Module, acts: Activations, on_stage: Callable, 
     return x2 + acts.forward(mlp.down_proj, m)
 
 
-def hooked_layer(layer: torch.nn.Module, acts: Activations, groups: list[list[str]], on_stage: Callable,
+def capture(acts: Activations, layer: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """acts.capture with the layer's expert policy (ExpertPolicy): after a pass, experts routed fewer than their
+    minimum tokens join `all_tokens` and the pass is made again, so that each captured expert input holds either
+    the expert's routed tokens or every token. Each ExpertList keeps the routed counts of the final pass
+    (`calibration_routed`, the table the artefact's log holds)."""
+    moe = [m for _, m in expert_lists(layer)]
+    while True:
+        for m in moe:
+            m.routed = [0] * m.num_experts
+        seen = acts.capture(layer, names)
+        starved = [(m, m.starved()) for m in moe]
+        if not any(s for _, s in starved):
+            break
+        for m, s in starved:
+            m.all_tokens |= s
+    for m in moe:
+        m.calibration_routed = list(m.routed)
+    return seen
+
+
+def hooked_layer(layer: torch.nn.Module, acts: Activations, stages: list[list[list[str]]], on_stage: Callable,
                  quantize_between: bool = True) -> torch.Tensor | None:
-    """staged_layer for any decoder layer: the layer's own forward, once per group, with a hook that keeps the
-    input of the group's first linear; `on_stage(group, X)` as in staged_layer. With quantize_between each pass
-    runs on the groups before it as on_stage left them (true sequential), and a last pass gives the processed
-    layer's output; without it, one pass gives every group's input and the caller runs the layer (None)."""
+    """staged_layer for any decoder layer: the layer's own forward, once per stage, with hooks that keep the
+    input of each group's first linear; `on_stage(group, X)` for each group of the stage (layer_stages). With
+    quantize_between each pass runs on the stages before it as on_stage left them (true sequential), and a last
+    pass gives the processed layer's output; without it, one pass gives every group's input and the caller runs
+    the layer (None)."""
     if not quantize_between:
-        captured = acts.capture(layer, [names[0] for names in groups])
-        for group, names in enumerate(groups):
-            on_stage(group, captured.pop(names[0]))
-        return None
-    for group, names in enumerate(groups):
-        on_stage(group, acts.capture(layer, [names[0]])[names[0]])
-    return acts.run(layer)
+        stages = [[g for stage in stages for g in stage]]
+    for stage in stages:
+        captured = capture(acts, layer, [names[0] for names in stage])
+        for names in stage:
+            on_stage(names, captured.pop(names[0]))
+    return acts.run(layer) if quantize_between else None
 
 
 def quantize_layers(base_path: Path, calib: torch.Tensor | None, quantize_group: Callable, ignore: Callable,
                     model_type: str, true_sequential: bool = True, batch: int = 8, device: str = "cpu",
-                    forward_dtype: torch.dtype = torch.float32, checkpoint: Checkpoint | None = None
-                    ) -> Iterator[tuple[int, torch.nn.Module]]:
+                    forward_dtype: torch.dtype = torch.float32, checkpoint: Checkpoint | None = None,
+                    policy: ExpertPolicy = ExpertPolicy()) -> Iterator[tuple[int, torch.nn.Module]]:
     """GPTQ-style streaming: per layer, the sequential groups in order. `quantize_group(layer_index,
-    {name: linear}, X)` quantizes the linears in place from their common input X [samples, seq_len, in] (None
-    without calibration). `ignore(full_name)` says which linears stay as they are."""
+    {name: linear}, X)` quantizes the linears in place from their common input X [samples, seq_len, in] (an
+    expert's: [tokens, in]; None without calibration). `ignore(full_name)` says which linears stay as they are."""
     layout = LAYOUTS[model_type]
-    groups = layout.groups
-    run_stages = staged_layer if layout.staged else lambda layer, acts, on_stage, quantize_between: hooked_layer(
-        layer, acts, groups, on_stage, quantize_between)
 
     def process_layer(i, layer, acts):
-        def on_stage(group: int, X: torch.Tensor | None) -> None:
-            linears = {n: layer.get_submodule(n) for n in groups[group] if not ignore(f"model.layers.{i}.{n}")}
+        def on_stage(names: list[str], X: torch.Tensor | None) -> None:
+            linears = {n: layer.get_submodule(n) for n in names if not ignore(f"model.layers.{i}.{n}")}
             if linears:
                 quantize_group(i, linears, X)
 
+        stages = layer_stages(layout, layer)
         if acts is None:
-            for group in range(len(groups)):
-                on_stage(group, None)
+            for stage in stages:
+                for names in stage:
+                    on_stage(names, None)
             return None
-        return run_stages(layer, acts, on_stage, quantize_between=true_sequential)
+        if layout.staged:
+            return staged_layer(layer, acts, lambda g, X: on_stage(layout.groups[g], X),
+                                quantize_between=true_sequential)
+        return hooked_layer(layer, acts, stages, on_stage, quantize_between=true_sequential)
 
-    return stream_layers(base_path, calib, process_layer, batch, device, forward_dtype, checkpoint)
+    return stream_layers(base_path, calib, process_layer, batch, device, forward_dtype, checkpoint, policy)
 
 
 def resolve_device(device: str, where: str) -> str:

@@ -14,6 +14,7 @@ model card.
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -32,9 +33,31 @@ from quantize.sources.shards import Shards
 
 Config = GgufMethod
 
-def write_imatrix(path: Path, sums: dict[str, np.ndarray], tokens: int, dataset: str, chunks: int,
-                  chunk_size: int) -> None:
-    """llama.cpp's GGUF imatrix file (tools/imatrix): per tensor `.in_sum2` [1, n_cols] and `.counts` [1, 1]."""
+def imatrix_entries(sums: dict[str, torch.Tensor], counts: dict[str, int], names) -> dict[str, tuple]:
+    """GGUF tensor name → (Σx² [n_mat, n_cols], tokens [n_mat, 1]) from the HF names' sums. n_mat is 1, or for a
+    sparse MoE block's merged expert tensor (llama.cpp's ffn_{gate,up,down}_exps) the number of experts, each row
+    from that expert's routed tokens (a row with no tokens: count 0, which llama.cpp reads as no data)."""
+    merged: dict[str, dict[int, str]] = {}
+    entries = {}
+    for k in sums:
+        m = re.fullmatch(r"(.*\.experts)\.(\d+)\.(.*)", k)
+        if m:
+            merged.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = k
+        else:
+            entries[names.get_name(k, try_suffixes=(".weight",))] = (sums[k].numpy()[None], np.array([[counts[k]]]))
+    for k, experts in merged.items():
+        cols = next(iter(sums[e] for e in experts.values())).numel()
+        n = max(experts) + 1
+        in_sum2, tokens = np.zeros((n, cols)), np.zeros((n, 1))
+        for e, name in experts.items():
+            in_sum2[e], tokens[e] = sums[name].numpy(), counts[name]
+        entries[names.get_name(k, try_suffixes=(".weight",))] = (in_sum2, tokens)
+    return entries
+
+
+def write_imatrix(path: Path, entries: dict[str, tuple], dataset: str, chunks: int, chunk_size: int) -> None:
+    """llama.cpp's GGUF imatrix file (tools/imatrix): per tensor `.in_sum2` [n_mat, n_cols] and `.counts`
+    [n_mat, 1] (n_mat: 1, or the experts of a merged expert tensor)."""
     import gguf
 
     writer = gguf.GGUFWriter(path, arch="imatrix")
@@ -42,9 +65,9 @@ def write_imatrix(path: Path, sums: dict[str, np.ndarray], tokens: int, dataset:
     writer.add_array("imatrix.datasets", [dataset])
     writer.add_uint32("imatrix.chunk_count", chunks)
     writer.add_uint32("imatrix.chunk_size", chunk_size)
-    for name, in_sum2 in sorted(sums.items()):
-        writer.add_tensor(f"{name}.in_sum2", np.asarray(in_sum2, dtype=np.float32)[None])
-        writer.add_tensor(f"{name}.counts", np.array([[tokens]], dtype=np.float32))
+    for name, (in_sum2, tokens) in sorted(entries.items()):
+        writer.add_tensor(f"{name}.in_sum2", np.asarray(in_sum2, dtype=np.float32))
+        writer.add_tensor(f"{name}.counts", np.asarray(tokens, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -109,13 +132,15 @@ def build(method: GgufMethod, base, out_dir: Path, calib: torch.Tensor | None, c
                                       metadata=metadata)
         imatrix, metadata = None, {}
         if method.use_imatrix:
-            sums, tokens = importance_matrix(source_model.path, calib)
+            sums, counts = importance_matrix(source_model.path, calib)
             config = base.config
             names = gguf_convert.tensor_names(gguf_convert.gguf_arch(source), config["num_hidden_layers"])
-            sums = {names.get_name(k, try_suffixes=(".weight",)): v.numpy() for k, v in sums.items()}
+            entries = imatrix_entries(sums, counts, names)
             dataset = (calib_info or {}).get("source", "calibration")
-            write_imatrix(out_dir / "imatrix.gguf", sums, tokens, dataset, int(calib.shape[0]), int(calib.shape[1]))
-            imatrix = {k: v / tokens for k, v in sums.items()}  # in_sum2 / counts, as llama-quantize reads it
+            write_imatrix(out_dir / "imatrix.gguf", entries, dataset, int(calib.shape[0]), int(calib.shape[1]))
+            # in_sum2 / counts per row, as llama-quantize reads the file (a row without tokens: ones, no weighting)
+            imatrix = {k: np.where(t > 0, s / np.maximum(t, 1), 1.0).reshape(-1) for k, (s, t) in entries.items()}
+            tokens = int(calib.numel())
             metadata = {"quantize.imatrix.file": "imatrix.gguf", "quantize.imatrix.dataset": dataset,
                         "quantize.imatrix.entries_count": len(imatrix),
                         "quantize.imatrix.chunks_count": int(calib.shape[0])}

@@ -119,7 +119,7 @@ def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, gr
 Config = GptqMethod
 
 
-def build(method: GptqMethod, base, out_dir, calib: torch.Tensor, calib_info=None) -> dict:
+def build(method: GptqMethod, base, out_dir, calib: torch.Tensor, calib_info=None, keep: dict | None = None) -> dict:
     dtype = scale_dtype(method, base)
 
     def solve(W, hess: Hessian, group_size: int) -> Solved:
@@ -127,5 +127,5 @@ def build(method: GptqMethod, base, out_dir, calib: torch.Tensor, calib_info=Non
                              method.block_size, scale_dtype=dtype, observer=method.observer,
                              group_grid=method.group_grid)
 
-    return {"scheme": f"w{method.bits}a16", **build_streamed(method, base, out_dir, calib, solve)}
+    return {"scheme": f"w{method.bits}a16", **build_streamed(method, base, out_dir, calib, solve, keep)}
 

@@ -19,6 +19,7 @@ import torch
 from quantize.formats.compressed_tensors import STORAGE_DTYPE, storage_dtype
 from quantize.methods import grids
 from quantize.methods.configs import Int8Method
+from quantize.methods.engine import has_experts
 from quantize.sources.models import BaseModel, ignored, load_model, load_tokenizer, meta_model
 
 Config = Int8Method
@@ -87,6 +88,15 @@ def write_compressed_tensors(
 
 
 def build_w8a16(method: Int8Method, base: BaseModel, out_dir: Path) -> dict:
+    if has_experts(base.config):
+        # transformers holds a sparse MoE model's experts as 3-D tensors, which no nn.Linear pass reaches: the
+        # same per-channel int8 grid through the streamed engine, whose experts are linears (engine.ExpertList)
+        from quantize.methods import rtn
+        from quantize.methods.configs import RtnMethod
+
+        rtn_method = RtnMethod(name="rtn", bits=8, group_size=-1, sym=True, ignore=method.ignore,
+                               variant=method.default_variant())
+        return {"scheme": "w8a16", **rtn.build(rtn_method, base, out_dir)}
     model = load_model(base.path, "float32")
     dtype = storage_dtype(base.config)  # a bf16 base stays bf16
     scales, skipped = quantize_w8a16_(model, method.ignore, dtype)

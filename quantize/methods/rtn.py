@@ -10,7 +10,7 @@ from quantize.methods.weight_only import Solved, build_streamed, scale_dtype
 Config = RtnMethod
 
 
-def build(method: RtnMethod, base, out_dir, calib=None, calib_info=None) -> dict:
+def build(method: RtnMethod, base, out_dir, calib=None, calib_info=None, keep: dict | None = None) -> dict:
     dtype = scale_dtype(method, base)
 
     def solve(W, hess, group_size: int) -> Solved:
@@ -20,4 +20,4 @@ def build(method: RtnMethod, base, out_dir, calib=None, calib_info=None) -> dict
         row_loss = ((grids.dequantize(q, scale, zero, group_size) - W.float()) ** 2).sum(dim=1)
         return Solved(q, scale, zero, row_loss, 0.0)
 
-    return {"scheme": f"w{method.bits}a16", **build_streamed(method, base, out_dir, None, solve)}
+    return {"scheme": f"w{method.bits}a16", **build_streamed(method, base, out_dir, None, solve, keep)}

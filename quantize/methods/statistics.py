@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from quantize.methods.engine import LAYOUTS, stream_layers
+from quantize.methods.engine import LAYOUTS, layer_stages, stream_layers
 
 
 @dataclass
@@ -57,8 +57,9 @@ def gram(X: torch.Tensor, alpha: float, block: int = 256) -> torch.Tensor:
 _IMATRIX_CACHE: dict[tuple[str, int], tuple[dict[str, torch.Tensor], int]] = {}  # variants of one run share it
 
 
-def importance_matrix(base_path: Path, calib: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
-    """HF linear weight name → Σx² per input column, and the number of tokens behind each sum."""
+def importance_matrix(base_path: Path, calib: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """HF linear weight name → Σx² per input column, and the number of tokens behind each sum (all calibration
+    tokens; for an expert of a sparse MoE block, the tokens routed to it, as llama.cpp's imatrix tool counts)."""
     key = (str(base_path), hash(calib.numpy().tobytes()))
     if key not in _IMATRIX_CACHE:
         _IMATRIX_CACHE.clear()  # keep one: the sums are as large as the model's input columns
@@ -66,19 +67,20 @@ def importance_matrix(base_path: Path, calib: torch.Tensor) -> tuple[dict[str, t
     return _IMATRIX_CACHE[key]
 
 
-def _importance_matrix(base_path: Path, calib: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+def _importance_matrix(base_path: Path, calib: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
     hooks = []
 
     def accumulate(name, module, inputs, output):
         x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
         sums[name] = sums.get(name, 0) + (x * x).sum(0)
+        counts[name] = counts.get(name, 0) + x.shape[0]
 
     model_type = json.loads((base_path / "config.json").read_text())["model_type"]
-    linears = [n for group in LAYOUTS[model_type].groups for n in group]
 
     def process(i, layer, acts):  # hooks see the propagation pass stream_layers makes after this
-        for n in linears:
+        for n in (n for stage in layer_stages(LAYOUTS[model_type], layer) for group in stage for n in group):
             name = f"model.layers.{i}.{n}.weight"
             hooks.append(layer.get_submodule(n).register_forward_hook(
                 lambda m, inp, out, name=name: accumulate(name, m, inp, out)))
@@ -87,4 +89,4 @@ def _importance_matrix(base_path: Path, calib: torch.Tensor) -> tuple[dict[str, 
         for h in hooks:
             h.remove()
         hooks.clear()
-    return sums, int(calib.numel())
+    return sums, counts

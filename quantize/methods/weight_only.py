@@ -27,7 +27,7 @@ from quantize.formats.classic import ClassicWriter
 from quantize.formats.compressed_tensors import CompressedTensorsWriter, storage_dtype
 from quantize.formats.mlx import MlxWriter
 from quantize.methods import grids
-from quantize.methods.engine import Checkpoint, quantize_layers, resolve_device, skeleton
+from quantize.methods.engine import Checkpoint, ExpertPolicy, expert_lists, quantize_layers, resolve_device, skeleton
 from quantize.methods.statistics import Hessian, accumulate_hessian
 from quantize.sources.models import BaseModel, ignored, load_tokenizer
 
@@ -85,9 +85,15 @@ def check_group_sizes(model: torch.nn.Module, method) -> None:
                                 " or use format compressed-tensors (per-channel fallback)")
 
 
+def expert_policy(method) -> ExpertPolicy:
+    """The recipe's expert calibration (GPTQ, AWQ) for sparse MoE models; RTN calibrates nothing."""
+    return ExpertPolicy(getattr(method, "expert_calibration", "routed"), getattr(method, "expert_min_tokens", None))
+
+
 def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor | None,
-                   solve: Callable[[torch.Tensor, Hessian | None, int], Solved]) -> dict:
-    meta = skeleton(base.path)
+                   solve: Callable[[torch.Tensor, Hessian | None, int], Solved], keep: dict | None = None) -> dict:
+    policy = expert_policy(method)
+    meta = skeleton(base.path, policy)
     check_group_sizes(meta, method)
     log, pending = [], {}
 
@@ -95,7 +101,7 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
         hess = None
         if X is not None:  # the linears of a group read the same input (q/k/v, gate/up): one Hessian for all
             hess = Hessian.zeros(X.shape[-1], device=X.device)
-            for part in X.split(8):  # 8 sequences at a time: bounded temporaries
+            for part in X.split(8 if X.dim() == 3 else 4096):  # 8 sequences (an expert's: 4096 tokens) at a time
                 accumulate_hessian(hess, part)
         # Linears that read the same input (so share H) and get the same group size are solved as one matrix:
         # GPTQ and RTN treat output rows independently, so stacking the rows gives each linear its own result in
@@ -118,6 +124,7 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
                 pending[full] = (r.q[rows].cpu(), r.scale[rows].cpu(), r.zero[rows].cpu(), gs)
                 log.append({"layer": i, "module": n, "group_size": gs, "loss": float(r.row_loss[rows].sum()),
                             "samples": 0 if calib is None else int(calib.shape[0]), "damp": r.damp,
+                            "tokens": 0 if hess is None else hess.n,
                             "seconds": seconds if n == names[0] else 0.0, "solved_with": names})
 
     not_quantized = lambda name: ignored(name, method.ignore)  # noqa: E731
@@ -126,8 +133,8 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
     checkpoint = Checkpoint(out_dir)  # continues after the last finished layer of an interrupted build
     layers = quantize_layers(base.path, calib, quantize_group, not_quantized, meta.config.model_type,
                              method_true_sequential(method), device=device, forward_dtype=forward_dtype,
-                             checkpoint=checkpoint)
-    info = write_streamed(method, base, out_dir, meta, layers, pending, log, checkpoint=checkpoint)
+                             checkpoint=checkpoint, policy=policy)
+    info = write_streamed(method, base, out_dir, meta, layers, pending, log, checkpoint=checkpoint, keep=keep)
     return {**info, "device": device, "forward_dtype": str(forward_dtype).removeprefix("torch.")}
 
 
@@ -139,11 +146,14 @@ def scale_dtype(method, base: BaseModel) -> torch.dtype:
 
 
 def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module, layers, pending: dict,
-                   log: list[dict], pack: bool = True, checkpoint: Checkpoint | None = None) -> dict:
+                   log: list[dict], pack: bool = True, checkpoint: Checkpoint | None = None,
+                   keep: dict | None = None) -> dict:
     """Write each processed layer as it comes: linears listed in `pending` (name → q, scale, zero, group size)
     packed as compressed-tensors, MLX or a classic layout (`method.format`), everything else in the storage dtype; then the rest, the config, tokenizer and the log.
     With pack=False every layer is written dense as it is, e.g. AWQ's scaled-but-unquantised export.
-    With a `checkpoint` that holds a state (an interrupted build), the writer and the log continue from it."""
+    With a `checkpoint` that holds a state (an interrupted build), the writer and the log continue from it.
+    `keep`, when given, receives each processed layer's tensors as the method left them in process (each quantized
+    linear holding its dequantized weights), under the checkpoint's names: the model the artefact should reload as."""
     n_layers = meta.config.num_hidden_layers
     if method.format == "compressed-tensors":
         writer = CompressedTensorsWriter(out_dir, base.path, n_layers)
@@ -174,6 +184,9 @@ def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module
                 tensors[prefix + pname] = p.data.to("cpu", writer.dtype)
         assert not [n for n in pending if n.startswith(prefix)], f"layer {i}: quantized linears left unwritten"
         writer.write_shard(i, tensors)
+        book_expert_tokens(log, i, layer)
+        if keep is not None:
+            keep.update({prefix + k: v.detach().to("cpu", copy=True) for k, v in layer.state_dict().items()})
 
     names = [n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)]
     kept = [n for n in names if ".layers." not in n or ignored(n, method.ignore)]
@@ -187,10 +200,44 @@ def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module
     if checkpoint is not None:
         checkpoint.done()  # the artefact is complete: no resume state in it
     fmt = method.format if qconfig is not None else "safetensors-fp16"
-    return {"format": fmt, "quantization_config": qconfig, "quantized_linears": len(log),
+    return {"format": fmt, "quantization_config": qconfig, "quantized_linears": len(log), **expert_summary(meta, log),
             "ignored_linears": kept, "total_loss": sum(r["loss"] for r in log),
             "channel_fallback": sorted({r["module"] for r in log if r["group_size"] != method.group_size}),
             "solve_seconds": seconds, **({"resumed_at_layer": resumed_at} if resumed_at else {})}
+
+
+def book_expert_tokens(log: list[dict], i: int, layer: torch.nn.Module) -> None:
+    """Layer i's rows of the log for expert linears get the calibration tokens routed to their expert and what the
+    expert was calibrated on (ExpertPolicy): "routed", or "all" (every token entering the block)."""
+    for path, experts in expert_lists(layer):
+        counts = getattr(experts, "calibration_routed", None)
+        if counts is None:  # no calibration (RTN)
+            continue
+        for row in log:
+            expert = row["module"].removeprefix(path + ".").split(".")[0]
+            if row["layer"] == i and row["module"].startswith(path + ".") and expert.isdigit():
+                row["routed_tokens"] = counts[int(expert)]
+                row["calibrated_on"] = "all" if int(expert) in experts.all_tokens else "routed"
+
+
+def expert_summary(meta: torch.nn.Module, log: list[dict]) -> dict:
+    """For the manifest of a sparse MoE model: the expert calibration policy and the experts that fell back to
+    every token (routed fewer than min_tokens)."""
+    moe = [m for layer in meta.model.layers for _, m in expert_lists(layer)]
+    if not moe:
+        return {}
+    policy = moe[0].policy
+    rows = [r for r in log if "routed_tokens" in r]
+    fell_back = sorted({f"model.layers.{r['layer']}.{r['module'].rpartition('.')[0]}" for r in rows
+                        if r["calibrated_on"] == "all"}) if policy.calibration == "routed" else []
+    return {"experts": {
+        "calibration": policy.calibration, "min_tokens": moe[0].min_tokens if policy.calibration == "routed" else None,
+        "policy": ("each expert calibrated on the tokens routed to it; an expert routed fewer than min_tokens is "
+                   "calibrated on every token entering its block" if policy.calibration == "routed"
+                   else "every expert calibrated on every token entering its block"),
+        "calibrated_on_all_tokens": fell_back,
+        "routed_tokens": {"min": min((r["routed_tokens"] for r in rows), default=None),
+                          "max": max((r["routed_tokens"] for r in rows), default=None)}}}
 
 
 def method_true_sequential(method) -> bool:

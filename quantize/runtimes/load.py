@@ -70,6 +70,11 @@ def load(path: Path, dtype: str = "float32", n_ctx: int = 512):
     model = load_model(path, dtype)
     if fmt == "compressed-tensors":
         _decompress_now(model)
+        # transformers 5.23 dequantizes a sparse MoE model's compressed experts into the checkpoint's dtype (fp16)
+        # whatever dtype it was asked for, and its expert kernels then compute in fp16: evaluate in `dtype`
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != getattr(torch, dtype):
+                p.data = p.data.to(getattr(torch, dtype))
     return model, "transformers.from_pretrained", dtype
 
 
