@@ -329,3 +329,38 @@ def test_calibrated_artefacts_reload_to_the_in_process_quantised_model(family_mo
     print(f"{family} {name.upper()} W4 g64 compressed-tensors ({loader.split(' (')[0]}) vs in-process: "
           f"max |Δlogit| {diff:.3g}")
     assert diff < (1e-4 if name == "gptq" else 2e-2)
+
+
+def test_gemma2_gguf_through_llama_cpp_converter(tmp_path):
+    """Gemma 2's GGUF: llama.cpp's converter reads a SentencePiece `tokenizer.model` (as every real Gemma 2 ships),
+    so the tiny Gemma 2 here gets one trained on the bundled text; the F32 GGUF on llama.cpp (attention and final
+    logit soft-capping, alternating sliding-window and global layers) gives transformers' logits."""
+    import sentencepiece as spm
+    from transformers import AutoConfig, AutoModelForCausalLM, GemmaTokenizer
+
+    from quantize.formats.gguf_convert import convert, gguf_arch
+    from quantize.sources.texts import bundled_wiki
+
+    folder = tmp_path / "tiny-gemma2"
+    folder.mkdir()
+    text = tmp_path / "text.txt"
+    text.write_text(bundled_wiki("calibration").text[:400_000])
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "spm"), vocab_size=1000,
+                                   model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, byte_fallback=True,
+                                   minloglevel=2)
+    (folder / "tokenizer.model").write_bytes((tmp_path / "spm.model").read_bytes())
+    GemmaTokenizer.from_pretrained(folder).save_pretrained(folder)  # its tokenizer.json, from tokenizer.model
+    config = AutoConfig.for_model("gemma2", vocab_size=1000, hidden_size=128, intermediate_size=256,
+                                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=1024, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                                  **{k: v for k, v in FAMILIES["gemma2"].items() if k != "num_hidden_layers"})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(torch.float16).save_pretrained(folder)
+    gguf_file = convert(folder, tmp_path / "f32.gguf", "F32")
+    assert gguf_arch(gguf_file) == "gemma2"
+    ids, a = f32_gguf_logits(folder, gguf_file)
+    with torch.no_grad():
+        b = load_model(folder, "float32")(torch.tensor([ids])).logits[0]
+    diff = (a - b).abs().max().item()
+    print(f"gemma2: llama.cpp-converted F32 GGUF vs transformers: max |Δlogit| {diff:.3g} over {len(ids)} tokens")
+    assert diff < 1e-3
