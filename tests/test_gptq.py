@@ -293,3 +293,18 @@ def test_reference_group_grid_is_fasterquant():
     # with group_size = block_size every group starts a block, where W and the block's copy agree: the same codes
     same = [gptq_quantize(W, hess, 4, True, 128, block_size=128, group_grid=g).q for g in ("updated", "reference")]
     assert torch.equal(*same)
+
+
+def test_forward_dtype_auto_is_bf16_only_where_native():
+    """forward_dtype auto: bfloat16 on a CPU whose flags include avx512_bf16 or amx_bf16, float32 on any other
+    (bf16 is emulated there and slower); a value set in the recipe is taken as it is. The reason goes to the
+    manifest."""
+    from quantize.methods.engine import resolve_forward_dtype
+
+    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    dtype, why = resolve_forward_dtype("auto", "cpu")
+    print(f"this CPU: forward_dtype auto → {dtype} ({why})")
+    assert dtype == (torch.bfloat16 if native else torch.float32) and why.startswith("auto:")
+    assert resolve_forward_dtype("bfloat16", "cpu") == (torch.bfloat16, "set in the recipe")
+    assert resolve_forward_dtype("float32", "cpu")[0] == torch.float32

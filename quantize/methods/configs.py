@@ -114,9 +114,10 @@ class GptqMethod(WeightOnly):
     true_sequential: bool = True
     device: str = Field("auto", description="where the layers, activations and Hessians live: auto (cuda when visible), "
                                     "cpu, cuda or cuda:N")
-    forward_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="dtype of the calibration forward passes (linears and attention under autocast); "
-                               "the Hessians and the GPTQ solve are float32 either way")
+    forward_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="dtype of the calibration forward passes (linears and attention under autocast); auto: "
+                            "bfloat16 where the device computes it natively (a CUDA GPU with bf16, a CPU with "
+                            "AVX512-BF16 or AMX), else float32; the Hessians and the GPTQ solve are float32 either way")
     expert_calibration: Literal["routed", "all"] = EXPERT_CALIBRATION
     expert_min_tokens: int | None = EXPERT_MIN_TOKENS
 

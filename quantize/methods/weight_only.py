@@ -27,7 +27,8 @@ from quantize.formats.classic import ClassicWriter
 from quantize.formats.compressed_tensors import CompressedTensorsWriter, storage_dtype
 from quantize.formats.mlx import MlxWriter
 from quantize.methods import grids
-from quantize.methods.engine import Checkpoint, ExpertPolicy, expert_lists, quantize_layers, resolve_device, skeleton
+from quantize.methods.engine import (Checkpoint, ExpertPolicy, expert_lists, quantize_layers, resolve_device,
+                                     resolve_forward_dtype, skeleton)
 from quantize.methods.statistics import Hessian, accumulate_hessian
 from quantize.sources.models import BaseModel, ignored, load_tokenizer
 
@@ -129,13 +130,14 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
 
     not_quantized = lambda name: ignored(name, method.ignore)  # noqa: E731
     device = resolve_device(getattr(method, "device", "cpu"), f"method {method.name} `device`")
-    forward_dtype = getattr(torch, getattr(method, "forward_dtype", "float32"))
+    forward_dtype, dtype_reason = resolve_forward_dtype(getattr(method, "forward_dtype", "float32"), device)
     checkpoint = Checkpoint(out_dir)  # continues after the last finished layer of an interrupted build
     layers = quantize_layers(base.path, calib, quantize_group, not_quantized, meta.config.model_type,
                              method_true_sequential(method), device=device, forward_dtype=forward_dtype,
                              checkpoint=checkpoint, policy=policy)
     info = write_streamed(method, base, out_dir, meta, layers, pending, log, checkpoint=checkpoint, keep=keep)
-    return {**info, "device": device, "forward_dtype": str(forward_dtype).removeprefix("torch.")}
+    return {**info, "device": device, "forward_dtype": str(forward_dtype).removeprefix("torch."),
+            "forward_dtype_reason": dtype_reason}
 
 
 def scale_dtype(method, base: BaseModel) -> torch.dtype:
