@@ -97,7 +97,8 @@ def test_awq_scales_fold_into_the_same_function(family_model):
     from 1 in Gemma, the up half of Phi-3's fused gate_up) leaves the model's logits as they were."""
     from quantize.methods.awq import awq_layer
     from quantize.methods.configs import AwqMethod
-    from quantize.methods.engine import LAYOUTS, awq_rows, stream_layers, transformers_names
+    from quantize.methods.engine import LAYOUTS, awq_rows, stream_layers
+    from quantize.sources.models import transformers_names
 
     family, model_dir = family_model
     layout = LAYOUTS[family]
@@ -304,7 +305,7 @@ def test_calibrated_artefacts_reload_to_the_in_process_quantised_model(family_mo
     reloaded by its real loader (transformers; asymmetric AWQ through compressed-tensors' own unpacking, which
     transformers cannot do, llm-compressor#1618). The artefact stores norms in fp16, so AWQ's folded norms round."""
     from quantize.methods.configs import AwqMethod, GptqMethod
-    from quantize.methods.engine import transformers_names
+    from quantize.sources.models import transformers_names
     from quantize.methods.registry import METHODS
     from quantize.runtimes.load import load
     from quantize.sources.models import resolve_model
@@ -364,3 +365,38 @@ def test_gemma2_gguf_through_llama_cpp_converter(tmp_path):
     diff = (a - b).abs().max().item()
     print(f"gemma2: llama.cpp-converted F32 GGUF vs transformers: max |Δlogit| {diff:.3g} over {len(ids)} tokens")
     assert diff < 1e-3
+
+
+def test_int8_artefact_reloads_to_the_in_process_quantised_model(family_model, tmp_path):
+    """INT8 W8A16 (per-channel symmetric int8, fp16 scales; through compressed-tensors' own packing for dense
+    models, through the engine for MoE) reloaded by transformers, against the model with each decoder linear (and
+    expert) on its int8 grid, written out here with the grid primitives."""
+    from quantize.methods import grids
+    from quantize.methods.configs import Int8Method
+    from quantize.methods.registry import METHODS
+    from quantize.runtimes.load import load
+    from quantize.sources.models import resolve_model
+
+    family, model_dir = family_model
+
+    def int8(W):
+        scale, zero = grids.scale_zero(W, 8, True)
+        scale = grids.storable_scale(scale, torch.float16)
+        return grids.dequantize(grids.quantize(W, scale, zero, 8, True), scale, zero)
+
+    expected_model = load_model(model_dir, "float32")
+    with torch.no_grad():
+        for name, lin in expected_model.named_modules():
+            if isinstance(lin, torch.nn.Linear) and ".layers." in name:
+                lin.weight.data = int8(lin.weight.data)
+        for name, p in expected_model.named_parameters():  # experts, rounded to fp16 by transformers' loader
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                p.data = torch.stack([int8(W) for W in p.data]).half().float()
+        ids = torch.arange(3, 131)[None]
+        expected = expected_model(ids).logits[0]
+    METHODS["int8"].build(Int8Method(name="int8"), resolve_model(str(model_dir)), tmp_path)
+    model, loader, _ = load(tmp_path, "float32")
+    with torch.no_grad():
+        diff = (model(ids).logits[0] - expected).abs().max().item()
+    print(f"{family} INT8 W8A16 ({loader}) vs in-process: max |Δlogit| {diff:.3g}")
+    assert diff < 1e-4

@@ -19,7 +19,7 @@ def edited_copy(tiny_model, folder, **config):
 
 CASES = {
     "group size": ({"name": "gptq", "bits": 4, "group_size": 128}, "not divisible by group_size 128"),
-    "model type": ({"name": "awq", "bits": 4, "group_size": 64}, "the model is 'mixtral'"),
+    "model type": ({"name": "awq", "bits": 4, "group_size": 64}, "the model is 'qwen2_moe'"),
     "sliding window": ({"name": "rtn", "bits": 4, "group_size": 64}, None),
     "rope type": ({"name": "gguf", "type": "Q8_0"}, "rope type 'yarn' is not supported"),
 }
@@ -32,7 +32,7 @@ def test_plan_fails_early_naming_the_key(case, tiny_model, tmp_path):
     if case == "group size":
         model = build_tiny_llama(tmp_path / "m", hidden_size=192)  # 192 input columns: no g128 groups
     elif case == "model type":
-        model = edited_copy(tiny_model, tmp_path / "m", model_type="mixtral", architectures=["MixtralForCausalLM"])
+        model = edited_copy(tiny_model, tmp_path / "m", model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"])
     elif case == "sliding window":
         model = edited_copy(tiny_model, tmp_path / "m", model_type="mistral", sliding_window=32,
                             architectures=["MistralForCausalLM"])

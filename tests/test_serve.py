@@ -140,7 +140,9 @@ def test_port_in_use_and_a_corrupt_artefact_exit_2(tiny_gguf, tmp_path):
     corrupt.write_bytes(b"GGUF" + os.urandom(4096))
     bad = serve(corrupt, "--timeout", "60", cwd=tmp_path)
     _, err = bad.communicate(timeout=120)
-    assert bad.returncode == 2 and "the llama.cpp server exited" in err and "Traceback" not in err, err
+    # the server's log shows the load failure, or the server has already exited: both are reported, no hang
+    assert bad.returncode == 2 and ("the llama.cpp server exited" in err or "failed to load the model" in err)
+    assert "Traceback" not in err, err
 
 
 def test_an_engine_that_cannot_load_it_is_refused(tiny_gguf, tmp_path):

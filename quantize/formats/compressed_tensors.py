@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from quantize.sources.models import config_dtype
+from quantize.sources.models import config_dtype, transformers_names
 from quantize.sources.shards import Shards
 
 STORAGE_DTYPE = torch.float16  # scales and every unquantized tensor, unless the base is bf16 (storage_dtype)
@@ -145,8 +145,6 @@ def load_dense(folder: Path, dtype=torch.float32):
     the packed layout written here. Symmetric checkpoints reload through plain transformers."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from quantize.methods.engine import transformers_names
 
     config = json.loads((folder / "config.json").read_text())
     qc = config.pop("quantization_config")

@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 import torch
 
 from quantize.common.errors import QuantizeError
-from quantize.sources.models import meta_model
+from quantize.sources.models import CHECKPOINT_EXPERTS, meta_model
 from quantize.sources.shards import Shards
 
 @dataclass(frozen=True)
@@ -95,9 +95,8 @@ LAYOUTS: dict[str, Layout] = {
     "gemma3_text": _GEMMA, "gemma2": _GEMMA,
     # Mixtral and Qwen3-MoE: attention as llama (Qwen3-MoE with Qwen3's q/k norms), a sparse MoE block instead of
     # the MLP (Qwen3-MoE's `mlp_only_layers` keep a dense MLP); see ExpertList
-    "mixtral": Layout(groups=_LLAMA.groups, awq=_LLAMA.awq, experts=Experts("block_sparse_moe", ("w1", "w3", "w2"))),
-    "qwen3_moe": Layout(groups=_LLAMA.groups, awq=_LLAMA.awq,
-                        experts=Experts("mlp", ("gate_proj", "up_proj", "down_proj"))),
+    "mixtral": Layout(groups=_LLAMA.groups, awq=_LLAMA.awq, experts=Experts(*CHECKPOINT_EXPERTS["mixtral"])),
+    "qwen3_moe": Layout(groups=_LLAMA.groups, awq=_LLAMA.awq, experts=Experts(*CHECKPOINT_EXPERTS["qwen3_moe"])),
     # Phi-3: q/k/v fused in qkv_proj and gate/up in gate_up_proj (the fused tensors are what vLLM and llama.cpp
     # load); AWQ as AutoAWQ: norm → qkv, norm → gate_up, the up half of gate_up → down (no v → o: v is fused)
     "phi3": Layout(
@@ -211,31 +210,6 @@ def install_experts(model: torch.nn.Module, layout: Layout, policy: ExpertPolicy
             del layer._modules["mlp"]
             layer._modules[layout.experts.block] = block
             layer.__dict__["mlp"] = block  # found before nn.Module's lookup of _modules
-
-
-def transformers_names(state: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
-    """A state dict under the checkpoint's names (the engine's and the artefacts': `{block}.experts.{e}.{gate,
-    up,down}.weight`) as transformers 5 names it for load_state_dict: each layer's experts stacked into the 3-D
-    `mlp.experts.gate_up_proj` [E, 2·inter, hidden] (gate rows, then up) and `mlp.experts.down_proj`. The
-    inverse of transformers' own conversion mapping for these families; other models' names pass through."""
-    layout = LAYOUTS.get(model_type)
-    if layout is None or layout.experts is None:
-        return state
-    block, (gate, up, down) = layout.experts.block, layout.experts.linears
-    out, experts = {}, {}
-    for k, v in state.items():
-        k = k.replace(f".{block}.", ".mlp.")
-        head, sep, tail = k.partition(".experts.")
-        if not sep:
-            out[k] = v
-            continue
-        e, name, _ = tail.split(".")
-        experts.setdefault(head, {}).setdefault(name, {})[int(e)] = v
-    for head, parts in experts.items():
-        n = range(len(parts[gate]))
-        out[f"{head}.experts.gate_up_proj"] = torch.stack([torch.cat([parts[gate][e], parts[up][e]]) for e in n])
-        out[f"{head}.experts.down_proj"] = torch.stack([parts[down][e] for e in n])
-    return out
 
 
 def expert_lists(layer: torch.nn.Module) -> list[tuple[str, ExpertList]]:

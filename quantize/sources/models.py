@@ -242,6 +242,41 @@ def unique_parameters(model):
                 yield name, module, pname, p
 
 
+# Where a sparse MoE model's experts live in its checkpoint (and in vLLM's names): the block's name in the decoder
+# layer and each expert's gate, up and down linears, `{block}.experts.{e}.{name}`. transformers 5 holds them as 3-D
+# tensors under `mlp` instead (its conversion mapping); the layer-wise engine as linears under these names.
+CHECKPOINT_EXPERTS: dict[str, tuple[str, tuple[str, str, str]]] = {
+    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+    "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+}
+
+
+def transformers_names(state: dict, model_type: str) -> dict:
+    """A state dict under the checkpoint's names (the engine's and the artefacts': `{block}.experts.{e}.{gate,
+    up,down}.weight`) as transformers 5 names it for load_state_dict: each layer's experts stacked into the 3-D
+    `mlp.experts.gate_up_proj` [E, 2·inter, hidden] (gate rows, then up) and `mlp.experts.down_proj`. The
+    inverse of transformers' own conversion mapping for these families; other models' names pass through."""
+    import torch
+
+    if model_type not in CHECKPOINT_EXPERTS:
+        return state
+    block, (gate, up, down) = CHECKPOINT_EXPERTS[model_type]
+    out, experts = {}, {}
+    for k, v in state.items():
+        k = k.replace(f".{block}.", ".mlp.")
+        head, sep, tail = k.partition(".experts.")
+        if not sep:
+            out[k] = v
+            continue
+        e, name, _ = tail.split(".")
+        experts.setdefault(head, {}).setdefault(name, {})[int(e)] = v
+    for head, parts in experts.items():
+        n = range(len(parts[gate]))
+        out[f"{head}.experts.gate_up_proj"] = torch.stack([torch.cat([parts[gate][e], parts[up][e]]) for e in n])
+        out[f"{head}.experts.down_proj"] = torch.stack([parts[down][e] for e in n])
+    return out
+
+
 def meta_model(config_or_path):
     """The model's architecture on the meta device (no memory, no weights), from a config or a checkpoint dir."""
     import torch
