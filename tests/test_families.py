@@ -36,6 +36,16 @@ FAMILIES = {
 NO_GGUF = {"qwen2", "gemma3_text", "phi3", "gemma2", "mixtral", "qwen3_moe"}
 
 
+def gguf_vs_transformers(model_dir, gguf_file, label: str) -> float:
+    """Max |Δlogit| of an F32 GGUF on llama.cpp against transformers on the same held-out token ids."""
+    ids, a = f32_gguf_logits(model_dir, gguf_file)
+    with torch.no_grad():
+        b = load_model(model_dir, "float32")(torch.tensor([ids])).logits[0]
+    diff = (a - b).abs().max().item()
+    print(f"{label}: F32 GGUF on llama.cpp vs transformers: max |Δlogit| {diff:.3g} over {len(ids)} tokens")
+    return diff
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family_model(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param) / f"tiny-{request.param}"
@@ -48,12 +58,7 @@ def test_f32_gguf_matches_transformers(family_model, tmp_path):
     family, model_dir = family_model
     if family in NO_GGUF:
         pytest.skip(f"tiny {family}: no GGUF pre-tokenizer for its test vocabulary (see NO_GGUF)")
-    ids, a = f32_gguf_logits(model_dir, convert(model_dir, tmp_path / "f32.gguf", "F32"))
-    with torch.no_grad():
-        b = load_model(model_dir, "float32")(torch.tensor([ids])).logits[0]
-    diff = (a - b).abs().max().item()
-    print(f"{family}: F32 GGUF on llama.cpp vs transformers: max |Δlogit| {diff:.3g}")
-    assert diff < 1e-3
+    assert gguf_vs_transformers(model_dir, convert(model_dir, tmp_path / "f32.gguf", "F32"), family) < 1e-3
 
 
 def test_every_method_builds_and_reloads(family_model, tmp_path):
@@ -172,12 +177,7 @@ def test_llama_cpp_converter_writes_other_families(real_vocab_model, tmp_path):
     assert family not in ARCHES
     gguf_file = convert(model_dir, tmp_path / "f32.gguf", "F32")
     assert gguf_arch(gguf_file) == GGUF_ARCH[family]
-    ids, a = f32_gguf_logits(model_dir, gguf_file)
-    with torch.no_grad():
-        b = load_model(model_dir, "float32")(torch.tensor([ids])).logits[0]
-    diff = (a - b).abs().max().item()
-    print(f"{family}: llama.cpp-converted F32 GGUF vs transformers: max |Δlogit| {diff:.3g}")
-    assert diff < 1e-3
+    assert gguf_vs_transformers(model_dir, gguf_file, f"{family} (llama.cpp's converter)") < 1e-3
     out = tmp_path / "run"
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(model_dir), [{"name": "gguf", "type": "Q8_0"},
                                       {"name": "gguf", "type": "Q4_K_M", "imatrix": True}], out,
@@ -361,12 +361,7 @@ def test_gemma2_gguf_through_llama_cpp_converter(tmp_path):
     AutoModelForCausalLM.from_config(config).to(torch.float16).save_pretrained(folder)
     gguf_file = convert(folder, tmp_path / "f32.gguf", "F32")
     assert gguf_arch(gguf_file) == "gemma2"
-    ids, a = f32_gguf_logits(folder, gguf_file)
-    with torch.no_grad():
-        b = load_model(folder, "float32")(torch.tensor([ids])).logits[0]
-    diff = (a - b).abs().max().item()
-    print(f"gemma2: llama.cpp-converted F32 GGUF vs transformers: max |Δlogit| {diff:.3g} over {len(ids)} tokens")
-    assert diff < 1e-3
+    assert gguf_vs_transformers(folder, gguf_file, "gemma2 (llama.cpp's converter)") < 1e-3
 
 
 def test_int8_artefact_reloads_to_the_in_process_quantised_model(family_model, tmp_path):
