@@ -12,6 +12,11 @@ from quantize.recipe import load_recipe
 from quantize.sources.models import load_model
 
 FAMILIES = {
+    # Llama 3.1+: rope type llama3 (its frequency bands against an original context of 64 tokens, so the 128-token
+    # tests reach the scaled band); Llama 2/3's default rope is the other llama-family tests' tiny model
+    "llama": {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+                                  "rope_theta": 500000.0}},
     "mistral": {"sliding_window": 4096},  # llama's graph in llama.cpp; the window is longer than any test sequence
     "qwen2": {},  # q/k/v biases
     "qwen3": {"head_dim": 64},  # per-head q/k RMSNorms inside the attention
