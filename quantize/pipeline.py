@@ -166,7 +166,8 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
         if staging.resumed:
             step(f"continuing the interrupted run in {out}")
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
-        base_logprobs, base_scores, cache = base_store(base.path, chunks, dtype, meta.config.vocab_size)
+        base_logprobs, base_scores, cache = base_store(base.path, chunks, dtype, meta.config.vocab_size,
+                                                       recipe.eval.stream)
         results = _base_results(out, recipe, base, chunks, base_scores, cache, shape, tokenizer)
         bandwidth = results["protocol"]["memory_bandwidth"]
         for method in recipe.methods:

@@ -13,6 +13,7 @@ from quantize.formats.gguf_convert import check_convertible
 from quantize.formats.gguf_types import UNQUANTIZED
 from quantize.formats.tensors import weight_bytes_gguf, weight_bytes_safetensors
 from quantize.measure import memory
+from quantize.measure.streamed import check_stream
 from quantize.methods.engine import check_model, has_experts, with_experts
 from quantize.methods.weight_only import check_group_sizes
 from quantize.recipe import Recipe
@@ -54,6 +55,8 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
     """What would fail later, checked now from the config and the architecture alone, naming the recipe key: the
     engine supports the model type (and its sliding window the calibration length), every linear takes the group
     size, the GGUF converter can write the model."""
+    if recipe.eval.stream:
+        check_stream(config, recipe.eval.perplexity.n_ctx, "key `eval.stream`")
     for k, method in enumerate(recipe.methods):
         key = "method" if len(recipe.methods) == 1 else f"methods[{k}]"
         try:

@@ -70,6 +70,16 @@ class Eval(Strict):
     tasks: list[str] = Field(default_factory=list, description="lm-eval tasks: wiki_rolling, wiki_cloze (local, "
                              "offline) or any lm-eval registry task (needs the hub)")
     task_limit: int | None = Field(None, ge=1, description="documents per lm-eval task (None: all)")
+    stream: bool = Field(False, description="evaluate the base layer by layer from its shards (float32), all "
+                         "chunks at once: peak memory about one layer plus the chunks' hidden states, for a base "
+                         "bigger than memory (measure/streamed.py)")
+
+    @model_validator(mode="after")
+    def _stream_in_float32(self):
+        if self.stream and self.dtype != "float32":
+            raise ValueError(f"stream: true evaluates in float32 (the layer-wise engine's dtype), got dtype "
+                             f"{self.dtype!r}; set dtype: float32 or stream: false")
+        return self
 
 
 class Fit(Strict):

@@ -104,8 +104,14 @@ def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _scored_logits(model, chunks: Chunks, label: str):
-    """(chunk index, logits [scored, vocab], target ids [scored]) for every chunk, one at a time."""
+    """(chunk index, logits [scored, vocab], target ids [scored]) for every chunk, one at a time (a streamed model,
+    measure/streamed.py, computes all chunks layer by layer first)."""
     first = chunks.first
+    if getattr(model, "streamed", False):
+        for i, logits in track(model.chunk_logits(chunks.ids), f"perplexity {label} (streamed)",
+                               total=chunks.ids.shape[0]):
+            yield i, logits[first:-1].float(), chunks.ids[i, first + 1 :]
+        return
     for i in track(range(chunks.ids.shape[0]), f"perplexity {label}"):
         ids = chunks.ids[i : i + 1]
         yield i, forward_logits(model, ids)[first:-1].float(), ids[0, first + 1 :]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from quantize.common.files import versions
 from quantize.common.errors import QuantizeError
+from quantize.measure.streamed import StreamedModel
 from quantize.measure import kld_base, quality
 from quantize.measure import speed
 from quantize.runtimes.load import detect, free, load, vocab_size
@@ -33,11 +34,15 @@ def tokenizer_for(path: Path, base: Path | None):
     raise QuantizeError(f"{path}: no tokenizer found beside it; pass --base with the HF base model")
 
 
-def base_store(base_path: Path, chunks, dtype: str, n_vocab: int):
+def base_store(base_path: Path, chunks, dtype: str, n_vocab: int, stream: bool = False):
     """(base file, base scores, cache record): the one store of the base's log-probabilities that `run` and `eval`
-    share, computed on the base's own backend when the cache lacks it."""
+    share, computed on the base's own backend when the cache lacks it (with `stream`, layer by layer from its
+    shards in float32: measure/streamed.py)."""
     def compute(writer) -> dict:
-        model, loader, _ = load(base_path, dtype, chunks.n_ctx)
+        if stream:
+            model, loader = StreamedModel(base_path), "quantize's layer-by-layer stream from the shards (float32)"
+        else:
+            model, loader, _ = load(base_path, dtype, chunks.n_ctx)
         try:
             base_vocab = vocab_size(model)
             if base_vocab != n_vocab:
@@ -60,7 +65,7 @@ def evaluate_artefact(path: Path, base: str | None, ev) -> dict:
         n_vocab = vocab_size(model)
         store, base_scores, cache = (None, None, None)
         if base_path is not None and ev.kld:
-            store, base_scores, cache = base_store(base_path, chunks, ev.dtype, n_vocab)
+            store, base_scores, cache = base_store(base_path, chunks, ev.dtype, n_vocab, ev.stream)
         scores = (quality.score_base(model, chunks, None, path.name) if store is None
                   else quality.score(model, chunks, store, path.name))
         out = {"artefact": str(path), "format": detect(path), "loader": loader, "eval_dtype": dtype,

@@ -1,0 +1,77 @@
+"""Evaluation of a base streamed layer by layer from its shards (eval.stream): the same logits, perplexity and
+base log-probabilities as the whole model in memory, for a plain Llama, a tied Gemma 3 and Gemma 2's final logit
+soft-capping."""
+
+import pytest
+import torch
+
+from conftest import build_tiny_llama
+from quantize.measure import quality
+from quantize.measure.streamed import StreamedModel
+from quantize.sources.models import load_model, load_tokenizer
+from quantize.sources.texts import load_text
+
+FAMILIES = {
+    "llama": {},
+    "gemma3_text": {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 128, "num_hidden_layers": 6,
+                    "tie_word_embeddings": True},
+    "gemma2": {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 128, "num_hidden_layers": 4,
+               "tie_word_embeddings": True, "final_logit_softcapping": 30.0},
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_streamed_logits_equal_the_whole_model(family, tmp_path):
+    model_dir = build_tiny_llama(tmp_path / family, model_type=family, **FAMILIES[family])
+    ids = torch.randint(3, 512, (3, 128), generator=torch.Generator().manual_seed(0))  # within the windows
+    whole = load_model(model_dir, "float32")
+    streamed = dict(StreamedModel(model_dir).chunk_logits(ids))
+    assert sorted(streamed) == [0, 1, 2]
+    with torch.no_grad():
+        for i in range(3):
+            diff = (streamed[i] - whole(ids[i : i + 1]).logits[0]).abs().max().item()
+            print(f"{family} chunk {i}: streamed vs whole model max |Δlogit| {diff:.3g}")
+            assert diff < 1e-4
+
+
+def test_streamed_base_scores_equal_the_in_memory_ones(tiny_model):
+    tokenizer = load_tokenizer(tiny_model)
+    chunks = quality.make_chunks(tokenizer, load_text("bundled:wiki", "eval"), 128, 4)
+    whole = quality.score_base(load_model(tiny_model, "float32"), chunks, None)
+    streamed = quality.score_base(StreamedModel(tiny_model), chunks, None)
+    print(f"PPL whole {whole['ppl']:.6f}, streamed {streamed['ppl']:.6f}")
+    assert streamed["ppl"] == pytest.approx(whole["ppl"], rel=1e-6)
+
+
+def test_stream_refuses_chunks_longer_than_a_sliding_window(tmp_path):
+    from quantize.common.errors import QuantizeError
+
+    model_dir = build_tiny_llama(tmp_path / "gemma2", model_type="gemma2", **FAMILIES["gemma2"])
+    with pytest.raises(QuantizeError, match="eval.stream.*sliding_window 128.*eval.perplexity.n_ctx"):
+        next(StreamedModel(model_dir).chunk_logits(torch.zeros(1, 160, dtype=torch.long)))
+
+
+def test_run_with_a_streamed_base(tmp_path):
+    """`eval.stream: true` in a run: the base's scores come from the stream (its loader says so), the variants'
+    KLD against them; dtype other than float32 is refused at validation, naming the key. (The base cache is shared
+    with unstreamed runs, whose logits are the same: a model of its own here, so the stream computes them.)"""
+    import json
+
+    tiny_model = build_tiny_llama(tmp_path / "own", seed=7)
+
+    from conftest import write_recipe
+    from quantize import pipeline
+    from quantize.recipe import load_recipe
+
+    out = tmp_path / "run"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model), [{"name": "rtn", "bits": 4, "group_size": 64}],
+                                      out, eval={"stream": True, "perplexity": {"n_ctx": 128, "max_chunks": 2},
+                                                 "speed": {"enabled": False}}))
+    pipeline.run(recipe)
+    results = json.loads((out / "results.json").read_text())
+    text = json.dumps(results["base"])
+    assert "layer-by-layer stream" in text, text[:500]
+    assert 0 < results["variants"]["rtn-w4-sym-g64"]["perplexity"]["kld"]["mean"] < 0.1
+    with pytest.raises(Exception, match="stream: true evaluates in float32"):
+        load_recipe(write_recipe(tmp_path / "bad.yaml", str(tiny_model), [{"name": "rtn"}], out,
+                                 eval={"stream": True, "dtype": "bfloat16"}))
