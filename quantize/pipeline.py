@@ -30,6 +30,7 @@ from quantize.common.ui import step
 from quantize.fit import vram
 from quantize.fit.shape import shape_from_config
 from quantize.formats.tensors import weight_bytes
+from quantize.measure.streamed import LOADER as STREAM_LOADER, STREAMABLE, StreamedModel
 from quantize.measure import kld_base, lmeval, memory, quality, serving, speed
 from quantize.measure.scorecard import base_store
 from quantize.methods.engine import resolve_device, with_experts
@@ -37,7 +38,7 @@ from quantize.methods.registry import METHODS
 from quantize.preflight import base_model, check_disk, check_memory, check_recipe
 from quantize.recipe import Recipe
 from quantize.report import gates, html, markdown
-from quantize.runtimes.load import free, load, release_free_heap
+from quantize.runtimes.load import detect, free, load, release_free_heap
 from quantize.sources.models import (
     BaseModel, load_model, load_tokenizer, meta_model, tokenizer_adds_bos,
 )
@@ -62,11 +63,15 @@ def _evaluate(model, label: str, chunks, base_logprobs, recipe: Recipe, bandwidt
     if recipe.eval.tasks:
         if not isinstance(model, torch.nn.Module):
             out["lm_eval"] = {"skipped": "lm-eval runs on the torch model in memory; GGUF artefacts run on "
-                                         "llama.cpp, MLX artefacts on mlx-lm"}
+                                         "llama.cpp, MLX artefacts on mlx-lm, streamed ones layer by layer"}
         else:
             out["lm_eval"] = lmeval.run(model, tokenizer, recipe.eval.tasks, recipe.eval.task_limit)
     if recipe.eval.speed.enabled:
-        out["speed"] = speed.bench_speed(model, recipe.eval.speed, label, recipe.seed, bandwidth)
+        if getattr(model, "streamed", False):
+            out["speed"] = {"skipped": "eval.stream: the model is read layer by layer from disk, which is no "
+                                       "serving speed"}
+        else:
+            out["speed"] = speed.bench_speed(model, recipe.eval.speed, label, recipe.seed, bandwidth)
     return out
 
 
@@ -184,7 +189,10 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
                 step(f"{name}: quantizing")
                 manifest = _build_variant(method, base, folder, recipe, calib)
             step(f"{name}: reloading the artefact with its loader and evaluating")
-            model, loader, eval_dtype = load(folder, dtype, chunks.n_ctx)
+            if recipe.eval.stream and detect(folder) in STREAMABLE:  # layer by layer, as the base
+                model, loader, eval_dtype = StreamedModel(folder), STREAM_LOADER, "float32"
+            else:
+                model, loader, eval_dtype = load(folder, dtype, chunks.n_ctx)
             measured = _evaluate(model, name, chunks, base_logprobs, recipe, bandwidth, tokenizer,
                                  positions=out / "kld-positions" / f"{name}.npy")
             free(model)
@@ -233,7 +241,9 @@ def _base_results(out: Path, recipe: Recipe, base: BaseModel, chunks, scores: di
          f"log-probabilities {cache['state']} ({cache['file']})")
     bandwidth = speed.memory_bandwidth_gb_s() if recipe.eval.speed.enabled else None
     measured = {"perplexity": scores}
-    if recipe.eval.tasks or recipe.eval.speed.enabled:  # the base model in memory only when something needs it
+    if recipe.eval.stream and (recipe.eval.tasks or recipe.eval.speed.enabled):  # never the whole base in memory
+        measured["skipped"] = "eval.stream: speed and lm-eval tasks need the whole base in memory"
+    elif recipe.eval.tasks or recipe.eval.speed.enabled:  # the base model in memory only when something needs it
         model = load_model(base.path, dtype)
         measured = _evaluate(model, "base", chunks, None, recipe, bandwidth, tokenizer, scores)
         free(model)

@@ -52,8 +52,8 @@ def test_stream_refuses_chunks_longer_than_a_sliding_window(tmp_path):
 
 
 def test_run_with_a_streamed_base(tmp_path):
-    """`eval.stream: true` in a run: the base's scores come from the stream (its loader says so), the variants'
-    KLD against them; dtype other than float32 is refused at validation, naming the key. (The base cache is shared
+    """`eval.stream: true` in a run: the base's scores and the compressed-tensors variant's come from the stream
+    (their loaders say so); dtype other than float32 is refused at validation, naming the key. (The base cache is shared
     with unstreamed runs, whose logits are the same: a model of its own here, so the stream computes them.)"""
     import json
 
@@ -71,7 +71,35 @@ def test_run_with_a_streamed_base(tmp_path):
     results = json.loads((out / "results.json").read_text())
     text = json.dumps(results["base"])
     assert "layer-by-layer stream" in text, text[:500]
-    assert 0 < results["variants"]["rtn-w4-sym-g64"]["perplexity"]["kld"]["mean"] < 0.1
+    variant = results["variants"]["rtn-w4-sym-g64"]
+    assert variant["loader"].startswith("quantize's layer-by-layer stream"), variant["loader"]
+    assert 0 < variant["perplexity"]["kld"]["mean"] < 0.1
     with pytest.raises(Exception, match="stream: true evaluates in float32"):
         load_recipe(write_recipe(tmp_path / "bad.yaml", str(tiny_model), [{"name": "rtn"}], out,
                                  eval={"stream": True, "dtype": "bfloat16"}))
+
+
+@pytest.mark.parametrize("family,name", [("llama", "gptq"), ("mixtral", "awq")])
+def test_streamed_compressed_tensors_equals_its_loader(family, name, tmp_path):
+    """A compressed-tensors artefact streamed (its linears dequantized as they are read, experts too) gives the
+    logits of the artefact as its loader reloads it: symmetric GPTQ through transformers (an independent
+    decompression), asymmetric AWQ of an MoE through compressed-tensors' unpacking."""
+    from quantize.methods.configs import AwqMethod, GptqMethod
+    from quantize.methods.registry import METHODS
+    from quantize.runtimes.load import load
+    from quantize.sources.models import resolve_model
+
+    options = {"mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 128}}
+    model_dir = build_tiny_llama(tmp_path / family, model_type=family, **options.get(family, {}))
+    folder = tmp_path / name
+    folder.mkdir()
+    calib = torch.randint(3, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    config = {"gptq": GptqMethod, "awq": AwqMethod}[name](name=name, bits=4, group_size=64)
+    METHODS[name].build(config, resolve_model(str(model_dir)), folder, calib)
+    ids = torch.randint(3, 512, (2, 128), generator=torch.Generator().manual_seed(1))
+    loaded, loader, _ = load(folder, "float32")
+    with torch.no_grad():
+        for i, logits in StreamedModel(folder).chunk_logits(ids):
+            diff = (logits - loaded(ids[i : i + 1]).logits[0]).abs().max().item()
+            print(f"{family} {name} artefact chunk {i}: streamed vs {loader.split(' (')[0]}: max |Δlogit| {diff:.3g}")
+            assert diff < 1e-4

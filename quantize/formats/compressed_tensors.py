@@ -137,44 +137,63 @@ def is_asymmetric(folder: Path) -> bool:
     return any(not (g.get("weights") or {}).get("symmetric", True) for g in qc.get("config_groups", {}).values())
 
 
+class DequantizedShards(Shards):
+    """A pack-quantized checkpoint read as the dense one it stands for: `get("….weight")` of a quantized linear
+    unpacks its codes (and zero points) with compressed-tensors' own unpacking and returns (q − z)·scale in
+    float32; every other tensor as stored. `names()` lists the dense names."""
+
+    SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point")
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+        self.args = {target: group["weights"] for group in qc["config_groups"].values() for target in group["targets"]}
+        self.packed = {n[: -len(".weight_packed")] for n in self.files if n.endswith(".weight_packed")}
+
+    def names(self) -> list[str]:
+        dense = [n for n in self.files if not n.endswith(self.SUFFIXES)]
+        return dense + [m + ".weight" for m in sorted(self.packed)]
+
+    def shape(self, name: str) -> list[int]:
+        module = name.removesuffix(".weight")
+        if module in self.packed and name.endswith(".weight"):
+            return super().get(module + ".weight_shape").tolist()
+        return super().shape(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        module = name.removesuffix(".weight")
+        if not (name.endswith(".weight") and module in self.packed):
+            return super().get(name)
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+        args = self.args.get(module) or self.args["Linear"]
+        bits = args["num_bits"]  # codes and zero points are both stored signed: the offset cancels in q - z
+        shape = torch.Size(super().get(module + ".weight_shape").tolist())
+        q = unpack_from_int32(super().get(module + ".weight_packed"), bits, shape).float()  # signed codes
+        scale = super().get(module + ".weight_scale").float()  # [rows, groups]
+        zero = torch.zeros_like(scale)
+        if module + ".weight_zero_point" in self.files:
+            zp = super().get(module + ".weight_zero_point")
+            zero = unpack_from_int32(zp, bits, torch.Size(scale.shape), packed_dim=0).float()
+        W = (q.reshape(shape[0], scale.shape[1], -1) - zero[..., None]) * scale[..., None]
+        return W.reshape(shape)
+
+
 def load_dense(folder: Path, dtype=torch.float32):
-    """Reload a pack-quantized checkpoint as a dense torch model with compressed-tensors' own unpacking.
+    """Reload a pack-quantized checkpoint as a dense torch model with compressed-tensors' own unpacking
+    (DequantizedShards).
 
     Used for asymmetric checkpoints only: transformers 5.23 with compressed-tensors 0.20 builds the zero point
     unpacked and rejects the packed one on disk (the bug reported as llm-compressor#1618), while vLLM reads
     the packed layout written here. Symmetric checkpoints reload through plain transformers."""
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = json.loads((folder / "config.json").read_text())
-    qc = config.pop("quantization_config")
-    bits_of = {}
-    for group in qc["config_groups"].values():
-        for target in group["targets"]:
-            bits_of[target] = group["weights"]
-    shards = Shards(folder)
-    state = {}
-    for name in shards.names():
-        if not name.endswith(".weight_packed"):
-            if not any(name.endswith(s) for s in (".weight_scale", ".weight_shape", ".weight_zero_point")):
-                state[name] = shards.get(name)
-            continue
-        module = name[: -len(".weight_packed")]
-        args = bits_of.get(module) or bits_of["Linear"]
-        bits = args["num_bits"]  # codes and zero points are both stored signed: the offset cancels in q - z
-        shape = torch.Size(shards.get(module + ".weight_shape").tolist())
-        q = unpack_from_int32(shards.get(name), bits, shape).float()  # signed codes
-        scale = shards.get(module + ".weight_scale").float()  # [rows, groups]
-        zero = torch.zeros_like(scale)
-        if module + ".weight_zero_point" in shards.files:
-            zp_shape = torch.Size(scale.shape)
-            zero = unpack_from_int32(shards.get(module + ".weight_zero_point"), bits, zp_shape, packed_dim=0).float()
-        groups = scale.shape[1]
-        W = (q.reshape(shape[0], groups, -1) - zero[..., None]) * scale[..., None]
-        state[module + ".weight"] = W.reshape(shape)
+    config.pop("quantization_config")
+    shards = DequantizedShards(folder)
+    state = transformers_names({n: shards.get(n) for n in shards.names()}, config["model_type"])  # MoE: 3-D experts
     hf_config = AutoConfig.for_model(**config)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    state = transformers_names(state, config["model_type"])  # a sparse MoE model's experts: 3-D tensors
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     assert not unexpected, unexpected
     assert all("lm_head" in k for k in missing), missing  # tied lm_head comes from the embedding

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from quantize.common.files import versions
 from quantize.common.errors import QuantizeError
-from quantize.measure.streamed import StreamedModel
+from quantize.measure.streamed import LOADER as STREAM_LOADER, StreamedModel
 from quantize.measure import kld_base, quality
 from quantize.measure import speed
 from quantize.runtimes.load import detect, free, load, vocab_size
@@ -40,7 +40,7 @@ def base_store(base_path: Path, chunks, dtype: str, n_vocab: int, stream: bool =
     shards in float32: measure/streamed.py)."""
     def compute(writer) -> dict:
         if stream:
-            model, loader = StreamedModel(base_path), "quantize's layer-by-layer stream from the shards (float32)"
+            model, loader = StreamedModel(base_path), STREAM_LOADER
         else:
             model, loader, _ = load(base_path, dtype, chunks.n_ctx)
         try:

@@ -17,9 +17,14 @@ from typing import Iterator
 import torch
 
 from quantize.common.errors import QuantizeError
+from quantize.formats.compressed_tensors import DequantizedShards
 from quantize.methods.engine import check_model, materialize, release, skeleton, stream_layers
+from quantize.runtimes.load import detect
 from quantize.sources.models import tied_embeddings
 from quantize.sources.shards import Shards
+
+LOADER = "quantize's layer-by-layer stream from the shards (float32)"
+STREAMABLE = ("dense", "compressed-tensors")  # formats whose tensors the stream can read
 
 
 def check_stream(config: dict, n_ctx: int, where: str) -> None:
@@ -33,12 +38,16 @@ def check_stream(config: dict, n_ctx: int, where: str) -> None:
 
 
 class StreamedModel:
-    """A dense HF checkpoint evaluated layer by layer in float32; `chunk_logits` gives every chunk's logits."""
+    """A dense HF checkpoint or a compressed-tensors artefact evaluated layer by layer in float32; `chunk_logits`
+    gives every chunk's logits."""
 
     streamed = True
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        # a compressed-tensors artefact's linears are dequantized as they are read (DequantizedShards)
+        packed = detect(self.path) == "compressed-tensors"
+        self.shards = DequantizedShards(self.path) if packed else Shards(self.path)
         self.meta = skeleton(self.path)
         self.config = self.meta.config
         self.vocab_size = self.config.vocab_size
@@ -55,11 +64,11 @@ class StreamedModel:
         def keep(i, layer, acts):
             final["acts"] = acts  # its hidden states become each layer's output in turn
 
-        for _ in stream_layers(self.path, ids, keep):
+        for _ in stream_layers(self.path, ids, keep, shards=self.shards):
             pass
         hidden = final["acts"].hidden
-        shards = Shards(self.path)
-        norm, head = self.meta.model.norm, self.meta.lm_head
+        shards = self.shards
+        norm = self.meta.model.norm
         materialize(norm, "model.norm.", shards)
         head_name = "model.embed_tokens.weight" if tied_embeddings(self.config.to_dict()) else "lm_head.weight"
         weight = shards.get(head_name).float()

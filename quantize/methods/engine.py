@@ -374,8 +374,8 @@ def rotary_tables(model, hidden: torch.Tensor, device) -> dict:
 @torch.inference_mode()
 def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Callable, batch: int = 8,
                   device: str = "cpu", forward_dtype: torch.dtype = torch.float32,
-                  checkpoint: Checkpoint | None = None, policy: ExpertPolicy = ExpertPolicy()
-                  ) -> Iterator[tuple[int, torch.nn.Module]]:
+                  checkpoint: Checkpoint | None = None, policy: ExpertPolicy = ExpertPolicy(),
+                  shards: Shards | None = None) -> Iterator[tuple[int, torch.nn.Module]]:
     """Yield (index, processed decoder layer) one at a time. `process_layer(i, layer, acts)` changes the layer
     in place; `acts` is the calibration Activations entering it (None without calibration). It may return the
     processed layer's output on those activations; otherwise they go through the processed layer here to become
@@ -383,7 +383,7 @@ def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Ca
 
     With a `checkpoint`, the state is saved once the consumer has taken each layer (written it), and a checkpoint
     that holds a state starts after its layer, from its saved activations."""
-    shards = Shards(base_path)
+    shards = shards or Shards(base_path)  # or a reader that dequantizes (formats/compressed_tensors)
     model = skeleton(base_path, policy)
     inner = model.model
     start = checkpoint.next_layer if checkpoint is not None else 0
