@@ -52,13 +52,11 @@ class StreamedModel:
         self.config = self.meta.config
         self.vocab_size = self.config.vocab_size
 
-    def close(self) -> None:
-        pass
-
     @torch.inference_mode()
     def chunk_logits(self, ids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         """(chunk index, logits [n_ctx, vocab] float32) for ids [chunks, n_ctx], after one streamed pass."""
-        check_stream(self.config.to_dict(), int(ids.shape[1]), str(self.path))
+        config = self.config.to_dict()
+        check_stream(config, int(ids.shape[1]), str(self.path))
         final = {}
 
         def keep(i, layer, acts):
@@ -67,11 +65,10 @@ class StreamedModel:
         for _ in stream_layers(self.path, ids, keep, shards=self.shards):
             pass
         hidden = final["acts"].hidden
-        shards = self.shards
         norm = self.meta.model.norm
-        materialize(norm, "model.norm.", shards)
-        head_name = "model.embed_tokens.weight" if tied_embeddings(self.config.to_dict()) else "lm_head.weight"
-        weight = shards.get(head_name).float()
+        materialize(norm, "model.norm.", self.shards)
+        head_name = "model.embed_tokens.weight" if tied_embeddings(config) else "lm_head.weight"
+        weight = self.shards.get(head_name).float()
         cap = getattr(self.config, "final_logit_softcapping", None)  # Gemma 2's tanh soft-capping
         try:
             for i in range(hidden.shape[0]):

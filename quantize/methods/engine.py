@@ -234,23 +234,29 @@ def has_experts(config: dict) -> bool:
 def with_experts(model: torch.nn.Module, policy: ExpertPolicy = ExpertPolicy()) -> torch.nn.Module:
     """The meta model with its sparse MoE blocks' experts as linears (install_experts) where its layout has
     experts, as the engine, the writers and the size estimates see it; any other model as it is."""
-    layout = LAYOUTS.get(model.config.model_type)
-    if layout is not None and layout.experts is not None:
-        install_experts(model, layout, policy)
+    if has_experts(model.config.to_dict()):
+        install_experts(model, LAYOUTS[model.config.model_type], policy)
     return model
+
+
+def _expert_names(layout: Layout, layer: torch.nn.Module) -> list[str] | None:
+    """Each expert's module name in a sparse MoE layer (`{block}.experts.{e}`); None for a dense layer."""
+    moe = expert_lists(layer)
+    if not moe:
+        return None
+    path, experts = moe[0]
+    return [f"{path}.{e}" for e in range(experts.num_experts)]
 
 
 def layer_stages(layout: Layout, layer: torch.nn.Module) -> list[list[list[str]]]:
     """The layer's GPTQ stages in order, each a list of groups (linears that read one input). A dense layer: one
     group per stage (Layout.groups). A sparse MoE layer: the attention groups, then every expert's gate/up, then
     every expert's down (experts do not feed each other, so one pass through the layer serves all experts)."""
-    moe = expert_lists(layer)
-    if not moe:
+    e_names = _expert_names(layout, layer)
+    if e_names is None:
         return [[g] for g in layout.groups]
     stages = [[g] for g in layout.groups if not g[0].startswith("mlp.")]
-    path, experts = moe[0]
     gate, up, down = layout.experts.linears
-    e_names = [f"{path}.{e}" for e in range(experts.num_experts)]
     return stages + [[[f"{n}.{gate}", f"{n}.{up}"] for n in e_names], [[f"{n}.{down}"] for n in e_names]]
 
 
@@ -258,15 +264,13 @@ def awq_rows(layout: Layout, layer: torch.nn.Module) -> list[tuple[str, list[str
     """AWQ's rows for this layer (Layout.awq). A sparse MoE layer: the attention rows; the post-attention norm
     scaling every expert's gate and up, judged by the whole MoE block (as AutoAWQ's Mixtral); each expert's up
     scaling its down."""
-    moe = expert_lists(layer)
-    if not moe:
+    e_names = _expert_names(layout, layer)
+    if e_names is None:
         return layout.awq
     rows = [r for r in layout.awq if not r[1][0].startswith("mlp.")]
-    path, experts = moe[0]
     gate, up, down = layout.experts.linears
-    e_names = [f"{path}.{e}" for e in range(experts.num_experts)]
-    rows.append(("post_attention_layernorm", [f"{n}.{x}" for n in e_names for x in (gate, up)],
-                 path.rsplit(".", 1)[0]))
+    block = e_names[0].rsplit(".", 2)[0]  # `{block}.experts.0` → the MoE block, which judges the norm's scale
+    rows.append(("post_attention_layernorm", [f"{n}.{x}" for n in e_names for x in (gate, up)], block))
     return rows + [(f"{n}.{up}", [f"{n}.{down}"], f"{n}.{down}") for n in e_names]
 
 

@@ -46,7 +46,7 @@ def imatrix_entries(sums: dict[str, torch.Tensor], counts: dict[str, int], names
         else:
             entries[names.get_name(k, try_suffixes=(".weight",))] = (sums[k].numpy()[None], np.array([[counts[k]]]))
     for k, experts in merged.items():
-        cols = next(iter(sums[e] for e in experts.values())).numel()
+        cols = sums[next(iter(experts.values()))].numel()
         n = max(experts) + 1
         in_sum2, tokens = np.zeros((n, cols)), np.zeros((n, 1))
         for e, name in experts.items():

@@ -215,9 +215,11 @@ def book_expert_tokens(log: list[dict], i: int, layer: torch.nn.Module) -> None:
         counts = getattr(experts, "calibration_routed", None)
         if counts is None:  # no calibration (RTN)
             continue
-        for row in log:
+        for row in reversed(log):  # layer i's rows are the log's last ones
+            if row["layer"] != i:
+                break
             expert = row["module"].removeprefix(path + ".").split(".")[0]
-            if row["layer"] == i and row["module"].startswith(path + ".") and expert.isdigit():
+            if row["module"].startswith(path + ".") and expert.isdigit():
                 row["routed_tokens"] = counts[int(expert)]
                 row["calibrated_on"] = "all" if int(expert) in experts.all_tokens else "routed"
 
