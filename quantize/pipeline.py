@@ -102,6 +102,12 @@ def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe, calib)
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
     batches, calib_info = calib if method.needs_calibration else (None, None)
+    if method.name == "auto" and method.budget.gpu:  # the bytes the GPU leaves for weights at that context
+        b = method.budget
+        left, how = vram.weight_budget(shape_from_config(base.config), b.gpu, b.context, b.batch, b.kv_dtype,
+                                       recipe.fit.flash_attn)
+        step(f"budget: {how}")
+        method = method.model_copy(update={"budget": b.model_copy(update={"weight_bytes": left})})
     memory.reset_peak()
     start = time.perf_counter()
     info = METHODS[method.name].build(method, base, partial, batches, calib_info)

@@ -67,6 +67,12 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
                 raise QuantizeError(f"scheme llm.int8 (bitsandbytes) quantizes nn.Linear modules only, and "
                                     f"transformers holds this {config.get('model_type')} model's experts as 3-D "
                                     "tensors, which it would leave unquantized; use scheme w8a16")
+            if method.name == "auto":
+                if has_experts(config):
+                    raise QuantizeError("the budgeted mix (method auto) handles dense models; a sparse MoE model's "
+                                        "merged expert tensors are not in its sensitivity table yet")
+                check_convertible(config)
+                check_model(config, recipe.calibration.seq_len)
             if method.name == "gguf":
                 check_convertible(config)
                 if method.needs_calibration:
@@ -82,8 +88,8 @@ def check_disk(recipe: Recipe, meta, store_bytes: int) -> None:
     need = store_bytes
     for method in recipe.methods:
         need += footprint.expected_bytes(method, meta)
-        if method.name == "gguf" and method.type not in UNQUANTIZED:
-            need += 2 * params * (2 if method.awq_scales else 1)  # base-f16.gguf (+ the AWQ-scaled checkpoint)
+        if method.name == "auto" or (method.name == "gguf" and method.type not in UNQUANTIZED):
+            need += 2 * params * (2 if getattr(method, "awq_scales", False) else 1)  # base-f16.gguf (+ the AWQ-scaled checkpoint)
     folder = recipe.output_dir.resolve()
     while not folder.exists():
         folder = folder.parent

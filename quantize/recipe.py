@@ -173,6 +173,16 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
+    def _budget_gpus_known(self):
+        for k, m in enumerate(self.methods):
+            if m.name == "auto" and m.budget.gpu:
+                try:
+                    gpu_by_name(m.budget.gpu)
+                except QuantizeError as exc:
+                    raise ValueError(f"methods[{k}].budget.gpu: {exc}") from None
+        return self
+
+    @model_validator(mode="after")
     def _gates_are_measured(self):
         g = self.gates
         if (g.max_kld is not None or g.min_same_top is not None) and not self.eval.kld:

@@ -63,4 +63,10 @@ def build_bytes(method, shape: ModelShape, params: int, samples: int, seq_len: i
         return 2 * params * F32
     if method.name == "gguf":  # conversion and llama.cpp's quantiser stream tensors; the importance matrix does not
         return layer_wise_bytes(shape, samples, seq_len) if method.needs_calibration else params * 2
+    if method.name == "auto":  # the sensitivity probe: the model in float32, a dequantized copy of its largest
+        # tensor per candidate, the slice's logits, base log-probs and one sequence's temporaries
+        slice_logits = method.sensitivity_samples * seq_len * shape.vocab_size * F32
+        largest = shape.vocab_size * shape.hidden_size * F32
+        return max(layer_wise_bytes(shape, samples, seq_len),
+                   params * F32 + len(method.candidates) * largest + 3 * slice_logits)
     raise AssertionError(f"no memory model for method {method.name}")

@@ -16,6 +16,8 @@ Parameter counts come from shape.py; weight bytes per format follow the format's
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from pathlib import Path
 
 import torch
@@ -170,8 +172,17 @@ def gguf_bytes(method, meta_model: torch.nn.Module) -> int:
     return int(total)
 
 
+def auto_bytes(method, meta_model: torch.nn.Module) -> int:
+    """The budgeted mix weighs at most its budget; a GPU budget (known once the run resolves it): at most F16."""
+    b = method.budget
+    if b.mix:
+        return gguf_bytes(SimpleNamespace(type=b.mix), meta_model)
+    params = sum(p.numel() for *_, p in unique_parameters(meta_model))
+    return b.bytes or (int(b.bpw * params / 8) if b.bpw else 2 * params)
+
+
 EXPECTED_BYTES = {"int8": int8_bytes, "rtn": weight_only_bytes, "gptq": weight_only_bytes, "awq": awq_bytes,
-                  "gguf": gguf_bytes}
+                  "gguf": gguf_bytes, "auto": auto_bytes}
 
 
 def expected_bytes(method, meta_model: torch.nn.Module) -> int:

@@ -88,6 +88,21 @@ def largest_batch(weight_bytes: int, shape: ModelShape, gpu: Gpu, context: int, 
     return _largest(lambda b: fit_one(weight_bytes, shape, gpu, context, b, kv_dtype, flash_attn).fits, cap)
 
 
+def weight_budget(shape: ModelShape, gpu_name: str, context: int, batch: int, kv_dtype: str,
+                  flash_attn: bool = True) -> tuple[int, str]:
+    """The bytes left for weights on a GPU at this context and batch: usable − KV cache − runtime overhead (the
+    same terms as fit_one), and the arithmetic as a sentence."""
+    gpu = gpu_by_name(gpu_name)
+    kv = kv_cache_bytes(shape, context, batch, kv_dtype)
+    over = overhead_bytes(shape, context, flash_attn)
+    left = gpu.usable_bytes - kv - over
+    how = (f"{gpu.name}: usable {gib(gpu.usable_bytes)} − KV {gib(kv)} ({kv_dtype}, context {context}, batch "
+           f"{batch}) − overhead {gib(over)} = {gib(left)} for weights")
+    if left <= 0:
+        raise QuantizeError(f"{how}: nothing is left for the weights; lower the context or batch, or quantize the KV")
+    return left, how
+
+
 def decode_tokens_per_s_estimate(bytes_read_per_token: int, gpu: Gpu) -> float:
     """Estimate (upper bound from memory bandwidth): bandwidth / bytes read per generated token."""
     return gpu.bandwidth_gb_s * 1e9 / bytes_read_per_token

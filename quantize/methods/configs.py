@@ -196,10 +196,80 @@ class GgufMethod(Strict):
         return self.variant or f"gguf-{self.type.lower()}{tags}"
 
 
+MIX_CANDIDATES = ["Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "IQ4_NL", "Q5_0", "Q5_1", "F16"]
+
+
+class Budget(Strict):
+    """What the budgeted mix may weigh: exactly one of `bytes` (all the GGUF's tensors), `bpw` (bits per weight over
+    all tensors), `mix` (what llama.cpp's standard mix of that name weighs for this model, with the same importance
+    matrix), or `gpu` (+ `context`, `batch`, `kv_dtype`: the bytes left for weights on that GPU once the KV cache
+    and the runtime overhead at that context are counted, quantize.fit's arithmetic)."""
+
+    bytes: int | None = Field(None, ge=1)
+    mix: Literal[tuple(m for m in MIXES if m not in UNQUANTIZED)] | None = None
+    bpw: float | None = Field(None, gt=0, le=32)
+    gpu: str | None = None
+    context: int | None = Field(None, ge=1)
+    batch: int = Field(1, ge=1)
+    kv_dtype: Literal["f16", "bf16", "q8_0", "q4_0", "f32"] = "f16"
+    weight_bytes: int | None = Field(None, description="set by the run from gpu/context; not a recipe key")
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        given = [k for k in ("bytes", "bpw", "mix", "gpu") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of bytes, bpw, mix or gpu (+ context); got {given or 'none'}")
+        if (self.gpu is None) != (self.context is None):
+            raise ValueError("gpu and context go together: the weights' share depends on the context's KV cache")
+        if self.weight_bytes is not None:
+            raise ValueError("weight_bytes is computed from gpu and context; give bytes for a fixed budget")
+        return self
+
+
+class AutoMethod(Strict):
+    """The budgeted mix: each tensor gets the GGML type that minimises the predicted KLD of the whole model
+    subject to the byte budget, from a measured sensitivity table (methods/sensitivity.py), solved exactly
+    (methods/mixed.py) and built by llama.cpp's own quantiser with per-tensor types."""
+
+    name: Literal["auto"]
+    target: Literal["gguf"] = Field("gguf", description="the artefact format (compressed-tensors: not built yet)")
+    budget: Budget
+    candidates: list[str] = Field(default_factory=lambda: list(MIX_CANDIDATES),
+                                  description="GGML types a tensor may take (each where its blocks fit the rows)")
+    probe_bpw: float = Field(4.5, gt=1, le=16, description="each tensor's KLD is measured at the candidate nearest "
+                                                           "this many bits per weight")
+    sensitivity_samples: int = Field(2, ge=1, description="calibration windows the KLDs are measured on (the first "
+                                                               "ones of the calibration batches)")
+    num_ctx: int = Field(4096, ge=64, description="the Modelfile's PARAMETER num_ctx, as for gguf")
+    variant: str | None = None
+
+    @field_validator("candidates")
+    @classmethod
+    def _known_types(cls, value: list[str]) -> list[str]:
+        from gguf import GGMLQuantizationType
+
+        unknown = [k for k in value if k not in GGMLQuantizationType.__members__]
+        if unknown or not value:
+            raise ValueError(f"unknown GGML types {unknown}; accepted: {', '.join(MIX_CANDIDATES)} (and llama.cpp's "
+                             "other types)")
+        return value
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    def default_variant(self) -> str:
+        b = self.budget
+        size = (f"{b.bytes}B" if b.bytes else f"{b.bpw:g}bpw" if b.bpw else f"as-{b.mix.lower()}" if b.mix else
+                f"{b.gpu.lower().replace(' ', '-')}-{b.context}")
+        return self.variant or f"auto-gguf-{size}"
+
+
 # The method names, once: each config's `name` literal. The recipe's `method` is a union discriminated on it and the
 # registry (registry.py) maps the same names to the modules that build them.
 CONFIGS: dict[str, type[Strict]] = {
-    get_args(c.model_fields["name"].annotation)[0]: c for c in (Int8Method, RtnMethod, GptqMethod, AwqMethod, GgufMethod)
+    get_args(c.model_fields["name"].annotation)[0]: c for c in (Int8Method, RtnMethod, GptqMethod, AwqMethod, GgufMethod,
+                                                           AutoMethod)
 }
 METHOD_NAMES = tuple(CONFIGS)
 Method = Annotated[Union[tuple(CONFIGS.values())], Field(discriminator="name")]

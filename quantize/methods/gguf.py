@@ -108,6 +108,24 @@ def model_card(method, base, info: dict) -> str:
         "Quality and speed as measured by quantize: results.json beside this file.", ""])
 
 
+def importance(model, source: Path, calib: torch.Tensor, calib_info: dict | None, out_dir: Path
+               ) -> tuple[dict[str, np.ndarray], dict]:
+    """The importance matrix of `model` (an HF checkpoint) over the calibration tokens, written to
+    out_dir/imatrix.gguf, as llama.cpp's quantiser takes it (GGUF tensor name of `source` → mean x² per column),
+    and its description (with the `quantize.imatrix.*` metadata llama-quantize writes, under "metadata")."""
+    sums, counts = importance_matrix(model.path, calib)
+    names = gguf_convert.tensor_names(gguf_convert.gguf_arch(source), model.config["num_hidden_layers"])
+    entries = imatrix_entries(sums, counts, names)
+    dataset = (calib_info or {}).get("source", "calibration")
+    write_imatrix(out_dir / "imatrix.gguf", entries, dataset, int(calib.shape[0]), int(calib.shape[1]))
+    # in_sum2 / counts per row, as llama-quantize reads the file (a row without tokens: ones, no weighting)
+    imatrix = {k: np.where(t > 0, s / np.maximum(t, 1), 1.0).reshape(-1) for k, (s, t) in entries.items()}
+    metadata = {"quantize.imatrix.file": "imatrix.gguf", "quantize.imatrix.dataset": dataset,
+                "quantize.imatrix.entries_count": len(imatrix), "quantize.imatrix.chunks_count": int(calib.shape[0])}
+    return imatrix, {"imatrix": {"dataset": dataset, "chunks": int(calib.shape[0]), "chunk_size": int(calib.shape[1]),
+                                 "entries": len(imatrix), "tokens": int(calib.numel())}, "metadata": metadata}
+
+
 def build(method: GgufMethod, base, out_dir: Path, calib: torch.Tensor | None, calib_info: dict | None = None
           ) -> dict:
     lib = llamacpp.binding()
@@ -132,20 +150,9 @@ def build(method: GgufMethod, base, out_dir: Path, calib: torch.Tensor | None, c
                                       metadata=metadata)
         imatrix, metadata = None, {}
         if method.use_imatrix:
-            sums, counts = importance_matrix(source_model.path, calib)
-            config = base.config
-            names = gguf_convert.tensor_names(gguf_convert.gguf_arch(source), config["num_hidden_layers"])
-            entries = imatrix_entries(sums, counts, names)
-            dataset = (calib_info or {}).get("source", "calibration")
-            write_imatrix(out_dir / "imatrix.gguf", entries, dataset, int(calib.shape[0]), int(calib.shape[1]))
-            # in_sum2 / counts per row, as llama-quantize reads the file (a row without tokens: ones, no weighting)
-            imatrix = {k: np.where(t > 0, s / np.maximum(t, 1), 1.0).reshape(-1) for k, (s, t) in entries.items()}
-            tokens = int(calib.numel())
-            metadata = {"quantize.imatrix.file": "imatrix.gguf", "quantize.imatrix.dataset": dataset,
-                        "quantize.imatrix.entries_count": len(imatrix),
-                        "quantize.imatrix.chunks_count": int(calib.shape[0])}
-            info["imatrix"] = {"dataset": dataset, "chunks": int(calib.shape[0]), "chunk_size": int(calib.shape[1]),
-                               "entries": len(imatrix), "tokens": tokens}
+            imatrix, imatrix_info = importance(source_model, source, calib, calib_info, out_dir)
+            metadata = imatrix_info.pop("metadata")
+            info.update(imatrix_info)
         llamacpp.quantize(source, target, method.type, imatrix, metadata, pure=method.pure)
     shutil.rmtree(work)
     info.update(gguf_stats(target))

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from quantize.common.errors import QuantizeError
 from quantize.formats.gguf_types import ftype as ftype_of
@@ -34,14 +35,25 @@ def binding():
 
 
 def quantize(src: Path, dst: Path, ftype: str, imatrix: dict[str, np.ndarray] | None = None,
-             metadata: dict[str, str | int] | None = None, pure: bool = False, threads: int | None = None) -> None:
-    """llama-quantize SRC DST FTYPE, in process. `imatrix`: GGUF tensor name → importance per input column."""
+             metadata: dict[str, str | int] | None = None, pure: bool = False, threads: int | None = None,
+             tensor_types: dict[str, str] | None = None) -> None:
+    """llama-quantize SRC DST FTYPE, in process. `imatrix`: GGUF tensor name → importance per input column.
+    `tensor_types`: GGUF tensor name → GGML type, llama-quantize's `--tensor-type` (each an anchored pattern, so
+    it names exactly one tensor); llama.cpp still applies its fallback to a tensor whose rows the type cannot
+    hold, so callers give types that fit (`fits_rows`)."""
     lib = binding()
     params = lib.llama_model_quantize_default_params()
     params.ftype = ftype_of(ftype)
     params.nthread = threads or os.cpu_count() or 1
     params.pure = pure
     keep = []  # ctypes buffers must outlive the call
+    if tensor_types:
+        overrides = (lib.llama_model_tensor_override * (len(tensor_types) + 1))()  # a null pattern ends the list
+        for k, (name, kind) in enumerate(sorted(tensor_types.items())):
+            overrides[k].pattern = f"^{re.escape(name)}$".encode()
+            overrides[k].type = int(GGMLQuantizationType[kind])
+        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(lib.llama_model_tensor_override))
+        keep.append(overrides)
     if imatrix:
         rows = (lib.llama_model_imatrix_data * (len(imatrix) + 1))()  # zeroed last row ends the list
         for k, (name, values) in enumerate(sorted(imatrix.items())):
@@ -68,6 +80,70 @@ def quantize(src: Path, dst: Path, ftype: str, imatrix: dict[str, np.ndarray] | 
         partial.unlink(missing_ok=True)
         raise QuantizeError(f"llama.cpp could not quantize {src} to {ftype} (llama_model_quantize returned {rc})")
     partial.replace(dst)
+
+
+def fits_rows(kind: str, n_per_row: int) -> bool:
+    """Whether GGML type `kind` can hold rows of `n_per_row` weights (whole blocks: 256 for k-quants, 32 …)."""
+    return n_per_row % GGML_QUANT_SIZES[GGMLQuantizationType[kind]][0] == 0
+
+
+def requires_importance(kind: str) -> bool:
+    """Whether ggml refuses to quantize GGML type `kind` without an importance matrix (IQ1/IQ2/IQ3_XXS)."""
+    global _LIB
+    if _LIB is None:
+        _LIB = _ggml()
+    return bool(_LIB.ggml_quantize_requires_imatrix(int(GGMLQuantizationType[kind])))
+
+
+class _TypeTraits(ctypes.Structure):  # ggml.h struct ggml_type_traits
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool),
+                ("to_float", ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)),
+                ("from_float_ref", ctypes.c_void_p)]
+
+
+def _ggml():
+    """libggml-base of the llama-cpp-python build: ggml's own quantisation and dequantisation routines."""
+    lib = ctypes.CDLL(str(Path(binding().__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_float)]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    return lib
+
+
+def roundtrip(kind: str, weights: np.ndarray, importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`weights` [rows, n_per_row] as llama.cpp stores them in GGML type `kind` and reads them back: the same
+    `ggml_quantize_chunk` llama-quantize calls per tensor (with the tensor's importance per column, when it has
+    one), then the type's own `to_float`. Returns (dequantized float32 [rows, n_per_row], the stored bytes)."""
+    global _LIB
+    if _LIB is None:
+        _LIB = _ggml()
+    rows, n_per_row = weights.shape
+    code = int(GGMLQuantizationType[kind])
+    if not fits_rows(kind, n_per_row):  # ggml would abort the process
+        raise QuantizeError(f"GGML type {kind} cannot hold rows of {n_per_row} weights")
+    if importance is None and _LIB.ggml_quantize_requires_imatrix(code):
+        raise QuantizeError(f"GGML type {kind} needs an importance matrix")
+    src = np.ascontiguousarray(weights, dtype=np.float32)
+    traits = _LIB.ggml_get_type_traits(code).contents
+    n_bytes = rows * (n_per_row // traits.blck_size) * traits.type_size
+    dst = np.empty(n_bytes, dtype=np.uint8)
+    imat = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
+    f32 = ctypes.POINTER(ctypes.c_float)
+    written = _LIB.ggml_quantize_chunk(code, src.ctypes.data_as(f32), dst.ctypes.data, 0, rows, n_per_row,
+                                       None if imat is None else imat.ctypes.data_as(f32))
+    assert written == n_bytes, (kind, written, n_bytes)
+    out = np.empty((rows, n_per_row), dtype=np.float32)
+    traits.to_float(dst.ctypes.data, out.ctypes.data_as(f32), rows * n_per_row)
+    return out, dst
+
+
+_LIB = None
 
 
 class LlamaCppModel:

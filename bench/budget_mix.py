@@ -1,0 +1,112 @@
+"""The budgeted GGUF mix (method `auto`) against llama.cpp's standard mixes of the same size, on the two real
+models: for each of Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_M, Q6_K, llama.cpp's mix (with the importance matrix) and our
+mix with `budget: {mix: <that mix>}` (at most the same bytes), both quantized by llama.cpp from the same F16 GGUF
+with the same importance matrix, both evaluated on llama.cpp against the same base log-probs of the same text.
+
+    python bench/budget_mix.py [--models smollm2-135m gemma3-270m] [--chunks 16]
+        → bench/results/budget_mix.{md,json}, bench/results/budget_mix_<model>.png (quantize compare's chart)
+
+Protocol: calibration 32 × 512 tokens of bundled:wiki/calibration (seed 0) for the importance matrix; the
+sensitivity table on the first 2 of those windows (1024 tokens, the method's default); KLD and PPL on
+`--chunks` × 512 tokens of bundled:wiki/eval (held out from both); llama.cpp runtime, KV cache F16, 2 threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MIXES = ["Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K"]
+
+
+def recipe(model: str, chunks: int, out: Path) -> dict:
+    methods = [{"name": "gguf", "type": m, "imatrix": True} for m in MIXES]
+    methods += [{"name": "auto", "budget": {"mix": m}} for m in MIXES]
+    return {"name": f"budget-mix-{model}", "model": f"bundled:{model}", "methods": methods,
+            "calibration": {"source": "bundled:wiki", "samples": 32, "seq_len": 512, "seed": 0},
+            "eval": {"perplexity": {"source": "bundled:wiki", "n_ctx": 512, "max_chunks": chunks},
+                     "speed": {"enabled": False}, "serve": {"enabled": False}},
+            "fit": {"gpus": ["RTX 3060"], "contexts": [4096]},
+            "output": str(out)}
+
+
+def summarise(model: str, out: Path) -> dict:
+    results = json.loads((out / "results.json").read_text())
+    v = results["variants"]
+    rows = []
+    for m in MIXES:
+        std = v[f"gguf-{m.lower()}-imat"]
+        ours = v[f"auto-gguf-as-{m.lower()}"]
+        manifest = json.loads((out / f"auto-gguf-as-{m.lower()}" / "manifest.json").read_text())["result"]
+        std_bytes = sum(std["fit"]["weight_bytes_by_dtype"].values())
+        our_bytes = sum(ours["fit"]["weight_bytes_by_dtype"].values())
+        rows.append({
+            "mix": m, "standard_bytes": std_bytes, "standard_kld": std["perplexity"]["kld"]["mean"],
+            "standard_kld_unc": std["perplexity"]["kld"]["unc"], "standard_ppl": std["perplexity"]["ppl"],
+            "auto_bytes": our_bytes, "auto_budget": manifest["budget"]["bytes_resolved"],
+            "auto_kld": ours["perplexity"]["kld"]["mean"], "auto_kld_unc": ours["perplexity"]["kld"]["unc"],
+            "auto_ppl": ours["perplexity"]["ppl"], "predicted_kld": manifest["predicted_kld"],
+            "kld_ratio": ours["perplexity"]["kld"]["mean"] / std["perplexity"]["kld"]["mean"],
+            "paired_difference": results["paired_kld"].get(f"gguf-{m.lower()}-imat − auto-gguf-as-{m.lower()}"),
+            "tensors_by_type": manifest["mix"]["tensors_by_type"],
+            "solver_gap": manifest["mix"]["solver"]["gap"],
+            "build_s": ours["build_s"], "standard_build_s": std["build_s"]})
+    sens = json.loads((out / f"auto-gguf-as-{MIXES[0].lower()}" / "manifest.json").read_text())["result"]["mix"]
+    return {"model": model, "protocol": results["protocol"], "base_ppl": results["base"]["perplexity"]["ppl"],
+            "sensitivity": sens["sensitivity"], "rows": rows}
+
+
+def markdown(all_results: list[dict]) -> str:
+    lines = ["# Budgeted GGUF mix vs llama.cpp's standard mixes at equal bytes", "",
+             "`python bench/budget_mix.py` (protocol in its docstring). Same F16 GGUF, same importance matrix, same",
+             "evaluation text; our mix's budget is the standard mix's tensor bytes, quantized by llama.cpp for real.",
+             "KLD: mean per token (nats) against the float32 HF base, ± its standard error; ratio = ours / standard.",
+             ""]
+    for r in all_results:
+        s = r["sensitivity"]
+        lines += [f"## {r['model']} (base PPL {r['base_ppl']:.4f}; sensitivity on {s['tokens']} tokens, probe "
+                  f"{s['probe_bpw']} bpw, Spearman ρ(weighted error, measured KLD) over tensors "
+                  f"{s['rank_correlation_error_vs_measured']:.2f})", "",
+                  "| mix | standard bytes | our bytes | standard KLD | our KLD | ratio | our predicted KLD | "
+                  "standard PPL | our PPL | our types |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for x in r["rows"]:
+            types = ", ".join(f"{k} {n}" for k, n in x["tensors_by_type"].items())
+            lines.append(f"| {x['mix']} | {x['standard_bytes']:,} | {x['auto_bytes']:,} | "
+                         f"{x['standard_kld']:.5f} ± {x['standard_kld_unc']:.5f} | "
+                         f"{x['auto_kld']:.5f} ± {x['auto_kld_unc']:.5f} | {x['kld_ratio']:.3f} | "
+                         f"{x['predicted_kld']:.5f} | {x['standard_ppl']:.4f} | {x['auto_ppl']:.4f} | {types} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    ap.add_argument("--chunks", type=int, default=12)
+    ap.add_argument("--output", type=Path, default=ROOT / "outputs" / "bench-budget-mix")
+    args = ap.parse_args()
+    results_dir = ROOT / "bench" / "results"
+    done = []
+    for model in args.models:
+        out = args.output / model
+        path = args.output / f"{model}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(recipe(model, args.chunks, out), sort_keys=False))
+        if not (out / "report.md").is_file():
+            subprocess.run([sys.executable, "-m", "quantize.cli", "run", str(path)], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "quantize.cli", "compare", str(out), "--png",
+                        str(results_dir / f"budget_mix_{model}.png")], check=True, cwd=ROOT)
+        done.append(summarise(model, out))
+        (results_dir / "budget_mix.json").write_text(json.dumps(done, indent=1))
+        (results_dir / "budget_mix.md").write_text(markdown(done))
+    print(markdown(done))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""The budgeted mix (method `auto`): the least lossy GGUF that weighs at most the budget.
+
+    HF checkpoint ──gguf_convert──▶ F16 GGUF ─┬─ importance matrix (as for gguf) ─┐
+                                              └─ sensitivity table (bytes, predicted KLD per tensor × type)
+    assign(): min Σ predicted KLD  s.t.  Σ bytes ≤ budget ─▶ llama_model_quantize(tensor types) ─▶ model.gguf
+
+The assignment is a multiple-choice knapsack, solved exactly by dynamic programming over the budget in units
+of `unit` bytes (each option's bytes rounded up, so the solution always fits; what the rounding can cost is at
+most one unit per tensor of unused budget). Its optimality gap is bounded by the Lagrangian dual of the exact
+problem, max_λ Σ_g min_t (kld_gt + λ·bytes_gt) − λ·budget, which no assignment can beat; both are recorded.
+The file is written by llama.cpp's own quantiser with one `--tensor-type` override per tensor, and checked
+after: every tensor has the type it was given and the file's tensor bytes are within the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantize.common.errors import QuantizeError
+from quantize.common.ui import step
+from quantize.formats import gguf_convert, ollama
+from quantize.formats.tensors import gguf_stats
+from quantize.methods import gguf as gguf_method, sensitivity
+from quantize.methods.configs import AutoMethod
+from quantize.runtimes import llamacpp
+from quantize.sources.models import load_tokenizer
+
+Config = AutoMethod
+
+DP_UNITS = 20000  # the budget's resolution in the dynamic programme
+# llama_ftype written as general.file_type, named after the type that holds most bytes (overrides need a
+# quantized ftype; every tensor's own type is in the file)
+FILE_TYPE = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S", "Q6_K": "Q6_K", "Q8_0": "Q8_0",
+             "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS"}
+
+
+def assign(options: list[dict[str, tuple[int, float]]], budget: int, units: int = DP_UNITS
+           ) -> tuple[list[str], dict]:
+    """options[g] = {type: (bytes, cost)}; the choice per group minimising Σ cost with Σ bytes ≤ budget.
+    Returns (choices, solver facts: value, bytes, unit, Lagrangian lower bound, gap)."""
+    if budget < sum(min(b for b, _ in o.values()) for o in options):
+        raise QuantizeError(f"the budget ({budget} bytes for the quantized tensors) is below the smallest mix "
+                            f"({sum(min(b for b, _ in o.values()) for o in options)} bytes)")
+    unit = max(1, -(-budget // units))
+    cap = budget // unit
+    kinds = [list(o) for o in options]
+    INF = np.inf
+    best = np.full(cap + 1, INF)
+    best[0] = 0.0
+    picks = np.zeros((len(options), cap + 1), dtype=np.int16)
+    for g, o in enumerate(options):
+        new = np.full(cap + 1, INF)
+        for k, kind in enumerate(kinds[g]):
+            w = -(-o[kind][0] // unit)  # rounded up: the rounded problem's solutions fit the real budget
+            if w > cap:
+                continue
+            cand = np.full(cap + 1, INF)
+            cand[w:] = best[: cap + 1 - w] + o[kind][1]
+            better = cand < new
+            new[better], picks[g, better] = cand[better], k
+        best = new
+    c = int(np.argmin(best))
+    if not np.isfinite(best[c]):
+        raise QuantizeError(f"no mix fits {budget} bytes")
+    value = float(best[c])
+    choices = []
+    for g in range(len(options) - 1, -1, -1):
+        kind = kinds[g][picks[g, c]]
+        choices.append(kind)
+        c -= -(-options[g][kind][0] // unit)
+    choices.reverse()
+    used = sum(options[g][k][0] for g, k in enumerate(choices))
+    bound = lagrangian_bound(options, budget)
+    return choices, {"solver": "multiple-choice knapsack, dynamic programme over the budget in units of "
+                               f"{unit} bytes (option bytes rounded up)", "unit_bytes": unit,
+                     "predicted_kld": value, "bytes": used, "budget_bytes": budget,
+                     "lagrangian_lower_bound": bound, "gap": value - bound}
+
+
+def lagrangian_bound(options: list[dict[str, tuple[int, float]]], budget: int) -> float:
+    """max over λ ≥ 0 of Σ_g min_t (cost + λ·bytes) − λ·budget: a lower bound on any feasible assignment's cost.
+    The dual is concave and piecewise linear in λ; its maximum lies at a breakpoint, where it is found."""
+    def dual(lam):
+        return sum(min(c + lam * b for b, c in o.values()) for o in options) - lam * budget
+
+    slopes = {0.0}
+    for o in options:  # breakpoints: λ where two options of one group cost the same
+        items = list(o.values())
+        for i, (b1, c1) in enumerate(items):
+            for b2, c2 in items[i + 1:]:
+                if b1 != b2 and (c2 - c1) / (b1 - b2) > 0:
+                    slopes.add((c2 - c1) / (b1 - b2))
+    return max(dual(lam) for lam in sorted(slopes))
+
+
+def build(method: AutoMethod, base, out_dir: Path, calib: torch.Tensor, calib_info: dict | None = None) -> dict:
+    lib = llamacpp.binding()
+    target = out_dir / "model.gguf"
+    work = out_dir / "work"
+    work.mkdir(exist_ok=True)
+    metadata = gguf_method.gguf_metadata(base)
+    source = gguf_convert.convert(base.path, work / "base-f16.gguf", "F16", name=base.name, metadata=metadata)
+    arch_map = gguf_convert.tensor_names(gguf_convert.gguf_arch(source), base.config["num_hidden_layers"])
+    imatrix, imatrix_info = gguf_method.importance(base, source, calib, calib_info, out_dir)
+    ids = calib[: method.sensitivity_samples]
+    groups, fixed, provenance = sensitivity.measure(base.path, source, arch_map, imatrix, ids, method.candidates,
+                                                    method.probe_bpw)
+    stats = gguf_stats(source)
+    b = method.budget
+    if b.gpu and not b.weight_bytes:
+        raise QuantizeError("a gpu budget is resolved to bytes by the run (pipeline); build got none")
+    if b.mix:  # what llama.cpp's own mix weighs, quantized for real with the same importance matrix
+        standard = work / f"standard-{b.mix}.gguf"
+        llamacpp.quantize(source, standard, b.mix, imatrix)
+        budget = gguf_stats(standard)["bytes"]
+        standard.unlink()
+    else:
+        budget = b.bytes or b.weight_bytes or int(b.bpw * stats["params"] / 8)
+    options = [{k: (o["bytes"], o["predicted"]) for k, o in g.options.items()} for g in groups]
+    choices, solver = assign(options, budget - fixed)
+    solver["budget_bytes"], solver["fixed_bytes"], solver["bytes"] = budget, fixed, solver["bytes"] + fixed
+    types = {g.name: k for g, k in zip(groups, choices)}
+    by_bytes: dict[str, int] = {}
+    for g, k in zip(groups, choices):
+        by_bytes[k] = by_bytes.get(k, 0) + g.options[k]["bytes"]
+    main = max((k for k in by_bytes if k in FILE_TYPE), key=by_bytes.get, default="Q8_0")
+    step(f"mix for {budget} bytes: " + ", ".join(f"{k} {sum(1 for c in choices if c == k)}" for k in sorted(by_bytes))
+         + f"; predicted KLD {solver['predicted_kld']:.4g} (lower bound {solver['lagrangian_lower_bound']:.4g})")
+    extra = {**imatrix_info.pop("metadata", {}), "quantize.mix.budget_bytes": budget,
+             "quantize.mix.predicted_kld_x1e6": int(round(solver["predicted_kld"] * 1e6))}
+    llamacpp.quantize(source, target, FILE_TYPE[main], imatrix, extra, tensor_types=types)
+    written = check_written(target, types, budget)
+    shutil.rmtree(work)
+    mix = [{"tensor": g.name, "type": k, "bytes": g.options[k]["bytes"], "predicted_kld": g.options[k]["predicted"],
+            "probe": g.probe, "probe_kld": g.measured} for g, k in zip(groups, choices)]
+    (out_dir / "mix.json").write_text(json.dumps({"solver": solver, "sensitivity": provenance, "tensors": mix},
+                                                 indent=1))
+    info = {"format": "gguf", "type": f"auto ({main} mostly)", "llama_cpp_python": lib.__version__,
+            "budget": {**b.model_dump(mode="json", exclude_none=True), "bytes_resolved": budget},
+            "mix": {"solver": solver, "sensitivity": provenance, "bytes_by_type": by_bytes,
+                    "tensors_by_type": {k: sum(1 for c in choices if c == k) for k in sorted(by_bytes)}},
+            "predicted_kld": solver["predicted_kld"], **imatrix_info, **written}
+    tokenizer = load_tokenizer(base.path)
+    num_ctx = min(method.num_ctx, base.config.get("max_position_embeddings") or method.num_ctx)
+    (out_dir / "Modelfile").write_text(ollama.modelfile(tokenizer, base.path, target.name, num_ctx))
+    (out_dir / "README.md").write_text(model_card(base, info))
+    return info
+
+
+def check_written(path: Path, types: dict[str, str], budget: int) -> dict:
+    """The file as llama.cpp wrote it: each tensor of the mix in its type, all tensors within the budget."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    wrong = [(t.name, t.tensor_type.name, types[t.name]) for t in reader.tensors
+             if t.name in types and t.tensor_type.name != types[t.name]]
+    if wrong:
+        raise QuantizeError(f"llama.cpp wrote {len(wrong)} tensors in another type than assigned, e.g. {wrong[:3]}")
+    stats = gguf_stats(path)
+    if stats["bytes"] > budget:
+        raise QuantizeError(f"{path}: {stats['bytes']} bytes of tensors, over the budget of {budget}")
+    return stats
+
+
+def model_card(base, info: dict) -> str:
+    mix = info["mix"]
+    return "\n".join([
+        f"# {base.path.name}: GGUF, budgeted mix", "",
+        f"- base model: {base.describe()}",
+        f"- budget: {info['budget']['bytes_resolved']} bytes of tensors ({json.dumps(info['budget'])}); written: "
+        f"{info['bytes']} bytes, {info['bits_per_weight']:.3f} bits per weight",
+        "- tensors by type: " + ", ".join(f"{k} {n}" for k, n in mix["tensors_by_type"].items()),
+        f"- predicted KLD to the base: {info['predicted_kld']:.4g} (sum of per-tensor predictions from KLDs measured "
+        f"on {mix['sensitivity']['tokens']} calibration tokens; the measured figure is in results.json)",
+        f"- quantized by llama.cpp's own quantiser (llama-cpp-python {info['llama_cpp_python']}), one tensor type "
+        "per tensor (mix.json lists them; llama-quantize --tensor-type reproduces it with imatrix.gguf)", "",
+        "Run: `llama-cli -m model.gguf` · `ollama create NAME -f Modelfile` · LM Studio: load model.gguf.", ""])

@@ -1,0 +1,228 @@
+"""How much each tensor costs in output quality at each GGML type: the table the budgeted mix (methods/mixed.py)
+optimises over.
+
+For every quantizable tensor of the GGUF (a "group": one layer's attn_q, …, ffn_down, the embedding, the output
+head) and every candidate type whose blocks fit its rows:
+
+- bytes: what llama.cpp stores for it in that type (ggml's own quantiser, runtimes/llamacpp.roundtrip);
+- error: the importance-weighted squared error of llama.cpp's rounding, Σ_j E[x_j²] Σ_i (w_ij − ŵ_ij)², the
+  diagonal estimate of E‖(W − Ŵ)x‖² (importance = the imatrix's mean x² per input column; a tensor without an
+  imatrix entry, the embedding, is quantized without one, and weighs its columns equally);
+- measured: the KLD of the model's next-token distribution to the base when this group alone takes the probe
+  type (the candidate nearest `probe_bpw`), every other tensor unchanged, on a held-out slice of tokens. The
+  model runs in float32 from the slice's cached layer inputs: a tensor of layer i re-runs layers i … L−1 only.
+
+The prediction for (group, type) is gain_g × error(g, type), gain_g = measured_g / error(g, probe): the measured
+KLD scales the group's error to what it does to the output (second order: KLD and the error both grow with the
+square of the weight perturbation), the error carries it across types. A mix's predicted KLD is the sum over its
+groups (independent small perturbations add to second order). Both approximations are checked by measuring the
+built artefacts (bench/budget_mix.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantize.common.cache import cache_root
+from quantize.common.errors import QuantizeError
+from quantize.common.ui import step
+from quantize.formats.gguf_types import bits_per_weight
+from quantize.runtimes import llamacpp
+from quantize.sources.models import load_model
+
+VERSION = 1  # of the table's definition: a cached table from another version is not reused
+
+
+@dataclass
+class Group:
+    name: str  # the GGUF tensor
+    module: str  # the HF module holding it (for a tied embedding: the embedding, which is also the output head)
+    rows: int
+    n_per_row: int
+    layer: int | None  # decoder layer, or None for the embedding / output head
+    options: dict[str, dict]  # type → {"bytes", "error", "predicted"}
+    probe: str = ""
+    measured: float = 0.0  # KLD with the probe type
+    imatrix: bool = False
+
+
+def quantizable(gguf_path: Path) -> tuple[list[tuple[str, tuple[int, ...]]], int]:
+    """The tensors llama.cpp's quantiser would quantize in a GGUF (llama-quant.cpp tensor_allows_quantization, the
+    rules that apply to decoder models) as (name, shape [rows, n_per_row]), and the bytes of all the others."""
+    import gguf
+
+    names, fixed = [], 0
+    for t in gguf.GGUFReader(gguf_path).tensors:
+        if (len(t.shape) >= 2 and t.name.endswith("weight") and "_norm.weight" not in t.name
+                and "ffn_gate_inp.weight" not in t.name):
+            names.append((t.name, tuple(int(x) for x in reversed(t.shape))))
+        else:
+            fixed += int(t.n_bytes)
+    return names, fixed
+
+
+def hf_modules(model, names, arch_map) -> dict[str, str]:
+    """GGUF tensor name → the HF module whose weight it is (a tied embedding: the embedding for both)."""
+    out = {}
+    for hf, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            gguf_name = arch_map.get_name(f"{hf}.weight", try_suffixes=(".weight",))
+            if gguf_name:
+                out.setdefault(gguf_name, hf)
+    missing = [n for n, _ in names if n not in out]
+    if missing:
+        raise QuantizeError(f"the budgeted mix cannot place GGUF tensors {missing[:4]} on the model's modules")
+    return out
+
+
+class Probe:
+    """The base model in float32 on a slice of tokens, with every decoder layer's inputs cached, so that one
+    weight can be swapped and the output re-computed from its layer onward."""
+
+    def __init__(self, model_path: Path, ids: torch.Tensor):
+        self.model = load_model(model_path, "float32")
+        self.ids = ids
+        self.inner = self.model.model
+        self.layers = self.inner.layers
+        self.inputs: list[tuple] = []
+        hooks = [layer.register_forward_pre_hook(self._keep, with_kwargs=True) for layer in self.layers]
+        with torch.no_grad():
+            logits = self.model(ids, use_cache=False).logits.float()  # no cache the re-runs would append to
+        for h in hooks:
+            h.remove()
+        self.cap = getattr(self.model.config, "final_logit_softcapping", None)
+        self.base = torch.log_softmax(logits, -1)
+        with torch.no_grad():  # the layer-by-layer path must reproduce the model's own forward
+            again = self.logits(0)
+        drift = float((again - logits).abs().max())
+        if drift > 1e-3:
+            raise QuantizeError(f"re-running {type(self.model).__name__} layer by layer moves its logits by {drift}")
+
+    def _keep(self, module, args, kwargs):
+        self.inputs.append((args, kwargs))
+
+    def logits(self, first: int) -> torch.Tensor:
+        """The output with layers `first` … L−1 re-run from their cached inputs (first 0: from the embedding)."""
+        if first == 0:
+            h = self.inner.embed_tokens(self.ids)
+        else:
+            h = self.inputs[first][0][0]
+        for j in range(first, len(self.layers)):
+            args, kwargs = self.inputs[j]
+            out = self.layers[j](h, *args[1:], **kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+        logits = self.model.lm_head(self.inner.norm(h)).float()
+        if self.cap:
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return logits
+
+    def kld(self, module: str, weight: torch.Tensor, layer: int | None) -> float:
+        """Mean KLD(base ‖ model) per token with `module`'s weight replaced by `weight`."""
+        param = self.model.get_submodule(module).weight
+        saved = param.data
+        param.data = weight
+        try:
+            with torch.no_grad():
+                first = 0 if layer is None else layer
+                total = 0.0
+                logits = self.logits(first)
+                for b in range(self.ids.shape[0]):  # one sequence at a time: [seq, vocab] temporaries
+                    q = torch.log_softmax(logits[b], -1)
+                    p = self.base[b]
+                    total += float((p.exp() * (p - q)).sum())
+        finally:
+            param.data = saved
+        return total / self.ids.numel()
+
+
+def table_key(model_path: Path, ids: torch.Tensor, importance: dict, candidates, probe_bpw: float) -> str:
+    h = hashlib.sha256(json.dumps({"v": VERSION, "candidates": list(candidates), "probe_bpw": probe_bpw}).encode())
+    for f in sorted(model_path.glob("*.safetensors")):
+        h.update(f.name.encode() + str(f.stat().st_size).encode() + str(f.stat().st_mtime_ns).encode())
+    h.update(ids.numpy().tobytes())
+    for k in sorted(importance):
+        h.update(k.encode() + np.asarray(importance[k], dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def measure(model_path: Path, f16_gguf: Path, arch_map, importance: dict[str, np.ndarray], ids: torch.Tensor,
+            candidates: list[str], probe_bpw: float) -> tuple[list[Group], int, dict]:
+    """The table for a model (cached under the cache folder by model files, slice, importance, candidates).
+    Returns (groups, bytes of the tensors that stay as they are, provenance)."""
+    names, fixed = quantizable(f16_gguf)
+    key = table_key(model_path, ids, importance, candidates, probe_bpw)
+    cached = cache_root() / "sensitivity" / f"{key}.json"
+    if cached.is_file():
+        data = json.loads(cached.read_text())
+        step(f"sensitivity table: cached ({cached})")
+        return [Group(**g) for g in data["groups"]], data["fixed_bytes"], {**data["provenance"], "cache": str(cached)}
+    probe = Probe(model_path, ids)
+    modules = hf_modules(probe.model, names, arch_map)
+    layer_of = {m: int(m.split(".")[2]) for m in modules.values() if m.startswith("model.layers.")}
+    groups = []
+    for kind in candidates:  # ggml sets up its per-type tables on first use: once, before the threads share them
+        if llamacpp.fits_rows(kind, 256):
+            llamacpp.roundtrip(kind, np.ones((1, 256), dtype=np.float32), np.ones(256, dtype=np.float32))
+    pool = ThreadPoolExecutor(os.cpu_count() or 1)  # ggml's quantisers run without the GIL (ctypes releases it)
+    for n, (name, (rows, n_per_row)) in enumerate(names):
+        module = modules[name]
+        weight = probe.model.get_submodule(module).weight.data
+        if tuple(weight.shape) != (rows, n_per_row):
+            raise QuantizeError(f"{name}: GGUF shape {(rows, n_per_row)}, HF {module} {tuple(weight.shape)}")
+        w16 = weight.half().float().numpy()  # what the F16 GGUF holds, which llama.cpp quantizes
+        imp = importance.get(name)
+        g = Group(name, module, rows, n_per_row, layer_of.get(module), {}, imatrix=imp is not None)
+        weights = np.ones(n_per_row, dtype=np.float64) if imp is None else np.asarray(imp, dtype=np.float64)
+        kinds = [k for k in candidates if llamacpp.fits_rows(k, n_per_row)
+                 and not (imp is None and llamacpp.requires_importance(k))]
+        deq = {}
+        for kind, (d, stored) in zip(kinds, pool.map(lambda k: llamacpp.roundtrip(k, w16, imp), kinds)):
+            err = float((((d - w16).astype(np.float64) ** 2).sum(0) * weights).sum())
+            g.options[kind] = {"bytes": int(stored.size), "error": err}
+            deq[kind] = d
+        quantized = [k for k in g.options if k not in ("F16", "BF16", "F32")]
+        if not quantized:
+            raise QuantizeError(f"{name}: none of the candidate types {candidates} holds rows of {n_per_row}")
+        g.probe = min(quantized, key=lambda k: abs(bits_per_weight(k) - probe_bpw))
+        g.measured = probe.kld(module, torch.from_numpy(deq[g.probe]), g.layer)
+        gain = g.measured / g.options[g.probe]["error"] if g.options[g.probe]["error"] > 0 else 0.0
+        for o in g.options.values():
+            o["predicted"] = gain * o["error"]
+        groups.append(g)
+        step(f"sensitivity {n + 1}/{len(names)}: {name} at {g.probe}: KLD {g.measured:.3g}")
+    provenance = {"tokens": int(ids.numel()), "sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
+                  "probe_bpw": probe_bpw, "candidates": list(candidates), "dtype": "float32",
+                  "rank_correlation_error_vs_measured": rank_correlation(
+                      [g.options[g.probe]["error"] for g in groups], [g.measured for g in groups])}
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".partial")
+    tmp.write_text(json.dumps({"groups": [asdict(g) for g in groups], "fixed_bytes": fixed,
+                               "provenance": provenance}))
+    tmp.replace(cached)
+    pool.shutdown()
+    del probe
+    return groups, fixed, {**provenance, "cache": str(cached)}
+
+
+def rank_correlation(a, b) -> float:
+    """Spearman's ρ (average ranks for ties)."""
+    def ranks(x):
+        x = np.asarray(x, dtype=np.float64)
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for v in np.unique(x):  # ties share their mean rank
+            r[x == v] = r[x == v].mean()
+        return r
+    if len(a) < 2:
+        return math.nan
+    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])

@@ -1,0 +1,132 @@
+"""The budgeted GGUF mix (method auto): ggml's quantiser as llama.cpp runs it, the exact knapsack, the layer re-run
+the sensitivity probe relies on, and the whole method through the pipeline on a tiny Llama evaluated by llama.cpp."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_tiny_llama, write_recipe
+from quantize.common.errors import QuantizeError
+from quantize.formats import gguf_convert
+from quantize.methods.mixed import assign
+from quantize.methods.sensitivity import Probe
+from quantize.runtimes import llamacpp
+
+
+def test_roundtrip_is_llama_cpp_quantiser_byte_for_byte(tiny_model, tmp_path):
+    """The bytes `roundtrip` stores for a tensor are the bytes llama.cpp's quantiser writes for it with a
+    --tensor-type override and the same importance: what the sensitivity table measures is what the file holds."""
+    import gguf
+
+    source = gguf_convert.convert(tiny_model, tmp_path / "f16.gguf", "F16")
+    types = {"blk.0.ffn_down.weight": "Q4_K", "blk.0.attn_v.weight": "IQ4_NL", "blk.1.ffn_up.weight": "Q3_K",
+             "blk.1.attn_output.weight": "Q5_1", "blk.1.ffn_gate.weight": "Q2_K", "output.weight": "Q6_K"}
+    rng = np.random.default_rng(0)
+    tensors = {t.name: t for t in gguf.GGUFReader(source).tensors}
+    importance = {n: rng.random(tensors[n].shape[0]).astype(np.float32) + 0.1 for n in types if n != "output.weight"}
+    out = tmp_path / "mixed.gguf"
+    llamacpp.quantize(source, out, "Q8_0", importance, tensor_types=types)
+    written = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    for name, kind in types.items():
+        assert written[name].tensor_type.name == kind
+        w = np.asarray(tensors[name].data, dtype=np.float32)
+        deq, stored = llamacpp.roundtrip(kind, w, importance.get(name))
+        assert np.array_equal(np.asarray(written[name].data).reshape(-1).view(np.uint8), stored), name
+        assert deq.shape == w.shape and np.abs(deq - w).max() < np.abs(w).max()
+    assert written["blk.0.ffn_up.weight"].tensor_type.name == "Q8_0"  # not overridden: the file type's
+    with pytest.raises(QuantizeError, match="cannot hold rows of 100"):
+        llamacpp.roundtrip("Q4_K", np.ones((2, 100), dtype=np.float32))
+
+
+def test_assign_is_the_exact_optimum_and_the_bound_holds():
+    rng = np.random.default_rng(1)
+    for trial in range(20):
+        options = [{k: (int(rng.integers(5, 60)), float(rng.random())) for k in ("a", "b", "c")} for _ in range(6)]
+        budget = int(rng.integers(60, 250))
+        feasible = [(sum(options[g][k][1] for g, k in enumerate(c)), c)
+                    for c in itertools.product("abc", repeat=6)
+                    if sum(options[g][k][0] for g, k in enumerate(c)) <= budget]
+        if not feasible:
+            with pytest.raises(QuantizeError, match="below the smallest mix"):
+                assign(options, budget)
+            continue
+        best = min(feasible)[0]
+        choices, facts = assign(options, budget)  # budget < 20000 units: one byte per unit, no rounding
+        assert facts["unit_bytes"] == 1
+        assert sum(options[g][k][0] for g, k in enumerate(choices)) <= budget
+        assert facts["predicted_kld"] == pytest.approx(best, abs=1e-12)
+        assert facts["lagrangian_lower_bound"] <= best + 1e-12
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_probe_reruns_each_layer_as_the_model_computes(tmp_path, model_type):
+    extra = {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"],
+             "head_dim": 64} if model_type == "gemma3_text" else {}
+    folder = build_tiny_llama(tmp_path / model_type, model_type=model_type, **extra)
+    ids = torch.randint(3, 500, (2, 40))
+    probe = Probe(folder, ids)
+    with torch.no_grad():
+        full = probe.model(ids, use_cache=False).logits
+        for first in range(len(probe.layers)):
+            assert (probe.logits(first) - full).abs().max() < 1e-5
+    module = "model.layers.1.mlp.down_proj"
+    w = probe.model.get_submodule(module).weight.data
+    assert probe.kld(module, w.clone(), 1) < 1e-9  # the unchanged weight: no divergence
+    assert probe.kld(module, w + 0.05 * torch.randn_like(w), 1) > 1e-6
+    assert torch.equal(probe.model.get_submodule(module).weight.data, w)  # restored
+
+
+def test_budgeted_mix_builds_loads_and_fits(tiny_model, tmp_path, monkeypatch):
+    """Through the pipeline: the mix fits its budget (bytes from the file's tensor infos), every tensor has the type
+    mix.json gives it, it mixes types, llama.cpp loads and scores it; a bpw budget reuses the cached table."""
+    import gguf
+
+    from quantize.cli import app
+    from typer.testing import CliRunner
+
+    monkeypatch.setenv("QUANTIZE_CACHE", str(tmp_path / "cache"))
+    f16 = sum(int(t.n_bytes) for t in gguf.GGUFReader(gguf_convert.convert(tiny_model, tmp_path / "f.gguf")).tensors)
+    budget = int(f16 * 0.35)  # between all-Q2_K and all-Q8_0
+    methods = [{"name": "auto", "budget": {"bytes": budget}, "candidates": ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0"]},
+               {"name": "auto", "budget": {"bpw": 5.0}, "candidates": ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0"]}]
+    recipe = write_recipe(tmp_path / "r.yaml", str(tiny_model), methods, tmp_path / "out",
+                          calibration={"source": "bundled:wiki", "samples": 4, "seq_len": 64},
+                          eval={"perplexity": {"source": "bundled:wiki", "n_ctx": 64, "max_chunks": 2},
+                                "speed": {"enabled": False}})
+    result = CliRunner().invoke(app, ["run", str(recipe)])
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    for name, limit in ((f"auto-gguf-{budget}B", budget), ("auto-gguf-5bpw", None)):
+        folder = tmp_path / "out" / name
+        manifest = json.loads((folder / "manifest.json").read_text())["result"]
+        mix = json.loads((folder / "mix.json").read_text())
+        reader = gguf.GGUFReader(folder / "model.gguf")
+        size = sum(int(t.n_bytes) for t in reader.tensors)
+        limit = limit or int(5.0 * sum(int(t.n_elements) for t in reader.tensors) / 8)
+        assert size <= limit and size == manifest["bytes"]
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+        assert all(types[m["tensor"]] == m["type"] for m in mix["tensors"])
+        assert len({m["type"] for m in mix["tensors"]}) >= 2
+        solver = mix["solver"]
+        assert solver["lagrangian_lower_bound"] <= solver["predicted_kld"] + 1e-12
+        assert manifest["predicted_kld"] == pytest.approx(sum(m["predicted_kld"] for m in mix["tensors"]))
+        variant = results["variants"][name]
+        assert variant["loader"].startswith("llama.cpp") and variant["perplexity"]["kld"]["mean"] > 0
+    assert "cache" in mix["sensitivity"]
+
+
+def test_budget_keys_are_checked_before_any_work(tiny_model, tmp_path):
+    from quantize.recipe import parse_recipe
+
+    base = {"name": "x", "model": str(tiny_model)}
+    with pytest.raises(QuantizeError, match=r"method.budget: give exactly one of bytes, bpw, mix or gpu"):
+        parse_recipe({**base, "method": {"name": "auto", "budget": {"bytes": 10, "bpw": 4}}}, "r.yaml")
+    with pytest.raises(QuantizeError, match=r"gpu and context go together"):
+        parse_recipe({**base, "method": {"name": "auto", "budget": {"gpu": "RTX 4090"}}}, "r.yaml")
+    with pytest.raises(QuantizeError, match=r"budget.gpu: .*RTX 9999"):
+        parse_recipe({**base, "method": {"name": "auto", "budget": {"gpu": "RTX 9999", "context": 4096}}}, "r.yaml")
+    with pytest.raises(QuantizeError, match=r"unknown GGML types \['Q9_K'\]"):
+        parse_recipe({**base, "method": {"name": "auto", "budget": {"bpw": 4}, "candidates": ["Q9_K"]}}, "r.yaml")
