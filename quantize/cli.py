@@ -264,6 +264,47 @@ def fit_command(model: str = typer.Argument(..., help="a .gguf, an HF directory,
                "tok/s = GPU bandwidth / (active weight bytes + KV bytes) per token, an upper bound.")
 
 
+@app.command("fit-to")
+def fit_to(model: str = typer.Argument(..., help="an HF directory, bundled:NAME or a hub id"),
+           gpu: str = typer.Option(..., "--gpu", help="a GPU row of quantize/fit/gpus.py"),
+           ctx: int = typer.Option(..., "--ctx", min=1, help="the context the model must serve"),
+           batch: int = typer.Option(1, "--batch", min=1),
+           kv_dtype: str = typer.Option("f16", "--kv-dtype", help="llama.cpp's KV cache type: f16, bf16, q8_0, q4_0"),
+           out: Path | None = typer.Option(None, "--out", help="where the recipe goes (default: ./<name>.yaml)"),
+           force: bool = typer.Option(False, "--force", help="overwrite an existing recipe file")) -> None:
+    """Write a recipe for the least lossy GGUF of MODEL that fits GPU at context CTX: method auto with that budget
+    (the bytes fit leaves for weights after the KV cache and overhead), then `quantize run` it."""
+    import re
+
+    import yaml
+
+    from quantize.fit import footprint, vram
+    from quantize.recipe import parse_recipe
+    from quantize.sources.models import gguf_source, resolve_model
+
+    try:  # a bundled or local GGUF base is described by its HF form, which run converts it to
+        m = footprint.describe_model(str(resolve_model(model).path) if gguf_source(model) else model, None)
+        left, how = vram.weight_budget(m["shape"], gpu, ctx, batch, kv_dtype)
+        params = m["counts"].total
+        name = re.sub(r"[^a-z0-9.-]+", "-", f"{Path(model.split(':')[-1]).name}-{gpu}-{ctx}".lower()).strip("-")
+        recipe = {"name": name, "model": model,
+                  "method": {"name": "auto", "budget": {"gpu": gpu, "context": ctx, "batch": batch,
+                                                        "kv_dtype": kv_dtype}},
+                  "calibration": {"source": "bundled:wiki", "samples": 32, "seq_len": 512, "seed": 0},
+                  "fit": {"gpus": [gpu], "contexts": [ctx], "batch": batch, "kv_dtype": kv_dtype}}
+        path = out or Path(f"{name}.yaml")
+        parse_recipe(recipe, str(path))  # what run will read, checked now
+        if path.exists() and not force:
+            raise QuantizeError(f"{path} exists; --force to overwrite it, or --out another file")
+    except QuantizeError as exc:
+        _fail(exc)
+    path.write_text("# written by `quantize fit-to`: " + how + "\n" + yaml.safe_dump(recipe, sort_keys=False))
+    typer.echo(f"{how}: {8 * left / params:.2f} bits per weight over {params / 1e9:.2f} B parameters")
+    if left >= 2 * params:
+        typer.echo("F16 weights already fit; the mix will choose the least lossy types the candidates offer")
+    typer.echo(f"recipe: {path}\nnext: quantize run {path}")
+
+
 @app.command()
 def compare(runs: list[Path] = typer.Argument(..., help="run folders, e.g. outputs/*"),
             png: Path = typer.Option(Path("compare.png"), "--png", help="chart of KLD against size"),

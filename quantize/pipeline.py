@@ -213,6 +213,11 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
                        "eval_dtype": eval_dtype, "loader": loader, "build_s": manifest["timings_s"]["build"],
                        "build_peak_rss_bytes": manifest["peak_rss_bytes"]["build"], **measured,
                        "fit": _fit(folder, shape, recipe)}
+            if "mix" in manifest["result"]:  # a budgeted mix: what it was asked and what it predicted
+                r = manifest["result"]
+                variant["budgeted_mix"] = {"budget": r["budget"], "bytes": r["bytes"], "predicted_kld": r["predicted_kld"],
+                                           "tensors_by_type": r["mix"]["tensors_by_type"],
+                                           "solver": r["mix"]["solver"], "sensitivity": r["mix"]["sensitivity"]}
             if recipe.gates.is_set:
                 variant["gates"] = gates.judge(variant, results["base"], recipe.gates, shape, recipe.fit.kv_dtype,
                                                recipe.fit.flash_attn)

@@ -91,7 +91,8 @@ def test_budgeted_mix_builds_loads_and_fits(tiny_model, tmp_path, monkeypatch):
     f16 = sum(int(t.n_bytes) for t in gguf.GGUFReader(gguf_convert.convert(tiny_model, tmp_path / "f.gguf")).tensors)
     budget = int(f16 * 0.35)  # between all-Q2_K and all-Q8_0
     methods = [{"name": "auto", "budget": {"bytes": budget}, "candidates": ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0"]},
-               {"name": "auto", "budget": {"bpw": 5.0}, "candidates": ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0"]}]
+               {"name": "auto", "budget": {"bpw": 5.0}, "candidates": ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0"]},
+               {"name": "auto", "budget": {"gpu": "RTX 3060", "context": 4096}, "candidates": ["Q4_K", "Q8_0"]}]
     recipe = write_recipe(tmp_path / "r.yaml", str(tiny_model), methods, tmp_path / "out",
                           calibration={"source": "bundled:wiki", "samples": 4, "seq_len": 64},
                           eval={"perplexity": {"source": "bundled:wiki", "n_ctx": 64, "max_chunks": 2},
@@ -116,6 +117,18 @@ def test_budgeted_mix_builds_loads_and_fits(tiny_model, tmp_path, monkeypatch):
         variant = results["variants"][name]
         assert variant["loader"].startswith("llama.cpp") and variant["perplexity"]["kld"]["mean"] > 0
     assert "cache" in mix["sensitivity"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Budgeted mixes (method auto): predicted and measured" in report
+    assert f"| {name} | {limit:,} | {size:,} |" in report
+    # a GPU budget: the bytes fit leaves at that context (far more than this model needs: every tensor Q8_0)
+    from quantize.fit.shape import shape_from_config
+    from quantize.fit.vram import weight_budget
+
+    manifest = json.loads((tmp_path / "out" / "auto-gguf-rtx-3060-4096" / "manifest.json").read_text())["result"]
+    left, _ = weight_budget(shape_from_config(json.loads((tiny_model / "config.json").read_text())), "RTX 3060",
+                            4096, 1, "f16")
+    assert manifest["budget"]["bytes_resolved"] == left
+    assert manifest["mix"]["tensors_by_type"] == {"Q8_0": 16}  # 2 layers × 7 linears, the embedding, the output
 
 
 def test_budget_keys_are_checked_before_any_work(tiny_model, tmp_path):
@@ -130,3 +143,115 @@ def test_budget_keys_are_checked_before_any_work(tiny_model, tmp_path):
         parse_recipe({**base, "method": {"name": "auto", "budget": {"gpu": "RTX 9999", "context": 4096}}}, "r.yaml")
     with pytest.raises(QuantizeError, match=r"unknown GGML types \['Q9_K'\]"):
         parse_recipe({**base, "method": {"name": "auto", "budget": {"bpw": 4}, "candidates": ["Q9_K"]}}, "r.yaml")
+
+
+def test_weight_budget_is_fits_arithmetic(tiny_model):
+    from quantize.fit.gpus import gpu_by_name
+    from quantize.fit.shape import shape_from_config
+    from quantize.fit.vram import fit_one, weight_budget
+
+    shape = shape_from_config(json.loads((tiny_model / "config.json").read_text()))
+    left, how = weight_budget(shape, "RTX 4090", 8192, 2, "q8_0")
+    row = fit_one(left, shape, gpu_by_name("RTX 4090"), 8192, 2, "q8_0")
+    assert row.fits and row.headroom_bytes == 0 and "RTX 4090" in how
+    assert not fit_one(left + 1, shape, gpu_by_name("RTX 4090"), 8192, 2, "q8_0").fits
+    with pytest.raises(QuantizeError, match="nothing is left for the weights"):
+        weight_budget(shape, "RTX 3060", 10**9, 1, "f16")
+
+
+def test_fit_to_writes_a_recipe_run_accepts(tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from quantize.cli import app
+    from quantize.recipe import load_recipe
+
+    out = tmp_path / "fit.yaml"
+    args = ["fit-to", str(tiny_model), "--gpu", "RTX 3060", "--ctx", "8192", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    recipe = load_recipe(out)
+    assert recipe.methods[0].name == "auto" and recipe.methods[0].budget.gpu == "RTX 3060"
+    assert recipe.methods[0].budget.context == 8192
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "exists" in again.output
+
+
+def test_per_module_schemes_write_config_groups_transformers_loads(tiny_model, tmp_path):
+    """RTN with per_module schemes (a per-layer mix): each linear on its own grid, one compressed-tensors config
+    group per scheme, reloaded by transformers to the model computed here; the size estimate from the
+    architecture matches the file."""
+    from quantize.fit.footprint import expected_bytes
+    from quantize.formats.tensors import weight_bytes
+    from quantize.methods import grids
+    from quantize.methods.configs import RtnMethod
+    from quantize.methods.registry import METHODS
+    from quantize.runtimes.load import load
+    from quantize.sources.models import load_model, meta_model, resolve_model
+
+    method = RtnMethod(name="rtn", bits=4, group_size=64, per_module=[
+        {"match": r"layers\.0\.self_attn\.", "bits": 8, "group_size": -1},
+        {"match": r"mlp\.down_proj$", "bits": 4, "group_size": 32}])
+    assert method.scheme_for("model.layers.0.self_attn.q_proj") == (8, -1)
+    assert method.scheme_for("model.layers.1.mlp.down_proj") == (4, 32)
+    assert method.scheme_for("model.layers.1.self_attn.q_proj") == (4, 64)
+    info = METHODS["rtn"].build(method, resolve_model(str(tiny_model)), tmp_path, None)
+    assert info["scheme"] == "mixed"
+    groups = info["quantization_config"]["config_groups"]
+    assert sorted((g["weights"]["num_bits"], g["weights"]["group_size"]) for g in groups.values()) == [
+        (4, 32), (4, 64), (8, None)]
+    expected_model = load_model(tiny_model, "float32")
+    with torch.no_grad():
+        for name, lin in expected_model.named_modules():
+            if isinstance(lin, torch.nn.Linear) and ".layers." in name:
+                bits, gs = method.scheme_for(name)
+                scale, zero = grids.scale_zero(lin.weight.data, bits, True, gs)
+                scale = grids.storable_scale(scale, torch.float16)
+                lin.weight.data = grids.dequantize(grids.quantize(lin.weight.data, scale, zero, bits, True, gs),
+                                                   scale, zero, gs)
+        ids = torch.arange(3, 131)[None]
+        model, loader, _ = load(tmp_path, "float32")
+        assert (model(ids).logits - expected_model(ids).logits).abs().max() < 1e-4
+    written = sum(weight_bytes(tmp_path).values())
+    assert abs(expected_bytes(method, meta_model(tiny_model)) - written) <= 16 * 14  # weight_shape: 2 int64 each
+
+
+def test_compressed_tensors_mix_fits_the_uniform_schemes_bytes(tiny_model, tmp_path, monkeypatch):
+    """target compressed-tensors: a mix at the bytes of uniform RTN W4 g128 (computed from the table, checked here
+    against the uniform artefact itself), built by RTN with per_module schemes and fp16 groups, reloaded by
+    transformers, with q/k/v and gate/up each on one scheme (vLLM fuses them)."""
+    from typer.testing import CliRunner
+
+    from quantize.cli import app
+    from quantize.formats.tensors import weight_bytes
+
+    monkeypatch.setenv("QUANTIZE_CACHE", str(tmp_path / "cache"))
+    methods = [{"name": "rtn", "bits": 4, "group_size": 128},
+               {"name": "auto", "target": "compressed-tensors", "quantizer": "rtn", "budget": {"scheme": "w4g128"}},
+               {"name": "auto", "target": "compressed-tensors", "quantizer": "gptq", "budget": {"bpw": 9.0},
+                "candidates": ["w4g128", "w8ch", "fp16"]}]
+    recipe = write_recipe(tmp_path / "r.yaml", str(tiny_model), methods, tmp_path / "out",
+                          calibration={"source": "bundled:wiki", "samples": 4, "seq_len": 64},
+                          eval={"perplexity": {"source": "bundled:wiki", "n_ctx": 64, "max_chunks": 2},
+                                "speed": {"enabled": False}})
+    result = CliRunner().invoke(app, ["run", str(recipe)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    uniform = sum(weight_bytes(out / "rtn-w4-sym-g128").values())
+    results = json.loads((out / "results.json").read_text())
+    for name in ("auto-ct-rtn-as-w4g128", "auto-ct-gptq-9bpw"):
+        manifest = json.loads((out / name / "manifest.json").read_text())["result"]
+        mix = json.loads((out / name / "mix.json").read_text())
+        written = sum(weight_bytes(out / name).values())
+        assert written == manifest["bytes"] <= manifest["budget"]["bytes_resolved"]
+        assert results["variants"][name]["loader"].startswith("transformers")
+        groups = json.loads((out / name / "config.json").read_text())["quantization_config"]["config_groups"]
+        scheme_of = {t: (g["weights"]["num_bits"], g["weights"]["group_size"]) for g in groups.values()
+                     for t in g["targets"]}
+        for entry in mix["tensors"]:
+            got = {scheme_of.get(m, "fp16") for m in entry["modules"]}
+            assert len(got) == 1  # fused linears share one scheme
+            want = "fp16" if entry["type"] == "fp16" else (int(entry["type"][1]), None if entry["type"].endswith(
+                "ch") else int(entry["type"].split("g")[1]))
+            assert got == {want}
+    assert json.loads((out / "auto-ct-rtn-as-w4g128" / "manifest.json").read_text())["result"]["budget"][
+        "bytes_resolved"] == uniform

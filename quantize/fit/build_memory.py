@@ -68,5 +68,5 @@ def build_bytes(method, shape: ModelShape, params: int, samples: int, seq_len: i
         slice_logits = method.sensitivity_samples * seq_len * shape.vocab_size * F32
         largest = shape.vocab_size * shape.hidden_size * F32
         return max(layer_wise_bytes(shape, samples, seq_len),
-                   params * F32 + len(method.candidates) * largest + 3 * slice_logits)
+                   params * F32 + len(method.candidate_types) * largest + 3 * slice_logits)
     raise AssertionError(f"no memory model for method {method.name}")

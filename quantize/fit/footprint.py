@@ -135,10 +135,11 @@ def weight_only_bytes(method, meta_model: torch.nn.Module) -> int:
             total += p.numel() * STORAGE_DTYPE.itemsize
             continue
         rows, cols = p.shape
-        gs = method.group_size if method.group_size != -1 and cols % method.group_size == 0 else cols
+        bits, gs = method.scheme_for(name)
+        gs = gs if gs != -1 and cols % gs == 0 else cols
         groups = rows * (cols // gs)
-        zeros = groups * STORAGE_DTYPE.itemsize if method.format == "mlx" else 0 if method.sym else groups * method.bits // 8
-        total += rows * cols * method.bits // 8 + groups * STORAGE_DTYPE.itemsize + zeros
+        zeros = groups * STORAGE_DTYPE.itemsize if method.format == "mlx" else 0 if method.sym else groups * bits // 8
+        total += rows * cols * bits // 8 + groups * STORAGE_DTYPE.itemsize + zeros
     return total
 
 

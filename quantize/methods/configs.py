@@ -38,6 +38,23 @@ class Int8Method(Strict):
         return False
 
 
+class ModuleScheme(Strict):
+    """Another grid for the linears whose full name `match` (a regex, searched) finds: a per-layer mix."""
+
+    match: str
+    bits: Literal[2, 3, 4, 8]
+    group_size: Literal[-1, 32, 64, 128, 256]
+
+    @field_validator("match")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {value!r} ({exc})") from None
+        return value
+
+
 class WeightOnly(Strict):
     """Integer weights on b-bit grids per group of `group_size` input columns (-1: per output channel)."""
 
@@ -53,10 +70,23 @@ class WeightOnly(Strict):
         "compressed-tensors", description="on-disk layout: compressed-tensors pack-quantized (vLLM, SGLang, "
         "transformers), the classic `gptq` (v1) / `awq` (GEMM) int32 layouts for older stacks, or `mlx` (mlx-lm's "
         "affine layout, Apple Silicon)")
+    per_module: list[ModuleScheme] = Field(
+        default_factory=list, description="other bits / group sizes for some linears (first match wins; the rest "
+        "take bits and group_size): written as one compressed-tensors config group per scheme")
     variant: str | None = None
+
+    def scheme_for(self, name: str) -> tuple[int, int]:
+        """(bits, group_size) the linear `name` (its full module name) is asked for."""
+        for m in self.per_module:
+            if re.search(m.match, name):
+                return m.bits, m.group_size
+        return self.bits, self.group_size
 
     @model_validator(mode="after")
     def _format_packs_bits(self):
+        if self.per_module and self.format != "compressed-tensors":
+            raise ValueError(f"per_module schemes are written as compressed-tensors config groups; format "
+                             f"{self.format!r} holds one scheme")
         if self.format in CLASSIC_BITS and self.bits not in CLASSIC_BITS[self.format]:
             raise ValueError(f"format {self.format!r} packs bits {list(CLASSIC_BITS[self.format])}, got bits {self.bits}")
         if self.format == "mlx":
@@ -152,6 +182,12 @@ class AwqMethod(WeightOnly):
     def needs_calibration(self) -> bool:
         return True
 
+    @model_validator(mode="after")
+    def _one_scheme(self):
+        if self.per_module:
+            raise ValueError("per_module schemes: rtn and gptq (AWQ's scale search is made for one grid)")
+        return self
+
     def default_variant(self) -> str:
         if self.variant is None and self.export == "scaled-fp16":
             return super().default_variant() + "-scaled-fp16"
@@ -196,6 +232,7 @@ class GgufMethod(Strict):
         return self.variant or f"gguf-{self.type.lower()}{tags}"
 
 
+SCHEME_CANDIDATES = ["w4g32", "w4g64", "w4g128", "w4ch", "w8g128", "w8ch", "fp16"]
 MIX_CANDIDATES = ["Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "IQ4_NL", "Q5_0", "Q5_1", "F16"]
 
 
@@ -207,6 +244,8 @@ class Budget(Strict):
 
     bytes: int | None = Field(None, ge=1)
     mix: Literal[tuple(m for m in MIXES if m not in UNQUANTIZED)] | None = None
+    scheme: str | None = Field(None, pattern=r"^w(4|8)(g(32|64|128)|ch)$",
+                               description="compressed-tensors: what this uniform scheme weighs (w4g128, w8ch, …)")
     bpw: float | None = Field(None, gt=0, le=32)
     gpu: str | None = None
     context: int | None = Field(None, ge=1)
@@ -216,9 +255,9 @@ class Budget(Strict):
 
     @model_validator(mode="after")
     def _one_budget(self):
-        given = [k for k in ("bytes", "bpw", "mix", "gpu") if getattr(self, k) is not None]
+        given = [k for k in ("bytes", "bpw", "mix", "scheme", "gpu") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of bytes, bpw, mix or gpu (+ context); got {given or 'none'}")
+            raise ValueError(f"give exactly one of bytes, bpw, mix, scheme or gpu (+ context); got {given or 'none'}")
         if (self.gpu is None) != (self.context is None):
             raise ValueError("gpu and context go together: the weights' share depends on the context's KV cache")
         if self.weight_bytes is not None:
@@ -232,10 +271,16 @@ class AutoMethod(Strict):
     (methods/mixed.py) and built by llama.cpp's own quantiser with per-tensor types."""
 
     name: Literal["auto"]
-    target: Literal["gguf"] = Field("gguf", description="the artefact format (compressed-tensors: not built yet)")
+    target: Literal["gguf", "compressed-tensors"] = Field(
+        "gguf", description="gguf (llama.cpp's types per tensor) or compressed-tensors (vLLM's W4/W8 schemes per "
+                            "fused linear group, built by `quantizer`)")
     budget: Budget
-    candidates: list[str] = Field(default_factory=lambda: list(MIX_CANDIDATES),
-                                  description="GGML types a tensor may take (each where its blocks fit the rows)")
+    candidates: list[str] | None = Field(
+        None, description="gguf: GGML types a tensor may take (each where its blocks fit the rows), default "
+        f"{', '.join(MIX_CANDIDATES)}; compressed-tensors: schemes, default {', '.join(SCHEME_CANDIDATES)}")
+    quantizer: Literal["gptq", "rtn"] = Field("gptq", description="compressed-tensors: the method that builds the mix")
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="compressed-tensors: linears left "
+                                                                                "alone (regexes)")
     probe_bpw: float = Field(4.5, gt=1, le=16, description="each tensor's KLD is measured at the candidate nearest "
                                                            "this many bits per weight")
     sensitivity_samples: int = Field(2, ge=1, description="calibration windows the KLDs are measured on (the first "
@@ -243,16 +288,31 @@ class AutoMethod(Strict):
     num_ctx: int = Field(4096, ge=64, description="the Modelfile's PARAMETER num_ctx, as for gguf")
     variant: str | None = None
 
-    @field_validator("candidates")
-    @classmethod
-    def _known_types(cls, value: list[str]) -> list[str]:
+    @model_validator(mode="after")
+    def _target_keys(self):
         from gguf import GGMLQuantizationType
 
-        unknown = [k for k in value if k not in GGMLQuantizationType.__members__]
-        if unknown or not value:
-            raise ValueError(f"unknown GGML types {unknown}; accepted: {', '.join(MIX_CANDIDATES)} (and llama.cpp's "
-                             "other types)")
-        return value
+        if self.target == "gguf":
+            unknown = [k for k in self.candidate_types if k not in GGMLQuantizationType.__members__]
+            if unknown or not self.candidate_types:
+                raise ValueError(f"unknown GGML types {unknown}; accepted: {', '.join(MIX_CANDIDATES)} (and "
+                                 "llama.cpp's other types)")
+            if self.budget.scheme:
+                raise ValueError("budget.scheme is for target compressed-tensors; a GGUF mix takes budget.mix")
+        else:
+            unknown = [k for k in self.candidate_types if not re.fullmatch(r"w(4|8)(g(32|64|128)|ch)|fp16", k)]
+            if unknown or not self.candidate_types:
+                raise ValueError(f"unknown schemes {unknown}; accepted: w4/w8 with g32, g64, g128 or ch (the ones "
+                                 "vLLM's WNA16 kernels load), fp16")
+            if self.budget.mix:
+                raise ValueError("budget.mix is llama.cpp's; for compressed-tensors give budget.scheme (e.g. w4g128)")
+        return self
+
+    @property
+    def candidate_types(self) -> list[str]:
+        if self.candidates is not None:
+            return self.candidates
+        return list(MIX_CANDIDATES if self.target == "gguf" else SCHEME_CANDIDATES)
 
     @property
     def needs_calibration(self) -> bool:
@@ -261,8 +321,9 @@ class AutoMethod(Strict):
     def default_variant(self) -> str:
         b = self.budget
         size = (f"{b.bytes}B" if b.bytes else f"{b.bpw:g}bpw" if b.bpw else f"as-{b.mix.lower()}" if b.mix else
-                f"{b.gpu.lower().replace(' ', '-')}-{b.context}")
-        return self.variant or f"auto-gguf-{size}"
+                f"as-{b.scheme}" if b.scheme else f"{b.gpu.lower().replace(' ', '-')}-{b.context}")
+        target = "gguf" if self.target == "gguf" else f"ct-{self.quantizer}"
+        return self.variant or f"auto-{target}-{size}"
 
 
 # The method names, once: each config's `name` literal. The recipe's `method` is a union discriminated on it and the

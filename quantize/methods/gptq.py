@@ -28,7 +28,7 @@ import torch
 from quantize.methods import grids
 from quantize.methods.configs import GptqMethod
 from quantize.methods.statistics import Hessian
-from quantize.methods.weight_only import Solved, build_streamed, scale_dtype
+from quantize.methods.weight_only import Solved, build_streamed, scale_dtype, scheme_name
 
 
 # Where a group's grid comes from when groups are not static (no act_order): "updated", the weights as they are
@@ -122,10 +122,10 @@ Config = GptqMethod
 def build(method: GptqMethod, base, out_dir, calib: torch.Tensor, calib_info=None, keep: dict | None = None) -> dict:
     dtype = scale_dtype(method, base)
 
-    def solve(W, hess: Hessian, group_size: int) -> Solved:
-        return gptq_quantize(W, hess, method.bits, method.sym, group_size, method.act_order, method.damp,
+    def solve(W, hess: Hessian, group_size: int, bits: int) -> Solved:
+        return gptq_quantize(W, hess, bits, method.sym, group_size, method.act_order, method.damp,
                              method.block_size, scale_dtype=dtype, observer=method.observer,
                              group_grid=method.group_grid)
 
-    return {"scheme": f"w{method.bits}a16", **build_streamed(method, base, out_dir, calib, solve, keep)}
+    return {"scheme": scheme_name(method), **build_streamed(method, base, out_dir, calib, solve, keep)}
 

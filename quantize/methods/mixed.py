@@ -15,6 +15,8 @@ after: every tensor has the type it was given and the file's tensor bytes are wi
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 from pathlib import Path
 
@@ -99,6 +101,88 @@ def lagrangian_bound(options: list[dict[str, tuple[int, float]]], budget: int) -
 
 
 def build(method: AutoMethod, base, out_dir: Path, calib: torch.Tensor, calib_info: dict | None = None) -> dict:
+    if method.budget.gpu and not method.budget.weight_bytes:
+        raise QuantizeError("a gpu budget is resolved to bytes by the run (pipeline); build got none")
+    if method.target == "compressed-tensors":
+        return build_compressed(method, base, out_dir, calib, calib_info)
+    return build_gguf(method, base, out_dir, calib, calib_info)
+
+
+def build_compressed(method: AutoMethod, base, out_dir: Path, calib: torch.Tensor, calib_info: dict | None) -> dict:
+    """The budgeted mix as compressed-tensors: one scheme per group of linears vLLM fuses (q/k/v, gate/up) or per
+    linear (o, down), from the candidates vLLM's WNA16 kernels load (4 or 8 bits, symmetric) or fp16 (the linear
+    left unquantized), built by RTN or GPTQ with per_module schemes."""
+    from quantize.methods.configs import CONFIGS
+    from quantize.methods.engine import LAYOUTS
+    from quantize.methods.registry import METHODS
+    from quantize.methods.statistics import importance_matrix
+    from quantize.formats.compressed_tensors import storage_dtype
+    from quantize.formats.tensors import weight_bytes
+    from quantize.sources.models import ignored
+    from quantize.sources.shards import Shards
+
+    config = base.config
+    layout = LAYOUTS[config["model_type"]]
+    groups_by_layer = [(i, [f"model.layers.{i}.{n}" for n in g]) for i in range(config["num_hidden_layers"])
+                       for g in layout.groups]
+    groups_by_layer = [(i, g) for i, g in groups_by_layer if not any(ignored(m, method.ignore) for m in g)]
+    members = {f"{m}.weight" for _, g in groups_by_layer for m in g}
+    shards = Shards(base.path)
+    fixed = sum(2 * math.prod(shards.shape(n)) for n in shards.names() if n not in members)  # stored 2-byte
+    sums, counts = importance_matrix(base.path, calib)
+    importance = {k: (sums[k] / counts[k]).numpy() for k in sums}
+    ids = calib[: method.sensitivity_samples]
+    groups, fixed, provenance = sensitivity.measure_linear(base.path, groups_by_layer, importance, ids,
+                                                           method.candidate_types, method.probe_bpw,
+                                                           storage_dtype(config), fixed)
+    b = method.budget
+    if b.scheme:  # what that scheme weighs on every group (its per-channel form where its group size does not fit)
+        bits = sensitivity.scheme(b.scheme)[0]
+        budget = fixed + sum(g.options.get(b.scheme, g.options.get(f"w{bits}ch", {})).get("bytes") or
+                             _no_fit(b.scheme, g) for g in groups)
+    else:
+        params = sum(math.prod(shards.shape(n)) for n in shards.names())
+        budget = b.bytes or b.weight_bytes or int(b.bpw * params / 8)
+    options = [{k: (o["bytes"], o["predicted"]) for k, o in g.options.items()} for g in groups]
+    choices, solver = assign(options, budget - fixed)
+    solver["budget_bytes"], solver["fixed_bytes"], solver["bytes"] = budget, fixed, solver["bytes"] + fixed
+    per_module, keep_fp16 = [], []
+    for g, kind in zip(groups, choices):
+        pattern = "^(" + "|".join(re.escape(m) for m in g.modules) + ")$"
+        if kind == "fp16":
+            keep_fp16.append(pattern)
+        else:
+            bits, gs = sensitivity.scheme(kind)
+            per_module.append({"match": pattern, "bits": bits, "group_size": gs})
+    step(f"mix for {budget} bytes: " + ", ".join(f"{k} {choices.count(k)}" for k in sorted(set(choices)))
+         + f"; predicted KLD {solver['predicted_kld']:.4g} (lower bound {solver['lagrangian_lower_bound']:.4g})")
+    quantizer = CONFIGS[method.quantizer](name=method.quantizer, bits=4, group_size=128, sym=True,
+                                          per_module=per_module, ignore=[*method.ignore, *keep_fp16],
+                                          variant=method.default_variant())
+    info = METHODS[method.quantizer].build(quantizer, base, out_dir, calib if method.quantizer == "gptq" else None,
+                                           calib_info)
+    written = sum(weight_bytes(out_dir).values())
+    if written > budget:
+        raise QuantizeError(f"{out_dir}: {written} bytes of tensors, over the budget of {budget}")
+    mix = [{"modules": g.modules, "type": k, "bytes": g.options[k]["bytes"], "predicted_kld": g.options[k]["predicted"],
+            "probe": g.probe, "probe_kld": g.measured} for g, k in zip(groups, choices)]
+    (out_dir / "mix.json").write_text(json.dumps({"solver": solver, "sensitivity": provenance, "tensors": mix},
+                                                 indent=1))
+    by_bytes: dict[str, int] = {}
+    for g, k in zip(groups, choices):
+        by_bytes[k] = by_bytes.get(k, 0) + g.options[k]["bytes"]
+    return {**info, "bytes": written, "quantizer": quantizer.model_dump(mode="json"),
+            "budget": {**b.model_dump(mode="json", exclude_none=True), "bytes_resolved": budget},
+            "mix": {"solver": solver, "sensitivity": provenance, "bytes_by_type": by_bytes,
+                    "tensors_by_type": {k: choices.count(k) for k in sorted(set(choices))}},
+            "predicted_kld": solver["predicted_kld"]}
+
+
+def _no_fit(kind: str, g) -> int:
+    raise QuantizeError(f"budget scheme {kind}: neither it nor its per-channel form fits {g.modules}")
+
+
+def build_gguf(method: AutoMethod, base, out_dir: Path, calib: torch.Tensor, calib_info: dict | None) -> dict:
     lib = llamacpp.binding()
     target = out_dir / "model.gguf"
     work = out_dir / "work"
@@ -108,12 +192,10 @@ def build(method: AutoMethod, base, out_dir: Path, calib: torch.Tensor, calib_in
     arch_map = gguf_convert.tensor_names(gguf_convert.gguf_arch(source), base.config["num_hidden_layers"])
     imatrix, imatrix_info = gguf_method.importance(base, source, calib, calib_info, out_dir)
     ids = calib[: method.sensitivity_samples]
-    groups, fixed, provenance = sensitivity.measure(base.path, source, arch_map, imatrix, ids, method.candidates,
-                                                    method.probe_bpw)
+    groups, fixed, provenance = sensitivity.measure(base.path, source, arch_map, imatrix, ids,
+                                                    method.candidate_types, method.probe_bpw)
     stats = gguf_stats(source)
     b = method.budget
-    if b.gpu and not b.weight_bytes:
-        raise QuantizeError("a gpu budget is resolved to bytes by the run (pipeline); build got none")
     if b.mix:  # what llama.cpp's own mix weighs, quantized for real with the same importance matrix
         standard = work / f"standard-{b.mix}.gguf"
         llamacpp.quantize(source, standard, b.mix, imatrix)

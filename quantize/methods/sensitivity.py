@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,8 +45,9 @@ VERSION = 1  # of the table's definition: a cached table from another version is
 
 @dataclass
 class Group:
-    name: str  # the GGUF tensor
-    module: str  # the HF module holding it (for a tied embedding: the embedding, which is also the output head)
+    name: str  # the GGUF tensor, or the fused linears' first module (compressed-tensors)
+    modules: list[str]  # the HF modules that take the type together (a tied embedding: the embedding, which is
+    # also the output head; compressed-tensors: the linears vLLM fuses, q/k/v and gate/up, or one linear)
     rows: int
     n_per_row: int
     layer: int | None  # decoder layer, or None for the embedding / output head
@@ -125,11 +127,12 @@ class Probe:
             logits = torch.tanh(logits / self.cap) * self.cap
         return logits
 
-    def kld(self, module: str, weight: torch.Tensor, layer: int | None) -> float:
-        """Mean KLD(base ‖ model) per token with `module`'s weight replaced by `weight`."""
-        param = self.model.get_submodule(module).weight
-        saved = param.data
-        param.data = weight
+    def kld(self, weights: dict[str, torch.Tensor], layer: int | None) -> float:
+        """Mean KLD(base ‖ model) per token with each named module's weight replaced."""
+        params = {m: self.model.get_submodule(m).weight for m in weights}
+        saved = {m: p.data for m, p in params.items()}
+        for m, p in params.items():
+            p.data = weights[m]
         try:
             with torch.no_grad():
                 first = 0 if layer is None else layer
@@ -140,12 +143,15 @@ class Probe:
                     p = self.base[b]
                     total += float((p.exp() * (p - q)).sum())
         finally:
-            param.data = saved
+            for m, p in params.items():
+                p.data = saved[m]
         return total / self.ids.numel()
 
 
-def table_key(model_path: Path, ids: torch.Tensor, importance: dict, candidates, probe_bpw: float) -> str:
-    h = hashlib.sha256(json.dumps({"v": VERSION, "candidates": list(candidates), "probe_bpw": probe_bpw}).encode())
+def table_key(model_path: Path, ids: torch.Tensor, importance: dict, candidates, probe_bpw: float,
+              target: str = "gguf") -> str:
+    h = hashlib.sha256(json.dumps({"v": VERSION, "candidates": list(candidates), "probe_bpw": probe_bpw,
+                                   "target": target}).encode())
     for f in sorted(model_path.glob("*.safetensors")):
         h.update(f.name.encode() + str(f.stat().st_size).encode() + str(f.stat().st_mtime_ns).encode())
     h.update(ids.numpy().tobytes())
@@ -159,12 +165,9 @@ def measure(model_path: Path, f16_gguf: Path, arch_map, importance: dict[str, np
     """The table for a model (cached under the cache folder by model files, slice, importance, candidates).
     Returns (groups, bytes of the tensors that stay as they are, provenance)."""
     names, fixed = quantizable(f16_gguf)
-    key = table_key(model_path, ids, importance, candidates, probe_bpw)
-    cached = cache_root() / "sensitivity" / f"{key}.json"
+    cached = cache_root() / "sensitivity" / f"{table_key(model_path, ids, importance, candidates, probe_bpw)}.json"
     if cached.is_file():
-        data = json.loads(cached.read_text())
-        step(f"sensitivity table: cached ({cached})")
-        return [Group(**g) for g in data["groups"]], data["fixed_bytes"], {**data["provenance"], "cache": str(cached)}
+        return load_table(cached)
     probe = Probe(model_path, ids)
     modules = hf_modules(probe.model, names, arch_map)
     layer_of = {m: int(m.split(".")[2]) for m in modules.values() if m.startswith("model.layers.")}
@@ -180,7 +183,7 @@ def measure(model_path: Path, f16_gguf: Path, arch_map, importance: dict[str, np
             raise QuantizeError(f"{name}: GGUF shape {(rows, n_per_row)}, HF {module} {tuple(weight.shape)}")
         w16 = weight.half().float().numpy()  # what the F16 GGUF holds, which llama.cpp quantizes
         imp = importance.get(name)
-        g = Group(name, module, rows, n_per_row, layer_of.get(module), {}, imatrix=imp is not None)
+        g = Group(name, [module], rows, n_per_row, layer_of.get(module), {}, imatrix=imp is not None)
         weights = np.ones(n_per_row, dtype=np.float64) if imp is None else np.asarray(imp, dtype=np.float64)
         kinds = [k for k in candidates if llamacpp.fits_rows(k, n_per_row)
                  and not (imp is None and llamacpp.requires_importance(k))]
@@ -193,12 +196,23 @@ def measure(model_path: Path, f16_gguf: Path, arch_map, importance: dict[str, np
         if not quantized:
             raise QuantizeError(f"{name}: none of the candidate types {candidates} holds rows of {n_per_row}")
         g.probe = min(quantized, key=lambda k: abs(bits_per_weight(k) - probe_bpw))
-        g.measured = probe.kld(module, torch.from_numpy(deq[g.probe]), g.layer)
-        gain = g.measured / g.options[g.probe]["error"] if g.options[g.probe]["error"] > 0 else 0.0
-        for o in g.options.values():
-            o["predicted"] = gain * o["error"]
+        probe_group(probe, g, {module: torch.from_numpy(deq[g.probe])}, f"{n + 1}/{len(names)}")
         groups.append(g)
-        step(f"sensitivity {n + 1}/{len(names)}: {name} at {g.probe}: KLD {g.measured:.3g}")
+    pool.shutdown()
+    return save_table(cached, groups, fixed, ids, probe_bpw, candidates)
+
+
+def probe_group(probe: Probe, g: Group, weights: dict[str, torch.Tensor], progress: str) -> None:
+    """The group's KLD at its probe type, and every option's prediction: gain × error (module docstring)."""
+    g.measured = probe.kld(weights, g.layer)
+    gain = g.measured / g.options[g.probe]["error"] if g.options[g.probe]["error"] > 0 else 0.0
+    for o in g.options.values():
+        o["predicted"] = gain * o["error"]
+    step(f"sensitivity {progress}: {g.name} at {g.probe}: KLD {g.measured:.3g}")
+
+
+def save_table(cached: Path, groups: list[Group], fixed: int, ids: torch.Tensor, probe_bpw: float, candidates
+               ) -> tuple[list[Group], int, dict]:
     provenance = {"tokens": int(ids.numel()), "sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
                   "probe_bpw": probe_bpw, "candidates": list(candidates), "dtype": "float32",
                   "rank_correlation_error_vs_measured": rank_correlation(
@@ -208,9 +222,87 @@ def measure(model_path: Path, f16_gguf: Path, arch_map, importance: dict[str, np
     tmp.write_text(json.dumps({"groups": [asdict(g) for g in groups], "fixed_bytes": fixed,
                                "provenance": provenance}))
     tmp.replace(cached)
-    pool.shutdown()
-    del probe
     return groups, fixed, {**provenance, "cache": str(cached)}
+
+
+def load_table(cached: Path) -> tuple[list[Group], int, dict]:
+    data = json.loads(cached.read_text())
+    step(f"sensitivity table: cached ({cached})")
+    return [Group(**g) for g in data["groups"]], data["fixed_bytes"], {**data["provenance"], "cache": str(cached)}
+
+
+# ---- compressed-tensors: integer grids (RTN's) on the linears vLLM fuses -----------------------------------------
+def scheme(name: str) -> tuple[int, int]:
+    """'w4g128' → (4, 128); 'w8ch' → (8, -1); 'fp16' → (16, 0): left unquantized."""
+    if name == "fp16":
+        return 16, 0
+    m = re.fullmatch(r"w(\d+)(?:g(\d+)|ch)", name)
+    if not m:
+        raise QuantizeError(f"unknown scheme {name!r}: w<bits>g<group size>, w<bits>ch or fp16")
+    return int(m[1]), int(m[2]) if m[2] else -1
+
+
+def scheme_bits_per_weight(name: str, cols: int = 4096) -> float:
+    bits, gs = scheme(name)
+    return 16.0 if gs == 0 else bits + 16 / (cols if gs == -1 else gs)  # an fp16 scale per group
+
+
+def scheme_bytes(name: str, rows: int, cols: int) -> int:
+    """What the compressed-tensors writer stores for one symmetric linear: packed codes (int32 words), an fp16
+    scale per group, the int64 [rows, cols] weight_shape; unquantized: fp16."""
+    bits, gs = scheme(name)
+    if gs == 0:
+        return rows * cols * 2
+    groups = rows * (1 if gs == -1 else cols // gs)
+    return rows * -(-cols * bits // 32) * 4 + groups * 2 + 16
+
+
+def measure_linear(model_path: Path, layout_groups: list[tuple[int, list[str]]], importance: dict[str, np.ndarray],
+                   ids: torch.Tensor, candidates: list[str], probe_bpw: float, dtype: torch.dtype,
+                   fixed: int) -> tuple[list[Group], int, dict]:
+    """The table for compressed-tensors: each (layer, linears read together) group takes one scheme (vLLM fuses
+    q/k/v and gate/up into one layer with one scheme); options where every member's input size takes the group size.
+    Error: RTN's rounding (minmax, symmetric, scales rounded to the storage dtype), importance-weighted; probe:
+    the group's linears all at the probe scheme."""
+    from quantize.methods import grids
+
+    key = table_key(model_path, ids, importance, candidates, probe_bpw, "compressed-tensors")
+    cached = cache_root() / "sensitivity" / f"{key}.json"
+    if cached.is_file():
+        return load_table(cached)
+    probe = Probe(model_path, ids)
+    groups = []
+    for n, (layer, modules) in enumerate(layout_groups):
+        lins = {m: probe.model.get_submodule(m) for m in modules}
+        cols = {lin.in_features for lin in lins.values()}
+        g = Group(modules[0], modules, sum(lin.out_features for lin in lins.values()), max(cols), layer, {},
+                  imatrix=True)
+        deq: dict[str, dict[str, torch.Tensor]] = {}
+        for kind in candidates:
+            bits, gs = scheme(kind)
+            if gs > 0 and any(c % gs for c in cols):
+                continue
+            err, n_bytes, deq[kind] = 0.0, 0, {}
+            for m, lin in lins.items():
+                W = lin.weight.data.to(dtype).float()
+                if gs == 0:
+                    d = W
+                else:
+                    s, z = grids.scale_zero(W, bits, True, gs)
+                    s = grids.storable_scale(s, dtype)
+                    d = grids.dequantize(grids.quantize(W, s, z, bits, True, gs), s, z, gs)
+                imp = torch.as_tensor(importance[f"{m}.weight"], dtype=torch.float64)
+                err += float((((d - lin.weight.data).double() ** 2).sum(0) * imp).sum())
+                n_bytes += scheme_bytes(kind, lin.out_features, lin.in_features)
+                deq[kind][m] = d
+            g.options[kind] = {"bytes": n_bytes, "error": err}
+        quantized = [k for k in g.options if k != "fp16"]
+        if not quantized:
+            raise QuantizeError(f"{modules}: no candidate scheme of {candidates} fits input sizes {sorted(cols)}")
+        g.probe = min(quantized, key=lambda k: abs(scheme_bits_per_weight(k, g.n_per_row) - probe_bpw))
+        probe_group(probe, g, deq[g.probe], f"{n + 1}/{len(layout_groups)}")
+        groups.append(g)
+    return save_table(cached, groups, fixed, ids, probe_bpw, candidates)
 
 
 def rank_correlation(a, b) -> float:

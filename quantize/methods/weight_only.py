@@ -2,7 +2,7 @@
 per-layer log and the writers (compressed-tensors, or the classic gptq/awq layouts). A method that solves one
 linear at a time (RTN, GPTQ) hands `build_streamed` its solve:
 
-    solve(W, H | None, group_size) -> Solved(q, scale, zero, row_loss, damp)
+    solve(W, H | None, group_size, bits) -> Solved(q, scale, zero, row_loss, damp)
 
 H is the linear's input Hessian (methods/statistics.py) when the method calibrates, else None. W may hold the
 rows of several linears that share H and the group size (q/k/v, gate/up); the log books the solve's seconds on
@@ -78,7 +78,7 @@ def check_group_sizes(model: torch.nn.Module, method) -> None:
                 raise QuantizeError(f"{name}: format {method.format!r} quantizes every decoder-layer linear; it "
                                     "matches `ignore`. Narrow `ignore` or use format compressed-tensors.")
             continue
-        gs = group_size_for(name, module.in_features, method.group_size, method.on_indivisible)
+        gs = group_size_for(name, module.in_features, method.scheme_for(name)[1], method.on_indivisible)
         if classic and gs != method.group_size:
             raise QuantizeError(f"{name}: input size {module.in_features} is not divisible by group_size "
                                 f"{method.group_size}, and format {method.format!r} holds one group size for all "
@@ -92,7 +92,7 @@ def expert_policy(method) -> ExpertPolicy:
 
 
 def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor | None,
-                   solve: Callable[[torch.Tensor, Hessian | None, int], Solved], keep: dict | None = None) -> dict:
+                   solve: Callable[[torch.Tensor, Hessian | None, int, int], Solved], keep: dict | None = None) -> dict:
     policy = expert_policy(method)
     meta = skeleton(base.path, policy)
     check_group_sizes(meta, method)
@@ -107,14 +107,15 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
         # Linears that read the same input (so share H) and get the same group size are solved as one matrix:
         # GPTQ and RTN treat output rows independently, so stacking the rows gives each linear its own result in
         # one column loop instead of one loop per linear.
-        by_group_size: dict[int, list[str]] = {}
+        by_scheme: dict[tuple[int, int], list[str]] = {}
         for n, lin in linears.items():
-            gs = group_size_for(f"model.layers.{i}.{n}", lin.in_features, method.group_size, method.on_indivisible)
-            by_group_size.setdefault(gs, []).append(n)
-        for gs, names in by_group_size.items():
+            bits, asked = method.scheme_for(f"model.layers.{i}.{n}")
+            gs = group_size_for(f"model.layers.{i}.{n}", lin.in_features, asked, method.on_indivisible)
+            by_scheme.setdefault((bits, gs), []).append(n)
+        for (bits, gs), names in by_scheme.items():
             start = time.perf_counter()
             W = torch.cat([linears[n].weight.data for n in names])
-            r = solve(W, hess, gs)
+            r = solve(W, hess, gs, bits)
             seconds = round(time.perf_counter() - start, 4)
             first = 0
             for n in names:
@@ -122,8 +123,9 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
                 rows = slice(first, first + lin.out_features)
                 first += lin.out_features
                 lin.weight.data = grids.dequantize(r.q[rows], r.scale[rows], r.zero[rows], gs).to(lin.weight.dtype)
-                pending[full] = (r.q[rows].cpu(), r.scale[rows].cpu(), r.zero[rows].cpu(), gs)
-                log.append({"layer": i, "module": n, "group_size": gs, "loss": float(r.row_loss[rows].sum()),
+                pending[full] = (r.q[rows].cpu(), r.scale[rows].cpu(), r.zero[rows].cpu(), gs, bits)
+                log.append({"layer": i, "module": n, **({"bits": bits} if method.per_module else {}),
+                            "group_size": gs, "loss": float(r.row_loss[rows].sum()),
                             "samples": 0 if calib is None else int(calib.shape[0]), "damp": r.damp,
                             "tokens": 0 if hess is None else hess.n,
                             "seconds": seconds if n == names[0] else 0.0, "solved_with": names})
@@ -138,6 +140,11 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
     info = write_streamed(method, base, out_dir, meta, layers, pending, log, checkpoint=checkpoint, keep=keep)
     return {**info, "device": device, "forward_dtype": str(forward_dtype).removeprefix("torch."),
             "forward_dtype_reason": dtype_reason}
+
+
+def scheme_name(method) -> str:
+    """w{bits}a16, or "mixed" when per_module schemes give some linears other bits."""
+    return "mixed" if any(m.bits != method.bits for m in method.per_module) else f"w{method.bits}a16"
 
 
 def scale_dtype(method, base: BaseModel) -> torch.dtype:
@@ -179,8 +186,8 @@ def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module
         for pname, p in layer.named_parameters():
             owner = prefix + pname.rsplit(".", 1)[0]
             if pack and owner in pending and pname.endswith("weight"):
-                q, scale, zero, gs = pending.pop(owner)
-                tensors.update(writer.packed(owner, q, scale, zero, method.bits, method.sym, gs,
+                q, scale, zero, gs, bits = pending.pop(owner)
+                tensors.update(writer.packed(owner, q, scale, zero, bits, method.sym, gs,
                                              getattr(method, "act_order", False)))
             else:
                 tensors[prefix + pname] = p.data.to("cpu", writer.dtype)
@@ -204,7 +211,8 @@ def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module
     fmt = method.format if qconfig is not None else "safetensors-fp16"
     return {"format": fmt, "quantization_config": qconfig, "quantized_linears": len(log), **expert_summary(meta, log),
             "ignored_linears": kept, "total_loss": sum(r["loss"] for r in log),
-            "channel_fallback": sorted({r["module"] for r in log if r["group_size"] != method.group_size}),
+            "channel_fallback": sorted({r["module"] for r in log
+                                        if r["group_size"] != method.scheme_for(f"model.layers.{r['layer']}.{r['module']}")[1]}),
             "solve_seconds": seconds, **({"resumed_at_layer": resumed_at} if resumed_at else {})}
 
 

@@ -150,8 +150,12 @@ def chart(rows: list[Row], png, gpus: dict[str, int] | None = None) -> None:
     if not pts:
         raise QuantizeError("nothing to chart: no artefact has a KLD against its base (evaluate with kld: true)")
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    methods = sorted({r.method for r in pts})  # one marker per method family (e.g. gguf's mixes, auto's mixes)
+    marker = dict(zip(methods, "o^sDvP*X"))
+    for method in methods:
+        ax.scatter([], [], marker=marker[method], color="grey", label=method)
     for r in pts:
-        ax.scatter(r.size / GiB, r.kld, color="tab:red" if r.pareto else "tab:blue", zorder=3)
+        ax.scatter(r.size / GiB, r.kld, color="tab:red" if r.pareto else "tab:blue", marker=marker[r.method], zorder=3)
         ax.annotate(r.name, (r.size / GiB, r.kld), fontsize=7, xytext=(4, 3), textcoords="offset points")
     front = sorted((r for r in pts if r.pareto), key=lambda r: r.size)
     ax.plot([r.size / GiB for r in front], [r.kld for r in front], color="tab:red", lw=1, label="Pareto front")

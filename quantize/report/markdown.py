@@ -202,6 +202,31 @@ def _gates_section(results: dict) -> list[str]:
     return lines + [""]
 
 
+def _mix_section(results: dict) -> list[str]:
+    """Budgeted mixes: the budget, the types chosen, the KLD predicted from the sensitivity table and the KLD
+    measured on the evaluation text."""
+    mixes = [(n, v) for n, v in results["variants"].items() if "budgeted_mix" in v]
+    if not mixes:
+        return []
+    lines = ["## Budgeted mixes (method auto): predicted and measured", "",
+             "| variant | budget | bytes | tensors by type | predicted KLD | measured KLD | solver gap |",
+             "|---|---|---|---|---|---|---|"]
+    for name, v in mixes:
+        m = v["budgeted_mix"]
+        kld = (v["perplexity"].get("kld") or {}).get("mean")
+        lines.append(f"| {name} | {m['budget']['bytes_resolved']:,} | {m['bytes']:,} | "
+                     + ", ".join(f"{k} {c}" for k, c in m["tensors_by_type"].items())
+                     + f" | {m['predicted_kld']:.5f} | {'–' if kld is None else f'{kld:.5f}'} | "
+                     f"{m['solver']['gap']:.2g} |")
+    s = mixes[0][1]["budgeted_mix"]["sensitivity"]
+    return lines + ["", f"Predicted: the sum over tensors of each one's KLD measured alone at its probe type (the "
+                        f"candidate nearest {s['probe_bpw']} bpw) on {s['tokens']} calibration tokens, carried to "
+                        "other types by llama.cpp's importance-weighted rounding error; measured: on the evaluation "
+                        "text above. Solver gap: predicted minus the Lagrangian lower bound (no mix within the "
+                        "budget predicts less than the bound). Each tensor's type: mix.json in the variant's "
+                        "folder.", ""]
+
+
 def render(name: str, results: dict) -> str:
     proto = results["protocol"]
     pp = proto["perplexity"]
@@ -228,6 +253,7 @@ def render(name: str, results: dict) -> str:
         "bitsandbytes requires). Speed: best thread count shown; all rows below.",
         "",
         *_kld_table(results),
+        *_mix_section(results),
         "## Speed (llama-bench semantics, every thread count)",
         "",
         *_speed_table(results),
