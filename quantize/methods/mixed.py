@@ -112,9 +112,9 @@ def build_compressed(method: AutoMethod, base, out_dir: Path, calib: torch.Tenso
     """The budgeted mix as compressed-tensors: one scheme per group of linears vLLM fuses (q/k/v, gate/up) or per
     linear (o, down), from the candidates vLLM's WNA16 kernels load (4 or 8 bits, symmetric) or fp16 (the linear
     left unquantized), built by RTN or GPTQ with per_module schemes."""
+    from quantize.methods import gptq, rtn
     from quantize.methods.configs import CONFIGS
     from quantize.methods.engine import LAYOUTS
-    from quantize.methods.registry import METHODS
     from quantize.methods.statistics import importance_matrix
     from quantize.formats.compressed_tensors import storage_dtype
     from quantize.formats.tensors import weight_bytes
@@ -159,7 +159,7 @@ def build_compressed(method: AutoMethod, base, out_dir: Path, calib: torch.Tenso
     quantizer = CONFIGS[method.quantizer](name=method.quantizer, bits=4, group_size=128, sym=True,
                                           per_module=per_module, ignore=[*method.ignore, *keep_fp16],
                                           variant=method.default_variant())
-    info = METHODS[method.quantizer].build(quantizer, base, out_dir, calib if method.quantizer == "gptq" else None,
+    info = {"gptq": gptq, "rtn": rtn}[method.quantizer].build(quantizer, base, out_dir, calib if method.quantizer == "gptq" else None,
                                            calib_info)
     written = sum(weight_bytes(out_dir).values())
     if written > budget:
