@@ -3,8 +3,11 @@ models: for each of Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_M, Q6_K, llama.cpp's mix (with 
 mix with `budget: {mix: <that mix>}` (at most the same bytes), both quantized by llama.cpp from the same F16 GGUF
 with the same importance matrix, both evaluated on llama.cpp against the same base log-probs of the same text.
 
-    python bench/budget_mix.py [--models smollm2-135m gemma3-270m] [--chunks 16]
+    python bench/budget_mix.py [--models smollm2-135m gemma3-270m] [--chunks 12] [--target gguf]
         → bench/results/budget_mix.{md,json}, bench/results/budget_mix_<model>.png (quantize compare's chart)
+    python bench/budget_mix.py --target compressed-tensors
+        → bench/results/budget_mix_ct.{md,json}, …_ct_<model>.png: our mix against uniform RTN / GPTQ W4 (and
+          RTN W8) at the uniform artefact's bytes, both by the same quantizer, calibration 16 × 512
 
 Protocol: calibration 32 × 512 tokens of bundled:wiki/calibration (seed 0) for the importance matrix; the
 sensitivity table on the first 2 of those windows (1024 tokens, the method's default); KLD and PPL on
@@ -25,25 +28,57 @@ ROOT = Path(__file__).resolve().parents[1]
 MIXES = ["Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K"]
 
 
-def recipe(model: str, chunks: int, out: Path) -> dict:
-    methods = [{"name": "gguf", "type": m, "imatrix": True} for m in MIXES]
-    methods += [{"name": "auto", "budget": {"mix": m}} for m in MIXES]
-    return {"name": f"budget-mix-{model}", "model": f"bundled:{model}", "methods": methods,
-            "calibration": {"source": "bundled:wiki", "samples": 32, "seq_len": 512, "seed": 0},
+# compressed-tensors: uniform schemes every linear of the model takes (SmolLM2's 576-wide inputs take no g128)
+SCHEMES = {"smollm2-135m": ["w4g64", "w8ch"], "gemma3-270m": ["w4g128", "w8ch"]}
+CT_QUANTIZERS = {"w8ch": ["rtn"]}  # at 8 bits GPTQ and RTN are within noise; the 4-bit budgets take both
+
+
+def uniform(kind: str, quantizer: str) -> dict:
+    bits, gs = int(kind[1]), (-1 if kind.endswith("ch") else int(kind.split("g")[1]))
+    return {"name": quantizer, "bits": bits, "group_size": gs, "sym": True}
+
+
+def recipe(model: str, chunks: int, out: Path, target: str = "gguf") -> dict:
+    if target == "gguf":
+        methods = [{"name": "gguf", "type": m, "imatrix": True} for m in MIXES]
+        methods += [{"name": "auto", "budget": {"mix": m}} for m in MIXES]
+        samples = 32
+    else:
+        methods, samples = [], 16
+        for kind in SCHEMES[model]:
+            for q in CT_QUANTIZERS.get(kind, ["rtn", "gptq"]):
+                methods.append(uniform(kind, q))
+                methods.append({"name": "auto", "target": "compressed-tensors", "quantizer": q,
+                                "budget": {"scheme": kind}})
+    return {"name": f"budget-mix-{target}-{model}", "model": f"bundled:{model}", "methods": methods,
+            "calibration": {"source": "bundled:wiki", "samples": samples, "seq_len": 512, "seed": 0},
             "eval": {"perplexity": {"source": "bundled:wiki", "n_ctx": 512, "max_chunks": chunks},
                      "speed": {"enabled": False}, "serve": {"enabled": False}},
             "fit": {"gpus": ["RTX 3060"], "contexts": [4096]},
             "output": str(out)}
 
 
-def summarise(model: str, out: Path) -> dict:
+def pairs(model: str, target: str) -> list[tuple[str, str, str]]:
+    """(label, standard variant, our variant) of a run."""
+    if target == "gguf":
+        return [(m, f"gguf-{m.lower()}-imat", f"auto-gguf-as-{m.lower()}") for m in MIXES]
+    out = []
+    for kind in SCHEMES[model]:
+        for q in CT_QUANTIZERS.get(kind, ["rtn", "gptq"]):
+            bits, gs = int(kind[1]), kind[2:]
+            std = f"{q}-w{bits}-sym-{'ch' if gs == 'ch' else gs}"
+            out.append((f"{q} {kind}", std, f"auto-ct-{q}-as-{kind}"))
+    return out
+
+
+def summarise(model: str, out: Path, target: str = "gguf") -> dict:
     results = json.loads((out / "results.json").read_text())
     v = results["variants"]
     rows = []
-    for m in MIXES:
-        std = v[f"gguf-{m.lower()}-imat"]
-        ours = v[f"auto-gguf-as-{m.lower()}"]
-        manifest = json.loads((out / f"auto-gguf-as-{m.lower()}" / "manifest.json").read_text())["result"]
+    for m, std_name, our_name in pairs(model, target):
+        std = v[std_name]
+        ours = v[our_name]
+        manifest = json.loads((out / our_name / "manifest.json").read_text())["result"]
         std_bytes = sum(std["fit"]["weight_bytes_by_dtype"].values())
         our_bytes = sum(ours["fit"]["weight_bytes_by_dtype"].values())
         rows.append({
@@ -53,27 +88,35 @@ def summarise(model: str, out: Path) -> dict:
             "auto_kld": ours["perplexity"]["kld"]["mean"], "auto_kld_unc": ours["perplexity"]["kld"]["unc"],
             "auto_ppl": ours["perplexity"]["ppl"], "predicted_kld": manifest["predicted_kld"],
             "kld_ratio": ours["perplexity"]["kld"]["mean"] / std["perplexity"]["kld"]["mean"],
-            "paired_difference": results["paired_kld"].get(f"gguf-{m.lower()}-imat − auto-gguf-as-{m.lower()}"),
+            "paired_difference": results["paired_kld"].get(f"{std_name} − {our_name}"),
             "tensors_by_type": manifest["mix"]["tensors_by_type"],
             "solver_gap": manifest["mix"]["solver"]["gap"],
             "build_s": ours["build_s"], "standard_build_s": std["build_s"]})
-    sens = json.loads((out / f"auto-gguf-as-{MIXES[0].lower()}" / "manifest.json").read_text())["result"]["mix"]
-    return {"model": model, "protocol": results["protocol"], "base_ppl": results["base"]["perplexity"]["ppl"],
-            "sensitivity": sens["sensitivity"], "rows": rows}
+    sens = json.loads((out / pairs(model, target)[0][2] / "manifest.json").read_text())["result"]["mix"]
+    return {"model": model, "target": target, "protocol": results["protocol"],
+            "base_ppl": results["base"]["perplexity"]["ppl"], "sensitivity": sens["sensitivity"], "rows": rows}
 
 
-def markdown(all_results: list[dict]) -> str:
-    lines = ["# Budgeted GGUF mix vs llama.cpp's standard mixes at equal bytes", "",
-             "`python bench/budget_mix.py` (protocol in its docstring). Same F16 GGUF, same importance matrix, same",
-             "evaluation text; our mix's budget is the standard mix's tensor bytes, quantized by llama.cpp for real.",
-             "KLD: mean per token (nats) against the float32 HF base, ± its standard error; ratio = ours / standard.",
-             ""]
+def markdown(all_results: list[dict], target: str = "gguf") -> str:
+    if target == "gguf":
+        lines = ["# Budgeted GGUF mix vs llama.cpp's standard mixes at equal bytes", "",
+                 "`python bench/budget_mix.py` (protocol in its docstring). Same F16 GGUF, same importance matrix, "
+                 "same evaluation text; our mix's budget is the standard mix's tensor bytes, quantized by llama.cpp "
+                 "for real. Both run on llama.cpp."]
+    else:
+        lines = ["# Budgeted compressed-tensors mix vs uniform RTN / GPTQ at equal bytes", "",
+                 "`python bench/budget_mix.py --target compressed-tensors` (protocol in its docstring): calibration "
+                 "16 × 512 tokens; our mix's budget is the uniform scheme's tensor bytes; the mix is built by the "
+                 "same quantizer (RTN or GPTQ) with one scheme per fused q/k/v, o, gate/up, down group (W4/W8 as "
+                 "vLLM loads them, or fp16). Both reloaded by transformers, evaluated in float32."]
+    lines += ["KLD: mean per token (nats) against the float32 HF base, ± its standard error; ratio = ours / "
+              "standard.", ""]
     for r in all_results:
         s = r["sensitivity"]
         lines += [f"## {r['model']} (base PPL {r['base_ppl']:.4f}; sensitivity on {s['tokens']} tokens, probe "
                   f"{s['probe_bpw']} bpw, Spearman ρ(weighted error, measured KLD) over tensors "
                   f"{s['rank_correlation_error_vs_measured']:.2f})", "",
-                  "| mix | standard bytes | our bytes | standard KLD | our KLD | ratio | our predicted KLD | "
+                  "| standard | standard bytes | our bytes | standard KLD | our KLD | ratio | our predicted KLD | "
                   "standard PPL | our PPL | our types |", "|---|---|---|---|---|---|---|---|---|---|"]
         for x in r["rows"]:
             types = ", ".join(f"{k} {n}" for k, n in x["tensors_by_type"].items())
@@ -89,23 +132,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     ap.add_argument("--chunks", type=int, default=12)
+    ap.add_argument("--target", choices=["gguf", "compressed-tensors"], default="gguf")
     ap.add_argument("--output", type=Path, default=ROOT / "outputs" / "bench-budget-mix")
     args = ap.parse_args()
     results_dir = ROOT / "bench" / "results"
+    stem = "budget_mix" if args.target == "gguf" else "budget_mix_ct"
     done = []
     for model in args.models:
-        out = args.output / model
-        path = args.output / f"{model}.yaml"
+        folder = model if args.target == "gguf" else f"ct-{model}"
+        out, path = args.output / folder, args.output / f"{folder}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(recipe(model, args.chunks, out), sort_keys=False))
+        path.write_text(yaml.safe_dump(recipe(model, args.chunks, out, args.target), sort_keys=False))
         if not (out / "report.md").is_file():
             subprocess.run([sys.executable, "-m", "quantize.cli", "run", str(path)], check=True, cwd=ROOT)
         subprocess.run([sys.executable, "-m", "quantize.cli", "compare", str(out), "--png",
-                        str(results_dir / f"budget_mix_{model}.png")], check=True, cwd=ROOT)
-        done.append(summarise(model, out))
-        (results_dir / "budget_mix.json").write_text(json.dumps(done, indent=1))
-        (results_dir / "budget_mix.md").write_text(markdown(done))
-    print(markdown(done))
+                        str(results_dir / f"{stem}_{model}.png")], check=True, cwd=ROOT)
+        done.append(summarise(model, out, args.target))
+        (results_dir / f"{stem}.json").write_text(json.dumps(done, indent=1))
+        (results_dir / f"{stem}.md").write_text(markdown(done, args.target))
+    print(markdown(done, args.target))
 
 
 if __name__ == "__main__":

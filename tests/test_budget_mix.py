@@ -79,13 +79,24 @@ def test_probe_reruns_each_layer_as_the_model_computes(tmp_path, model_type):
     assert torch.equal(probe.model.get_submodule(module).weight.data, w)  # restored
 
 
+def run_tiny(model, tmp_path, methods) -> None:
+    """`quantize run` of `methods` on the tiny model: 4 × 64 calibration tokens, 2 chunks of 64, no speed."""
+    from typer.testing import CliRunner
+
+    from quantize.cli import app
+
+    recipe = write_recipe(tmp_path / "r.yaml", str(model), methods, tmp_path / "out",
+                          calibration={"source": "bundled:wiki", "samples": 4, "seq_len": 64},
+                          eval={"perplexity": {"source": "bundled:wiki", "n_ctx": 64, "max_chunks": 2},
+                                "speed": {"enabled": False}})
+    result = CliRunner().invoke(app, ["run", str(recipe)])
+    assert result.exit_code == 0, result.output
+
+
 def test_budgeted_mix_builds_loads_and_fits(tiny_model, tmp_path, monkeypatch):
     """Through the pipeline: the mix fits its budget (bytes from the file's tensor infos), every tensor has the type
     mix.json gives it, it mixes types, llama.cpp loads and scores it; a bpw budget reuses the cached table."""
     import gguf
-
-    from quantize.cli import app
-    from typer.testing import CliRunner
 
     monkeypatch.setenv("QUANTIZE_CACHE", str(tmp_path / "cache"))
     f16 = sum(int(t.n_bytes) for t in gguf.GGUFReader(gguf_convert.convert(tiny_model, tmp_path / "f.gguf")).tensors)
@@ -93,12 +104,7 @@ def test_budgeted_mix_builds_loads_and_fits(tiny_model, tmp_path, monkeypatch):
     methods = [{"name": "auto", "budget": {"bytes": budget}, "candidates": ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0"]},
                {"name": "auto", "budget": {"bpw": 5.0}, "candidates": ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0"]},
                {"name": "auto", "budget": {"gpu": "RTX 3060", "context": 4096}, "candidates": ["Q4_K", "Q8_0"]}]
-    recipe = write_recipe(tmp_path / "r.yaml", str(tiny_model), methods, tmp_path / "out",
-                          calibration={"source": "bundled:wiki", "samples": 4, "seq_len": 64},
-                          eval={"perplexity": {"source": "bundled:wiki", "n_ctx": 64, "max_chunks": 2},
-                                "speed": {"enabled": False}})
-    result = CliRunner().invoke(app, ["run", str(recipe)])
-    assert result.exit_code == 0, result.output
+    run_tiny(tiny_model, tmp_path, methods)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     for name, limit in ((f"auto-gguf-{budget}B", budget), ("auto-gguf-5bpw", None)):
         folder = tmp_path / "out" / name
@@ -219,9 +225,6 @@ def test_compressed_tensors_mix_fits_the_uniform_schemes_bytes(tiny_model, tmp_p
     """target compressed-tensors: a mix at the bytes of uniform RTN W4 g128 (computed from the table, checked here
     against the uniform artefact itself), built by RTN with per_module schemes and fp16 groups, reloaded by
     transformers, with q/k/v and gate/up each on one scheme (vLLM fuses them)."""
-    from typer.testing import CliRunner
-
-    from quantize.cli import app
     from quantize.formats.tensors import weight_bytes
 
     monkeypatch.setenv("QUANTIZE_CACHE", str(tmp_path / "cache"))
@@ -229,12 +232,7 @@ def test_compressed_tensors_mix_fits_the_uniform_schemes_bytes(tiny_model, tmp_p
                {"name": "auto", "target": "compressed-tensors", "quantizer": "rtn", "budget": {"scheme": "w4g128"}},
                {"name": "auto", "target": "compressed-tensors", "quantizer": "gptq", "budget": {"bpw": 9.0},
                 "candidates": ["w4g128", "w8ch", "fp16"]}]
-    recipe = write_recipe(tmp_path / "r.yaml", str(tiny_model), methods, tmp_path / "out",
-                          calibration={"source": "bundled:wiki", "samples": 4, "seq_len": 64},
-                          eval={"perplexity": {"source": "bundled:wiki", "n_ctx": 64, "max_chunks": 2},
-                                "speed": {"enabled": False}})
-    result = CliRunner().invoke(app, ["run", str(recipe)])
-    assert result.exit_code == 0, result.output
+    run_tiny(tiny_model, tmp_path, methods)
     out = tmp_path / "out"
     uniform = sum(weight_bytes(out / "rtn-w4-sym-g128").values())
     results = json.loads((out / "results.json").read_text())
