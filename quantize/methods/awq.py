@@ -208,7 +208,7 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
             loss = float(((xs @ (Wq - W0).T) ** 2).mean())  # output error vs the scaled weights
             if quantize:
                 lin.weight.data = Wq
-                pending[full(n)] = (q, scale, zero, g)
+                pending[full(n)] = (q, scale, zero, g, bits)
             group = next(names for _, names, _ in rows if n in names)[0]
             alpha, loss_rtn, loss_best, seconds = alphas.get(group, (None, None, None, 0.0))
             log.append({"layer": i, "module": n, "group_size": g, "alpha": alpha, "scale_loss_rtn": loss_rtn,
