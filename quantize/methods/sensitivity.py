@@ -109,18 +109,21 @@ class Probe:
         if drift > 1e-3:
             raise QuantizeError(f"re-running {type(self.model).__name__} layer by layer moves its logits by {drift}")
 
-    def _keep(self, module, args, kwargs):
-        self.inputs.append((args, kwargs))
+    def _keep(self, module, args, kwargs):  # (hidden states, the other arguments, keyword arguments)
+        if args:
+            self.inputs.append((args[0], args[1:], kwargs))
+        else:
+            self.inputs.append((kwargs["hidden_states"], (), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
 
     def logits(self, first: int) -> torch.Tensor:
         """The output with layers `first` … L−1 re-run from their cached inputs (first 0: from the embedding)."""
         if first == 0:
             h = self.inner.embed_tokens(self.ids)
         else:
-            h = self.inputs[first][0][0]
+            h = self.inputs[first][0]
         for j in range(first, len(self.layers)):
-            args, kwargs = self.inputs[j]
-            out = self.layers[j](h, *args[1:], **kwargs)
+            _, args, kwargs = self.inputs[j]
+            out = self.layers[j](h, *args, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
         logits = self.model.lm_head(self.inner.norm(h)).float()
         if self.cap:
