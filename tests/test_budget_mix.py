@@ -74,8 +74,8 @@ def test_probe_reruns_each_layer_as_the_model_computes(tmp_path, model_type):
             assert (probe.logits(first) - full).abs().max() < 1e-5
     module = "model.layers.1.mlp.down_proj"
     w = probe.model.get_submodule(module).weight.data
-    assert probe.kld(module, w.clone(), 1) < 1e-9  # the unchanged weight: no divergence
-    assert probe.kld(module, w + 0.05 * torch.randn_like(w), 1) > 1e-6
+    assert probe.kld({module: w.clone()}, 1) < 1e-9  # the unchanged weight: no divergence
+    assert probe.kld({module: w + 0.05 * torch.randn_like(w)}, 1) > 1e-6
     assert torch.equal(probe.model.get_submodule(module).weight.data, w)  # restored
 
 
