@@ -5,6 +5,9 @@ with the same importance matrix, both evaluated on llama.cpp against the same ba
 
     python bench/budget_mix.py [--models smollm2-135m gemma3-270m] [--chunks 12] [--target gguf]
         → bench/results/budget_mix.{md,json}, bench/results/budget_mix_<model>.png (quantize compare's chart)
+    python bench/budget_mix.py --models smollm2-135m --without Q5_1
+        → the same table gains our mixes without Q5_1 among the candidates (SmolLM2's bundled weights are Q4_1,
+          which Q5_1 holds exactly), against the main run's standard mixes
     python bench/budget_mix.py --target compressed-tensors
         → bench/results/budget_mix_ct.{md,json}, …_ct_<model>.png: our mix against uniform RTN / GPTQ W4 (and
           RTN W8) at the uniform artefact's bytes, both by the same quantizer, calibration 16 × 512
@@ -38,8 +41,14 @@ def uniform(kind: str, quantizer: str) -> dict:
     return {"name": quantizer, "bits": bits, "group_size": gs, "sym": True}
 
 
-def recipe(model: str, chunks: int, out: Path, target: str = "gguf") -> dict:
-    if target == "gguf":
+def recipe(model: str, chunks: int, out: Path, target: str = "gguf", without: list[str] = ()) -> dict:
+    if target == "gguf" and without:  # our mixes only, from fewer candidate types; the standard ones: main run
+        from quantize.methods.configs import MIX_CANDIDATES
+
+        kinds = [k for k in MIX_CANDIDATES if k not in without]
+        methods = [{"name": "auto", "budget": {"mix": m}, "candidates": kinds} for m in MIXES]
+        samples = 32
+    elif target == "gguf":
         methods = [{"name": "gguf", "type": m, "imatrix": True} for m in MIXES]
         methods += [{"name": "auto", "budget": {"mix": m}} for m in MIXES]
         samples = 32
@@ -71,14 +80,22 @@ def pairs(model: str, target: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def summarise(model: str, out: Path, target: str = "gguf") -> dict:
+def summarise(model: str, out: Path, target: str = "gguf", ours_from: Path | None = None) -> dict:
+    """The table of a run; `ours_from`: a run of our mixes alone, against the standard mixes of `out`."""
     results = json.loads((out / "results.json").read_text())
-    v = results["variants"]
+    v = dict(results["variants"])
+    if ours_from is not None:
+        theirs = json.loads((ours_from / "results.json").read_text())
+        assert theirs["protocol"]["perplexity"] == results["protocol"]["perplexity"], "not the same evaluation"
+        v.update(theirs["variants"])
+        out_ours = ours_from
+    else:
+        out_ours = out
     rows = []
     for m, std_name, our_name in pairs(model, target):
         std = v[std_name]
         ours = v[our_name]
-        manifest = json.loads((out / our_name / "manifest.json").read_text())["result"]
+        manifest = json.loads((out_ours / our_name / "manifest.json").read_text())["result"]
         std_bytes = sum(std["fit"]["weight_bytes_by_dtype"].values())
         our_bytes = sum(ours["fit"]["weight_bytes_by_dtype"].values())
         rows.append({
@@ -88,12 +105,13 @@ def summarise(model: str, out: Path, target: str = "gguf") -> dict:
             "auto_kld": ours["perplexity"]["kld"]["mean"], "auto_kld_unc": ours["perplexity"]["kld"]["unc"],
             "auto_ppl": ours["perplexity"]["ppl"], "predicted_kld": manifest["predicted_kld"],
             "kld_ratio": ours["perplexity"]["kld"]["mean"] / std["perplexity"]["kld"]["mean"],
-            "paired_difference": results["paired_kld"].get(f"{std_name} − {our_name}"),
+            "paired_difference": None if ours_from else results["paired_kld"].get(f"{std_name} − {our_name}"),
             "tensors_by_type": manifest["mix"]["tensors_by_type"],
             "solver_gap": manifest["mix"]["solver"]["gap"],
             "build_s": ours["build_s"], "standard_build_s": std["build_s"]})
-    sens = json.loads((out / pairs(model, target)[0][2] / "manifest.json").read_text())["result"]["mix"]
-    return {"model": model, "target": target, "protocol": results["protocol"],
+    sens = json.loads((out_ours / pairs(model, target)[0][2] / "manifest.json").read_text())["result"]["mix"]
+    return {"model": model + (f", candidates without {ours_from.name.split('-without-')[1]}" if ours_from else ""),
+            "target": target, "protocol": results["protocol"],
             "base_ppl": results["base"]["perplexity"]["ppl"], "sensitivity": sens["sensitivity"], "rows": rows}
 
 
@@ -133,6 +151,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     ap.add_argument("--chunks", type=int, default=12)
     ap.add_argument("--target", choices=["gguf", "compressed-tensors"], default="gguf")
+    ap.add_argument("--without", nargs="*", default=[], help="gguf: also our mixes without these candidate types "
+                    "(after the main run, into its own run folder; the table gains a section)")
     ap.add_argument("--output", type=Path, default=ROOT / "outputs" / "bench-budget-mix")
     args = ap.parse_args()
     results_dir = ROOT / "bench" / "results"
@@ -148,6 +168,14 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "quantize.cli", "compare", str(out), "--png",
                         str(results_dir / f"{stem}_{model}.png")], check=True, cwd=ROOT)
         done.append(summarise(model, out, args.target))
+        if args.without and args.target == "gguf":
+            folder = f"{model}-without-{'-'.join(k.lower() for k in args.without)}"
+            other, other_path = args.output / folder, args.output / f"{folder}.yaml"
+            other_path.write_text(yaml.safe_dump(recipe(model, args.chunks, other, "gguf", args.without),
+                                                 sort_keys=False))
+            if not (other / "report.md").is_file():
+                subprocess.run([sys.executable, "-m", "quantize.cli", "run", str(other_path)], check=True, cwd=ROOT)
+            done.append(summarise(model, out, "gguf", ours_from=other))
         (results_dir / f"{stem}.json").write_text(json.dumps(done, indent=1))
         (results_dir / f"{stem}.md").write_text(markdown(done, args.target))
     print(markdown(done, args.target))

@@ -28,7 +28,7 @@ from quantize.common.ui import step
 from quantize.formats import gguf_convert, ollama
 from quantize.formats.tensors import gguf_stats
 from quantize.methods import gguf as gguf_method, sensitivity
-from quantize.methods.configs import AutoMethod
+from quantize.methods.configs import MIX_CANDIDATES, SCHEME_CANDIDATES, AutoMethod
 from quantize.runtimes import llamacpp
 from quantize.sources.models import load_tokenizer
 
@@ -133,7 +133,7 @@ def build_compressed(method: AutoMethod, base, out_dir: Path, calib: torch.Tenso
     importance = {k: (sums[k] / counts[k]).numpy() for k in sums}
     ids = calib[: method.sensitivity_samples]
     groups, fixed, provenance = sensitivity.measure_linear(base.path, groups_by_layer, importance, ids,
-                                                           method.candidate_types, method.probe_bpw,
+                                                           table_types(method, SCHEME_CANDIDATES), method.probe_bpw,
                                                            storage_dtype(config), fixed)
     b = method.budget
     if b.scheme:  # what that scheme weighs on every group (its per-channel form where its group size does not fit)
@@ -143,6 +143,7 @@ def build_compressed(method: AutoMethod, base, out_dir: Path, calib: torch.Tenso
     else:
         params = sum(math.prod(shards.shape(n)) for n in shards.names())
         budget = b.bytes or b.weight_bytes or int(b.bpw * params / 8)
+    groups = only(groups, method.candidate_types)
     options = [{k: (o["bytes"], o["predicted"]) for k, o in g.options.items()} for g in groups]
     choices, solver = assign(options, budget - fixed)
     solver["budget_bytes"], solver["fixed_bytes"], solver["bytes"] = budget, fixed, solver["bytes"] + fixed
@@ -178,6 +179,22 @@ def build_compressed(method: AutoMethod, base, out_dir: Path, calib: torch.Tenso
             "predicted_kld": solver["predicted_kld"]}
 
 
+def table_types(method: AutoMethod, defaults: list[str]) -> list[str]:
+    """The types the sensitivity table measures: the defaults and any other candidate asked for, so that one cached
+    table serves every candidate list (the mix then chooses among the recipe's candidates only)."""
+    extra = [*method.candidate_types, *([method.budget.scheme] if method.budget.scheme else [])]
+    return list(defaults) + [k for k in dict.fromkeys(extra) if k not in defaults]
+
+
+def only(groups: list, kinds: list[str]) -> list:
+    """The table with each group's options narrowed to `kinds` (a group left without one is an error)."""
+    for g in groups:
+        g.options = {k: o for k, o in g.options.items() if k in kinds}
+        if not g.options:
+            raise QuantizeError(f"{g.name}: none of the candidates {kinds} fits it")
+    return groups
+
+
 def _no_fit(kind: str, g) -> int:
     raise QuantizeError(f"budget scheme {kind}: neither it nor its per-channel form fits {g.modules}")
 
@@ -193,7 +210,8 @@ def build_gguf(method: AutoMethod, base, out_dir: Path, calib: torch.Tensor, cal
     imatrix, imatrix_info = gguf_method.importance(base, source, calib, calib_info, out_dir)
     ids = calib[: method.sensitivity_samples]
     groups, fixed, provenance = sensitivity.measure(base.path, source, arch_map, imatrix, ids,
-                                                    method.candidate_types, method.probe_bpw)
+                                                    table_types(method, MIX_CANDIDATES), method.probe_bpw)
+    groups = only(groups, method.candidate_types)
     stats = gguf_stats(source)
     b = method.budget
     if b.mix:  # what llama.cpp's own mix weighs, quantized for real with the same importance matrix
