@@ -141,7 +141,7 @@ def test_budget_keys_are_checked_before_any_work(tiny_model, tmp_path):
     from quantize.recipe import parse_recipe
 
     base = {"name": "x", "model": str(tiny_model)}
-    with pytest.raises(QuantizeError, match=r"method.budget: give exactly one of bytes, bpw, mix or gpu"):
+    with pytest.raises(QuantizeError, match=r"method.budget: give exactly one of bytes, bpw, mix, scheme or gpu"):
         parse_recipe({**base, "method": {"name": "auto", "budget": {"bytes": 10, "bpw": 4}}}, "r.yaml")
     with pytest.raises(QuantizeError, match=r"gpu and context go together"):
         parse_recipe({**base, "method": {"name": "auto", "budget": {"gpu": "RTX 4090"}}}, "r.yaml")
@@ -149,6 +149,15 @@ def test_budget_keys_are_checked_before_any_work(tiny_model, tmp_path):
         parse_recipe({**base, "method": {"name": "auto", "budget": {"gpu": "RTX 9999", "context": 4096}}}, "r.yaml")
     with pytest.raises(QuantizeError, match=r"unknown GGML types \['Q9_K'\]"):
         parse_recipe({**base, "method": {"name": "auto", "budget": {"bpw": 4}, "candidates": ["Q9_K"]}}, "r.yaml")
+    with pytest.raises(QuantizeError, match=r"unknown schemes \['w3g128'\].*vLLM"):
+        parse_recipe({**base, "method": {"name": "auto", "target": "compressed-tensors", "budget": {"bpw": 4},
+                                         "candidates": ["w3g128"]}}, "r.yaml")
+    with pytest.raises(QuantizeError, match=r"budget.mix is llama.cpp's"):
+        parse_recipe({**base, "method": {"name": "auto", "target": "compressed-tensors",
+                                         "budget": {"mix": "Q4_K_M"}}}, "r.yaml")
+    with pytest.raises(QuantizeError, match=r"per_module schemes: rtn and gptq"):
+        parse_recipe({**base, "method": {"name": "awq", "per_module": [{"match": "x", "bits": 8,
+                                                                        "group_size": -1}]}}, "r.yaml")
 
 
 def test_weight_budget_is_fits_arithmetic(tiny_model):
