@@ -144,9 +144,7 @@ def build_compressed(method: AutoMethod, base, out_dir: Path, calib: torch.Tenso
         params = sum(math.prod(shards.shape(n)) for n in shards.names())
         budget = b.bytes or b.weight_bytes or int(b.bpw * params / 8)
     groups = only(groups, method.candidate_types)
-    options = [{k: (o["bytes"], o["predicted"]) for k, o in g.options.items()} for g in groups]
-    choices, solver = assign(options, budget - fixed)
-    solver["budget_bytes"], solver["fixed_bytes"], solver["bytes"] = budget, fixed, solver["bytes"] + fixed
+    choices, solver, by_bytes = choose(groups, budget, fixed)
     per_module, keep_fp16 = [], []
     for g, kind in zip(groups, choices):
         pattern = "^(" + "|".join(re.escape(m) for m in g.modules) + ")$"
@@ -155,8 +153,6 @@ def build_compressed(method: AutoMethod, base, out_dir: Path, calib: torch.Tenso
         else:
             bits, gs = sensitivity.scheme(kind)
             per_module.append({"match": pattern, "bits": bits, "group_size": gs})
-    step(f"mix for {budget} bytes: " + ", ".join(f"{k} {choices.count(k)}" for k in sorted(set(choices)))
-         + f"; predicted KLD {solver['predicted_kld']:.4g} (lower bound {solver['lagrangian_lower_bound']:.4g})")
     quantizer = CONFIGS[method.quantizer](name=method.quantizer, bits=4, group_size=128, sym=True,
                                           per_module=per_module, ignore=[*method.ignore, *keep_fp16],
                                           variant=method.default_variant())
@@ -165,17 +161,36 @@ def build_compressed(method: AutoMethod, base, out_dir: Path, calib: torch.Tenso
     written = sum(weight_bytes(out_dir).values())
     if written > budget:
         raise QuantizeError(f"{out_dir}: {written} bytes of tensors, over the budget of {budget}")
-    mix = [{"modules": g.modules, "type": k, "bytes": g.options[k]["bytes"], "predicted_kld": g.options[k]["predicted"],
-            "probe": g.probe, "probe_kld": g.measured} for g, k in zip(groups, choices)]
-    (out_dir / "mix.json").write_text(json.dumps({"solver": solver, "sensitivity": provenance, "tensors": mix},
-                                                 indent=1))
+    return {**info, "bytes": written, "quantizer": quantizer.model_dump(mode="json"),
+            **write_mix(out_dir, "modules", groups, choices, solver, provenance, by_bytes, b, budget)}
+
+
+def choose(groups: list, budget: int, fixed: int) -> tuple[list[str], dict, dict[str, int]]:
+    """The assignment of the table's groups within `budget` bytes (`fixed` of them taken by the other tensors):
+    (type per group, solver facts over the whole file, bytes by type)."""
+    options = [{k: (o["bytes"], o["predicted"]) for k, o in g.options.items()} for g in groups]
+    choices, solver = assign(options, budget - fixed)
+    solver.update(budget_bytes=budget, fixed_bytes=fixed, bytes=solver["bytes"] + fixed)
     by_bytes: dict[str, int] = {}
     for g, k in zip(groups, choices):
         by_bytes[k] = by_bytes.get(k, 0) + g.options[k]["bytes"]
-    return {**info, "bytes": written, "quantizer": quantizer.model_dump(mode="json"),
-            "budget": {**b.model_dump(mode="json", exclude_none=True), "bytes_resolved": budget},
+    step(f"mix for {budget} bytes: " + ", ".join(f"{k} {choices.count(k)}" for k in sorted(by_bytes))
+         + f"; predicted KLD {solver['predicted_kld']:.4g} (lower bound {solver['lagrangian_lower_bound']:.4g})")
+    return choices, solver, by_bytes
+
+
+def write_mix(out_dir: Path, label: str, groups: list, choices: list[str], solver: dict, provenance: dict,
+              by_bytes: dict[str, int], budget_spec, budget: int) -> dict:
+    """mix.json beside the artefact (each group's type, bytes, prediction, probe KLD; groups named by `label`:
+    "tensor" for GGUF, "modules" for compressed-tensors) and the manifest's budget / mix / predicted_kld."""
+    mix = [{label: g.name if label == "tensor" else g.modules, "type": k, "bytes": g.options[k]["bytes"],
+            "predicted_kld": g.options[k]["predicted"], "probe": g.probe, "probe_kld": g.measured}
+           for g, k in zip(groups, choices)]
+    (out_dir / "mix.json").write_text(json.dumps({"solver": solver, "sensitivity": provenance, "tensors": mix},
+                                                 indent=1))
+    return {"budget": {**budget_spec.model_dump(mode="json", exclude_none=True), "bytes_resolved": budget},
             "mix": {"solver": solver, "sensitivity": provenance, "bytes_by_type": by_bytes,
-                    "tensors_by_type": {k: choices.count(k) for k in sorted(set(choices))}},
+                    "tensors_by_type": {k: choices.count(k) for k in sorted(by_bytes)}},
             "predicted_kld": solver["predicted_kld"]}
 
 
@@ -221,30 +236,17 @@ def build_gguf(method: AutoMethod, base, out_dir: Path, calib: torch.Tensor, cal
         standard.unlink()
     else:
         budget = b.bytes or b.weight_bytes or int(b.bpw * stats["params"] / 8)
-    options = [{k: (o["bytes"], o["predicted"]) for k, o in g.options.items()} for g in groups]
-    choices, solver = assign(options, budget - fixed)
-    solver["budget_bytes"], solver["fixed_bytes"], solver["bytes"] = budget, fixed, solver["bytes"] + fixed
+    choices, solver, by_bytes = choose(groups, budget, fixed)
     types = {g.name: k for g, k in zip(groups, choices)}
-    by_bytes: dict[str, int] = {}
-    for g, k in zip(groups, choices):
-        by_bytes[k] = by_bytes.get(k, 0) + g.options[k]["bytes"]
     main = max((k for k in by_bytes if k in FILE_TYPE), key=by_bytes.get, default="Q8_0")
-    step(f"mix for {budget} bytes: " + ", ".join(f"{k} {sum(1 for c in choices if c == k)}" for k in sorted(by_bytes))
-         + f"; predicted KLD {solver['predicted_kld']:.4g} (lower bound {solver['lagrangian_lower_bound']:.4g})")
     extra = {**imatrix_info.pop("metadata", {}), "quantize.mix.budget_bytes": budget,
              "quantize.mix.predicted_kld_x1e6": int(round(solver["predicted_kld"] * 1e6))}
     llamacpp.quantize(source, target, FILE_TYPE[main], imatrix, extra, tensor_types=types)
     written = check_written(target, types, budget)
     shutil.rmtree(work)
-    mix = [{"tensor": g.name, "type": k, "bytes": g.options[k]["bytes"], "predicted_kld": g.options[k]["predicted"],
-            "probe": g.probe, "probe_kld": g.measured} for g, k in zip(groups, choices)]
-    (out_dir / "mix.json").write_text(json.dumps({"solver": solver, "sensitivity": provenance, "tensors": mix},
-                                                 indent=1))
     info = {"format": "gguf", "type": f"auto ({main} mostly)", "llama_cpp_python": lib.__version__,
-            "budget": {**b.model_dump(mode="json", exclude_none=True), "bytes_resolved": budget},
-            "mix": {"solver": solver, "sensitivity": provenance, "bytes_by_type": by_bytes,
-                    "tensors_by_type": {k: sum(1 for c in choices if c == k) for k in sorted(by_bytes)}},
-            "predicted_kld": solver["predicted_kld"], **imatrix_info, **written}
+            **write_mix(out_dir, "tensor", groups, choices, solver, provenance, by_bytes, b, budget),
+            **imatrix_info, **written}
     tokenizer = load_tokenizer(base.path)
     num_ctx = min(method.num_ctx, base.config.get("max_position_embeddings") or method.num_ctx)
     (out_dir / "Modelfile").write_text(ollama.modelfile(tokenizer, base.path, target.name, num_ctx))
