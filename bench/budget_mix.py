@@ -146,6 +146,15 @@ def markdown(all_results: list[dict], target: str = "gguf") -> str:
     return "\n".join(lines)
 
 
+def keep(done: list[dict], entry: dict) -> None:
+    """Put `entry` in place of the section of the same model label, or after the others."""
+    for i, old in enumerate(done):
+        if old["model"] == entry["model"]:
+            done[i] = entry
+            return
+    done.append(entry)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
@@ -157,7 +166,9 @@ def main() -> None:
     args = ap.parse_args()
     results_dir = ROOT / "bench" / "results"
     stem = "budget_mix" if args.target == "gguf" else "budget_mix_ct"
-    done = []
+    # each run replaces its own models' sections of the results file and keeps the others (models run apart)
+    previous = results_dir / f"{stem}.json"
+    done = json.loads(previous.read_text()) if previous.is_file() else []
     for model in args.models:
         folder = model if args.target == "gguf" else f"ct-{model}"
         out, path = args.output / folder, args.output / f"{folder}.yaml"
@@ -167,7 +178,7 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "quantize.cli", "run", str(path)], check=True, cwd=ROOT)
         subprocess.run([sys.executable, "-m", "quantize.cli", "compare", str(out), "--png",
                         str(results_dir / f"{stem}_{model}.png")], check=True, cwd=ROOT)
-        done.append(summarise(model, out, args.target))
+        keep(done, summarise(model, out, args.target))
         if args.without and args.target == "gguf":
             folder = f"{model}-without-{'-'.join(k.lower() for k in args.without)}"
             other, other_path = args.output / folder, args.output / f"{folder}.yaml"
@@ -175,7 +186,7 @@ def main() -> None:
                                                  sort_keys=False))
             if not (other / "report.md").is_file():
                 subprocess.run([sys.executable, "-m", "quantize.cli", "run", str(other_path)], check=True, cwd=ROOT)
-            done.append(summarise(model, out, "gguf", ours_from=other))
+            keep(done, summarise(model, out, "gguf", ours_from=other))
         (results_dir / f"{stem}.json").write_text(json.dumps(done, indent=1))
         (results_dir / f"{stem}.md").write_text(markdown(done, args.target))
     print(markdown(done, args.target))
