@@ -59,3 +59,15 @@ def test_mse_observer_never_worse_than_minmax_and_clips_outliers(symmetric):
     flat = torch.zeros(2, 64)  # an all-zero group stays finite and exact
     s, z = grids.scale_zero_mse(flat, 4, symmetric)
     assert torch.isfinite(s).all() and torch.equal(grids.dequantize(grids.quantize(flat, s, z, 4, symmetric), s, z), flat)
+
+
+@pytest.mark.parametrize("bits,symmetric,group_size", [(4, False, 64), (4, True, 128), (3, False, -1), (8, True, 32)])
+def test_fake_quantize_is_quantize_then_dequantize(bits, symmetric, group_size):
+    """The in-place fake_quantize (AWQ's search calls it per grid point) gives exactly the codes' dequantized
+    values, zero groups and clamped extremes included."""
+    g = torch.Generator().manual_seed(bits)
+    W = torch.randn(96, 256, generator=g) * torch.rand(256, generator=g) * 3
+    W[0] = 0
+    scale, zero = grids.scale_zero(W, bits, symmetric, group_size)
+    expected = grids.dequantize(grids.quantize(W, scale, zero, bits, symmetric, group_size), scale, zero, group_size)
+    assert torch.equal(grids.fake_quantize(W, bits, symmetric, group_size), expected)

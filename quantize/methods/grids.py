@@ -105,6 +105,11 @@ def dequantize(q, scale, zero, group_size: int = -1) -> torch.Tensor:
 
 
 def fake_quantize(W, bits: int, symmetric: bool, group_size: int = -1) -> torch.Tensor:
-    """W rounded onto its own min/max grid, back in float: the RTN baseline."""
+    """W rounded onto its own min/max grid, back in float: the RTN baseline. The same numbers as
+    dequantize(quantize(W, …), …) (codes are whole numbers either way), computed in place in one buffer: AWQ's
+    searches call it once per grid point."""
     scale, zero = scale_zero(W, bits, symmetric, group_size)
-    return dequantize(quantize(W, scale, zero, bits, symmetric, group_size), scale, zero, group_size)
+    qmin, qmax = grid(bits, symmetric)
+    scale, zero = scale[..., None], zero[..., None]
+    G = _groups(W.float(), group_size) / scale
+    return G.round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale).reshape(W.shape)
