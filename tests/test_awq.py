@@ -168,3 +168,46 @@ def test_classic_layouts_hold_the_same_weights(tiny_model, tmp_path):
     assert (qc["quant_method"], qc["checkpoint_format"], qc["sym"], qc["desc_act"]) == ("gptq", "gptq", True, False)
     qc = json.loads((out / "rtn-w4-asym-g64-gptq" / "quantize_config.json").read_text())
     assert (qc["checkpoint_format"], qc["sym"]) == ("gptq_v2", False)
+
+
+def test_search_samples_judges_alpha_on_evenly_spaced_sequences(tiny_model):
+    """With search_samples: k, the scale search's loss for a block with attention is the block's output error on k
+    evenly spaced calibration sequences (here 0, 4, 7 of 8), not on all of them; k ≥ samples is the full search."""
+    g = torch.Generator().manual_seed(1)
+    calib = torch.randint(3, 512, (8, 64), generator=g)
+    calib[[0, 4, 7]] = torch.randint(3, 12, (3, 64), generator=g)  # the judged sequences: other statistics
+    rows = LAYOUTS["llama"].awq
+    attn = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+
+    def first_layer(method, expected=None):
+        log = []
+
+        def process(i, layer, acts):
+            if expected is not None:  # the RTN (s = 1) error of q/k/v, on the subset and on every sequence
+                x = acts.capture(layer, ["self_attn.q_proj"])["self_attn.q_proj"]
+                block = layer.self_attn
+                originals = [layer.get_submodule(n).weight.data.clone() for n in attn]
+                for part, xs in (("subset", x[[0, 4, 7]]), ("all", x)):
+                    fp = acts.forward(block, xs)
+                    for n, W in zip(attn, originals):
+                        layer.get_submodule(n).weight.data = grids.fake_quantize(W, 4, False, 64)
+                    expected[part] = float((acts.forward(block, xs) - fp).pow(2).mean())
+                    for n, W in zip(attn, originals):
+                        layer.get_submodule(n).weight.data = W
+            awq_layer(i, layer, acts, rows, method, lambda name, cols: 64, lambda name: False, {}, log)
+
+        for i, _ in stream_layers(tiny_model, calib, process):
+            break
+        return {r["module"]: r for r in log}
+
+    expected = {}
+    subset = first_layer(AwqMethod(name="awq", bits=4, group_size=64, n_grid=4, search_samples=3), expected)
+    q = subset["self_attn.q_proj"]
+    assert q["search_samples"] == 3 and q["samples"] == 8
+    assert abs(expected["subset"] - expected["all"]) > 0.05 * expected["all"]  # the subset is really another loss
+    assert abs(q["scale_loss_rtn"] - expected["subset"]) < 1e-5 * expected["subset"]
+    full = first_layer(AwqMethod(name="awq", bits=4, group_size=64, n_grid=4))
+    assert abs(full["self_attn.q_proj"]["scale_loss_rtn"] - expected["all"]) < 1e-5 * expected["all"]
+    every = first_layer(AwqMethod(name="awq", bits=4, group_size=64, n_grid=4, search_samples=8))
+    drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "search_samples")}  # noqa: E731
+    assert all(drop(every[n]) == drop(full[n]) for n in full)

@@ -8,6 +8,10 @@ output judges them), with X the calibration inputs of those linears and W their 
     α*   = argmin_α ‖ block(X; Q(W·diag(s))·diag(s)⁻¹) − block(X; W) ‖²     α ∈ {0, 1/n_grid, …, (n_grid-1)/n_grid}
                                                                             (and s = 1, plain rounding)
 
+With `search_samples: k` the norm is taken over k evenly spaced calibration sequences (x̄ still over every
+token): each α re-runs the judging block, which is most of AWQ's time; a block that is one linear (o, down) always
+takes every token, since its loss costs the same for any number of them (the Gram matrix below).
+
 Code ↔ symbols: `x_mean` = x̄, `w_mean` = w̄, `s` = s, `block_loss` = the norm above, `Q` = the round-to-nearest
 min/max grid of the recipe (grids.fake_quantize). s⁻¹ is then folded into `prev` (the RMSNorm weight, or the rows
 of the previous linear), and s into the columns of W, so in full precision the layer computes exactly what it
@@ -142,6 +146,13 @@ def apply_clip(lin: torch.nn.Linear, m: torch.Tensor, group_size: int) -> None:
     lin.weight.data = torch.clamp(G, -m[..., None], m[..., None]).reshape(rows, cols)
 
 
+def even_samples(x: torch.Tensor, n: int | None) -> torch.Tensor:
+    """n whole sequences of x [samples, seq_len, d], evenly spaced (all of them when n is None or ≥ samples)."""
+    if n is None or n >= x.shape[0]:
+        return x
+    return x[torch.linspace(0, x.shape[0] - 1, n).round().long()]
+
+
 def even_tokens(x: torch.Tensor, n: int) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
     return flat[:: max(1, flat.shape[0] // n)]
@@ -176,8 +187,11 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
         g = gs[names[0]]
         Q = lambda W, g=g: grids.fake_quantize(W, bits, sym, g)  # noqa: E731
         start = time.perf_counter()
-        x_mean = x.abs().reshape(-1, x.shape[-1]).float().mean(0)
-        s, alpha, losses = search_scale(linears, quantized, x_mean, block_loss_fn(acts, block, x), Q, g,
+        x_mean = x.abs().reshape(-1, x.shape[-1]).float().mean(0)  # x̄ from every token
+        # the judging block: a linear's loss costs the same for any number of tokens (its Gram matrix, formed
+        # once); a block with attention or an MLP re-runs per α, so `search_samples` judges on fewer sequences
+        judge = x if isinstance(block, torch.nn.Linear) else even_samples(x, method.search_samples)
+        s, alpha, losses = search_scale(linears, quantized, x_mean, block_loss_fn(acts, block, judge), Q, g,
                                         method.n_grid, method.duo_scaling)
         fold_scale(prev, linears, s, norm_offset)
         if block_name in moe_rows:  # the router reads the same norm output: its columns take s too (unquantized)
@@ -213,6 +227,7 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
             alpha, loss_rtn, loss_best, seconds = alphas.get(group, (None, None, None, 0.0))
             log.append({"layer": i, "module": n, "group_size": g, "alpha": alpha, "scale_loss_rtn": loss_rtn,
                         "scale_loss_best": loss_best, "loss": loss, "samples": int(acts.hidden.shape[0]),
+                        "search_samples": method.search_samples,
                         "tokens": int(X[n].reshape(-1, X[n].shape[-1]).shape[0]),
                         "seconds": round(time.perf_counter() - start + (seconds if n == group else 0), 4)})
 

@@ -173,6 +173,9 @@ class AwqMethod(WeightOnly):
     duo_scaling: bool = Field(True, description="s = x̄^α / w̄^(1-α) as AutoAWQ and llm-compressor; false: x̄^α")
     clip: bool = Field(True, description="search a clipping range per group (not for q/k)")
     clip_tokens: int = Field(512, ge=1, description="calibration tokens (evenly spaced) used by the clip search")
+    search_samples: int | None = Field(
+        None, ge=1, description="calibration sequences (evenly spaced) on which the scale search judges each α "
+        "(x̄ still comes from every token); null: all of them, as AutoAWQ and llm-compressor")
     export: Literal["quantized", "scaled-fp16"] = Field(
         "quantized", description="scaled-fp16: the AWQ-scaled and clipped model, unquantised (e.g. to feed GGUF)")
     expert_calibration: Literal["routed", "all"] = EXPERT_CALIBRATION
@@ -189,9 +192,12 @@ class AwqMethod(WeightOnly):
         return self
 
     def default_variant(self) -> str:
+        name = super().default_variant()
+        if self.variant is None and self.search_samples is not None:
+            name += f"-search{self.search_samples}"
         if self.variant is None and self.export == "scaled-fp16":
-            return super().default_variant() + "-scaled-fp16"
-        return super().default_variant()
+            name += "-scaled-fp16"
+        return name
 
 
 IMATRIX_BY_DEFAULT = ("Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K")  # 4 bits and below

@@ -1,0 +1,132 @@
+"""AWQ's build time against GPTQ's on the same model and calibration, and what judging the scale search on fewer
+calibration sequences (`search_samples`) costs in quality.
+
+    python bench/awq_speed.py [--search 1 2 4 8] [--repeats 3] [--chunks 12]
+        → bench/results/awq_speed.{md,json}
+
+1. Quality: one `quantize run` of SmolLM2-135M with GPTQ, AWQ with the full search, and AWQ with each
+   `search_samples` value, W4 asym g64 (bench/results/smollm2-awq.md's recipe), calibration 32 × 512 tokens of
+   bundled:wiki/calibration (seed 0), KLD/PPL on `--chunks` × 512 tokens of bundled:wiki/eval against the float32
+   base; each AWQ subset's KLD paired with the full search's (the same positions).
+2. Time: GPTQ and AWQ at the default `search_samples`, each build alone in a fresh process (`--time-one`),
+   alternated `--repeats` times; medians (min, max) and the ratio of the medians. Build = the method's own
+   `build` (streamed calibration, the solve, writing the artefact), not the evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CALIB = {"source": "bundled:wiki", "samples": 32, "seq_len": 512, "seed": 0}
+GPTQ = {"name": "gptq", "bits": 4, "group_size": 64, "sym": False}
+AWQ = {"name": "awq", "bits": 4, "group_size": 64, "sym": False}
+
+
+def recipe(search: list[int], chunks: int, out: Path) -> dict:
+    methods = [GPTQ, {**AWQ, "search_samples": None, "variant": "awq-w4-asym-g64-full"}]
+    methods += [{**AWQ, "search_samples": k, "variant": f"awq-w4-asym-g64-search{k}"} for k in search]
+    return {"name": "awq-speed", "model": "bundled:smollm2-135m", "methods": methods, "calibration": CALIB,
+            "eval": {"perplexity": {"source": "bundled:wiki", "n_ctx": 512, "max_chunks": chunks},
+                     "speed": {"enabled": False}, "serve": {"enabled": False}},
+            "fit": {"gpus": ["RTX 3060"], "contexts": [4096]}, "output": str(out)}
+
+
+def time_one(method: dict) -> None:
+    """Build one method on the recipe's calibration in this process; print its seconds as JSON."""
+    from quantize import pipeline
+    from quantize.methods.registry import METHODS
+    from quantize.recipe import Recipe
+    from quantize.sources.models import load_tokenizer, resolve_model
+
+    r = Recipe.model_validate({**recipe([], 1, Path(tempfile.mkdtemp())), "methods": [method]})
+    base = resolve_model(r.model)
+    calib, info = pipeline._calibration(r, load_tokenizer(base.path))
+    out = Path(tempfile.mkdtemp(prefix="awq-speed-"))
+    try:
+        start = time.perf_counter()
+        METHODS[method["name"]].build(r.methods[0], base, out, calib, info)
+        print(json.dumps({"seconds": time.perf_counter() - start}))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def timed(method: dict) -> float:
+    done = subprocess.run([sys.executable, __file__, "--time-one", json.dumps(method)], cwd=ROOT, check=True,
+                          capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--search", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--chunks", type=int, default=12)
+    ap.add_argument("--output", type=Path, default=ROOT / "outputs" / "bench-awq-speed")
+    ap.add_argument("--time-one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.time_one:
+        return time_one(json.loads(args.time_one))
+
+    from quantize.methods.configs import AwqMethod
+
+    default = AwqMethod(**AWQ).search_samples
+    path = args.output.with_suffix(".yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe(args.search, args.chunks, args.output), sort_keys=False))
+    if not (args.output / "report.md").is_file():
+        subprocess.run([sys.executable, "-m", "quantize.cli", "run", str(path)], check=True, cwd=ROOT)
+    results = json.loads((args.output / "results.json").read_text())
+    variants, paired = results["variants"], results["paired_kld"]
+    full = "awq-w4-asym-g64-full"
+    rows = []
+    for name, v in variants.items():
+        k = v["perplexity"]["kld"]
+        d = paired.get(f"{full} − {name}")
+        rows.append({"variant": name, "kld": k["mean"], "kld_unc": k["unc"], "ppl": v["perplexity"]["ppl"],
+                     "same_top": k["same_top"], "build_s": v["build_s"],
+                     "kld_minus_full": None if d is None else -d["mean"],
+                     "kld_minus_full_unc": None if d is None else d["unc"]})
+
+    awq_timed = {**AWQ, **({"search_samples": default} if default else {})}
+    times = {"gptq": [], "awq": []}
+    for _ in range(args.repeats):  # alternated, each build in a fresh process
+        times["gptq"].append(timed(GPTQ))
+        times["awq"].append(timed(awq_timed))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {"protocol": results["protocol"], "calibration": CALIB, "rows": rows, "default_search_samples": default,
+           "times_s": times, "median_s": med, "awq_over_gptq": med["awq"] / med["gptq"]}
+    dest = ROOT / "bench" / "results"
+    (dest / "awq_speed.json").write_text(json.dumps(out, indent=1))
+    p = results["protocol"]["perplexity"]
+    lines = ["# AWQ's scale search on fewer sequences, and AWQ's build time against GPTQ's", "",
+             f"`python bench/awq_speed.py` (protocol in its docstring). SmolLM2-135M, W4 asym g64, calibration "
+             f"32 × 512 tokens; KLD on {p['chunks']} × {p['n_ctx']} tokens of {p['text']['source']} against the "
+             "float32 base, ± standard error; Δ vs full: the paired difference of per-position KLD against AWQ with "
+             "the full search, ± its standard error. Build s: the build inside that one run (runs one after "
+             "another on the same machine).", "",
+             "| variant | KLD | Δ vs full search | PPL | same top % | build s (one run) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        delta = "–" if r["kld_minus_full"] is None else f"{r['kld_minus_full']:+.5f} ± {r['kld_minus_full_unc']:.5f}"
+        lines.append(f"| {r['variant']} | {r['kld']:.5f} ± {r['kld_unc']:.5f} | {delta} | {r['ppl']:.4f} | "
+                     f"{100 * r['same_top']:.2f} | {r['build_s']:.1f} |")
+    fmt = lambda v: f"{statistics.median(v):.1f} s (min {min(v):.1f}, max {max(v):.1f})"  # noqa: E731
+    lines += ["", f"Build alone in a fresh process, alternated, {args.repeats} runs each: GPTQ {fmt(times['gptq'])}; "
+              f"AWQ (default search_samples = {default}) {fmt(times['awq'])}; ratio of medians AWQ / GPTQ "
+              f"{out['awq_over_gptq']:.2f}.", ""]
+    (dest / "awq_speed.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
