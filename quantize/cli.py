@@ -81,14 +81,23 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
     variants and the base evaluation are kept, GPTQ/AWQ/RTN continue after their last finished layer.
 
     Exit codes: 0 done (every gate passed), 2 user error (nothing run), 3 a gate failed (artefacts written and
-    marked), 130 interrupted (nothing published; the work is kept for the next run)."""
-    from quantize import pipeline
+    marked), 130 interrupted (nothing published; the work is kept for the next run).
 
+    Under `torchrun --standalone --nproc-per-node N -m quantize.cli run RECIPE` GPTQ's calibration is split over
+    the N processes (gloo on CPU, NCCL on GPUs); rank 0 runs everything else and writes (methods/ranks.py)."""
+    from quantize import pipeline
+    from quantize.methods import ranks
+
+    if ranks.init_from_env().rank > 0:  # under torchrun: rank 0 runs the recipe, the others its GPTQ builds
+        return ranks.serve()
     loaded = None
     try:
         loaded = load_recipe(recipe, [*overrides, *(f"gates.{g}" for g in gate)])
         with _stdout_to_stderr() if as_json else contextlib.nullcontext():
-            out = pipeline.run(loaded, force=force, restart=restart)
+            try:
+                out = pipeline.run(loaded, force=force, restart=restart)
+            finally:
+                ranks.stop()
     except QuantizeError as exc:
         _fail(exc, recipe)
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from quantize.common import files
+from quantize.common.errors import QuantizeError
 from quantize.common.ui import step
 from quantize.fit import vram
 from quantize.fit.shape import shape_from_config
@@ -33,7 +34,8 @@ from quantize.formats.tensors import weight_bytes
 from quantize.measure.streamed import LOADER as STREAM_LOADER, STREAMABLE, StreamedModel
 from quantize.measure import kld_base, lmeval, memory, quality, serving, speed
 from quantize.measure.scorecard import base_store
-from quantize.methods.engine import resolve_device, with_experts
+from quantize.methods import ranks
+from quantize.methods.engine import expert_lists, resolve_device, with_experts
 from quantize.methods.registry import METHODS
 from quantize.preflight import base_model, check_disk, check_memory, check_recipe
 from quantize.recipe import Recipe
@@ -110,7 +112,7 @@ def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe, calib)
         method = method.model_copy(update={"budget": b.model_copy(update={"weight_bytes": left})})
     memory.reset_peak()
     start = time.perf_counter()
-    info = METHODS[method.name].build(method, base, partial, batches, calib_info)
+    info = ranks.build(METHODS[method.name], method, base, partial, batches, calib_info)  # torchrun: GPTQ on all
     seconds = time.perf_counter() - start
     manifest = {
         "variant": folder.name,
@@ -147,6 +149,20 @@ def run_key(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _check_ranks(recipe: Recipe, meta) -> None:
+    """Under torchrun, before any work: what a build across the ranks cannot take."""
+    group = ranks.current()
+    spread = [k for k, m in enumerate(recipe.methods) if m.name in ranks.DISTRIBUTED]
+    if not (group.many and spread):
+        return
+    where = f"recipe {recipe.name}: key `methods[{spread[0]}]`"
+    try:
+        group.parts(recipe.calibration.samples)
+        ranks.for_method(recipe.methods[spread[0]], any(expert_lists(layer) for layer in meta.model.layers))
+    except QuantizeError as exc:
+        raise QuantizeError(f"{where} under torchrun ({group.world} processes): {exc}") from None
+
+
 def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
     """The whole run. Its work folder is kept when it fails or is killed, and the same recipe run again continues
     there: finished variants are not rebuilt, the base is not evaluated again, and a layer-wise build continues
@@ -161,6 +177,7 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
     base = base_model(recipe)
     meta = with_experts(meta_model(base.path))  # expert linears as the engine sees them (sizes, group checks)
     check_recipe(recipe, base.config, meta)
+    _check_ranks(recipe, meta)
     check_memory(recipe, meta)
     tokenizer = load_tokenizer(base.path)
     ppl = recipe.eval.perplexity

@@ -63,7 +63,7 @@ def test_gptq_output_error_below_rtn(symmetric, group_size, act_order):
 def test_identity_hessian_per_channel_is_rtn():
     """With uncorrelated unit inputs there is nothing to feed the error back into: GPTQ = RTN."""
     W = torch.randn(6, 8)
-    r = gptq_quantize(W, Hessian(torch.eye(8), n=1), 4, True, -1, damp=1e-9, scale_dtype=torch.float32)
+    r = gptq_quantize(W, Hessian(torch.eye(8, dtype=torch.float64), n=1), 4, True, -1, damp=1e-9, scale_dtype=torch.float32)
     scale, zero = grids.scale_zero(W, 4, True)
     assert torch.equal(r.q, grids.quantize(W, scale, zero, 4, True))
 

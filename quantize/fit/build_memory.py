@@ -8,7 +8,8 @@ Peaks per step (bytes; f = 4 for float32; T = calibration samples × seq_len tok
       + the calibration activations                                     T × (2·hidden + widest stage input) × f
         (the layer's input, the residual after attention, the input of the stage in hand; AWQ keeps every group's
         input at once: T × (hidden + attention width + hidden + intermediate) × f)
-      + the group's Hessian                                             in² × f, in = the widest linear input
+      + the group's Hessian: its float64 sum, the float32 Gram of a     in² × 4f, in = the widest linear input
+        batch (or H), GPTQ's working copy
       + the embedding while the tokens go through it (first layer)     vocab × hidden × f
     whole-model build (INT8)                                            2 × params × f  (the model, its copy)
     evaluation                                                          params × dtype bytes
@@ -46,7 +47,7 @@ def layer_wise_bytes(shape: ModelShape, samples: int, seq_len: int, awq: bool = 
     else:
         activations = tokens * (2 * shape.hidden_size + widest)
     first_layer = shape.vocab_size * shape.hidden_size  # the embedding, dropped once the tokens are through it
-    return (layer_params(shape) + activations + widest * widest + first_layer) * F32
+    return (layer_params(shape) + activations + 4 * widest * widest + first_layer) * F32
 
 
 def eval_bytes(shape: ModelShape, params: int, dtype: str, n_ctx: int) -> int:

@@ -107,6 +107,9 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
+BATCH = 8  # calibration sequences per forward pass
+
+
 def materialize(module: torch.nn.Module, prefix: str, shards: Shards, dtype=torch.float32) -> None:
     for name, param in list(module.named_parameters()):
         owner, _, leaf = name.rpartition(".")
@@ -376,7 +379,7 @@ def rotary_tables(model, hidden: torch.Tensor, device) -> dict:
 
 
 @torch.inference_mode()
-def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Callable, batch: int = 8,
+def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Callable, batch: int = BATCH,
                   device: str = "cpu", forward_dtype: torch.dtype = torch.float32,
                   checkpoint: Checkpoint | None = None, policy: ExpertPolicy = ExpertPolicy(),
                   shards: Shards | None = None) -> Iterator[tuple[int, torch.nn.Module]]:
@@ -501,7 +504,7 @@ def hooked_layer(layer: torch.nn.Module, acts: Activations, stages: list[list[li
 
 
 def quantize_layers(base_path: Path, calib: torch.Tensor | None, quantize_group: Callable, ignore: Callable,
-                    model_type: str, true_sequential: bool = True, batch: int = 8, device: str = "cpu",
+                    model_type: str, true_sequential: bool = True, batch: int = BATCH, device: str = "cpu",
                     forward_dtype: torch.dtype = torch.float32, checkpoint: Checkpoint | None = None,
                     policy: ExpertPolicy = ExpertPolicy()) -> Iterator[tuple[int, torch.nn.Module]]:
     """GPTQ-style streaming: per layer, the sequential groups in order. `quantize_group(layer_index,

@@ -45,7 +45,7 @@ def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, gr
                   ) -> Solved:
     assert group_grid in GROUP_GRIDS, group_grid
     W = W.clone().float()
-    H = hess.H.clone()
+    H = hess.H  # a new float32 tensor (statistics.Hessian)
     rows, cols = W.shape
     assert group_size == -1 or cols % group_size == 0, f"{cols} columns not divisible by group_size {group_size}"
     qmin, qmax = grids.grid(bits, symmetric)

@@ -1,10 +1,11 @@
 """Per-linear input statistics gathered on calibration activations, for any method that asks for them:
 
-    H   = 2/n · Σ XᵀX         GPTQ's Hessian of the layer-wise squared error (Hessian, accumulate_hessian)
+    H   = 2/n · Σ XᵀX         GPTQ's Hessian of the layer-wise squared error (Hessian, accumulate_hessian;
+                              the sum kept in float64, H handed out in float32)
     Σx² = diag(Σ XᵀX)          llama.cpp's importance matrix (importance_matrix): what its quantiser weighs each
                               input column's rounding error by
 
-X is a linear's input [tokens, cols]. Both are float32/float64 sums over the calibration tokens.
+X is a linear's input [tokens, cols]. Both are float64 sums over the calibration tokens.
 """
 
 from __future__ import annotations
@@ -20,23 +21,29 @@ from quantize.methods.engine import LAYOUTS, layer_stages, stream_layers
 
 @dataclass
 class Hessian:
-    """The running 2/n · Σ XᵀX of one linear's inputs (shared by the linears that read the same input)."""
+    """2/n · Σ XᵀX of one linear's inputs (shared by the linears that read the same input), kept as the float64 sum
+    Σ XᵀX of float32 products and the token count n. Float32 Gram matrices add up exactly in float64 (in practice:
+    the summands would have to differ by 2^29 in magnitude to round), so a sum over parts of the calibration, or over
+    torch.distributed ranks (methods/ranks.py), is the same number whatever the order of the parts."""
 
-    H: torch.Tensor  # [cols, cols], float32
+    xtx: torch.Tensor  # [cols, cols], float64: Σ XᵀX
     n: int = 0
 
     @classmethod
     def zeros(cls, cols: int, device=None) -> "Hessian":
-        return cls(torch.zeros(cols, cols, dtype=torch.float32, device=device))
+        return cls(torch.zeros(cols, cols, dtype=torch.float64, device=device))
+
+    @property
+    def H(self) -> torch.Tensor:
+        """2/n · Σ XᵀX in float32 (a new tensor on each call)."""
+        return (self.xtx * (2 / max(self.n, 1))).float()
 
 
 def accumulate_hessian(hess: Hessian, X: torch.Tensor) -> None:
-    """Running mean of 2·XᵀX over all tokens seen; X is [..., cols]. float32 throughout."""
+    """Add the tokens of X [..., cols]: their float32 Gram matrix into the float64 sum."""
     X = X.reshape(-1, X.shape[-1]).float()
-    tokens = X.shape[0]
-    hess.H *= hess.n / (hess.n + tokens)
-    hess.n += tokens
-    hess.H += gram(X, 2 / hess.n)
+    hess.n += X.shape[0]
+    hess.xtx += gram(X, 1.0)
 
 
 def gram(X: torch.Tensor, alpha: float, block: int = 256) -> torch.Tensor:

@@ -29,6 +29,7 @@ from quantize.formats.mlx import MlxWriter
 from quantize.methods import grids
 from quantize.methods.engine import (Checkpoint, ExpertPolicy, expert_lists, quantize_layers, resolve_device,
                                      resolve_forward_dtype, skeleton)
+from quantize.methods.ranks import for_method
 from quantize.methods.statistics import Hessian, accumulate_hessian
 from quantize.sources.models import BaseModel, ignored, load_tokenizer
 
@@ -93,9 +94,13 @@ def expert_policy(method) -> ExpertPolicy:
 
 def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor | None,
                    solve: Callable[[torch.Tensor, Hessian | None, int, int], Solved], keep: dict | None = None) -> dict:
+    """Under torchrun (methods/ranks.py) every rank runs this on its slice of the calibration samples: the
+    Hessians are all-reduced, each rank solves a share of the rows, and rank 0 alone writes."""
     policy = expert_policy(method)
     meta = skeleton(base.path, policy)
     check_group_sizes(meta, method)
+    ranks = for_method(method, sparse_moe=any(expert_lists(layer) for layer in meta.model.layers))
+    samples = 0 if calib is None else int(calib.shape[0])
     log, pending = [], {}
 
     def quantize_group(i: int, linears: dict[str, torch.nn.Linear], X: torch.Tensor | None) -> None:
@@ -104,6 +109,7 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
             hess = Hessian.zeros(X.shape[-1], device=X.device)
             for part in X.split(8 if X.dim() == 3 else 4096):  # 8 sequences (an expert's: 4096 tokens) at a time
                 accumulate_hessian(hess, part)
+            ranks.all_reduce_hessian(hess)  # over every rank's tokens (a no-op in one process)
         # Linears that read the same input (so share H) and get the same group size are solved as one matrix:
         # GPTQ and RTN treat output rows independently, so stacking the rows gives each linear its own result in
         # one column loop instead of one loop per linear.
@@ -115,7 +121,7 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
         for (bits, gs), names in by_scheme.items():
             start = time.perf_counter()
             W = torch.cat([linears[n].weight.data for n in names])
-            r = solve(W, hess, gs, bits)
+            r = ranks.shared_solve(lambda: solve(W, hess, gs, bits), W.device)  # torchrun: solved on rank 0
             seconds = round(time.perf_counter() - start, 4)
             first = 0
             for n in names:
@@ -126,20 +132,28 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
                 pending[full] = (r.q[rows].cpu(), r.scale[rows].cpu(), r.zero[rows].cpu(), gs, bits)
                 log.append({"layer": i, "module": n, **({"bits": bits} if method.per_module else {}),
                             "group_size": gs, "loss": float(r.row_loss[rows].sum()),
-                            "samples": 0 if calib is None else int(calib.shape[0]), "damp": r.damp,
+                            "samples": samples, "damp": r.damp,
                             "tokens": 0 if hess is None else hess.n,
                             "seconds": seconds if n == names[0] else 0.0, "solved_with": names})
 
     not_quantized = lambda name: ignored(name, method.ignore)  # noqa: E731
-    device = resolve_device(getattr(method, "device", "cpu"), f"method {method.name} `device`")
+    device = ranks.device(resolve_device(getattr(method, "device", "cpu"), f"method {method.name} `device`"))
     forward_dtype, dtype_reason = resolve_forward_dtype(getattr(method, "forward_dtype", "float32"), device)
-    checkpoint = Checkpoint(out_dir)  # continues after the last finished layer of an interrupted build
-    layers = quantize_layers(base.path, calib, quantize_group, not_quantized, meta.config.model_type,
+    if ranks.many:  # no resume across ranks (each rank's activations differ): start over, leave no stale state
+        (out_dir / Checkpoint.FILE).unlink(missing_ok=True)
+        checkpoint = None
+    else:
+        checkpoint = Checkpoint(out_dir)  # continues after the last finished layer of an interrupted build
+    layers = quantize_layers(base.path, ranks.local(calib), quantize_group, not_quantized, meta.config.model_type,
                              method_true_sequential(method), device=device, forward_dtype=forward_dtype,
                              checkpoint=checkpoint, policy=policy)
+    if ranks.rank != 0:  # run every layer on this rank's share; rank 0 writes
+        for _ in layers:
+            pass
+        return {}
     info = write_streamed(method, base, out_dir, meta, layers, pending, log, checkpoint=checkpoint, keep=keep)
     return {**info, "device": device, "forward_dtype": str(forward_dtype).removeprefix("torch."),
-            "forward_dtype_reason": dtype_reason}
+            "forward_dtype_reason": dtype_reason, **({"ranks": ranks.describe(calib)} if ranks.many else {})}
 
 
 def scheme_name(method) -> str:
