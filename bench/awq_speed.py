@@ -33,8 +33,8 @@ GPTQ = {"name": "gptq", "bits": 4, "group_size": 64, "sym": False}
 AWQ = {"name": "awq", "bits": 4, "group_size": 64, "sym": False}
 
 
-def recipe(search: list[int], chunks: int, out: Path) -> dict:
-    methods = [GPTQ, {**AWQ, "search_samples": None, "variant": "awq-w4-asym-g64-full"}]
+def recipe(search: list[int], chunks: int, out: Path, full: bool = False) -> dict:
+    methods = [GPTQ] + ([{**AWQ, "search_samples": None, "variant": "awq-w4-asym-g64-full"}] if full else [])
     methods += [{**AWQ, "search_samples": k, "variant": f"awq-w4-asym-g64-search{k}"} for k in search]
     return {"name": "awq-speed", "model": "bundled:smollm2-135m", "methods": methods, "calibration": CALIB,
             "eval": {"perplexity": {"source": "bundled:wiki", "n_ctx": 512, "max_chunks": chunks},
@@ -69,9 +69,11 @@ def timed(method: dict) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--search", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--search", type=int, nargs="+", default=[2, 8])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--chunks", type=int, default=12)
+    ap.add_argument("--chunks", type=int, default=32)
+    ap.add_argument("--full", action="store_true", help="also AWQ with the full search in this run (about 20 min "
+                    "on 2 cores); without it the table quotes bench/results/smollm2-awq.json's, same protocol")
     ap.add_argument("--output", type=Path, default=ROOT / "outputs" / "bench-awq-speed")
     ap.add_argument("--time-one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -83,7 +85,7 @@ def main() -> None:
     default = AwqMethod(**AWQ).search_samples
     path = args.output.with_suffix(".yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(recipe(args.search, args.chunks, args.output), sort_keys=False))
+    path.write_text(yaml.safe_dump(recipe(args.search, args.chunks, args.output, args.full), sort_keys=False))
     if not (args.output / "report.md").is_file():
         subprocess.run([sys.executable, "-m", "quantize.cli", "run", str(path)], check=True, cwd=ROOT)
     results = json.loads((args.output / "results.json").read_text())
@@ -103,9 +105,9 @@ def main() -> None:
     for _ in range(args.repeats):  # alternated, each build in a fresh process
         times["gptq"].append(timed(GPTQ))
         times["awq"].append(timed(awq_timed))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()} if args.repeats else {}
     out = {"protocol": results["protocol"], "calibration": CALIB, "rows": rows, "default_search_samples": default,
-           "times_s": times, "median_s": med, "awq_over_gptq": med["awq"] / med["gptq"]}
+           "times_s": times, "median_s": med, "awq_over_gptq": med["awq"] / med["gptq"] if med else None}
     dest = ROOT / "bench" / "results"
     (dest / "awq_speed.json").write_text(json.dumps(out, indent=1))
     p = results["protocol"]["perplexity"]
@@ -121,9 +123,21 @@ def main() -> None:
         lines.append(f"| {r['variant']} | {r['kld']:.5f} ± {r['kld_unc']:.5f} | {delta} | {r['ppl']:.4f} | "
                      f"{100 * r['same_top']:.2f} | {r['build_s']:.1f} |")
     fmt = lambda v: f"{statistics.median(v):.1f} s (min {min(v):.1f}, max {max(v):.1f})"  # noqa: E731
-    lines += ["", f"Build alone in a fresh process, alternated, {args.repeats} runs each: GPTQ {fmt(times['gptq'])}; "
-              f"AWQ (default search_samples = {default}) {fmt(times['awq'])}; ratio of medians AWQ / GPTQ "
-              f"{out['awq_over_gptq']:.2f}.", ""]
+    earlier = ROOT / "bench" / "results" / "smollm2-awq.json"
+    if not args.full and earlier.is_file() and args.chunks == 32:
+        e = json.loads(earlier.read_text())["variants"]["awq-w4-asym-g64"]
+        lines += ["", f"AWQ with the full search (every sequence judges each α), from bench/results/smollm2-awq.json: "
+                  f"the same recipe, calibration and evaluation text, an earlier run (not paired with these "
+                  f"positions): KLD {e['kld']:.5f} ± {e['kld_unc']:.5f}, PPL {e['ppl']:.4f}, same top "
+                  f"{100 * e['same_top']:.2f} %, build {e['build_s']:.1f} s. The code since computes the same "
+                  "numbers for it (grids.fake_quantize is bit-identical, tests/test_rtn.py)."]
+        out["full_search_earlier"] = e
+        (dest / "awq_speed.json").write_text(json.dumps(out, indent=1))
+    if args.repeats:
+        lines += ["", f"Build alone in a fresh process, alternated, {args.repeats} runs each: GPTQ {fmt(times['gptq'])}; "
+                  f"AWQ (default search_samples = {default}) {fmt(times['awq'])}; ratio of medians AWQ / GPTQ "
+                  f"{out['awq_over_gptq']:.2f}."]
+    lines.append("")
     (dest / "awq_speed.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -172,6 +172,7 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
     for k, method in enumerate(recipe.methods):  # a device this machine lacks, before any work too
         if hasattr(method, "device"):
             resolve_device(method.device, f"recipe {recipe.name}: key `methods[{k}].device`")
+    device = resolve_device(recipe.device, f"recipe {recipe.name}: key `device`")  # evaluation's
     step(f"recipe {recipe.name}: model {recipe.model}, variants "
          + ", ".join(m.default_variant() for m in recipe.methods))
     base = base_model(recipe)
@@ -195,8 +196,8 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
             step(f"continuing the interrupted run in {out}")
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
         base_logprobs, base_scores, cache = base_store(base.path, chunks, dtype, meta.config.vocab_size,
-                                                       recipe.eval.stream)
-        results = _base_results(out, recipe, base, chunks, base_scores, cache, shape, tokenizer)
+                                                       recipe.eval.stream, device)
+        results = _base_results(out, recipe, base, chunks, base_scores, cache, shape, tokenizer, device)
         bandwidth = results["protocol"]["memory_bandwidth"]
         for method in recipe.methods:
             name = method.default_variant()
@@ -215,7 +216,7 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
             if recipe.eval.stream and detect(folder) in STREAMABLE:  # layer by layer, as the base
                 model, loader, eval_dtype = StreamedModel(folder), STREAM_LOADER, "float32"
             else:
-                model, loader, eval_dtype = load(folder, dtype, chunks.n_ctx)
+                model, loader, eval_dtype = load(folder, dtype, chunks.n_ctx, device)
             measured = _evaluate(model, name, chunks, base_logprobs, recipe, bandwidth, tokenizer,
                                  positions=out / "kld-positions" / f"{name}.npy")
             free(model)
@@ -257,7 +258,7 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
 
 
 def _base_results(out: Path, recipe: Recipe, base: BaseModel, chunks, scores: dict, cache: dict, shape,
-                  tokenizer) -> dict:
+                  tokenizer, device: str = "cpu") -> dict:
     """The run's protocol and the base model's numbers (its perplexity from the shared base store); kept in
     base.json once complete, so that a resumed run does not evaluate the base again."""
     saved = out / "base.json"
@@ -272,13 +273,14 @@ def _base_results(out: Path, recipe: Recipe, base: BaseModel, chunks, scores: di
     if recipe.eval.stream and (recipe.eval.tasks or recipe.eval.speed.enabled):  # never the whole base in memory
         measured["skipped"] = "eval.stream: speed and lm-eval tasks need the whole base in memory"
     elif recipe.eval.tasks or recipe.eval.speed.enabled:  # the base model in memory only when something needs it
-        model = load_model(base.path, dtype)
+        model = load_model(base.path, dtype).to(device)
         measured = _evaluate(model, "base", chunks, None, recipe, bandwidth, tokenizer, scores)
         free(model)
         del model
         _collect()
     results = {
-        "protocol": {"perplexity": chunks.protocol(), "eval_dtype": dtype, "device": "cpu",
+        "protocol": {"perplexity": chunks.protocol(), "eval_dtype": dtype,
+                     "device": "cpu" if recipe.eval.stream else device,
                      "memory_bandwidth": bandwidth, "versions": files.versions()},
         "base": {**base.describe(), **measured, "perplexity_cache": cache, "fit": _fit(base.path, shape, recipe)},
     }

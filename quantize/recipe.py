@@ -7,6 +7,7 @@ Validated once, here, with pydantic: unknown keys are rejected, the method is a 
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -137,6 +138,9 @@ class Gates(Strict):
         return any(v is not None and v != [] and v is not False for v in self.model_dump().values())
 
 
+LAYER_WISE_DEVICE = ("rtn", "gptq", "awq")  # the methods with a `device` key
+
+
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model: str = Field(description="bundled:smollm2-135m, bundled:gemma3-270m, a local HF directory, a .gguf "
@@ -149,6 +153,9 @@ class Recipe(Strict):
     fit: Fit = Fit()
     gates: Gates = Gates()
     output: str | None = None
+    device: str = Field("auto", description="where evaluation runs (the base and every torch artefact: perplexity, "
+                                            "KLD, speed) and the default `device` of rtn, gptq and awq: auto (cuda "
+                                            "when visible), cpu, cuda or cuda:N")
     seed: int = 0
     overrides: list[str] = Field(default_factory=list, description="the --set KEY=VALUE this recipe was run with "
                                                                     "(already applied; recorded in the output)")
@@ -162,7 +169,19 @@ class Recipe(Strict):
                 raise ValueError("give either `method` or `methods`, not both")
             data = dict(data)
             data["methods"] = [data.pop("method")]
+        # the recipe's `device` is the default of every layer-wise method that does not name its own
+        if isinstance(data, dict) and "device" in data and isinstance(data.get("methods"), list):
+            data = {**data, "methods": [{"device": data["device"], **m}
+                                        if isinstance(m, dict) and m.get("name") in LAYER_WISE_DEVICE else m
+                                        for m in data["methods"]]}
         return data
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"unknown device {value!r}; accepted: auto, cpu, cuda, cuda:N")
+        return value
 
     @model_validator(mode="after")
     def _variants_unique(self):

@@ -193,24 +193,28 @@ def test_device_is_checked_at_the_edge():
             resolve_device("cuda", "recipe.yaml")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_streamed_gptq_on_cuda_matches_cpu(tiny_model, tmp_path):
-    """The same streamed GPTQ on the GPU: same layout; the codes differ only where float rounding tips a value."""
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_streamed_methods_on_each_device(method, tiny_model, tmp_path):
+    """RTN, GPTQ and AWQ take `device` and record it; where a GPU is visible the same build runs on it too (float32
+    forwards) with the same layout, the codes differing only where float rounding tips a value."""
     from safetensors.torch import load_file
 
+    from quantize.methods.configs import CONFIGS
     from quantize.methods.registry import METHODS
     from quantize.sources.models import resolve_model
-    from quantize.methods.configs import GptqMethod
 
     base = resolve_model(str(tiny_model))
     calib = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(0))
     packed = {}
-    for device in ("cpu", "cuda"):
+    for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
         out = tmp_path / device
         out.mkdir()
-        info = METHODS["gptq"].build(GptqMethod(name="gptq", group_size=64, device=device), base, out, calib)
-        assert info["device"] == device
+        config = CONFIGS[method](name=method, group_size=64, device=device, forward_dtype="float32")
+        info = METHODS[method].build(config, base, out, calib)
+        assert info["device"] == device and info["forward_dtype"] == "float32"
         packed[device] = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    if "cuda" not in packed:
+        return
     assert packed["cpu"].keys() == packed["cuda"].keys()
     for name, tensor in packed["cpu"].items():
         if name.endswith("weight_scale"):
@@ -249,6 +253,40 @@ def test_missing_cuda_device_fails_before_any_work(tiny_model, tmp_path):
     with pytest.raises(QuantizeError, match=r"recipe run: key `methods\[1\].device`: device 'cuda'.*no CUDA"):
         pipeline.run(recipe)
     assert not out.exists()
+
+
+def test_recipe_device_is_every_layer_wise_method_default(tiny_model, tmp_path):
+    """One recipe key: `device` is where evaluation runs and the device of rtn/gptq/awq that name none."""
+    methods = [{"name": "gptq", "group_size": 64}, {"name": "awq", "group_size": 64, "device": "auto"},
+               {"name": "int8"}]
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model), methods, tmp_path / "out",
+                                      device="cpu"))
+    assert recipe.device == "cpu"
+    assert [getattr(m, "device", None) for m in recipe.methods] == ["cpu", "auto", None]
+    if not torch.cuda.is_available():
+        recipe = load_recipe(write_recipe(tmp_path / "c.yaml", str(tiny_model), [{"name": "rtn"}],
+                                          tmp_path / "cuda-out", device="cuda"))
+        with pytest.raises(QuantizeError, match=r"key `methods\[0\].device`: device 'cuda'.*no CUDA"):
+            pipeline.run(recipe)
+        assert not (tmp_path / "cuda-out").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_evaluation_on_cuda_matches_cpu(tiny_model, tmp_path):
+    """The same recipe evaluated on the GPU: the protocol and the loader say so; perplexity and KLD agree with the
+    CPU run to float32 accuracy (the artefacts are built on the CPU in both)."""
+    results = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        methods = [{"name": "rtn", "group_size": 64, "device": "cpu"}]
+        pipeline.run(load_recipe(write_recipe(tmp_path / f"{device}.yaml", str(tiny_model), methods, out,
+                                              device=device)))
+        results[device] = json.loads((out / "results.json").read_text())
+    assert results["cuda"]["protocol"]["device"] == "cuda"
+    v = {d: results[d]["variants"]["rtn-w4-sym-g64"] for d in results}
+    assert v["cuda"]["loader"].endswith("on cuda")
+    assert abs(v["cuda"]["perplexity"]["ppl"] / v["cpu"]["perplexity"]["ppl"] - 1) < 1e-3
+    assert abs(v["cuda"]["perplexity"]["kld"]["mean"] - v["cpu"]["perplexity"]["kld"]["mean"]) < 1e-4
 
 
 def fasterquant_reference(W, H, bits, group_size, block_size=128, damp=0.01):

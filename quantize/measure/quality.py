@@ -98,8 +98,8 @@ def kl_divergence(base_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """[n, vocab] logits of one sequence ids [1, n] from a torch model or a runtime with `logits(ids)` (llama.cpp's
     LlamaCppModel, mlx-lm's MlxModel)."""
-    if isinstance(model, torch.nn.Module):
-        return model(ids, use_cache=False).logits[0]
+    if isinstance(model, torch.nn.Module):  # on the model's device; the scoring is on the CPU
+        return model(ids.to(model.device), use_cache=False).logits[0].cpu()
     return model.logits(ids[0].tolist())
 
 

@@ -34,7 +34,7 @@ def tokenizer_for(path: Path, base: Path | None):
     raise QuantizeError(f"{path}: no tokenizer found beside it; pass --base with the HF base model")
 
 
-def base_store(base_path: Path, chunks, dtype: str, n_vocab: int, stream: bool = False):
+def base_store(base_path: Path, chunks, dtype: str, n_vocab: int, stream: bool = False, device: str = "cpu"):
     """(base file, base scores, cache record): the one store of the base's log-probabilities that `run` and `eval`
     share, computed on the base's own backend when the cache lacks it (with `stream`, layer by layer from its
     shards in float32: measure/streamed.py)."""
@@ -42,7 +42,7 @@ def base_store(base_path: Path, chunks, dtype: str, n_vocab: int, stream: bool =
         if stream:
             model, loader = StreamedModel(base_path), STREAM_LOADER
         else:
-            model, loader, _ = load(base_path, dtype, chunks.n_ctx)
+            model, loader, _ = load(base_path, dtype, chunks.n_ctx, device)
         try:
             base_vocab = vocab_size(model)
             if base_vocab != n_vocab:
@@ -51,7 +51,8 @@ def base_store(base_path: Path, chunks, dtype: str, n_vocab: int, stream: bool =
             return {**quality.score_base(model, chunks, writer), "loader": loader}
         finally:
             free(model)
-    return kld_base.cached(base_path, chunks, dtype, detect(base_path), compute, n_vocab)
+    backend = detect(base_path) + ("" if stream or device == "cpu" else f" on {device.split(':')[0]}")
+    return kld_base.cached(base_path, chunks, dtype, backend, compute, n_vocab)
 
 
 def evaluate_artefact(path: Path, base: str | None, ev) -> dict:

@@ -62,10 +62,19 @@ def weight_bytes_in_memory(model: torch.nn.Module) -> int:
     return total
 
 
+def _sync(model) -> None:
+    """Wait for a GPU's queued work, so that a timer reads the computation and not its launch."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
 @torch.inference_mode()
 def _pp(model, tokens: torch.Tensor) -> float:
+    tokens = tokens.to(model.device)
+    _sync(model)
     start = time.perf_counter()
     model(tokens, use_cache=True)
+    _sync(model)
     return time.perf_counter() - start
 
 
@@ -74,11 +83,13 @@ def _tg(model, first_token: torch.Tensor, n: int) -> float:
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    token = first_token
+    token = first_token.to(model.device)
+    _sync(model)
     start = time.perf_counter()
     for _ in range(n):
         logits = model(token, past_key_values=cache, use_cache=True).logits
         token = logits[:, -1:].argmax(-1)
+    _sync(model)
     return time.perf_counter() - start
 
 

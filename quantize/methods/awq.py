@@ -33,7 +33,8 @@ import torch
 
 from quantize.methods import grids
 from quantize.methods.configs import AwqMethod
-from quantize.methods.engine import LAYOUTS, Activations, Checkpoint, awq_rows, capture, skeleton, stream_layers
+from quantize.methods.engine import (LAYOUTS, Activations, Checkpoint, awq_rows, capture, resolve_device,
+                                     resolve_forward_dtype, skeleton, stream_layers)
 from quantize.methods.weight_only import check_group_sizes, expert_policy, group_size_for, scale_dtype, write_streamed
 from quantize.sources.models import ignored
 
@@ -222,7 +223,7 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
             loss = float(((xs @ (Wq - W0).T) ** 2).mean())  # output error vs the scaled weights
             if quantize:
                 lin.weight.data = Wq
-                pending[full(n)] = (q, scale, zero, g, bits)
+                pending[full(n)] = (q.cpu(), scale.cpu(), zero.cpu(), g, bits)
             group = next(names for _, names, _ in rows if n in names)[0]
             alpha, loss_rtn, loss_best, seconds = alphas.get(group, (None, None, None, 0.0))
             log.append({"layer": i, "module": n, "group_size": g, "alpha": alpha, "scale_loss_rtn": loss_rtn,
@@ -247,8 +248,12 @@ def build(method: AwqMethod, base, out_dir, calib: torch.Tensor, calib_info=None
         awq_layer(i, layer, acts, awq_rows(layout, layer), method, group_size_of, ignore, pending, log,
                   quantize=not scaled_only, norm_offset=layout.norm_offset, scale_storage=dtype)
 
+    device = resolve_device(method.device, f"method {method.name} `device`")
+    forward_dtype, dtype_reason = resolve_forward_dtype(method.forward_dtype, device)
     checkpoint = Checkpoint(out_dir)  # continues after the last finished layer of an interrupted build
-    layers = stream_layers(base.path, calib, process_layer, checkpoint=checkpoint, policy=policy)
+    layers = stream_layers(base.path, calib, process_layer, device=device, forward_dtype=forward_dtype,
+                           checkpoint=checkpoint, policy=policy)
     info = write_streamed(method, base, out_dir, meta, layers, pending, log, pack=not scaled_only,
                           checkpoint=checkpoint, keep=keep)
-    return {"scheme": "awq-scaled-fp16" if scaled_only else f"w{method.bits}a16", **info}
+    return {"scheme": "awq-scaled-fp16" if scaled_only else f"w{method.bits}a16", **info, "device": device,
+            "forward_dtype": str(forward_dtype).removeprefix("torch."), "forward_dtype_reason": dtype_reason}

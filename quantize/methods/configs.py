@@ -74,6 +74,20 @@ class WeightOnly(Strict):
         default_factory=list, description="other bits / group sizes for some linears (first match wins; the rest "
         "take bits and group_size): written as one compressed-tensors config group per scheme")
     variant: str | None = None
+    device: str = Field("auto", description="where the layers, activations, statistics and searches live: auto "
+                                            "(cuda when visible), cpu, cuda or cuda:N")
+    forward_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="dtype of the calibration forward passes (linears and attention under autocast); auto: "
+                            "bfloat16 where the device computes it natively (a CUDA GPU with bf16, a CPU with "
+                            "AVX512-BF16 or AMX), else float32; Hessians, solves and AWQ's losses are float32 either "
+                            "way")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"unknown device {value!r}; accepted: auto, cpu, cuda, cuda:N")
+        return value
 
     def scheme_for(self, name: str) -> tuple[int, int]:
         """(bits, group_size) the linear `name` (its full module name) is asked for."""
@@ -142,21 +156,8 @@ class GptqMethod(WeightOnly):
     damp: float = Field(0.01, gt=0, lt=1, description="fraction of mean(diag H) added to the diagonal")
     block_size: int = Field(128, ge=1)
     true_sequential: bool = True
-    device: str = Field("auto", description="where the layers, activations and Hessians live: auto (cuda when visible), "
-                                    "cpu, cuda or cuda:N")
-    forward_dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="dtype of the calibration forward passes (linears and attention under autocast); auto: "
-                            "bfloat16 where the device computes it natively (a CUDA GPU with bf16, a CPU with "
-                            "AVX512-BF16 or AMX), else float32; the Hessians and the GPTQ solve are float32 either way")
     expert_calibration: Literal["routed", "all"] = EXPERT_CALIBRATION
     expert_min_tokens: int | None = EXPERT_MIN_TOKENS
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError(f"unknown device {value!r}; accepted: auto, cpu, cuda, cuda:N")
-        return value
 
     @property
     def needs_calibration(self) -> bool:

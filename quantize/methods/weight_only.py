@@ -137,8 +137,8 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
                             "seconds": seconds if n == names[0] else 0.0, "solved_with": names})
 
     not_quantized = lambda name: ignored(name, method.ignore)  # noqa: E731
-    device = ranks.device(resolve_device(getattr(method, "device", "cpu"), f"method {method.name} `device`"))
-    forward_dtype, dtype_reason = resolve_forward_dtype(getattr(method, "forward_dtype", "float32"), device)
+    device = ranks.device(resolve_device(method.device, f"method {method.name} `device`"))
+    forward_dtype, dtype_reason = resolve_forward_dtype(method.forward_dtype, device)
     if ranks.many:  # no resume across ranks (each rank's activations differ): start over, leave no stale state
         (out_dir / Checkpoint.FILE).unlink(missing_ok=True)
         checkpoint = None

@@ -47,8 +47,17 @@ def detect(path: Path) -> str:
                         "accepted: compressed-tensors, gptq, awq, bitsandbytes, or none")
 
 
-def load(path: Path, dtype: str = "float32", n_ctx: int = 512):
-    """(model, loader description, eval dtype)."""
+def load(path: Path, dtype: str = "float32", n_ctx: int = 512, device: str = "cpu"):
+    """(model, loader description, eval dtype). A torch model goes to `device` (a CUDA one: every format but
+    bitsandbytes' LLM.int8, which is loaded on the CPU here); llama.cpp and mlx-lm keep their own placement."""
+    model, loader, eval_dtype = _load(path, dtype, n_ctx)
+    if device != "cpu" and isinstance(model, torch.nn.Module) and detect(path) != "bitsandbytes":
+        model.to(device)
+        loader += f", on {device}"
+    return model, loader, eval_dtype
+
+
+def _load(path: Path, dtype: str, n_ctx: int):
     fmt = detect(path)
     if fmt == "gguf":  # llama.cpp's own kernels; its default F16 KV cache, as users run it
         model = llamacpp.LlamaCppModel(_gguf_file(path), n_ctx=n_ctx)
