@@ -33,8 +33,9 @@ import torch
 
 from quantize.methods import grids
 from quantize.methods.configs import AwqMethod
-from quantize.methods.engine import (LAYOUTS, Activations, Checkpoint, awq_rows, capture, resolve_device,
-                                     resolve_forward_dtype, skeleton, stream_layers)
+from quantize.methods.engine import (LAYOUTS, Activations, Checkpoint, awq_rows, capture, peak_vram,
+                                     reset_peak_vram, resolve_device, resolve_forward_dtype, skeleton,
+                                     stream_layers)
 from quantize.methods.weight_only import check_group_sizes, expert_policy, group_size_for, scale_dtype, write_streamed
 from quantize.sources.models import ignored
 
@@ -251,9 +252,11 @@ def build(method: AwqMethod, base, out_dir, calib: torch.Tensor, calib_info=None
     device = resolve_device(method.device, f"method {method.name} `device`")
     forward_dtype, dtype_reason = resolve_forward_dtype(method.forward_dtype, device)
     checkpoint = Checkpoint(out_dir)  # continues after the last finished layer of an interrupted build
+    reset_peak_vram(device)
     layers = stream_layers(base.path, calib, process_layer, device=device, forward_dtype=forward_dtype,
                            checkpoint=checkpoint, policy=policy)
     info = write_streamed(method, base, out_dir, meta, layers, pending, log, pack=not scaled_only,
                           checkpoint=checkpoint, keep=keep)
     return {"scheme": "awq-scaled-fp16" if scaled_only else f"w{method.bits}a16", **info, "device": device,
-            "forward_dtype": str(forward_dtype).removeprefix("torch."), "forward_dtype_reason": dtype_reason}
+            "forward_dtype": str(forward_dtype).removeprefix("torch."), "forward_dtype_reason": dtype_reason,
+            **peak_vram(device)}

@@ -547,6 +547,18 @@ def resolve_device(device: str, where: str) -> str:
     return device
 
 
+def reset_peak_vram(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_vram(device: str) -> dict:
+    """For the manifest of a build on a GPU: the most memory torch's allocator held on it since reset_peak_vram."""
+    if not device.startswith("cuda"):
+        return {}
+    return {"peak_vram_bytes": int(torch.cuda.max_memory_allocated(device))}
+
+
 def native_bf16(device: str) -> tuple[bool, str]:
     """Whether `device` computes bfloat16 matmuls natively, and why: a CUDA GPU that supports bf16, or a CPU whose
     flags (/proc/cpuinfo) include avx512_bf16 or amx_bf16. Elsewhere bf16 is emulated and slower than float32

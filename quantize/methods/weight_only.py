@@ -27,8 +27,8 @@ from quantize.formats.classic import ClassicWriter
 from quantize.formats.compressed_tensors import CompressedTensorsWriter, storage_dtype
 from quantize.formats.mlx import MlxWriter
 from quantize.methods import grids
-from quantize.methods.engine import (Checkpoint, ExpertPolicy, expert_lists, quantize_layers, resolve_device,
-                                     resolve_forward_dtype, skeleton)
+from quantize.methods.engine import (Checkpoint, ExpertPolicy, expert_lists, peak_vram, quantize_layers,
+                                     reset_peak_vram, resolve_device, resolve_forward_dtype, skeleton)
 from quantize.methods.ranks import for_method
 from quantize.methods.statistics import Hessian, accumulate_hessian
 from quantize.sources.models import BaseModel, ignored, load_tokenizer
@@ -144,6 +144,7 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
         checkpoint = None
     else:
         checkpoint = Checkpoint(out_dir)  # continues after the last finished layer of an interrupted build
+    reset_peak_vram(device)
     layers = quantize_layers(base.path, ranks.local(calib), quantize_group, not_quantized, meta.config.model_type,
                              method_true_sequential(method), device=device, forward_dtype=forward_dtype,
                              checkpoint=checkpoint, policy=policy)
@@ -153,7 +154,8 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
         return {}
     info = write_streamed(method, base, out_dir, meta, layers, pending, log, checkpoint=checkpoint, keep=keep)
     return {**info, "device": device, "forward_dtype": str(forward_dtype).removeprefix("torch."),
-            "forward_dtype_reason": dtype_reason, **({"ranks": ranks.describe(calib)} if ranks.many else {})}
+            "forward_dtype_reason": dtype_reason, **peak_vram(device),
+            **({"ranks": ranks.describe(calib)} if ranks.many else {})}
 
 
 def scheme_name(method) -> str:
