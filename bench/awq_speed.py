@@ -129,8 +129,8 @@ def main() -> None:
         lines += ["", f"AWQ with the full search (every sequence judges each α), from bench/results/smollm2-awq.json: "
                   f"the same recipe, calibration and evaluation text, an earlier run (not paired with these "
                   f"positions): KLD {e['kld']:.5f} ± {e['kld_unc']:.5f}, PPL {e['ppl']:.4f}, same top "
-                  f"{100 * e['same_top']:.2f} %, build {e['build_s']:.1f} s. The code since computes the same "
-                  "numbers for it (grids.fake_quantize is bit-identical, tests/test_rtn.py)."]
+                  f"{100 * e['same_top']:.2f} %, build {e['build_s']:.1f} s, by an earlier code (its sums over "
+                  "tokens in float32, now float64: a few choices may differ)."]
         out["full_search_earlier"] = e
         (dest / "awq_speed.json").write_text(json.dumps(out, indent=1))
     if args.repeats:

@@ -1,4 +1,4 @@
-"""GPTQ's calibration across torch.distributed ranks (methods/ranks.py): torchrun with 2 CPU processes (gloo)
+"""GPTQ and AWQ calibration across torch.distributed ranks (methods/ranks.py): torchrun with 2 CPU processes (gloo)
 writes the same artefact, byte for byte, as one process at the same threads per process."""
 
 import json
@@ -16,6 +16,7 @@ from quantize.methods.ranks import Ranks
 from quantize.methods.statistics import Hessian, accumulate_hessian
 
 GPTQ = {"name": "gptq", "bits": 4, "group_size": 64, "sym": False}
+AWQ = {"name": "awq", "bits": 4, "group_size": 64, "search_samples": 3, "clip_tokens": 100}
 RTN = {"name": "rtn", "bits": 4, "group_size": 64}
 QUICK_EVAL = {"perplexity": {"source": "bundled:wiki", "n_ctx": 128, "max_chunks": 2}, "speed": {"enabled": False}}
 
@@ -59,28 +60,30 @@ def torchrun(recipe: Path, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_two_ranks_write_the_single_process_artefact(tiny_model, tmp_path):
-    """24 samples: rank 0 takes batches 0-1 (16 sequences), rank 1 batch 2 (8); the Hessians are all-reduced, each
-    solve runs on rank 0 and is broadcast. Every file of the GPTQ artefact but its manifest and results equals the single
+    """24 samples: rank 0 takes batches 0-1 (16 sequences), rank 1 batch 2 (8); GPTQ's Hessians are all-reduced,
+    each solve runs on rank 0 and is broadcast; AWQ's statistics are summed over the ranks (its 3 judged sequences,
+    0, 12 and 23, lie on both). Every file of both artefacts but the manifest and results equals the single
     process's (1 thread each: the thread count changes BLAS summation order in one process too). The RTN variant
     of the same run is built by rank 0 alone while rank 1 waits."""
     outs = {}
     for name in ("one", "two"):
         outs[name] = tmp_path / name
-        recipe = write_recipe(tmp_path / f"{name}.yaml", str(tiny_model), [GPTQ, RTN], outs[name],
+        recipe = write_recipe(tmp_path / f"{name}.yaml", str(tiny_model), [GPTQ, AWQ, RTN], outs[name],
                               calibration={"samples": 24, "seq_len": 128}, eval=QUICK_EVAL)
         done = run([sys.executable, "-m", "quantize.cli", "run", str(recipe)], tmp_path) if name == "one" \
             else torchrun(recipe, tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
-    for variant in ("gptq-w4-asym-g64", "rtn-w4-sym-g64"):
+    for variant in ("gptq-w4-asym-g64", "awq-w4-asym-g64-search3", "rtn-w4-sym-g64"):
         a, b = outs["one"] / variant, outs["two"] / variant
         names = sorted(p.name for p in a.iterdir())
         assert names == sorted(p.name for p in b.iterdir())
         for n in names:
             if n not in ("manifest.json", "results.json"):  # these two hold times
                 assert (a / n).read_bytes() == (b / n).read_bytes(), f"{variant}/{n} differs"
-    made = json.loads((outs["two"] / "gptq-w4-asym-g64" / "manifest.json").read_text())["result"]
-    assert made["ranks"]["world"] == 2 and made["ranks"]["backend"] == "gloo"
-    assert made["ranks"]["samples_per_rank"] == [16, 8]
+    for variant in ("gptq-w4-asym-g64", "awq-w4-asym-g64-search3"):
+        made = json.loads((outs["two"] / variant / "manifest.json").read_text())["result"]
+        assert made["ranks"]["world"] == 2 and made["ranks"]["backend"] == "gloo"
+        assert made["ranks"]["samples_per_rank"] == [16, 8]
     assert "ranks" not in json.loads((outs["two"] / "rtn-w4-sym-g64" / "manifest.json").read_text())["result"]
     log = [json.loads(line) for line in (outs["two"] / "gptq-w4-asym-g64" / "quantize-log.jsonl").read_text().splitlines()]
     assert {r["samples"] for r in log} == {24} and {r["tokens"] for r in log} == {24 * 128}

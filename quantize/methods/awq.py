@@ -33,9 +33,10 @@ import torch
 
 from quantize.methods import grids
 from quantize.methods.configs import AwqMethod
-from quantize.methods.engine import (LAYOUTS, Activations, Checkpoint, awq_rows, capture, peak_vram,
+from quantize.methods.engine import (BATCH, LAYOUTS, Activations, awq_rows, capture, expert_lists, peak_vram,
                                      reset_peak_vram, resolve_device, resolve_forward_dtype, skeleton,
                                      stream_layers)
+from quantize.methods.ranks import Ranks, for_method, resume_point
 from quantize.methods.weight_only import check_group_sizes, expert_policy, group_size_for, scale_dtype, write_streamed
 from quantize.sources.models import ignored
 
@@ -83,17 +84,29 @@ def search_scale(linears: list[torch.nn.Linear], quantized: list[bool], x_mean: 
     return best[2], best[1], losses
 
 
-def block_loss_fn(acts: Activations, block: torch.nn.Module, x: torch.Tensor):
+def block_loss_fn(acts: Activations, block: torch.nn.Module, x: torch.Tensor, ranks: Ranks = Ranks()):
     """Mean squared error of block(x) against its full-precision output, as a function of the block's
     current weights. When the block is one linear (o, down), ‖x·ΔWᵀ‖² = tr(ΔW·XᵀX·ΔWᵀ): the Gram matrix XᵀX
-    is formed once and each candidate costs rows·in² instead of tokens·rows·in (the same loss, exactly)."""
-    if isinstance(block, torch.nn.Linear):
-        flat = x.reshape(-1, x.shape[-1]).float()
-        gram, n = flat.T @ flat, flat.shape[0] * block.out_features
+    is formed once and each candidate costs rows·in² instead of tokens·rows·in (the same loss, exactly).
+    Across ranks (methods/ranks.py) the Gram matrix, the squared errors and the counts are summed over every
+    rank's x (a rank's x may be empty)."""
+    if isinstance(block, torch.nn.Linear):  # XᵀX summed per forward batch in float64, as statistics.Hessian
+        gram = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
+        for part in x.split(BATCH):
+            flat = part.reshape(-1, x.shape[-1]).float()
+            gram += flat.T @ flat
+        gram = ranks.sum(gram).float()
+        n = ranks.offsets(x.reshape(-1, x.shape[-1]).shape[0])[1] * block.out_features
         W0 = block.weight.data.clone()
         return lambda: ((block.weight.data - W0) @ gram * (block.weight.data - W0)).sum() / n
-    fp_out = acts.forward(block, x)
-    return lambda: (acts.forward(block, x) - fp_out).pow(2).mean()
+    fp_out = acts.forward(block, x) if x.shape[0] else None
+    count = 0 if fp_out is None else fp_out.numel()
+
+    def loss() -> torch.Tensor:
+        local = torch.zeros((), dtype=torch.float64, device=x.device) if fp_out is None else \
+            (acts.forward(block, x) - fp_out).pow(2).sum(dtype=torch.float64)
+        return ranks.mean(local, count)
+    return loss
 
 
 def fold_scale(prev: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.Tensor,
@@ -116,8 +129,9 @@ def fold_scale(prev: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.T
 
 
 def search_clip(W: torch.Tensor, x: torch.Tensor, Q, group_size: int, n_grid: int = 20, max_shrink: float = 0.5,
-                row_batch: int = 256) -> torch.Tensor:
-    """m* per (row, group) [rows, groups] for W [rows, cols] and sample inputs x [tokens, cols]."""
+                row_batch: int = 256, ranks: Ranks = Ranks()) -> torch.Tensor:
+    """m* per (row, group) [rows, groups] for W [rows, cols] and sample inputs x [tokens, cols] (across ranks:
+    each rank's share of the sample tokens, the errors summed over them)."""
     rows, cols = W.shape
     gs = cols if group_size == -1 else group_size
     groups = cols // gs
@@ -133,7 +147,8 @@ def search_clip(W: torch.Tensor, x: torch.Tensor, Q, group_size: int, n_grid: in
         for i in range(int(max_shrink * n_grid)):
             m = org_max * (1 - i / n_grid)
             Wq = Q(torch.clamp(Wg, -m, m).reshape(-1, cols)).reshape(Wg.shape)
-            err = (partial(Wq) - org_out).pow(2).mean(dim=1).T[..., None]  # [rb, groups, 1]
+            err = ranks.mean((partial(Wq) - org_out).pow(2).sum(dim=1, dtype=torch.float64), Xg.shape[1])
+            err = err.T[..., None]  # [rb, groups, 1]: the mean over every rank's sample tokens
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_max = torch.where(better, m, best_max)
@@ -148,22 +163,29 @@ def apply_clip(lin: torch.nn.Linear, m: torch.Tensor, group_size: int) -> None:
     lin.weight.data = torch.clamp(G, -m[..., None], m[..., None]).reshape(rows, cols)
 
 
-def even_samples(x: torch.Tensor, n: int | None) -> torch.Tensor:
-    """n whole sequences of x [samples, seq_len, d], evenly spaced (all of them when n is None or ≥ samples)."""
-    if n is None or n >= x.shape[0]:
+def even_samples(x: torch.Tensor, n: int | None, ranks: Ranks = Ranks()) -> torch.Tensor:
+    """n whole sequences of x [samples, seq_len, d], evenly spaced (all of them when n is None or ≥ samples);
+    across ranks, evenly spaced among every rank's sequences, and this rank's of them."""
+    start, total = ranks.offsets(x.shape[0])
+    if n is None or n >= total:
         return x
-    return x[torch.linspace(0, x.shape[0] - 1, n).round().long()]
+    chosen = torch.linspace(0, total - 1, n).round().long()
+    return x[chosen[(chosen >= start) & (chosen < start + x.shape[0])] - start]
 
 
-def even_tokens(x: torch.Tensor, n: int) -> torch.Tensor:
+def even_tokens(x: torch.Tensor, n: int, ranks: Ranks = Ranks()) -> torch.Tensor:
+    """About n tokens of x, every (all tokens // n)-th; across ranks, counted over every rank's tokens."""
     flat = x.reshape(-1, x.shape[-1])
-    return flat[:: max(1, flat.shape[0] // n)]
+    start, total = ranks.offsets(flat.shape[0])
+    step = max(1, total // n)
+    return flat[(-start) % step :: step]
 
 
 def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, group_size_of, ignore,
               pending: dict, log: list, quantize: bool = True, norm_offset: float = 0.0,
-              scale_storage: torch.dtype = torch.float16) -> None:
-    """Scale search + fold, clip search + clamp, then (if `quantize`) rounding, for decoder layer i."""
+              scale_storage: torch.dtype = torch.float16, ranks: Ranks = Ranks()) -> None:
+    """Scale search + fold, clip search + clamp, then (if `quantize`) rounding, for decoder layer i. Across
+    ranks, `acts` holds this rank's share of the calibration and every statistic is summed over the ranks."""
     bits, sym = method.bits, method.sym
     full = lambda n: f"model.layers.{i}.{n}"  # noqa: E731
     # a row's linears read one input, except in a sparse MoE block, where each expert reads its routed tokens:
@@ -189,11 +211,12 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
         g = gs[names[0]]
         Q = lambda W, g=g: grids.fake_quantize(W, bits, sym, g)  # noqa: E731
         start = time.perf_counter()
-        x_mean = x.abs().reshape(-1, x.shape[-1]).float().mean(0)  # x̄ from every token
+        flat = x.abs().reshape(-1, x.shape[-1]).float()
+        x_mean = ranks.mean(flat.sum(0, dtype=torch.float64), flat.shape[0])  # x̄ over every token (and rank)
         # the judging block: a linear's loss costs the same for any number of tokens (its Gram matrix, formed
         # once); a block with attention or an MLP re-runs per α, so `search_samples` judges on fewer sequences
-        judge = x if isinstance(block, torch.nn.Linear) else even_samples(x, method.search_samples)
-        s, alpha, losses = search_scale(linears, quantized, x_mean, block_loss_fn(acts, block, judge), Q, g,
+        judge = x if isinstance(block, torch.nn.Linear) else even_samples(x, method.search_samples, ranks)
+        s, alpha, losses = search_scale(linears, quantized, x_mean, block_loss_fn(acts, block, judge, ranks), Q, g,
                                         method.n_grid, method.duo_scaling)
         fold_scale(prev, linears, s, norm_offset)
         if block_name in moe_rows:  # the router reads the same norm output: its columns take s too (unquantized)
@@ -213,24 +236,26 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
             W0 = lin.weight.data.clone()
             if method.clip and not n.endswith(NO_CLIP):
                 Q = lambda W, g=g: grids.fake_quantize(W, bits, sym, g)  # noqa: E731
-                apply_clip(lin, search_clip(lin.weight.data, even_tokens(X[n], method.clip_tokens), Q, g,
-                                            method.n_grid), g)
+                apply_clip(lin, search_clip(lin.weight.data, even_tokens(X[n], method.clip_tokens, ranks), Q, g,
+                                            method.n_grid, ranks=ranks), g)
             W = lin.weight.data
             scale, zero = grids.scale_zero(W, bits, sym, g)
             scale = grids.storable_scale(scale, scale_storage)
             q = grids.quantize(W, scale, zero, bits, sym, g)
             Wq = grids.dequantize(q, scale, zero, g)
-            xs = even_tokens(X[n], method.clip_tokens).float()
-            loss = float(((xs @ (Wq - W0).T) ** 2).mean())  # output error vs the scaled weights
+            xs = even_tokens(X[n], method.clip_tokens, ranks).float()
+            err = (xs @ (Wq - W0).T) ** 2
+            loss = float(ranks.mean(err.sum(dtype=torch.float64), err.numel()))
             if quantize:
                 lin.weight.data = Wq
                 pending[full(n)] = (q.cpu(), scale.cpu(), zero.cpu(), g, bits)
             group = next(names for _, names, _ in rows if n in names)[0]
             alpha, loss_rtn, loss_best, seconds = alphas.get(group, (None, None, None, 0.0))
             log.append({"layer": i, "module": n, "group_size": g, "alpha": alpha, "scale_loss_rtn": loss_rtn,
-                        "scale_loss_best": loss_best, "loss": loss, "samples": int(acts.hidden.shape[0]),
+                        "scale_loss_best": loss_best, "loss": loss,
+                        "samples": ranks.offsets(int(acts.hidden.shape[0]))[1],
                         "search_samples": method.search_samples,
-                        "tokens": int(X[n].reshape(-1, X[n].shape[-1]).shape[0]),
+                        "tokens": ranks.offsets(int(X[n].reshape(-1, X[n].shape[-1]).shape[0]))[1],
                         "seconds": round(time.perf_counter() - start + (seconds if n == group else 0), 4)})
 
 
@@ -245,18 +270,24 @@ def build(method: AwqMethod, base, out_dir, calib: torch.Tensor, calib_info=None
     scaled_only = method.export == "scaled-fp16"
     dtype = scale_dtype(method, base)
 
+    ranks = for_method(method, sparse_moe=any(expert_lists(layer) for layer in meta.model.layers))
+
     def process_layer(i, layer, acts):
         awq_layer(i, layer, acts, awq_rows(layout, layer), method, group_size_of, ignore, pending, log,
-                  quantize=not scaled_only, norm_offset=layout.norm_offset, scale_storage=dtype)
+                  quantize=not scaled_only, norm_offset=layout.norm_offset, scale_storage=dtype, ranks=ranks)
 
-    device = resolve_device(method.device, f"method {method.name} `device`")
+    device = ranks.device(resolve_device(method.device, f"method {method.name} `device`"))
     forward_dtype, dtype_reason = resolve_forward_dtype(method.forward_dtype, device)
-    checkpoint = Checkpoint(out_dir)  # continues after the last finished layer of an interrupted build
+    checkpoint = resume_point(out_dir, ranks)
     reset_peak_vram(device)
-    layers = stream_layers(base.path, calib, process_layer, device=device, forward_dtype=forward_dtype,
+    layers = stream_layers(base.path, ranks.local(calib), process_layer, device=device, forward_dtype=forward_dtype,
                            checkpoint=checkpoint, policy=policy)
+    if ranks.rank != 0:  # run every layer on this rank's share; rank 0 writes
+        for _ in layers:
+            pass
+        return {}
     info = write_streamed(method, base, out_dir, meta, layers, pending, log, pack=not scaled_only,
                           checkpoint=checkpoint, keep=keep)
     return {"scheme": "awq-scaled-fp16" if scaled_only else f"w{method.bits}a16", **info, "device": device,
             "forward_dtype": str(forward_dtype).removeprefix("torch."), "forward_dtype_reason": dtype_reason,
-            **peak_vram(device)}
+            **peak_vram(device), **({"ranks": ranks.describe(calib)} if ranks.many else {})}

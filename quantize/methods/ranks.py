@@ -13,11 +13,18 @@ own contiguous share of the calibration samples (whole forward batches), so the 
                                    broadcast, so all ranks carry the same quantized layer into their next forward
     rank 0 writes the artefact      the other ranks run the layers and write nothing
 
+AWQ the same way: x̄, the Gram matrices, the block and clip errors and their counts are sums over the tokens in
+float64 (in one process too), summed over the ranks, so each α and clip is judged on every rank's tokens and every
+rank folds the same scales; the evenly spaced sequences and tokens AWQ samples are counted over all ranks. Tested
+byte for byte against one process (also with search_samples, whose judged sequences a rank forwards in other
+batches than one process would: where a BLAS product's last bits depend on its batch, a choice tied to the last
+bit could flip).
+
 The ranks talk over a process group of their own (gloo for CPU tensors, NCCL for CUDA ones, on torchrun's store),
 never torch.distributed's default group: libraries that find a default group initialised act on it (transformers'
 compressed-tensors loading joined collectives of its own on rank 0 when we used one). The other ranks wait for jobs
 between variants (`serve`); rank 0 sends None when its run ends. Methods without a
-distributed path (RTN, AWQ, INT8, GGUF, auto) run on rank 0 alone. Not supported across ranks: sparse MoE models
+distributed path (RTN, INT8, GGUF, auto) run on rank 0 alone. Not supported across ranks: sparse MoE models
 (each expert's fallback to all tokens is decided from routed counts, which differ per rank) and continuing an
 interrupted build (each rank's activations would need saving; a build across ranks starts its layers over).
 """
@@ -36,9 +43,9 @@ import torch
 import torch.distributed as dist
 
 from quantize.common.errors import QuantizeError
-from quantize.methods.engine import BATCH
+from quantize.methods.engine import BATCH, Checkpoint
 
-DISTRIBUTED = ("gptq",)  # methods whose calibration is split across ranks
+DISTRIBUTED = ("gptq", "awq")  # methods whose calibration is split across ranks
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,28 @@ class Ranks:
                                               for f in dataclasses.fields(result)
                                               if isinstance(getattr(result, f.name), torch.Tensor)})
 
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over the ranks (in float64 on the way; the same tensor in one process)."""
+        if not self.many:
+            return t
+        total = t.double().clone()
+        _all_reduce(total)
+        return total.to(t.dtype)
+
+    def mean(self, local_sum: torch.Tensor, local_count: int) -> torch.Tensor:
+        """Σ / n over every rank's terms, from this rank's float sum and count."""
+        count = self.sum(torch.tensor(float(local_count), dtype=torch.float64, device=local_sum.device))
+        return (self.sum(local_sum.double()) / count).float()
+
+    def offsets(self, count: int) -> tuple[int, int]:
+        """(where this rank's `count` items start among every rank's, how many there are in all), in rank order."""
+        if not self.many:
+            return 0, count
+        counts = torch.zeros(self.world, dtype=torch.float64)
+        counts[self.rank] = count
+        counts = self.sum(counts).long().tolist()
+        return sum(counts[: self.rank]), sum(counts)
+
     def device(self, device: str) -> str:
         """Under torchrun each rank takes its own GPU: `cuda` (auto's cuda too) is cuda:LOCAL_RANK."""
         if self.many and device == "cuda":
@@ -156,6 +185,15 @@ def for_method(method, sparse_moe: bool) -> Ranks:
                             "MoE models yet (each expert's fallback is decided from routed counts, which differ "
                             "per rank); run it as one process")
     return ranks
+
+
+def resume_point(out_dir: Path, ranks: Ranks):
+    """The engine's Checkpoint of a build in `out_dir` (it continues after the last finished layer of an
+    interrupted build), or None across ranks, where a build starts over and leaves no stale state behind."""
+    if ranks.many:
+        (out_dir / Checkpoint.FILE).unlink(missing_ok=True)
+        return None
+    return Checkpoint(out_dir)
 
 
 def init_from_env() -> Ranks:

@@ -29,7 +29,7 @@ from quantize.formats.mlx import MlxWriter
 from quantize.methods import grids
 from quantize.methods.engine import (Checkpoint, ExpertPolicy, expert_lists, peak_vram, quantize_layers,
                                      reset_peak_vram, resolve_device, resolve_forward_dtype, skeleton)
-from quantize.methods.ranks import for_method
+from quantize.methods.ranks import for_method, resume_point
 from quantize.methods.statistics import Hessian, accumulate_hessian
 from quantize.sources.models import BaseModel, ignored, load_tokenizer
 
@@ -139,11 +139,7 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
     not_quantized = lambda name: ignored(name, method.ignore)  # noqa: E731
     device = ranks.device(resolve_device(method.device, f"method {method.name} `device`"))
     forward_dtype, dtype_reason = resolve_forward_dtype(method.forward_dtype, device)
-    if ranks.many:  # no resume across ranks (each rank's activations differ): start over, leave no stale state
-        (out_dir / Checkpoint.FILE).unlink(missing_ok=True)
-        checkpoint = None
-    else:
-        checkpoint = Checkpoint(out_dir)  # continues after the last finished layer of an interrupted build
+    checkpoint = resume_point(out_dir, ranks)
     reset_peak_vram(device)
     layers = quantize_layers(base.path, ranks.local(calib), quantize_group, not_quantized, meta.config.model_type,
                              method_true_sequential(method), device=device, forward_dtype=forward_dtype,
