@@ -7,7 +7,6 @@ Validated once, here, with pydantic: unknown keys are rejected, the method is a 
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -17,7 +16,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from quantize.common.errors import QuantizeError
 from quantize.fit.context_memory import KV_DTYPE_BYTES
 from quantize.fit.gpus import DEFAULT_CONTEXTS, DEFAULT_GPUS, gpu_by_name
-from quantize.methods.configs import METHOD_NAMES, Method, Strict
+from quantize.methods.configs import METHOD_NAMES, Method, Strict, known_device
 
 
 # ---- data, evaluation, fit -----------------------------------------------------------------------------
@@ -176,12 +175,7 @@ class Recipe(Strict):
                                         for m in data["methods"]]}
         return data
 
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError(f"unknown device {value!r}; accepted: auto, cpu, cuda, cuda:N")
-        return value
+    _known_device = field_validator("device")(lambda cls, value: known_device(value))
 
     @model_validator(mode="after")
     def _variants_unique(self):

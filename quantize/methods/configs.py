@@ -14,6 +14,13 @@ from quantize.formats import CLASSIC_BITS, MLX_GROUP_SIZES
 from quantize.formats.gguf_types import MIXES, UNQUANTIZED
 
 
+def known_device(value: str) -> str:
+    """A recipe's `device` (the recipe's own and each layer-wise method's)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise ValueError(f"unknown device {value!r}; accepted: auto, cpu, cuda, cuda:N")
+    return value
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     layer_wise: ClassVar[bool] = False  # streamed through methods/engine.py, one decoder layer at a time
@@ -82,12 +89,7 @@ class WeightOnly(Strict):
                             "AVX512-BF16 or AMX), else float32; Hessians, solves and AWQ's losses are float32 either "
                             "way")
 
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError(f"unknown device {value!r}; accepted: auto, cpu, cuda, cuda:N")
-        return value
+    _known_device = field_validator("device")(lambda cls, value: known_device(value))
 
     def scheme_for(self, name: str) -> tuple[int, int]:
         """(bits, group_size) the linear `name` (its full module name) is asked for."""
