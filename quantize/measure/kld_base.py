@@ -69,7 +69,17 @@ def decode(rows: np.ndarray, n_vocab: int) -> torch.Tensor:
     """[n, nv] uint16 rows → [n, n_vocab] float32 base log-probabilities (scale·code + min_log_prob)."""
     head = np.ascontiguousarray(rows[:, :4]).view(np.float32)
     codes = torch.from_numpy(rows[:, 4 : 4 + n_vocab].astype(np.float32))
-    return torch.from_numpy(head[:, 0:1].copy()) * codes + torch.from_numpy(head[:, 1:2].copy())
+    return codes.mul_(torch.from_numpy(head[:, 0:1].copy())).add_(torch.from_numpy(head[:, 1:2].copy()))
+
+
+def _double_sum(x: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """Row sums of x [n, v] with a float64 total: blocks of `block` summed in float32, the blocks in float64
+    (2.3x faster than converting every term on a 262k vocabulary; within 4e-8 relative of the all-double sum). A
+    vocabulary that is not a multiple of the block is summed term by term in float64."""
+    n, v = x.shape
+    if v % block:
+        return x.sum(-1, dtype=torch.float64)
+    return x.view(n, v // block, block).sum(-1).sum(-1, dtype=torch.float64)
 
 
 def against_base(rows: np.ndarray, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -80,10 +90,12 @@ def against_base(rows: np.ndarray, logits: torch.Tensor, targets: torch.Tensor) 
     # log q = logit − max − log Σ exp(logit − max), the sum in double as perplexity.cpp does: torch's float32
     # log_softmax put our mean KLD a near-constant ~1e-5 nats below llama-perplexity's
     top = logits.max(-1, keepdim=True).values
-    lse = torch.log(torch.exp(logits - top).sum(-1, keepdim=True, dtype=torch.float64)).float()
-    logq = logits - top - lse
-    kept = base > CUT
-    kld = torch.where(kept, base.exp() * (base - logq), 0).sum(-1, dtype=torch.float64)  # float terms, double sum
+    logq = torch.sub(logits, top)
+    lse = torch.log(_double_sum(torch.exp(logq))).float()[:, None]
+    logq.sub_(lse)
+    terms = torch.sub(base, logq).mul_(base.exp()).masked_fill_(base <= CUT, 0)  # p·(log p − log q), cut rows 0
+    kld = _double_sum(terms)  # float terms, double sum
+    del terms
     return {"kld": kld,
             "nll": -logq.gather(1, targets[:, None])[:, 0],
             "base_nll": -base.gather(1, targets[:, None])[:, 0],

@@ -95,12 +95,14 @@ def kl_divergence(base_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     return (base_logp.exp() * (base_logp - logp)).sum(-1)
 
 
-def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """[n, vocab] logits of one sequence ids [1, n] from a torch model or a runtime with `logits(ids)` (llama.cpp's
-    LlamaCppModel, mlx-lm's MlxModel)."""
+def forward_logits(model, ids: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """[n - first, vocab] logits of positions first… of one sequence ids [1, n] from a torch model or a runtime with
+    `logits(ids, first)` (llama.cpp's LlamaCppModel, mlx-lm's MlxModel). The output layer runs on those positions
+    only (transformers' logits_to_keep; llama.cpp's per-token output flags): the scored half of a chunk."""
     if isinstance(model, torch.nn.Module):  # on the model's device; the scoring is on the CPU
-        return model(ids.to(model.device), use_cache=False).logits[0].cpu()
-    return model.logits(ids[0].tolist())
+        keep = ids.shape[1] - first
+        return model(ids.to(model.device), use_cache=False, logits_to_keep=keep).logits[0, -keep:].cpu()
+    return model.logits(ids[0].tolist(), first)
 
 
 def _scored_logits(model, chunks: Chunks, label: str):
@@ -114,7 +116,7 @@ def _scored_logits(model, chunks: Chunks, label: str):
         return
     for i in track(range(chunks.ids.shape[0]), f"perplexity {label}"):
         ids = chunks.ids[i : i + 1]
-        yield i, forward_logits(model, ids)[first:-1].float(), ids[0, first + 1 :]
+        yield i, forward_logits(model, ids, first)[:-1].float(), ids[0, first + 1 :]
 
 
 def _perplexity(nll: np.ndarray, chunks: Chunks) -> dict:

@@ -164,11 +164,25 @@ class LlamaCppModel:
                              flash_attn=flash_attn, verbose=False)
         self.vocab_size = self.llm.n_vocab()
 
-    def logits(self, ids: list[int]) -> torch.Tensor:
-        """[len(ids), vocab] float32 logits of one sequence from an empty cache."""
-        self.llm.reset()
-        self.llm.eval(ids)
-        return torch.from_numpy(np.array(self.llm.scores[: len(ids)], dtype=np.float32))
+    def logits(self, ids: list[int], first: int = 0) -> torch.Tensor:
+        """[len(ids) - first, vocab] float32 logits of positions first… of one sequence from an empty cache. The
+        batch asks llama.cpp for those outputs only (as llama-perplexity asks for the scored half), so the output
+        layer runs on them alone: for Gemma 3's 262k vocabulary that layer is most of a chunk's work."""
+        llm, vocab, rows = self.llm, self.vocab_size, []
+        llm.reset()
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)  # an empty cache, as Llama.eval starts from
+        for start in range(0, len(ids), llm.n_batch):
+            batch = ids[start : start + llm.n_batch]
+            llm._batch.set_batch(batch=batch, n_past=start, logits_all=False)
+            wanted = [start + k >= first for k in range(len(batch))]
+            for k, flag in enumerate(wanted):
+                llm._batch.batch.logits[k] = flag
+            llm._ctx.decode(llm._batch)
+            llm.n_tokens += len(batch)
+            if any(wanted):  # the outputs asked for, in batch order
+                out = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(sum(wanted) * vocab,))
+                rows.append(out.reshape(-1, vocab).copy())
+        return torch.from_numpy(np.concatenate(rows))
 
     def close(self) -> None:  # idempotent: the pipeline closes before benchmarking, and again when freeing
         if self.llm is not None:

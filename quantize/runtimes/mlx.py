@@ -66,10 +66,10 @@ class MlxModel:
                          f"{stored})")
         self.version = mlx_lm.__version__
 
-    def logits(self, ids: list[int]) -> torch.Tensor:
-        """[len(ids), vocab] float32 logits of one sequence, no cache."""
+    def logits(self, ids: list[int], first: int = 0) -> torch.Tensor:
+        """[len(ids) - first, vocab] float32 logits of positions first… of one sequence, no cache."""
         mx, _ = binding()
-        out = self.model(mx.array([ids]))[0].astype(mx.float32)
+        out = self.model(mx.array([ids]))[0, first:].astype(mx.float32)
         return torch.from_numpy(np.array(out))
 
     def close(self) -> None:
