@@ -156,6 +156,7 @@ def keep(done: list[dict], entry: dict) -> None:
 
 
 def main() -> None:
+    global MIXES
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     ap.add_argument("--chunks", type=int, default=12)
@@ -163,7 +164,11 @@ def main() -> None:
     ap.add_argument("--without", nargs="*", default=[], help="gguf: also our mixes without these candidate types "
                     "(after the main run, into its own run folder; the table gains a section)")
     ap.add_argument("--output", type=Path, default=ROOT / "outputs" / "bench-budget-mix")
+    ap.add_argument("--mixes", nargs="+", choices=MIXES, help="gguf: only these budgets, in a run folder and a "
+                    "results section of their own (labelled with the sensitivity table's version)")
     args = ap.parse_args()
+    if args.mixes:
+        MIXES = args.mixes
     results_dir = ROOT / "bench" / "results"
     stem = "budget_mix" if args.target == "gguf" else "budget_mix_ct"
     # each run replaces its own models' sections of the results file and keeps the others (models run apart)
@@ -171,6 +176,8 @@ def main() -> None:
     done = json.loads(previous.read_text()) if previous.is_file() else []
     for model in args.models:
         folder = model if args.target == "gguf" else f"ct-{model}"
+        if args.mixes:
+            folder += "-" + "-".join(m.lower() for m in args.mixes)
         out, path = args.output / folder, args.output / f"{folder}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(recipe(model, args.chunks, out, args.target), sort_keys=False))
@@ -178,7 +185,12 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "quantize.cli", "run", str(path)], check=True, cwd=ROOT)
         subprocess.run([sys.executable, "-m", "quantize.cli", "compare", str(out), "--png",
                         str(results_dir / f"{stem}_{model}.png")], check=True, cwd=ROOT)
-        keep(done, summarise(model, out, args.target))
+        entry = summarise(model, out, args.target)
+        if args.mixes:
+            from quantize.methods.sensitivity import VERSION
+
+            entry["model"] += f", budgets {', '.join(args.mixes)} (sensitivity table v{VERSION})"
+        keep(done, entry)
         if args.without and args.target == "gguf":
             folder = f"{model}-without-{'-'.join(k.lower() for k in args.without)}"
             other, other_path = args.output / folder, args.output / f"{folder}.yaml"

@@ -40,7 +40,9 @@ from quantize.formats.gguf_types import bits_per_weight
 from quantize.runtimes import llamacpp
 from quantize.sources.models import load_model
 
-VERSION = 1  # of the table's definition: a cached table from another version is not reused
+VERSION = 2  # of the table's definition: a cached table from another version is not reused
+# (2: probes never take a type that re-finds the tensor's own grid; the probe's KLD in float64, never below 0)
+REHIT = 1e-2  # a type whose error is below this share of the tensor's median error re-finds its grid
 
 
 @dataclass
@@ -102,7 +104,7 @@ class Probe:
         for h in hooks:
             h.remove()
         self.cap = getattr(self.model.config, "final_logit_softcapping", None)
-        self.base = torch.log_softmax(logits, -1)
+        self.base = logits  # float32; each sequence's log-softmax in float64 when a KLD is taken
         with torch.no_grad():  # the layer-by-layer path must reproduce the model's own forward
             again = self.logits(0)
         drift = float((again - logits).abs().max())
@@ -131,7 +133,8 @@ class Probe:
         return logits
 
     def kld(self, weights: dict[str, torch.Tensor], layer: int | None) -> float:
-        """Mean KLD(base ‖ model) per token with each named module's weight replaced."""
+        """Mean KLD(base ‖ model) per token with each named module's weight replaced: log-softmax and sums in
+        float64 (a tiny perturbation's KLD is far below float32's rounding of a 262k-term sum), never below 0."""
         params = {m: self.model.get_submodule(m).weight for m in weights}
         saved = {m: p.data for m, p in params.items()}
         for m, p in params.items():
@@ -142,13 +145,13 @@ class Probe:
                 total = 0.0
                 logits = self.logits(first)
                 for b in range(self.ids.shape[0]):  # one sequence at a time: [seq, vocab] temporaries
-                    q = torch.log_softmax(logits[b], -1)
-                    p = self.base[b]
+                    q = torch.log_softmax(logits[b].double(), -1)
+                    p = torch.log_softmax(self.base[b].double(), -1)
                     total += float((p.exp() * (p - q)).sum())
         finally:
             for m, p in params.items():
                 p.data = saved[m]
-        return total / self.ids.numel()
+        return max(total / self.ids.numel(), 0.0)
 
 
 def table_key(model_path: Path, ids: torch.Tensor, importance: dict, candidates, probe_bpw: float,
@@ -198,11 +201,23 @@ def measure(model_path: Path, f16_gguf: Path, arch_map, importance: dict[str, np
         quantized = [k for k in g.options if k not in ("F16", "BF16", "F32")]
         if not quantized:
             raise QuantizeError(f"{name}: none of the candidate types {candidates} holds rows of {n_per_row}")
-        g.probe = min(quantized, key=lambda k: abs(bits_per_weight(k) - probe_bpw))
+        g.probe = probe_type(g, quantized, bits_per_weight, probe_bpw)
         probe_group(probe, g, {module: torch.from_numpy(deq[g.probe])}, f"{n + 1}/{len(names)}")
         groups.append(g)
     pool.shutdown()
     return save_table(cached, groups, fixed, ids, probe_bpw, candidates)
+
+
+def probe_type(g: Group, quantized: list[str], bpw, probe_bpw: float) -> str:
+    """The candidate nearest probe_bpw bits per weight among those that really perturb the tensor. A base that was
+    itself dequantized from a GGUF (both bundled models) has tensors that some types hold exactly (SmolLM2's Q4_1
+    in Q5_1; Gemma 3's Q4_K in Q4_K): such a type's error is ~0, its measured KLD is rounding noise (even below
+    0), and gain = KLD / error would scale that noise by a huge factor onto every other type. Those types keep
+    their ~0 predictions (gain × ~0); they are only never the probe."""
+    errors = sorted(g.options[k]["error"] for k in quantized)
+    typical = errors[len(errors) // 2]
+    usable = [k for k in quantized if g.options[k]["error"] >= REHIT * typical] or quantized
+    return min(usable, key=lambda k: abs(bpw(k) - probe_bpw))
 
 
 def probe_group(probe: Probe, g: Group, weights: dict[str, torch.Tensor], progress: str) -> None:
@@ -302,7 +317,7 @@ def measure_linear(model_path: Path, layout_groups: list[tuple[int, list[str]]],
         quantized = [k for k in g.options if k != "fp16"]
         if not quantized:
             raise QuantizeError(f"{modules}: no candidate scheme of {candidates} fits input sizes {sorted(cols)}")
-        g.probe = min(quantized, key=lambda k: abs(scheme_bits_per_weight(k, g.n_per_row) - probe_bpw))
+        g.probe = probe_type(g, quantized, lambda k: scheme_bits_per_weight(k, g.n_per_row), probe_bpw)
         probe_group(probe, g, deq[g.probe], f"{n + 1}/{len(layout_groups)}")
         groups.append(g)
     return save_table(cached, groups, fixed, ids, probe_bpw, candidates)
