@@ -41,6 +41,20 @@ def test_roundtrip_is_llama_cpp_quantiser_byte_for_byte(tiny_model, tmp_path):
         llamacpp.roundtrip("Q4_K", np.ones((2, 100), dtype=np.float32))
 
 
+def test_probe_never_takes_a_type_that_refinds_the_grid():
+    """A type that holds the tensor exactly (a base dequantized from that type) is never the probe: its KLD would be
+    noise, and noise / ~0 error would be the gain for every other type. It keeps a ~0 prediction."""
+    from quantize.formats.gguf_types import bits_per_weight
+    from quantize.methods.sensitivity import Group, probe_type
+
+    g = Group("blk.3.attn_output.weight", ["m"], 640, 1024, 3,
+              {"Q4_K": {"bytes": 1, "error": 2e-6}, "Q4_0": {"bytes": 1, "error": 0.8}, "Q5_0": {"bytes": 1, "error": 0.2},
+               "Q8_0": {"bytes": 1, "error": 2e-3}, "Q3_K": {"bytes": 1, "error": 3.0}})
+    assert probe_type(g, list(g.options), bits_per_weight, 4.5) == "Q4_0"  # Q4_K (4.5 bpw) is the grid re-found
+    g.options["Q4_K"]["error"] = 0.5  # an ordinary tensor: the nearest type is the probe
+    assert probe_type(g, list(g.options), bits_per_weight, 4.5) == "Q4_K"
+
+
 def test_assign_is_the_exact_optimum_and_the_bound_holds():
     rng = np.random.default_rng(1)
     for trial in range(20):

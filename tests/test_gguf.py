@@ -12,6 +12,7 @@ from quantize.sources.models import load_model, load_tokenizer
 from quantize.recipe import load_recipe
 from quantize.sources.texts import bundled_wiki
 
+from quantize.measure.quality import forward_logits  # noqa: E402
 import llama_cpp  # noqa: E402,F401  a hard dependency: a broken install fails here
 
 
@@ -27,10 +28,15 @@ def test_f32_gguf_matches_transformers(tiny_model, tmp_path):
     try:
         assert model.llm.tokenize(text.encode(), add_bos=False, special=False) == ids  # same tokenisation
         a = model.logits(ids[:200])
+        half = model.logits(ids[:200], 100)  # the output layer on positions 100… only, as the scorer asks
     finally:
         model.close()
+    assert half.shape == (100, a.shape[1]) and torch.equal(half, a[100:])
+    hf = load_model(tiny_model, "float32")
     with torch.no_grad():
-        b = load_model(tiny_model, "float32")(torch.tensor([ids[:200]])).logits[0]
+        b = hf(torch.tensor([ids[:200]])).logits[0]
+        b_half = forward_logits(hf, torch.tensor([ids[:200]]), 100)  # transformers' logits_to_keep
+    assert torch.allclose(b_half, b[100:], atol=1e-5)
     diff = (a - b).abs().max().item()
     print(f"F32 GGUF vs transformers: max |Δlogit| {diff:.3g}")
     assert diff < 1e-3
