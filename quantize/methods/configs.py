@@ -166,6 +166,9 @@ class GptqMethod(WeightOnly):
         return True
 
 
+SEARCH_SAMPLES = 8  # AWQ's default search_samples (see its description)
+
+
 class AwqMethod(WeightOnly):
     """AWQ (Lin et al., 2023): per-channel scales searched on calibration activations and folded into the
     previous op, a clipping search, then round-to-nearest with a zero point, layer by layer."""
@@ -177,8 +180,10 @@ class AwqMethod(WeightOnly):
     clip: bool = Field(True, description="search a clipping range per group (not for q/k)")
     clip_tokens: int = Field(512, ge=1, description="calibration tokens (evenly spaced) used by the clip search")
     search_samples: int | None = Field(
-        None, ge=1, description="calibration sequences (evenly spaced) on which the scale search judges each α "
-        "(x̄ still comes from every token); null: all of them, as AutoAWQ and llm-compressor")
+        SEARCH_SAMPLES, ge=1, description="calibration sequences (evenly spaced) on which the scale search judges "
+        "each α (x̄ still comes from every token); null: all of them, as AutoAWQ and llm-compressor. Default 8: "
+        "on SmolLM2-135M W4 g64 (32 × 512 calibration) its KLD was no worse than the full search's, 5× faster "
+        "(bench/results/awq_speed.md)")
     export: Literal["quantized", "scaled-fp16"] = Field(
         "quantized", description="scaled-fp16: the AWQ-scaled and clipped model, unquantised (e.g. to feed GGUF)")
     expert_calibration: Literal["routed", "all"] = EXPERT_CALIBRATION
@@ -196,8 +201,8 @@ class AwqMethod(WeightOnly):
 
     def default_variant(self) -> str:
         name = super().default_variant()
-        if self.variant is None and self.search_samples is not None:
-            name += f"-search{self.search_samples}"
+        if self.variant is None and self.search_samples != SEARCH_SAMPLES:
+            name += f"-search{self.search_samples or 'all'}"
         if self.variant is None and self.export == "scaled-fp16":
             name += "-scaled-fp16"
         return name
