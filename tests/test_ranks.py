@@ -98,3 +98,24 @@ def test_too_few_samples_for_the_ranks_is_refused_before_work(tiny_model, tmp_pa
     # torchrun prints its own traceback (ChildFailedError) for a child that exits non-zero; ours print none
     assert "/quantize/" not in "".join(line for line in done.stderr.splitlines() if line.lstrip().startswith("File "))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gptq_nested_in_a_method_rank_0_runs_alone_stays_on_rank_0(tiny_model, tmp_path, monkeypatch):
+    """`auto` (compressed-tensors, quantizer gptq) is built by rank 0 alone while the others wait for the next
+    spread job; the GPTQ it runs inside must not reach for the other ranks (it would wait forever on a collective
+    they never join). Under torchrun it finishes and writes the single process's artefact."""
+    monkeypatch.setenv("QUANTIZE_CACHE", str(tmp_path / "cache"))
+    method = {"name": "auto", "target": "compressed-tensors", "quantizer": "gptq", "budget": {"scheme": "w4g64"}}
+    outs = {}
+    for name in ("one", "two"):
+        outs[name] = tmp_path / name
+        recipe = write_recipe(tmp_path / f"{name}.yaml", str(tiny_model), [method], outs[name],
+                              calibration={"samples": 16, "seq_len": 64}, eval=QUICK_EVAL)
+        done = run([sys.executable, "-m", "quantize.cli", "run", str(recipe)], tmp_path) if name == "one" \
+            else torchrun(recipe, tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+    (variant,) = [p.name for p in outs["one"].iterdir() if (p / "manifest.json").is_file()]
+    a, b = outs["one"] / variant, outs["two"] / variant
+    for n in sorted(p.name for p in a.iterdir()):
+        if n not in ("manifest.json", "results.json"):
+            assert (a / n).read_bytes() == (b / n).read_bytes(), f"{variant}/{n} differs"

@@ -135,7 +135,7 @@ def search_clip(W: torch.Tensor, x: torch.Tensor, Q, group_size: int, n_grid: in
     rows, cols = W.shape
     gs = cols if group_size == -1 else group_size
     groups = cols // gs
-    Xg = x.float().reshape(-1, groups, gs).transpose(0, 1)  # [groups, tokens, gs]
+    Xg = x.float().reshape(x.shape[0], groups, gs).transpose(0, 1)  # (a rank may hold no sample token)  # [groups, tokens, gs]
     best_all = []
     for r in range(0, rows, row_batch):
         Wg = W[r : r + row_batch].float().reshape(-1, groups, gs)  # [rb, groups, gs]
@@ -282,9 +282,9 @@ def build(method: AwqMethod, base, out_dir, calib: torch.Tensor, calib_info=None
     reset_peak_vram(device)
     layers = stream_layers(base.path, ranks.local(calib), process_layer, device=device, forward_dtype=forward_dtype,
                            checkpoint=checkpoint, policy=policy)
-    if ranks.rank != 0:  # run every layer on this rank's share; rank 0 writes
+    if ranks.rank != 0:  # run every layer on this rank's share; rank 0 writes (and empties `pending`)
         for _ in layers:
-            pass
+            pending.clear()
         return {}
     info = write_streamed(method, base, out_dir, meta, layers, pending, log, pack=not scaled_only,
                           checkpoint=checkpoint, keep=keep)

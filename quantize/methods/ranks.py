@@ -178,8 +178,8 @@ def for_method(method, sparse_moe: bool) -> Ranks:
     """The ranks a build of `method` spreads over: every rank for a method with a distributed path, else this
     process alone (rank 0 builds it; the others wait)."""
     ranks = current()
-    if not ranks.many or method.name not in DISTRIBUTED:
-        return Ranks()
+    if not (ranks.many and _spread) or method.name not in DISTRIBUTED:  # e.g. GGUF's AWQ scales, auto's GPTQ:
+        return Ranks()  # builds nested in a method rank 0 runs alone stay on rank 0
     if sparse_moe:
         raise QuantizeError(f"method {method.name}: calibration across torch.distributed ranks does not take sparse "
                             "MoE models yet (each expert's fallback is decided from routed counts, which differ "
@@ -215,17 +215,21 @@ def init_from_env() -> Ranks:
 
 
 _spread_build_failed = False  # rank 0 left a build the other ranks are still in: they cannot take a message
+_spread = False  # inside a build spread over every rank (rank 0's `build`, the others' `serve`)
 
 
 def build(module, method, base, out_dir: Path, calib, calib_info):
     """module.build(...) — on rank 0 of several, first handing the job to the other ranks when the method
     splits its calibration across them."""
-    global _spread_build_failed
+    global _spread_build_failed, _spread
     if not (current().many and method.name in DISTRIBUTED):
         return module.build(method, base, out_dir, calib, calib_info)
     _broadcast_object((module.__name__, method, base, calib))
-    _spread_build_failed = True
-    info = module.build(method, base, out_dir, calib, calib_info)
+    _spread_build_failed = _spread = True
+    try:
+        info = module.build(method, base, out_dir, calib, calib_info)
+    finally:
+        _spread = False
     _spread_build_failed = False
     return info
 
@@ -234,16 +238,20 @@ def serve() -> None:
     """A rank other than 0: take rank 0's jobs until it sends None, each built on this rank's share."""
     import importlib
 
+    global _spread
     while True:
         job = _broadcast_object()
         if job is None:
             return _close()
         name, method, base, calib = job
         with tempfile.TemporaryDirectory(prefix=f"quantize-rank{current().rank}-") as tmp:
+            _spread = True
             try:
                 importlib.import_module(name).build(method, base, Path(tmp), calib, None)
             except QuantizeError:  # rank 0 meets the same error and reports it; torchrun ends the ranks
                 raise SystemExit(2) from None
+            finally:
+                _spread = False
 
 
 def stop() -> None:

@@ -95,7 +95,7 @@ def expert_policy(method) -> ExpertPolicy:
 def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor | None,
                    solve: Callable[[torch.Tensor, Hessian | None, int, int], Solved], keep: dict | None = None) -> dict:
     """Under torchrun (methods/ranks.py) every rank runs this on its slice of the calibration samples: the
-    Hessians are all-reduced, each rank solves a share of the rows, and rank 0 alone writes."""
+    Hessians are all-reduced, rank 0 solves each group and broadcasts it, and rank 0 alone writes."""
     policy = expert_policy(method)
     meta = skeleton(base.path, policy)
     check_group_sizes(meta, method)
@@ -144,9 +144,9 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
     layers = quantize_layers(base.path, ranks.local(calib), quantize_group, not_quantized, meta.config.model_type,
                              method_true_sequential(method), device=device, forward_dtype=forward_dtype,
                              checkpoint=checkpoint, policy=policy)
-    if ranks.rank != 0:  # run every layer on this rank's share; rank 0 writes
+    if ranks.rank != 0:  # run every layer on this rank's share; rank 0 writes (and empties `pending`)
         for _ in layers:
-            pass
+            pending.clear()
         return {}
     info = write_streamed(method, base, out_dir, meta, layers, pending, log, checkpoint=checkpoint, keep=keep)
     return {**info, "device": device, "forward_dtype": str(forward_dtype).removeprefix("torch."),
