@@ -179,10 +179,10 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
     meta = with_experts(meta_model(base.path))  # expert linears as the engine sees them (sizes, group checks)
     check_recipe(recipe, base.config, meta)
     _check_ranks(recipe, meta)
-    check_memory(recipe, meta)
     tokenizer = load_tokenizer(base.path)
     ppl = recipe.eval.perplexity
     chunks = quality.make_chunks(tokenizer, load_text(ppl.source, "eval", ppl.field), ppl.n_ctx, ppl.max_chunks)
+    check_memory(recipe, meta, chunks.ids.shape[0])
     calib = None  # the calibration text too is checked before any work
     if any(m.needs_calibration for m in recipe.methods):
         calib = _calibration(recipe, tokenizer)
@@ -195,8 +195,12 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
         if staging.resumed:
             step(f"continuing the interrupted run in {out}")
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+        memory.reset_peak()
+        start = time.perf_counter()
         base_logprobs, base_scores, cache = base_store(base.path, chunks, dtype, meta.config.vocab_size,
                                                        recipe.eval.stream, device)
+        if cache["state"] == "computed":  # the time and this process's peak while the base was evaluated
+            cache = {**cache, "seconds": time.perf_counter() - start, "peak_rss_bytes": memory.peak_rss_bytes()}
         results = _base_results(out, recipe, base, chunks, base_scores, cache, shape, tokenizer, device)
         bandwidth = results["protocol"]["memory_bandwidth"]
         for method in recipe.methods:
@@ -213,12 +217,16 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
                 step(f"{name}: quantizing")
                 manifest = _build_variant(method, base, folder, recipe, calib)
             step(f"{name}: reloading the artefact with its loader and evaluating")
+            memory.reset_peak()
+            start = time.perf_counter()
             if recipe.eval.stream and detect(folder) in STREAMABLE:  # layer by layer, as the base
                 model, loader, eval_dtype = StreamedModel(folder), STREAM_LOADER, "float32"
             else:
                 model, loader, eval_dtype = load(folder, dtype, chunks.n_ctx, device)
             measured = _evaluate(model, name, chunks, base_logprobs, recipe, bandwidth, tokenizer,
                                  positions=out / "kld-positions" / f"{name}.npy")
+            measured["eval_s"] = time.perf_counter() - start  # loading and evaluating (not the serve check)
+            measured["eval_peak_rss_bytes"] = memory.peak_rss_bytes()
             free(model)
             del model  # not alive during the next variant's build
             _collect()

@@ -100,28 +100,40 @@ def check_disk(recipe: Recipe, meta, store_bytes: int) -> None:
                             f"{vram.gib(free)} free. Set `output:` to a larger disk or lower `eval.perplexity.max_chunks`.")
 
 
-def memory_needed(recipe: Recipe, meta) -> dict[str, int]:
-    """Estimated peak host memory per recipe key (fit/build_memory.py), the process itself included."""
+def memory_needed(recipe: Recipe, meta, chunks: int | None = None) -> dict[str, int]:
+    """Estimated peak host memory per recipe key (fit/build_memory.py), the process itself included. `chunks`:
+    the evaluation's chunk count when known (a streamed evaluation holds every chunk's hidden states), else
+    `eval.perplexity.max_chunks` (1 when that is every chunk of a text not yet read)."""
     shape = shape_from_config(meta.config.to_dict())
     params = sum(p.numel() for *_, p in unique_parameters(meta))
     c, ev = recipe.calibration, recipe.eval
     keys = ["method" if len(recipe.methods) == 1 else f"methods[{k}]" for k in range(len(recipe.methods))]
     need = {key: build_memory.build_bytes(m, shape, params, c.samples, c.seq_len)
             for key, m in zip(keys, recipe.methods)}
-    need["eval.dtype"] = build_memory.eval_bytes(shape, params, ev.dtype, ev.perplexity.n_ctx)
+    if ev.stream:  # one layer at a time, never the whole model
+        per_layer = {}
+        for name, _, _, p in unique_parameters(meta):
+            if name.startswith("model.layers."):
+                i = name.split(".")[2]
+                per_layer[i] = per_layer.get(i, 0) + p.numel()
+        need["eval.stream"] = build_memory.stream_eval_bytes(shape, chunks or ev.perplexity.max_chunks or 1,
+                                                             ev.perplexity.n_ctx, max(per_layer.values(), default=None))
+    else:
+        need["eval.dtype"] = build_memory.eval_bytes(shape, params, ev.dtype, ev.perplexity.n_ctx)
     return {key: value + build_memory.PROCESS_BYTES for key, value in need.items()}
 
 
-def check_memory(recipe: Recipe, meta) -> None:
+def check_memory(recipe: Recipe, meta, chunks: int | None = None) -> None:
     """Fail before any work when a step's estimated peak exceeds what the machine can give (MemAvailable + free
     swap), naming the recipe key and what would lower it."""
     available = memory.available_bytes()
     if available is None:
         return
-    for key, need in memory_needed(recipe, meta).items():
+    for key, need in memory_needed(recipe, meta, chunks).items():
         if need > available:
-            lower = ("`eval.dtype: bfloat16` or a smaller `eval.perplexity.n_ctx`" if key == "eval.dtype" else
-                     "fewer `calibration.samples` or a shorter `calibration.seq_len`")
+            lower = {"eval.dtype": "`eval.dtype: bfloat16`, `eval.stream: true` or a smaller `eval.perplexity.n_ctx`",
+                     "eval.stream": "fewer `eval.perplexity.max_chunks` or a smaller `eval.perplexity.n_ctx`"}.get(
+                key, "fewer `calibration.samples` or a shorter `calibration.seq_len`")
             raise QuantizeError(f"key `{key}`: needs about {vram.gib(need)} of memory (estimate, "
                                 f"fit/build_memory.py), this machine has {vram.gib(available)} available; "
                                 f"use {lower}, or a machine with more memory")

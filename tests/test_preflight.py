@@ -80,3 +80,37 @@ def test_memory_check_names_the_step_that_does_not_fit(tiny_model, tmp_path, mon
     monkeypatch.setattr(memory, "available_bytes", lambda: need["methods[1]"] - 1)
     with pytest.raises(QuantizeError, match=r"key `methods\[1\]`: needs about .*calibration\.samples"):
         preflight.check_memory(recipe, meta)
+
+
+def test_streamed_evaluation_is_estimated_per_layer_not_per_model(tiny_model, tmp_path, monkeypatch):
+    """Under eval.stream the evaluation's estimate is the stream's (one layer or the head at a time plus every
+    chunk's hidden states), so a model bigger than memory passes the check; its chunk count moves it."""
+    from quantize import preflight
+    from quantize.common.errors import QuantizeError
+    from quantize.fit import build_memory
+    from quantize.fit.shape import shape_from_config
+    from quantize.measure import memory
+    from quantize.recipe import load_recipe
+    from quantize.sources.models import meta_model
+
+    def need(stream: bool, chunks: int) -> dict:
+        recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model), [{"name": "rtn", "bits": 4}],
+                                          tmp_path / "out", eval={"stream": stream,
+                                                                  "perplexity": {"max_chunks": chunks}}))
+        return recipe, preflight.memory_needed(recipe, meta)
+
+    meta = meta_model(tiny_model)
+    shape = shape_from_config(meta.config.to_dict())
+    _, whole = need(False, 4)
+    recipe, streamed = need(True, 4)
+    assert "eval.dtype" in whole and set(streamed) == {"method", "eval.stream"}
+    layer = build_memory.layer_params(shape) + 2 * shape.hidden_size  # its linears and its two norms
+    assert streamed["eval.stream"] == build_memory.PROCESS_BYTES + build_memory.stream_eval_bytes(shape, 4, 512, layer)
+    # 60 more chunks: their hidden states (3 × n_ctx × hidden floats each), and a batch of 8 chunks' MLP, not 4
+    more = 3 * 60 * 512 * shape.hidden_size * 4 + 3 * 4 * 512 * shape.intermediate_size * 4
+    assert need(True, 64)[1]["eval.stream"] - streamed["eval.stream"] == more
+    # the chunks the run actually cut replace max_chunks
+    assert preflight.memory_needed(recipe, meta, 64)["eval.stream"] == need(True, 64)[1]["eval.stream"]
+    monkeypatch.setattr(memory, "available_bytes", lambda: streamed["eval.stream"] - 1)
+    with pytest.raises(QuantizeError, match=r"key `eval.stream`: needs about .*max_chunks"):
+        preflight.check_memory(recipe, meta)

@@ -15,6 +15,16 @@ Peaks per step (bytes; f = 4 for float32; T = calibration samples × seq_len tok
     evaluation                                                          params × dtype bytes
                                                                         + 4 × n_ctx × vocab × f (logits, log-softmax,
                                                                           the decoded base row, the KLD terms)
+    streamed evaluation (eval.stream)                                   the largest of: the embedding or the output
+        (measure/streamed.py: one tensor at a time, read in fp16           head read and in float32 (6 × vocab ×
+        and converted, every chunk through one layer at a time)            hidden, the head with one chunk's logits
+                                                                           as above), one layer in both (6 + 4 per
+                                                                           parameter: it and the next one's read)
+                                                                        + every chunk's hidden states and one
+                                                                          layer's output, batch by batch and then
+                                                                          concatenated (3 × chunks × n_ctx × hidden
+                                                                          × f) + one batch of 8 chunks' MLP
+                                                                          activations (3 × 8 × n_ctx × inter × f)
 
 plus PROCESS_BYTES for the process itself (Python and the libraries, the tokenizer, text and batches). These are estimates, checked against
 the builds' measured peak RSS (manifest.json `peak_rss_bytes`) in bench/results/gemma3_270m.md.
@@ -52,6 +62,15 @@ def layer_wise_bytes(shape: ModelShape, samples: int, seq_len: int, awq: bool = 
 
 def eval_bytes(shape: ModelShape, params: int, dtype: str, n_ctx: int) -> int:
     return params * DTYPE_BYTES[dtype] + 4 * n_ctx * shape.vocab_size * F32
+
+
+def stream_eval_bytes(shape: ModelShape, chunks: int, n_ctx: int, layer: int | None = None) -> int:
+    """`layer`: the largest decoder layer's parameter count (every expert of an MoE layer), else the dense one's."""
+    table = shape.vocab_size * shape.hidden_size
+    logits = 4 * n_ctx * shape.vocab_size * F32
+    hidden = 3 * chunks * n_ctx * shape.hidden_size * F32
+    activations = 3 * min(chunks, 8) * n_ctx * shape.intermediate_size * F32
+    return max(6 * table + logits, 10 * (layer or layer_params(shape)) + activations) + hidden
 
 
 def build_bytes(method, shape: ModelShape, params: int, samples: int, seq_len: int) -> int:
