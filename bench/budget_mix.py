@@ -131,7 +131,8 @@ def markdown(all_results: list[dict], target: str = "gguf") -> str:
               "standard.", ""]
     for r in all_results:
         s = r["sensitivity"]
-        lines += [f"## {r['model']} (base PPL {r['base_ppl']:.4f}; sensitivity on {s['tokens']} tokens, probe "
+        lines += [f"## {r['model']} (base PPL {r['base_ppl']:.4f}; sensitivity table v{s.get('version', 1)} on "
+                  f"{s['tokens']} tokens, probe "
                   f"{s['probe_bpw']} bpw, Spearman ρ(weighted error, measured KLD) over tensors "
                   f"{s['rank_correlation_error_vs_measured']:.2f})", "",
                   "| standard | standard bytes | our bytes | standard KLD | our KLD | ratio | our predicted KLD | "
@@ -142,8 +143,29 @@ def markdown(all_results: list[dict], target: str = "gguf") -> str:
                          f"{x['standard_kld']:.5f} ± {x['standard_kld_unc']:.5f} | "
                          f"{x['auto_kld']:.5f} ± {x['auto_kld_unc']:.5f} | {x['kld_ratio']:.3f} | "
                          f"{x['predicted_kld']:.5f} | {x['standard_ppl']:.4f} | {x['auto_ppl']:.4f} | {types} |")
+        if "runtime_floor" in r:
+            f = r["runtime_floor"]
+            lines += ["", f"Runtime floor: the bundled file itself ({f['file']}, the weights the float32 base was "
+                      f"dequantized from) on llama.cpp, same text: KLD {f['kld']:.5f} ± {f['kld_unc']:.5f}, PPL "
+                      f"{f['ppl']:.4f}. That is llama.cpp's own share (activations rounded for the quantized dot "
+                      "products, F16 KV cache) at the file's types with zero weight error; a mix that re-creates "
+                      "the file's types scores about this."]
         lines.append("")
     return "\n".join(lines)
+
+
+def runtime_floor(model: str, recipe_path: Path, out: Path) -> dict:
+    """The bundled GGUF itself on llama.cpp against the float32 base it was dequantized into, same text: the
+    runtime's own share of any GGUF's KLD at those tensor types (the weights are the base's exactly)."""
+    from quantize.sources.models import resolve_model
+
+    source = resolve_model(f"bundled:{model}").source_file
+    dest = out / "runtime-floor.json"
+    if not dest.is_file():
+        subprocess.run([sys.executable, "-m", "quantize.cli", "eval", str(source), "--base", f"bundled:{model}",
+                        "--recipe", str(recipe_path), "--no-speed", "--out", str(dest)], check=True, cwd=ROOT)
+    p = json.loads(dest.read_text())["perplexity"]
+    return {"file": source.name, "kld": p["kld"]["mean"], "kld_unc": p["kld"]["unc"], "ppl": p["ppl"]}
 
 
 def keep(done: list[dict], entry: dict) -> None:
@@ -186,6 +208,8 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "quantize.cli", "compare", str(out), "--png",
                         str(results_dir / f"{stem}_{model}.png")], check=True, cwd=ROOT)
         entry = summarise(model, out, args.target)
+        if args.target == "gguf":
+            entry["runtime_floor"] = runtime_floor(model, path, out)
         if args.mixes:
             from quantize.methods.sensitivity import VERSION
 

@@ -240,13 +240,15 @@ def save_table(cached: Path, groups: list[Group], fixed: int, ids: torch.Tensor,
     tmp.write_text(json.dumps({"groups": [asdict(g) for g in groups], "fixed_bytes": fixed,
                                "provenance": provenance}))
     tmp.replace(cached)
-    return groups, fixed, {**provenance, "cache": str(cached)}
+    return groups, fixed, {**provenance, "version": VERSION, "cache": str(cached)}
 
 
 def load_table(cached: Path) -> tuple[list[Group], int, dict]:
     data = json.loads(cached.read_text())
     step(f"sensitivity table: cached ({cached})")
-    return [Group(**g) for g in data["groups"]], data["fixed_bytes"], {**data["provenance"], "cache": str(cached)}
+    # the cache key holds VERSION: a table read back is of this version
+    return [Group(**g) for g in data["groups"]], data["fixed_bytes"], {**data["provenance"], "version": VERSION,
+                                                                       "cache": str(cached)}
 
 
 # ---- compressed-tensors: integer grids (RTN's) on the linears vLLM fuses -----------------------------------------
