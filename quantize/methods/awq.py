@@ -135,7 +135,7 @@ def search_clip(W: torch.Tensor, x: torch.Tensor, Q, group_size: int, n_grid: in
     rows, cols = W.shape
     gs = cols if group_size == -1 else group_size
     groups = cols // gs
-    Xg = x.float().reshape(x.shape[0], groups, gs).transpose(0, 1)  # (a rank may hold no sample token)  # [groups, tokens, gs]
+    Xg = x.float().reshape(x.shape[0], groups, gs).transpose(0, 1)  # [groups, tokens, gs]; tokens may be 0 (a rank)
     best_all = []
     for r in range(0, rows, row_batch):
         Wg = W[r : r + row_batch].float().reshape(-1, groups, gs)  # [rb, groups, gs]
