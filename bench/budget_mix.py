@@ -150,6 +150,13 @@ def markdown(all_results: list[dict], target: str = "gguf") -> str:
                       f"{f['ppl']:.4f}. That is llama.cpp's own share (activations rounded for the quantized dot "
                       "products, F16 KV cache) at the file's types with zero weight error; a mix that re-creates "
                       "the file's types scores about this."]
+            below = [x for x in r["rows"] if 0.8 * x["standard_kld"] < f["kld"]]
+            if below:
+                lines += ["", "Below that floor, the goal (≤ 0.8 × the standard mix's KLD): " + ", ".join(
+                    f"{x['mix']} (0.8 × {x['standard_kld']:.5f} = {0.8 * x['standard_kld']:.5f} < {f['kld']:.5f})"
+                    for x in below) + ". There the standard mix re-creates the bundled file's own types, so its "
+                    "weights come back close to the base's and its KLD close to the floor; a mix of the same bytes "
+                    "that moves tensors off those types adds weight error instead."]
         lines.append("")
     return "\n".join(lines)
 
