@@ -3,6 +3,8 @@ Llama-3.1-8B's shape (8.03 B parameters, 16 GB of fp16 shards; in float32 it wou
 24 GB), then its perplexity and KLD streamed layer by layer (`eval.stream`) against the base, also streamed.
 
     python bench/big_model.py [--samples 8] [--seq-len 128] [--chunks 2] → bench/results/big_model.{md,json}
+    python bench/big_model.py --layers 2   → bench/results/big_model_2l.{md,json}: the same shape with 2 decoder
+                                             layers (a few minutes: the memory terms per layer, checked quickly)
 
 The model: hidden 4096, MLP 14336, 32 layers, 32 query / 8 KV heads, vocabulary 128256 (Llama 3's size; the text
 is tokenized with SmolLM2's 49152-token tokenizer, so only those rows are ever read by the embedding, every row of
@@ -93,13 +95,13 @@ def mem_total() -> int:
     return int(line.split()[1]) * 1024
 
 
-def recipe(folder: Path, samples: int, seq_len: int, chunks: int) -> dict:
+def recipe(folder: Path, samples: int, seq_len: int, chunks: int, run_dir: Path) -> dict:
     return {"name": "big-model", "model": str(folder),
             "methods": [{"name": "gptq", "bits": 4, "group_size": 128, "sym": True}],
             "calibration": {"source": "bundled:wiki", "samples": samples, "seq_len": seq_len, "seed": 0},
             "eval": {"stream": True, "perplexity": {"source": "bundled:wiki", "n_ctx": 512, "max_chunks": chunks},
                      "speed": {"enabled": False}, "serve": {"enabled": False}},
-            "fit": {"gpus": ["RTX 4090", "H100 SXM"], "contexts": [8192]}, "output": str(OUT / "run")}
+            "fit": {"gpus": ["RTX 4090", "H100 SXM"], "contexts": [8192]}, "output": str(run_dir)}
 
 
 def main() -> None:
@@ -107,38 +109,46 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--chunks", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"], help="decoder layers (Llama-3.1-8B: "
+                    "32); fewer: the per-layer memory terms at this shape, quickly")
     ap.add_argument("--report-only", action="store_true", help="the table again from the finished run (the "
                     "predictions from the current code), keeping the times recorded by the run")
     args = ap.parse_args()
     from quantize import preflight
     from quantize.recipe import load_recipe
 
-    folder = OUT / "llama-8b-random"
+    full = args.layers == SHAPE["num_hidden_layers"]
+    SHAPE["num_hidden_layers"] = args.layers
+    tag = "" if full else f"_{args.layers}l"
+    folder = OUT / f"llama-8b-random{tag}"
     dest = ROOT / "bench" / "results"
-    path = OUT.with_suffix(".yaml")
+    path = OUT.with_name(OUT.name + tag + ".yaml")
+    run_dir = OUT / f"run{tag}"
     if args.report_only:
-        before = json.loads((dest / "big_model.json").read_text())
+        before = json.loads((dest / f"big_model{tag}.json").read_text())
         checkpoint_bytes, made_s, run_s = build(folder), before["checkpoint_written_s"], before["run_s"]
     else:
         start = time.perf_counter()
         checkpoint_bytes = build(folder)
         made_s = time.perf_counter() - start
-        path.write_text(yaml.safe_dump(recipe(folder, args.samples, args.seq_len, args.chunks), sort_keys=False))
+        path.write_text(yaml.safe_dump(recipe(folder, args.samples, args.seq_len, args.chunks, run_dir),
+                                       sort_keys=False))
     plan = preflight.plan(load_recipe(path))
     predicted = plan["memory_bytes"]
     if not args.report_only:
-        shutil.rmtree(OUT / "run", ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "quantize.cli", "run", str(path)], check=True, cwd=ROOT)
         run_s = time.perf_counter() - start
-    results = json.loads((OUT / "run" / "results.json").read_text())
+    results = json.loads((run_dir / "results.json").read_text())
     (name, v), = results["variants"].items()
     base = results["base"]
     cache = base["perplexity_cache"]
-    artefact = sum(f.stat().st_size for f in (OUT / "run" / name).glob("*.safetensors"))
+    artefact = sum(f.stat().st_size for f in (run_dir / name).glob("*.safetensors"))
     params = plan["base"]["bytes"] // 2
     out = {
-        "model": f"random-init Llama, Llama-3.1-8B's shape {SHAPE}, {params / 1e9:.2f} B parameters, "
+        "model": f"random-init Llama, Llama-3.1-8B's shape{'' if full else f' with {args.layers} layers'} {SHAPE}, "
+                 f"{params / 1e9:.2f} B parameters, "
                  f"{checkpoint_bytes / 1e9:.2f} GB fp16 shards (one per layer)",
         "machine_memory_bytes": mem_total(),
         "calibration": f"{args.samples} × {args.seq_len} tokens of bundled:wiki (seed 0)",
@@ -158,10 +168,13 @@ def main() -> None:
         "kld": v["perplexity"]["kld"]["mean"], "kld_unc": v["perplexity"]["kld"]["unc"],
         "same_top": v["perplexity"]["kld"]["same_top"],
     }
-    (dest / "big_model.json").write_text(json.dumps(out, indent=1))
+    (dest / f"big_model{tag}.json").write_text(json.dumps(out, indent=1))
     gib = lambda b: "–" if b is None else f"{b / 2**30:.2f} GiB"  # noqa: E731
-    lines = ["# A model bigger than memory: GPTQ W4 and streamed evaluation of an 8 B Llama on a 24 GB machine", "",
-             f"`python bench/big_model.py --samples {args.samples} --seq-len {args.seq_len} --chunks {args.chunks}` "
+    title = "A model bigger than memory: GPTQ W4 and streamed evaluation of an 8 B Llama on a 24 GB machine" if full \
+        else f"GPTQ W4 and streamed evaluation at Llama-3.1-8B's shape with {args.layers} layers (per-layer memory)"
+    lines = [f"# {title}", "",
+             f"`python bench/big_model.py --samples {args.samples} --seq-len {args.seq_len} --chunks {args.chunks}"
+             f"{'' if full else f' --layers {args.layers}'}` "
              "(protocol in its docstring).", "",
              f"- model: {out['model']}; in float32 it would take {gib(4 * params)}, this machine has "
              f"{gib(out['machine_memory_bytes'])}",
@@ -178,7 +191,7 @@ def main() -> None:
     lines += ["", f"Base PPL {out['base_ppl']:.2f}, artefact PPL {out['variant_ppl']:.2f} (random weights: near the "
               f"vocabulary size), KLD {out['kld']:.5f} ± {out['kld_unc']:.5f}, same top token "
               f"{100 * out['same_top']:.1f} %.", ""]
-    (dest / "big_model.md").write_text("\n".join(lines))
+    (dest / f"big_model{tag}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -59,7 +59,8 @@ MEASURE_TORCH = """
 import gc, json, sys, torch
 from pathlib import Path
 from quantize.measure import memory
-from quantize.runtimes.load import load, release_free_heap
+from quantize.common.heap import release_free_heap
+from quantize.runtimes.load import load
 import transformers, compressed_tensors  # libraries in before the baseline
 path, n_ctx = Path(sys.argv[1]), int(sys.argv[2])
 memory.reset_peak()

@@ -27,6 +27,7 @@ import yaml
 
 from quantize.common import files
 from quantize.common.errors import QuantizeError
+from quantize.common.heap import release_free_heap
 from quantize.common.ui import step
 from quantize.fit import vram
 from quantize.fit.shape import shape_from_config
@@ -40,7 +41,7 @@ from quantize.methods.registry import METHODS
 from quantize.preflight import base_model, check_disk, check_memory, check_recipe
 from quantize.recipe import Recipe
 from quantize.report import gates, html, markdown
-from quantize.runtimes.load import detect, free, load, release_free_heap
+from quantize.runtimes.load import detect, free, load
 from quantize.sources.models import (
     BaseModel, load_model, load_tokenizer, meta_model, tokenizer_adds_bos,
 )
@@ -216,6 +217,7 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
             else:
                 step(f"{name}: quantizing")
                 manifest = _build_variant(method, base, folder, recipe, calib)
+                _collect()  # the build's freed heap, or the evaluation's peak would count it
             step(f"{name}: reloading the artefact with its loader and evaluating")
             memory.reset_peak()
             start = time.perf_counter()

@@ -35,6 +35,13 @@ def test_hessian_is_running_mean_of_2xtx():
     assert torch.allclose(hessian_of(X).H, 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-4)
 
 
+def test_hessian_converted_by_blocks_of_rows_equals_the_whole_product(monkeypatch):
+    hess = hessian_of(correlated_inputs(n=400, cols=48))
+    whole = (hess.xtx * (2 / hess.n)).float()
+    monkeypatch.setattr(Hessian, "BLOCK_ELEMENTS", 48 * 5)  # 5 rows per block: 10 blocks, the last one partial
+    assert torch.equal(hess.H, whole)
+
+
 @pytest.mark.parametrize("cols", [200, 600])  # one block; three blocks, the last one partial
 def test_blocked_gram_is_the_full_symmetric_product(cols):
     X = correlated_inputs(n=300, cols=cols)

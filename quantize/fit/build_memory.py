@@ -5,6 +5,8 @@ Peaks per step (bytes; f = 4 for float32; T = calibration samples × seq_len tok
 
     layer-wise build (RTN, GPTQ, AWQ; a GGUF importance matrix)    the engine (methods/engine.py) holds
         one decoder layer in float32                                   layer_params × f
+      + its codes until the layer is written (int32 each)              layer_params × 4
+      + the solver's copy of the widest linear and its codes           2 × hidden × max(inter, attention) × f
       + the calibration activations                                     T × (2·hidden + widest stage input) × f
         (the layer's input, the residual after attention, the input of the stage in hand; AWQ keeps every group's
         input at once: T × (hidden + attention width + hidden + intermediate) × f)
@@ -57,7 +59,9 @@ def layer_wise_bytes(shape: ModelShape, samples: int, seq_len: int, awq: bool = 
     else:
         activations = tokens * (2 * shape.hidden_size + widest)
     first_layer = shape.vocab_size * shape.hidden_size  # the embedding, dropped once the tokens are through it
-    return (layer_params(shape) + activations + 4 * widest * widest + first_layer) * F32
+    codes = layer_params(shape)  # int32 per weight (weight_only.build_streamed's `pending`), 4 bytes like float32
+    working = 2 * shape.hidden_size * max(shape.intermediate_size, attention_width)  # gptq_quantize's W and Q
+    return (layer_params(shape) + codes + working + activations + 4 * widest * widest + first_layer) * F32
 
 
 def eval_bytes(shape: ModelShape, params: int, dtype: str, n_ctx: int) -> int:

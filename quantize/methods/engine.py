@@ -36,6 +36,7 @@ from typing import Callable, Iterator
 import torch
 
 from quantize.common.errors import QuantizeError
+from quantize.common.heap import release_free_heap
 from quantize.sources.models import CHECKPOINT_EXPERTS, meta_model
 from quantize.sources.shards import Shards
 
@@ -425,6 +426,9 @@ def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Ca
         if checkpoint is not None:  # the consumer has written layer i
             checkpoint.save(i, acts.hidden if acts is not None else None)
         release(layer)
+        # glibc keeps freed blocks below its mmap threshold in the heap: without this, each layer's temporaries
+        # stay counted in RSS and the peak grows with the layers instead of being one layer's
+        release_free_heap()
 
 
 def staged_layer(layer: torch.nn.Module, acts: Activations, on_stage: Callable, quantize_between: bool = True

@@ -70,15 +70,22 @@ def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, gr
     perm = torch.arange(cols, device=W.device)
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W = W[:, perm]
+        H = H[perm]  # one permutation at a time: at most two cols² copies alive
+        H = H[:, perm]
     invperm = torch.argsort(perm)
 
     damp_abs = damp * torch.mean(torch.diag(H)).item()
     H.diagonal().add_(damp_abs)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    # one step at a time, each input dropped once used: two cols² float32 matrices alive at most (with the caller's
+    # float64 sum, 4 × cols² × 4 bytes: the solver term of fit/build_memory.py)
+    L = torch.linalg.cholesky(H)
     del H
+    Hinv = torch.cholesky_inverse(L)
+    del L
+    Hinv = torch.linalg.cholesky(Hinv, upper=True)
 
-    Q = torch.zeros(rows, cols, device=W.device)
+    Q = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)  # the codes (small integers: exact)
     losses = torch.zeros(rows, device=W.device)
     order = perm.tolist()  # column i of the loop is column order[i] of the weight in natural order
     d_all = Hinv.diagonal().tolist()
@@ -112,7 +119,7 @@ def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, gr
         losses += Err1.pow(2).sum(dim=1) / 2  # (w − q)² / Hinv_jj² / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
-    return Solved(Q[:, invperm].to(torch.int32), scale, zero, losses, damp_abs)
+    return Solved(Q[:, invperm] if act_order else Q, scale, zero, losses, damp_abs)
 
 
 # ---- the method: streamed layer by layer, written as compressed-tensors (or a classic layout) ----------------

@@ -28,6 +28,7 @@ class Hessian:
 
     xtx: torch.Tensor  # [cols, cols], float64: Σ XᵀX
     n: int = 0
+    BLOCK_ELEMENTS = 1 << 24  # H is converted this many float64 elements at a time (128 MB); not a field
 
     @classmethod
     def zeros(cls, cols: int, device=None) -> "Hessian":
@@ -35,8 +36,14 @@ class Hessian:
 
     @property
     def H(self) -> torch.Tensor:
-        """2/n · Σ XᵀX in float32 (a new tensor on each call)."""
-        return (self.xtx * (2 / max(self.n, 1))).float()
+        """2/n · Σ XᵀX in float32 (a new tensor on each call), converted a block of rows at a time: a whole-matrix
+        float64 product would add a transient as large as the sum itself (1.6 GB at Llama-3-8B's 14336 MLP inputs)."""
+        c = 2 / max(self.n, 1)
+        H = torch.empty(self.xtx.shape, dtype=torch.float32, device=self.xtx.device)
+        step = max(1, self.BLOCK_ELEMENTS // max(self.xtx.shape[1], 1))  # rows per block
+        for i in range(0, H.shape[0], step):
+            H[i : i + step] = (self.xtx[i : i + step] * c).float()
+        return H
 
 
 def accumulate_hessian(hess: Hessian, X: torch.Tensor) -> None:

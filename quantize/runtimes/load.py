@@ -16,6 +16,7 @@ import torch
 
 from quantize.common.errors import QuantizeError
 from quantize.formats import classic, compressed_tensors, mlx as mlx_format
+from quantize.common.heap import release_free_heap
 from quantize.runtimes import llamacpp, mlx
 from quantize.sources.models import load_model
 
@@ -103,15 +104,3 @@ def free(model) -> None:
 
 def vocab_size(model) -> int:
     return model.config.vocab_size if isinstance(model, torch.nn.Module) else model.vocab_size
-
-
-def release_free_heap() -> bool:
-    """Hand freed heap pages back to the OS (glibc malloc_trim). glibc keeps large freed blocks in the process,
-    e.g. the buffers of a checkpoint decompressed at load, so RSS would keep counting them. Returns malloc_trim's
-    answer (whether memory was released); False without glibc."""
-    import ctypes
-
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
