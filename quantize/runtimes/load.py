@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from quantize.common.errors import QuantizeError
-from quantize.formats import classic, compressed_tensors, mlx as mlx_format
 from quantize.common.heap import release_free_heap
+from quantize.formats import classic, compressed_tensors, mlx as mlx_format
 from quantize.runtimes import llamacpp, mlx
 from quantize.sources.models import load_model
 
