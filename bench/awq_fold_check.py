@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from quantize.methods.engine import LAYOUTS, stream_layers
+from quantize.methods.engine import stream_layers
+from quantize.sources.architectures import LLAMA
 from quantize.methods.awq import awq_layer
 from quantize.sources.models import load_model, load_tokenizer, resolve_model
 from quantize.methods.configs import AwqMethod
@@ -33,14 +34,14 @@ def main() -> None:
     folded, log = {}, []
 
     def process(i, layer, acts):
-        awq_layer(i, layer, acts, LAYOUTS["llama"].awq, method, lambda name, cols: 64, lambda name: False, {}, log,
+        awq_layer(i, layer, acts, LLAMA.awq, method, lambda name, cols: 64, lambda name: False, {}, log,
                   quantize=False)
 
     for i, layer in stream_layers(base.path, calib, process):
         folded.update({f"model.layers.{i}.{k}": v.clone() for k, v in layer.state_dict().items()})
     model = load_model(base.path, "float32")
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    firsts = {names[0] for _, names, _ in LAYOUTS["llama"].awq}
+    firsts = {names[0] for _, names, _ in LLAMA.awq}
     folds = sum(1 for r in log if r["alpha"] is not None and r["module"] in firsts)
     moved = max((folded[k] - original[k]).abs().max().item() for k in folded)
     eval_ids = torch.tensor(tok(bundled_wiki("eval").text, add_special_tokens=False).input_ids[: 4 * 512]).reshape(4, 512)

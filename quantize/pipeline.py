@@ -36,7 +36,8 @@ from quantize.measure.streamed import LOADER as STREAM_LOADER, STREAMABLE, Strea
 from quantize.measure import kld_base, lmeval, memory, quality, serving, speed
 from quantize.measure.scorecard import base_store
 from quantize.methods import ranks
-from quantize.methods.engine import expert_lists, resolve_device, with_experts
+from quantize.methods.device import resolve_device
+from quantize.methods.experts import expert_lists, with_experts
 from quantize.methods.registry import METHODS
 from quantize.preflight import base_model, check_disk, check_memory, check_recipe
 from quantize.recipe import Recipe

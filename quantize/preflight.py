@@ -14,7 +14,8 @@ from quantize.formats.gguf_types import UNQUANTIZED
 from quantize.formats.tensors import weight_bytes_gguf, weight_bytes_safetensors
 from quantize.measure import memory
 from quantize.measure.streamed import check_stream
-from quantize.methods.engine import check_model, has_experts, with_experts
+from quantize.methods.engine import check_model
+from quantize.methods.experts import has_experts, with_experts
 from quantize.methods.weight_only import check_group_sizes
 from quantize.recipe import Recipe
 from quantize.sources.models import (

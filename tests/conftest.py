@@ -40,6 +40,9 @@ def build_tiny_llama(folder: Path, vocab_size: int = 512, seed: int = 0, model_t
                                   **{"tie_word_embeddings": False, **shape, **config_overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
+    for name, buffer in model.named_buffers():  # a checkpoint's router bias (GLM-4 MoE, DeepSeek-V3): not zero
+        if name.endswith("e_score_correction_bias"):
+            buffer.normal_(0, 0.05)
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder

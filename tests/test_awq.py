@@ -8,7 +8,8 @@ from conftest import write_recipe
 from quantize import pipeline
 from quantize.formats import compressed_tensors
 from quantize.methods import grids
-from quantize.methods.engine import LAYOUTS, stream_layers
+from quantize.methods.engine import stream_layers
+from quantize.sources.architectures import LLAMA
 from quantize.methods.awq import awq_layer, block_loss_fn, fold_scale, search_clip, search_scale
 from quantize.sources.models import load_model, load_tokenizer
 from quantize.methods.configs import AwqMethod
@@ -81,7 +82,7 @@ def test_scaled_model_is_the_same_function(tiny_model):
     method = AwqMethod(name="awq", bits=4, group_size=64, clip=False, export="scaled-fp16")
     g = torch.Generator().manual_seed(0)
     calib = torch.randint(3, 512, (4, 64), generator=g)
-    rows = LAYOUTS["llama"].awq
+    rows = LLAMA.awq
     scaled = {}
 
     def process(i, layer, acts):
@@ -176,7 +177,7 @@ def test_search_samples_judges_alpha_on_evenly_spaced_sequences(tiny_model):
     g = torch.Generator().manual_seed(1)
     calib = torch.randint(3, 512, (8, 64), generator=g)
     calib[[0, 4, 7]] = torch.randint(3, 12, (3, 64), generator=g)  # the judged sequences: other statistics
-    rows = LAYOUTS["llama"].awq
+    rows = LLAMA.awq
     attn = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
 
     def first_layer(method, expected=None):

@@ -34,11 +34,32 @@ FAMILIES = {
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 128},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "head_dim": 64,
                   "mlp_only_layers": [1], "norm_topk_prob": True},
+    # NoPE layers in a Llama body: every fourth layer's attention has no rotary embedding (llama.cpp's smollm3 graph
+    # fixes that interval at 4)
+    "smollm3": {"no_rope_layer_interval": 4, "num_hidden_layers": 4, "pad_token_id": 0},
+    # GLM-4.x MoE: a dense first layer, then a sigmoid router with a score-correction bias over 4 experts plus a
+    # shared expert; partial rotary, q/k norms
+    "glm4_moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                 "n_shared_experts": 1, "first_k_dense_replace": 1, "head_dim": 64, "use_qk_norm": True,
+                 "partial_rotary_factor": 0.5, "num_hidden_layers": 3},
+    # DeepSeek-V3: multi-head latent attention (q and KV latents with their norms, interleaved rope key), a dense
+    # first layer, then routed experts with a shared expert under a grouped sigmoid router (mlx-lm splits kv_b_proj
+    # per head and quantizes each part on its own: qk_nope_head_dim and v_head_dim are multiples of the group size)
+    # Qwen3.5 (hybrid): three Gated DeltaNet linear-attention layers, then one gated full-attention layer. 16 value
+    # heads (in_proj_b/a's rows, as Qwen3.5-0.8B): compressed-tensors 0.20 cannot unpack an asymmetric zero point of
+    # 8 rows or fewer (one packed word: a view of a transposed [groups, 1] tensor fails)
+    "qwen3_5_text": {"num_hidden_layers": 4, "head_dim": 64, "linear_num_key_heads": 4, "linear_num_value_heads": 16,
+                     "linear_key_head_dim": 32, "linear_value_head_dim": 32},
+    "deepseek_v3": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                    "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1,
+                    "q_lora_rank": 64, "kv_lora_rank": 64, "qk_rope_head_dim": 32, "qk_nope_head_dim": 64,
+                    "v_head_dim": 64, "num_hidden_layers": 3, "num_key_value_heads": 4},
 }
 # transformers loads its own Qwen2 tokenizer class for model type qwen2, with Qwen2's pre-tokenizer over the test's
 # small vocabulary; GGUF conversion identifies a pre-tokenizer by the token ids of a check text (as llama.cpp's
 # converter does), which only a real Qwen2 vocabulary gives. So no GGUF for the tiny qwen2.
-NO_GGUF = {"qwen2", "gemma3_text", "phi3", "gemma2", "mixtral", "qwen3_moe"}
+NO_GGUF = {"qwen2", "gemma3_text", "phi3", "gemma2", "mixtral", "qwen3_moe", "smollm3", "glm4_moe", "deepseek_v3",
+           "qwen3_5_text"}
 
 
 def gguf_vs_transformers(model_dir, gguf_file, label: str) -> float:
@@ -107,19 +128,20 @@ def test_awq_scales_fold_into_the_same_function(family_model):
     from 1 in Gemma, the up half of Phi-3's fused gate_up) leaves the model's logits as they were."""
     from quantize.methods.awq import awq_layer
     from quantize.methods.configs import AwqMethod
-    from quantize.methods.engine import LAYOUTS, awq_rows, stream_layers
+    from quantize.methods.engine import awq_rows, stream_layers
+    from quantize.sources.architectures import ARCHITECTURES
     from quantize.sources.models import transformers_names
 
     family, model_dir = family_model
-    layout = LAYOUTS[family]
+    arch = ARCHITECTURES[family]
     method = AwqMethod(name="awq", bits=4, group_size=64, clip=False, export="scaled-fp16")
     g = torch.Generator().manual_seed(0)
     calib = torch.randint(3, 512, (4, 64), generator=g)
     scaled, log = {}, []
 
     def process(i, layer, acts):
-        awq_layer(i, layer, acts, awq_rows(layout, layer), method, lambda name, cols: 64, lambda name: False, {},
-                  log, quantize=False, norm_offset=layout.norm_offset)
+        awq_layer(i, layer, acts, awq_rows(arch, layer), method, lambda name, cols: 64, lambda name: False, {},
+                  log, quantize=False, norm_offset=arch.layer.norm_offset)
 
     for i, layer in stream_layers(model_dir, calib, process):
         scaled.update({f"model.layers.{i}.{k}": v.clone() for k, v in layer.state_dict().items()})
@@ -138,7 +160,12 @@ def test_awq_scales_fold_into_the_same_function(family_model):
     assert diff < 1e-4
 
 
-GGUF_ARCH = {"gemma3_text": "gemma3", "phi3": "phi3", "mixtral": "llama", "qwen3_moe": "qwen3moe"}
+GGUF_ARCH = {"gemma3_text": "gemma3", "phi3": "phi3", "mixtral": "llama", "qwen3_moe": "qwen3moe", "smollm3": "smollm3",
+             "glm4_moe": "glm4moe", "deepseek_v3": "deepseek2", "qwen3_5_text": "qwen35"}
+
+
+# GLM's: [gMASK] (its BOS), <|user|>, <|endoftext|>, <|observation|>
+ADDED_TOKENS = {"glm4_moe": ["[gMASK]", "<|user|>", "<|endoftext|>", "<|observation|>"]}
 
 
 @pytest.fixture(scope="module", params=sorted(GGUF_ARCH))
@@ -147,7 +174,7 @@ def real_vocab_model(request, tmp_path_factory):
     pre-tokenizer llama.cpp's converter recognises; the tests' trained BPE it would not)."""
     import shutil
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from quantize.sources.models import resolve_model
 
@@ -160,13 +187,18 @@ def real_vocab_model(request, tmp_path_factory):
     overrides = {k: v for k, v in FAMILIES[family].items() if k not in ("pad_token_id", "mlp_only_layers")}
     shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=1024)
-    config = AutoConfig.for_model(family, vocab_size=49152, tie_word_embeddings=False, bos_token_id=1,
+    config = AutoConfig.for_model(family, vocab_size=49152 + 8, tie_word_embeddings=False, bos_token_id=1,
                                   eos_token_id=2, pad_token_id=0, **{**shape, **overrides})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).to(torch.float16).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (smollm2 / name).is_file():
             shutil.copy(smollm2 / name, folder / name)
+    if family in ADDED_TOKENS:  # the special tokens llama.cpp's converter looks up for this family's real vocabulary
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer.add_special_tokens({"additional_special_tokens": ADDED_TOKENS[family]})
+        assert len(tokenizer) <= config.vocab_size
+        tokenizer.save_pretrained(folder)
     config_file = folder / "tokenizer_config.json"  # Phi-3's converter takes a GPT-2 style BPE by this name
     tok_config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps({**tok_config, "tokenizer_class": "GPT2Tokenizer"}))
@@ -183,6 +215,17 @@ def test_llama_cpp_converter_writes_other_families(real_vocab_model, tmp_path):
     gguf_file = convert(model_dir, tmp_path / "f32.gguf", "F32")
     assert gguf_arch(gguf_file) == GGUF_ARCH[family]
     assert gguf_vs_transformers(model_dir, gguf_file, f"{family} (llama.cpp's converter)") < 1e-3
+    # the fit reads the same shape from the GGUF's header as from config.json (KV per token, MLA's latent, the
+    # linear-attention layers' state)
+    from quantize.fit.context_memory import kv_cache_bytes
+    from quantize.fit.shape import param_counts, shape_config_from_gguf, shape_from_config
+
+    config = json.loads((model_dir / "config.json").read_text())
+    from_gguf = shape_config_from_gguf(gguf_file)
+    assert kv_cache_bytes(shape_from_config(from_gguf), 1024, 2, "f16") == kv_cache_bytes(
+        shape_from_config(config), 1024, 2, "f16")
+    if family != "mixtral":  # llama.cpp stores Mixtral as `llama` with experts, which the GGUF reader reads as dense
+        assert param_counts(from_gguf).total == param_counts(config).total
     out = tmp_path / "run"
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(model_dir), [{"name": "gguf", "type": "Q8_0"},
                                       {"name": "gguf", "type": "Q4_K_M", "imatrix": True}], out,
@@ -258,6 +301,7 @@ def test_rtn_artefacts_reload_to_the_in_process_quantised_model(family_model, tm
     from quantize.methods.configs import RtnMethod
     from quantize.methods.registry import METHODS
     from quantize.runtimes.load import load
+    from quantize.sources.architectures import ARCHITECTURES
     from quantize.sources.models import resolve_model
 
     family, model_dir = family_model
@@ -270,15 +314,22 @@ def test_rtn_artefacts_reload_to_the_in_process_quantised_model(family_model, tm
 
     ids = torch.arange(3, 131)[None]
     expected = {}
+    # the linears mlx-lm re-quantizes itself on load stay in float in the MLX artefact (architectures.keep_float)
+    mlx_float = ARCHITECTURES[family].keep_float.get("mlx", ())
     with torch.no_grad():
-        for name, lin in expected_model.named_modules():
-            if isinstance(lin, torch.nn.Linear) and ".layers." in name:
+        linears = [(name, lin) for name, lin in expected_model.named_modules()
+                   if isinstance(lin, torch.nn.Linear) and ".layers." in name]
+        for name, lin in linears:
+            if not name.endswith(mlx_float):
                 lin.weight.data = rtn(lin.weight.data)
         experts = [p for name, p in expected_model.named_parameters()  # transformers' 3-D [experts, out, in]
                    if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]
         for p in experts:
             p.data = torch.stack([rtn(W) for W in p.data])
         expected["mlx"] = expected_model(ids).logits[0]
+        for name, lin in linears:
+            if mlx_float and name.endswith(mlx_float):
+                lin.weight.data = rtn(lin.weight.data)
         # transformers 5.23 dequantizes compressed experts into the checkpoint's dtype (fp16), whatever dtype the
         # model is loaded in: its reloaded experts are these weights rounded to fp16
         for p in experts:

@@ -92,6 +92,50 @@ def test_deepseek_v3_mla_kv_and_counts_by_hand():
     assert (c.n_dense_layers, c.n_moe_layers, c.n_experts, c.n_active) == (3, 58, 256, 8)
 
 
+def test_glm_4_5_air_counts_and_kv_by_hand():
+    """GLM-4.5-Air (glm4_moe, its published config.json): GQA attention (96 query heads, 8 KV heads of 128), one
+    dense layer, then 45 layers of 128 routed experts (8 per token) and one shared expert. Z.ai's card: 106B total,
+    12B active. The MTP layer (num_nextn_predict_layers) is not in num_hidden_layers and is not counted."""
+    cfg = config("glm-4.5-air")
+    c = param_counts(cfg)
+    attn = 4096 * 96 * 128 * 2 + 4096 * 8 * 128 * 2  # q, o + k, v (biases not counted)
+    dense = 3 * 4096 * 10944
+    expert = 3 * 4096 * 1408
+    moe = 128 * expert + expert + 4096 * 128  # routed experts, one shared expert of the same width, the router
+    embed = 2 * 151552 * 4096  # untied
+    assert c.total == embed + 46 * attn + dense + 45 * moe + 46 * 2 * 4096 + 4096 == 106_851_586_048
+    assert c.active == c.total - 45 * 120 * expert  # 120 of 128 routed experts idle per token
+    assert c.total // 10**9 == 106 and round((c.active - embed) / 1e9) == 12  # "106B", "12B active"
+    shape = shape_from_config(cfg)
+    assert kv_cache_bytes(shape, 1, 1, "f16") == 46 * 2 * 8 * 128 * 2 == 188_416  # K+V, 8 KV heads, f16
+
+
+def test_qwen3_5_27b_hybrid_counts_and_state_by_hand():
+    """Qwen3.5-27B's language model (its multimodal config.json; the vision tower is not counted): 64 layers, every
+    fourth full attention (24 query heads whose q_proj also gives a sigmoid gate, 4 KV heads of 256), the other 48
+    Gated DeltaNet linear attention (16 key heads and 48 value heads of 128, conv kernel 4). Only the 16 full layers
+    cache K and V; each linear layer keeps, per sequence, llama.cpp's f32 conv state (kernel − 1) × (value dim +
+    2 × key dim) and recurrent state key head dim × value dim, whatever the context."""
+    from quantize.fit.context_memory import recurrent_state_bytes
+
+    cfg = config("qwen3.5-27b")
+    c = param_counts(cfg)
+    H = 5120
+    full = H * 24 * 256 * 2 + 2 * H * 4 * 256 + 24 * 256 * H  # q (with its gate), k, v, o
+    qkv, value = 2 * 16 * 128 + 48 * 128, 48 * 128
+    linear = H * qkv + H * value + 2 * H * 48 + value * H  # in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj
+    mlp = 3 * H * 17408
+    small = 64 * 2 * H + 16 * 2 * 256 + 48 * (qkv * 4 + 2 * 48 + 128) + H  # norms, q/k norms, conv, A_log, dt_bias
+    assert c.total == 2 * 248320 * H + 16 * full + 48 * linear + 64 * mlp + small == 26_895_998_464
+    shape = shape_from_config(cfg)
+    assert (shape.n_layers, shape.recurrent_layers) == (64, 48)
+    state = 3 * (value + 2 * 16 * 128) + 128 * value  # 817,152 f32 elements per layer and sequence
+    assert recurrent_state_bytes(shape, 1) == 48 * state * 4 == 156_893_184
+    per_token = 16 * 2 * 4 * 256 * 2  # K+V of the 16 full layers, f16
+    assert kv_cache_bytes(shape, 262144, 1, "f16") == 262144 * per_token + 48 * state * 4
+    assert kv_cache_bytes(shape, 262144, 2, "q8_0") == int(2 * 262144 * per_token / 2 * 34 / 32 + 0.5) + 2 * 48 * state * 4
+
+
 def test_unmodelled_architecture_is_refused(tmp_path):
     """A model type whose attention or cache is not modelled gets a refusal, not a number."""
     import json
@@ -100,5 +144,5 @@ def test_unmodelled_architecture_is_refused(tmp_path):
 
     hybrid = {**config("llama-3-8b"), "model_type": "qwen3_next"}  # linear-attention layers: no per-token KV
     (tmp_path / "config.json").write_text(json.dumps(hybrid))
-    with pytest.raises(QuantizeError, match="'qwen3_next': its layout is not modelled"):
+    with pytest.raises(QuantizeError, match="'qwen3_next' has no row in quantize's architecture table"):
         describe_model(str(tmp_path / "config.json"), None)

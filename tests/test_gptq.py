@@ -143,7 +143,9 @@ def test_staged_layer_equals_the_decoder_layer(family):
     quantizing does), the output is the changed layer's output."""
     import transformers
 
-    from quantize.methods.engine import LAYOUTS, Activations, staged_layer
+    from quantize.methods.activations import Activations
+    from quantize.methods.engine import staged_layer
+    from quantize.sources.architectures import ARCHITECTURES
 
     config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                                  "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
@@ -151,7 +153,7 @@ def test_staged_layer_equals_the_decoder_layer(family):
                           num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
     model = model_class(config).eval()
-    layer, groups = model.model.layers[0], LAYOUTS[family].groups
+    layer, groups = model.model.layers[0], ARCHITECTURES[family].layer.groups
     with torch.inference_mode():
         x = torch.randn(5, 16, 64)
         acts = Activations(x, model.model.rotary_emb(x[:1], torch.arange(16)[None]), batch=2)
@@ -175,7 +177,7 @@ def test_bfloat16_forward_stays_close_and_returns_float32():
     """forward_dtype bfloat16: the linears and attention run under autocast, the activations stay float32."""
     import transformers
 
-    from quantize.methods.engine import Activations
+    from quantize.methods.activations import Activations
 
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2)
@@ -191,7 +193,7 @@ def test_bfloat16_forward_stays_close_and_returns_float32():
 
 
 def test_device_is_checked_at_the_edge():
-    from quantize.methods.engine import resolve_device
+    from quantize.methods.device import resolve_device
 
     assert resolve_device("auto", "recipe.yaml") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu", "recipe.yaml") == "cpu"
@@ -344,7 +346,7 @@ def test_forward_dtype_auto_is_bf16_only_where_native():
     """forward_dtype auto: bfloat16 on a CPU whose flags include avx512_bf16 or amx_bf16, float32 on any other
     (bf16 is emulated there and slower); a value set in the recipe is taken as it is. The reason goes to the
     manifest."""
-    from quantize.methods.engine import resolve_forward_dtype
+    from quantize.methods.device import resolve_forward_dtype
 
     flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     native = "avx512_bf16" in flags or "amx_bf16" in flags

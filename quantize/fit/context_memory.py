@@ -2,7 +2,8 @@
 
 * KV cache bytes follow from the model shape in config.json: per layer
   2 (K and V) x n_kv_heads x head_dim (MLA: kv_lora_rank + rope head dim) x cells x batch x bytes_per_element,
-  where sliding-window layers keep only the window plus one micro-batch (llama.cpp's SWA cache, kv_cells).
+  where sliding-window layers keep only the window plus one micro-batch (llama.cpp's SWA cache, kv_cells), and
+  a hybrid model's linear-attention layers keep no KV but a fixed-size f32 state per sequence.
 * Runtime overhead is a fixed allowance plus an estimated compute buffer (see OVERHEAD_NOTE).
 """
 
@@ -63,12 +64,19 @@ def kv_cells(shape: ModelShape, context: int) -> tuple[int, int]:
 
 
 def kv_cache_bytes(shape: ModelShape, context: int, batch: int, kv_dtype: str) -> int:
-    """KV cache bytes: per layer and sequence, kv_elements per cell (ModelShape.kv_elements: K and V, or MLA's
-    latent) × the cells kv_cells gives, × batch sequences."""
+    """The cache's bytes: per attention layer and sequence, kv_elements per cell (ModelShape.kv_elements: K and V,
+    or MLA's latent) × the cells kv_cells gives, × batch sequences; plus, for a hybrid model's linear-attention
+    layers, their fixed-size state per sequence (recurrent_state_bytes), whatever the context and KV type."""
     full_cells, swa_cells = kv_cells(shape, context)
-    full_layers = shape.n_layers - shape.sliding_layers
+    full_layers = shape.n_layers - shape.sliding_layers - shape.recurrent_layers
     elements = shape.kv_elements * batch * (full_layers * full_cells + shape.sliding_layers * swa_cells)
-    return int(elements * kv_bytes_per_element(kv_dtype) + 0.5)
+    return int(elements * kv_bytes_per_element(kv_dtype) + 0.5) + recurrent_state_bytes(shape, batch)
+
+
+def recurrent_state_bytes(shape: ModelShape, batch: int) -> int:
+    """Linear-attention layers' state: llama.cpp keeps each sequence's conv and recurrent state in f32
+    (src/llama-model.cpp: recurrent_type_r/s = F32), independent of the context and of --cache-type-k/v."""
+    return shape.recurrent_layers * shape.recurrent_state * batch * 4
 
 
 def compute_phases(shape: ModelShape, context: int, flash_attn: bool = True) -> tuple[int, int]:

@@ -43,7 +43,7 @@ def weight_bytes(counts: ParamCounts, fmt: str) -> int:
         raise QuantizeError(f"unknown weight format {fmt!r}; accepted: {', '.join(WEIGHT_FORMATS)}")
     c = counts
     moe = c.n_experts * sum(c.mlp_per_expert.values()) + sum((c.shared_mlp or {}).values())
-    linears = (c.n_layers * sum(c.attn.values()) + c.n_dense_layers * sum((c.dense_mlp or {}).values())
+    linears = (c.attention_total + c.n_dense_layers * sum((c.dense_mlp or {}).values())
                + c.n_moe_layers * moe)  # quantized linears in the decoder layers
     edges = c.embedding + c.lm_head
     small = c.norms + c.n_moe_layers * c.router
@@ -62,7 +62,8 @@ def q4_k_m_tensors(c: ParamCounts):
     """(parameters, GGML type) of every quantized tensor under llama.cpp's Q4_K_M mix (llama-quant.cpp):
     Q4_K, with Q6_K for attn_v and ffn_down in the layers use_more_bits picks and for the output (a tied
     embedding takes the output's type), Q5_K attn_output with 8 experts; rows (input columns) not a multiple of
-    256 take the fallback type. With shared experts or leading dense layers (DeepSeek), every ffn_down of a
+    256 take the fallback type. A hybrid model's full and linear-attention tensors are spread over all layers in
+    proportion (use_more_bits sees the layer index, not the kind). With shared experts or leading dense layers (DeepSeek), every ffn_down of a
     picked layer counts as picked (llama.cpp counts the ffn_down tensors, so its pick can differ by a layer)."""
     hidden = c.embedding // c.vocab
 
@@ -73,7 +74,10 @@ def q4_k_m_tensors(c: ParamCounts):
         more = use_more_bits(i, c.n_layers)
         for part, n in c.attn.items():
             kind = "Q6_K" if part == "v" and more else "Q5_K" if part == "o" and c.n_experts == 8 else "Q4_K"
-            yield typed(n, c.attn_columns[part], kind)
+            yield typed(n * (c.n_layers - c.n_linear_layers) // c.n_layers, c.attn_columns[part], kind)
+        for part, n in (c.linear_attn or {}).items():  # the layer's in_proj_qkv is llama.cpp's attn_qkv: Q5_K
+            kind = "Q5_K" if part == "in_qkv" else "Q4_K"
+            yield typed(n * c.n_linear_layers // c.n_layers, c.linear_attn_columns[part], kind)
         down = "Q6_K" if more else "Q4_K"
         if i < c.n_dense_layers:
             mlps = [(1, c.dense_mlp)]

@@ -1,5 +1,5 @@
 """A model's shape from its config.json or a GGUF's metadata: the dimensions the fit arithmetic needs (ModelShape)
-and the parameter count of each part (ParamCounts), for the model types in LAYOUTS and no other: a type whose
+and the parameter count of each part (ParamCounts), for the model types in the architecture table (sources/architectures.py) and no other: a type whose
 attention or cache is not modelled here is refused, never guessed.
 
 Two attention layouts:
@@ -15,48 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantize.common.errors import QuantizeError
+from quantize.sources.architectures import ARCHITECTURES, Architecture, architecture, gguf_model_type
 from quantize.sources.models import tied_embeddings
 
-# transformers' config defaults that config.json files omit: Gemma3TextConfig's (e.g. gemma-3-4b-it), and
-# Gemma 2's alternation of sliding and global layers.
-_MODEL_TYPE_DEFAULTS: dict[str, dict] = {
-    "gemma3_text": {
-        "vocab_size": 262208, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
-        "max_position_embeddings": 131072, "sliding_window": 4096, "sliding_window_pattern": 6,
-    },
-    "gemma2": {"sliding_window_pattern": 2},
-}
-
-# Model types whose layout is modelled: attention kind, RMSNorms per decoder layer, per-head q/k norms, and for
-# mixtures of experts the config keys of the routed expert count, the experts used per token and an expert's
-# width (shared experts and leading dense layers where the family has them).
-LAYOUTS: dict[str, dict] = {
-    "llama": {"attention": "gqa", "norms": 2},
-    "mistral": {"attention": "gqa", "norms": 2},
-    "qwen2": {"attention": "gqa", "norms": 2},
-    "phi3": {"attention": "gqa", "norms": 2},  # fused qkv and gate_up: the same parameters
-    "qwen3": {"attention": "gqa", "norms": 2, "qk_norm": True},
-    "gemma2": {"attention": "gqa", "norms": 4},
-    "gemma3": {"attention": "gqa", "norms": 4, "qk_norm": True},
-    "gemma3_text": {"attention": "gqa", "norms": 4, "qk_norm": True},
-    "mixtral": {"attention": "gqa", "norms": 2, "experts": "num_local_experts", "expert_width": "intermediate_size"},
-    "qwen3_moe": {"attention": "gqa", "norms": 2, "qk_norm": True, "experts": "num_experts",
-                  "expert_width": "moe_intermediate_size"},
-    "deepseek_v2": {"attention": "mla", "norms": 2, "experts": "n_routed_experts",
-                    "expert_width": "moe_intermediate_size", "shared": "n_shared_experts",
-                    "dense_layers": "first_k_dense_replace"},
-    "deepseek_v3": {"attention": "mla", "norms": 2, "experts": "n_routed_experts",
-                    "expert_width": "moe_intermediate_size", "shared": "n_shared_experts",
-                    "dense_layers": "first_k_dense_replace"},
-}
-
-
-def layout(cfg: dict) -> dict:
-    model_type = cfg.get("model_type")
-    if model_type not in LAYOUTS:
-        raise QuantizeError(f"model type {model_type!r}: its layout is not modelled, so its KV cache and parameter "
-                            f"counts would be guesses; modelled: {', '.join(LAYOUTS)}")
-    return LAYOUTS[model_type]
+def layout(cfg: dict) -> Architecture:
+    """The config's row of the architecture table, refused (naming the file's model type) when there is none."""
+    return architecture(cfg)
 
 
 @dataclass(frozen=True)
@@ -73,6 +37,8 @@ class ModelShape:
     max_position_embeddings: int | None = None
     n_heads: int = 0  # query heads; 0 in reports written before it was recorded (then hidden // head_dim)
     kv_per_token_layer: int = 0  # cached elements per token and layer; 0 in older reports (then 2 × kv heads × dim)
+    recurrent_layers: int = 0  # linear-attention layers (no KV cache: a fixed-size state per sequence)
+    recurrent_state: int = 0  # f32 elements of one such layer's state per sequence (conv + recurrent)
 
     @property
     def query_heads(self) -> int:
@@ -88,7 +54,8 @@ def flat_config(cfg: dict) -> dict:
     """config.json with a nested text_config (multimodal checkpoints) lifted, and transformers' omitted defaults."""
     if isinstance(cfg.get("text_config"), dict):
         cfg = {**cfg, **cfg["text_config"]}
-    return {**_MODEL_TYPE_DEFAULTS.get(cfg.get("model_type", ""), {}), **cfg}
+    arch = ARCHITECTURES.get(cfg.get("model_type", ""))
+    return {**(arch.defaults if arch else {}), **cfg}
 
 
 def shape_from_config(cfg: dict) -> ModelShape:
@@ -113,6 +80,11 @@ def shape_from_config(cfg: dict) -> ModelShape:
     if cfg.get("use_sliding_window") is False:  # Qwen2-style: window set but switched off
         window = None
     layer_types = cfg.get("layer_types")
+    recurrent, state = 0, 0
+    if kind.attention == "hybrid":
+        layer_types = hybrid_layer_types(cfg, n_layers)
+        recurrent = layer_types.count("linear_attention")
+        state = recurrent_state_elements(cfg)
     if window is None:
         sliding = 0
     elif layer_types:  # Gemma 3 / newer transformers: explicit per-layer list
@@ -126,7 +98,7 @@ def shape_from_config(cfg: dict) -> ModelShape:
     attn = hidden * head_dim * (2 * n_heads + 2 * n_kv_heads)  # q, o + k, v projections
     mlp = 3 * hidden * inter  # gate, up, down
     kv = 2 * n_kv_heads * head_dim
-    if kind["attention"] == "mla":
+    if kind.attention == "mla":
         kv = int(cfg["kv_lora_rank"]) + int(cfg["qk_rope_head_dim"])
     return ModelShape(
         n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, hidden_size=hidden,
@@ -134,7 +106,40 @@ def shape_from_config(cfg: dict) -> ModelShape:
         sliding_window=int(window) if window is not None else None, sliding_layers=sliding,
         n_params_estimate=embed + n_layers * (attn + mlp),
         max_position_embeddings=cfg.get("max_position_embeddings"), n_heads=n_heads, kv_per_token_layer=kv,
+        recurrent_layers=recurrent, recurrent_state=state,
     )
+
+
+def hybrid_layer_types(cfg: dict, n_layers: int) -> list[str]:
+    """Each layer's kind in a hybrid model: config.json's `layer_types`, or transformers' default (Qwen3.5: every
+    `full_attention_interval`-th layer full attention, the others linear attention)."""
+    types = cfg.get("layer_types")
+    if types:
+        if len(types) != n_layers:
+            raise QuantizeError(f"config.json: layer_types has {len(types)} entries for {n_layers} layers")
+        return list(types)
+    interval = int(cfg.get("full_attention_interval") or 4)
+    return ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(n_layers)]
+
+
+def _linear_dims(cfg: dict) -> tuple[int, int, int, int, int]:
+    """(key heads, key head dim, value heads, value head dim, conv kernel) of a Gated DeltaNet layer."""
+    keys = ("linear_num_key_heads", "linear_key_head_dim", "linear_num_value_heads", "linear_value_head_dim",
+            "linear_conv_kernel_dim")
+    missing = [k for k in keys if cfg.get(k) is None]
+    if missing:
+        raise QuantizeError(f"model type {cfg.get('model_type')!r}: the config gives no {', '.join(missing)}, so "
+                            "the linear-attention layers' parameters and state would be guesses")
+    return tuple(int(cfg[k]) for k in keys)
+
+
+def recurrent_state_elements(cfg: dict) -> int:
+    """One linear-attention layer's state per sequence, as llama.cpp allocates it (src/llama-hparams.cpp, f32):
+    the conv state, (kernel − 1) × (value dim + 2 × key dim), and the recurrent state, key head dim × value dim
+    (one [key head dim × value head dim] matrix per value head)."""
+    kh, kd, vh, vd, kernel = _linear_dims(cfg)
+    value_dim = vh * vd
+    return (kernel - 1) * (value_dim + 2 * kh * kd) + kd * value_dim
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,15 @@ class ParamCounts:
     n_dense_layers: int = 0  # leading layers with a dense MLP instead of experts (DeepSeek's first_k_dense_replace)
     dense_mlp: dict[str, int] | None = None  # that dense MLP: gate, up, down
     shared_mlp: dict[str, int] | None = None  # per MoE layer, the always-used shared experts: gate, up, down
+    n_linear_layers: int = 0  # hybrid models: layers whose attention is linear_attn instead of `attn`
+    linear_attn: dict[str, int] | None = None  # per such layer: in_qkv, in_z, in_b, in_a, out
+    linear_attn_columns: dict[str, int] | None = None
+
+    @property
+    def attention_total(self) -> int:
+        """Attention linears' parameters over all layers (full and linear-attention ones)."""
+        return ((self.n_layers - self.n_linear_layers) * sum(self.attn.values())
+                + self.n_linear_layers * sum((self.linear_attn or {}).values()))
 
     @property
     def n_moe_layers(self) -> int:
@@ -162,7 +176,7 @@ class ParamCounts:
     @property
     def total(self) -> int:
         moe = self.n_experts * sum(self.mlp_per_expert.values()) + sum((self.shared_mlp or {}).values()) + self.router
-        return (self.embedding + self.lm_head + self.n_layers * sum(self.attn.values()) + self.norms
+        return (self.embedding + self.lm_head + self.attention_total + self.norms
                 + self.n_dense_layers * sum((self.dense_mlp or {}).values()) + self.n_moe_layers * moe)
 
     @property
@@ -182,13 +196,15 @@ def param_counts(cfg: dict) -> ParamCounts:
     shape = shape_from_config(cfg)
     hidden, layers, heads = shape.hidden_size, shape.n_layers, int(cfg["num_attention_heads"])
     # transformers ≥ 5 saves Qwen3-MoE's `num_experts` as `num_local_experts` (its attribute map): either key
-    experts = next((int(cfg[k]) for k in (kind.get("experts"), "num_local_experts") if k and cfg.get(k)), 1)
-    if "experts" in kind and experts == 1:
+    moe = kind.moe
+    count_key = moe.count_key if moe else None
+    experts = next((int(cfg[k]) for k in (count_key, "num_local_experts") if k and cfg.get(k)), 1)
+    if moe and experts == 1:
         raise QuantizeError(f"model type {cfg.get('model_type')!r}: the config gives no expert count "
-                            f"(`{kind['experts']}`), so the parameter counts would be guesses")
+                            f"(`{count_key}`), so the parameter counts would be guesses")
     active = int(cfg.get("num_experts_per_tok") or 1) if experts > 1 else 1
-    width = int(cfg[kind["expert_width"]]) if experts > 1 else shape.intermediate_size
-    if kind["attention"] == "mla":
+    width = int(cfg[moe.width_key]) if experts > 1 else shape.intermediate_size
+    if kind.attention == "mla":
         rope, nope, v_dim = int(cfg["qk_rope_head_dim"]), int(cfg["qk_nope_head_dim"]), int(cfg["v_head_dim"])
         kv_rank, q_rank = int(cfg["kv_lora_rank"]), cfg.get("q_lora_rank")
         q = ({"q_a": hidden * q_rank, "q_b": q_rank * heads * (nope + rope)} if q_rank
@@ -202,10 +218,23 @@ def param_counts(cfg: dict) -> ParamCounts:
         q_out, kv_out = heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
         attn = {"q": hidden * q_out, "k": hidden * kv_out, "v": hidden * kv_out, "o": q_out * hidden}
         columns = {"q": hidden, "k": hidden, "v": hidden, "o": q_out}
-        attn_norms = 2 * shape.head_dim if kind.get("qk_norm") else 0
+        attn_norms = 2 * shape.head_dim if kind.qk_norm else 0
         attn_rows = q_out + 2 * kv_out + hidden
-    dense = int(cfg.get(kind["dense_layers"]) or 0) if "dense_layers" in kind and experts > 1 else 0
-    shared = int(cfg.get(kind["shared"]) or 0) if "shared" in kind and experts > 1 else 0
+    n_linear, linear_attn, linear_columns, linear_small, linear_rows = 0, None, None, 0, 0
+    if kind.attention == "hybrid":
+        # Qwen3.5's full attention: q_proj also gives a sigmoid output gate per query channel (twice the rows)
+        attn["q"] *= 2
+        attn_rows += q_out
+        n_linear = shape.recurrent_layers
+        kh, kd, vh, vd, kernel = _linear_dims(cfg)
+        qkv, value_dim = 2 * kh * kd + vh * vd, vh * vd
+        linear_attn = {"in_qkv": hidden * qkv, "in_z": hidden * value_dim, "in_b": hidden * vh, "in_a": hidden * vh,
+                       "out": value_dim * hidden}
+        linear_columns = {"in_qkv": hidden, "in_z": hidden, "in_b": hidden, "in_a": hidden, "out": value_dim}
+        linear_small = qkv * kernel + 2 * vh + vd  # the causal conv, A_log and dt_bias, the gated RMSNorm
+        linear_rows = qkv + value_dim + 2 * vh + hidden
+    dense = int(cfg.get(moe.dense_key) or 0) if moe and moe.dense_key and experts > 1 else 0
+    shared = int(cfg.get(moe.shared_key) or 0) if moe and moe.shared_key and experts > 1 else 0
     shared_mlp = _gated_mlp(hidden, shared * width) if shared else None
     dense_mlp = _gated_mlp(hidden, shape.intermediate_size) if dense else None
     moe_rows = experts * (2 * width + hidden) + (2 * shared * width + hidden if shared else 0)
@@ -213,14 +242,12 @@ def param_counts(cfg: dict) -> ParamCounts:
         embedding=shape.vocab_size * hidden, lm_head=0 if tied_embeddings(cfg) else shape.vocab_size * hidden,
         attn=attn, attn_columns={part: columns[part] for part in attn}, mlp_per_expert=_gated_mlp(hidden, width),
         router=hidden * experts if experts > 1 else 0,
-        norms=layers * (kind["norms"] * hidden + attn_norms) + hidden,
+        norms=(layers * kind.norms * hidden + (layers - n_linear) * attn_norms + n_linear * linear_small + hidden),
         n_layers=layers, n_experts=experts, n_active=active, vocab=shape.vocab_size,
-        linear_rows=layers * attn_rows + dense * (2 * shape.intermediate_size + hidden) + (layers - dense) * moe_rows,
-        n_dense_layers=dense, dense_mlp=dense_mlp, shared_mlp=shared_mlp)
-
-
-# llama.cpp's architecture names whose HF model type differs (the rest are the same: llama, qwen2, qwen3, phi3, ...)
-GGUF_ARCHES = {"gemma3": "gemma3_text", "qwen3moe": "qwen3_moe"}
+        linear_rows=((layers - n_linear) * attn_rows + n_linear * linear_rows
+                     + dense * (2 * shape.intermediate_size + hidden) + (layers - dense) * moe_rows),
+        n_dense_layers=dense, dense_mlp=dense_mlp, shared_mlp=shared_mlp, n_linear_layers=n_linear,
+        linear_attn=linear_attn, linear_attn_columns=linear_columns)
 
 
 def shape_config_from_gguf(path: Path) -> dict:
@@ -240,8 +267,11 @@ def shape_config_from_gguf(path: Path) -> dict:
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     heads = value(k("attention.head_count"))
     cfg = {
-        "model_type": GGUF_ARCHES.get(arch, arch),
-        "num_hidden_layers": value(k("block_count")), "hidden_size": value(k("embedding_length")),
+        "model_type": gguf_model_type(arch),
+        # llama.cpp's block count includes the multi-token-prediction layers (GLM-4 MoE's NextN), which hold no KV
+        # and do not run in the main model (src/llama-hparams.h: n_layer() excludes them)
+        "num_hidden_layers": value(k("block_count")) - (value(k("nextn_predict_layers")) or 0),
+        "hidden_size": value(k("embedding_length")),
         "intermediate_size": value(k("feed_forward_length")), "num_attention_heads": heads,
         "num_key_value_heads": value(k("attention.head_count_kv"), heads),
         "head_dim": value(k("attention.key_length")), "max_position_embeddings": value(k("context_length")),
@@ -252,6 +282,23 @@ def shape_config_from_gguf(path: Path) -> dict:
         "moe_intermediate_size": value(k("expert_feed_forward_length")),
         "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
     }
+    if arch == "deepseek2":  # MLA's ranks and head dimensions, shared experts, leading dense layers
+        rope, qk = value(k("rope.dimension_count")), value(k("attention.key_length_mla"))
+        cfg.update({"kv_lora_rank": value(k("attention.kv_lora_rank")), "q_lora_rank": value(k("attention.q_lora_rank")),
+                    "qk_rope_head_dim": rope, "qk_nope_head_dim": qk - rope if qk and rope else None,
+                    "v_head_dim": value(k("attention.value_length_mla")),
+                    "n_routed_experts": value(k("expert_count")), "n_shared_experts": value(k("expert_shared_count")),
+                    "first_k_dense_replace": value(k("leading_dense_block_count"))})
+    if arch == "glm4moe":
+        cfg.update({"n_routed_experts": value(k("expert_count")), "n_shared_experts": value(k("expert_shared_count")),
+                    "first_k_dense_replace": value(k("leading_dense_block_count"))})
+    if arch == "qwen35":  # the Gated DeltaNet dimensions, as llama.cpp's converter stores them (ssm.*)
+        value_heads = value(k("ssm.time_step_rank"))
+        cfg.update({"linear_conv_kernel_dim": value(k("ssm.conv_kernel")),
+                    "linear_key_head_dim": value(k("ssm.state_size")),
+                    "linear_num_key_heads": value(k("ssm.group_count")), "linear_num_value_heads": value_heads,
+                    "linear_value_head_dim": value(k("ssm.inner_size")) // value_heads if value_heads else None,
+                    "full_attention_interval": value(k("full_attention_interval"))})
     if arch == "gemma3" and cfg["sliding_window"]:
         cfg["sliding_window_pattern"] = 6  # llama.cpp's Gemma 3 graph: every 6th layer is global
     return {key: v for key, v in cfg.items() if v is not None}

@@ -27,12 +27,14 @@ import torch
 from quantize.common.errors import QuantizeError
 from quantize.formats import llamacpp_convert
 from quantize.formats.gguf_types import ftype
+from quantize.sources.architectures import ARCHITECTURES
 from quantize.sources.models import tied_embeddings, tokenizer_adds_bos
 from quantize.sources.shards import Shards
 
-# HF model_type → GGUF architecture. Mistral (non-tekken) uses llama's graph in llama.cpp; Qwen3 adds per-head
-# q/k RMSNorms (attn_q_norm, attn_k_norm), which the tensor name map names.
-ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# HF model_type → GGUF architecture, for the rows of the architecture table this writer writes (`gguf_writer`).
+# Mistral (non-tekken) uses llama's graph in llama.cpp; Qwen3 adds per-head q/k RMSNorms (attn_q_norm,
+# attn_k_norm), which the tensor name map names.
+ARCHES = {t: a.gguf_arch for t, a in ARCHITECTURES.items() if a.gguf_writer == "quantize"}
 PERMUTES_QK = {"llama"}  # GGUF arches whose Q/K rows are stored in llama.cpp's rotary order
 
 # sha256(str(tokenizer.encode(CHECK_TEXT))) → tokenizer.ggml.pre, rows from llama.cpp's convert_hf_to_gguf.py

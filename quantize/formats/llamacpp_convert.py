@@ -22,6 +22,8 @@ from pathlib import Path
 
 from quantize.common.cache import cache_root
 from quantize.common.errors import QuantizeError
+from quantize.sources.architectures import ARCHITECTURES
+from quantize.sources.shards import Shards
 
 SCRIPT = "convert_hf_to_gguf.py"
 # the converter, and the chat templates llama.cpp tests against (real models' Jinja, tests/test_ollama.py)
@@ -85,7 +87,47 @@ def convert(model_dir: Path, out_file: Path, out_type: str = "F16", name: str | 
     if out_type not in OUT_TYPES:
         raise QuantizeError(f"GGUF out type {out_type!r} for llama.cpp's converter; accepted: {', '.join(OUT_TYPES)}")
     partial = out_file.with_name(out_file.name + ".partial")
-    cmd = [sys.executable, str(converter()), str(model_dir), "--outfile", str(partial), "--outtype", OUT_TYPES[out_type]]
+    with tempfile.TemporaryDirectory() as tmp:
+        source = with_converter_keys(model_dir, Path(tmp))
+        _run(source, model_dir, partial, out_type, name, metadata, out_file)
+    partial.replace(out_file)
+    return out_file
+
+
+def with_converter_keys(model_dir: Path, tmp: Path) -> Path:
+    """The folder the converter reads: `model_dir` itself, or, where its config.json lacks keys the converter needs
+    (the architecture row's `converter_keys`), a folder of the same name in `tmp` that links every file and holds
+    the amended config.json."""
+    config = json.loads((model_dir / "config.json").read_text())
+    arch = ARCHITECTURES.get(config.get("model_type"))
+    missing = {k: v for k, v in (arch.converter_keys if arch else {}).items() if k not in config}
+    if not missing:
+        return model_dir
+    view = tmp / model_dir.name  # the same name: the converter takes general.name from it
+    view.mkdir()
+    for entry in model_dir.iterdir():
+        if entry.name != "config.json":
+            (view / entry.name).symlink_to(entry.resolve())
+    (view / "config.json").write_text(json.dumps({**config, **missing}, indent=2))
+    return view
+
+
+def has_mtp_tensors(model_dir: Path) -> bool:
+    """False where the family's published checkpoints carry multi-token-prediction tensors (the architecture row's
+    `mtp_tensors`) and this one has none: llama.cpp's converter then needs --no-mtp."""
+    config = json.loads((model_dir / "config.json").read_text())
+    arch = ARCHITECTURES.get(config.get("model_type"))
+    if arch is None or arch.mtp_tensors is None:
+        return True
+    return any(n.startswith((arch.mtp_tensors, "model." + arch.mtp_tensors)) for n in Shards(model_dir).names())
+
+
+def _run(source: Path, model_dir: Path, partial: Path, out_type: str, name: str | None, metadata: dict | None,
+         out_file: Path) -> None:
+    """The converter on `source` (model_dir or its view) into `partial`; a failure names model_dir."""
+    cmd = [sys.executable, str(converter()), str(source), "--outfile", str(partial), "--outtype", OUT_TYPES[out_type]]
+    if not has_mtp_tensors(model_dir):
+        cmd.append("--no-mtp")
     if name:
         cmd += ["--model-name", name]
     override = out_file.with_name(out_file.name + ".metadata.json")
@@ -107,5 +149,3 @@ def convert(model_dir: Path, out_file: Path, out_type: str = "F16", name: str | 
         partial.unlink(missing_ok=True)
         last = [line for line in done.stderr.splitlines() if line.strip()][-3:]
         raise QuantizeError(f"{model_dir}: llama.cpp's convert_hf_to_gguf.py failed: {' | '.join(last)}")
-    partial.replace(out_file)
-    return out_file

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from quantize.formats import MLX_GROUP_SIZES
+from quantize.sources.architectures import ARCHITECTURES
 from quantize.sources.models import config_dtype
 from quantize.sources.shards import Shards
 
@@ -44,7 +45,8 @@ def mlx_dtype(config: dict) -> torch.dtype:
 def with_rope_keys(config: dict) -> dict:
     """transformers ≥ 5 writes the rotary settings as `rope_parameters` (per layer type for Gemma 3); mlx-lm's
     ModelArgs read the older top-level `rope_theta`, `rope_local_base_freq` and `rope_scaling`, and fall back to
-    their own defaults without them (Qwen2: θ = 1e6, where transformers' default is 1e4). Write both spellings; and
+    their own defaults without them (Qwen2: θ = 1e6, where transformers' default is 1e4), and GLM-4 MoE's requires
+    `partial_rotary_factor` and `rope_scaling`. Write both spellings; and
     Qwen3-MoE's expert count, which transformers ≥ 5 saves as `num_local_experts`, as mlx-lm's `num_experts` too."""
     config = dict(config)
     if config.get("model_type") == "qwen3_moe" and "num_local_experts" in config:
@@ -57,8 +59,12 @@ def with_rope_keys(config: dict) -> dict:
         config.setdefault("rope_theta", full["rope_theta"])
     if "rope_theta" in params.get("sliding_attention", {}):
         config.setdefault("rope_local_base_freq", params["sliding_attention"]["rope_theta"])
+    if "partial_rotary_factor" in full:  # GLM-4 MoE: mlx-lm requires it at the top level
+        config.setdefault("partial_rotary_factor", full["partial_rotary_factor"])
     if full.get("rope_type", "default") != "default":
-        config.setdefault("rope_scaling", {k: v for k, v in full.items() if k != "rope_theta"})
+        config.setdefault("rope_scaling", {k: v for k, v in full.items() if k not in ("rope_theta",
+                                                                                       "partial_rotary_factor")})
+    config.setdefault("rope_scaling", None)  # a required field of some mlx-lm ModelArgs (GLM-4 MoE)
     return config
 
 
@@ -147,6 +153,9 @@ class MlxWriter:
         self.write_shard(self.n_shards - 1, {n: shards.get(n).to(self.dtype) for n in shards.names()
                                              if n not in self.written})
         config = with_rope_keys(json.loads((self.base_path / "config.json").read_text()))
+        arch = ARCHITECTURES.get(config.get("model_type"))
+        if arch is not None and arch.mlx_model_type:  # mlx-lm's module for the family, where its name differs
+            config["model_type"] = arch.mlx_model_type
         config["dtype"] = str(self.dtype).replace("torch.", "")
         config.pop("torch_dtype", None)
         qconfig = None

@@ -1,6 +1,6 @@
 """AWQ: activation-aware weight quantization (Lin et al., 2023, arXiv:2306.00978), streamed layer by layer.
 
-Per decoder layer, for each AWQ row of the architecture's layout (engine.LAYOUTS: an op `prev` that feeds a set of linears, and the block whose
+Per decoder layer, for each AWQ row of the architecture's layout (sources/architectures.py: an op `prev` that feeds a set of linears, and the block whose
 output judges them), with X the calibration inputs of those linears and W their weights:
 
     s(α) = x̄^α / w̄^(1-α)        (duo_scaling; plain AWQ uses s = x̄^α)       x̄ = mean|X| per input channel
@@ -33,11 +33,14 @@ import torch
 
 from quantize.methods import grids
 from quantize.methods.configs import AwqMethod
-from quantize.methods.engine import (BATCH, LAYOUTS, Activations, awq_rows, capture, expert_lists, peak_vram,
-                                     reset_peak_vram, resolve_device, resolve_forward_dtype, skeleton,
-                                     stream_layers)
+from quantize.methods.activations import Activations
+from quantize.methods.device import peak_vram, reset_peak_vram, resolve_device, resolve_forward_dtype
+from quantize.methods.engine import BATCH, awq_rows, skeleton, stream_layers
+from quantize.methods.experts import capture, expert_lists
 from quantize.methods.ranks import Ranks, for_method, resume_point
-from quantize.methods.weight_only import check_group_sizes, expert_policy, group_size_for, scale_dtype, write_streamed
+from quantize.methods.weight_only import (check_group_sizes, expert_policy, group_size_for, scale_dtype,
+                                          with_format_rules, write_streamed)
+from quantize.sources.architectures import ARCHITECTURES
 from quantize.sources.models import ignored
 
 Config = AwqMethod
@@ -260,10 +263,11 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
 
 
 def build(method: AwqMethod, base, out_dir, calib: torch.Tensor, calib_info=None, keep: dict | None = None) -> dict:
+    method = with_format_rules(method, base.config)
     policy = expert_policy(method)
     meta = skeleton(base.path, policy)
     check_group_sizes(meta, method)
-    layout = LAYOUTS[meta.config.model_type]
+    arch = ARCHITECTURES[meta.config.model_type]
     log, pending = [], {}
     ignore = lambda name: ignored(name, method.ignore)  # noqa: E731
     group_size_of = lambda name, cols: group_size_for(name, cols, method.group_size, method.on_indivisible)  # noqa: E731
@@ -273,8 +277,8 @@ def build(method: AwqMethod, base, out_dir, calib: torch.Tensor, calib_info=None
     ranks = for_method(method, sparse_moe=any(expert_lists(layer) for layer in meta.model.layers))
 
     def process_layer(i, layer, acts):
-        awq_layer(i, layer, acts, awq_rows(layout, layer), method, group_size_of, ignore, pending, log,
-                  quantize=not scaled_only, norm_offset=layout.norm_offset, scale_storage=dtype, ranks=ranks)
+        awq_layer(i, layer, acts, awq_rows(arch, layer), method, group_size_of, ignore, pending, log,
+                  quantize=not scaled_only, norm_offset=arch.layer.norm_offset, scale_storage=dtype, ranks=ranks)
 
     device = ranks.device(resolve_device(method.device, f"method {method.name} `device`"))
     forward_dtype, dtype_reason = resolve_forward_dtype(method.forward_dtype, device)

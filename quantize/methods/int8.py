@@ -19,7 +19,7 @@ import torch
 from quantize.formats.compressed_tensors import STORAGE_DTYPE, storage_dtype
 from quantize.methods import grids
 from quantize.methods.configs import Int8Method
-from quantize.methods.engine import has_experts
+from quantize.methods.experts import has_experts
 from quantize.sources.models import BaseModel, ignored, load_model, load_tokenizer, meta_model
 
 Config = Int8Method

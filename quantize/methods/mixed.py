@@ -114,20 +114,21 @@ def build_compressed(method: AutoMethod, base, out_dir: Path, calib: torch.Tenso
     left unquantized), built by RTN or GPTQ with per_module schemes."""
     from quantize.methods import gptq, rtn
     from quantize.methods.configs import CONFIGS
-    from quantize.methods.engine import LAYOUTS
     from quantize.methods.statistics import importance_matrix
     from quantize.formats.compressed_tensors import storage_dtype
     from quantize.formats.tensors import weight_bytes
     from quantize.sources.models import ignored
+    from quantize.sources.architectures import streamed_layer
     from quantize.sources.shards import Shards
 
     config = base.config
-    layout = LAYOUTS[config["model_type"]]
-    groups_by_layer = [(i, [f"model.layers.{i}.{n}" for n in g]) for i in range(config["num_hidden_layers"])
-                       for g in layout.groups]
+    shards = Shards(base.path)
+    stored = set(shards.names())  # a row may name linears this configuration lacks (architectures.present)
+    groups_by_layer = [(i, [f"model.layers.{i}.{n}" for n in g if f"model.layers.{i}.{n}.weight" in stored])
+                       for i in range(config["num_hidden_layers"]) for g in streamed_layer(config).groups]
+    groups_by_layer = [(i, g) for i, g in groups_by_layer if g]
     groups_by_layer = [(i, g) for i, g in groups_by_layer if not any(ignored(m, method.ignore) for m in g)]
     members = {f"{m}.weight" for _, g in groups_by_layer for m in g}
-    shards = Shards(base.path)
     fixed = sum(2 * math.prod(shards.shape(n)) for n in shards.names() if n not in members)  # stored 2-byte
     sums, counts = importance_matrix(base.path, calib)
     importance = {k: (sums[k] / counts[k]).numpy() for k in sums}

@@ -43,7 +43,8 @@ import torch
 import torch.distributed as dist
 
 from quantize.common.errors import QuantizeError
-from quantize.methods.engine import BATCH, Checkpoint
+from quantize.methods.checkpoint import Checkpoint
+from quantize.methods.engine import BATCH
 
 DISTRIBUTED = ("gptq", "awq")  # methods whose calibration is split across ranks
 

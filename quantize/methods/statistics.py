@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from quantize.methods.engine import LAYOUTS, layer_stages, stream_layers
+from quantize.methods.engine import layer_stages, stream_layers
+from quantize.sources.architectures import ARCHITECTURES
 
 
 @dataclass
@@ -94,7 +95,7 @@ def _importance_matrix(base_path: Path, calib: torch.Tensor) -> tuple[dict[str, 
     model_type = json.loads((base_path / "config.json").read_text())["model_type"]
 
     def process(i, layer, acts):  # hooks see the propagation pass stream_layers makes after this
-        for n in (n for stage in layer_stages(LAYOUTS[model_type], layer) for group in stage for n in group):
+        for n in (n for stage in layer_stages(ARCHITECTURES[model_type], layer) for group in stage for n in group):
             name = f"model.layers.{i}.{n}.weight"
             hooks.append(layer.get_submodule(n).register_forward_hook(
                 lambda m, inp, out, name=name: accumulate(name, m, inp, out)))

@@ -13,6 +13,7 @@ gathers the statistic and calls the solve it was given.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,13 @@ from quantize.formats.classic import ClassicWriter
 from quantize.formats.compressed_tensors import CompressedTensorsWriter, storage_dtype
 from quantize.formats.mlx import MlxWriter
 from quantize.methods import grids
-from quantize.methods.engine import (Checkpoint, ExpertPolicy, expert_lists, peak_vram, quantize_layers,
-                                     reset_peak_vram, resolve_device, resolve_forward_dtype, skeleton)
+from quantize.methods.checkpoint import Checkpoint
+from quantize.methods.device import peak_vram, reset_peak_vram, resolve_device, resolve_forward_dtype
+from quantize.methods.engine import quantize_layers, skeleton
+from quantize.methods.experts import ExpertPolicy, expert_lists
 from quantize.methods.ranks import for_method, resume_point
 from quantize.methods.statistics import Hessian, accumulate_hessian
+from quantize.sources.architectures import ARCHITECTURES
 from quantize.sources.models import BaseModel, ignored, load_tokenizer
 
 
@@ -87,6 +91,17 @@ def check_group_sizes(model: torch.nn.Module, method) -> None:
                                 " or use format compressed-tensors (per-channel fallback)")
 
 
+def with_format_rules(method, config: dict):
+    """The method with the linears that its format's loader re-quantizes itself on load (the architecture row's
+    `keep_float`: mlx-lm's DeepSeek kv_b_proj) added to `ignore`, so the artefact keeps them in float and the loader
+    rounds them once, as from its own conversion."""
+    arch = ARCHITECTURES.get(config.get("model_type"))
+    keep = arch.keep_float.get(method.format, ()) if arch else ()
+    if not keep:
+        return method
+    return method.model_copy(update={"ignore": [*method.ignore, *(rf"\.{re.escape(n)}$" for n in keep)]})
+
+
 def expert_policy(method) -> ExpertPolicy:
     """The recipe's expert calibration (GPTQ, AWQ) for sparse MoE models; RTN calibrates nothing."""
     return ExpertPolicy(getattr(method, "expert_calibration", "routed"), getattr(method, "expert_min_tokens", None))
@@ -96,6 +111,7 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
                    solve: Callable[[torch.Tensor, Hessian | None, int, int], Solved], keep: dict | None = None) -> dict:
     """Under torchrun (methods/ranks.py) every rank runs this on its slice of the calibration samples: the
     Hessians are all-reduced, rank 0 solves each group and broadcasts it, and rank 0 alone writes."""
+    method = with_format_rules(method, base.config)
     policy = expert_policy(method)
     meta = skeleton(base.path, policy)
     check_group_sizes(meta, method)

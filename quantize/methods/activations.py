@@ -1,0 +1,83 @@
+"""The calibration activations entering a decoder layer, and how the engine runs blocks of the layer on them: in
+batches, with the rotary table of the layer's attention kind and, under eager attention, a causal mask."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+
+class Activations:
+    """The calibration activations entering the current decoder layer, and how to run blocks of it on them.
+
+    hidden: [samples, seq_len, hidden]; position_embeddings: (cos, sin) [1, seq_len, head_dim]. Blocks run in
+    batches of `batch` sequences, causal attention over whole sequences: with no mask under sdpa (is_causal), with
+    an additive causal mask [1, 1, seq_len, seq_len] under eager attention (`causal_mask`, e.g. Gemma 2, whose
+    soft-capping sdpa does not do).
+
+    The activations are kept in float32. With forward_dtype bfloat16 the blocks run under autocast: linears and
+    attention in bfloat16 (about 4x the float32 matmul rate on CPUs with AVX512-BF16, and the usual dtype on
+    GPUs), norms and the residual additions in float32; what a block returns is float32 again."""
+
+    def __init__(self, hidden: torch.Tensor, position_embeddings, batch: int,
+                 forward_dtype: torch.dtype = torch.float32, causal_mask: bool = False):
+        self.hidden, self.position_embeddings, self.batch = hidden, position_embeddings, batch
+        self.forward_dtype = forward_dtype
+        self.mask = None
+        if causal_mask:
+            n = hidden.shape[1]
+            self.mask = torch.full((n, n), torch.finfo(torch.float32).min, device=hidden.device).triu(1)[None, None]
+
+    def forward(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`block` (a decoder layer, its attention, its MLP, a linear or a function of x) applied to x
+        [samples, seq_len, d] in batches."""
+        takes_positions = "position_embeddings" in inspect.signature(getattr(block, "forward", block)).parameters
+        outs = []
+        autocast = torch.autocast(x.device.type, dtype=self.forward_dtype,
+                                  enabled=self.forward_dtype != torch.float32)
+        for s in range(0, x.shape[0], self.batch):
+            xb = x[s : s + self.batch]
+            with autocast:
+                if takes_positions:  # decoder layer or attention: rotary (cos, sin) for this batch, causal mask
+                    cos, sin = self.position_embeddings
+                    n = xb.shape[0]
+                    result = block(xb, attention_mask=self.mask,
+                                   position_embeddings=(cos.expand(n, -1, -1), sin.expand(n, -1, -1)))
+                else:
+                    result = block(xb)
+            outs.append((result[0] if isinstance(result, tuple) else result).float())
+        return torch.cat(outs)
+
+    def run(self, layer: torch.nn.Module) -> torch.Tensor:
+        return self.forward(layer, self.hidden)
+
+    def capture(self, layer: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+        """One pass through `layer`; the inputs each named submodule saw, [samples, seq_len, in_features]."""
+        seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        hooks = [layer.get_submodule(n).register_forward_hook(lambda m, inp, out, n=n: seen[n].append(inp[0]))
+                 for n in names]
+        try:
+            self.run(layer)
+        finally:
+            for h in hooks:
+                h.remove()
+        return {n: torch.cat(xs) if xs else None for n, xs in seen.items()}  # None: never called (an idle expert)
+
+
+def layer_type(config, i: int) -> str | None:
+    """The attention kind of layer i where the model mixes kinds (Gemma 3: sliding_attention, full_attention)."""
+    types = getattr(config, "layer_types", None)
+    return types[i] if types else None
+
+
+def rotary_tables(model, hidden: torch.Tensor, device) -> dict:
+    """The rotary (cos, sin) [1, seq_len, head_dim] per attention kind: one table, or (Gemma 3) one per layer
+    type, each with its own base frequency, as the model's own forward computes them."""
+    rotary = type(model.model.rotary_emb)(config=model.config).to(device)  # fresh: inv_freq is not a weight
+    positions = torch.arange(hidden.shape[1], device=device)[None]
+    types = set(getattr(model.config, "layer_types", None) or [None])
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        return {t: rotary(hidden[:1], positions, t) for t in types}
+    table = rotary(hidden[:1], positions)
+    return {t: table for t in types}
