@@ -157,7 +157,9 @@ def eval_command(path: Path = typer.Argument(..., help="an artefact: HF folder (
                  recipe: Path | None = typer.Option(None, "--recipe", help="take the eval protocol from this recipe"),
                  speed: bool = typer.Option(True, "--speed/--no-speed"),
                  out: Path | None = typer.Option(None, "--out", help="write the JSON result here"),
-                 as_json: bool = typer.Option(False, "--json", help="print the JSON result on stdout (logs on stderr)")
+                 as_json: bool = typer.Option(False, "--json", help="print the JSON result on stdout (logs on stderr)"),
+                 engine: str | None = typer.Option(None, "--engine", help="vllm: score it on vLLM itself (the managed "
+                                                   "environment; bfloat16; no speed)"),
                  ) -> None:
     """Evaluate any artefact on the backend its format runs on: perplexity, bits per byte, KLD, speed."""
     from quantize.measure import scorecard
@@ -166,7 +168,7 @@ def eval_command(path: Path = typer.Argument(..., help="an artefact: HF folder (
         ev = load_recipe(recipe).eval if recipe else Eval()
         ev = ev.model_copy(update={"speed": ev.speed.model_copy(update={"enabled": ev.speed.enabled and speed})})
         with _stdout_to_stderr() if as_json else contextlib.nullcontext():
-            result = scorecard.evaluate_artefact(path, base, ev)
+            result = scorecard.evaluate_artefact(path, base, ev, engine)
     except QuantizeError as exc:
         _fail(exc, recipe)
     text = json.dumps(result, indent=2, default=str)
@@ -342,6 +344,50 @@ def compare(runs: list[Path] = typer.Argument(..., help="run folders, e.g. outpu
         html_out.write_text(cmp.html_page(rows, png))
     if not as_json:
         typer.echo(f"chart: {png}" + (f"; page: {html_out}" if html_out else ""))
+
+
+engine_app = typer.Typer(help="Engines that live in their own virtual environments (vLLM): install, list.",
+                         no_args_is_help=True)
+app.add_typer(engine_app, name="engine")
+
+
+@engine_app.command("install")
+def engine_install(name: str = typer.Argument(..., help="the engine: vllm")) -> None:
+    """Create (or complete) the engine's own virtual environment from its pinned requirements; idempotent."""
+    from quantize.runtimes import engines
+
+    try:
+        record = engines.install(name)
+    except QuantizeError as exc:
+        _fail(exc)
+    typer.echo(f"{name} {record['probe'].get('version', '?')} ready: {record['interpreter']}")
+
+
+@engine_app.command("list")
+def engine_list(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Every managed engine: installed or not, its version, interpreter and health probe."""
+    from quantize.runtimes import engines
+
+    rows = [engines.describe(name) for name in engines.ENGINES]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    for row in rows:
+        if not row["installed"]:
+            typer.echo(f"{row['engine']}: not installed (quantize engine install {row['engine']}; pinned "
+                       f"{', '.join(row['pinned'])})")
+            continue
+        probe = row["probe"]
+        state = f"{probe['version']}, healthy" if probe["ok"] else f"broken: {probe['error']}"
+        typer.echo(f"{row['engine']}: {state}; {row['interpreter']}")
+
+
+@app.command()
+def families() -> None:
+    """The model families quantize knows (its architecture table), as the README's markdown table."""
+    from quantize.report.families import families_markdown
+
+    typer.echo(families_markdown(), nl=False)
 
 
 @app.command()

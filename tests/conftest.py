@@ -12,6 +12,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The fast loop (`pytest -m fast`, about a minute here): the unit-level modules (recipe, fit, footprint, the KLD
+# base, the house rules, the architecture table, compare, GPTQ/RTN maths on tiny models, the scorecard, CPU memory)
+FAST_MODULES = {"test_recipe", "test_fit", "test_footprint", "test_kld_base", "test_layers", "test_architectures",
+                "test_compare", "test_gptq", "test_rtn", "test_scorecard", "test_cpu_memory"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in FAST_MODULES:
+            item.add_marker(pytest.mark.fast)
+
 
 def build_tiny_llama(folder: Path, vocab_size: int = 512, seed: int = 0, model_type: str = "llama",
                      dtype: str = "float16", **config_overrides) -> Path:

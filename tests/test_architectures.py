@@ -103,3 +103,12 @@ def test_plan_refuses_a_family_without_a_row(tmp_path):
     out = subprocess.run([sys.executable, "-m", "quantize.cli", "plan", str(recipe)], capture_output=True, text=True)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "'gpt_oss'" in out.stderr and "architecture table" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_readme_holds_the_generated_families_table():
+    from pathlib import Path
+
+    from quantize.report.families import families_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert families_markdown() in readme, "README's families table is stale: paste `quantize families` into it"

@@ -19,7 +19,7 @@ def edited_copy(tiny_model, folder, **config):
 
 CASES = {
     "group size": ({"name": "gptq", "bits": 4, "group_size": 128}, "not divisible by group_size 128"),
-    "model type": ({"name": "awq", "bits": 4, "group_size": 64}, "the model is 'qwen2_moe'"),
+    "model type": ({"name": "awq", "bits": 4, "group_size": 64}, "model type 'qwen2_moe' has no row"),
     "sliding window": ({"name": "rtn", "bits": 4, "group_size": 64}, None),
     "rope type": ({"name": "gguf", "type": "Q8_0"}, "rope type 'yarn' is not supported"),
 }

@@ -55,13 +55,15 @@ def base_store(base_path: Path, chunks, dtype: str, n_vocab: int, stream: bool =
     return kld_base.cached(base_path, chunks, dtype, backend, compute, n_vocab)
 
 
-def evaluate_artefact(path: Path, base: str | None, ev) -> dict:
-    """`ev`: the recipe's `eval` section (recipe.Eval)."""
+def evaluate_artefact(path: Path, base: str | None, ev, engine: str | None = None) -> dict:
+    """`ev`: the recipe's `eval` section (recipe.Eval). `engine`: "vllm" scores the artefact on vLLM itself (its
+    prompt log-probabilities, in bfloat16 unless the recipe's eval dtype says otherwise; no speed figures)."""
     base_path = resolve_model(base).path if base else None
     tokenizer = tokenizer_for(path, base_path)
     ppl = ev.perplexity
     chunks = quality.make_chunks(tokenizer, load_text(ppl.source, "eval", ppl.field), ppl.n_ctx, ppl.max_chunks)
-    model, loader, dtype = load(path, ev.dtype, chunks.n_ctx)
+    eval_dtype = "bfloat16" if engine == "vllm" and ev.dtype == "float32" else ev.dtype
+    model, loader, dtype = load(path, eval_dtype, chunks.n_ctx, engine=engine)
     try:
         n_vocab = vocab_size(model)
         store, base_scores, cache = (None, None, None)
@@ -73,7 +75,7 @@ def evaluate_artefact(path: Path, base: str | None, ev) -> dict:
                "perplexity": scores, "protocol": {"perplexity": chunks.protocol(), "versions": versions()}}
         if base_scores is not None:
             out["base"] = {"model": base, "perplexity": base_scores, "perplexity_cache": cache}
-        if ev.speed.enabled:
+        if ev.speed.enabled and engine != "vllm":
             bandwidth = speed.memory_bandwidth_gb_s()
             out["speed"] = {**speed.bench_speed(model, ev.speed, path.name, 0, bandwidth),
                             "memory_bandwidth": bandwidth}

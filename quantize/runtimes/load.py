@@ -17,7 +17,7 @@ import torch
 from quantize.common.errors import QuantizeError
 from quantize.common.heap import release_free_heap
 from quantize.formats import classic, compressed_tensors, mlx as mlx_format
-from quantize.runtimes import llamacpp, mlx
+from quantize.runtimes import llamacpp, mlx, vllm
 from quantize.sources.models import load_model
 
 
@@ -48,9 +48,19 @@ def detect(path: Path) -> str:
                         "accepted: compressed-tensors, gptq, awq, bitsandbytes, or none")
 
 
-def load(path: Path, dtype: str = "float32", n_ctx: int = 512, device: str = "cpu"):
+def load(path: Path, dtype: str = "float32", n_ctx: int = 512, device: str = "cpu", engine: str | None = None):
     """(model, loader description, eval dtype). A torch model goes to `device` (a CUDA one: every format but
-    bitsandbytes' LLM.int8, which is loaded on the CPU here); llama.cpp and mlx-lm keep their own placement."""
+    bitsandbytes' LLM.int8, which is loaded on the CPU here); llama.cpp and mlx-lm keep their own placement.
+    `engine="vllm"`: the artefact scored on vLLM itself (runtimes/vllm.py), in `dtype` (vLLM's CPU build runs
+    bfloat16; float32 is refused by its quantized kernels)."""
+    if engine == "vllm":
+        fmt = detect(path)
+        if fmt in ("gguf", "mlx"):
+            raise QuantizeError(f"{path}: vLLM scores HF folders (compressed-tensors, dense); this is {fmt}")
+        model = vllm.VllmModel(path, dtype, n_ctx)
+        return model, f"vLLM {model.version} (managed environment), {model.settings}", dtype
+    if engine not in (None, "default"):
+        raise QuantizeError(f"--engine {engine!r} for evaluation; accepted: vllm, or none (the format's own loader)")
     model, loader, eval_dtype = _load(path, dtype, n_ctx)
     if device != "cpu" and isinstance(model, torch.nn.Module) and detect(path) != "bitsandbytes":
         model.to(device)

