@@ -165,6 +165,9 @@ def eval_command(path: Path = typer.Argument(..., help="an artefact: HF folder (
     from quantize.measure import scorecard
 
     try:
+        if not path.exists():
+            raise QuantizeError(f"{path}: no such file or directory (an artefact: a .gguf, or a folder with "
+                                "config.json or model.gguf)")
         ev = load_recipe(recipe).eval if recipe else Eval()
         ev = ev.model_copy(update={"speed": ev.speed.model_copy(update={"enabled": ev.speed.enabled and speed})})
         with _stdout_to_stderr() if as_json else contextlib.nullcontext():
@@ -240,6 +243,9 @@ def fit_command(model: str = typer.Argument(..., help="a .gguf, an HF directory,
     from quantize.fit.gpus import gpu_by_name
 
     try:
+        bad = [c for c in ctx if c < 1]
+        if bad:
+            raise QuantizeError(f"--ctx {bad[0]}: a context is a number of tokens, at least 1")
         m = footprint.describe_model(model, weights)
         report = vram.fit_report(m["weights_bytes"], m["shape"], gpu, ctx, batch, kv_dtype, flash_attn)
     except QuantizeError as exc:

@@ -130,3 +130,30 @@ def test_bad_input_is_one_clear_message_and_exit_2(case, tiny_model, tmp_path, m
     for fragment in fragments:
         assert fragment in message, (case, fragment, message)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+# the review's command-line cases (issue 33 §5): (arguments, fragments the message must hold); ARGS is the folder
+COMMANDS = {
+    "fit on a config.json without model_type": (["fit", "NO_TYPE/config.json"],
+                                                ["NO_TYPE/config.json", "no `model_type` key", "known model types"]),
+    "fit with a negative context": (["fit", "LLAMA", "--ctx", "-5"], ["--ctx -5", "at least 1"]),
+    "eval of a path that does not exist": (["eval", "NOWHERE"], ["NOWHERE: no such file or directory"]),
+}
+
+
+@pytest.mark.parametrize("case", list(COMMANDS))
+def test_bad_command_line_is_one_clear_message_and_exit_2(case, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    args, fragments = COMMANDS[case]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "NO_TYPE").mkdir()
+    (tmp_path / "NO_TYPE" / "config.json").write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2}))
+    llama = Path(__file__).parent / "data" / "configs" / "llama-3-8b.json"
+    args = [str(llama) if a == "LLAMA" else a for a in args]
+    result = CliRunner().invoke(app, args)
+    message = result.output[result.output.find("error: "):]
+    print(f"{case}: {message.strip()}")
+    assert result.exit_code == 2 and "Traceback" not in result.output, (case, result.output, result.exception)
+    for fragment in fragments:
+        assert fragment in message, (case, fragment, message)

@@ -115,7 +115,10 @@ def describe_model(spec: str, fmt: str | None) -> dict:
         measured, source = sum(measured.values()), f"hub config.json and safetensors headers of {spec}"
     else:
         raise QuantizeError(f"model {spec}: not a .gguf file, a config.json, an HF directory or a hub id")
-    shape, counts = shape_and_counts(cfg)
+    try:
+        shape, counts = shape_and_counts(cfg)
+    except QuantizeError as exc:  # named by the file it came from
+        raise QuantizeError(f"{spec}: {exc}") from None
     if fmt is not None:
         weights, how = weight_bytes(counts, fmt), f"estimated for {fmt} from the parameter counts"
     elif measured is not None:
