@@ -122,3 +122,17 @@ def test_file_round_trip_and_header(tmp_path):
     assert np.array_equal(f.chunk(2), kld_base.encode(chunks_logits[2]))
     with pytest.raises(AssertionError):
         f.check(ids + 1)
+
+
+def test_noise_floor_is_not_reported_as_zero_under_a_bfloat16_evaluation(tiny_model):
+    """The floor rounds the base's logits to bfloat16; under a bfloat16 evaluation they already are, so the floor
+    would be exactly 0 and every difference would look like signal: it is reported as not measurable instead."""
+    from quantize.measure import quality
+    from quantize.sources.models import load_model, load_tokenizer
+    from quantize.sources.texts import bundled_wiki
+
+    chunks = quality.make_chunks(load_tokenizer(tiny_model), bundled_wiki("eval"), 64, 2)
+    fp32 = quality.score_base(load_model(tiny_model, "float32"), chunks, None)["noise_floor"]
+    bf16 = quality.score_base(load_model(tiny_model, "bfloat16"), chunks, None)["noise_floor"]
+    assert fp32["kld_mean"] > 0
+    assert bf16["kld_mean"] is None and "already bfloat16" in bf16["what"]

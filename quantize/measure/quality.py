@@ -130,14 +130,22 @@ def _perplexity(nll: np.ndarray, chunks: Chunks) -> dict:
 def score_base(model, chunks: Chunks, store: KldBaseWriter | None, label: str = "base") -> dict:
     """Perplexity of the base model on the chunks; its log-probabilities go to `store` (when given) for the KLD
     of every variant after it."""
-    nll, floor = [], []
+    nll, floor, on_bf16_grid = [], [], True
     for i, logits, targets in _scored_logits(model, chunks, label):
         logp = torch.log_softmax(logits, dim=-1)
         nll.append(-logp.gather(1, targets[:, None])[:, 0])
-        floor.append(kl_divergence(logp, torch.log_softmax(logits.bfloat16().float(), dim=-1)))
+        rounded = logits.bfloat16().float()
+        on_bf16_grid = on_bf16_grid and torch.equal(rounded, logits)
+        floor.append(kl_divergence(logp, torch.log_softmax(rounded, dim=-1)))
         if store is not None:
             store.write(i, logits)
     out = _perplexity(torch.cat(nll).double().numpy(), chunks)
+    if on_bf16_grid:  # a bfloat16 evaluation: rounding its logits to bfloat16 changes nothing, the "floor" is 0
+        out["noise_floor"] = {"kld_mean": None, "kld_unc": None, "kld_p99": None,
+                              "what": "not measurable here: the base's logits are already bfloat16 (eval.dtype "
+                                      "bfloat16), so rounding them to bfloat16 changes nothing; evaluate in float32 "
+                                      "for a floor"}
+        return out
     floor = torch.cat(floor).double().numpy()
     mean, unc = _mean_unc(floor)
     out["noise_floor"] = {"kld_mean": mean, "kld_unc": unc, "kld_p99": float(np.percentile(floor, 99)),

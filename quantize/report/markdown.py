@@ -52,7 +52,9 @@ def _noise_and_pairs(results: dict) -> list[str]:
     """The noise floor of KLD on this run's positions, and the paired differences between variants."""
     lines = []
     floor = results["base"]["perplexity"].get("noise_floor")
-    if floor:
+    if floor and floor.get("kld_mean") is None:
+        lines += [f"Noise floor: {floor['what']}.", ""]
+    elif floor:
         lines += [f"Noise floor: the base against itself with its logits rounded to bfloat16 has mean KLD "
                   f"{floor['kld_mean']:.3g} ± {floor['kld_unc']:.2g} (p99 {floor['kld_p99']:.3g}) on these positions; "
                   "differences of mean KLD below it are rounding noise.", ""]
