@@ -62,6 +62,8 @@ def _evaluate(model, label: str, chunks, base_logprobs, recipe: Recipe, bandwidt
     speed. `scores`: the perplexity already known (the base's, from the base store)."""
     if scores is not None:
         out = {"perplexity": scores}
+    elif base_logprobs is None:  # eval.kld: false: perplexity only
+        out = {"perplexity": quality.score_base(model, chunks, None, label)}
     else:
         out = {"perplexity": quality.score(model, chunks, base_logprobs, label, positions)}
     if recipe.eval.tasks:
@@ -188,7 +190,7 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
     calib = None  # the calibration text too is checked before any work
     if any(m.needs_calibration for m in recipe.methods):
         calib = _calibration(recipe, tokenizer)
-    check_disk(recipe, meta, kld_base.file_bytes(*chunks.ids.shape, meta.config.vocab_size))
+    check_disk(recipe, meta, kld_base.file_bytes(*chunks.ids.shape, meta.config.vocab_size) if recipe.eval.kld else 0)
     shape = shape_from_config(base.config)
     dtype = recipe.eval.dtype
     torch.manual_seed(recipe.seed)
@@ -199,8 +201,11 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
         memory.reset_peak()
         start = time.perf_counter()
-        base_logprobs, base_scores, cache = base_store(base.path, chunks, dtype, meta.config.vocab_size,
-                                                       recipe.eval.stream, device)
+        if recipe.eval.kld:
+            base_logprobs, base_scores, cache = base_store(base.path, chunks, dtype, meta.config.vocab_size,
+                                                           recipe.eval.stream, device)
+        else:  # no store of the base's log-probabilities: its perplexity only, and none for the variants' KLD
+            base_logprobs, base_scores, cache = None, *_base_perplexity(base.path, chunks, dtype, recipe, device)
         if cache["state"] == "computed":  # the time and this process's peak while the base was evaluated
             cache = {**cache, "seconds": time.perf_counter() - start, "peak_rss_bytes": memory.peak_rss_bytes()}
         results = _base_results(out, recipe, base, chunks, base_scores, cache, shape, tokenizer, device)
@@ -266,6 +271,17 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
         (out / "report.md").write_text(report)  # last: its presence marks a finished run
     step(f"done: {recipe.output_dir}/report.md")
     return recipe.output_dir
+
+
+def _base_perplexity(base_path: Path, chunks, dtype: str, recipe: Recipe, device: str) -> tuple[dict, dict]:
+    """(the base's perplexity, what stands for its cache record) under `eval.kld: false`: scored as any model,
+    nothing stored."""
+    model = StreamedModel(base_path) if recipe.eval.stream else load(base_path, dtype, chunks.n_ctx, device)[0]
+    try:
+        scores = quality.score_base(model, chunks, None)
+    finally:
+        free(model)
+    return scores, {"state": "not stored (eval.kld: false)", "file": None}
 
 
 def _base_results(out: Path, recipe: Recipe, base: BaseModel, chunks, scores: dict, cache: dict, shape,

@@ -75,3 +75,19 @@ def test_plan_expected_size_matches_built_artefact(tiny_model, tmp_path):
         actual = sum(weight_bytes_safetensors(folder).values())
         expected = planned[method.default_variant()]["expected_bytes"]
         assert abs(expected - actual) / actual < 0.01, (method.default_variant(), expected, actual)
+
+
+def test_eval_kld_false_stores_no_base_and_reports_no_kld(tiny_model, tmp_path, monkeypatch):
+    """`eval.kld: false` (plan prints "KLD off"): the run writes no store of the base's log-probabilities and
+    reports perplexity only, for the base and every variant."""
+    monkeypatch.setenv("QUANTIZE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "no-kld"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model), [{"name": "int8", "scheme": "w8a16"}],
+                                      out, eval={"kld": False, "perplexity": {"n_ctx": 64, "max_chunks": 2},
+                                                 "speed": {"enabled": False}}))
+    pipeline.run(recipe)
+    results = json.loads((out / "results.json").read_text())
+    assert results["base"]["perplexity_cache"]["state"] == "not stored (eval.kld: false)"
+    variant = results["variants"]["int8-w8a16"]["perplexity"]
+    assert variant["ppl"] > 0 and "kld" not in variant
+    assert not list((tmp_path / "cache").rglob("*.kld*")) and not (out / "kld-positions").exists()
