@@ -14,6 +14,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from quantize.common.errors import QuantizeError
+from quantize.common.files import read_text
 from quantize.fit.context_memory import KV_DTYPE_BYTES
 from quantize.fit.gpus import DEFAULT_CONTEXTS, DEFAULT_GPUS, gpu_by_name
 from quantize.methods.configs import METHOD_NAMES, Method, Strict, known_device
@@ -304,7 +305,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         path = bundled_recipe(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text(path, "a YAML recipe"))
     except yaml.YAMLError as exc:
         raise QuantizeError(f"{path}: not valid YAML: {exc}") from None
     source = str(path)

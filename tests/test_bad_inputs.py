@@ -138,17 +138,31 @@ COMMANDS = {
                                                 ["NO_TYPE/config.json", "no `model_type` key", "known model types"]),
     "fit with a negative context": (["fit", "LLAMA", "--ctx", "-5"], ["--ctx -5", "at least 1"]),
     "eval of a path that does not exist": (["eval", "NOWHERE"], ["NOWHERE: no such file or directory"]),
+    "a binary recipe": (["plan", "BINARY.yaml"], ["BINARY.yaml: not UTF-8 text", "expected a YAML recipe"]),
+    "a config.json that is not JSON": (["fit", "BAD_JSON"], ["BAD_JSON/config.json: not valid JSON (line 1, column 2",
+                                                            "expected a Hugging Face config.json"]),
+    "a model whose config.json is not JSON": (["plan", "BAD_MODEL.yaml"], ["key `model`", "not valid JSON"]),
+    "a calibration text that is not UTF-8": (["run", "LATIN1.yaml"], ["LATIN1.txt: not UTF-8 text", "iconv"]),
 }
 
 
 @pytest.mark.parametrize("case", list(COMMANDS))
-def test_bad_command_line_is_one_clear_message_and_exit_2(case, tmp_path, monkeypatch):
+def test_bad_command_line_is_one_clear_message_and_exit_2(case, tiny_model, tmp_path, monkeypatch):
     from pathlib import Path
 
     args, fragments = COMMANDS[case]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "NO_TYPE").mkdir()
     (tmp_path / "NO_TYPE" / "config.json").write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2}))
+    (tmp_path / "BINARY.yaml").write_bytes(bytes(range(128, 256)) * 2)
+    (tmp_path / "BAD_JSON").mkdir()
+    (tmp_path / "BAD_JSON" / "config.json").write_text("{not json")
+    (tmp_path / "BAD_MODEL.yaml").write_text(yaml.safe_dump({**GOOD, "model": "BAD_JSON"}))
+    (tmp_path / "LATIN1.txt").write_bytes("café au lait, crème brûlée. ".encode("latin-1") * 400)
+    (tmp_path / "LATIN1.yaml").write_text(yaml.safe_dump({
+        **GOOD, "model": str(tiny_model), "method": {"name": "gptq", "bits": 4, "group_size": 64},
+        "calibration": {"source": "LATIN1.txt", "samples": 2, "seq_len": 32}}))
+    before = sorted(p.name for p in tmp_path.iterdir())
     llama = Path(__file__).parent / "data" / "configs" / "llama-3-8b.json"
     args = [str(llama) if a == "LLAMA" else a for a in args]
     result = CliRunner().invoke(app, args)
@@ -157,3 +171,4 @@ def test_bad_command_line_is_one_clear_message_and_exit_2(case, tmp_path, monkey
     assert result.exit_code == 2 and "Traceback" not in result.output, (case, result.output, result.exception)
     for fragment in fragments:
         assert fragment in message, (case, fragment, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written

@@ -23,6 +23,24 @@ LIBRARIES = ("quantize", "torch", "transformers", "compressed-tensors", "bitsand
 FINISHED_MARKER = "report.md"
 
 
+def read_text(path: Path, what: str) -> str:
+    """A text file as UTF-8, or one message naming the file and what it should be (a binary file, a wrong
+    encoding), where it enters."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise QuantizeError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); expected {what}") from None
+
+
+def read_json(path: Path, what: str = "a JSON object") -> dict:
+    """A JSON file, or one message naming the file, the line and column of the error and what it should be."""
+    try:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as exc:
+        raise QuantizeError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                            f"expected {what}") from None
+
+
 def versions() -> dict:
     out = {"python": platform.python_version()}
     for name in LIBRARIES:

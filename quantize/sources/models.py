@@ -18,6 +18,7 @@ from pathlib import Path
 
 from quantize.common.cache import cache_root
 from quantize.common.errors import QuantizeError
+from quantize.common.files import read_json
 from quantize.sources.architectures import checkpoint_experts
 
 # name → (python package that carries the file, file inside it, license)
@@ -42,7 +43,7 @@ class BaseModel:
 
     @property
     def config(self) -> dict:
-        return json.loads((self.path / "config.json").read_text())
+        return read_json(self.path / "config.json", "a Hugging Face config.json")
 
     @property
     def name(self) -> str:
@@ -209,6 +210,7 @@ def resolve_model(spec: str, revision: str | None = None) -> BaseModel:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise QuantizeError(f"model {spec}: directory has no config.json (expected a Hugging Face checkpoint)")
+        read_json(path / "config.json", "a Hugging Face config.json")  # checked where it enters
         return BaseModel(spec, path, "local")
     if is_hub_id(spec):
         return BaseModel(spec, hub_snapshot(spec, revision), "hub", revision=revision)

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 
 from quantize.common.errors import QuantizeError
+from quantize.common.files import read_text
 
 Split = Literal["calibration", "eval"]
 WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -91,7 +92,7 @@ def load_text(source: str, split: Split, field: str = "text") -> Text:
         raise QuantizeError(f"text source {source}: no such file (accepted: bundled:wiki, .txt/.jsonl/.parquet, hf:<id>)")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return Text(str(path), path.read_text(encoding="utf-8"))
+        return Text(str(path), read_text(path, "a UTF-8 text file (convert it: iconv -f latin1 -t utf-8)"))
     if suffix in (".jsonl", ".json", ".parquet"):
         import datasets
 
