@@ -22,6 +22,7 @@ from pathlib import Path
 
 from quantize.common.cache import cache_root
 from quantize.common.errors import QuantizeError
+from quantize.common.files import read_json
 from quantize.sources.architectures import ARCHITECTURES
 from quantize.sources.shards import Shards
 
@@ -87,19 +88,20 @@ def convert(model_dir: Path, out_file: Path, out_type: str = "F16", name: str | 
     if out_type not in OUT_TYPES:
         raise QuantizeError(f"GGUF out type {out_type!r} for llama.cpp's converter; accepted: {', '.join(OUT_TYPES)}")
     partial = out_file.with_name(out_file.name + ".partial")
+    config = read_json(model_dir / "config.json", "a Hugging Face config.json")
+    arch = ARCHITECTURES.get(config.get("model_type"))
     with tempfile.TemporaryDirectory() as tmp:
-        source = with_converter_keys(model_dir, Path(tmp))
-        _run(source, model_dir, partial, out_type, name, metadata, out_file)
+        source = with_converter_keys(model_dir, config, arch, Path(tmp))
+        no_mtp = not has_mtp_tensors(model_dir, arch)
+        _run(source, model_dir, partial, out_type, name, metadata, out_file, no_mtp)
     partial.replace(out_file)
     return out_file
 
 
-def with_converter_keys(model_dir: Path, tmp: Path) -> Path:
+def with_converter_keys(model_dir: Path, config: dict, arch, tmp: Path) -> Path:
     """The folder the converter reads: `model_dir` itself, or, where its config.json lacks keys the converter needs
     (the architecture row's `converter_keys`), a folder of the same name in `tmp` that links every file and holds
     the amended config.json."""
-    config = json.loads((model_dir / "config.json").read_text())
-    arch = ARCHITECTURES.get(config.get("model_type"))
     missing = {k: v for k, v in (arch.converter_keys if arch else {}).items() if k not in config}
     if not missing:
         return model_dir
@@ -112,21 +114,19 @@ def with_converter_keys(model_dir: Path, tmp: Path) -> Path:
     return view
 
 
-def has_mtp_tensors(model_dir: Path) -> bool:
+def has_mtp_tensors(model_dir: Path, arch) -> bool:
     """False where the family's published checkpoints carry multi-token-prediction tensors (the architecture row's
     `mtp_tensors`) and this one has none: llama.cpp's converter then needs --no-mtp."""
-    config = json.loads((model_dir / "config.json").read_text())
-    arch = ARCHITECTURES.get(config.get("model_type"))
     if arch is None or arch.mtp_tensors is None:
         return True
     return any(n.startswith((arch.mtp_tensors, "model." + arch.mtp_tensors)) for n in Shards(model_dir).names())
 
 
 def _run(source: Path, model_dir: Path, partial: Path, out_type: str, name: str | None, metadata: dict | None,
-         out_file: Path) -> None:
+         out_file: Path, no_mtp: bool = False) -> None:
     """The converter on `source` (model_dir or its view) into `partial`; a failure names model_dir."""
     cmd = [sys.executable, str(converter()), str(source), "--outfile", str(partial), "--outtype", OUT_TYPES[out_type]]
-    if not has_mtp_tensors(model_dir):
+    if no_mtp:
         cmd.append("--no-mtp")
     if name:
         cmd += ["--model-name", name]
