@@ -152,9 +152,9 @@ def weight_only_bytes(method, meta_model: torch.nn.Module) -> int:
 
 
 def int8_bytes(method, meta_model: torch.nn.Module) -> int:
-    """1 byte per quantized weight plus one scale per output row (fp16 for w8a16, fp32 `SCB` for bitsandbytes);
+    """1 byte per quantized weight plus one scale per output row (fp16 for w8a16 and w8a8, fp32 `SCB` for bitsandbytes);
     everything else fp16."""
-    scale_bytes = 2 if method.scheme == "w8a16" else 4
+    scale_bytes = 4 if method.scheme == "llm.int8" else 2
     total = 0
     for name, module, pname, p in unique_parameters(meta_model):
         if isinstance(module, torch.nn.Linear) and pname == "weight" and not ignored(name, method.ignore):

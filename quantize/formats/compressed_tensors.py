@@ -40,7 +40,13 @@ def weight_args(bits: int, symmetric: bool, group_size: int, act_order: bool = F
 
 
 class CompressedTensorsWriter:
-    def __init__(self, out_dir: Path, base_path: Path, n_layers: int):
+    """With `input_activations` (compressed-tensors QuantizationArgs of the inputs the engine quantizes, W8A8) the
+    layout is `int-quantized`, as llm-compressor writes W8A8: per linear the int8 codes as `weight` and
+    `weight_scale`; the engine quantizes each input itself (dynamic per token), so no activation tensor is stored."""
+
+    def __init__(self, out_dir: Path, base_path: Path, n_layers: int, input_activations=None):
+        self.input_activations = input_activations
+        self.format = "pack-quantized" if input_activations is None else "int-quantized"
         self.out_dir = out_dir
         self.base_path = base_path
         self.dtype = storage_dtype(json.loads((base_path / "config.json").read_text()))
@@ -66,9 +72,24 @@ class CompressedTensorsWriter:
 
     def packed(self, name: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                symmetric: bool, group_size: int, act_order: bool) -> dict[str, torch.Tensor]:
+        offset = 0 if symmetric else 1 << (bits - 1)
+        if self.format == "int-quantized":
+            assert bits == 8 and symmetric, "int-quantized holds symmetric int8 codes"
+            tensors = {f"{name}.weight": q.to(torch.int8), f"{name}.weight_scale": scale.to(self.dtype).contiguous()}
+        else:
+            tensors = self._pack(name, q, scale, zero, bits, symmetric, offset)
+        self.written.add(f"{name}.weight")
+        self.packed_names.append(name)
+        args = weight_args(bits, symmetric, group_size, act_order)
+        key = args.model_dump_json()
+        self.args[key] = args
+        self.schemes.setdefault(key, []).append(name)
+        return tensors
+
+    def _pack(self, name: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool,
+              offset: int) -> dict[str, torch.Tensor]:
         from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-        offset = 0 if symmetric else 1 << (bits - 1)
         tensors = {
             f"{name}.weight_packed": pack_to_int32((q - offset).to(torch.int8), bits),
             f"{name}.weight_scale": scale.to(self.dtype).contiguous(),
@@ -76,12 +97,6 @@ class CompressedTensorsWriter:
         }
         if not symmetric:
             tensors[f"{name}.weight_zero_point"] = pack_to_int32((zero - offset).to(torch.int8), bits, packed_dim=0)
-        self.written.add(f"{name}.weight")
-        self.packed_names.append(name)
-        args = weight_args(bits, symmetric, group_size, act_order)
-        key = args.model_dump_json()
-        self.args[key] = args
-        self.schemes.setdefault(key, []).append(name)
         return tensors
 
     def write_shard(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -119,13 +134,13 @@ class CompressedTensorsWriter:
         only_one = len(self.schemes) == 1
         groups = {
             f"group_{k}": QuantizationScheme(targets=["Linear"] if only_one else sorted(names),
-                                             weights=self.args[key])
+                                             weights=self.args[key], input_activations=self.input_activations)
             for k, (key, names) in enumerate(self.schemes.items())
         }
-        qconfig = QuantizationConfig(config_groups=groups, ignore=ignore, format="pack-quantized",
+        qconfig = QuantizationConfig(config_groups=groups, ignore=ignore, format=self.format,
                                      quantization_status=QuantizationStatus.COMPRESSED)
         for group in qconfig.config_groups.values():
-            group.format = "pack-quantized"
+            group.format = self.format
         ModelCompressor(quantization_config=qconfig).update_config(str(self.out_dir))
         return json.loads((self.out_dir / "config.json").read_text())["quantization_config"]
 
@@ -149,6 +164,8 @@ class DequantizedShards(Shards):
         qc = json.loads((folder / "config.json").read_text())["quantization_config"]
         self.args = {target: group["weights"] for group in qc["config_groups"].values() for target in group["targets"]}
         self.packed = {n[: -len(".weight_packed")] for n in self.files if n.endswith(".weight_packed")}
+        # int-quantized (W8A8): the codes stored as `weight` itself, next to `weight_scale`
+        self.naive = {n[: -len(".weight_scale")] for n in self.files if n.endswith(".weight_scale")} - self.packed
 
     def names(self) -> list[str]:
         dense = [n for n in self.files if not n.endswith(self.SUFFIXES)]
@@ -162,6 +179,10 @@ class DequantizedShards(Shards):
 
     def get(self, name: str) -> torch.Tensor:
         module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in self.naive:  # codes × per-channel (or per-group) scale
+            q = super().get(name).float()
+            scale = super().get(module + ".weight_scale").float()  # [rows, groups]
+            return (q.reshape(q.shape[0], scale.shape[1], -1) * scale[..., None]).reshape(q.shape)
         if not (name.endswith(".weight") and module in self.packed):
             return super().get(name)
         from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32

@@ -27,22 +27,54 @@ class Strict(BaseModel):
 
 
 # ---- methods -------------------------------------------------------------------------------------------
+W8A8_ONLY = ("smoothing_strength", "weights", "damp", "device", "forward_dtype")
+SMOOTHING_STRENGTH = 0.8  # llm-compressor's SmoothQuantModifier default (its W8A8 examples)
+
+
 class Int8Method(Strict):
-    """INT8 weights. `w8a16`: symmetric per-output-channel round-to-nearest, written as compressed-tensors.
-    `llm.int8`: bitsandbytes LLM.int8 (int8 weights, fp16 outlier columns above `threshold`)."""
+    """INT8. `w8a16`: symmetric per-output-channel round-to-nearest weights, written as compressed-tensors.
+    `w8a8`: int8 weights and int8 activations, as vLLM serves "INT8": SmoothQuant (`smoothing_strength`), then GPTQ
+    (or RTN) symmetric per-channel int8 weights, the inputs quantized per token at run time by the engine;
+    compressed-tensors `int-quantized` as llm-compressor writes it. `llm.int8`: bitsandbytes LLM.int8 (int8
+    weights, fp16 outlier columns above `threshold`)."""
 
     name: Literal["int8"]
-    scheme: Literal["w8a16", "llm.int8"] = "w8a16"
+    scheme: Literal["w8a16", "w8a8", "llm.int8"] = "w8a16"
     threshold: float = Field(6.0, gt=0, description="LLM.int8 outlier threshold (llm.int8 only)")
+    smoothing_strength: float | None = Field(
+        SMOOTHING_STRENGTH, ge=0, le=1, description="w8a8: SmoothQuant's α (s = max|X|^α / max|W|^(1−α), folded "
+        "into the norm before each set of linears); null: no smoothing")
+    weights: Literal["gptq", "rtn"] = Field("gptq", description="w8a8: how the int8 weights are rounded")
+    damp: float = Field(0.01, gt=0, lt=1, description="w8a8 with GPTQ weights: fraction of mean(diag H) added")
+    device: str = Field("auto", description="w8a8: where the layers and statistics live (as gptq's `device`)")
+    forward_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="w8a8: dtype of the calibration forward passes (as gptq's `forward_dtype`)")
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="regexes of linears left alone")
     variant: str | None = Field(None, description="name of this variant's folder; default: method-scheme")
 
+    _known_device = field_validator("device")(lambda cls, value: known_device(value))
+
+    @model_validator(mode="after")
+    def _w8a8_settings(self):
+        stray = [k for k in W8A8_ONLY if k in self.model_fields_set]
+        if self.scheme != "w8a8" and stray:
+            raise ValueError(f"{', '.join(stray)}: settings of scheme w8a8, not {self.scheme}")
+        return self
+
+    @property
+    def layer_wise(self) -> bool:  # w8a8 streams through methods/engine.py like GPTQ
+        return self.scheme == "w8a8"
+
     def default_variant(self) -> str:
-        return self.variant or f"int8-{self.scheme}"
+        if self.variant or self.scheme != "w8a8":
+            return self.variant or f"int8-{self.scheme}"
+        smoothing = ("-nosmooth" if self.smoothing_strength is None else
+                     "" if self.smoothing_strength == SMOOTHING_STRENGTH else f"-sq{self.smoothing_strength:g}")
+        return f"int8-w8a8{'' if self.weights == 'gptq' else '-rtn'}{smoothing}"
 
     @property
     def needs_calibration(self) -> bool:
-        return False
+        return self.scheme == "w8a8" and (self.weights == "gptq" or self.smoothing_strength is not None)
 
 
 class ModuleScheme(Strict):

@@ -266,13 +266,18 @@ def hooked_layer(layer: torch.nn.Module, acts: Activations, stages: list[list[li
 def quantize_layers(base_path: Path, calib: torch.Tensor | None, quantize_group: Callable, ignore: Callable,
                     model_type: str, true_sequential: bool = True, batch: int = BATCH, device: str = "cpu",
                     forward_dtype: torch.dtype = torch.float32, checkpoint: Checkpoint | None = None,
-                    policy: ExpertPolicy = ExpertPolicy()) -> Iterator[tuple[int, torch.nn.Module]]:
+                    policy: ExpertPolicy = ExpertPolicy(), prepare: Callable | None = None
+                    ) -> Iterator[tuple[int, torch.nn.Module]]:
     """GPTQ-style streaming: per layer, the sequential groups in order. `quantize_group(layer_index,
     {name: linear}, X)` quantizes the linears in place from their common input X [samples, seq_len, in] (an
-    expert's: [tokens, in]; None without calibration). `ignore(full_name)` says which linears stay as they are."""
+    expert's: [tokens, in]; None without calibration). `ignore(full_name)` says which linears stay as they are.
+    `prepare(layer_index, layer, acts)`, when given, changes the layer in full precision before its first group is
+    calibrated (SmoothQuant's fold); the groups then see the prepared layer's inputs."""
     arch = ARCHITECTURES[model_type]
 
     def process_layer(i, layer, acts):
+        if prepare is not None and acts is not None:
+            prepare(i, layer, acts)
         def on_stage(names: list[str], X: torch.Tensor | None) -> None:
             linears = {n: layer.get_submodule(n) for n in names if not ignore(f"model.layers.{i}.{n}")}
             if linears:

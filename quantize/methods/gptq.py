@@ -126,13 +126,16 @@ def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, gr
 Config = GptqMethod
 
 
-def build(method: GptqMethod, base, out_dir, calib: torch.Tensor, calib_info=None, keep: dict | None = None) -> dict:
-    dtype = scale_dtype(method, base)
-
+def solver(method: GptqMethod, dtype: torch.dtype):
+    """The per-linear solve (weight_only.build_streamed's `solve`), scales stored in `dtype`."""
     def solve(W, hess: Hessian, group_size: int, bits: int) -> Solved:
         return gptq_quantize(W, hess, bits, method.sym, group_size, method.act_order, method.damp,
                              method.block_size, scale_dtype=dtype, observer=method.observer,
                              group_grid=method.group_grid)
+    return solve
 
+
+def build(method: GptqMethod, base, out_dir, calib: torch.Tensor, calib_info=None, keep: dict | None = None) -> dict:
+    solve = solver(method, scale_dtype(method, base))
     return {"scheme": scheme_name(method), **build_streamed(method, base, out_dir, calib, solve, keep)}
 

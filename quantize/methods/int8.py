@@ -32,7 +32,58 @@ def linear_names(model: torch.nn.Module) -> list[str]:
 def build(method: Int8Method, base: BaseModel, out_dir: Path, calib=None, calib_info=None) -> dict:
     if method.scheme == "w8a16":
         return build_w8a16(method, base, out_dir)
+    if method.scheme == "w8a8":
+        return build_w8a8(method, base, out_dir, calib)
     return build_llm_int8(method, base, out_dir)
+
+
+def token_int8_args():
+    """The inputs as vLLM's W8A8 kernels quantize them: int8, symmetric, dynamic, one scale per token
+    (compressed-tensors' W8A8 preset)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+
+
+def build_w8a8(method: Int8Method, base: BaseModel, out_dir: Path, calib) -> dict:
+    """SmoothQuant, then per-channel symmetric int8 weights by GPTQ (or RTN), streamed layer by layer: each layer
+    is smoothed on the activations entering it (the previous layers already quantized), then its groups are
+    calibrated on the smoothed inputs, so GPTQ's Hessians are those of the inputs the int8 weights will see."""
+    from quantize.methods import gptq, rtn
+    from quantize.methods.configs import GptqMethod, RtnMethod
+    from quantize.methods.engine import awq_rows
+    from quantize.methods.smoothquant import smooth_layer
+    from quantize.methods.weight_only import build_streamed, scale_dtype
+    from quantize.sources.architectures import ARCHITECTURES
+
+    shared = dict(bits=8, group_size=-1, sym=True, ignore=method.ignore, device=method.device,
+                  forward_dtype=method.forward_dtype, variant=method.default_variant())
+    if method.weights == "gptq":
+        weights = GptqMethod(name="gptq", damp=method.damp, **shared)
+        solve = gptq.solver(weights, scale_dtype(weights, base))
+    else:
+        weights = RtnMethod(name="rtn", **shared)
+        solve = rtn.solver(weights, scale_dtype(weights, base))
+    arch = ARCHITECTURES[base.config["model_type"]]
+    log_file = out_dir / "smoothquant-log.jsonl"  # appended per layer, so a resumed build keeps earlier layers'
+
+    def smooth(i, layer, acts) -> None:
+        rows = smooth_layer(layer, acts, awq_rows(arch, layer), method.smoothing_strength, arch.layer.norm_offset)
+        with open(log_file, "a") as fh:
+            fh.writelines(json.dumps({"layer": i, **row}) + "\n" for row in rows)
+
+    info = build_streamed(weights, base, out_dir, calib if method.needs_calibration else None, solve,
+                          prepare=None if method.smoothing_strength is None else smooth,
+                          input_activations=token_int8_args())
+    smoothed = {}
+    if log_file.is_file():  # a layer redone after an interruption is booked once, as last smoothed
+        for line in log_file.read_text().splitlines():
+            row = json.loads(line)
+            smoothed[(row["layer"], row["norm"])] = row
+        log_file.write_text("".join(json.dumps(r) + "\n" for _, r in sorted(smoothed.items())))
+    return {"scheme": "w8a8", "weights": method.weights, "smoothing_strength": method.smoothing_strength,
+            "activations": "int8 per token, dynamic, symmetric (quantized by the engine at run time)",
+            "smoothed_norms": len(smoothed), **info}
 
 
 def quantize_w8a16_(model: torch.nn.Module, ignore: list[str], dtype: torch.dtype = STORAGE_DTYPE

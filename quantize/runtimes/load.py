@@ -17,7 +17,7 @@ import torch
 from quantize.common.errors import QuantizeError
 from quantize.common.heap import release_free_heap
 from quantize.formats import classic, compressed_tensors, mlx as mlx_format
-from quantize.runtimes import llamacpp, mlx, vllm
+from quantize.runtimes import kernels, llamacpp, mlx, vllm
 from quantize.sources.models import load_model
 
 
@@ -83,6 +83,11 @@ def _load(path: Path, dtype: str, n_ctx: int):
             return load_model(path, dtype), "transformers.from_pretrained + GPTQModel", dtype
         return (classic.load_dense(path, getattr(torch, dtype)),
                 f"quantize's {fmt} unpacking (GPTQModel, which transformers needs for {fmt}, is not installed)", dtype)
+    if fmt == "compressed-tensors" and kernels.input_activations(path):  # W8A8: the engine quantizes the inputs
+        model = compressed_tensors.load_dense(path, getattr(torch, dtype))
+        n = kernels.quantize_inputs(model, path)
+        return (model, f"quantize's W8A8 kernel reference (runtimes/kernels.py): int8 weights × scales, the inputs "
+                       f"of {n} linears quantized per token as vLLM's kernels", dtype)
     if fmt == "compressed-tensors" and compressed_tensors.is_asymmetric(path):
         return (compressed_tensors.load_dense(path, getattr(torch, dtype)),
                 "compressed-tensors unpack (transformers cannot reload asymmetric pack-quantized, llm-compressor#1618)",

@@ -1,0 +1,167 @@
+"""W8A8-INT8 (int8 scheme w8a8): SmoothQuant's fold, the int-quantized artefact as compressed-tensors and
+transformers reload it, and our evaluation's activation-quantized forward against an integer-kernel reference.
+vLLM's own kernels on the same artefact: tests/test_vllm.py."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import build_tiny_llama
+from quantize.methods.configs import Int8Method
+from quantize.methods.registry import METHODS
+from quantize.sources.models import load_model, resolve_model
+
+
+@pytest.fixture(scope="module")
+def outlier_model(tmp_path_factory):
+    """The tiny Llama with a few activation outlier channels, as trained LLMs have them (SmoothQuant's Fig. 4): four
+    channels of every norm's weight × 30, so the norms' outputs (the q/k/v and gate/up inputs) carry them."""
+    folder = build_tiny_llama(tmp_path_factory.mktemp("outliers") / "tiny-outliers", dtype="float32")
+    model = load_model(folder, "float32")
+    for name, p in model.named_parameters():
+        if name.endswith("layernorm.weight"):
+            p.data[[3, 70, 130, 200]] *= 30
+    model.save_pretrained(folder)
+    return folder
+
+
+def transformers_reload(folder):
+    """The artefact through transformers and compressed-tensors, its weights decompressed (on the first forward)."""
+    model = load_model(folder, "float32")
+    with torch.no_grad():
+        model(torch.zeros(1, 1, dtype=torch.long))
+    return model
+
+
+def calibration(n=16, seq=128, seed=0):
+    return torch.randint(3, 512, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def artefacts(outlier_model, tmp_path_factory):
+    base = resolve_model(str(outlier_model))
+    out = {}
+    for name, method in {"sq-gptq": Int8Method(name="int8", scheme="w8a8", forward_dtype="float32"),
+                         "rtn": Int8Method(name="int8", scheme="w8a8", weights="rtn", smoothing_strength=None)}.items():
+        folder = tmp_path_factory.mktemp(name)
+        out[name] = (folder, METHODS["int8"].build(method, base, folder, calibration()))
+    return out
+
+
+def test_smoothquant_fold_leaves_the_fp32_logits_unchanged(outlier_model):
+    from quantize.methods.engine import awq_rows, stream_layers
+    from quantize.methods.smoothquant import smooth_layer
+    from quantize.sources.architectures import ARCHITECTURES
+
+    arch, smoothed, log = ARCHITECTURES["llama"], {}, []
+
+    def process(i, layer, acts):
+        log.extend(smooth_layer(layer, acts, awq_rows(arch, layer), 0.8))
+
+    for i, layer in stream_layers(outlier_model, calibration(4, 64), process):
+        smoothed.update({f"model.layers.{i}.{k}": v.clone() for k, v in layer.state_dict().items()})
+    model = load_model(outlier_model, "float32")
+    ids = calibration(2, 96, seed=1)
+    with torch.no_grad():
+        before = model(ids).logits
+        model.load_state_dict(smoothed, strict=False)
+        after = model(ids).logits
+    diff = (after - before).abs().max().item()
+    print(f"max |Δlogit| after SmoothQuant's fold: {diff:.3g}; largest input channel "
+          f"{[round(r['act_max_before'], 2) for r in log]} → {[round(r['act_max_after'], 2) for r in log]}")
+    assert [r["norm"] for r in log] == ["input_layernorm", "post_attention_layernorm"] * 2  # norms only
+    assert all(r["act_max_after"] < r["act_max_before"] / 3 for r in log)  # the outliers really moved
+    assert diff <= 1e-5
+
+
+def test_w8a8_artefact_is_int_quantized_and_transformers_reloads_it(artefacts):
+    """On disk as llm-compressor writes W8A8 (int8 codes in `weight`, per-channel `weight_scale`, dynamic per-token
+    int8 input_activations); compressed-tensors' own decompression (transformers) gives the weights our evaluation
+    dequantizes."""
+    from safetensors import safe_open
+
+    from quantize.formats.compressed_tensors import DequantizedShards
+
+    folder, info = artefacts["sq-gptq"]
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    group = qc["config_groups"]["group_0"]
+    assert qc["format"] == group["format"] == "int-quantized" and qc["ignore"] == ["lm_head"]
+    assert group["weights"] | {"observer": None} == group["weights"] | {
+        "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False, "observer": None}
+    assert {k: group["input_activations"][k] for k in ("num_bits", "type", "symmetric", "strategy", "dynamic")} == {
+        "num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    assert info["smoothed_norms"] == 4 and info["quantized_linears"] == 14
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.mlp.down_proj"
+    with safe_open(folder / index[name + ".weight"], "pt") as f:
+        assert f.get_tensor(name + ".weight").dtype == torch.int8
+        assert f.get_tensor(name + ".weight_scale").shape == (256, 1)
+
+    reloaded = transformers_reload(folder)
+    ours = DequantizedShards(folder)
+    for n in (name, "model.layers.0.self_attn.q_proj"):
+        assert torch.equal(reloaded.get_submodule(n).weight.data, ours.get(n + ".weight"))
+
+
+def test_activation_quantized_forward_equals_the_integer_kernel(artefacts):
+    """Each linear of our evaluation's model (runtimes/load.py → kernels.py), on the inputs it really gets, against
+    a reference written from the kernel's definition and the artefact's stored tensors: per-token int8 codes of the
+    input, an exact integer dot product with the stored int8 weight codes (int64 here), times both scales."""
+    from safetensors import safe_open
+
+    from quantize.runtimes import load as loader
+    from quantize.runtimes.kernels import InputQuantizedLinear
+
+    folder, _ = artefacts["sq-gptq"]
+    ours, description, _ = loader.load(folder, "float32")
+    assert "W8A8 kernel reference" in description and "14 linears" in description
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+
+    def stored(name):
+        with safe_open(folder / index[name], "pt") as f:
+            return f.get_tensor(name)
+
+    seen = {}
+    linears = {n: m for n, m in ours.named_modules() if isinstance(m, InputQuantizedLinear)}
+    hooks = [m.register_forward_hook((lambda n: lambda mod, inp, out: seen.__setitem__(n, (inp[0], out)))(n))
+             for n, m in linears.items()]
+    with torch.no_grad():
+        ours(calibration(2, 64, seed=2))
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 14 and not isinstance(ours.lm_head, InputQuantizedLinear)
+    worst = 0.0
+    for name, (x, y) in seen.items():
+        q_w, s_w = stored(name + ".weight").long(), stored(name + ".weight_scale").double()  # [out, in], [out, 1]
+        s_x = x.abs().amax(-1, keepdim=True) / 127
+        q_x = torch.clamp(torch.round(x * (1 / s_x)), -128, 127).long()
+        expected = (q_x @ q_w.T).double() * s_x.double() * s_w.T
+        worst = max(worst, ((y.double() - expected).abs().max() / expected.abs().max()).item())
+    print(f"largest |Δ| of a linear's output, ours vs the integer kernel, relative to its largest output: {worst:.3g}")
+    assert worst <= 1e-6
+
+
+def test_smoothquant_lowers_the_w8a8_error_on_outlier_channels(artefacts, outlier_model):
+    """Same model, same tokens: with SmoothQuant + GPTQ the W8A8 model's KLD to the fp32 base is below plain RTN
+    W8A8's (the per-token grid of an input with 30× channels wastes most of its levels)."""
+    from quantize.measure.quality import kl_divergence
+    from quantize.runtimes import load as loader
+
+    ids = calibration(4, 128, seed=3)
+    base = load_model(outlier_model, "float32")
+    with torch.no_grad():
+        ref = torch.log_softmax(base(ids).logits, -1).reshape(-1, 512)
+        klds = {}
+        for name, (folder, _) in artefacts.items():
+            model, _, _ = loader.load(folder, "float32")
+            klds[name] = kl_divergence(ref, torch.log_softmax(model(ids).logits, -1).reshape(-1, 512)).mean().item()
+    print("KLD to the base:", {k: f"{v:.3g}" for k, v in klds.items()})
+    assert klds["sq-gptq"] < 0.5 * klds["rtn"]
+
+
+def test_w8a8_settings_belong_to_w8a8():
+    with pytest.raises(ValueError, match="smoothing_strength: settings of scheme w8a8"):
+        Int8Method(name="int8", smoothing_strength=0.5)
+    assert Int8Method(name="int8", scheme="w8a8", weights="rtn", smoothing_strength=0.5).default_variant() == \
+        "int8-w8a8-rtn-sq0.5"
