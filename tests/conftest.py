@@ -59,6 +59,21 @@ def build_tiny_llama(folder: Path, vocab_size: int = 512, seed: int = 0, model_t
     return folder
 
 
+def build_outlier_llama(folder: Path, factor: float = 30.0) -> Path:
+    """The tiny Llama (float32) with a few activation outlier channels, as trained LLMs have them (SmoothQuant's
+    Fig. 4): four channels of every norm's weight × `factor`, so the norms' outputs (the q/k/v and gate/up inputs)
+    carry them. What W8A8's per-token activation grid and SmoothQuant are about; a random model has none."""
+    from quantize.sources.models import load_model
+
+    build_tiny_llama(folder, dtype="float32")
+    model = load_model(folder, "float32")
+    for name, p in model.named_parameters():
+        if name.endswith("layernorm.weight"):
+            p.data[[3, 70, 130, 200]] *= factor
+    model.save_pretrained(folder)
+    return folder
+
+
 def f32_gguf_logits(model_dir: Path, gguf_path: Path, n_tokens: int = 200):
     """(token ids, llama.cpp's logits [n, vocab] with an F32 KV cache) of held-out text, tokenised by the model's
     HF tokenizer, for comparing a converted GGUF with transformers."""

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import build_tiny_llama
+from conftest import build_outlier_llama
 from quantize.methods.configs import Int8Method
 from quantize.methods.registry import METHODS
 from quantize.sources.models import load_model, resolve_model
@@ -15,15 +15,7 @@ from quantize.sources.models import load_model, resolve_model
 
 @pytest.fixture(scope="module")
 def outlier_model(tmp_path_factory):
-    """The tiny Llama with a few activation outlier channels, as trained LLMs have them (SmoothQuant's Fig. 4): four
-    channels of every norm's weight × 30, so the norms' outputs (the q/k/v and gate/up inputs) carry them."""
-    folder = build_tiny_llama(tmp_path_factory.mktemp("outliers") / "tiny-outliers", dtype="float32")
-    model = load_model(folder, "float32")
-    for name, p in model.named_parameters():
-        if name.endswith("layernorm.weight"):
-            p.data[[3, 70, 130, 200]] *= 30
-    model.save_pretrained(folder)
-    return folder
+    return build_outlier_llama(tmp_path_factory.mktemp("outliers") / "tiny-outliers")
 
 
 def transformers_reload(folder):

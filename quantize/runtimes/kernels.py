@@ -28,12 +28,19 @@ import torch
 from quantize.common.errors import QuantizeError
 
 
-def int8_per_token(x: torch.Tensor) -> torch.Tensor:
-    """x quantized to int8 per row (last dim) and back, as vLLM's dynamic symmetric `scaled_int8_quant`."""
+def int8_token_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int8 [..., n], scale float32 [..., 1]) of x per row (last dim), as vLLM's dynamic symmetric
+    `scaled_int8_quant`."""
     xf = x.float()
     scale = xf.abs().amax(dim=-1, keepdim=True) / 127.0
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    return (torch.clamp(torch.round(xf * inv), -128, 127) * scale).to(x.dtype)
+    return torch.clamp(torch.round(xf * inv), -128, 127).to(torch.int8), scale
+
+
+def int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """x quantized to int8 per row (last dim) and back, as vLLM's W8A8-INT8 kernels see it."""
+    q, scale = int8_token_codes(x)
+    return (q.float() * scale).to(x.dtype)
 
 
 INPUT_QUANTIZERS = {("int", "token", True, True, 8): int8_per_token}
