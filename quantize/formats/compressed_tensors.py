@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,14 +40,36 @@ def weight_args(bits: int, symmetric: bool, group_size: int, act_order: bool = F
                             actorder="weight" if act_order and group_size != -1 else None)
 
 
-class CompressedTensorsWriter:
-    """With `input_activations` (compressed-tensors QuantizationArgs of the inputs the engine quantizes, W8A8) the
-    layout is `int-quantized`, as llm-compressor writes W8A8: per linear the int8 codes as `weight` and
-    `weight_scale`; the engine quantizes each input itself (dynamic per token), so no activation tensor is stored."""
+@dataclass(frozen=True)
+class Stored:
+    """A scheme whose codes are stored as `weight` itself, next to `weight_scale` (compressed-tensors'
+    `int-quantized` / `float-quantized` layouts, as llm-compressor writes W8A8-INT8 and FP8): `weights` and
+    `input_activations` are compressed-tensors QuantizationArgs. With input_activations the engine quantizes each
+    linear's input itself at run time (dynamic), so no activation tensor is stored. A block strategy's scale is
+    one per [rows, cols] block of `block_structure`."""
 
-    def __init__(self, out_dir: Path, base_path: Path, n_layers: int, input_activations=None):
-        self.input_activations = input_activations
-        self.format = "pack-quantized" if input_activations is None else "int-quantized"
+    weights: object
+    input_activations: object | None = None
+
+    @property
+    def format(self) -> str:
+        return "float-quantized" if self.weights.type == "float" else "int-quantized"
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        return torch.float8_e4m3fn if self.weights.type == "float" else torch.int8
+
+    @property
+    def block_rows(self) -> int:
+        return self.weights.block_structure[0] if self.weights.strategy == "block" else 1
+
+
+class CompressedTensorsWriter:
+    """`pack-quantized` (W{b}A16 integer grids), or with `stored` its layout (W8A8-INT8, FP8)."""
+
+    def __init__(self, out_dir: Path, base_path: Path, n_layers: int, stored: Stored | None = None):
+        self.stored = stored
+        self.format = "pack-quantized" if stored is None else stored.format
         self.out_dir = out_dir
         self.base_path = base_path
         self.dtype = storage_dtype(json.loads((base_path / "config.json").read_text()))
@@ -73,14 +96,16 @@ class CompressedTensorsWriter:
     def packed(self, name: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                symmetric: bool, group_size: int, act_order: bool) -> dict[str, torch.Tensor]:
         offset = 0 if symmetric else 1 << (bits - 1)
-        if self.format == "int-quantized":
-            assert bits == 8 and symmetric, "int-quantized holds symmetric int8 codes"
-            tensors = {f"{name}.weight": q.to(torch.int8), f"{name}.weight_scale": scale.to(self.dtype).contiguous()}
+        if self.stored is not None:  # the codes themselves; a block scale is one row per block of rows
+            assert bits == 8 and symmetric, "int-quantized and float-quantized hold symmetric 8-bit codes"
+            tensors = {f"{name}.weight": q.to(self.stored.code_dtype),
+                       f"{name}.weight_scale": scale[:: self.stored.block_rows].to(self.dtype).contiguous()}
+            args = self.stored.weights
         else:
             tensors = self._pack(name, q, scale, zero, bits, symmetric, offset)
+            args = weight_args(bits, symmetric, group_size, act_order)
         self.written.add(f"{name}.weight")
         self.packed_names.append(name)
-        args = weight_args(bits, symmetric, group_size, act_order)
         key = args.model_dump_json()
         self.args[key] = args
         self.schemes.setdefault(key, []).append(name)
@@ -134,7 +159,8 @@ class CompressedTensorsWriter:
         only_one = len(self.schemes) == 1
         groups = {
             f"group_{k}": QuantizationScheme(targets=["Linear"] if only_one else sorted(names),
-                                             weights=self.args[key], input_activations=self.input_activations)
+                                             weights=self.args[key],
+                                             input_activations=self.stored and self.stored.input_activations)
             for k, (key, names) in enumerate(self.schemes.items())
         }
         qconfig = QuantizationConfig(config_groups=groups, ignore=ignore, format=self.format,
@@ -179,9 +205,11 @@ class DequantizedShards(Shards):
 
     def get(self, name: str) -> torch.Tensor:
         module = name.removesuffix(".weight")
-        if name.endswith(".weight") and module in self.naive:  # codes × per-channel (or per-group) scale
+        if name.endswith(".weight") and module in self.naive:  # codes × per-channel, group or block scale
             q = super().get(name).float()
-            scale = super().get(module + ".weight_scale").float()  # [rows, groups]
+            scale = super().get(module + ".weight_scale").float()  # [rows, groups], or [row blocks, col blocks]
+            if scale.shape[0] != q.shape[0]:
+                scale = scale.repeat_interleave(-(-q.shape[0] // scale.shape[0]), dim=0)[: q.shape[0]]
             return (q.reshape(q.shape[0], scale.shape[1], -1) * scale[..., None]).reshape(q.shape)
         if not (name.endswith(".weight") and module in self.packed):
             return super().get(name)

@@ -77,6 +77,26 @@ class Int8Method(Strict):
         return self.scheme == "w8a8" and (self.weights == "gptq" or self.smoothing_strength is not None)
 
 
+class Fp8Method(Strict):
+    """FP8 e4m3 weights (compressed-tensors float-quantized), round-to-nearest. `dynamic`: per-channel weights,
+    per-token dynamic fp8 inputs (llm-compressor's FP8_DYNAMIC); `block`: 128 × 128 weight blocks, dynamic fp8
+    inputs per 1 × 128 group (FP8_BLOCK, DeepSeek-V3's); `w8a16`: per-channel fp8 weights, 16-bit inputs."""
+
+    layer_wise: ClassVar[bool] = True
+
+    name: Literal["fp8"]
+    scheme: Literal["dynamic", "block", "w8a16"] = "dynamic"
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="regexes of linears left alone")
+    variant: str | None = Field(None, description="name of this variant's folder; default: fp8-scheme")
+
+    def default_variant(self) -> str:
+        return self.variant or f"fp8-{self.scheme}"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return False
+
+
 class ModuleScheme(Strict):
     """Another grid for the linears whose full name `match` (a regex, searched) finds: a per-layer mix."""
 
@@ -375,8 +395,8 @@ class AutoMethod(Strict):
 # The method names, once: each config's `name` literal. The recipe's `method` is a union discriminated on it and the
 # registry (registry.py) maps the same names to the modules that build them.
 CONFIGS: dict[str, type[Strict]] = {
-    get_args(c.model_fields["name"].annotation)[0]: c for c in (Int8Method, RtnMethod, GptqMethod, AwqMethod, GgufMethod,
-                                                           AutoMethod)
+    get_args(c.model_fields["name"].annotation)[0]: c for c in (Int8Method, Fp8Method, RtnMethod, GptqMethod, AwqMethod,
+                                                           GgufMethod, AutoMethod)
 }
 METHOD_NAMES = tuple(CONFIGS)
 Method = Annotated[Union[tuple(CONFIGS.values())], Field(discriminator="name")]

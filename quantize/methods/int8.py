@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from quantize.formats.compressed_tensors import STORAGE_DTYPE, storage_dtype
+from quantize.formats.compressed_tensors import STORAGE_DTYPE, Stored, storage_dtype, weight_args
 from quantize.methods import grids
 from quantize.methods.configs import Int8Method
 from quantize.methods.experts import has_experts
@@ -74,7 +74,7 @@ def build_w8a8(method: Int8Method, base: BaseModel, out_dir: Path, calib) -> dic
 
     info = build_streamed(weights, base, out_dir, calib if method.needs_calibration else None, solve,
                           prepare=None if method.smoothing_strength is None else smooth,
-                          input_activations=token_int8_args())
+                          stored=Stored(weight_args(8, True, -1), token_int8_args()))
     smoothed = {}
     if log_file.is_file():  # a layer redone after an interruption is booked once, as last smoothed
         for line in log_file.read_text().splitlines():

@@ -109,11 +109,11 @@ def expert_policy(method) -> ExpertPolicy:
 
 def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor | None,
                    solve: Callable[[torch.Tensor, Hessian | None, int, int], Solved], keep: dict | None = None,
-                   prepare: Callable | None = None, input_activations=None) -> dict:
+                   prepare: Callable | None = None, stored=None) -> dict:
     """Under torchrun (methods/ranks.py) every rank runs this on its slice of the calibration samples: the
     Hessians are all-reduced, rank 0 solves each group and broadcasts it, and rank 0 alone writes.
-    `prepare(i, layer, acts)` changes each layer before its groups (engine.quantize_layers); `input_activations`
-    (compressed-tensors QuantizationArgs) makes the artefact W8A8: int8 weights with the engine quantizing inputs."""
+    `prepare(i, layer, acts)` changes each layer before its groups (engine.quantize_layers); `stored`
+    (formats/compressed_tensors.Stored) writes the codes themselves: W8A8-INT8, FP8."""
     method = with_format_rules(method, base.config)
     policy = expert_policy(method)
     meta = skeleton(base.path, policy)
@@ -168,7 +168,7 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
             pending.clear()
         return {}
     info = write_streamed(method, base, out_dir, meta, layers, pending, log, checkpoint=checkpoint, keep=keep,
-                          input_activations=input_activations)
+                          stored=stored)
     return {**info, "device": device, "forward_dtype": str(forward_dtype).removeprefix("torch."),
             "forward_dtype_reason": dtype_reason, **peak_vram(device),
             **({"ranks": ranks.describe(calib)} if ranks.many else {})}
@@ -188,7 +188,7 @@ def scale_dtype(method, base: BaseModel) -> torch.dtype:
 
 def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module, layers, pending: dict,
                    log: list[dict], pack: bool = True, checkpoint: Checkpoint | None = None,
-                   keep: dict | None = None, input_activations=None) -> dict:
+                   keep: dict | None = None, stored=None) -> dict:
     """Write each processed layer as it comes: linears listed in `pending` (name → q, scale, zero, group size)
     packed as compressed-tensors, MLX or a classic layout (`method.format`), everything else in the storage dtype; then the rest, the config, tokenizer and the log.
     With pack=False every layer is written dense as it is, e.g. AWQ's scaled-but-unquantised export.
@@ -197,7 +197,7 @@ def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module
     linear holding its dequantized weights), under the checkpoint's names: the model the artefact should reload as."""
     n_layers = meta.config.num_hidden_layers
     if method.format == "compressed-tensors":
-        writer = CompressedTensorsWriter(out_dir, base.path, n_layers, input_activations)
+        writer = CompressedTensorsWriter(out_dir, base.path, n_layers, stored)
     elif method.format == "mlx":
         writer = MlxWriter(out_dir, base.path, n_layers)
     else:

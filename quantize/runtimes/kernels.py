@@ -1,6 +1,7 @@
 """What a serving engine's quantized-activation linear computes, in torch: the reference our evaluation runs for
-a compressed-tensors artefact whose config quantizes `input_activations` (W8A8), so its KLD holds the activation
-rounding the engine adds, not only the weights'.
+a compressed-tensors artefact whose config quantizes `input_activations` (W8A8-INT8, FP8 dynamic and block), so
+its KLD holds the activation rounding the engine adds, not only the weights'. FP8 inputs follow vLLM's QuantFP8
+(per token, or per 1 × 128 group for block-scaled weights; see fp8_per_token / fp8_per_group).
 
 vLLM's W8A8-INT8 kernels (CUDA `cutlass_scaled_mm`, the CPU build's oneDNN `int8_scaled_mm`) quantize each input
 row (token) dynamically, symmetric:
@@ -43,15 +44,41 @@ def int8_per_token(x: torch.Tensor) -> torch.Tensor:
     return (q.float() * scale).to(x.dtype)
 
 
-INPUT_QUANTIZERS = {("int", "token", True, True, 8): int8_per_token}
+FP8_MAX = 448.0  # e4m3fn
+FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # vLLM's floor on a dynamic fp8 scale
+
+
+def fp8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """x quantized to fp8 e4m3 per row and back, as vLLM's dynamic per-token QuantFP8 (scale = max|x_t| / 448,
+    floored at 1/(448·512); x · (1/scale), clamped to ±448, cast with round-to-nearest-even)."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=FP8_MIN_SCALE)
+    q = (xf * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return (q.float() * scale).to(x.dtype)
+
+
+def fp8_per_group(x: torch.Tensor, group_size: int = 128) -> torch.Tensor:
+    """x quantized to fp8 e4m3 per group of `group_size` consecutive channels of each row and back, as vLLM's
+    dynamic per-token-group QuantFP8 (its native path divides by the scale)."""
+    xf = x.float()
+    G = xf.reshape(*xf.shape[:-1], -1, group_size)
+    scale = (G.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=FP8_MIN_SCALE)
+    q = (G / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return (q.float() * scale).reshape(x.shape).to(x.dtype)
+
+
+# (type, strategy, dynamic, symmetric, bits, group_size) → the engine's input quantization
+INPUT_QUANTIZERS = {("int", "token", True, True, 8, None): int8_per_token,
+                    ("float", "token", True, True, 8, None): fp8_per_token,
+                    ("float", "group", True, True, 8, 128): fp8_per_group}
 
 
 def input_quantizer(args: dict, where: str):
     key = (args.get("type"), args.get("strategy"), bool(args.get("dynamic")), bool(args.get("symmetric")),
-           args.get("num_bits"))
+           args.get("num_bits"), args.get("group_size"))
     if key not in INPUT_QUANTIZERS:
-        raise QuantizeError(f"{where}: input_activations {key} (type, strategy, dynamic, symmetric, bits) has no "
-                            f"kernel reference here; accepted: {list(INPUT_QUANTIZERS)}")
+        raise QuantizeError(f"{where}: input_activations {key} (type, strategy, dynamic, symmetric, bits, group "
+                            f"size) has no kernel reference here; accepted: {list(INPUT_QUANTIZERS)}")
     return INPUT_QUANTIZERS[key]
 
 

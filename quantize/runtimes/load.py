@@ -86,8 +86,8 @@ def _load(path: Path, dtype: str, n_ctx: int):
     if fmt == "compressed-tensors" and kernels.input_activations(path):  # W8A8: the engine quantizes the inputs
         model = compressed_tensors.load_dense(path, getattr(torch, dtype))
         n = kernels.quantize_inputs(model, path)
-        return (model, f"quantize's W8A8 kernel reference (runtimes/kernels.py): int8 weights × scales, the inputs "
-                       f"of {n} linears quantized per token as vLLM's kernels", dtype)
+        return (model, f"quantize's W8A8 kernel reference (runtimes/kernels.py): stored weights × scales, the "
+                       f"inputs of {n} linears quantized as vLLM's kernels do", dtype)
     if fmt == "compressed-tensors" and compressed_tensors.is_asymmetric(path):
         return (compressed_tensors.load_dense(path, getattr(torch, dtype)),
                 "compressed-tensors unpack (transformers cannot reload asymmetric pack-quantized, llm-compressor#1618)",
