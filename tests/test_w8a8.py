@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import build_outlier_llama
+from conftest import build_outlier_llama, build_tiny_llama
 from quantize.methods.configs import Int8Method
 from quantize.methods.registry import METHODS
 from quantize.sources.models import load_model, resolve_model
@@ -157,3 +157,103 @@ def test_w8a8_settings_belong_to_w8a8():
         Int8Method(name="int8", smoothing_strength=0.5)
     assert Int8Method(name="int8", scheme="w8a8", weights="rtn", smoothing_strength=0.5).default_variant() == \
         "int8-w8a8-rtn-sq0.5"
+
+
+# ---- FP8 (method fp8) ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fp8_artefacts(outlier_model, tmp_path_factory):
+    from quantize.methods.configs import Fp8Method
+
+    base = resolve_model(str(outlier_model))
+    out = {}
+    for scheme in ("dynamic", "block", "w8a16"):
+        folder = tmp_path_factory.mktemp(f"fp8-{scheme}")
+        out[scheme] = (folder, METHODS["fp8"].build(Fp8Method(name="fp8", scheme=scheme), base, folder))
+    return out
+
+
+@pytest.mark.parametrize("scheme,scale_shape,inputs", [("dynamic", (256, 1), "token"), ("block", (2, 4), "group"),
+                                                      ("w8a16", (256, 1), None)])
+def test_fp8_artefact_is_float_quantized_and_transformers_reloads_it(fp8_artefacts, scheme, scale_shape, inputs):
+    """e4m3 codes in `weight`, the scale per channel ([256, 1]) or per 128 × 128 block ([2, 4] for down_proj's
+    256 × 512), the presets' input_activations; compressed-tensors' decompression (transformers) gives the weights
+    our evaluation dequantizes."""
+    from safetensors import safe_open
+
+    from quantize.formats.compressed_tensors import DequantizedShards
+
+    folder, info = fp8_artefacts[scheme]
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    group = qc["config_groups"]["group_0"]
+    assert qc["format"] == "float-quantized" and group["weights"]["type"] == "float"
+    assert (group["input_activations"] or {}).get("strategy") == inputs
+    assert info["scheme"] == f"fp8-{scheme}" and info["quantized_linears"] == 14
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.mlp.down_proj"
+    with safe_open(folder / index[name + ".weight"], "pt") as f:
+        assert f.get_tensor(name + ".weight").dtype == torch.float8_e4m3fn
+        assert tuple(f.get_tensor(name + ".weight_scale").shape) == scale_shape
+    ours = DequantizedShards(folder).get(name + ".weight")
+    assert torch.equal(transformers_reload(folder).get_submodule(name).weight.data, ours)
+
+
+def test_fp8_inputs_are_quantized_as_vllm_quantfp8():
+    """kernels.fp8_per_token / fp8_per_group against their definition written out here element by element
+    (scale = max|x| / 448 per token or per 128-group, floored at 1/(448·512); the code is the e4m3 number nearest
+    x / scale, found by searching every finite e4m3 value), on rows spanning four decades."""
+    from quantize.runtimes.kernels import fp8_per_group, fp8_per_token
+
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    values = values[torch.isfinite(values)].unique()  # every finite e4m3 number, sorted
+
+    def nearest_e4m3(v: torch.Tensor) -> torch.Tensor:  # exact ties do not occur in these random rows
+        return values[(v[:, None] - values[None, :]).abs().argmin(dim=1)]
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 256, generator=g) * torch.logspace(-2, 2, 256)
+    for quantize, group in ((fp8_per_token, 256), (fp8_per_group, 128)):
+        G = x.reshape(16, -1, group)
+        scale = (G.abs().amax(-1, keepdim=True) / 448).clamp(min=1 / (448 * 512))
+        expected = (nearest_e4m3((G / scale).reshape(-1)).reshape(G.shape) * scale).reshape(x.shape)
+        got = quantize(x)
+        assert (got - expected).abs().max() <= 1e-6 * expected.abs().max()
+
+
+def test_fp8_block_refuses_linears_that_are_not_whole_blocks(tmp_path):
+    from quantize.common.errors import QuantizeError
+    from quantize.methods.configs import Fp8Method
+
+    folder = build_tiny_llama(tmp_path / "kv64", num_key_value_heads=1)  # k/v: 64 output rows
+    with pytest.raises(QuantizeError, match=r"not made of whole blocks: model\.layers\.0\.self_attn\.k_proj \[64 × 256\]"):
+        METHODS["fp8"].build(Fp8Method(name="fp8", scheme="block"), resolve_model(str(folder)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_reports_w8a16_w8a8_and_fp8_side_by_side(outlier_model, tmp_path):
+    """`quantize run` of a recipe with INT8 W8A16 and W8A8 and FP8 dynamic and block variants: each built, reloaded
+    by its loader (the activation-quantized ones through the kernel reference), scored against one base, its size
+    as `plan` predicted it, and named by its layout in the report."""
+    from conftest import write_recipe
+    from quantize import pipeline, preflight
+    from quantize.formats.tensors import weight_bytes_safetensors
+    from quantize.recipe import load_recipe
+
+    methods = [{"name": "int8", "scheme": "w8a16"}, {"name": "int8", "scheme": "w8a8"},
+               {"name": "fp8", "scheme": "dynamic"}, {"name": "fp8", "scheme": "block"}]
+    out = tmp_path / "run"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(outlier_model), methods, out,
+                                      calibration={"source": "bundled:wiki", "samples": 8, "seq_len": 128}))
+    planned = preflight.plan(recipe)["variants"]
+    assert pipeline.run(recipe) == out
+    results = json.loads((out / "results.json").read_text())
+    expected = {"int8-w8a16": "compressed-tensors", "int8-w8a8": "compressed-tensors (int-quantized)",
+                "fp8-dynamic": "compressed-tensors (float-quantized)", "fp8-block": "compressed-tensors (float-quantized)"}
+    for name, fmt in expected.items():
+        v = results["variants"][name]
+        assert v["format"] == fmt and 0 < v["perplexity"]["kld"]["mean"] < 0.5
+        assert ("kernel reference" in v["loader"]) == (name != "int8-w8a16")
+        actual = sum(weight_bytes_safetensors(out / name).values())
+        assert abs(planned[name]["expected_bytes"] - actual) / actual < 0.01, (name, planned[name], actual)
+    report = (out / "report.md").read_text()
+    assert "compressed-tensors (float-quantized)" in report and "W8A8 kernel reference" in report
+    print({n: round(v["perplexity"]["kld"]["mean"], 6) for n, v in results["variants"].items()})

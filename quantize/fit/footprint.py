@@ -190,7 +190,21 @@ def auto_bytes(method, meta_model: torch.nn.Module) -> int:
     return b.bytes or (int(b.bpw * params / 8) if b.bpw else 2 * params)
 
 
-EXPECTED_BYTES = {"int8": int8_bytes, "rtn": weight_only_bytes, "gptq": weight_only_bytes, "awq": awq_bytes,
+def fp8_bytes(method, meta_model: torch.nn.Module) -> int:
+    """1 byte per quantized weight (e4m3) plus a 16-bit scale per output row (dynamic, w8a16) or per 128 × 128
+    block (block); everything else 16-bit."""
+    total = 0
+    for name, module, pname, p in unique_parameters(meta_model):
+        if isinstance(module, torch.nn.Linear) and pname == "weight" and not ignored(name, method.ignore):
+            rows, cols = p.shape
+            scales = (-(-rows // 128)) * (-(-cols // 128)) if method.scheme == "block" else rows
+            total += p.numel() + 2 * scales
+        else:
+            total += p.numel() * 2
+    return total
+
+
+EXPECTED_BYTES = {"int8": int8_bytes, "fp8": fp8_bytes, "rtn": weight_only_bytes, "gptq": weight_only_bytes, "awq": awq_bytes,
                   "gguf": gguf_bytes, "auto": auto_bytes}
 
 

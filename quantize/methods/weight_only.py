@@ -247,6 +247,8 @@ def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module
     if checkpoint is not None:
         checkpoint.done()  # the artefact is complete: no resume state in it
     fmt = method.format if qconfig is not None else "safetensors-fp16"
+    if qconfig is not None and getattr(writer, "stored", None) is not None:  # W8A8-INT8, FP8: name the layout
+        fmt = f"compressed-tensors ({writer.format})"
     return {"format": fmt, "quantization_config": qconfig, "quantized_linears": len(log), **expert_summary(meta, log),
             "ignored_linears": kept, "total_loss": sum(r["loss"] for r in log),
             "channel_fallback": sorted({r["module"] for r in log
