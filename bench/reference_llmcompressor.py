@@ -22,7 +22,7 @@ from reference_common import parser, peak_rss
 
 def main() -> None:
     ap = parser()
-    ap.add_argument("--method", choices=["gptq", "awq"], default="gptq")
+    ap.add_argument("--method", choices=["gptq", "awq", "w8a8"], default="gptq")
     args = ap.parse_args()
 
     from datasets import Dataset
@@ -35,7 +35,14 @@ def main() -> None:
     weights = {"num_bits": 4, "type": "int", "symmetric": not args.asym, "strategy": "group",
                "group_size": args.group_size}
     groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
-    if args.method == "gptq":
+    if args.method == "w8a8":  # llm-compressor's W8A8 example: SmoothQuant, then GPTQ with the W8A8 preset
+        from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+
+        weights = "W8A8 preset (int8 per channel, dynamic per-token int8 inputs)"
+        recipe = [SmoothQuantModifier(smoothing_strength=0.8),
+                  GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"], dampening_frac=0.01,
+                               block_size=128)]
+    elif args.method == "gptq":
         recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=0.01, block_size=128,
                               actorder=None)
     else:  # AWQ only smooths; the quantization modifier after it rounds onto the grid
@@ -60,7 +67,8 @@ def main() -> None:
 
     (Path(args.out) / "bench.json").write_text(json.dumps({
         "tool": f"llmcompressor {llmcompressor.__version__} "
-                + ("GPTQModifier" if args.method == "gptq" else "AWQModifier + QuantizationModifier"), "seconds": seconds,
+                + {"gptq": "GPTQModifier", "awq": "AWQModifier + QuantizationModifier",
+                   "w8a8": "SmoothQuantModifier(0.8) + GPTQModifier(W8A8)"}[args.method], "seconds": seconds,
         "peak_rss_bytes": peak_rss(), "threads": torch.get_num_threads(), "weights": weights,
         "samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
         "patched": "IntermediatesCache.pin_memory is a no-op (CPU)" if args.method == "awq" else None}, indent=2))
