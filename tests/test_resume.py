@@ -15,14 +15,15 @@ from quantize import pipeline
 from quantize.recipe import load_recipe
 
 FIRST = {"gptq": {"name": "gptq", "bits": 4, "group_size": 64, "sym": True},
-         "awq": {"name": "awq", "bits": 4, "group_size": 64, "sym": True}}
+         "awq": {"name": "awq", "bits": 4, "group_size": 64, "sym": True},
+         "int8-w8a8": {"name": "int8", "scheme": "w8a8"}}  # SmoothQuant's log continues too
+VARIANT = {"gptq": "gptq-w4-sym-g64", "awq": "awq-w4-sym-g64", "rtn": "rtn-w4-sym-g64", "int8-w8a8": "int8-w8a8"}
 SETTINGS = dict(calibration={"samples": 16, "seq_len": 64},
                 eval={"perplexity": {"n_ctx": 128, "max_chunks": 2}, "speed": {"enabled": False}})
 
 
-def files_of(out, methods):
-    return {m["name"]: json.loads((out / f"{m['name']}-w4-sym-g64" / "manifest.json").read_text())
-            for m in methods}
+def files_of(out, names):
+    return {n: json.loads((out / VARIANT[n] / "manifest.json").read_text()) for n in names}
 
 
 @pytest.mark.parametrize("first", sorted(FIRST))
@@ -40,7 +41,7 @@ def test_kill_9_mid_build_then_resume_is_byte_identical(first, tmp_path):
     state = None
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        found = list(tmp_path.glob(f".out.work-*/{first}-w4-sym-g64.partial/.resume-state.pt"))
+        found = list(tmp_path.glob(f".out.work-*/{VARIANT[first]}.partial/.resume-state.pt"))
         if found:
             state = found[0]
             break
@@ -54,7 +55,7 @@ def test_kill_9_mid_build_then_resume_is_byte_identical(first, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "continuing the interrupted run" in r.stderr
     assert "base model: evaluated before the interruption" in r.stderr
-    resumed, uninterrupted = files_of(out, methods), files_of(reference, methods)
+    resumed, uninterrupted = files_of(out, [first, "rtn"]), files_of(reference, [first, "rtn"])
     assert resumed[first]["result"]["resumed_at_layer"] >= 1
     for name in resumed:
         assert resumed[name]["files"] == uninterrupted[name]["files"], name

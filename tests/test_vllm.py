@@ -219,3 +219,24 @@ def test_vllm_serves_our_artefact_behind_its_openai_api(artefacts):
     with pytest.raises(ProcessLookupError):
         os.killpg(server.process.pid, 0)  # the whole process group is gone
     print(json.dumps({"engine": server.engine, "command": server.command[:4]}))
+
+
+def test_vllm_serves_our_w8a8_artefact(activation_artefacts):
+    """`quantize serve --engine vllm` of the SmoothQuant + GPTQ W8A8 folder: vLLM's server loads it on its W8A8-INT8
+    kernel and answers a greedy chat completion through the openai client; nothing is left running."""
+    import os
+
+    from openai import OpenAI
+
+    from quantize.runtimes import serve
+
+    server = serve.start(activation_artefacts["w8a8-sq-gptq"], "vllm", ctx=256, timeout=300)
+    try:
+        client = OpenAI(base_url=server.base_url, api_key="none")
+        reply = client.chat.completions.create(model=server.model, max_tokens=8, temperature=0,
+                                               messages=[{"role": "user", "content": "The capital of France is"}])
+        assert reply.usage.completion_tokens > 0
+    finally:
+        serve.stop(server)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(server.process.pid, 0)
