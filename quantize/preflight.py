@@ -14,7 +14,7 @@ from quantize.formats.gguf_types import UNQUANTIZED
 from quantize.formats.tensors import weight_bytes_gguf, weight_bytes_safetensors
 from quantize.measure import memory
 from quantize.measure.streamed import check_stream
-from quantize.methods import fp8
+from quantize.methods import fp4, fp8
 from quantize.methods.engine import check_model
 from quantize.methods.experts import has_experts, with_experts
 from quantize.methods.weight_only import check_group_sizes
@@ -68,7 +68,10 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
                     check_group_sizes(meta, method)
             if method.name == "fp8":
                 fp8.check_blocks(meta, method)
-            if (method.name == "fp8" or (method.name == "int8" and method.scheme == "w8a8")) and has_experts(config):
+            if method.name == "fp4":
+                fp4.check_groups(meta, method)
+            if (method.name in ("fp8", "fp4") or (method.name == "int8" and method.scheme == "w8a8")) \
+                    and has_experts(config):
                 raise QuantizeError(f"{method.default_variant()} on a sparse MoE model ({config.get('model_type')}) "
                                     "is not built yet: its evaluation quantizes each nn.Linear's input as the engine "
                                     "does, and transformers holds the experts as 3-D tensors; use int8 scheme w8a16 "

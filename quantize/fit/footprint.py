@@ -204,7 +204,19 @@ def fp8_bytes(method, meta_model: torch.nn.Module) -> int:
     return total
 
 
-EXPECTED_BYTES = {"int8": int8_bytes, "fp8": fp8_bytes, "rtn": weight_only_bytes, "gptq": weight_only_bytes, "awq": awq_bytes,
+def fp4_bytes(method, meta_model: torch.nn.Module) -> int:
+    """NVFP4: half a byte per quantized weight, an e4m3 scale per 16 and a float32 global scale per linear;
+    everything else 16-bit."""
+    total = 0
+    for name, module, pname, p in unique_parameters(meta_model):
+        if isinstance(module, torch.nn.Linear) and pname == "weight" and not ignored(name, method.ignore):
+            total += p.numel() // 2 + p.numel() // 16 + 4
+        else:
+            total += p.numel() * 2
+    return total
+
+
+EXPECTED_BYTES = {"int8": int8_bytes, "fp8": fp8_bytes, "fp4": fp4_bytes, "rtn": weight_only_bytes, "gptq": weight_only_bytes, "awq": awq_bytes,
                   "gguf": gguf_bytes, "auto": auto_bytes}
 
 

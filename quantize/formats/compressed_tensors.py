@@ -52,7 +52,13 @@ class Stored:
     input_activations: object | None = None
 
     @property
+    def fp4(self) -> bool:  # NVFP4: e2m1 codes packed two per byte, e4m3 group scales, a float32 global scale
+        return self.weights.type == "float" and self.weights.num_bits == 4
+
+    @property
     def format(self) -> str:
+        if self.fp4:
+            return "nvfp4-pack-quantized"
         return "float-quantized" if self.weights.type == "float" else "int-quantized"
 
     @property
@@ -94,9 +100,17 @@ class CompressedTensorsWriter:
         return f"model-{k + 1:05d}-of-{self.n_shards:05d}.safetensors"
 
     def packed(self, name: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-               symmetric: bool, group_size: int, act_order: bool) -> dict[str, torch.Tensor]:
+               symmetric: bool, group_size: int, act_order: bool, global_scale: float | None = None
+               ) -> dict[str, torch.Tensor]:
         offset = 0 if symmetric else 1 << (bits - 1)
-        if self.stored is not None:  # the codes themselves; a block scale is one row per block of rows
+        if self.stored is not None and self.stored.fp4:  # q: e2m1 values; scale: the group's s / global_scale
+            from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+
+            tensors = {f"{name}.weight_packed": pack_fp4_to_uint8(q.float()),
+                       f"{name}.weight_scale": (scale * global_scale).to(torch.float8_e4m3fn).contiguous(),
+                       f"{name}.weight_global_scale": torch.tensor([global_scale], dtype=torch.float32)}
+            args = self.stored.weights
+        elif self.stored is not None:  # the codes themselves; a block scale is one row per block of rows
             assert bits == 8 and symmetric, "int-quantized and float-quantized hold symmetric 8-bit codes"
             tensors = {f"{name}.weight": q.to(self.stored.code_dtype),
                        f"{name}.weight_scale": scale[:: self.stored.block_rows].to(self.dtype).contiguous()}
@@ -171,6 +185,11 @@ class CompressedTensorsWriter:
         return json.loads((self.out_dir / "config.json").read_text())["quantization_config"]
 
 
+def is_nvfp4(folder: Path) -> bool:
+    qc = json.loads((folder / "config.json").read_text()).get("quantization_config", {})
+    return qc.get("quant_method") == "compressed-tensors" and qc.get("format") == "nvfp4-pack-quantized"
+
+
 def is_asymmetric(folder: Path) -> bool:
     qc = json.loads((folder / "config.json").read_text()).get("quantization_config", {})
     if qc.get("quant_method") != "compressed-tensors":
@@ -183,7 +202,7 @@ class DequantizedShards(Shards):
     unpacks its codes (and zero points) with compressed-tensors' own unpacking and returns (q − z)·scale in
     float32; every other tensor as stored. `names()` lists the dense names."""
 
-    SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point")
+    SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point", ".weight_global_scale")
 
     def __init__(self, folder: Path):
         super().__init__(folder)
@@ -200,11 +219,21 @@ class DequantizedShards(Shards):
     def shape(self, name: str) -> list[int]:
         module = name.removesuffix(".weight")
         if module in self.packed and name.endswith(".weight"):
+            if module + ".weight_global_scale" in self.files:  # NVFP4: two e2m1 codes per byte, no weight_shape
+                rows, half = super().shape(module + ".weight_packed")
+                return [rows, 2 * half]
             return super().get(module + ".weight_shape").tolist()
         return super().shape(name)
 
     def get(self, name: str) -> torch.Tensor:
         module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module + ".weight_global_scale" in self.files:  # NVFP4
+            from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+            packed = super().get(module + ".weight_packed")
+            q = unpack_fp4_from_uint8(packed, packed.shape[0], 2 * packed.shape[1], dtype=torch.float32)
+            scale = super().get(module + ".weight_scale").float() / super().get(module + ".weight_global_scale")
+            return (q.reshape(q.shape[0], scale.shape[1], -1) * scale[..., None]).reshape(q.shape)
         if name.endswith(".weight") and module in self.naive:  # codes × per-channel, group or block scale
             q = super().get(name).float()
             scale = super().get(module + ".weight_scale").float()  # [rows, groups], or [row blocks, col blocks]

@@ -251,7 +251,7 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
             loss = float(ranks.mean(err.sum(dtype=torch.float64), err.numel()))
             if quantize:
                 lin.weight.data = Wq
-                pending[full(n)] = (q.cpu(), scale.cpu(), zero.cpu(), g, bits)
+                pending[full(n)] = (q.cpu(), scale.cpu(), zero.cpu(), g, bits, {})
             group = next(names for _, names, _ in rows if n in names)[0]
             alpha, loss_rtn, loss_best, seconds = alphas.get(group, (None, None, None, 0.0))
             log.append({"layer": i, "module": n, "group_size": g, "alpha": alpha, "scale_loss_rtn": loss_rtn,

@@ -97,6 +97,25 @@ class Fp8Method(Strict):
         return False
 
 
+class Fp4Method(Strict):
+    """NVFP4 weights (e2m1 in groups of 16, e4m3 group scales, a float32 global scale per tensor), round-to-nearest,
+    16-bit activations: compressed-tensors nvfp4-pack-quantized (llm-compressor's NVFP4A16)."""
+
+    layer_wise: ClassVar[bool] = True
+
+    name: Literal["fp4"]
+    scheme: Literal["nvfp4a16"] = "nvfp4a16"
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="regexes of linears left alone")
+    variant: str | None = Field(None, description="name of this variant's folder; default: fp4-scheme")
+
+    def default_variant(self) -> str:
+        return self.variant or f"fp4-{self.scheme}"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return False
+
+
 class ModuleScheme(Strict):
     """Another grid for the linears whose full name `match` (a regex, searched) finds: a per-layer mix."""
 
@@ -395,7 +414,7 @@ class AutoMethod(Strict):
 # The method names, once: each config's `name` literal. The recipe's `method` is a union discriminated on it and the
 # registry (registry.py) maps the same names to the modules that build them.
 CONFIGS: dict[str, type[Strict]] = {
-    get_args(c.model_fields["name"].annotation)[0]: c for c in (Int8Method, Fp8Method, RtnMethod, GptqMethod, AwqMethod,
+    get_args(c.model_fields["name"].annotation)[0]: c for c in (Int8Method, Fp8Method, Fp4Method, RtnMethod, GptqMethod, AwqMethod,
                                                            GgufMethod, AutoMethod)
 }
 METHOD_NAMES = tuple(CONFIGS)

@@ -47,6 +47,7 @@ class Solved:
     zero: torch.Tensor  # [rows, n_groups]
     row_loss: torch.Tensor  # [rows]: the method's loss per output row (GPTQ: Σ_j (w − q)² / Hinv_jj² / 2)
     damp: float = 0.0  # the absolute dampening added to diag(H) (GPTQ)
+    extra: dict | None = None  # what else the writer stores (NVFP4: the global scale the stacked linears share)
 
     @property
     def loss(self) -> float:
@@ -148,7 +149,7 @@ def build_streamed(method, base: BaseModel, out_dir: Path, calib: torch.Tensor |
                 rows = slice(first, first + lin.out_features)
                 first += lin.out_features
                 lin.weight.data = grids.dequantize(r.q[rows], r.scale[rows], r.zero[rows], gs).to(lin.weight.dtype)
-                pending[full] = (r.q[rows].cpu(), r.scale[rows].cpu(), r.zero[rows].cpu(), gs, bits)
+                pending[full] = (r.q[rows].cpu(), r.scale[rows].cpu(), r.zero[rows].cpu(), gs, bits, r.extra or {})
                 log.append({"layer": i, "module": n, **({"bits": bits} if method.per_module else {}),
                             "group_size": gs, "loss": float(r.row_loss[rows].sum()),
                             "samples": samples, "damp": r.damp,
@@ -218,9 +219,9 @@ def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module
         for pname, p in layer.named_parameters():
             owner = prefix + pname.rsplit(".", 1)[0]
             if pack and owner in pending and pname.endswith("weight"):
-                q, scale, zero, gs, bits = pending.pop(owner)
+                q, scale, zero, gs, bits, extra = pending.pop(owner)
                 tensors.update(writer.packed(owner, q, scale, zero, bits, method.sym, gs,
-                                             getattr(method, "act_order", False)))
+                                             getattr(method, "act_order", False), **extra))
             else:
                 tensors[prefix + pname] = p.data.to("cpu", writer.dtype)
         assert not [n for n in pending if n.startswith(prefix)], f"layer {i}: quantized linears left unwritten"

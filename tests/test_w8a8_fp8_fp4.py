@@ -1,6 +1,7 @@
-"""W8A8-INT8 (int8 scheme w8a8): SmoothQuant's fold, the int-quantized artefact as compressed-tensors and
-transformers reload it, and our evaluation's activation-quantized forward against an integer-kernel reference.
-vLLM's own kernels on the same artefact: tests/test_vllm.py."""
+"""W8A8-INT8 (int8 scheme w8a8), FP8 (method fp8) and NVFP4 (method fp4): SmoothQuant's fold, each artefact's
+layout as compressed-tensors and transformers reload it, our evaluation's activation-quantized forward against
+kernel references written from their definitions, and a run with them side by side. vLLM's own kernels on the same
+artefacts: tests/test_vllm.py."""
 
 import json
 
@@ -230,7 +231,7 @@ def test_fp8_block_refuses_linears_that_are_not_whole_blocks(tmp_path):
 
 
 def test_run_reports_w8a16_w8a8_and_fp8_side_by_side(outlier_model, tmp_path):
-    """`quantize run` of a recipe with INT8 W8A16 and W8A8 and FP8 dynamic and block variants: each built, reloaded
+    """`quantize run` of a recipe with INT8 W8A16 and W8A8, FP8 dynamic and block, NVFP4A16 variants: each built, reloaded
     by its loader (the activation-quantized ones through the kernel reference), scored against one base, its size
     as `plan` predicted it, and named by its layout in the report."""
     from conftest import write_recipe
@@ -239,7 +240,7 @@ def test_run_reports_w8a16_w8a8_and_fp8_side_by_side(outlier_model, tmp_path):
     from quantize.recipe import load_recipe
 
     methods = [{"name": "int8", "scheme": "w8a16"}, {"name": "int8", "scheme": "w8a8"},
-               {"name": "fp8", "scheme": "dynamic"}, {"name": "fp8", "scheme": "block"}]
+               {"name": "fp8", "scheme": "dynamic"}, {"name": "fp8", "scheme": "block"}, {"name": "fp4"}]
     out = tmp_path / "run"
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(outlier_model), methods, out,
                                       calibration={"source": "bundled:wiki", "samples": 8, "seq_len": 128}))
@@ -247,13 +248,60 @@ def test_run_reports_w8a16_w8a8_and_fp8_side_by_side(outlier_model, tmp_path):
     assert pipeline.run(recipe) == out
     results = json.loads((out / "results.json").read_text())
     expected = {"int8-w8a16": "compressed-tensors", "int8-w8a8": "compressed-tensors (int-quantized)",
-                "fp8-dynamic": "compressed-tensors (float-quantized)", "fp8-block": "compressed-tensors (float-quantized)"}
+                "fp8-dynamic": "compressed-tensors (float-quantized)", "fp8-block": "compressed-tensors (float-quantized)",
+                "fp4-nvfp4a16": "compressed-tensors (nvfp4-pack-quantized)"}
     for name, fmt in expected.items():
         v = results["variants"][name]
         assert v["format"] == fmt and 0 < v["perplexity"]["kld"]["mean"] < 0.5
-        assert ("kernel reference" in v["loader"]) == (name != "int8-w8a16")
+        assert ("kernel reference" in v["loader"]) == (name not in ("int8-w8a16", "fp4-nvfp4a16"))
         actual = sum(weight_bytes_safetensors(out / name).values())
         assert abs(planned[name]["expected_bytes"] - actual) / actual < 0.01, (name, planned[name], actual)
     report = (out / "report.md").read_text()
     assert "compressed-tensors (float-quantized)" in report and "W8A8 kernel reference" in report
     print({n: round(v["perplexity"]["kld"]["mean"], 6) for n, v in results["variants"].items()})
+
+
+# ---- NVFP4 (method fp4) ----------------------------------------------------------------------------------------
+def test_nvfp4_artefact_follows_the_definition_and_transformers_reloads_it(outlier_model, tmp_path):
+    """nvfp4-pack-quantized as llm-compressor's NVFP4A16 writes it; every weight is its e2m1 code × its group's
+    e4m3 scale ÷ the tensor's global scale, with g = 448·6 / max|W| shared by q/k/v (and by gate/up), the group
+    scale e4m3(g · max|W_group| / 6), and the code the e2m1 value nearest W ÷ (scale / g), all checked here from the
+    definition; transformers (compressed-tensors, which decompresses NVFP4 to bfloat16) reads the same weights."""
+    from safetensors import safe_open
+
+    from quantize.formats.compressed_tensors import DequantizedShards
+    from quantize.methods.configs import Fp4Method
+
+    folder = tmp_path / "fp4"
+    folder.mkdir()
+    info = METHODS["fp4"].build(Fp4Method(name="fp4"), resolve_model(str(outlier_model)), folder)
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    group = qc["config_groups"]["group_0"]
+    assert qc["format"] == "nvfp4-pack-quantized" and group["weights"]["group_size"] == 16
+    assert group["weights"]["strategy"] == "tensor_group" and group["input_activations"] is None
+    assert info["quantized_linears"] == 14
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    stored = lambda n: safe_open(folder / index[n], "pt").get_tensor(n)  # noqa: E731
+    base = load_model(outlier_model, "float32")
+    e2m1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    e2m1 = torch.cat([-e2m1.flip(0), e2m1])
+    ours = DequantizedShards(folder)
+    for stack in (["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"], ["down_proj"]):
+        names = [f"model.layers.1.{'self_attn' if n[0] in 'qkv' else 'mlp'}.{n}" for n in stack]
+        W = torch.cat([base.get_submodule(n).weight.data for n in names])
+        g = 448 * 6 / W.abs().max()
+        assert all(torch.allclose(stored(n + ".weight_global_scale"), g.reshape(1)) for n in names)
+        for n in names:
+            Wn = base.get_submodule(n).weight.data.reshape(-1, 16)
+            scale = stored(n + ".weight_scale").float().reshape(-1, 1)
+            assert torch.equal(scale, (g * Wn.abs().amax(1, keepdim=True) / 6).to(torch.float8_e4m3fn).float())
+            x = Wn / (scale / g)
+            nearest = e2m1[(x[..., None] - e2m1).abs().argmin(-1)]
+            expected = (nearest * scale / g).reshape(base.get_submodule(n).weight.shape)
+            got = ours.get(n + ".weight")
+            assert (got - expected).abs().max() <= 1e-6 * expected.abs().max(), n  # ties aside (none here)
+    reloaded = load_model(folder, "bfloat16")
+    with torch.no_grad():
+        reloaded(torch.zeros(1, 1, dtype=torch.long))
+    name = "model.layers.0.mlp.down_proj"
+    assert torch.equal(reloaded.get_submodule(name).weight.data, ours.get(name + ".weight").bfloat16())

