@@ -40,3 +40,14 @@ def test_compare_cli_table_png_html(tiny_model, tmp_path):
     assert "data:image/png;base64," in text and "http" not in text.replace("http-equiv", "")  # no network needed
     bad = subprocess.run([sys.executable, "-m", "quantize.cli", "compare", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "results.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_base_is_labelled_as_what_it_is():
+    """Review §1: the report and `compare` called every base "fp16 safetensors". The label comes from the base's
+    stored dtypes and, for a base converted from a GGUF file, names that file."""
+    from quantize.report.markdown import base_label
+
+    assert base_label({"fit": {"weight_bytes_by_dtype": {"BF16": 10}}}) == "bfloat16 safetensors"
+    assert base_label({"fit": {"weight_bytes_by_dtype": {"F32": 2, "F16": 10}},
+                       "source_file": "/x/gemma-3-270m-Q4_K_M.gguf"}) == \
+        "float16+float32 safetensors (dequantised from gemma-3-270m-Q4_K_M.gguf)"

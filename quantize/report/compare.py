@@ -17,6 +17,7 @@ from pathlib import Path
 from quantize.common.errors import QuantizeError
 from quantize.fit.gpus import GiB
 from quantize.fit.vram import gib
+from quantize.report.markdown import base_label
 
 
 @dataclass
@@ -82,7 +83,7 @@ def run_rows(folder: Path, results: dict) -> list[Row]:
     proto = _protocol_id(results)
     base = results["base"]
     base_ppl = base["perplexity"]["ppl"]
-    entries = [("base", base, "base", "fp16 safetensors", None)]
+    entries = [("base", base, "base", base_label(base), None)]
     for name, v in results["variants"].items():
         manifest = folder / name / "manifest.json"
         bpw = json.loads(manifest.read_text())["result"].get("bits_per_weight") if manifest.is_file() else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from quantize.fit.vram import gib
 
 
@@ -18,6 +20,20 @@ def _best_speed(entry: dict, phase: str) -> tuple[str, str]:
     return f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})", str(best["threads"])
 
 
+DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def base_label(base: dict) -> str:
+    """What the base really is: its tensors' dtypes as stored (float16, bfloat16, …) and, for a base converted from
+    a GGUF file (bundled models, a user's .gguf), that it was dequantised from that file."""
+    by_dtype = base.get("fit", {}).get("weight_bytes_by_dtype", {})
+    label = "+".join(DTYPE_NAMES.get(d, d) for d in sorted(by_dtype, key=lambda d: -by_dtype[d])) or "dense"
+    label += " safetensors"
+    if base.get("source_file"):
+        label += f" (dequantised from {Path(base['source_file']).name})"
+    return label
+
+
 def _size(entry: dict) -> int:
     return sum(entry["fit"]["weight_bytes_by_dtype"].values())
 
@@ -26,7 +42,7 @@ def _quality_table(results: dict) -> list[str]:
     lines = ["| model | format | loader | size on disk | PPL | bits/byte | Δ PPL | KLD mean ± | KLD median | KLD p99 "
              "| KLD max | same top % | pp t/s (threads) | tg t/s (threads) | tg GB/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    entries = [("base", results["base"], "fp16 safetensors")]
+    entries = [("base", results["base"], base_label(results["base"]))]
     entries += [(n, v, v["format"]) for n, v in results["variants"].items()]
     base_ppl = results["base"]["perplexity"]["ppl"]
     for name, e, fmt in entries:
