@@ -137,21 +137,22 @@ def write(args, base, rows) -> None:
              f"Calibration: bundled wiki, {args.samples} × {args.seq_len} tokens, seeded draws 0..{args.seeds - 1} "
              f"(seed 0 for every single-draw row). Evaluation: bundled wiki eval text, {args.chunks} × 512 tokens, "
              "float32, KLD against the base's float32 log-probabilities; W8A8 and FP8 dynamic/block with the inputs "
-             "rounded as vLLM's kernels round them. `python bench/w8a8_quality.py` "
+             "rounded as vLLM's kernels round them. Build times are in the JSON only (other jobs shared the 2 cores). "
+             "`python bench/w8a8_quality.py` "
              f"(torch {torch.__version__}, {torch.get_num_threads()} threads).", "",
-             "| variant | tool | KLD mean (median over draws) | draws | same top % | PPL | size MiB | build s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| variant | tool | KLD mean (median over draws) | draws | same top % | PPL | size MiB |",
+             "|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list] = {}
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['variant']} | – | skipped: {r['skipped']} | | | | | |")
+            lines.append(f"| {r['variant']} | – | skipped: {r['skipped']} | | | | |")
             continue
         groups.setdefault((r["variant"], r["tool"]), []).append(r)
     for (variant, tool), rs in groups.items():
         med = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
         klds = ", ".join(f"{r['kld']:.5f}" for r in rs)
         lines.append(f"| {variant} | {tool} | {med('kld'):.5f} ({klds}) | {len(rs)} | {100 * med('same_top'):.2f} | "
-                     f"{med('ppl'):.3f} | {rs[0]['bytes'] / 2**20:.1f} | {med('build_seconds'):.0f} |")
+                     f"{med('ppl'):.3f} | {rs[0]['bytes'] / 2**20:.1f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
