@@ -143,6 +143,13 @@ COMMANDS = {
                                                             "expected a Hugging Face config.json"]),
     "a model whose config.json is not JSON": (["plan", "BAD_MODEL.yaml"], ["key `model`", "not valid JSON"]),
     "a calibration text that is not UTF-8": (["run", "LATIN1.yaml"], ["LATIN1.txt: not UTF-8 text", "iconv"]),
+    # review §5: a truncated model.safetensors and a corrupt GGUF, in every command that takes them
+    "fit on a truncated safetensors": (["fit", "TRUNC"], ["TRUNC/model.safetensors: truncated: its tensors need"]),
+    "eval of a truncated safetensors": (["eval", "TRUNC"], ["TRUNC/model.safetensors: truncated"]),
+    "run of a truncated safetensors": (["run", "TRUNC.yaml"], ["key `model`", "TRUNC/model.safetensors: truncated"]),
+    "fit on a corrupt GGUF": (["fit", "CORRUPT.gguf"], ["CORRUPT.gguf: not a readable GGUF file"]),
+    "eval of a corrupt GGUF": (["eval", "CORRUPT.gguf"], ["CORRUPT.gguf: not a readable GGUF file"]),
+    "a corrupt GGUF as the model": (["plan", "CORRUPT.yaml"], ["key `model`", "CORRUPT.gguf: not a readable GGUF"]),
 }
 
 
@@ -162,6 +169,15 @@ def test_bad_command_line_is_one_clear_message_and_exit_2(case, tiny_model, tmp_
     (tmp_path / "LATIN1.yaml").write_text(yaml.safe_dump({
         **GOOD, "model": str(tiny_model), "method": {"name": "gptq", "bits": 4, "group_size": 64},
         "calibration": {"source": "LATIN1.txt", "samples": 2, "seq_len": 32}}))
+    import shutil
+
+    shutil.copytree(tiny_model, tmp_path / "TRUNC")
+    weights = tmp_path / "TRUNC" / "model.safetensors"
+    with open(weights, "r+b") as fh:
+        fh.truncate(weights.stat().st_size // 2)  # an interrupted download
+    (tmp_path / "TRUNC.yaml").write_text(yaml.safe_dump({**GOOD, "model": "TRUNC"}))
+    (tmp_path / "CORRUPT.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(7))
+    (tmp_path / "CORRUPT.yaml").write_text(yaml.safe_dump({**GOOD, "model": "CORRUPT.gguf"}))
     before = sorted(p.name for p in tmp_path.iterdir())
     llama = Path(__file__).parent / "data" / "configs" / "llama-3-8b.json"
     args = [str(llama) if a == "LLAMA" else a for a in args]

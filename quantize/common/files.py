@@ -41,6 +41,45 @@ def read_json(path: Path, what: str = "a JSON object") -> dict:
                             f"expected {what}") from None
 
 
+def check_safetensors(path: Path) -> None:
+    """A .safetensors file whose header parses and whose tensors all lie inside the file (an interrupted download
+    or copy leaves a truncated one that would otherwise fail deep inside a loader, or be measured as whole)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else None
+        if n is None or 8 + n > size:
+            raise QuantizeError(f"{path}: truncated or not a safetensors file ({size} bytes; its header needs "
+                                f"{'more' if n is None else 8 + n}); download or copy it again")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise QuantizeError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise QuantizeError(f"{path}: truncated: its tensors need {8 + n + end} bytes, the file has {size} (an "
+                            "interrupted download or copy?); download or copy it again")
+
+
+def check_checkpoint(folder: Path) -> None:
+    """Every safetensors file of an HF folder, checked where the folder enters (run, fit, eval)."""
+    for path in sorted(folder.glob("*.safetensors")):
+        check_safetensors(path)
+
+
+def check_gguf(path: Path) -> None:
+    """A GGUF file gguf-py can read whole: magic, version, metadata, and tensor extents inside the file."""
+    import struct
+
+    import gguf
+
+    try:
+        gguf.GGUFReader(path)
+    except (ValueError, struct.error, KeyError, IndexError, OSError) as exc:
+        raise QuantizeError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc}); truncated or "
+                            "corrupt? download or convert it again") from None
+
+
 def versions() -> dict:
     out = {"python": platform.python_version()}
     for name in LIBRARIES:

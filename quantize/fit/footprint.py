@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from quantize.common.errors import QuantizeError
-from quantize.common.files import read_json
+from quantize.common.files import check_checkpoint, check_gguf, read_json
 from quantize.fit.shape import ParamCounts, param_counts, shape_and_counts, shape_config_from_gguf
 from quantize.formats.compressed_tensors import STORAGE_DTYPE
 from quantize.formats.gguf_types import K_QUANT_BLOCK, K_QUANT_FALLBACK, bits_per_weight, nominal_bits_per_weight
@@ -103,6 +103,7 @@ def describe_model(spec: str, fmt: str | None) -> dict:
     path = Path(spec).expanduser()
     measured = None
     if path.suffix == ".gguf" and path.is_file():
+        check_gguf(path)
         cfg = shape_config_from_gguf(path)
         measured, source = sum(weight_bytes_gguf(path).values()), "GGUF tensor infos"
     elif path.is_file() and path.name.endswith(".json"):
@@ -110,6 +111,7 @@ def describe_model(spec: str, fmt: str | None) -> dict:
     elif path.is_dir() and (path / "config.json").is_file():
         cfg, source = read_json(path / "config.json", "a Hugging Face config.json"), "config.json"
         if any(path.glob("*.safetensors")):
+            check_checkpoint(path)
             measured = sum(weight_bytes_safetensors(path).values())
     elif is_hub_id(spec):
         cfg, measured = hub_config_and_bytes(spec)

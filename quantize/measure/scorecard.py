@@ -17,7 +17,7 @@ from quantize.common.errors import QuantizeError
 from quantize.measure.streamed import LOADER as STREAM_LOADER, StreamedModel
 from quantize.measure import kld_base, quality
 from quantize.measure import speed
-from quantize.runtimes.load import detect, free, load, vocab_size
+from quantize.runtimes.load import check_files, detect, free, load, vocab_size
 from quantize.sources.models import load_tokenizer, resolve_model
 from quantize.sources.texts import load_text
 
@@ -58,6 +58,7 @@ def base_store(base_path: Path, chunks, dtype: str, n_vocab: int, stream: bool =
 def evaluate_artefact(path: Path, base: str | None, ev, engine: str | None = None) -> dict:
     """`ev`: the recipe's `eval` section (recipe.Eval). `engine`: "vllm" scores the artefact on vLLM itself (its
     prompt log-probabilities, in bfloat16 unless the recipe's eval dtype says otherwise; no speed figures)."""
+    check_files(path)  # a truncated or corrupt artefact: one message naming the file, before any work
     base_path = resolve_model(base).path if base else None
     tokenizer = tokenizer_for(path, base_path)
     ppl = ev.perplexity

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from quantize.common.errors import QuantizeError
+from quantize.common.files import check_checkpoint, check_gguf
 from quantize.common.heap import release_free_heap
 from quantize.formats import classic, compressed_tensors, mlx as mlx_format
 from quantize.runtimes import kernels, llamacpp, mlx, vllm
@@ -48,11 +49,21 @@ def detect(path: Path) -> str:
                         "accepted: compressed-tensors, gptq, awq, bitsandbytes, or none")
 
 
+def check_files(path: Path) -> None:
+    """The artefact's files, checked before it is loaded: a GGUF gguf-py reads whole, safetensors not truncated."""
+    gguf_file = _gguf_file(path)
+    if gguf_file is not None:
+        check_gguf(gguf_file)
+    elif path.is_dir():
+        check_checkpoint(path)
+
+
 def load(path: Path, dtype: str = "float32", n_ctx: int = 512, device: str = "cpu", engine: str | None = None):
     """(model, loader description, eval dtype). A torch model goes to `device` (a CUDA one: every format but
     bitsandbytes' LLM.int8, which is loaded on the CPU here); llama.cpp and mlx-lm keep their own placement.
     `engine="vllm"`: the artefact scored on vLLM itself (runtimes/vllm.py), in `dtype` (vLLM's CPU build runs
     bfloat16; float32 is refused by its quantized kernels)."""
+    check_files(path)
     if engine == "vllm":
         fmt = detect(path)
         if fmt in ("gguf", "mlx"):

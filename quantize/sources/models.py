@@ -18,7 +18,7 @@ from pathlib import Path
 
 from quantize.common.cache import cache_root
 from quantize.common.errors import QuantizeError
-from quantize.common.files import read_json
+from quantize.common.files import check_checkpoint, check_gguf, read_json
 from quantize.sources.architectures import checkpoint_experts
 
 # name → (python package that carries the file, file inside it, license)
@@ -196,6 +196,7 @@ def gguf_source(spec: str) -> tuple[Path, Path, str] | None:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise QuantizeError(f"model {spec}: no such GGUF file")
+        check_gguf(path)
         return path, cache_root() / "models" / f"{path.stem}-{_file_key(path)}", "gguf"
     return None
 
@@ -211,6 +212,7 @@ def resolve_model(spec: str, revision: str | None = None) -> BaseModel:
         if not (path / "config.json").is_file():
             raise QuantizeError(f"model {spec}: directory has no config.json (expected a Hugging Face checkpoint)")
         read_json(path / "config.json", "a Hugging Face config.json")  # checked where it enters
+        check_checkpoint(path)
         return BaseModel(spec, path, "local")
     if is_hub_id(spec):
         return BaseModel(spec, hub_snapshot(spec, revision), "hub", revision=revision)
