@@ -67,8 +67,8 @@ def main() -> None:
             n = min(len(ids) // args.n_ctx, args.chunks)
             cpp_ids = torch.tensor(ids[: n * args.n_ctx], dtype=torch.long).reshape(n, args.n_ctx)
             cpp_chunks = quality.Chunks(cpp_ids, args.n_ctx, False, len(ids), text.describe(), "llama.cpp tokenizer")
-            ours_cpp_tok = quality.score_base(m, cpp_chunks, None, f"{g.name} llama.cpp tokens")
-            ours_hf_tok = quality.score_base(m, hf_chunks, None, f"{g.name} HF tokens")
+            ours_cpp_tok = quality.score_model(m, cpp_chunks, None, f"{g.name} llama.cpp tokens")
+            ours_hf_tok = quality.score_model(m, hf_chunks, None, f"{g.name} HF tokens")
         finally:
             m.close()
         same_ids = int((cpp_ids == hf_chunks.ids[:n]).all(dim=1).sum())

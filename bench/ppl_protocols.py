@@ -34,7 +34,7 @@ def main() -> None:
     rows = {}
     for n_ctx in (512, 2048):
         chunks = quality.make_chunks(tok, text, n_ctx, None)
-        s = quality.score_base(model, chunks, None, f"ours n_ctx {n_ctx}")
+        s = quality.score_model(model, chunks, None, f"ours n_ctx {n_ctx}")
         rows[f"quantize (llama.cpp protocol), n_ctx {n_ctx}"] = {
             "ppl": s["ppl"], "bits_per_byte": s["bits_per_byte"], "tokens_scored": s["tokens_scored"],
             "context_per_scored_token": f"{n_ctx // 2}–{n_ctx - 1}", "text_tokens": chunks.text_tokens}

@@ -62,7 +62,7 @@ def measure(folder: Path, mode: str, chunks: int) -> dict:
     data = quality.make_chunks(load_tokenizer(folder), load_text("bundled:wiki", "eval"), 512, chunks)
     start = time.perf_counter()
     model = StreamedModel(folder) if mode == "streamed" else load_model(folder, "float32")
-    scores = quality.score_base(model, data, None, mode)
+    scores = quality.score_model(model, data, None, mode)
     seconds = time.perf_counter() - start
     return {"mode": mode, "ppl": scores["ppl"], "seconds": round(seconds, 1),
             "peak_rss_bytes": peak_rss_bytes()}

@@ -1,4 +1,5 @@
-"""`quantize` command line: run, plan, recipes. User errors print one message and exit 2, no traceback."""
+"""`quantize` command line: run, plan, eval, serve, fit, fit-to, compare, families, recipes, engine. User errors
+print one message and exit 2, no traceback."""
 
 from __future__ import annotations
 
@@ -83,13 +84,13 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
     Exit codes: 0 done (every gate passed), 2 user error (nothing run), 3 a gate failed (artefacts written and
     marked), 130 interrupted (nothing published; the work is kept for the next run).
 
-    Under `torchrun --standalone --nproc-per-node N -m quantize.cli run RECIPE` GPTQ's calibration is split over
-    the N processes (gloo on CPU, NCCL on GPUs); rank 0 runs everything else and writes (methods/ranks.py)."""
+    Under `torchrun --standalone --nproc-per-node N -m quantize.cli run RECIPE` GPTQ's and AWQ's calibration is split
+    over the N processes (gloo on CPU, NCCL on GPUs); rank 0 runs everything else and writes (methods/ranks.py)."""
     from quantize import pipeline
     from quantize.methods import ranks
 
     if ranks.init_from_env().rank > 0:  # under torchrun: rank 0 runs the recipe, the others its GPTQ builds
-        return ranks.serve()
+        return ranks.worker_loop()
     loaded = None
     try:
         loaded = load_recipe(recipe, [*overrides, *(f"gates.{g}" for g in gate)])

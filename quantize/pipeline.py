@@ -63,7 +63,7 @@ def _evaluate(model, label: str, chunks, base_logprobs, recipe: Recipe, bandwidt
     if scores is not None:
         out = {"perplexity": scores}
     elif base_logprobs is None:  # eval.kld: false: perplexity only
-        out = {"perplexity": quality.score_base(model, chunks, None, label)}
+        out = {"perplexity": quality.score_model(model, chunks, None, label)}
     else:
         out = {"perplexity": quality.score(model, chunks, base_logprobs, label, positions)}
     if recipe.eval.tasks:
@@ -278,7 +278,7 @@ def _base_perplexity(base_path: Path, chunks, dtype: str, recipe: Recipe, device
     nothing stored."""
     model = StreamedModel(base_path) if recipe.eval.stream else load(base_path, dtype, chunks.n_ctx, device)[0]
     try:
-        scores = quality.score_base(model, chunks, None)
+        scores = quality.score_model(model, chunks, None)
     finally:
         free(model)
     return scores, {"state": "not stored (eval.kld: false)", "file": None}

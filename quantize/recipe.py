@@ -138,7 +138,7 @@ class Gates(Strict):
         return any(v is not None and v != [] and v is not False for v in self.model_dump().values())
 
 
-LAYER_WISE_DEVICE = ("rtn", "gptq", "awq")  # the methods with a `device` key
+LAYER_WISE_DEVICE = ("rtn", "gptq", "awq")  # the methods with a `device` key (and int8's scheme w8a8)
 
 
 class Recipe(Strict):
@@ -171,9 +171,9 @@ class Recipe(Strict):
             data["methods"] = [data.pop("method")]
         # the recipe's `device` is the default of every layer-wise method that does not name its own
         if isinstance(data, dict) and "device" in data and isinstance(data.get("methods"), list):
-            data = {**data, "methods": [{"device": data["device"], **m}
-                                        if isinstance(m, dict) and m.get("name") in LAYER_WISE_DEVICE else m
-                                        for m in data["methods"]]}
+            data = {**data, "methods": [{"device": data["device"], **m} if isinstance(m, dict) and (
+                m.get("name") in LAYER_WISE_DEVICE or (m.get("name") == "int8" and m.get("scheme") == "w8a8"))
+                else m for m in data["methods"]]}
         return data
 
     _known_device = field_validator("device")(lambda cls, value: known_device(value))

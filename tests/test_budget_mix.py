@@ -11,7 +11,7 @@ import torch
 from conftest import build_tiny_llama, write_recipe
 from quantize.common.errors import QuantizeError
 from quantize.formats import gguf_convert
-from quantize.methods.mixed import assign
+from quantize.methods.auto import assign
 from quantize.methods.sensitivity import Probe
 from quantize.runtimes import llamacpp
 

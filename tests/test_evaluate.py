@@ -78,7 +78,7 @@ def test_bits_per_byte_counts_the_scored_text(tiny_model, tmp_path):
     chunks = quality.make_chunks(tok, bundled_wiki("eval"), n_ctx=64, max_chunks=2)
     scored_text = "".join(tok.decode(row[33:].tolist()) for row in chunks.ids)
     assert chunks.scored_bytes == len(scored_text.encode()) > 2 * 31  # a 512-token BPE: > 1 byte per token
-    out = quality.score_base(load_model(tiny_model, "float32"), chunks, None, "base")
+    out = quality.score_model(load_model(tiny_model, "float32"), chunks, None, "base")
     assert math.isclose(out["bits_per_byte"] * math.log(2) * chunks.scored_bytes,
                         out["mean_nll"] * out["tokens_scored"], rel_tol=1e-9)
 

@@ -267,11 +267,12 @@ def test_missing_cuda_device_fails_before_any_work(tiny_model, tmp_path):
 def test_recipe_device_is_every_layer_wise_method_default(tiny_model, tmp_path):
     """One recipe key: `device` is where evaluation runs and the device of rtn/gptq/awq that name none."""
     methods = [{"name": "gptq", "group_size": 64}, {"name": "awq", "group_size": 64, "device": "auto"},
-               {"name": "int8"}]
+               {"name": "int8"}, {"name": "int8", "scheme": "w8a8"}, {"name": "gguf", "type": "Q8_0"}]
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model), methods, tmp_path / "out",
                                       device="cpu"))
     assert recipe.device == "cpu"
-    assert [getattr(m, "device", None) for m in recipe.methods] == ["cpu", "auto", None]
+    # int8 w8a16 has a device key that only scheme w8a8 uses (left at its default); gguf has none
+    assert [getattr(m, "device", None) for m in recipe.methods] == ["cpu", "auto", "auto", "cpu", None]
     if not torch.cuda.is_available():
         recipe = load_recipe(write_recipe(tmp_path / "c.yaml", str(tiny_model), [{"name": "rtn"}],
                                           tmp_path / "cuda-out", device="cuda"))

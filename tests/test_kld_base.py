@@ -132,7 +132,7 @@ def test_noise_floor_is_not_reported_as_zero_under_a_bfloat16_evaluation(tiny_mo
     from quantize.sources.texts import bundled_wiki
 
     chunks = quality.make_chunks(load_tokenizer(tiny_model), bundled_wiki("eval"), 64, 2)
-    fp32 = quality.score_base(load_model(tiny_model, "float32"), chunks, None)["noise_floor"]
-    bf16 = quality.score_base(load_model(tiny_model, "bfloat16"), chunks, None)["noise_floor"]
+    fp32 = quality.score_model(load_model(tiny_model, "float32"), chunks, None)["noise_floor"]
+    bf16 = quality.score_model(load_model(tiny_model, "bfloat16"), chunks, None)["noise_floor"]
     assert fp32["kld_mean"] > 0
     assert bf16["kld_mean"] is None and "already bfloat16" in bf16["what"]

@@ -37,8 +37,8 @@ def test_streamed_logits_equal_the_whole_model(family, tmp_path):
 def test_streamed_base_scores_equal_the_in_memory_ones(tiny_model):
     tokenizer = load_tokenizer(tiny_model)
     chunks = quality.make_chunks(tokenizer, load_text("bundled:wiki", "eval"), 128, 4)
-    whole = quality.score_base(load_model(tiny_model, "float32"), chunks, None)
-    streamed = quality.score_base(StreamedModel(tiny_model), chunks, None)
+    whole = quality.score_model(load_model(tiny_model, "float32"), chunks, None)
+    streamed = quality.score_model(StreamedModel(tiny_model), chunks, None)
     print(f"PPL whole {whole['ppl']:.6f}, streamed {streamed['ppl']:.6f}")
     assert streamed["ppl"] == pytest.approx(whole["ppl"], rel=1e-6)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quantize.common.divergence import kl_divergence  # noqa: F401  (quality.kl_divergence, as before)
 from quantize.common.errors import QuantizeError
 from quantize.common.ui import track
 from quantize.measure.kld_base import KldBaseFile, KldBaseWriter, against_base
@@ -90,11 +91,6 @@ def _mean_unc(x: np.ndarray) -> tuple[float, float]:
     return mean, math.sqrt(max(var, 0.0) / (len(x) - 1))
 
 
-def kl_divergence(base_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """KL(P_base ‖ P) per position, [n], in full precision (no cut-off)."""
-    return (base_logp.exp() * (base_logp - logp)).sum(-1)
-
-
 def forward_logits(model, ids: torch.Tensor, first: int = 0) -> torch.Tensor:
     """[n - first, vocab] logits of positions first… of one sequence ids [1, n] from a torch model or a runtime with
     `logits(ids, first)` (llama.cpp's LlamaCppModel, mlx-lm's MlxModel). The output layer runs on those positions
@@ -127,9 +123,10 @@ def _perplexity(nll: np.ndarray, chunks: Chunks) -> dict:
 
 
 @torch.inference_mode()
-def score_base(model, chunks: Chunks, store: KldBaseWriter | None, label: str = "base") -> dict:
-    """Perplexity of the base model on the chunks; its log-probabilities go to `store` (when given) for the KLD
-    of every variant after it."""
+def score_model(model, chunks: Chunks, store: KldBaseWriter | None, label: str = "base") -> dict:
+    """Perplexity (and the bfloat16 noise floor) of any model scored on its own, with no base to compare against:
+    the base itself, whose log-probabilities go to `store` (when given) for the KLD of every variant after it, or an
+    artefact evaluated without a base."""
     nll, floor, on_bf16_grid = [], [], True
     for i, logits, targets in _scored_logits(model, chunks, label):
         logp = torch.log_softmax(logits, dim=-1)
@@ -155,10 +152,10 @@ def score_base(model, chunks: Chunks, store: KldBaseWriter | None, label: str = 
 
 
 def base_file(model, chunks: Chunks, path: Path, label: str = "base") -> tuple[KldBaseFile, dict]:
-    """score_base with its log-probabilities written to a base file at `path` (outside the cache: benches, tests)."""
+    """score_model with its log-probabilities written to a base file at `path` (outside the cache: benches, tests)."""
     writer = KldBaseWriter(path, chunks.ids)
     try:
-        scores = score_base(model, chunks, writer, label)
+        scores = score_model(model, chunks, writer, label)
     finally:
         writer.close()
     return KldBaseFile(path), scores

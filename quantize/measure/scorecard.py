@@ -48,7 +48,7 @@ def base_store(base_path: Path, chunks, dtype: str, n_vocab: int, stream: bool =
             if base_vocab != n_vocab:
                 raise QuantizeError(f"base {base_path} has a vocabulary of {base_vocab}, the artefact {n_vocab}: KLD "
                                     "needs the same vocabulary; give the artefact's own base model")
-            return {**quality.score_base(model, chunks, writer), "loader": loader}
+            return {**quality.score_model(model, chunks, writer), "loader": loader}
         finally:
             free(model)
     backend = detect(base_path) + ("" if stream or device == "cpu" else f" on {device.split(':')[0]}")
@@ -70,7 +70,7 @@ def evaluate_artefact(path: Path, base: str | None, ev, engine: str | None = Non
         store, base_scores, cache = (None, None, None)
         if base_path is not None and ev.kld:
             store, base_scores, cache = base_store(base_path, chunks, ev.dtype, n_vocab, ev.stream)
-        scores = (quality.score_base(model, chunks, None, path.name) if store is None
+        scores = (quality.score_model(model, chunks, None, path.name) if store is None
                   else quality.score(model, chunks, store, path.name))
         out = {"artefact": str(path), "format": detect(path), "loader": loader, "eval_dtype": dtype,
                "perplexity": scores, "protocol": {"perplexity": chunks.protocol(), "versions": versions()}}

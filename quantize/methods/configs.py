@@ -353,7 +353,7 @@ class Budget(Strict):
 class AutoMethod(Strict):
     """The budgeted mix: each tensor gets the GGML type that minimises the predicted KLD of the whole model
     subject to the byte budget, from a measured sensitivity table (methods/sensitivity.py), solved exactly
-    (methods/mixed.py) and built by llama.cpp's own quantiser with per-tensor types."""
+    (methods/auto.py) and built by llama.cpp's own quantiser with per-tensor types."""
 
     name: Literal["auto"]
     target: Literal["gguf", "compressed-tensors"] = Field(

@@ -235,7 +235,7 @@ def build(module, method, base, out_dir: Path, calib, calib_info):
     return info
 
 
-def serve() -> None:
+def worker_loop() -> None:
     """A rank other than 0: take rank 0's jobs until it sends None, each built on this rank's share."""
     import importlib
 

@@ -1,4 +1,4 @@
-"""How much each tensor costs in output quality at each GGML type: the table the budgeted mix (methods/mixed.py)
+"""How much each tensor costs in output quality at each GGML type: the table the budgeted mix (methods/auto.py)
 optimises over.
 
 For every quantizable tensor of the GGUF (a "group": one layer's attn_q, …, ffn_down, the embedding, the output
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from quantize.common.cache import cache_root
+from quantize.common.divergence import kl_divergence
 from quantize.common.errors import QuantizeError
 from quantize.common.ui import step
 from quantize.formats.gguf_types import bits_per_weight
@@ -147,7 +148,7 @@ class Probe:
                 for b in range(self.ids.shape[0]):  # one sequence at a time: [seq, vocab] temporaries
                     q = torch.log_softmax(logits[b].double(), -1)
                     p = torch.log_softmax(self.base[b].double(), -1)
-                    total += float((p.exp() * (p - q)).sum())
+                    total += float(kl_divergence(p, q).sum())
         finally:
             for m, p in params.items():
                 p.data = saved[m]
