@@ -161,18 +161,43 @@ def eval_command(path: Path = typer.Argument(..., help="an artefact: HF folder (
                  as_json: bool = typer.Option(False, "--json", help="print the JSON result on stdout (logs on stderr)"),
                  engine: str | None = typer.Option(None, "--engine", help="vllm: score it on vLLM itself (the managed "
                                                    "environment; bfloat16; no speed)"),
+                 overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE: set an eval key (eval.perplexity."
+                                                     "max_chunks=8, eval.dtype=bfloat16), over --recipe's; repeatable"),
+                 device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default: "
+                                                   "--recipe's `device`, else auto, as `run`)"),
                  ) -> None:
-    """Evaluate any artefact on the backend its format runs on: perplexity, bits per byte, KLD, speed."""
+    """Evaluate any artefact on the backend its format runs on: perplexity, bits per byte, KLD, speed. Prints a
+    summary line (--json: the whole result on stdout; --out: the result written to a file too)."""
     from quantize.measure import scorecard
+    from quantize.methods.configs import known_device
+    from quantize.methods.device import resolve_device
+    from quantize.recipe import apply_overrides
 
     try:
         if not path.exists():
             raise QuantizeError(f"{path}: no such file or directory (an artefact: a .gguf, or a folder with "
                                 "config.json or model.gguf)")
-        ev = load_recipe(recipe).eval if recipe else Eval()
+        loaded = load_recipe(recipe, [o for o in overrides]) if recipe else None
+        if loaded is not None:
+            ev = loaded.eval
+        else:
+            stray = [o for o in overrides if not o.startswith("eval.")]
+            if stray:
+                raise QuantizeError(f"--set {stray[0]}: `quantize eval` takes eval keys (eval.perplexity.max_chunks=8, "
+                                    "eval.dtype=bfloat16, …)")
+            try:
+                ev = Eval.model_validate(apply_overrides({"eval": {}}, overrides, "quantize eval")["eval"])
+            except ValueError as exc:
+                raise QuantizeError(f"--set: {exc}") from None
         ev = ev.model_copy(update={"speed": ev.speed.model_copy(update={"enabled": ev.speed.enabled and speed})})
+        asked = device or (loaded.device if loaded is not None else "auto")
+        try:
+            known_device(asked)
+        except ValueError as exc:
+            raise QuantizeError(f"--device: {exc}") from None
+        where = resolve_device(asked, "--device" if device else "key `device`")
         with _stdout_to_stderr() if as_json else contextlib.nullcontext():
-            result = scorecard.evaluate_artefact(path, base, ev, engine)
+            result = scorecard.evaluate_artefact(path, base, ev, engine, where)
     except QuantizeError as exc:
         _fail(exc, recipe)
     text = json.dumps(result, indent=2, default=str)
@@ -183,7 +208,7 @@ def eval_command(path: Path = typer.Argument(..., help="an artefact: HF folder (
            f"{p['bits_per_byte']:.4f} bits/byte"
     if "kld" in p:
         line += f"; KLD {p['kld']['mean']:.6f} ± {p['kld']['unc']:.6f}, same top {100 * p['kld']['same_top']:.2f}%"
-    typer.echo(text if as_json or not out else line)
+    typer.echo(text if as_json else line)
 
 
 @app.command("serve")

@@ -46,3 +46,28 @@ def test_gguf_file_runs_on_llama_cpp(run, tiny_model, tmp_path):
     res = scorecard.evaluate_artefact(gguf, str(tiny_model), recipe.eval)
     assert res["format"] == "gguf" and res["loader"].startswith("llama.cpp")
     assert 0 < res["perplexity"]["kld"]["mean"] < 0.05
+
+
+def test_eval_cli_summary_set_and_device(run, tiny_model, tmp_path):
+    """Review §2: `quantize eval` prints its one-line summary (not the whole JSON) unless --json; --out writes the
+    JSON too; --set takes eval keys like `run --set` and --device names where it runs, both recorded in the result;
+    a key outside eval or an unknown device is one message and exit 2."""
+    from typer.testing import CliRunner
+
+    from quantize.cli import app
+
+    out, _ = run
+    artefact = out / "rtn-w4-sym-g64"
+    common = ["eval", str(artefact), "--base", str(tiny_model), "--no-speed", "--set", "eval.perplexity.n_ctx=64",
+              "--set", "eval.perplexity.max_chunks=2"]
+    r = CliRunner().invoke(app, [*common, "--device", "cpu", "--out", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    assert "PPL" in r.output and "KLD" in r.output and "{" not in r.output  # the summary, not the JSON
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert saved["device"] == "cpu" and saved["protocol"]["perplexity"]["chunks"] == 2
+    assert saved["protocol"]["perplexity"]["n_ctx"] == 64
+    r = CliRunner().invoke(app, [*common, "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout[r.stdout.index("{"):])["perplexity"]["kld"]["mean"] > 0
+    for bad, words in ((["--set", "methods.0.bits=3"], "takes eval keys"), (["--device", "tpu"], "--device: unknown")):
+        r = CliRunner().invoke(app, [*common, *bad])
+        assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output

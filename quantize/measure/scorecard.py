@@ -55,24 +55,26 @@ def base_store(base_path: Path, chunks, dtype: str, n_vocab: int, stream: bool =
     return kld_base.cached(base_path, chunks, dtype, backend, compute, n_vocab)
 
 
-def evaluate_artefact(path: Path, base: str | None, ev, engine: str | None = None) -> dict:
+def evaluate_artefact(path: Path, base: str | None, ev, engine: str | None = None, device: str = "cpu") -> dict:
     """`ev`: the recipe's `eval` section (recipe.Eval). `engine`: "vllm" scores the artefact on vLLM itself (its
-    prompt log-probabilities, in bfloat16 unless the recipe's eval dtype says otherwise; no speed figures)."""
+    prompt log-probabilities, in bfloat16 unless the recipe's eval dtype says otherwise; no speed figures).
+    `device`: where a torch artefact and the base run (a resolved torch device, as `run`'s evaluation device), so
+    `eval` and `run` share the base store and give the same numbers on the same device."""
     check_files(path)  # a truncated or corrupt artefact: one message naming the file, before any work
     base_path = resolve_model(base).path if base else None
     tokenizer = tokenizer_for(path, base_path)
     ppl = ev.perplexity
     chunks = quality.make_chunks(tokenizer, load_text(ppl.source, "eval", ppl.field), ppl.n_ctx, ppl.max_chunks)
     eval_dtype = "bfloat16" if engine == "vllm" and ev.dtype == "float32" else ev.dtype
-    model, loader, dtype = load(path, eval_dtype, chunks.n_ctx, engine=engine)
+    model, loader, dtype = load(path, eval_dtype, chunks.n_ctx, device, engine=engine)
     try:
         n_vocab = vocab_size(model)
         store, base_scores, cache = (None, None, None)
         if base_path is not None and ev.kld:
-            store, base_scores, cache = base_store(base_path, chunks, ev.dtype, n_vocab, ev.stream)
+            store, base_scores, cache = base_store(base_path, chunks, ev.dtype, n_vocab, ev.stream, device)
         scores = (quality.score_model(model, chunks, None, path.name) if store is None
                   else quality.score(model, chunks, store, path.name))
-        out = {"artefact": str(path), "format": detect(path), "loader": loader, "eval_dtype": dtype,
+        out = {"artefact": str(path), "format": detect(path), "loader": loader, "eval_dtype": dtype, "device": device,
                "perplexity": scores, "protocol": {"perplexity": chunks.protocol(), "versions": versions()}}
         if base_scores is not None:
             out["base"] = {"model": base, "perplexity": base_scores, "perplexity_cache": cache}
