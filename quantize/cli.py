@@ -350,7 +350,8 @@ def fit_to(model: str = typer.Argument(..., help="an HF directory, bundled:NAME 
 
 @app.command()
 def compare(runs: list[Path] = typer.Argument(..., help="run folders, e.g. outputs/*"),
-            png: Path = typer.Option(Path("compare.png"), "--png", help="chart of KLD against size"),
+            png: Path | None = typer.Option(None, "--png", help="chart of KLD against size (written only when "
+                                            "asked, or beside an --html page that embeds it)"),
             html_out: Path | None = typer.Option(None, "--html", help="self-contained HTML page"),
             md_out: Path | None = typer.Option(None, "--md", help="also write the Markdown table here"),
             as_json: bool = typer.Option(False, "--json", help="print the rows as JSON instead of the table")) -> None:
@@ -358,15 +359,21 @@ def compare(runs: list[Path] = typer.Argument(..., help="run folders, e.g. outpu
     from quantize.fit.gpus import gpu_by_name
     from quantize.report import compare as cmp
 
+    if png is None and html_out is not None:
+        png = html_out.with_suffix(".png")
     try:
-        rows = cmp.load_rows([r for r in runs if r.is_dir()])
-        usable = {name: gpu_by_name(name).usable_bytes for name in (rows[0].fits if rows else {})}
-        cmp.chart(rows, png, usable)
+        missing = [r for r in runs if not r.is_dir()]  # a typo would otherwise give a table without that run
+        if missing:
+            raise QuantizeError(f"{missing[0]}: not a run folder (give run folders such as outputs/<recipe>)")
+        rows = cmp.load_rows(runs)
+        if png is not None:
+            usable = {name: gpu_by_name(name).usable_bytes for name in (rows[0].fits if rows else {})}
+            cmp.chart(rows, png, usable)
     except QuantizeError as exc:
         _fail(exc)
     table = cmp.markdown(rows)
     if as_json:
-        typer.echo(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "chart": str(png),
+        typer.echo(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "chart": str(png) if png else None,
                                "html": str(html_out) if html_out else None}, indent=2))
     else:
         typer.echo(table)
@@ -374,7 +381,7 @@ def compare(runs: list[Path] = typer.Argument(..., help="run folders, e.g. outpu
         md_out.write_text(table)
     if html_out:
         html_out.write_text(cmp.html_page(rows, png))
-    if not as_json:
+    if not as_json and png is not None:
         typer.echo(f"chart: {png}" + (f"; page: {html_out}" if html_out else ""))
 
 

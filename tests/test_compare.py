@@ -1,5 +1,6 @@
 """`quantize compare`: the Pareto front by hand on made-up points, and the CLI over a real run's folder."""
 
+import json
 import subprocess
 import sys
 
@@ -40,6 +41,14 @@ def test_compare_cli_table_png_html(tiny_model, tmp_path):
     assert "data:image/png;base64," in text and "http" not in text.replace("http-equiv", "")  # no network needed
     bad = subprocess.run([sys.executable, "-m", "quantize.cli", "compare", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "results.json" in bad.stderr and "Traceback" not in bad.stderr
+    # review §2: a typo is an error, not a table without that run; --json writes no chart unless asked
+    typo = subprocess.run([sys.executable, "-m", "quantize.cli", "compare", str(out), str(tmp_path / "tinyrnu")],
+                          capture_output=True, text=True)
+    assert typo.returncode == 2 and "tinyrnu: not a run folder" in typo.stderr and "Traceback" not in typo.stderr
+    js = subprocess.run([sys.executable, "-m", "quantize.cli", "compare", str(out), "--json"], capture_output=True,
+                        text=True, cwd=tmp_path)
+    assert js.returncode == 0 and json.loads(js.stdout)["chart"] is None
+    assert not (tmp_path / "compare.png").exists()
 
 
 def test_the_base_is_labelled_as_what_it_is():
