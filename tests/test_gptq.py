@@ -103,8 +103,13 @@ def test_linears_sharing_a_hessian_solve_as_one_matrix(act_order):
 
 
 def test_indivisible_group_names_layer_and_sizes():
-    with pytest.raises(QuantizeError, match=r"model.layers.0.self_attn.q_proj: input size 576 .* 32, 64, 96, 192"):
+    """The sizes suggested are ones the recipe schema accepts (review §2: it suggested 96 and 192, which it refuses)."""
+    from quantize.methods.configs import GptqMethod
+
+    with pytest.raises(QuantizeError, match=r"model.layers.0.self_attn.q_proj: input size 576 .*: 32, 64 or -1") as e:
         group_size_for("model.layers.0.self_attn.q_proj", 576, 128, "fail")
+    for size in (32, 64):
+        assert f"{size}" in str(e.value) and GptqMethod(name="gptq", group_size=size).group_size == size
     assert group_size_for("x", 576, 128, "channel") == -1
     assert group_size_for("x", 1536, 128, "fail") == 128
 

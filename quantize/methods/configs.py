@@ -21,6 +21,10 @@ def known_device(value: str) -> str:
     return value
 
 
+GroupSize = Literal[-1, 32, 64, 128, 256]  # -1: per output channel
+GROUP_SIZES = tuple(g for g in get_args(GroupSize) if g > 0)  # what a recipe may ask, and an error may suggest
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     layer_wise: ClassVar[bool] = False  # streamed through methods/engine.py, one decoder layer at a time
@@ -121,7 +125,7 @@ class ModuleScheme(Strict):
 
     match: str
     bits: Literal[2, 3, 4, 8]
-    group_size: Literal[-1, 32, 64, 128, 256]
+    group_size: GroupSize
 
     @field_validator("match")
     @classmethod
@@ -139,7 +143,7 @@ class WeightOnly(Strict):
     layer_wise: ClassVar[bool] = True
 
     bits: Literal[2, 3, 4, 8] = 4
-    group_size: Literal[-1, 32, 64, 128, 256] = 128
+    group_size: GroupSize = 128
     sym: bool = True
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="regexes of linears left alone")
     on_indivisible: Literal["fail", "channel"] = Field(

@@ -29,6 +29,7 @@ from quantize.formats.compressed_tensors import CompressedTensorsWriter, storage
 from quantize.formats.mlx import MlxWriter
 from quantize.methods import grids
 from quantize.methods.checkpoint import Checkpoint
+from quantize.methods.configs import GROUP_SIZES
 from quantize.methods.device import peak_vram, reset_peak_vram, resolve_device, resolve_forward_dtype
 from quantize.methods.engine import quantize_layers, skeleton
 from quantize.methods.experts import ExpertPolicy, expert_lists
@@ -55,7 +56,8 @@ class Solved:
 
 
 def divisors(n: int) -> list[int]:
-    return [d for d in (32, 64, 96, 128, 192, 256) if n % d == 0]
+    """The group sizes a recipe may ask (configs.GROUP_SIZES) that divide n: never one the schema refuses."""
+    return [d for d in GROUP_SIZES if n % d == 0]
 
 
 def group_size_for(name: str, cols: int, group_size: int, on_indivisible: str) -> int:
