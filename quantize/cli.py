@@ -35,6 +35,7 @@ SET_HELP = ("KEY=VALUE: set a recipe key (dotted: eval.perplexity.max_chunks=8, 
 
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_GATE_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_ENGINE_FAILED = 1  # `serve`: the engine stopped by itself after it started (not the user's error)
 
 
 @contextlib.contextmanager
@@ -223,7 +224,9 @@ def serve_command(path: Path = typer.Argument(..., help="an artefact: a .gguf (o
                   threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (llama.cpp)"),
                   timeout: float = typer.Option(180, "--timeout", help="seconds to wait for the server to answer"),
                   ) -> None:
-    """Serve an artefact behind the engine's own OpenAI-compatible API until Ctrl-C."""
+    """Serve an artefact behind the engine's own OpenAI-compatible API until Ctrl-C.
+
+    Exit codes: 0 stopped by Ctrl-C or SIGTERM, 2 user error (nothing started), 1 the engine stopped by itself."""
     from quantize.runtimes import serve
 
     def interrupted(signum, frame):
@@ -241,7 +244,7 @@ def serve_command(path: Path = typer.Argument(..., help="an artefact: a .gguf (o
     try:
         code = server.process.wait()
         typer.echo(f"error: the {server.engine} server stopped by itself (exit {code}); log: {server.log}", err=True)
-        raise typer.Exit(EXIT_USER_ERROR)
+        raise typer.Exit(EXIT_ENGINE_FAILED)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
         typer.echo("stopping the server", err=True)

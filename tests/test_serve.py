@@ -85,6 +85,22 @@ def test_gguf_on_llama_cpp_server(tiny_gguf, tmp_path):
     assert served_then_stopped(tiny_gguf, tmp_path) == "llama.cpp"
 
 
+def test_an_engine_that_dies_by_itself_is_exit_1_not_a_user_error(tiny_gguf, tmp_path):
+    """Review §2: the engine killed under a running `quantize serve` is a runtime failure (exit 1, the log named),
+    not a user error (exit 2)."""
+    process = serve(tiny_gguf, "--threads", "1", cwd=tmp_path)
+    wait_for_url(process)
+    lines = []
+    while not (lines and "serving (pid" in lines[-1]):
+        lines.append(process.stderr.readline())
+        assert lines[-1], "".join(lines)
+    pid = int(re.search(r"serving \(pid (\d+)\)", lines[-1]).group(1))
+    os.killpg(pid, signal.SIGKILL)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1, err
+    assert "server stopped by itself" in err and "log:" in err and "Traceback" not in err
+
+
 def test_compressed_tensors_on_transformers_serve(tiny_model, tmp_path):
     from quantize.methods.configs import RtnMethod
     from quantize.methods.registry import METHODS
