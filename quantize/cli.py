@@ -94,7 +94,7 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
         return ranks.worker_loop()
     loaded = None
     try:
-        loaded = load_recipe(recipe, [*overrides, *(f"gates.{g}" for g in gate)])
+        loaded = load_recipe(recipe, overrides, gate)
         with _stdout_to_stderr() if as_json else contextlib.nullcontext():
             try:
                 out = pipeline.run(loaded, force=force, restart=restart)

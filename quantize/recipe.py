@@ -259,23 +259,24 @@ def parse_recipe(data: object, source: str) -> Recipe:
         raise QuantizeError("\n".join(lines)) from None
 
 
-def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
+def apply_overrides(data: dict, overrides: list[str], source: str, flag: str = "--set", prefix: str = "") -> dict:
     """The recipe mapping with each `KEY=VALUE` set: KEY is a dotted path (`eval.perplexity.max_chunks`,
     `methods.0.bits`; `method.` means the only method), VALUE is read as YAML (`8`, `null`, `[1, 2]`, `Q4_K_M`).
-    Missing mappings on the path are created; the result is validated like the file."""
+    Missing mappings on the path are created; the result is validated like the file. `flag` and `prefix`: how the
+    command line gave them (`--gate max_kld=0.1` is `gates.max_kld=0.1`), so an error names what the user typed."""
     data = dict(data)
     if "method" in data and "methods" not in data:
         data["methods"] = [data.pop("method")]
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise QuantizeError(f"{source}: --set {item!r}: expected KEY=VALUE with a dotted KEY, "
-                                "e.g. --set eval.perplexity.max_chunks=8")
+            raise QuantizeError(f"{source}: {flag} {item!r}: expected KEY=VALUE with a dotted KEY, "
+                                f"e.g. {flag} {'max_kld=0.05' if prefix else 'eval.perplexity.max_chunks=8'}")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
-            raise QuantizeError(f"{source}: --set {item!r}: the value is not valid YAML: {exc}") from None
-        parts = key.strip().split(".")
+            raise QuantizeError(f"{source}: {flag} {item!r}: the value is not valid YAML: {exc}") from None
+        parts = (prefix + key.strip()).split(".")
         if parts[0] == "method":
             parts = ["methods", "0", *parts[1:]]
         target = data
@@ -284,7 +285,7 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
             where = ".".join(parts[: depth + 1])
             if isinstance(target, list):
                 if not part.isdigit() or int(part) >= len(target):
-                    raise QuantizeError(f"{source}: --set {item!r}: `{where}` needs an index 0..{len(target) - 1}")
+                    raise QuantizeError(f"{source}: {flag} {item!r}: `{where}` needs an index 0..{len(target) - 1}")
                 part = int(part)
             if last:
                 target[part] = value
@@ -293,14 +294,15 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
                 if child is None:  # a section the file leaves out: created
                     child = {}
                 elif not isinstance(child, (dict, list)):
-                    raise QuantizeError(f"{source}: --set {item!r}: `{where}` is a value, not a mapping")
+                    raise QuantizeError(f"{source}: {flag} {item!r}: `{where}` is a value, not a mapping")
                 target[part] = dict(child) if isinstance(child, dict) else list(child)  # the caller's data untouched
                 target = target[part]
     return data
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """The recipe in `path`, with the command line's `--set KEY=VALUE` applied and recorded (`overrides`)."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, gates: list[str] | None = None) -> Recipe:
+    """The recipe in `path`, with the command line's `--set KEY=VALUE` and `--gate KEY=VALUE` applied and recorded
+    (`overrides`; a gate as `gates.KEY=VALUE`)."""
     path = Path(path)
     if not path.is_file():
         path = bundled_recipe(path)
@@ -309,12 +311,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except yaml.YAMLError as exc:
         raise QuantizeError(f"{path}: not valid YAML: {exc}") from None
     source = str(path)
-    if overrides:
+    overrides, gates = list(overrides or []), list(gates or [])
+    if overrides or gates:
         if not isinstance(data, dict):
             raise QuantizeError(f"{path}: a recipe is a YAML mapping of keys, got {type(data).__name__}")
         data = apply_overrides(data, overrides, source)
-        data["overrides"] = list(overrides)
-        source += " with " + " ".join(f"--set {o}" for o in overrides)
+        data = apply_overrides(data, gates, source, flag="--gate", prefix="gates.")
+        data["overrides"] = overrides + [f"gates.{g}" for g in gates]
+        source += " with " + " ".join([*(f"--set {o}" for o in overrides), *(f"--gate {g}" for g in gates)])
     return parse_recipe(data, source)
 
 

@@ -150,6 +150,10 @@ COMMANDS = {
     "fit on a corrupt GGUF": (["fit", "CORRUPT.gguf"], ["CORRUPT.gguf: not a readable GGUF file"]),
     "eval of a corrupt GGUF": (["eval", "CORRUPT.gguf"], ["CORRUPT.gguf: not a readable GGUF file"]),
     "a corrupt GGUF as the model": (["plan", "CORRUPT.yaml"], ["key `model`", "CORRUPT.gguf: not a readable GGUF"]),
+    # review §2: a --gate error names the --gate the user typed, not `--set gates.…`
+    "a --gate without a value": (["run", "TINY.yaml", "--gate", "nonsense"], ["--gate 'nonsense'", "e.g. --gate"]),
+    "a --gate with a bad value": (["run", "TINY.yaml", "--gate", "max_kld=abc"],
+                                  ["with --gate max_kld=abc", "gates.max_kld"]),
 }
 
 
@@ -178,6 +182,7 @@ def test_bad_command_line_is_one_clear_message_and_exit_2(case, tiny_model, tmp_
     (tmp_path / "TRUNC.yaml").write_text(yaml.safe_dump({**GOOD, "model": "TRUNC"}))
     (tmp_path / "CORRUPT.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(7))
     (tmp_path / "CORRUPT.yaml").write_text(yaml.safe_dump({**GOOD, "model": "CORRUPT.gguf"}))
+    (tmp_path / "TINY.yaml").write_text(yaml.safe_dump({**GOOD, "model": str(tiny_model)}))
     before = sorted(p.name for p in tmp_path.iterdir())
     llama = Path(__file__).parent / "data" / "configs" / "llama-3-8b.json"
     args = [str(llama) if a == "LLAMA" else a for a in args]
