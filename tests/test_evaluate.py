@@ -137,3 +137,25 @@ def test_paired_difference_cancels_shared_noise():
     d = quality.paired_difference(a, b)
     unc_a = a.std() / np.sqrt(len(a) - 1)
     assert abs(d["difference"] - 0.010) < 1e-4 and d["unc"] < unc_a / 20 and d["z"] > 100
+
+
+def test_speed_follows_llama_bench_definitions(tiny_model, tmp_path):
+    """Review §1: pp computes the last token's logits only (llama-bench asks llama.cpp for no others), and GB/s counts
+    the bytes a decode step reads: every weight but an untied input embedding (one row of it); a tied one is read
+    whole by the output projection. Same rule for the GGUF of the same model on llama.cpp."""
+    from quantize.formats.gguf_convert import convert
+    from quantize.measure import speed
+    from quantize.sources.models import load_model
+
+    model = load_model(tiny_model, "float32")
+    shapes = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    speed._pp(model, torch.randint(3, 500, (1, 16)))
+    hook.remove()
+    assert shapes == [(1, 1, model.config.vocab_size)]
+    embed = model.model.embed_tokens.weight
+    assert speed.weight_bytes_per_token(model) == speed.weight_bytes_in_memory(model) - embed.numel() * 4
+    model.lm_head.weight = embed  # tied
+    assert speed.weight_bytes_per_token(model) == speed.weight_bytes_in_memory(model)
+    gguf = convert(tiny_model, tmp_path / "m.gguf", "F16")
+    assert speed.untied_token_embedding_bytes(gguf) == embed.numel() * 2  # token_embd F16, output.weight apart

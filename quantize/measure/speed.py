@@ -1,10 +1,12 @@
 """Speed with llama-bench semantics, on the runtime the artefact really loads into (torch or llama.cpp).
 
-pp N: one forward pass over N prompt tokens from an empty cache.  tg M: M tokens generated one at a time from
-an empty cache (greedy, each step feeding back the previous argmax).  Fixed thread count per row (swept like
-llama-bench -t), one warm-up run, then `repetitions` timed runs: median, min and max tokens/sec. The sanity
-check from gpt-fast: weight bytes in memory × tg tokens/sec = GB/s achieved, which can never exceed the
-machine's memory bandwidth. Peak RSS is the process's resident peak during each phase (model included).
+pp N: one forward pass over N prompt tokens from an empty cache, the logits of the last token only (as llama-bench's
+batch asks llama.cpp for; torch: `logits_to_keep=1`).  tg M: M tokens generated one at a time from an empty
+cache (greedy, each step feeding back the previous argmax).  Fixed thread count per row (swept like llama-bench
+-t), one warm-up run, then `repetitions` timed runs: median, min and max tokens/sec. The sanity check from
+gpt-fast: weight bytes read per token × tg tokens/sec = GB/s achieved, which can never exceed the machine's memory
+bandwidth; a decode step reads every weight except the input embedding, of which it reads one row (unless it is
+tied to the output projection, which reads it whole). Peak RSS is the process's resident peak during each phase.
 """
 
 from __future__ import annotations
@@ -68,12 +70,20 @@ def _sync(model) -> None:
         torch.cuda.synchronize(model.device)
 
 
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """The weight bytes one decode step reads: all of them but an untied input embedding (one row of it)."""
+    embed = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight.data_ptr() == embed.data_ptr()
+    return weight_bytes_in_memory(model) - (0 if tied else embed.numel() * embed.element_size())
+
+
 @torch.inference_mode()
 def _pp(model, tokens: torch.Tensor) -> float:
     tokens = tokens.to(model.device)
     _sync(model)
     start = time.perf_counter()
-    model(tokens, use_cache=True)
+    model(tokens, use_cache=True, logits_to_keep=1)  # the last token's logits, as llama-bench
     _sync(model)
     return time.perf_counter() - start
 
@@ -125,19 +135,21 @@ def bench(model, vocab_size: int, prompt_tokens: int, gen_tokens: int, repetitio
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab_size, (1, prompt_tokens), generator=gen)
     weights = weight_bytes_in_memory(model)
+    per_token = weight_bytes_per_token(model)
     previous_threads = torch.get_num_threads()
     rows = []
     try:
         for n in threads:
             torch.set_num_threads(n)
             rows.append(_timed_row(n, lambda: _pp(model, prompt), lambda: _tg(model, prompt[:, :1], gen_tokens),
-                                   prompt_tokens, gen_tokens, repetitions, label, weights))
+                                   prompt_tokens, gen_tokens, repetitions, label, per_token))
     finally:
         torch.set_num_threads(previous_threads)
     return {
-        "protocol": "llama-bench semantics: pp = one batch of N random tokens from an empty cache; "
-                    "tg = M tokens one by one from an empty cache; 1 warm-up, then timed repetitions; tokens/sec",
-        "weight_bytes_in_memory": weights,
+        "protocol": "llama-bench semantics: pp = one batch of N random tokens from an empty cache, the last "
+                    "token's logits; tg = M tokens one by one from an empty cache; 1 warm-up, then timed "
+                    "repetitions; tokens/sec; GB/s = weight bytes read per token × tg tokens/sec",
+        "weight_bytes_in_memory": weights, "weight_bytes_per_token": per_token,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "cpu_count": os.cpu_count(),
         "rows": rows,
@@ -149,6 +161,7 @@ def bench_llamacpp(path: Path, prompt_tokens: int, gen_tokens: int, repetitions:
     """llama-bench semantics on llama.cpp's runtime: pp = one batch of N random tokens from an empty cache,
     tg = M tokens one by one from an empty cache; 1 warm-up, then timed repetitions; tokens/sec."""
     weights = sum(weight_bytes_gguf(path).values())
+    per_token = weights - untied_token_embedding_bytes(path)
     model = None
 
     def pp() -> float:
@@ -173,15 +186,25 @@ def bench_llamacpp(path: Path, prompt_tokens: int, gen_tokens: int, repetitions:
             rng = np.random.default_rng(seed)
             prompt = rng.integers(0, model.vocab_size, prompt_tokens).tolist()
             generated = rng.integers(0, model.vocab_size, gen_tokens).tolist()  # fed one by one, as tg decodes
-            rows.append(_timed_row(n, pp, tg, prompt_tokens, gen_tokens, repetitions, label, weights))
+            rows.append(_timed_row(n, pp, tg, prompt_tokens, gen_tokens, repetitions, label, per_token))
     finally:
         if model is not None:
             model.close()
     return {"protocol": "llama-bench semantics on llama.cpp (llama-cpp-python): pp = one batch of N random "
                         "tokens from an empty cache; tg = M tokens one by one from an empty cache; 1 warm-up, "
                         f"then timed repetitions; tokens/sec; {model.settings if model else ''}",
-            "backend": "llama.cpp", "weight_bytes_in_memory": weights, "dtype": "gguf", "cpu_count": os.cpu_count(),
+            "backend": "llama.cpp", "weight_bytes_in_memory": weights, "weight_bytes_per_token": per_token,
+            "dtype": "gguf", "cpu_count": os.cpu_count(),
             "rows": rows}
+
+
+def untied_token_embedding_bytes(path: Path) -> int:
+    """token_embd.weight's bytes in a GGUF that also has its own output.weight (a decode step reads one row of it);
+    0 when the output projection reuses it (tied: read whole per token)."""
+    import gguf
+
+    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(path).tensors}
+    return tensors.get("token_embd.weight", 0) if "output.weight" in tensors else 0
 
 
 def bench_speed(model, sp, label: str, seed: int, bandwidth: dict | None) -> dict:

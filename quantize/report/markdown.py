@@ -278,8 +278,10 @@ def render(name: str, results: dict) -> str:
         "",
         "Weights in memory is what the runtime holds: transformers decompresses compressed-tensors "
         "checkpoints to dense weights on CPU, so their CPU speed is that of dense weights; llama.cpp reads the "
-        "GGUF's quantized blocks as they are. GB/s = weights in memory × tg tokens/sec; the roofline is this "
-        "machine's streaming bandwidth, measured at the start of the run"
+        "GGUF's quantized blocks as they are. GB/s = the weight bytes a decode step reads (all but an untied "
+        "input embedding, of which it reads one row) × tg tokens/sec; pp computes the last token's logits only, "
+        "on every runtime, as llama-bench; the roofline is this machine's streaming bandwidth, measured at the "
+        "start of the run"
         + (f" ({results['protocol']['memory_bandwidth']['gb_per_s']:.1f} GB/s, "
            f"{results['protocol']['memory_bandwidth']['method']})." if results["protocol"].get("memory_bandwidth") else "."),
         "",
