@@ -1,7 +1,8 @@
 """W8A8 and FP8 against the weight-only schemes on a real model, one evaluation protocol for all (issue 32 §3):
 
     W8A16 (int8 RTN) · W8A8-INT8 (SmoothQuant α + GPTQ; α = none, 0.5, 0.65, 0.8, 0.9) · W8A8 RTN without
-    smoothing · FP8 dynamic · FP8 block (where every linear is whole 128 × 128 blocks) · FP8 W8A16 · W4A16 GPTQ g128
+    smoothing · FP8 dynamic · FP8 block (where every linear is whole 128 × 128 blocks) · FP8 W8A16 · NVFP4A16 ·
+    W4A16 GPTQ g128 (per channel where the input is not a multiple of 128) and g64
 
 each built from the same calibration draw (seed 0) and scored with its engine's activation rounding (our kernel
 reference, runtimes/kernels.py) against one base store: KLD mean, same-top, PPL, size. The default α is run on
@@ -48,7 +49,9 @@ VARIANTS = {  # name → method settings (built on the seed-0 draw; the α = 0.8
     "fp8-dynamic": {"name": "fp8", "scheme": "dynamic"},
     "fp8-block": {"name": "fp8", "scheme": "block"},
     "fp8-w8a16": {"name": "fp8", "scheme": "w8a16"},
+    "fp4-nvfp4a16": {"name": "fp4", "scheme": "nvfp4a16"},
     "gptq-w4a16-g128": {"name": "gptq", "bits": 4, "group_size": 128, "sym": True, "on_indivisible": "channel"},
+    "gptq-w4a16-g64": {"name": "gptq", "bits": 4, "group_size": 64, "sym": True},
 }
 DEFAULT = "int8-w8a8 (α 0.8)"
 
