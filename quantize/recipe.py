@@ -138,7 +138,8 @@ class Gates(Strict):
         return any(v is not None and v != [] and v is not False for v in self.model_dump().values())
 
 
-LAYER_WISE_DEVICE = ("rtn", "gptq", "awq")  # the methods with a `device` key (and int8's scheme w8a8)
+LAYER_WISE_DEVICE = ("rtn", "gptq", "awq", "gguf", "auto")  # methods with a `device` key (and int8's scheme w8a8):
+# gguf's and auto's go to the builds nested in them (the AWQ scales, the compressed-tensors quantizer)
 
 
 class Recipe(Strict):
@@ -154,7 +155,8 @@ class Recipe(Strict):
     gates: Gates = Gates()
     output: str | None = None
     device: str = Field("auto", description="where evaluation runs (the base and every torch artefact: perplexity, "
-                                            "KLD, speed) and the default `device` of rtn, gptq and awq: auto (cuda "
+                                            "KLD, speed) and the default `device` of rtn, gptq, awq, int8 w8a8 and of "
+                                            "the builds nested in gguf (AWQ scales) and auto (its GPTQ): auto (cuda "
                                             "when visible), cpu, cuda or cuda:N")
     seed: int = 0
     overrides: list[str] = Field(default_factory=list, description="the --set KEY=VALUE this recipe was run with "

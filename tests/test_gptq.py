@@ -276,8 +276,8 @@ def test_recipe_device_is_every_layer_wise_method_default(tiny_model, tmp_path):
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model), methods, tmp_path / "out",
                                       device="cpu"))
     assert recipe.device == "cpu"
-    # int8 w8a16 has a device key that only scheme w8a8 uses (left at its default); gguf has none
-    assert [getattr(m, "device", None) for m in recipe.methods] == ["cpu", "auto", "auto", "cpu", None]
+    # int8 w8a16 has a device key that only scheme w8a8 uses (left at its default); gguf's goes to its nested AWQ
+    assert [getattr(m, "device", None) for m in recipe.methods] == ["cpu", "auto", "auto", "cpu", "cpu"]
     if not torch.cuda.is_available():
         recipe = load_recipe(write_recipe(tmp_path / "c.yaml", str(tiny_model), [{"name": "rtn"}],
                                           tmp_path / "cuda-out", device="cuda"))

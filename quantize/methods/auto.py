@@ -156,7 +156,7 @@ def build_compressed(method: AutoMethod, base, out_dir: Path, calib: torch.Tenso
             per_module.append({"match": pattern, "bits": bits, "group_size": gs})
     quantizer = CONFIGS[method.quantizer](name=method.quantizer, bits=4, group_size=128, sym=True,
                                           per_module=per_module, ignore=[*method.ignore, *keep_fp16],
-                                          variant=method.default_variant())
+                                          variant=method.default_variant(), device=method.device)
     info = {"gptq": gptq, "rtn": rtn}[method.quantizer].build(quantizer, base, out_dir, calib if method.quantizer == "gptq" else None,
                                            calib_info)
     written = sum(weight_bytes(out_dir).values())

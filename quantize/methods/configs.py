@@ -298,7 +298,11 @@ class GgufMethod(Strict):
                                                 "before conversion, as AutoAWQ's export for llama.cpp does")
     num_ctx: int = Field(4096, ge=64, description="the Modelfile's PARAMETER num_ctx (Ollama's context), capped "
                                                   "at the model's trained context")
+    device: str = Field("auto", description="where the AWQ scale search of `awq_scales` runs (as awq's `device`; "
+                                            "default: the recipe's `device`)")
     variant: str | None = None
+
+    _known_device = field_validator("device")(lambda cls, value: known_device(value))
 
     @model_validator(mode="after")
     def _options_that_apply(self):
@@ -363,6 +367,9 @@ class AutoMethod(Strict):
     target: Literal["gguf", "compressed-tensors"] = Field(
         "gguf", description="gguf (llama.cpp's types per tensor) or compressed-tensors (vLLM's W4/W8 schemes per "
                             "fused linear group, built by `quantizer`)")
+    device: str = Field("auto", description="where compressed-tensors' GPTQ quantizer runs (as gptq's `device`; "
+                                            "default: the recipe's `device`)")
+    _known_device = field_validator("device")(lambda cls, value: known_device(value))
     budget: Budget
     candidates: list[str] | None = Field(
         None, description="gguf: GGML types a tensor may take (each where its blocks fit the rows), default "

@@ -138,7 +138,7 @@ def build(method: GgufMethod, base, out_dir: Path, calib: torch.Tensor | None, c
         scaled = work / "awq-scaled"
         scaled.mkdir()
         awq_method = AwqMethod(name="awq", bits=4, group_size=32, sym=False, export="scaled-fp16",
-                               on_indivisible="channel")
+                               on_indivisible="channel", device=method.device)
         awq.build(awq_method, base, scaled, calib)
         source_model = type(base)(base.spec, scaled, base.origin)
         info["awq_scales"] = awq_method.model_dump(mode="json")
