@@ -73,8 +73,8 @@ def build(method: Fp4Method, base: BaseModel, out_dir: Path, calib=None, calib_i
     from quantize.sources.models import meta_model
 
     check_groups(meta_model(base.path), method)
-    rtn = RtnMethod(name="rtn", bits=4, group_size=32, sym=True, ignore=method.ignore,
-                    variant=method.default_variant())
-    rtn = rtn.model_copy(update={"group_size": GROUP})  # 16 is no integer group size a recipe may ask for
+    # the streamed writer's settings; group 16 is no integer group size a recipe may ask, so it is set past validation
+    rtn = RtnMethod(name="rtn", bits=4, sym=True, ignore=method.ignore,
+                    variant=method.default_variant()).model_copy(update={"group_size": GROUP})
     info = build_streamed(rtn, base, out_dir, None, solve, stored=stored())
     return {"scheme": method.scheme, "activations": "16-bit (weights only)", **info}

@@ -97,7 +97,10 @@ class InputQuantizedLinear(torch.nn.Module):
 
 def input_activations(folder: Path) -> dict[str, dict]:
     """target (a module name or "Linear") → the input_activations args of its config group; empty for weight-only."""
-    qc = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    return _targets(json.loads((folder / "config.json").read_text()).get("quantization_config") or {})
+
+
+def _targets(qc: dict) -> dict[str, dict]:
     return {t: g["input_activations"] for g in qc.get("config_groups", {}).values()
             if g.get("input_activations") for t in g["targets"]}
 
@@ -115,7 +118,7 @@ def quantize_inputs(model: torch.nn.Module, folder: Path) -> int:
     when a group targets it by name (or `re:` regex), or targets "Linear" and the config's `ignore` does not name
     it, as compressed-tensors matches them."""
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
-    targets = input_activations(folder)
+    targets = _targets(qc)
     ignore = qc.get("ignore") or []
     swapped = 0
     for name, module in list(model.named_modules()):
