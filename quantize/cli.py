@@ -209,6 +209,10 @@ def eval_command(path: Path = typer.Argument(..., help="an artefact: HF folder (
            f"{p['bits_per_byte']:.4f} bits/byte"
     if "kld" in p:
         line += f"; KLD {p['kld']['mean']:.6f} ± {p['kld']['unc']:.6f}, same top {100 * p['kld']['same_top']:.2f}%"
+    for kv, e in result.get("kv_cache", {}).items():  # eval.kv_cache: the same GGUF per KV cache type
+        k = e["perplexity"].get("kld")
+        line += f"\n  KV cache {kv} (flash attention on): PPL {e['perplexity']['ppl']:.4f}" + (
+            f", KLD {k['mean']:.6f} ± {k['unc']:.6f}" if k else "")
     typer.echo(text if as_json else line)
 
 
@@ -260,7 +264,8 @@ def fit_command(model: str = typer.Argument(..., help="a .gguf, an HF directory,
                 kv_dtype: str = typer.Option("f16", "--kv-dtype", help="f16, bf16, f32, q8_0, q4_0, fp8"),
                 weights: str | None = typer.Option(None, "--weights",
                                                    help="estimate the weights in this format: fp16, bf16, int8, "
-                                                        "int4, q8_0, q4_k_m (default: measured when present)"),
+                                                        "int4, or a llama.cpp mix in lower case (q8_0, q4_k_m, "
+                                                        "iq4_xs, iq2_m, …) (default: measured when present)"),
                 flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn",
                                                 help="runtime uses flash attention (llama.cpp's default on GPUs); "
                                                      "without it the compute buffer holds each layer's "

@@ -30,10 +30,11 @@ from quantize.common.errors import QuantizeError
 from quantize.common.heap import release_free_heap
 from quantize.common.ui import step
 from quantize.fit import vram
+from quantize.fit.gpus import gpu_by_name
 from quantize.fit.shape import shape_from_config
 from quantize.formats.tensors import weight_bytes
 from quantize.measure.streamed import LOADER as STREAM_LOADER, STREAMABLE, StreamedModel
-from quantize.measure import kld_base, lmeval, memory, quality, serving, speed
+from quantize.measure import kld_base, kv_cache, lmeval, memory, quality, serving, speed
 from quantize.measure.scorecard import base_store
 from quantize.methods import ranks
 from quantize.methods.device import resolve_device
@@ -42,7 +43,7 @@ from quantize.methods.registry import METHODS
 from quantize.preflight import base_model, check_disk, check_memory, check_recipe
 from quantize.recipe import Recipe
 from quantize.report import gates, html, markdown
-from quantize.runtimes.load import detect, free, load
+from quantize.runtimes.load import detect, free, gguf_file, load
 from quantize.sources.models import (
     BaseModel, load_model, load_tokenizer, meta_model, tokenizer_adds_bos,
 )
@@ -86,6 +87,16 @@ def _fit(folder: Path, shape, recipe: Recipe) -> dict:
     f = recipe.fit
     return {"weight_bytes_by_dtype": by_dtype,
             **vram.fit_report(sum(by_dtype.values()), shape, f.gpus, f.contexts, f.batch, f.kv_dtype, f.flash_attn)}
+
+
+def _kv_cache(folder: Path, chunks, base_logprobs, recipe: Recipe, shape, name: str) -> dict:
+    """The GGUF scored with each of `eval.kv_cache`'s cache types, and weights + that cache + overhead at the fit's
+    contexts (measure/kv_cache.py)."""
+    scored = kv_cache.score_kv_types(gguf_file(folder), chunks, base_logprobs, recipe.eval.kv_cache, name)
+    weights, f = sum(weight_bytes(folder).values()), recipe.fit
+    gpu = gpu_by_name(f.gpus[0])  # the total does not depend on the GPU, only its usable share does
+    return {kv: {**v, "memory_bytes": {str(c): vram.fit_one(weights, shape, gpu, c, f.batch, kv, True).total_bytes
+                                       for c in f.contexts}} for kv, v in scored.items()}
 
 
 def _calibration(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, dict]:
@@ -238,6 +249,9 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
             free(model)
             del model  # not alive during the next variant's build
             _collect()
+            if recipe.eval.kv_cache and detect(folder) == "gguf":
+                step(f"{name}: scoring with each KV cache type ({', '.join(recipe.eval.kv_cache)})")
+                measured["kv_cache"] = _kv_cache(folder, chunks, base_logprobs, recipe, shape, name)
             if recipe.eval.serve.enabled:  # after the model is freed: the server loads its own copy
                 step(f"{name}: serve check")
                 torch_dtype = eval_dtype if eval_dtype in ("float32", "bfloat16", "float16") else None  # as evaluated

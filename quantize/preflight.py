@@ -88,6 +88,8 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
                 check_model(config, recipe.calibration.seq_len)
             if method.name == "gguf":
                 check_convertible(config)
+                if method.type not in UNQUANTIZED:
+                    footprint.check_mix(config, method.type, method.use_imatrix)
                 if method.needs_calibration:
                     check_model(config, recipe.calibration.seq_len)
         except QuantizeError as exc:

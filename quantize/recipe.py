@@ -17,6 +17,7 @@ from quantize.common.errors import QuantizeError
 from quantize.common.files import read_text
 from quantize.fit.context_memory import KV_DTYPE_BYTES
 from quantize.fit.gpus import DEFAULT_CONTEXTS, DEFAULT_GPUS, gpu_by_name
+from quantize.measure.kv_cache import KV_CACHE_TYPES
 from quantize.methods.configs import METHOD_NAMES, Method, Strict, known_device
 
 
@@ -71,6 +72,10 @@ class Eval(Strict):
     tasks: list[str] = Field(default_factory=list, description="lm-eval tasks: wiki_rolling, wiki_cloze (local, "
                              "offline) or any lm-eval registry task (needs the hub)")
     task_limit: int | None = Field(None, ge=1, description="documents per lm-eval task (None: all)")
+    kv_cache: list[Literal[tuple(KV_CACHE_TYPES)]] = Field(
+        default_factory=list, description="score every GGUF variant again on llama.cpp with each of these K/V cache "
+        "types (flash attention on for all), against the same base: what a quantized KV cache costs "
+        "(measure/kv_cache.py); e.g. [f16, q8_0, q4_0]")
     stream: bool = Field(False, description="evaluate the base layer by layer from its shards (float32), all "
                          "chunks at once: peak memory about one layer plus the chunks' hidden states, for a base "
                          "bigger than memory (measure/streamed.py)")

@@ -101,9 +101,10 @@ def test_glm_4_5_air_counts_and_kv_by_hand():
     attn = 4096 * 96 * 128 * 2 + 4096 * 8 * 128 * 2  # q, o + k, v (biases not counted)
     dense = 3 * 4096 * 10944
     expert = 3 * 4096 * 1408
-    moe = 128 * expert + expert + 4096 * 128  # routed experts, one shared expert of the same width, the router
+    # routed experts, one shared expert of the same width, the router and its score-correction bias per expert
+    moe = 128 * expert + expert + 4096 * 128 + 128
     embed = 2 * 151552 * 4096  # untied
-    assert c.total == embed + 46 * attn + dense + 45 * moe + 46 * 2 * 4096 + 4096 == 106_851_586_048
+    assert c.total == embed + 46 * attn + dense + 45 * moe + 46 * 2 * 4096 + 4096 == 106_851_591_808
     assert c.active == c.total - 45 * 120 * expert  # 120 of 128 routed experts idle per token
     assert c.total // 10**9 == 106 and round((c.active - embed) / 1e9) == 12  # "106B", "12B active"
     shape = shape_from_config(cfg)

@@ -22,6 +22,9 @@ CASES = {
     "model type": ({"name": "awq", "bits": 4, "group_size": 64}, "model type 'qwen2_moe' has no row"),
     "sliding window": ({"name": "rtn", "bits": 4, "group_size": 64}, None),
     "rope type": ({"name": "gguf", "type": "Q8_0"}, "rope type 'yarn' is not supported"),
+    # llama.cpp refuses IQ2 types without an importance matrix: said at plan time, from the config alone
+    "imatrix off": ({"name": "gguf", "type": "IQ2_XS", "imatrix": False}, "without an importance matrix"),
+    "dense MXFP4_MOE": ({"name": "gguf", "type": "MXFP4_MOE"}, "has no experts"),
 }
 
 
@@ -38,6 +41,8 @@ def test_plan_fails_early_naming_the_key(case, tiny_model, tmp_path):
                             architectures=["MistralForCausalLM"])
         method = {"name": "gptq", "bits": 4, "group_size": 64}
         calibration, expected = {"samples": 4, "seq_len": 64}, "exceed the model's sliding_window 32"
+    elif case in ("imatrix off", "dense MXFP4_MOE"):
+        model = tiny_model
     else:
         model = edited_copy(tiny_model, tmp_path / "m", rope_parameters={
             "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "rope_theta": 10000.0})

@@ -8,10 +8,10 @@ Parameter counts come from shape.py; weight bytes per format follow the format's
     int8          W8A16 per channel: 1 byte per linear weight + an fp16 scale per output row; rest fp16
     int4          W4A16 group 128 symmetric (compressed-tensors, GPTQ/AWQ sym): 4 + 16/128 bits per linear
                   weight; embeddings and lm_head fp16
-    q8_0          llama.cpp Q8_0: 34 bytes per 32 weights for every 2-D tensor, norms F32
-    q4_k_m        llama.cpp's Q4_K_M mix (llama-quant.cpp): Q4_K (4.5 bits) everywhere, Q6_K (6.5625 bits) for
-                  output.weight and for attn_v / ffn_down in the layers `use_more_bits` picks, with llama.cpp's
-                  fallbacks for rows not a multiple of 256 (q4_k_m_tensors); norms and MoE router F32
+    q4_k_m, …     every llama.cpp mix (llama-quantize's names in lower case: q8_0, q4_k_m, iq4_xs, iq2_m, …): each
+                  tensor at the GGML type llama.cpp's quantiser gives it (gguf_types.tensor_types, llama-quant.cpp's
+                  rules and fallbacks; with an importance matrix where the gguf method makes one by default), over
+                  the tensors the converter writes (gguf_tensors); norms and MoE routers F32
 """
 
 from __future__ import annotations
@@ -26,16 +26,14 @@ from quantize.common.errors import QuantizeError
 from quantize.common.files import check_checkpoint, check_gguf, read_json
 from quantize.fit.shape import ParamCounts, param_counts, shape_and_counts, shape_config_from_gguf
 from quantize.formats.compressed_tensors import STORAGE_DTYPE
-from quantize.formats.gguf_types import K_QUANT_BLOCK, K_QUANT_FALLBACK, bits_per_weight, nominal_bits_per_weight
+from quantize.formats.gguf_types import (IMATRIX_BY_DEFAULT, MIXES, MOE_ONLY, UNQUANTIZED, bits_per_weight,
+                                        requires_imatrix, tensor_types, use_more_bits)
 from quantize.formats.tensors import weight_bytes_gguf, weight_bytes_safetensors
 from quantize.sources.models import hub_config_and_bytes, ignored, is_hub_id, unique_parameters
 
-WEIGHT_FORMATS = ("fp16", "bf16", "int8", "int4", "q8_0", "q4_k_m")
-
-
-def use_more_bits(i_layer: int, n_layers: int) -> bool:
-    """llama.cpp (llama-quant.cpp): the first and last eighth of the layers and every third one between."""
-    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+# the GGUF mixes by llama-quantize's names in lower case; a mix's types follow llama.cpp with an importance matrix
+# where the gguf method makes one by default
+WEIGHT_FORMATS = ("fp16", "bf16", "int8", "int4") + tuple(m.lower() for m in MIXES if m not in UNQUANTIZED)
 
 
 def weight_bytes(counts: ParamCounts, fmt: str) -> int:
@@ -54,44 +52,82 @@ def weight_bytes(counts: ParamCounts, fmt: str) -> int:
         return linears + 2 * c.linear_rows + 2 * (edges + small)
     if fmt == "int4":
         return int(linears * (4 + 16 / 128) / 8) + 2 * (edges + small)
-    if fmt == "q8_0":  # every 2-D tensor Q8_0 but the MoE router, which llama.cpp keeps F32
-        return int((linears + edges) * bits_per_weight("Q8_0") / 8) + 4 * small
-    return int(sum(n * bits_per_weight(kind) for n, kind in q4_k_m_tensors(c)) / 8) + 4 * small
+    return mix_bytes(c, fmt.upper(), has_imatrix=fmt.upper() in IMATRIX_BY_DEFAULT)
 
 
-def q4_k_m_tensors(c: ParamCounts):
-    """(parameters, GGML type) of every quantized tensor under llama.cpp's Q4_K_M mix (llama-quant.cpp):
-    Q4_K, with Q6_K for attn_v and ffn_down in the layers use_more_bits picks and for the output (a tied
-    embedding takes the output's type), Q5_K attn_output with 8 experts; rows (input columns) not a multiple of
-    256 take the fallback type. A hybrid model's full and linear-attention tensors are spread over all layers in
-    proportion (use_more_bits sees the layer index, not the kind). With shared experts or leading dense layers (DeepSeek), every ffn_down of a
-    picked layer counts as picked (llama.cpp counts the ffn_down tensors, so its pick can differ by a layer)."""
+ATTENTION_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "q_a": "attn_q_a",
+                   "q_b": "attn_q_b", "kv_a": "attn_kv_a_mqa", "kv_b": "attn_kv_b"}
+LINEAR_ATTENTION_NAMES = {"in_qkv": "attn_qkv", "in_z": "attn_gate", "in_b": "ssm_beta", "in_a": "ssm_alpha",
+                          "out": "ssm_out"}
+
+
+def gguf_tensors(c: ParamCounts):
+    """(GGUF name, parameters, columns, matrices) of every tensor llama.cpp's quantiser would quantize, in the
+    order the converters write them: the embedding, each layer's attention and MLP (merged expert tensors hold
+    `matrices` experts, shared experts `_shexp`), then an untied output. A hybrid model's linear-attention layers
+    are placed as Qwen3.5 places them (every `n_layers / full layers`-th layer is full attention). MLA's kv_b is
+    split per head into k_b and v_b, as llama.cpp's converter writes it."""
     hidden = c.embedding // c.vocab
-
-    def typed(n, cols, kind):
-        return n, (K_QUANT_FALLBACK[kind] if cols % K_QUANT_BLOCK else kind)
-
+    yield "token_embd.weight", c.embedding, hidden, 1
+    n_full = c.n_layers - c.n_linear_layers
+    every = c.n_layers // n_full if n_full else 0
     for i in range(c.n_layers):
-        more = use_more_bits(i, c.n_layers)
-        for part, n in c.attn.items():
-            kind = "Q6_K" if part == "v" and more else "Q5_K" if part == "o" and c.n_experts == 8 else "Q4_K"
-            yield typed(n * (c.n_layers - c.n_linear_layers) // c.n_layers, c.attn_columns[part], kind)
-        for part, n in (c.linear_attn or {}).items():  # the layer's in_proj_qkv is llama.cpp's attn_qkv: Q5_K
-            kind = "Q5_K" if part == "in_qkv" else "Q4_K"
-            yield typed(n * c.n_linear_layers // c.n_layers, c.linear_attn_columns[part], kind)
-        down = "Q6_K" if more else "Q4_K"
-        if i < c.n_dense_layers:
-            mlps = [(1, c.dense_mlp)]
+        if c.n_linear_layers and (not every or (i + 1) % every):
+            parts, names, columns = c.linear_attn, LINEAR_ATTENTION_NAMES, c.linear_attn_columns
         else:
-            mlps = [(c.n_experts, c.mlp_per_expert)] + ([(1, c.shared_mlp)] if c.shared_mlp else [])
-        for count, mlp in mlps:
-            yield typed(count * (mlp["gate"] + mlp["up"]), hidden, "Q4_K")
-            yield typed(count * mlp["down"], mlp["down"] // hidden, down)
+            parts, names, columns = c.attn, ATTENTION_NAMES, c.attn_columns
+        for part, n in parts.items():
+            if part == "kv_b" and c.mla_heads:  # llama.cpp's converter: k_b [heads, kv_rank, nope], v_b [heads, v, kv_rank]
+                heads, nope, v_dim = c.mla_heads
+                yield f"blk.{i}.attn_k_b.weight", heads * nope * columns[part], nope, heads
+                yield f"blk.{i}.attn_v_b.weight", heads * v_dim * columns[part], columns[part], heads
+                continue
+            yield f"blk.{i}.{names[part]}.weight", n, columns[part], 1
+        if i < c.n_dense_layers or c.n_experts == 1:
+            mlps = [("", c.dense_mlp or c.mlp_per_expert, 1)]
+        else:
+            mlps = [("_exps", c.mlp_per_expert, c.n_experts)] + ([("_shexp", c.shared_mlp, 1)] if c.shared_mlp else [])
+        for suffix, mlp, count in mlps:
+            width = mlp["gate"] // hidden
+            yield f"blk.{i}.ffn_gate{suffix}.weight", count * mlp["gate"], hidden, count
+            yield f"blk.{i}.ffn_up{suffix}.weight", count * mlp["up"], hidden, count
+            yield f"blk.{i}.ffn_down{suffix}.weight", count * mlp["down"], width, count
     if c.lm_head:
-        yield typed(c.embedding, hidden, "Q4_K")
-        yield typed(c.lm_head, hidden, "Q6_K")
-    else:
-        yield typed(c.embedding, hidden, "Q6_K")
+        yield "output.weight", c.lm_head, hidden, 1
+
+
+def mix_tensors(c: ParamCounts, mix: str, has_imatrix: bool) -> list[tuple[str, int, str]]:
+    """(GGUF name, parameters, GGML type) of every quantized tensor under llama.cpp's `mix`
+    (gguf_types.tensor_types: llama-quant.cpp's rules and fallbacks)."""
+    tensors = list(gguf_tensors(c))
+    types = tensor_types(mix, [(name, cols, count) for name, _, cols, count in tensors], n_layer=c.n_layers,
+                         n_gqa=c.n_gqa, n_expert=c.n_experts, has_imatrix=has_imatrix)
+    return [(name, n, types[name]) for name, n, _, _ in tensors]
+
+
+def check_mix(config: dict, mix: str, has_imatrix: bool) -> None:
+    """Fail as llama.cpp's quantiser would, before any work: a mix that needs an importance matrix for some
+    tensor (IQ1/IQ2, IQ3_XXS, Q2_K_S) without one, MXFP4_MOE on a dense model, rows no type can hold."""
+    c = param_counts(config)
+    if mix in MOE_ONLY and c.n_experts == 1:
+        raise QuantizeError(f"type {mix} gives MoE expert tensors MXFP4 and every other tensor Q8_0; this "
+                            f"{config.get('model_type')} model has no experts, so it would be Q8_0: use type Q8_0")
+    try:
+        tensors = mix_tensors(c, mix, has_imatrix)
+    except ValueError as exc:
+        raise QuantizeError(f"type {mix}: {exc}") from None
+    if not has_imatrix:
+        needs = [(name, kind) for name, _, kind in tensors if requires_imatrix(name, kind, mix)]
+        if needs:
+            raise QuantizeError(f"type {mix}: llama.cpp refuses to quantize {len(needs)} tensors of this model "
+                                f"without an importance matrix (e.g. {needs[0][0]} at {needs[0][1]}); remove "
+                                "`imatrix: false` (the importance matrix comes from the calibration data)")
+
+
+def mix_bytes(c: ParamCounts, mix: str, has_imatrix: bool) -> int:
+    """Bytes of a GGUF in llama.cpp's `mix`: the quantized tensors at their types, norms and MoE routers F32."""
+    quantized = sum(n * bits_per_weight(kind) / 8 for _, n, kind in mix_tensors(c, mix, has_imatrix))
+    return int(quantized) + 4 * (c.norms + c.n_moe_layers * c.router)
 
 
 def describe_model(spec: str, fmt: str | None) -> dict:
@@ -173,14 +209,13 @@ def awq_bytes(method, meta_model: torch.nn.Module) -> int:
 
 
 def gguf_bytes(method, meta_model: torch.nn.Module) -> int:
-    """llama.cpp's own mix for Q4_K_M / Q8_0 / F16 (weight_bytes, the same figures as `quantize fit`); for the
-    other mixes every 2-D weight at the mix's main bits per weight, 1-D tensors F32."""
-    if method.type.lower() in WEIGHT_FORMATS:
-        return weight_bytes(param_counts(meta_model.config.to_dict()), method.type.lower())
-    total = 0
-    for _, _, _, p in unique_parameters(meta_model):
-        total += p.numel() * (4 if p.dim() == 1 else nominal_bits_per_weight(method.type) / 8)
-    return int(total)
+    """llama.cpp's own mix (mix_bytes, the same arithmetic as `quantize fit`), with the method's importance
+    matrix setting; F32 / F16 / BF16: 1-D tensors F32, the rest at the type's width."""
+    counts = param_counts(meta_model.config.to_dict())
+    if method.type in UNQUANTIZED:  # the converter keeps norms and MoE routers F32
+        small = counts.norms + counts.n_moe_layers * counts.router
+        return (4 if method.type == "F32" else 2) * (counts.total - small) + 4 * small
+    return mix_bytes(counts, method.type, has_imatrix=getattr(method, "use_imatrix", method.type in IMATRIX_BY_DEFAULT))
 
 
 def auto_bytes(method, meta_model: torch.nn.Module) -> int:

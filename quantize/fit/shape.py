@@ -162,6 +162,8 @@ class ParamCounts:
     n_linear_layers: int = 0  # hybrid models: layers whose attention is linear_attn instead of `attn`
     linear_attn: dict[str, int] | None = None  # per such layer: in_qkv, in_z, in_b, in_a, out
     linear_attn_columns: dict[str, int] | None = None
+    n_gqa: int = 1  # attention heads per KV head (llama.cpp's n_gqa; MLA: all heads share one latent)
+    mla_heads: tuple[int, int, int] | None = None  # MLA: (heads, qk_nope_head_dim, v_head_dim) of kv_b
 
     @property
     def attention_total(self) -> int:
@@ -241,13 +243,15 @@ def param_counts(cfg: dict) -> ParamCounts:
     return ParamCounts(
         embedding=shape.vocab_size * hidden, lm_head=0 if tied_embeddings(cfg) else shape.vocab_size * hidden,
         attn=attn, attn_columns={part: columns[part] for part in attn}, mlp_per_expert=_gated_mlp(hidden, width),
-        router=hidden * experts if experts > 1 else 0,
+        router=(hidden + (moe.router_bias if moe else 0)) * experts if experts > 1 else 0,
         norms=(layers * kind.norms * hidden + (layers - n_linear) * attn_norms + n_linear * linear_small + hidden),
         n_layers=layers, n_experts=experts, n_active=active, vocab=shape.vocab_size,
         linear_rows=((layers - n_linear) * attn_rows + n_linear * linear_rows
                      + dense * (2 * shape.intermediate_size + hidden) + (layers - dense) * moe_rows),
         n_dense_layers=dense, dense_mlp=dense_mlp, shared_mlp=shared_mlp, n_linear_layers=n_linear,
-        linear_attn=linear_attn, linear_attn_columns=linear_columns)
+        linear_attn=linear_attn, linear_attn_columns=linear_columns,
+        n_gqa=heads if kind.attention == "mla" else heads // shape.n_kv_heads,
+        mla_heads=(heads, nope, v_dim) if kind.attention == "mla" else None)
 
 
 def shape_config_from_gguf(path: Path) -> dict:

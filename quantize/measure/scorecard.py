@@ -15,9 +15,9 @@ from pathlib import Path
 from quantize.common.files import versions
 from quantize.common.errors import QuantizeError
 from quantize.measure.streamed import LOADER as STREAM_LOADER, StreamedModel
-from quantize.measure import kld_base, quality
+from quantize.measure import kld_base, kv_cache, quality
 from quantize.measure import speed
-from quantize.runtimes.load import check_files, detect, free, load, vocab_size
+from quantize.runtimes.load import check_files, detect, free, gguf_file, load, vocab_size
 from quantize.sources.models import load_tokenizer, resolve_model
 from quantize.sources.texts import load_text
 
@@ -84,4 +84,6 @@ def evaluate_artefact(path: Path, base: str | None, ev, engine: str | None = Non
                             "memory_bandwidth": bandwidth}
     finally:
         free(model)
+    if ev.kv_cache and detect(path) == "gguf":  # the same file with each KV cache type (measure/kv_cache.py)
+        out["kv_cache"] = kv_cache.score_kv_types(gguf_file(path), chunks, store, ev.kv_cache, path.name)
     return out

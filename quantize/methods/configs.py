@@ -11,7 +11,7 @@ from typing import Annotated, ClassVar, Literal, Union, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from quantize.formats import CLASSIC_BITS, MLX_GROUP_SIZES
-from quantize.formats.gguf_types import MIXES, UNQUANTIZED
+from quantize.formats.gguf_types import IMATRIX_BY_DEFAULT, MIXES, REFUSED, UNQUANTIZED
 
 
 def known_device(value: str) -> str:
@@ -283,15 +283,14 @@ class AwqMethod(WeightOnly):
         return name
 
 
-IMATRIX_BY_DEFAULT = ("Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K")  # 4 bits and below
-
 
 class GgufMethod(Strict):
-    """GGUF for llama.cpp / Ollama / LM Studio: converted from the HF checkpoint, k-quants by llama.cpp's own
-    quantiser (its Q4_K_M etc. mixes), with an importance matrix from the calibration data."""
+    """GGUF for llama.cpp / Ollama / LM Studio: converted from the HF checkpoint, then every mix llama.cpp's own
+    quantiser makes (k-quants Q2_K … Q6_K, i-quants IQ1_S … IQ4_XS, the legacy Q4_0 … Q5_1, Q1_0, MXFP4_MOE for MoE
+    models), with an importance matrix from the calibration data."""
 
     name: Literal["gguf"]
-    type: Literal[tuple(MIXES)] = "Q4_K_M"
+    type: Literal[tuple(MIXES) + tuple(REFUSED)] = "Q4_K_M"
     imatrix: bool | None = Field(None, description="use an importance matrix; default: on for 4-bit types and below")
     pure: bool = Field(False, description="every quantized tensor gets `type` (no llama.cpp mix)")
     awq_scales: bool = Field(False, description="fold AWQ scales (4-bit asym g32 search, clipping) into the model "
@@ -306,6 +305,8 @@ class GgufMethod(Strict):
 
     @model_validator(mode="after")
     def _options_that_apply(self):
+        if self.type in REFUSED:
+            raise ValueError(f"type {self.type}: {REFUSED[self.type]}")
         if self.type in UNQUANTIZED and (self.imatrix or self.awq_scales or self.pure):
             raise ValueError(f"type {self.type} is not quantized: imatrix, awq_scales and pure apply to Q8_0 … Q2_K")
         return self

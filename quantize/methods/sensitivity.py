@@ -37,7 +37,7 @@ from quantize.common.cache import cache_root
 from quantize.common.divergence import kl_divergence
 from quantize.common.errors import QuantizeError
 from quantize.common.ui import step
-from quantize.formats.gguf_types import bits_per_weight
+from quantize.formats.gguf_types import NEEDS_IMATRIX, bits_per_weight
 from quantize.runtimes import llamacpp
 from quantize.sources.models import load_model
 
@@ -193,7 +193,7 @@ def measure(model_path: Path, f16_gguf: Path, arch_map, importance: dict[str, np
         g = Group(name, [module], rows, n_per_row, layer_of.get(module), {}, imatrix=imp is not None)
         weights = np.ones(n_per_row, dtype=np.float64) if imp is None else np.asarray(imp, dtype=np.float64)
         kinds = [k for k in candidates if llamacpp.fits_rows(k, n_per_row)
-                 and not (imp is None and llamacpp.requires_importance(k))]
+                 and not (imp is None and k in NEEDS_IMATRIX)]  # llama.cpp would refuse to write it
         deq = {}
         for kind, (d, stored) in zip(kinds, pool.map(lambda k: llamacpp.roundtrip(k, w16, imp), kinds)):
             err = float((((d - w16).astype(np.float64) ** 2).sum(0) * weights).sum())

@@ -106,6 +106,31 @@ def _kld_table(results: dict) -> list[str]:
     return lines + ["", *_noise_and_pairs(results)]
 
 
+def _kv_cache_section(results: dict) -> list[str]:
+    """Each GGUF variant scored with each KV cache type (eval.kv_cache), beside the memory it takes."""
+    entries = [(n, v["kv_cache"]) for n, v in results["variants"].items() if v.get("kv_cache")]
+    if not entries:
+        return []
+    first = next(iter(entries[0][1].values()))
+    contexts = list(first["memory_bytes"])
+    lines = ["## KV cache types (llama.cpp, flash attention on for every row)", "",
+             "| variant | KV cache | PPL | KLD mean ± | KLD p99 | same top % | "
+             + " | ".join(f"weights + KV + overhead, ctx {c}" for c in contexts) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(contexts)]
+    for name, by_kv in entries:
+        for kv, e in by_kv.items():
+            p, k = e["perplexity"], e["perplexity"].get("kld")
+            kcols = (["–"] * 3 if k is None else [f"{k['mean']:.6f} ± {k['unc']:.6f}", f"{k['p99']:.5f}",
+                                                  f"{100 * k['same_top']:.2f} ± {100 * k['same_top_unc']:.2f}"])
+            lines.append(f"| {name} | {kv} | {_ppl(p)} | " + " | ".join(kcols) + " | "
+                         + " | ".join(gib(e["memory_bytes"][c]) for c in contexts) + " |")
+    return lines + ["", "Each row is the same GGUF on llama.cpp with that K and V cache type (-ctk/-ctv) and flash "
+                        "attention on (llama.cpp needs it for a quantized V cache; the main table's rows have it off), "
+                        "scored on the same chunks against the same base. Memory: quantize.fit's weights + KV cache + "
+                        f"overhead at batch {results['base']['fit']['rows'][0]['batch']} (the VRAM fit section's "
+                        "arithmetic, flash attention on).", ""]
+
+
 def _speed_table(results: dict) -> list[str]:
     lines = ["| model | dtype in memory | weights in memory | threads | pp t/s median (min–max) | pp peak RSS "
              "| tg t/s median (min–max) | tg peak RSS | tg GB/s (of roofline) | load avg before→after |",
@@ -271,6 +296,7 @@ def render(name: str, results: dict) -> str:
         "bitsandbytes requires). Speed: best thread count shown; all rows below.",
         "",
         *_kld_table(results),
+        *_kv_cache_section(results),
         *_mix_section(results),
         "## Speed (llama-bench semantics, every thread count)",
         "",

@@ -87,14 +87,6 @@ def fits_rows(kind: str, n_per_row: int) -> bool:
     return n_per_row % GGML_QUANT_SIZES[GGMLQuantizationType[kind]][0] == 0
 
 
-def requires_importance(kind: str) -> bool:
-    """Whether ggml refuses to quantize GGML type `kind` without an importance matrix (IQ1/IQ2/IQ3_XXS)."""
-    global _LIB
-    if _LIB is None:
-        _LIB = _ggml()
-    return bool(_LIB.ggml_quantize_requires_imatrix(int(GGMLQuantizationType[kind])))
-
-
 class _TypeTraits(ctypes.Structure):  # ggml.h struct ggml_type_traits
     _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
                 ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
@@ -148,12 +140,13 @@ _LIB = None
 
 class LlamaCppModel:
     """A GGUF loaded in llama.cpp. `kv_type` F16 is llama.cpp's default cache (what users run); F32 makes the
-    logits comparable with an fp32 torch model to ~1e-4."""
+    logits comparable with an fp32 torch model to ~1e-4; Q8_0 / Q4_0 are llama.cpp's quantized caches (-ctk/-ctv),
+    whose V half needs `flash_attn`."""
 
     def __init__(self, path: Path, n_ctx: int = 512, threads: int | None = None, kv_type: str = "F16",
                  logits_all: bool = True, n_batch: int | None = None, flash_attn: bool = False):
         lib = binding()
-        kv = int({"F16": GGMLQuantizationType.F16, "F32": GGMLQuantizationType.F32}[kv_type])
+        kv = int(GGMLQuantizationType[kv_type])  # F16, F32, BF16, Q8_0, Q4_0 (a quantized V needs flash_attn)
         self.path, self.n_ctx, self.kv_type = path, n_ctx, kv_type
         # what moves its numbers besides the weights: recorded with every figure it produces
         self.settings = f"KV cache {kv_type}, flash attention {'on' if flash_attn else 'off'}"

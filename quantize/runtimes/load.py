@@ -22,7 +22,7 @@ from quantize.runtimes import kernels, llamacpp, mlx, vllm
 from quantize.sources.models import load_model
 
 
-def _gguf_file(path: Path) -> Path | None:
+def gguf_file(path: Path) -> Path | None:
     if path.suffix == ".gguf" and path.is_file():
         return path
     if path.is_dir() and (path / "model.gguf").is_file():
@@ -32,7 +32,7 @@ def _gguf_file(path: Path) -> Path | None:
 
 def detect(path: Path) -> str:
     """'gguf', 'mlx', 'compressed-tensors', 'gptq', 'awq', 'bitsandbytes' or 'dense'."""
-    if _gguf_file(path) is not None:
+    if gguf_file(path) is not None:
         return "gguf"
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -51,9 +51,9 @@ def detect(path: Path) -> str:
 
 def check_files(path: Path) -> None:
     """The artefact's files, checked before it is loaded: a GGUF gguf-py reads whole, safetensors not truncated."""
-    gguf_file = _gguf_file(path)
-    if gguf_file is not None:
-        check_gguf(gguf_file)
+    gguf = gguf_file(path)
+    if gguf is not None:
+        check_gguf(gguf)
     elif path.is_dir():
         check_checkpoint(path)
 
@@ -82,7 +82,7 @@ def load(path: Path, dtype: str = "float32", n_ctx: int = 512, device: str = "cp
 def _load(path: Path, dtype: str, n_ctx: int):
     fmt = detect(path)
     if fmt == "gguf":  # llama.cpp's own kernels; its default F16 KV cache, as users run it
-        model = llamacpp.LlamaCppModel(_gguf_file(path), n_ctx=n_ctx)
+        model = llamacpp.LlamaCppModel(gguf_file(path), n_ctx=n_ctx)
         return model, f"llama.cpp (llama-cpp-python {llamacpp.binding().__version__}), {model.settings}", "gguf"
     if fmt == "mlx":  # mlx-lm's model code and MLX's quantized matmul, in the dtype the folder stores
         model = mlx.MlxModel(path)

@@ -58,6 +58,7 @@ class Moe:
     shared: str | None = None
     shared_key: str | None = None
     dense_key: str | None = None
+    router_bias: bool = False  # the router's score-correction bias per expert (e_score_correction_bias)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,8 @@ _GEMMA3_DEFAULTS = {"vocab_size": 262208, "num_attention_heads": 8, "num_key_val
                     "max_position_embeddings": 131072, "sliding_window": 4096, "sliding_window_pattern": 6}
 _QWEN_MOE = Moe("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts", "moe_intermediate_size")
 _DEEPSEEK_MOE = Moe("mlp", ("gate_proj", "up_proj", "down_proj"), "n_routed_experts", "moe_intermediate_size",
-                    shared="mlp.shared_experts", shared_key="n_shared_experts", dense_key="first_k_dense_replace")
+                    shared="mlp.shared_experts", shared_key="n_shared_experts", dense_key="first_k_dense_replace",
+                    router_bias=True)
 _NOT_STREAMED = "the layer-wise engine has no row for its decoder layer yet"
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in [
