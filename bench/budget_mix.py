@@ -8,6 +8,10 @@ with the same importance matrix, both evaluated on llama.cpp against the same ba
     python bench/budget_mix.py --models smollm2-135m --without Q5_1
         → the same table gains our mixes without Q5_1 among the candidates (SmolLM2's bundled weights are Q4_1,
           which Q5_1 holds exactly), against the main run's standard mixes
+    python bench/budget_mix.py --models smollm2-135m --mixes IQ4_XS IQ3_M IQ2_M \
+            --extra-candidates IQ3_S IQ3_XXS IQ2_S IQ2_XS IQ2_XXS
+        → the i-quant budgets: llama.cpp's IQ4_XS / IQ3_M / IQ2_M against our mixes of the same bytes, which may
+          also take the lower i-quants
     python bench/budget_mix.py --target compressed-tensors
         → bench/results/budget_mix_ct.{md,json}, …_ct_<model>.png: our mix against uniform RTN / GPTQ W4 (and
           RTN W8) at the uniform artefact's bytes, both by the same quantizer, calibration 16 × 512
@@ -41,7 +45,8 @@ def uniform(kind: str, quantizer: str) -> dict:
     return {"name": quantizer, "bits": bits, "group_size": gs, "sym": True}
 
 
-def recipe(model: str, chunks: int, out: Path, target: str = "gguf", without: list[str] = ()) -> dict:
+def recipe(model: str, chunks: int, out: Path, target: str = "gguf", without: list[str] = (),
+           extra: list[str] = ()) -> dict:
     if target == "gguf" and without:  # our mixes only, from fewer candidate types; the standard ones: main run
         from quantize.methods.configs import MIX_CANDIDATES
 
@@ -50,7 +55,13 @@ def recipe(model: str, chunks: int, out: Path, target: str = "gguf", without: li
         samples = 32
     elif target == "gguf":
         methods = [{"name": "gguf", "type": m, "imatrix": True} for m in MIXES]
-        methods += [{"name": "auto", "budget": {"mix": m}} for m in MIXES]
+        if extra:  # our mixes may also take these types (e.g. the i-quants below 4 bits)
+            from quantize.methods.configs import MIX_CANDIDATES
+
+            methods += [{"name": "auto", "budget": {"mix": m}, "candidates": MIX_CANDIDATES + list(extra)}
+                        for m in MIXES]
+        else:
+            methods += [{"name": "auto", "budget": {"mix": m}} for m in MIXES]
         samples = 32
     else:
         methods, samples = [], 16
@@ -193,8 +204,13 @@ def main() -> None:
     ap.add_argument("--without", nargs="*", default=[], help="gguf: also our mixes without these candidate types "
                     "(after the main run, into its own run folder; the table gains a section)")
     ap.add_argument("--output", type=Path, default=ROOT / "outputs" / "bench-budget-mix")
-    ap.add_argument("--mixes", nargs="+", choices=MIXES, help="gguf: only these budgets, in a run folder and a "
-                    "results section of their own (labelled with the sensitivity table's version)")
+    from quantize.formats.gguf_types import MIXES as ALL_MIXES, UNQUANTIZED
+
+    ap.add_argument("--mixes", nargs="+", choices=[m for m in ALL_MIXES if m not in UNQUANTIZED],
+                    help="gguf: only these budgets (any llama.cpp mix), in a run folder and a results section of "
+                    "their own (labelled with the sensitivity table's version)")
+    ap.add_argument("--extra-candidates", nargs="*", default=[], help="gguf: GGML types our mixes may take beyond "
+                    "the default candidates (e.g. IQ3_S IQ3_XXS IQ2_S IQ2_XS IQ2_XXS for the i-quant budgets)")
     args = ap.parse_args()
     if args.mixes:
         MIXES = args.mixes
@@ -207,9 +223,12 @@ def main() -> None:
         folder = model if args.target == "gguf" else f"ct-{model}"
         if args.mixes:
             folder += "-" + "-".join(m.lower() for m in args.mixes)
+        if args.extra_candidates:
+            folder += "-with-" + "-".join(k.lower() for k in args.extra_candidates)
         out, path = args.output / folder, args.output / f"{folder}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(recipe(model, args.chunks, out, args.target), sort_keys=False))
+        path.write_text(yaml.safe_dump(recipe(model, args.chunks, out, args.target, extra=args.extra_candidates),
+                                       sort_keys=False))
         if not (out / "report.md").is_file():
             subprocess.run([sys.executable, "-m", "quantize.cli", "run", str(path)], check=True, cwd=ROOT)
         subprocess.run([sys.executable, "-m", "quantize.cli", "compare", str(out), "--png",
@@ -221,6 +240,8 @@ def main() -> None:
             from quantize.methods.sensitivity import VERSION
 
             entry["model"] += f", budgets {', '.join(args.mixes)} (sensitivity table v{VERSION})"
+        if args.extra_candidates:
+            entry["model"] += f", candidates + {', '.join(args.extra_candidates)}"
         keep(done, entry)
         if args.without and args.target == "gguf":
             folder = f"{model}-without-{'-'.join(k.lower() for k in args.without)}"

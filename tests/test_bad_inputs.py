@@ -53,6 +53,8 @@ CORPUS = {
     "gguf type": (with_("method", {"name": "gguf", "type": "Q9_K"}), "plan", [], ["method.type: got 'Q9_K'", "Q4_K_M"]),
     "gguf ternary": (with_("method", {"name": "gguf", "type": "TQ1_0"}), "plan", [],
                      ["type TQ1_0", "only for models trained ternary"]),
+    "gguf 1-bit": (with_("method", {"name": "gguf", "type": "Q1_0"}), "plan", [],
+                   ["type Q1_0", "only for models trained with 1-bit weights"]),
     "gguf nvfp4": (with_("method", {"name": "gguf", "type": "NVFP4"}), "plan", [],
                    ["type NVFP4", "invalid output file type 39"]),
     "kv cache type": (with_("eval.kv_cache", ["q3"]), "plan", [], ["eval.kv_cache", "'q8_0'"]),

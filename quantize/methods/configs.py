@@ -286,7 +286,7 @@ class AwqMethod(WeightOnly):
 
 class GgufMethod(Strict):
     """GGUF for llama.cpp / Ollama / LM Studio: converted from the HF checkpoint, then every mix llama.cpp's own
-    quantiser makes (k-quants Q2_K … Q6_K, i-quants IQ1_S … IQ4_XS, the legacy Q4_0 … Q5_1, Q1_0, MXFP4_MOE for MoE
+    quantiser makes (k-quants Q2_K … Q6_K, i-quants IQ1_S … IQ4_XS, the legacy Q4_0 … Q5_1, MXFP4_MOE for MoE
     models), with an importance matrix from the calibration data."""
 
     name: Literal["gguf"]
