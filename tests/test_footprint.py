@@ -12,7 +12,8 @@ from quantize.fit.context_memory import kv_cache_bytes
 from quantize.fit.gpus import GiB, gpu_by_name
 from quantize.fit.shape import shape_from_config
 from quantize.fit.vram import fit_one
-from quantize.fit.footprint import describe_model, param_counts, use_more_bits, weight_bytes
+from quantize.fit.footprint import describe_model, param_counts, weight_bytes
+from quantize.formats.gguf_types import use_more_bits
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 

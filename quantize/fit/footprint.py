@@ -27,7 +27,7 @@ from quantize.common.files import check_checkpoint, check_gguf, read_json
 from quantize.fit.shape import ParamCounts, param_counts, shape_and_counts, shape_config_from_gguf
 from quantize.formats.compressed_tensors import STORAGE_DTYPE
 from quantize.formats.gguf_types import (IMATRIX_BY_DEFAULT, MIXES, MOE_ONLY, UNQUANTIZED, bits_per_weight,
-                                        requires_imatrix, tensor_types, use_more_bits)
+                                        requires_imatrix, tensor_types)
 from quantize.formats.tensors import weight_bytes_gguf, weight_bytes_safetensors
 from quantize.sources.models import hub_config_and_bytes, ignored, is_hub_id, unique_parameters
 

@@ -43,14 +43,11 @@ REFUSED: dict[str, str] = {
     "Q2_0": "gguf 0.19.0 (the gguf-py this project pins, which reads every GGUF we report on) does not know GGML "
             "type Q2_0",
 }
-KV_CACHE_TYPES = ("F16", "Q8_0", "Q4_0")  # llama.cpp's -ctk / -ctv types that `eval.kv_cache` measures
-K_QUANT_BLOCK = 256  # weights per k-quant super-block: a row must be a multiple of it
 # llama.cpp's type for a tensor whose rows are not a multiple of the type's block (llama-quant.cpp's
 # tensor_type_fallback); a fallback that still does not divide the row gives F16
 FALLBACK = {"IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL",
             "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ4_XS": "IQ4_NL", "Q2_K": "Q4_0", "Q3_K": "Q4_0",
             "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-K_QUANT_FALLBACK = {k: FALLBACK[k] for k in ("Q4_K", "Q5_K", "Q6_K")}
 # GGML types llama.cpp refuses to write without an importance matrix (tensor_requires_imatrix; also Q2_K in a
 # Q2_K_S file). Not ggml's own list (ggml_quantize_requires_imatrix), which lets IQ1_M, IQ2_S and IQ3_XXS through.
 NEEDS_IMATRIX = ("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S")
@@ -65,11 +62,6 @@ def bits_per_weight(ggml_type: str) -> float:
     """Bits per weight of a GGML block type: bytes per block × 8 / weights per block."""
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]]
     return size * 8 / block
-
-
-def nominal_bits_per_weight(mix: str) -> float:
-    """The bits per weight of a mix's main tensors (its other tensors and the 1-D ones differ)."""
-    return bits_per_weight(MIXES[mix])
 
 
 def block_size(ggml_type: str) -> int:
@@ -139,7 +131,7 @@ def tensor_types(mix: str, tensors: list[tuple[str, int, int]], *, n_layer: int,
         if cat == "output" or (tied and cat == "token_embd"):
             if mix == "MXFP4_MOE" or cols % block_size(t):
                 t = "Q8_0"
-            elif mix in ("IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"):
+            elif mix in IQ2_FAMILY + ("IQ3_XXS",):
                 t = "Q5_K"
             elif t != "Q8_0":
                 t = "Q6_K"

@@ -10,8 +10,8 @@ from pathlib import Path
 from quantize.measure import quality
 from quantize.runtimes.llamacpp import LlamaCppModel
 
-# eval.kv_cache's names (the fit's kv_dtype names) → llama.cpp's cache type (-ctk / -ctv)
-KV_CACHE_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+# eval.kv_cache's names (the fit's kv_dtype names; upper case: llama.cpp's cache type, -ctk / -ctv)
+KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 
 def score_kv_types(path: Path, chunks, base, kv_types: list[str], label: str) -> dict:
@@ -19,7 +19,7 @@ def score_kv_types(path: Path, chunks, base, kv_types: list[str], label: str) ->
     perplexity only)."""
     out = {}
     for kv in kv_types:
-        model = LlamaCppModel(path, n_ctx=chunks.n_ctx, kv_type=KV_CACHE_TYPES[kv], flash_attn=True)
+        model = LlamaCppModel(path, n_ctx=chunks.n_ctx, kv_type=kv.upper(), flash_attn=True)
         try:
             name = f"{label} (KV {kv})"
             scores = (quality.score_model(model, chunks, None, name) if base is None
