@@ -321,7 +321,8 @@ def fit_to(model: str = typer.Argument(..., help="an HF directory, bundled:NAME 
            gpu: str = typer.Option(..., "--gpu", help="a GPU row of quantize/fit/gpus.py"),
            ctx: int = typer.Option(..., "--ctx", min=1, help="the context the model must serve"),
            batch: int = typer.Option(1, "--batch", min=1),
-           kv_dtype: str = typer.Option("f16", "--kv-dtype", help="llama.cpp's KV cache type: f16, bf16, q8_0, q4_0"),
+           kv_dtype: str = typer.Option("f16", "--kv-dtype", help="llama.cpp's KV cache type: f16, bf16, q8_0, q4_0, "
+                                        "or auto (the mix chooses among f16, q8_0, q4_0 by the least predicted KLD)"),
            out: Path | None = typer.Option(None, "--out", help="where the recipe goes (default: ./<name>.yaml)"),
            force: bool = typer.Option(False, "--force", help="overwrite an existing recipe file")) -> None:
     """Write a recipe for the least lossy GGUF of MODEL that fits GPU at context CTX: method auto with that budget
@@ -331,28 +332,42 @@ def fit_to(model: str = typer.Argument(..., help="an HF directory, bundled:NAME 
     import yaml
 
     from quantize.fit import footprint, vram
+    from quantize.methods.configs import KV_CHOICES
     from quantize.recipe import parse_recipe
     from quantize.sources.models import gguf_source, resolve_model
 
     try:  # a bundled or local GGUF base is described by its HF form, which run converts it to
         m = footprint.describe_model(str(resolve_model(model).path) if gguf_source(model) else model, None)
-        left, how = vram.weight_budget(m["shape"], gpu, ctx, batch, kv_dtype)
+        budgets = {}
+        for kv in (KV_CHOICES if kv_dtype == "auto" else [kv_dtype]):
+            try:
+                budgets[kv] = vram.weight_budget(m["shape"], gpu, ctx, batch, kv)
+            except QuantizeError:
+                if kv_dtype != "auto" or kv == KV_CHOICES[-1] and not budgets:
+                    raise
         params = m["counts"].total
         name = re.sub(r"[^a-z0-9.-]+", "-", f"{Path(model.split(':')[-1]).name}-{gpu}-{ctx}".lower()).strip("-")
         recipe = {"name": name, "model": model,
                   "method": {"name": "auto", "budget": {"gpu": gpu, "context": ctx, "batch": batch,
                                                         "kv_dtype": kv_dtype}},
                   "calibration": {"source": "bundled:wiki", "samples": 32, "seq_len": 512, "seed": 0},
-                  "fit": {"gpus": [gpu], "contexts": [ctx], "batch": batch, "kv_dtype": kv_dtype}}
+                  # kv_dtype auto: the base's fit rows at f16; each variant's at the cache its mix chose
+                  "fit": {"gpus": [gpu], "contexts": [ctx], "batch": batch,
+                          "kv_dtype": "f16" if kv_dtype == "auto" else kv_dtype}}
         path = out or Path(f"{name}.yaml")
         parse_recipe(recipe, str(path))  # what run will read, checked now
         if path.exists() and not force:
             raise QuantizeError(f"{path} exists; --force to overwrite it, or --out another file")
     except QuantizeError as exc:
         _fail(exc)
-    path.write_text("# written by `quantize fit-to`: " + how + "\n" + yaml.safe_dump(recipe, sort_keys=False))
-    typer.echo(f"{how}: {8 * left / params:.2f} bits per weight over {params / 1e9:.2f} B parameters")
-    if left >= 2 * params:
+    path.write_text("".join(f"# written by `quantize fit-to`: {how}\n" for _, how in budgets.values())
+                    + yaml.safe_dump(recipe, sort_keys=False))
+    for left, how in budgets.values():
+        typer.echo(f"{how}: {8 * left / params:.2f} bits per weight over {params / 1e9:.2f} B parameters")
+    if kv_dtype == "auto":
+        typer.echo(f"KV cache: the run chooses among {', '.join(budgets)} with the mix (the least predicted KLD of "
+                   "weights and cache together)")
+    if max(left for left, _ in budgets.values()) >= 2 * params:
         typer.echo("F16 weights already fit; the mix will choose the least lossy types the candidates offer")
     typer.echo(f"recipe: {path}\nnext: quantize run {path}")
 

@@ -37,6 +37,7 @@ from quantize.measure.streamed import LOADER as STREAM_LOADER, STREAMABLE, Strea
 from quantize.measure import kld_base, kv_cache, lmeval, memory, quality, serving, speed
 from quantize.measure.scorecard import base_store
 from quantize.methods import ranks
+from quantize.methods.configs import KV_CHOICES
 from quantize.methods.device import resolve_device
 from quantize.methods.experts import expert_lists, with_experts
 from quantize.methods.registry import METHODS
@@ -82,17 +83,25 @@ def _evaluate(model, label: str, chunks, base_logprobs, recipe: Recipe, bandwidt
     return out
 
 
-def _fit(folder: Path, shape, recipe: Recipe) -> dict:
+def _fit(folder: Path, shape, recipe: Recipe, kv_dtype: str | None = None) -> dict:
+    """The fit of the artefact's measured bytes; `kv_dtype`: the cache type the variant chose (budget.kv_dtype auto),
+    else the recipe's."""
     by_dtype = weight_bytes(folder)
     f = recipe.fit
     return {"weight_bytes_by_dtype": by_dtype,
-            **vram.fit_report(sum(by_dtype.values()), shape, f.gpus, f.contexts, f.batch, f.kv_dtype, f.flash_attn)}
+            **vram.fit_report(sum(by_dtype.values()), shape, f.gpus, f.contexts, f.batch, kv_dtype or f.kv_dtype,
+                              f.flash_attn)}
 
 
-def _kv_cache(folder: Path, chunks, base_logprobs, recipe: Recipe, shape, name: str) -> dict:
-    """The GGUF scored with each of `eval.kv_cache`'s cache types, and weights + that cache + overhead at the fit's
+def _kv_types(recipe: Recipe, chosen: str | None) -> list[str]:
+    """The cache types a GGUF variant is scored with: eval.kv_cache's, and the one its mix chose (kv_dtype auto)."""
+    return [*recipe.eval.kv_cache, *([chosen] if chosen and chosen not in recipe.eval.kv_cache else [])]
+
+
+def _kv_cache(folder: Path, chunks, base_logprobs, recipe: Recipe, shape, name: str, kv_types: list[str]) -> dict:
+    """The GGUF scored with each of `kv_types` (eval.kv_cache's), and weights + that cache + overhead at the fit's
     contexts (measure/kv_cache.py)."""
-    scored = kv_cache.score_kv_types(gguf_file(folder), chunks, base_logprobs, recipe.eval.kv_cache, name)
+    scored = kv_cache.score_kv_types(gguf_file(folder), chunks, base_logprobs, kv_types, name)
     weights, f = sum(weight_bytes(folder).values()), recipe.fit
     gpu = gpu_by_name(f.gpus[0])  # the total does not depend on the GPU, only its usable share does
     return {kv: {**v, "memory_bytes": {str(c): vram.fit_one(weights, shape, gpu, c, f.batch, kv, True).total_bytes
@@ -121,10 +130,22 @@ def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe, calib)
     batches, calib_info = calib if method.needs_calibration else (None, None)
     if method.name == "auto" and method.budget.gpu:  # the bytes the GPU leaves for weights at that context
         b = method.budget
-        left, how = vram.weight_budget(shape_from_config(base.config), b.gpu, b.context, b.batch, b.kv_dtype,
-                                       recipe.fit.flash_attn)
-        step(f"budget: {how}")
-        method = method.model_copy(update={"budget": b.model_copy(update={"weight_bytes": left})})
+        left = {}
+        for kv in (KV_CHOICES if b.kv_dtype == "auto" else [b.kv_dtype]):
+            try:
+                left[kv], how = vram.weight_budget(shape_from_config(base.config), b.gpu, b.context, b.batch, kv,
+                                                   recipe.fit.flash_attn)
+                step(f"budget: {how}")
+            except QuantizeError as exc:  # kv_dtype auto: a cache that leaves nothing is no choice (the mix says so)
+                if b.kv_dtype != "auto":
+                    raise
+                left[kv] = 0
+                step(f"budget: {exc}")
+        if not any(left.values()):
+            raise QuantizeError(f"budget: {b.gpu} at context {b.context}, batch {b.batch}: nothing is left for the "
+                                f"weights with any KV cache type ({', '.join(left)})")
+        update = {"weight_bytes_by_kv": left} if b.kv_dtype == "auto" else {"weight_bytes": left[b.kv_dtype]}
+        method = method.model_copy(update={"budget": b.model_copy(update=update)})
     memory.reset_peak()
     start = time.perf_counter()
     info = ranks.build(METHODS[method.name], method, base, partial, batches, calib_info)  # torchrun: GPTQ on all
@@ -249,9 +270,11 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
             free(model)
             del model  # not alive during the next variant's build
             _collect()
-            if recipe.eval.kv_cache and detect(folder) == "gguf":
-                step(f"{name}: scoring with each KV cache type ({', '.join(recipe.eval.kv_cache)})")
-                measured["kv_cache"] = _kv_cache(folder, chunks, base_logprobs, recipe, shape, name)
+            chosen_kv = manifest["result"].get("kv_cache", {}).get("chosen")  # budget.kv_dtype auto
+            kv_types = _kv_types(recipe, chosen_kv)
+            if kv_types and detect(folder) == "gguf":
+                step(f"{name}: scoring with each KV cache type ({', '.join(kv_types)})")
+                measured["kv_cache"] = _kv_cache(folder, chunks, base_logprobs, recipe, shape, name, kv_types)
             if recipe.eval.serve.enabled:  # after the model is freed: the server loads its own copy
                 step(f"{name}: serve check")
                 torch_dtype = eval_dtype if eval_dtype in ("float32", "bfloat16", "float16") else None  # as evaluated
@@ -260,15 +283,16 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
             variant = {"method": manifest["method"], "format": manifest["result"]["format"],
                        "eval_dtype": eval_dtype, "loader": loader, "build_s": manifest["timings_s"]["build"],
                        "build_peak_rss_bytes": manifest["peak_rss_bytes"]["build"], **measured,
-                       "fit": _fit(folder, shape, recipe)}
+                       "fit": _fit(folder, shape, recipe, chosen_kv)}
             if "mix" in manifest["result"]:  # a budgeted mix: what it was asked and what it predicted
                 r = manifest["result"]
                 variant["budgeted_mix"] = {"budget": r["budget"], "bytes": r["bytes"], "predicted_kld": r["predicted_kld"],
                                            "tensors_by_type": r["mix"]["tensors_by_type"],
-                                           "solver": r["mix"]["solver"], "sensitivity": r["mix"]["sensitivity"]}
+                                           "solver": r["mix"]["solver"], "sensitivity": r["mix"]["sensitivity"],
+                                           **({"kv_cache": r["kv_cache"]} if "kv_cache" in r else {})}
             if recipe.gates.is_set:
-                variant["gates"] = gates.judge(variant, results["base"], recipe.gates, shape, recipe.fit.kv_dtype,
-                                               recipe.fit.flash_attn)
+                variant["gates"] = gates.judge(variant, results["base"], recipe.gates, shape,
+                                               chosen_kv or recipe.fit.kv_dtype, recipe.fit.flash_attn)
             files.write_json(folder / "results.json", {"protocol": results["protocol"], **variant})
             results["variants"][name] = variant
 

@@ -86,6 +86,8 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
                                         "merged expert tensors are not in its sensitivity table yet")
                 check_convertible(config)
                 check_model(config, recipe.calibration.seq_len)
+                if method.budget.gpu:
+                    check_gpu_budget(config, method.budget, recipe.fit.flash_attn)
             if method.name == "gguf":
                 check_convertible(config)
                 if method.type not in UNQUANTIZED:
@@ -94,6 +96,22 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
                     check_model(config, recipe.calibration.seq_len)
         except QuantizeError as exc:
             raise QuantizeError(f"key `{key}` ({method.default_variant()}): {exc}") from None
+
+
+def check_gpu_budget(config: dict, budget, flash_attn: bool) -> None:
+    """A gpu budget must leave the weights some bytes with its KV cache type (kv_dtype auto: with one of them)."""
+    from quantize.methods.configs import KV_CHOICES
+
+    kinds = KV_CHOICES if budget.kv_dtype == "auto" else [budget.kv_dtype]
+    errors = []
+    for kv in kinds:
+        try:
+            vram.weight_budget(shape_from_config(config), budget.gpu, budget.context, budget.batch, kv, flash_attn)
+            return
+        except QuantizeError as exc:
+            errors.append(str(exc))
+    raise QuantizeError(f"budget: {errors[-1]}" if len(errors) == 1 else
+                        f"budget: no KV cache type leaves room for the weights ({'; '.join(errors)})")
 
 
 def check_disk(recipe: Recipe, meta, store_bytes: int) -> None:

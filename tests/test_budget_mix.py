@@ -112,12 +112,23 @@ def test_budgeted_mix_builds_loads_and_fits(tiny_model, tmp_path, monkeypatch):
     mix.json gives it, it mixes types, llama.cpp loads and scores it; a bpw budget reuses the cached table."""
     import gguf
 
+    from quantize.fit.shape import shape_from_config
+    from quantize.fit.vram import weight_budget
+
     monkeypatch.setenv("QUANTIZE_CACHE", str(tmp_path / "cache"))
     f16 = sum(int(t.n_bytes) for t in gguf.GGUFReader(gguf_convert.convert(tiny_model, tmp_path / "f.gguf")).tensors)
     budget = int(f16 * 0.35)  # between all-Q2_K and all-Q8_0
+    # kv_dtype auto at a batch whose q8_0 cache leaves 45 % of the F16 weights' bytes: an f16 cache leaves nothing,
+    # q4_0 leaves gigabytes (every tensor Q8_0), so the choice trades the cache's error against the weights'
+    shape = shape_from_config(json.loads((tiny_model / "config.json").read_text()))
+    one, _ = weight_budget(shape, "RTX 3060", 1024, 1, "q8_0")
+    two, _ = weight_budget(shape, "RTX 3060", 1024, 2, "q8_0")
+    batch = 1 + (one - int(0.45 * f16)) // (one - two)
     methods = [{"name": "auto", "budget": {"bytes": budget}, "candidates": ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0"]},
                {"name": "auto", "budget": {"bpw": 5.0}, "candidates": ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0"]},
-               {"name": "auto", "budget": {"gpu": "RTX 3060", "context": 4096}, "candidates": ["Q4_K", "Q8_0"]}]
+               {"name": "auto", "budget": {"gpu": "RTX 3060", "context": 4096}, "candidates": ["Q4_K", "Q8_0"]},
+               {"name": "auto", "budget": {"gpu": "RTX 3060", "context": 1024, "batch": batch, "kv_dtype": "auto"},
+                "candidates": ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0"]}]
     run_tiny(tiny_model, tmp_path, methods)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     for name, limit in ((f"auto-gguf-{budget}B", budget), ("auto-gguf-5bpw", None)):
@@ -141,14 +152,31 @@ def test_budgeted_mix_builds_loads_and_fits(tiny_model, tmp_path, monkeypatch):
     assert "## Budgeted mixes (method auto): predicted and measured" in report
     assert f"| {name} | {limit:,} | {size:,} |" in report
     # a GPU budget: the bytes fit leaves at that context (far more than this model needs: every tensor Q8_0)
-    from quantize.fit.shape import shape_from_config
-    from quantize.fit.vram import weight_budget
-
     manifest = json.loads((tmp_path / "out" / "auto-gguf-rtx-3060-4096" / "manifest.json").read_text())["result"]
-    left, _ = weight_budget(shape_from_config(json.loads((tiny_model / "config.json").read_text())), "RTX 3060",
-                            4096, 1, "f16")
+    left, _ = weight_budget(shape, "RTX 3060", 4096, 1, "f16")
     assert manifest["budget"]["bytes_resolved"] == left
     assert manifest["mix"]["tensors_by_type"] == {"Q8_0": 16}  # 2 layers × 7 linears, the embedding, the output
+    assert "kv_cache" not in results["variants"]["auto-gguf-rtx-3060-4096"]  # no cache chosen, none scored
+    # kv_dtype auto: each cache type's weight budget is fit's, its mix is the one of those bytes, the chosen type is
+    # the least predicted sum; the variant is scored with that cache and its fit rows assume it
+    name = "auto-gguf-rtx-3060-1024"
+    manifest = json.loads((tmp_path / "out" / name / "manifest.json").read_text())["result"]
+    choice = manifest["kv_cache"]
+    assert set(choice["options"]) == {"f16", "q8_0", "q4_0"}
+    assert not choice["options"]["f16"]["fits"] and choice["options"]["f16"]["weight_budget_bytes"] == 0
+    for kv in ("q8_0", "q4_0"):
+        o = choice["options"][kv]
+        assert o["fits"] and o["weight_budget_bytes"] == weight_budget(shape, "RTX 3060", 1024, batch, kv)[0]
+        assert o["predicted_kld"] == pytest.approx(o["predicted_weights_kld"] + o["kv_kld"]) and o["kv_kld"] > 0
+    assert choice["options"]["q8_0"]["predicted_weights_kld"] > choice["options"]["q4_0"]["predicted_weights_kld"]
+    assert choice["chosen"] == min(("q8_0", "q4_0"), key=lambda kv: choice["options"][kv]["predicted_kld"])
+    assert manifest["budget"]["bytes_resolved"] == choice["options"][choice["chosen"]]["weight_budget_bytes"]
+    assert manifest["bytes"] <= manifest["budget"]["bytes_resolved"]
+    variant = results["variants"][name]
+    assert list(variant["kv_cache"]) == [choice["chosen"]] and variant["kv_cache"][choice["chosen"]]["loader"] == (
+        f"KV cache {choice['chosen'].upper()}, flash attention on")
+    assert {r["kv_dtype"] for r in variant["fit"]["rows"]} == {choice["chosen"]}
+    assert f"| {name} | {choice['chosen']} (chosen) |" in report
 
 
 def test_budget_keys_are_checked_before_any_work(tiny_model, tmp_path):
@@ -166,6 +194,14 @@ def test_budget_keys_are_checked_before_any_work(tiny_model, tmp_path):
     with pytest.raises(QuantizeError, match=r"unknown schemes \['w3g128'\].*vLLM"):
         parse_recipe({**base, "method": {"name": "auto", "target": "compressed-tensors", "budget": {"bpw": 4},
                                          "candidates": ["w3g128"]}}, "r.yaml")
+    with pytest.raises(QuantizeError, match=r"kv_dtype auto chooses the KV cache type with the weights for a gpu"):
+        parse_recipe({**base, "method": {"name": "auto", "budget": {"bpw": 4, "kv_dtype": "auto"}}}, "r.yaml")
+    with pytest.raises(QuantizeError, match=r"budget.kv_dtype auto chooses among llama.cpp's KV cache types"):
+        parse_recipe({**base, "method": {"name": "auto", "target": "compressed-tensors",
+                                         "budget": {"gpu": "RTX 4090", "context": 4096, "kv_dtype": "auto"}}}, "r.yaml")
+    with pytest.raises(QuantizeError, match=r"weight_bytes is computed from gpu and context"):
+        parse_recipe({**base, "method": {"name": "auto", "budget": {"gpu": "RTX 4090", "context": 4096,
+                                                                    "weight_bytes_by_kv": {"f16": 1}}}}, "r.yaml")
     with pytest.raises(QuantizeError, match=r"budget.mix is llama.cpp's"):
         parse_recipe({**base, "method": {"name": "auto", "target": "compressed-tensors",
                                          "budget": {"mix": "Q4_K_M"}}}, "r.yaml")
@@ -203,6 +239,11 @@ def test_fit_to_writes_a_recipe_run_accepts(tiny_model, tmp_path):
     assert recipe.methods[0].budget.context == 8192
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "exists" in again.output
+    auto = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "auto.yaml"), "--kv-dtype", "auto"])
+    assert auto.exit_code == 0, auto.output
+    assert all(f"({kv}, context 8192" in auto.output for kv in ("f16", "q8_0", "q4_0"))
+    recipe = load_recipe(tmp_path / "auto.yaml")
+    assert recipe.methods[0].budget.kv_dtype == "auto" and recipe.fit.kv_dtype == "f16"
 
 
 def test_per_module_schemes_write_config_groups_transformers_loads(tiny_model, tmp_path):

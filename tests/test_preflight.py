@@ -25,6 +25,9 @@ CASES = {
     # llama.cpp refuses IQ2 types without an importance matrix: said at plan time, from the config alone
     "imatrix off": ({"name": "gguf", "type": "IQ2_XS", "imatrix": False}, "without an importance matrix"),
     "dense MXFP4_MOE": ({"name": "gguf", "type": "MXFP4_MOE"}, "has no experts"),
+    # a GPU budget whose KV cache (every type, for kv_dtype auto) leaves the weights nothing: said before any work
+    "gpu budget": ({"name": "auto", "budget": {"gpu": "RTX 3060", "context": 1024, "batch": 100000,
+                                               "kv_dtype": "auto"}}, "no KV cache type leaves room for the weights"),
 }
 
 
@@ -41,7 +44,7 @@ def test_plan_fails_early_naming_the_key(case, tiny_model, tmp_path):
                             architectures=["MistralForCausalLM"])
         method = {"name": "gptq", "bits": 4, "group_size": 64}
         calibration, expected = {"samples": 4, "seq_len": 64}, "exceed the model's sliding_window 32"
-    elif case in ("imatrix off", "dense MXFP4_MOE"):
+    elif case in ("imatrix off", "dense MXFP4_MOE", "gpu budget"):
         model = tiny_model
     else:
         model = edited_copy(tiny_model, tmp_path / "m", rope_parameters={

@@ -101,7 +101,7 @@ def lagrangian_bound(options: list[dict[str, tuple[int, float]]], budget: int) -
 
 
 def build(method: AutoMethod, base, out_dir: Path, calib: torch.Tensor, calib_info: dict | None = None) -> dict:
-    if method.budget.gpu and not method.budget.weight_bytes:
+    if method.budget.gpu and not (method.budget.weight_bytes or method.budget.weight_bytes_by_kv):
         raise QuantizeError("a gpu budget is resolved to bytes by the run (pipeline); build got none")
     if method.target == "compressed-tensors":
         return build_compressed(method, base, out_dir, calib, calib_info)
@@ -180,6 +180,33 @@ def choose(groups: list, budget: int, fixed: int) -> tuple[list[str], dict, dict
     return choices, solver, by_bytes
 
 
+def choose_kv(groups: list, fixed: int, left_by_kv: dict[str, int], costs: dict[str, dict]) -> tuple[dict, tuple]:
+    """kv_dtype auto: for each cache type the mix of the bytes it leaves for weights; the type whose mix's predicted
+    KLD plus the cache's own measured KLD is least. Returns ({"chosen", "options": per type}, choose()'s result)."""
+    options, solved = {}, {}
+    for kv, left in left_by_kv.items():
+        try:
+            if left <= 0:
+                raise QuantizeError("the cache and the overhead leave nothing for the weights")
+            solved[kv] = choose(groups, left, fixed)
+        except QuantizeError as exc:  # this cache leaves less than the smallest mix
+            options[kv] = {"weight_budget_bytes": left, "kv_kld": costs[kv]["kld"], "fits": False, "why": str(exc)}
+            continue
+        weights = solved[kv][1]["predicted_kld"]
+        options[kv] = {"weight_budget_bytes": left, "predicted_weights_kld": weights, "kv_kld": costs[kv]["kld"],
+                       "predicted_kld": weights + costs[kv]["kld"], "fits": True}
+    if not solved:
+        raise QuantizeError("no mix fits with any KV cache type (" + "; ".join(
+            f"{kv}: {o['weight_budget_bytes']} bytes for weights" for kv, o in options.items()) + ")")
+    chosen = min(solved, key=lambda kv: options[kv]["predicted_kld"])
+    step(f"KV cache {chosen}: predicted KLD " + ", ".join(
+        f"{kv} {o['predicted_kld']:.4g}" if o["fits"] else f"{kv} does not fit" for kv, o in options.items()))
+    return {"chosen": chosen, "options": options,
+            "how": "per KV cache type: the mix of the bytes it leaves for weights (predicted KLD) + the cache's own "
+                   f"KLD against an F16 cache on the F16 GGUF ({next(iter(costs.values()))['tokens']} calibration "
+                   "positions, flash attention on); the least sum"}, solved[chosen]
+
+
 def write_mix(out_dir: Path, label: str, groups: list, choices: list[str], solver: dict, provenance: dict,
               by_bytes: dict[str, int], budget_spec, budget: int) -> dict:
     """mix.json beside the artefact (each group's type, bytes, prediction, probe KLD; groups named by `label`:
@@ -235,9 +262,15 @@ def build_gguf(method: AutoMethod, base, out_dir: Path, calib: torch.Tensor, cal
         llamacpp.quantize(source, standard, b.mix, imatrix)
         budget = gguf_stats(standard)["bytes"]
         standard.unlink()
-    else:
+    elif not b.weight_bytes_by_kv:
         budget = b.bytes or b.weight_bytes or int(b.bpw * stats["params"] / 8)
-    choices, solver, by_bytes = choose(groups, budget, fixed)
+    kv_choice = None
+    if b.weight_bytes_by_kv:  # kv_dtype auto: the cache type and the mix whose KLDs add up least
+        costs = sensitivity.kv_cache_costs(base.path, source, ids, list(b.weight_bytes_by_kv))
+        kv_choice, (choices, solver, by_bytes) = choose_kv(groups, fixed, b.weight_bytes_by_kv, costs)
+        budget = b.weight_bytes_by_kv[kv_choice["chosen"]]
+    else:
+        choices, solver, by_bytes = choose(groups, budget, fixed)
     types = {g.name: k for g, k in zip(groups, choices)}
     main = max((k for k in by_bytes if k in FILE_TYPE), key=by_bytes.get, default="Q8_0")
     extra = {**imatrix_info.pop("metadata", {}), "quantize.mix.budget_bytes": budget,
@@ -248,6 +281,8 @@ def build_gguf(method: AutoMethod, base, out_dir: Path, calib: torch.Tensor, cal
     info = {"format": "gguf", "type": f"auto ({main} mostly)", "llama_cpp_python": lib.__version__,
             **write_mix(out_dir, "tensor", groups, choices, solver, provenance, by_bytes, b, budget),
             **imatrix_info, **written}
+    if kv_choice:  # predicted_kld stays the weights' (the main evaluation runs an F16 cache)
+        info["kv_cache"] = kv_choice
     tokenizer = load_tokenizer(base.path)
     num_ctx = min(method.num_ctx, base.config.get("max_position_embeddings") or method.num_ctx)
     (out_dir / "Modelfile").write_text(ollama.modelfile(tokenizer, base.path, target.name, num_ctx))
@@ -280,6 +315,10 @@ def model_card(base, info: dict) -> str:
         "- tensors by type: " + ", ".join(f"{k} {n}" for k, n in mix["tensors_by_type"].items()),
         f"- predicted KLD to the base: {info['predicted_kld']:.4g} (sum of per-tensor predictions from KLDs measured "
         f"on {mix['sensitivity']['tokens']} calibration tokens; the measured figure is in results.json)",
+        *([f"- KV cache: {info['kv_cache']['chosen']} (run llama.cpp with -ctk {info['kv_cache']['chosen']} -ctv "
+           f"{info['kv_cache']['chosen']} -fa on): chosen with the mix, " + ", ".join(
+               f"{kv}: {o['predicted_kld']:.4g}" if o["fits"] else f"{kv}: does not fit"
+               for kv, o in info["kv_cache"]["options"].items()) + " predicted"] if "kv_cache" in info else []),
         f"- quantized by llama.cpp's own quantiser (llama-cpp-python {info['llama_cpp_python']}), one tensor type "
         "per tensor (mix.json lists them; llama-quantize --tensor-type reproduces it with imatrix.gguf)", "",
         "Run: `llama-cli -m model.gguf` · `ollama create NAME -f Modelfile` · LM Studio: load model.gguf.", ""])

@@ -328,13 +328,16 @@ class GgufMethod(Strict):
 
 SCHEME_CANDIDATES = ["w4g32", "w4g64", "w4g128", "w4ch", "w8g128", "w8ch", "fp16"]
 MIX_CANDIDATES = ["Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "IQ4_NL", "Q5_0", "Q5_1", "F16"]
+KV_CHOICES = ("f16", "q8_0", "q4_0")  # budget.kv_dtype auto: llama.cpp's K/V cache types the mix chooses among
 
 
 class Budget(Strict):
     """What the budgeted mix may weigh: exactly one of `bytes` (all the GGUF's tensors), `bpw` (bits per weight over
     all tensors), `mix` (what llama.cpp's standard mix of that name weighs for this model, with the same importance
     matrix), or `gpu` (+ `context`, `batch`, `kv_dtype`: the bytes left for weights on that GPU once the KV cache
-    and the runtime overhead at that context are counted, quantize.fit's arithmetic)."""
+    and the runtime overhead at that context are counted, quantize.fit's arithmetic). `kv_dtype: auto` (gpu only):
+    the mix chooses llama.cpp's KV cache type too, among f16, q8_0 and q4_0, by the least predicted KLD of weights
+    and cache together (the cache's own KLD measured on the same calibration tokens)."""
 
     bytes: int | None = Field(None, ge=1)
     mix: Literal[tuple(m for m in MIXES if m not in UNQUANTIZED)] | None = None
@@ -344,8 +347,10 @@ class Budget(Strict):
     gpu: str | None = None
     context: int | None = Field(None, ge=1)
     batch: int = Field(1, ge=1)
-    kv_dtype: Literal["f16", "bf16", "q8_0", "q4_0", "f32"] = "f16"
+    kv_dtype: Literal["f16", "bf16", "q8_0", "q4_0", "f32", "auto"] = "f16"
     weight_bytes: int | None = Field(None, description="set by the run from gpu/context; not a recipe key")
+    weight_bytes_by_kv: dict[str, int] | None = Field(None, description="set by the run for kv_dtype auto: the "
+                                                      "bytes left for weights with each KV cache type; not a recipe key")
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -354,8 +359,11 @@ class Budget(Strict):
             raise ValueError(f"give exactly one of bytes, bpw, mix, scheme or gpu (+ context); got {given or 'none'}")
         if (self.gpu is None) != (self.context is None):
             raise ValueError("gpu and context go together: the weights' share depends on the context's KV cache")
-        if self.weight_bytes is not None:
+        if self.weight_bytes is not None or self.weight_bytes_by_kv is not None:
             raise ValueError("weight_bytes is computed from gpu and context; give bytes for a fixed budget")
+        if self.kv_dtype == "auto" and self.gpu is None:
+            raise ValueError("kv_dtype auto chooses the KV cache type with the weights for a gpu budget (+ context); "
+                             "a bytes, bpw or mix budget does not depend on the cache")
         return self
 
 
@@ -403,6 +411,9 @@ class AutoMethod(Strict):
                                  "vLLM's WNA16 kernels load), fp16")
             if self.budget.mix:
                 raise ValueError("budget.mix is llama.cpp's; for compressed-tensors give budget.scheme (e.g. w4g128)")
+            if self.budget.kv_dtype == "auto":
+                raise ValueError("budget.kv_dtype auto chooses among llama.cpp's KV cache types (f16, q8_0, q4_0): "
+                                 "target gguf only; for compressed-tensors name the cache type the fit assumes")
         return self
 
     @property

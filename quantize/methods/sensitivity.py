@@ -252,6 +252,41 @@ def load_table(cached: Path) -> tuple[list[Group], int, dict]:
                                                                        "cache": str(cached)}
 
 
+def kv_cache_costs(model_path: Path, f16_gguf: Path, ids: torch.Tensor, kv_types: list[str]) -> dict[str, dict]:
+    """What each llama.cpp K/V cache type costs on its own: the mean KLD(F16 cache ‖ that cache) of the F16 GGUF's
+    next-token distributions over the second half of each window (the positions an evaluation scores), flash
+    attention on in every run (llama.cpp needs it for a quantized V cache). The mix adds it to the weights'
+    predicted KLD (to second order independent perturbations add; bench/results/gguf_mixes.md's KV table shows
+    Q8_0 and Q4_K_M weights taking the same q4_0 cost). Cached beside the sensitivity tables."""
+    key = table_key(model_path, ids, {}, kv_types, 0.0, "kv-cache")  # the model's files, the slice, the types
+    cached = cache_root() / "sensitivity" / f"kv-{key}.json"
+    if cached.is_file():
+        step(f"KV cache costs: cached ({cached})")
+        return json.loads(cached.read_text())
+    n, first = int(ids.shape[1]), int(ids.shape[1]) // 2
+    reference, out = [], {}
+    for kv in ["f16", *[k for k in kv_types if k != "f16"]]:
+        model = llamacpp.LlamaCppModel(f16_gguf, n_ctx=n, kv_type=kv.upper(), flash_attn=True)
+        try:
+            kld = []
+            for w, window in enumerate(ids.tolist()):
+                logp = torch.log_softmax(model.logits(window, first).double(), -1)
+                if kv == "f16":
+                    reference.append(logp.float())
+                else:
+                    kld.append(kl_divergence(reference[w].double(), logp))
+        finally:
+            model.close()
+        value = float(torch.cat(kld).mean().clamp(min=0)) if kld else 0.0
+        out[kv] = {"kld": value, "tokens": int(ids.shape[0]) * (n - first)}
+        step(f"KV cache {kv}: KLD {value:.4g} against the F16 cache ({out[kv]['tokens']} positions)")
+    out = {k: out[k] for k in kv_types}
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.with_suffix(".partial").write_text(json.dumps(out))
+    cached.with_suffix(".partial").replace(cached)
+    return out
+
+
 # ---- compressed-tensors: integer grids (RTN's) on the linears vLLM fuses -----------------------------------------
 def scheme(name: str) -> tuple[int, int]:
     """'w4g128' → (4, 128); 'w8ch' → (8, -1); 'fp16' → (16, 0): left unquantized."""

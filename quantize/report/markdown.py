@@ -261,6 +261,21 @@ def _mix_section(results: dict) -> list[str]:
                      + ", ".join(f"{k} {c}" for k, c in m["tensors_by_type"].items())
                      + f" | {m['predicted_kld']:.5f} | {'–' if kld is None else f'{kld:.5f}'} | "
                      f"{m['solver']['gap']:.2g} |")
+    kv = [(n, v["budgeted_mix"]["kv_cache"]) for n, v in mixes if "kv_cache" in v["budgeted_mix"]]
+    if kv:  # budget.kv_dtype auto
+        lines += ["", "| variant | KV cache | bytes for weights | predicted weights KLD | cache's own KLD | predicted "
+                  "sum | measured KLD with it |", "|---|---|---|---|---|---|---|"]
+        for name, choice in kv:
+            scored = results["variants"][name].get("kv_cache", {})
+            for t, o in choice["options"].items():
+                mark = " (chosen)" if t == choice["chosen"] else ""
+                got = ((scored.get(t) or {}).get("perplexity") or {}).get("kld")
+                lines.append(f"| {name} | {t}{mark} | {o['weight_budget_bytes']:,} | "
+                             + (f"{o['predicted_weights_kld']:.4g} | {o['kv_kld']:.4g} | {o['predicted_kld']:.4g}"
+                                if o["fits"] else f"no mix fits | {o['kv_kld']:.4g} | –")
+                             + " | " + ("–" if got is None else f"{got['mean']:.4g}") + " |")
+        lines += ["", "KV cache chosen with the mix (budget.kv_dtype auto): " + kv[0][1]["how"] + ". The chosen "
+                  "cache's measured row is the KV cache types section's; the VRAM fit of that variant uses it."]
     s = mixes[0][1]["budgeted_mix"]["sensitivity"]
     return lines + ["", f"Predicted: the sum over tensors of each one's KLD measured alone at its probe type (the "
                         f"candidate nearest {s['probe_bpw']} bpw) on {s['tokens']} calibration tokens, carried to "
