@@ -142,7 +142,8 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML"),
                f"tg{ev['speed']['gen_tokens']} × {ev['speed']['repetitions']} at threads {ev['speed']['threads']}"
                + (f"; GGUF variants again with KV cache {', '.join(ev['kv_cache'])}" if ev.get("kv_cache") else ""))
     for name, v in p["variants"].items():
-        typer.echo(f"variant {name}: expected {gib(v['expected_bytes'])}")
+        typer.echo(f"variant {name}: expected {gib(v['expected_bytes'])}; fit with {v['fit']['protocol']['engine']}'s "
+                   f"{v['fit']['rows'][0]['kv_dtype']} KV cache")
         for gpu, ctx in v["fit"]["largest_context"].items():
             rows = [r for r in v["fit"]["rows"] if r["gpu"] == gpu]
             cells = ", ".join(f"{r['context']}: {'fits' if r['fits'] else 'NO'} ({gib(r['headroom_bytes'])} headroom)"
@@ -271,26 +272,35 @@ def fit_command(model: str = typer.Argument(..., help="a .gguf, an HF directory,
                                                 help="runtime uses flash attention (llama.cpp's default on GPUs); "
                                                      "without it the compute buffer holds each layer's "
                                                      "attention scores, which grow with context"),
+                engine: str = typer.Option("auto", "--engine",
+                                           help="whose KV cache: llama.cpp or vllm (auto: llama.cpp for a .gguf or "
+                                                "a llama.cpp mix in --weights, else vllm); they differ on sliding-"
+                                                "window layers"),
                 as_json: bool = typer.Option(False, "--json")) -> None:
     """Will MODEL fit on these GPUs at these contexts? Headroom, largest context and batch, decode estimate."""
     from quantize.fit import footprint, vram
-    from quantize.fit.context_memory import kv_cache_bytes
+    from quantize.fit.context_memory import ENGINES
     from quantize.fit.gpus import gpu_by_name
 
     try:
         bad = [c for c in ctx if c < 1]
         if bad:
             raise QuantizeError(f"--ctx {bad[0]}: a context is a number of tokens, at least 1")
+        if engine not in ("auto", *ENGINES):
+            raise QuantizeError(f"--engine {engine}: accepted: auto, {', '.join(ENGINES)}")
         m = footprint.describe_model(model, weights)
-        report = vram.fit_report(m["weights_bytes"], m["shape"], gpu, ctx, batch, kv_dtype, flash_attn)
+        engine = m["engine"] if engine == "auto" else engine
+        report = vram.fit_report(m["weights_bytes"], m["shape"], gpu, ctx, batch, kv_dtype, flash_attn, engine)
     except QuantizeError as exc:
         _fail(exc)
     c = m["counts"]
     decode = {}
+    kv_dtype = report["rows"][0]["kv_dtype"]  # the engine's (vLLM: f16 for llama.cpp's quantized caches)
     for g in report["protocol"]["gpus"]:
         row = {}
         for context in ctx:  # bytes read per generated token: active weights + the whole KV cache
-            per_token = m["active_weight_bytes"] + kv_cache_bytes(m["shape"], context, batch, kv_dtype)
+            kv = vram.gpu_kv_bytes(m["shape"], gpu_by_name(g["name"]), context, batch, kv_dtype, engine)
+            per_token = m["active_weight_bytes"] + kv
             row[str(context)] = vram.decode_tokens_per_s_estimate(per_token, gpu_by_name(g["name"])) * batch
         decode[g["name"]] = row
     if as_json:
@@ -299,8 +309,9 @@ def fit_command(model: str = typer.Argument(..., help="a .gguf, an HF directory,
                                "decode_tokens_per_s_estimate": decode, **report}, indent=2, default=str))
         return
     moe = f", {c.n_experts} experts ({c.n_active} active: {c.active / 1e9:.2f} B)" if c.n_experts > 1 else ""
+    note = report["protocol"].get("kv_dtype_note")
     typer.echo(f"{model}: {c.total / 1e9:.2f} B parameters{moe}; weights {gib(m['weights_bytes'])} "
-               f"({m['weights_how']}); KV cache {kv_dtype}, batch {batch}")
+               f"({m['weights_how']}); {engine}'s KV cache, {kv_dtype}{f' ({note})' if note else ''}, batch {batch}")
     for name in report["largest_context"]:
         cells = []
         for r in (r for r in report["rows"] if r["gpu"] == name):

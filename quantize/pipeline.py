@@ -88,9 +88,10 @@ def _fit(folder: Path, shape, recipe: Recipe, kv_dtype: str | None = None) -> di
     else the recipe's."""
     by_dtype = weight_bytes(folder)
     f = recipe.fit
+    engine = vram.engine_for(detect(folder))  # llama.cpp's cache for GGUF, vLLM's for a safetensors checkpoint
     return {"weight_bytes_by_dtype": by_dtype,
             **vram.fit_report(sum(by_dtype.values()), shape, f.gpus, f.contexts, f.batch, kv_dtype or f.kv_dtype,
-                              f.flash_attn)}
+                              f.flash_attn, engine)}
 
 
 def _kv_types(recipe: Recipe, chosen: str | None) -> list[str]:
@@ -134,7 +135,7 @@ def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe, calib)
         for kv in (KV_CHOICES if b.kv_dtype == "auto" else [b.kv_dtype]):
             try:
                 left[kv], how = vram.weight_budget(shape_from_config(base.config), b.gpu, b.context, b.batch, kv,
-                                                   recipe.fit.flash_attn)
+                                                   recipe.fit.flash_attn, method.engine)
                 step(f"budget: {how}")
             except QuantizeError as exc:  # kv_dtype auto: a cache that leaves nothing is no choice (the mix says so)
                 if b.kv_dtype != "auto":
@@ -291,8 +292,7 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
                                            "solver": r["mix"]["solver"], "sensitivity": r["mix"]["sensitivity"],
                                            **({"kv_cache": r["kv_cache"]} if "kv_cache" in r else {})}
             if recipe.gates.is_set:
-                variant["gates"] = gates.judge(variant, results["base"], recipe.gates, shape,
-                                               chosen_kv or recipe.fit.kv_dtype, recipe.fit.flash_attn)
+                variant["gates"] = gates.judge(variant, results["base"], recipe.gates, shape, recipe.fit.flash_attn)
             files.write_json(folder / "results.json", {"protocol": results["protocol"], **variant})
             results["variants"][name] = variant
 

@@ -87,7 +87,7 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
                 check_convertible(config)
                 check_model(config, recipe.calibration.seq_len)
                 if method.budget.gpu:
-                    check_gpu_budget(config, method.budget, recipe.fit.flash_attn)
+                    check_gpu_budget(config, method.budget, recipe.fit.flash_attn, method.engine)
             if method.name == "gguf":
                 check_convertible(config)
                 if method.type not in UNQUANTIZED:
@@ -98,7 +98,14 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
             raise QuantizeError(f"key `{key}` ({method.default_variant()}): {exc}") from None
 
 
-def check_gpu_budget(config: dict, budget, flash_attn: bool) -> None:
+def artefact_format(method) -> str:
+    """The format a method writes, as runtimes.load.detect names it (what the fit's engine follows)."""
+    if method.name == "gguf" or (method.name == "auto" and method.target == "gguf"):
+        return "gguf"
+    return getattr(method, "format", "compressed-tensors")
+
+
+def check_gpu_budget(config: dict, budget, flash_attn: bool, engine: str) -> None:
     """A gpu budget must leave the weights some bytes with its KV cache type (kv_dtype auto: with one of them)."""
     from quantize.methods.configs import KV_CHOICES
 
@@ -106,7 +113,8 @@ def check_gpu_budget(config: dict, budget, flash_attn: bool) -> None:
     errors = []
     for kv in kinds:
         try:
-            vram.weight_budget(shape_from_config(config), budget.gpu, budget.context, budget.batch, kv, flash_attn)
+            vram.weight_budget(shape_from_config(config), budget.gpu, budget.context, budget.batch, kv, flash_attn,
+                               engine)
             return
         except QuantizeError as exc:
             errors.append(str(exc))
@@ -186,7 +194,7 @@ def plan(recipe: Recipe) -> dict:
             "method": method.model_dump(mode="json"),
             "expected_bytes": expected,
             "fit": vram.fit_report(expected, shape, recipe.fit.gpus, recipe.fit.contexts, recipe.fit.batch,
-                                  recipe.fit.kv_dtype, recipe.fit.flash_attn),
+                                   recipe.fit.kv_dtype, recipe.fit.flash_attn, vram.engine_for(artefact_format(method))),
         }
     return {
         "recipe": recipe.name,

@@ -241,7 +241,7 @@ def test_fit_to_writes_a_recipe_run_accepts(tiny_model, tmp_path):
     assert again.exit_code == 2 and "exists" in again.output
     auto = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "auto.yaml"), "--kv-dtype", "auto"])
     assert auto.exit_code == 0, auto.output
-    assert all(f"({kv}, context 8192" in auto.output for kv in ("f16", "q8_0", "q4_0"))
+    assert all(f"(llama.cpp's {kv} cache, context 8192" in auto.output for kv in ("f16", "q8_0", "q4_0"))
     recipe = load_recipe(tmp_path / "auto.yaml")
     assert recipe.methods[0].budget.kv_dtype == "auto" and recipe.fit.kv_dtype == "f16"
 

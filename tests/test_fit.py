@@ -70,6 +70,53 @@ def test_sliding_window_pattern_mistral_and_qwen_variants():
     assert shape_from_config(qwen).sliding_layers == 0
 
 
+def test_the_cache_each_engine_allocates_for_a_window(tmp_path):
+    """Mistral-7B-v0.1 (sliding_window 4096 on every layer) at 32768 tokens: llama.cpp runs it on its llama graph,
+    which keeps no window, so every layer holds all 32768 cells (4 GiB of f16); vLLM applies the window: on an RTX
+    4090 (< 70 GiB: 2 × 2048 tokens in flight) a layer holds min(4095 + 4096, 32768) = 8191 tokens in 16-token
+    blocks, 512 blocks + 1. Phi-3's window llama.cpp switches off too; Gemma 3's it keeps (the test above)."""
+    from typer.testing import CliRunner
+
+    from quantize.cli import app
+    from quantize.fit.context_memory import kv_cells
+    from quantize.fit.vram import fit_one
+
+    config = json.loads(open("tests/data/configs/mistral-7b-v0.1.json").read())
+    shape = shape_from_config(config)
+    assert (shape.sliding_window, shape.sliding_layers, shape.llama_cpp_window) == (4096, 32, False)
+    per_cell = 32 * 2 * 8 * 128 * 2
+    assert kv_cache_bytes(shape, 32768, 1, "f16") == per_cell * 32768 == 4 * GiB
+    assert kv_cells(shape, 32768, "vllm", 2 * 2048) == (32768, (512 + 1) * 16)
+    rtx4090 = gpu_by_name("RTX 4090")
+    assert fit_one(0, shape, rtx4090, 32768, 1, "f16", engine="vllm").kv_bytes == per_cell * 8208
+    assert kv_cells(shape, 100, "vllm", 4096) == (112, 128)  # below the window: the context, in blocks (+ 1)
+    h100 = gpu_by_name("H100 SXM")  # ≥ 70 GiB: 2 × 8192 in flight, more than the 32k context's window needs
+    assert fit_one(0, shape, h100, 32768, 1, "f16", engine="vllm").kv_bytes == per_cell * (1 + -(-(4095 + 16384) // 16)) * 16
+    phi3 = {"model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 32,
+            "num_hidden_layers": 32, "num_key_value_heads": 32, "vocab_size": 32064,
+            "max_position_embeddings": 4096, "sliding_window": 2047}
+    assert kv_cells(shape_from_config(phi3), 4096) == (4096, 4096)
+    gemma = shape_from_config(GEMMA3_TOY)
+    assert gemma.llama_cpp_window and kv_cells(gemma, 32768) == (32768, 1536)
+    with pytest.raises(QuantizeError, match="q8_0.*llama.cpp's; vLLM's are f16, bf16, fp8"):
+        kv_cache_bytes(shape, 4096, 1, "q8_0", "vllm")
+    # `quantize fit` says whose cache it counted: llama.cpp for a llama.cpp mix, vLLM for int4 (or --engine)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    gguf = CliRunner().invoke(app, ["fit", str(path), "--gpu", "RTX 4090", "--ctx", "32768", "--weights", "q4_k_m",
+                                    "--json"])
+    assert gguf.exit_code == 0, gguf.output
+    row = json.loads(gguf.output)["rows"][0]
+    assert json.loads(gguf.output)["protocol"]["engine"] == "llama.cpp" and row["kv_bytes"] == 4 * GiB
+    vllm = CliRunner().invoke(app, ["fit", str(path), "--gpu", "RTX 4090", "--ctx", "32768", "--weights", "int4"])
+    assert vllm.exit_code == 0 and "vllm's KV cache, f16" in vllm.output, vllm.output
+    forced = CliRunner().invoke(app, ["fit", str(path), "--gpu", "RTX 4090", "--ctx", "32768", "--weights", "q4_k_m",
+                                      "--engine", "vllm", "--json"])
+    assert json.loads(forced.output)["rows"][0]["kv_bytes"] == per_cell * 8208
+    bad = CliRunner().invoke(app, ["fit", str(path), "--engine", "sglang"])
+    assert bad.exit_code == 2 and "--engine sglang: accepted: auto, llama.cpp, vllm" in bad.output
+
+
 def test_gemma3_defaults_fill_omitted_keys():
     # gemma-3-4b-it's config.json omits heads/head_dim/vocab; transformers' defaults apply.
     cfg = {"model_type": "gemma3", "text_config": {

@@ -53,21 +53,55 @@ def kv_bytes_per_element(kv_dtype: str) -> float:
     return KV_DTYPE_BYTES[kv_dtype]
 
 
-def kv_cells(shape: ModelShape, context: int) -> tuple[int, int]:
-    """(cells of a full-attention layer, cells of a sliding-window layer) per sequence, as llama.cpp allocates
-    them (src/llama-kv-cache-iswa.cpp): the SWA cache holds the window plus one micro-batch, padded to 256 cells,
-    and never more than the context."""
-    if not shape.sliding_window:
+ENGINES = ("llama.cpp", "vllm")  # whose cache the fit models: llama.cpp for GGUF, vLLM for safetensors checkpoints
+VLLM_BLOCK = 16  # vLLM's KV cache block size (tokens) on CUDA
+# vLLM's KV cache types (--kv-cache-dtype): auto is the model's 16-bit dtype; it has no q8_0 / q4_0 cache
+VLLM_KV_DTYPES = ("f16", "bf16", "fp8")
+
+
+def vllm_in_flight_tokens(memory_bytes: int, name: str) -> int:
+    """Tokens vLLM may have scheduled and not yet settled (VllmConfig.max_in_flight_tokens): 2 concurrent batches
+    (async scheduling, its default) × the API server's default max_num_batched_tokens for the GPU (vllm 0.32
+    engine/arg_utils.py: 16384 at ≥ 160 GiB, 8192 at ≥ 70 GiB but not A100, else 2048)."""
+    gib = 2**30
+    if memory_bytes >= 160 * gib:
+        tokens = 16384
+    elif memory_bytes >= 70 * gib and "a100" not in name.lower():
+        tokens = 8192
+    else:
+        tokens = 2048
+    return 2 * tokens
+
+
+def kv_cells(shape: ModelShape, context: int, engine: str = "llama.cpp", in_flight: int = 0) -> tuple[int, int]:
+    """(cells of a full-attention layer, cells of a sliding-window layer) per sequence, as the engine allocates
+    them. llama.cpp (src/llama-kv-cache-iswa.cpp): the SWA cache holds the window plus one micro-batch, padded to
+    256 cells, never more than the context; only in the families whose graph uses the window
+    (ModelShape.llama_cpp_window), else every layer holds the context. vLLM (v1/kv_cache_interface.py): blocks of
+    16 tokens; a sliding layer holds min(window − 1 + `in_flight` tokens, context) in blocks, plus one block."""
+    if engine not in ENGINES:
+        raise QuantizeError(f"unknown engine {engine!r}; accepted: {', '.join(ENGINES)}")
+    if engine == "vllm":
+        full = -(-context // VLLM_BLOCK) * VLLM_BLOCK
+        if not shape.sliding_window:
+            return full, full
+        held = min(shape.sliding_window - 1 + in_flight, context)
+        return full, (-(-held // VLLM_BLOCK) + 1) * VLLM_BLOCK
+    if not shape.sliding_window or not shape.llama_cpp_window:
         return context, context
     swa = -(-(shape.sliding_window + COMPUTE_UBATCH_TOKENS) // 256) * 256
     return context, min(context, swa)
 
 
-def kv_cache_bytes(shape: ModelShape, context: int, batch: int, kv_dtype: str) -> int:
+def kv_cache_bytes(shape: ModelShape, context: int, batch: int, kv_dtype: str, engine: str = "llama.cpp",
+                   in_flight: int = 0) -> int:
     """The cache's bytes: per attention layer and sequence, kv_elements per cell (ModelShape.kv_elements: K and V,
     or MLA's latent) × the cells kv_cells gives, × batch sequences; plus, for a hybrid model's linear-attention
     layers, their fixed-size state per sequence (recurrent_state_bytes), whatever the context and KV type."""
-    full_cells, swa_cells = kv_cells(shape, context)
+    if engine == "vllm" and kv_dtype not in VLLM_KV_DTYPES:
+        raise QuantizeError(f"KV cache type {kv_dtype!r} is llama.cpp's; vLLM's are {', '.join(VLLM_KV_DTYPES)} "
+                            "(--kv-cache-dtype auto: the model's 16-bit dtype)")
+    full_cells, swa_cells = kv_cells(shape, context, engine, in_flight)
     full_layers = shape.n_layers - shape.sliding_layers - shape.recurrent_layers
     elements = shape.kv_elements * batch * (full_layers * full_cells + shape.sliding_layers * swa_cells)
     return int(elements * kv_bytes_per_element(kv_dtype) + 0.5) + recurrent_state_bytes(shape, batch)

@@ -28,6 +28,7 @@ from quantize.fit.shape import ParamCounts, param_counts, shape_and_counts, shap
 from quantize.formats.compressed_tensors import STORAGE_DTYPE
 from quantize.formats.gguf_types import (IMATRIX_BY_DEFAULT, MIXES, MOE_ONLY, UNQUANTIZED, bits_per_weight,
                                         requires_imatrix, tensor_types)
+from quantize.formats.mlx import is_mlx
 from quantize.formats.tensors import weight_bytes_gguf, weight_bytes_safetensors
 from quantize.sources.models import hub_config_and_bytes, ignored, is_hub_id, unique_parameters
 
@@ -165,8 +166,11 @@ def describe_model(spec: str, fmt: str | None) -> dict:
     else:
         weights, how = weight_bytes(counts, "fp16"), "estimated for fp16 (no weights here; pass --weights)"
     active_fraction = counts.active / counts.total
+    # whose cache: llama.cpp runs GGUF weights (and its per-family window rule stands in for mlx-lm's); vLLM the rest
+    gguf_weights = path.suffix == ".gguf" or (fmt is not None and fmt.upper() in MIXES)
+    engine = "llama.cpp" if gguf_weights or is_mlx(cfg) else "vllm"
     return {"shape": shape, "counts": counts, "weights_bytes": weights, "weights_how": how, "source": source,
-            "active_weight_bytes": int(weights * active_fraction)}
+            "active_weight_bytes": int(weights * active_fraction), "engine": engine}
 
 
 # ---- the expected artefact size of a recipe's method, for `quantize plan` (no weights read) ----------------------

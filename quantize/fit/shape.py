@@ -39,6 +39,7 @@ class ModelShape:
     kv_per_token_layer: int = 0  # cached elements per token and layer; 0 in older reports (then 2 × kv heads × dim)
     recurrent_layers: int = 0  # linear-attention layers (no KV cache: a fixed-size state per sequence)
     recurrent_state: int = 0  # f32 elements of one such layer's state per sequence (conv + recurrent)
+    llama_cpp_window: bool = True  # llama.cpp keeps the window for the sliding layers (the family's row; vLLM always)
 
     @property
     def query_heads(self) -> int:
@@ -106,7 +107,7 @@ def shape_from_config(cfg: dict) -> ModelShape:
         sliding_window=int(window) if window is not None else None, sliding_layers=sliding,
         n_params_estimate=embed + n_layers * (attn + mlp),
         max_position_embeddings=cfg.get("max_position_embeddings"), n_heads=n_heads, kv_per_token_layer=kv,
-        recurrent_layers=recurrent, recurrent_state=state,
+        recurrent_layers=recurrent, recurrent_state=state, llama_cpp_window=kind.llama_cpp_window,
     )
 
 

@@ -426,6 +426,11 @@ class AutoMethod(Strict):
     def needs_calibration(self) -> bool:
         return True
 
+    @property
+    def engine(self) -> str:
+        """Whose KV cache a gpu budget leaves room for: llama.cpp's for a GGUF mix, vLLM's for compressed-tensors."""
+        return "llama.cpp" if self.target == "gguf" else "vllm"
+
     def default_variant(self) -> str:
         b = self.budget
         size = (f"{b.bytes}B" if b.bytes else f"{b.bpw:g}bpw" if b.bpw else f"as-{b.mix.lower()}" if b.mix else

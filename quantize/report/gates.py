@@ -9,8 +9,9 @@ from quantize.fit.vram import fit_one
 from quantize.report.compare import best_speed
 
 
-def judge(variant: dict, base: dict, gates, shape: ModelShape, kv_dtype: str, flash_attn: bool) -> dict:
-    """{"passed": bool, "checks": [{gate, limit, measured, passed}]} for one variant's results entry."""
+def judge(variant: dict, base: dict, gates, shape: ModelShape, flash_attn: bool) -> dict:
+    """{"passed": bool, "checks": [{gate, limit, measured, passed}]} for one variant's results entry; must_fit with
+    the engine and KV cache type of the variant's own fit (its rows)."""
     checks = []
 
     def check(gate: str, limit, measured, ok: bool) -> None:
@@ -32,8 +33,9 @@ def judge(variant: dict, base: dict, gates, shape: ModelShape, kv_dtype: str, fl
         ok = served.get("status") == "ok" and not (served.get("concurrent") or {}).get("empty_answers")
         check("must_serve", True, served.get("status", "not checked"), ok)
     weights = sum(variant["fit"]["weight_bytes_by_dtype"].values())
+    engine, kv_dtype = variant["fit"]["protocol"]["engine"], variant["fit"]["rows"][0]["kv_dtype"]
     for want in gates.must_fit:
-        row = fit_one(weights, shape, gpu_by_name(want.gpu), want.context, want.batch, kv_dtype, flash_attn)
+        row = fit_one(weights, shape, gpu_by_name(want.gpu), want.context, want.batch, kv_dtype, flash_attn, engine)
         check("must_fit", {"gpu": want.gpu, "context": want.context, "batch": want.batch},
               {"total_bytes": row.total_bytes, "usable_bytes": row.usable_bytes, "headroom_bytes": row.headroom_bytes},
               row.fits)

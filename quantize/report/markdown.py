@@ -207,18 +207,24 @@ def _fit_table(results: dict) -> list[str]:
     first = entries[0][1]["fit"]
     contexts = sorted({r["context"] for r in first["rows"]})
     gpus = list(first["largest_context"])
-    header = "| model | GPU | " + " | ".join(f"ctx {c}: headroom" for c in contexts) + " | largest context |"
-    lines = [header, "|---|---|" + "---|" * (len(contexts) + 1)]
+    header = ("| model | engine's KV cache | GPU | " + " | ".join(f"ctx {c}: headroom" for c in contexts)
+              + " | largest context |")
+    lines = [header, "|---|---|---|" + "---|" * (len(contexts) + 1)]
     for name, e in entries:
         f = e["fit"]
+        cache = f"{f['protocol'].get('engine', 'llama.cpp')}, {f['rows'][0]['kv_dtype']}"
         for g in gpus:
             cells = []
             for c in contexts:
                 row = next(r for r in f["rows"] if r["gpu"] == g and r["context"] == c)
                 mark = "fits" if row["fits"] else "**no**"
                 cells.append(f"{mark}, {gib(row['headroom_bytes'])}")
-            lines.append(f"| {name} | {g} | " + " | ".join(cells) + f" | {f['largest_context'][g]} |")
-    return lines
+            lines.append(f"| {name} | {cache} | {g} | " + " | ".join(cells) + f" | {f['largest_context'][g]} |")
+    notes = {e["fit"]["protocol"]["kv_dtype_note"] for _, e in entries if "kv_dtype_note" in e["fit"]["protocol"]}
+    formulas = {e["fit"]["protocol"].get("engine", "llama.cpp"): e["fit"]["protocol"]["kv_formula"] for _, e in entries}
+    return lines + ["", "KV cache as each engine allocates it (GGUF: llama.cpp; safetensors checkpoints: vLLM): "
+                    + "; ".join(f"**{k}**: {v}" for k, v in formulas.items()) + "."
+                    + "".join(f" {n}." for n in sorted(notes))]
 
 
 def _gates_section(results: dict) -> list[str]:
@@ -328,12 +334,11 @@ def render(name: str, results: dict) -> str:
         "",
         *_serve_section(results),
         *_lm_eval_section(results),
-        f"## VRAM fit (batch {row0['batch']}, KV cache {row0['kv_dtype']})",
+        f"## VRAM fit (batch {row0['batch']})",
         "",
         *_fit_table(results),
         "",
-        f"Weights: {fit_proto['weights']}. KV: {fit_proto['kv_formula']}. {fit_proto['overhead_note']}. "
-        f"{fit_proto['formula']}.",
+        f"Weights: {fit_proto['weights']}. {fit_proto['overhead_note']} (for every engine). {fit_proto['formula']}.",
         "",
         "GPUs (capacity, usable fraction, source): "
         + "; ".join(f"{g['name']} {gib(g['memory_bytes'])} × {g['usable_fraction']:.3f} ({g['source']})"

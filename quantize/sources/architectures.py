@@ -84,6 +84,11 @@ class Architecture:
     # the name prefix of the multi-token-prediction tensors published checkpoints carry (transformers drops them):
     # llama.cpp's converter requires them unless told --no-mtp, which it is where a checkpoint has none
     mtp_tensors: str | None = None
+    # llama.cpp keeps a sliding-window cache for the family's windowed layers (its graph sets swa_type: gemma2,
+    # gemma3). Elsewhere a config's sliding_window is not used and every layer caches the whole context: llama.cpp
+    # runs Mistral on its llama graph, and src/models/phi3.cpp switches Phi-3's window off ("Phi SWA is currently
+    # disabled"); llama, qwen2/3 have none. vLLM applies config.json's window (fit/context_memory.kv_cells)
+    llama_cpp_window: bool = False
     note: str = ""
 
 
@@ -144,11 +149,11 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in [
     Architecture("smollm3", "gqa", 2, LLAMA, "smollm3", note="NoPE every 4th layer"),
     Architecture("phi3", "gqa", 2, PHI3, "phi3", note="fused qkv_proj and gate_up_proj"),
     # Gemma 2: attention and final logit soft-capping, computed under eager attention (sources/models.meta_model)
-    Architecture("gemma2", "gqa", 4, GEMMA, "gemma2", defaults={"sliding_window_pattern": 2},
+    Architecture("gemma2", "gqa", 4, GEMMA, "gemma2", defaults={"sliding_window_pattern": 2}, llama_cpp_window=True,
                  note="sandwich norms, soft-capping, sliding/global layers"),
-    Architecture("gemma3_text", "gqa", 4, GEMMA, "gemma3", qk_norm=True, defaults=_GEMMA3_DEFAULTS,
+    Architecture("gemma3_text", "gqa", 4, GEMMA, "gemma3", qk_norm=True, defaults=_GEMMA3_DEFAULTS, llama_cpp_window=True,
                  note="sandwich norms, 5 sliding : 1 global layers with their own rotary tables"),
-    Architecture("gemma3", "gqa", 4, None, "gemma3", qk_norm=True, defaults=_GEMMA3_DEFAULTS,
+    Architecture("gemma3", "gqa", 4, None, "gemma3", qk_norm=True, defaults=_GEMMA3_DEFAULTS, llama_cpp_window=True,
                  layer_refusal="the multimodal Gemma 3 checkpoint (its text model is `gemma3_text`)"),
     # sparse mixtures of experts: attention as llama, a sparse MoE block instead of the MLP (Qwen3-MoE's
     # `mlp_only_layers` keep a dense MLP); transformers 5 holds the experts as 3-D tensors, the engine as linears
