@@ -265,9 +265,10 @@ def fit_command(model: str = typer.Argument(..., help="a .gguf, an HF directory,
                 batch: int = typer.Option(1, "--batch", min=1),
                 kv_dtype: str = typer.Option("f16", "--kv-dtype", help="f16, bf16, f32, q8_0, q4_0, fp8"),
                 weights: str | None = typer.Option(None, "--weights",
-                                                   help="estimate the weights in this format: fp16, bf16, int8, "
-                                                        "int4, or a llama.cpp mix in lower case (q8_0, q4_k_m, "
-                                                        "iq4_xs, iq2_m, …) (default: measured when present)"),
+                                                   help="estimate the weights in this format: fp16, bf16, a "
+                                                        "W4/W8 scheme as the recipe names it (w4g128, w4g64, w8ch, "
+                                                        "…; int4 = w4g128, int8 = w8ch), or a llama.cpp mix (q8_0, "
+                                                        "Q4_K_M, iq4_xs, …) (default: measured when present)"),
                 flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn",
                                                 help="runtime uses flash attention (llama.cpp's default on GPUs); "
                                                      "without it the compute buffer holds each layer's "
@@ -334,6 +335,9 @@ def fit_to(model: str = typer.Argument(..., help="an HF directory, bundled:NAME 
            batch: int = typer.Option(1, "--batch", min=1),
            kv_dtype: str = typer.Option("f16", "--kv-dtype", help="llama.cpp's KV cache type: f16, bf16, q8_0, q4_0, "
                                         "or auto (the mix chooses among f16, q8_0, q4_0 by the least predicted KLD)"),
+           flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn",
+                                           help="as for fit: the runtime uses flash attention (without it the "
+                                                "compute buffer holds each layer's attention scores)"),
            out: Path | None = typer.Option(None, "--out", help="where the recipe goes (default: ./<name>.yaml)"),
            force: bool = typer.Option(False, "--force", help="overwrite an existing recipe file")) -> None:
     """Write a recipe for the least lossy GGUF of MODEL that fits GPU at context CTX: method auto with that budget
@@ -352,7 +356,7 @@ def fit_to(model: str = typer.Argument(..., help="an HF directory, bundled:NAME 
         budgets = {}
         for kv in (KV_CHOICES if kv_dtype == "auto" else [kv_dtype]):
             try:
-                budgets[kv] = vram.weight_budget(m["shape"], gpu, ctx, batch, kv)
+                budgets[kv] = vram.weight_budget(m["shape"], gpu, ctx, batch, kv, flash_attn)
             except QuantizeError:
                 if kv_dtype != "auto" or kv == KV_CHOICES[-1] and not budgets:
                     raise
@@ -364,7 +368,7 @@ def fit_to(model: str = typer.Argument(..., help="an HF directory, bundled:NAME 
                   "calibration": {"source": "bundled:wiki", "samples": 32, "seq_len": 512, "seed": 0},
                   # kv_dtype auto: the base's fit rows at f16; each variant's at the cache its mix chose
                   "fit": {"gpus": [gpu], "contexts": [ctx], "batch": batch,
-                          "kv_dtype": "f16" if kv_dtype == "auto" else kv_dtype}}
+                          "kv_dtype": "f16" if kv_dtype == "auto" else kv_dtype, "flash_attn": flash_attn}}
         path = out or Path(f"{name}.yaml")
         parse_recipe(recipe, str(path))  # what run will read, checked now
         if path.exists() and not force:

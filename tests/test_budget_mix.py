@@ -244,6 +244,11 @@ def test_fit_to_writes_a_recipe_run_accepts(tiny_model, tmp_path):
     assert all(f"(llama.cpp's {kv} cache, context 8192" in auto.output for kv in ("f16", "q8_0", "q4_0"))
     recipe = load_recipe(tmp_path / "auto.yaml")
     assert recipe.methods[0].budget.kv_dtype == "auto" and recipe.fit.kv_dtype == "f16"
+    # fit's flags mean the same here: without flash attention the compute buffer leaves the weights less
+    nofa = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "nofa.yaml"), "--no-flash-attn"])
+    assert nofa.exit_code == 0 and load_recipe(tmp_path / "nofa.yaml").fit.flash_attn is False
+    assert float(nofa.output.split(" GiB for weights")[0].split()[-1]) < float(
+        result.output.split(" GiB for weights")[0].split()[-1])
 
 
 def test_per_module_schemes_write_config_groups_transformers_loads(tiny_model, tmp_path):

@@ -113,6 +113,8 @@ def test_the_cache_each_engine_allocates_for_a_window(tmp_path):
     forced = CliRunner().invoke(app, ["fit", str(path), "--gpu", "RTX 4090", "--ctx", "32768", "--weights", "q4_k_m",
                                       "--engine", "vllm", "--json"])
     assert json.loads(forced.output)["rows"][0]["kv_bytes"] == per_cell * 8208
+    bundled = CliRunner().invoke(app, ["fit", "bundled:smollm2-135m", "--gpu", "RTX 3060", "--ctx", "8192"])
+    assert bundled.exit_code == 0 and "measured from the GGUF); llama.cpp's KV cache" in bundled.output, bundled.output
     bad = CliRunner().invoke(app, ["fit", str(path), "--engine", "sglang"])
     assert bad.exit_code == 2 and "--engine sglang: accepted: auto, llama.cpp, vllm" in bad.output
 

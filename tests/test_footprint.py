@@ -30,6 +30,12 @@ def test_llama3_8b_counts_and_formats_by_hand():
     linears = 32 * (attn + mlp)
     assert weight_bytes(c, "fp16") == 2 * c.total
     assert weight_bytes(c, "int4") == int(linears * 4.125 / 8) + 2 * (2 * 128256 * 4096 + 32 * 2 * 4096 + 4096)
+    # the recipe's names mean the same bytes, in any case: int4 = w4g128, int8 = w8ch, Q4_K_M = q4_k_m
+    edges = 2 * (2 * 128256 * 4096 + 32 * 2 * 4096 + 4096)
+    assert weight_bytes(c, "W4G128") == weight_bytes(c, "int4")
+    assert weight_bytes(c, "w4g32") == int(linears * 4.5 / 8) + edges
+    assert weight_bytes(c, "w8ch") == weight_bytes(c, "int8") == linears + 2 * 32 * (4096 + 1024 * 2 + 4096 + 14336 * 2 + 4096) + edges
+    assert weight_bytes(c, "Q4_K_M") == weight_bytes(c, "q4_k_m")
     # Q4_K_M: 16 of 32 layers (first 4, last 4, and 6, 9, …, 27 between) keep attn_v and ffn_down at Q6_K
     assert [i for i in range(32) if use_more_bits(i, 32)] == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
     q4km = weight_bytes(c, "q4_k_m")

@@ -8,6 +8,8 @@ Parameter counts come from shape.py; weight bytes per format follow the format's
     int8          W8A16 per channel: 1 byte per linear weight + an fp16 scale per output row; rest fp16
     int4          W4A16 group 128 symmetric (compressed-tensors, GPTQ/AWQ sym): 4 + 16/128 bits per linear
                   weight; embeddings and lm_head fp16
+    w4g32 … w8ch  the recipe's scheme names (budget.scheme): W{4,8}A16 symmetric, groups of 32/64/128 (an fp16
+                  scale per group) or per channel (ch: an fp16 scale per output row); int4 = w4g128, int8 = w8ch
     q4_k_m, …     every llama.cpp mix (llama-quantize's names in lower case: q8_0, q4_k_m, iq4_xs, iq2_m, …): each
                   tensor at the GGML type llama.cpp's quantiser gives it (gguf_types.tensor_types, llama-quant.cpp's
                   rules and fallbacks; with an importance matrix where the gguf method makes one by default), over
@@ -30,15 +32,18 @@ from quantize.formats.gguf_types import (IMATRIX_BY_DEFAULT, MIXES, MOE_ONLY, UN
                                         requires_imatrix, tensor_types)
 from quantize.formats.mlx import is_mlx
 from quantize.formats.tensors import weight_bytes_gguf, weight_bytes_safetensors
-from quantize.sources.models import hub_config_and_bytes, ignored, is_hub_id, unique_parameters
+from quantize.sources.models import gguf_source, hub_config_and_bytes, ignored, is_hub_id, unique_parameters
 
 # the GGUF mixes by llama-quantize's names in lower case; a mix's types follow llama.cpp with an importance matrix
 # where the gguf method makes one by default
-WEIGHT_FORMATS = ("fp16", "bf16", "int8", "int4") + tuple(m.lower() for m in MIXES if m not in UNQUANTIZED)
+SCHEMES = tuple(f"w{b}{g}" for b in (4, 8) for g in ("g32", "g64", "g128", "ch"))
+WEIGHT_FORMATS = (("fp16", "bf16", "int8", "int4") + SCHEMES
+                  + tuple(m.lower() for m in MIXES if m not in UNQUANTIZED))
 
 
 def weight_bytes(counts: ParamCounts, fmt: str) -> int:
-    """Bytes of all weights in `fmt` (see the module docstring for each format's layout)."""
+    """Bytes of all weights in `fmt` (see the module docstring for each format's layout; any case)."""
+    fmt = {"int4": "w4g128", "int8": "w8ch"}.get(fmt.lower(), fmt.lower())
     if fmt not in WEIGHT_FORMATS:
         raise QuantizeError(f"unknown weight format {fmt!r}; accepted: {', '.join(WEIGHT_FORMATS)}")
     c = counts
@@ -49,10 +54,11 @@ def weight_bytes(counts: ParamCounts, fmt: str) -> int:
     small = c.norms + c.n_moe_layers * c.router
     if fmt in ("fp16", "bf16"):
         return 2 * c.total
-    if fmt == "int8":  # + an fp16 scale per output row of every linear
-        return linears + 2 * c.linear_rows + 2 * (edges + small)
-    if fmt == "int4":
-        return int(linears * (4 + 16 / 128) / 8) + 2 * (edges + small)
+    if fmt in SCHEMES:
+        bits, group = int(fmt[1]), fmt[2:]
+        if group == "ch":  # + an fp16 scale per output row of every linear
+            return linears * bits // 8 + 2 * c.linear_rows + 2 * (edges + small)
+        return int(linears * (bits + 16 / int(group[1:])) / 8) + 2 * (edges + small)
     return mix_bytes(c, fmt.upper(), has_imatrix=fmt.upper() in IMATRIX_BY_DEFAULT)
 
 
@@ -138,6 +144,8 @@ def describe_model(spec: str, fmt: str | None) -> dict:
     import json
 
     path = Path(spec).expanduser()
+    if spec.startswith("bundled:"):  # the bundled model is its GGUF file (the run's base is its dequantised form)
+        path = gguf_source(spec)[0]
     measured = None
     if path.suffix == ".gguf" and path.is_file():
         check_gguf(path)
@@ -154,7 +162,8 @@ def describe_model(spec: str, fmt: str | None) -> dict:
         cfg, measured = hub_config_and_bytes(spec)
         measured, source = sum(measured.values()), f"hub config.json and safetensors headers of {spec}"
     else:
-        raise QuantizeError(f"model {spec}: not a .gguf file, a config.json, an HF directory or a hub id")
+        raise QuantizeError(f"model {spec}: not a .gguf file, a config.json, an HF directory, bundled:NAME or a hub "
+                            "id")
     try:
         shape, counts = shape_and_counts(cfg)
     except QuantizeError as exc:  # named by the file it came from
