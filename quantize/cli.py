@@ -200,7 +200,8 @@ def eval_command(path: Path = typer.Argument(..., help="an artefact: HF folder (
             raise QuantizeError(f"--device: {exc}") from None
         where = resolve_device(asked, "--device" if device else "key `device`")
         with _stdout_to_stderr() if as_json else contextlib.nullcontext():
-            result = scorecard.evaluate_artefact(path, base, ev, engine, where)
+            result = scorecard.evaluate_artefact(path, base, ev, engine, where,
+                                                 loaded.seed if loaded is not None else 0)
     except QuantizeError as exc:
         _fail(exc, recipe)
     text = json.dumps(result, indent=2, default=str)
@@ -211,6 +212,11 @@ def eval_command(path: Path = typer.Argument(..., help="an artefact: HF folder (
            f"{p['bits_per_byte']:.4f} bits/byte"
     if "kld" in p:
         line += f"; KLD {p['kld']['mean']:.6f} ± {p['kld']['unc']:.6f}, same top {100 * p['kld']['same_top']:.2f}%"
+    lm = result.get("lm_eval") or {}  # eval.tasks
+    if "skipped" in lm:
+        line += f"\n  lm-eval skipped: {lm['skipped']}"
+    for task, scores in lm.get("results", {}).items():
+        line += f"\n  lm-eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
     for kv, e in result.get("kv_cache", {}).items():  # eval.kv_cache: the same GGUF per KV cache type
         k = e["perplexity"].get("kld")
         line += f"\n  KV cache {kv} (flash attention on): PPL {e['perplexity']['ppl']:.4f}" + (

@@ -69,11 +69,7 @@ def _evaluate(model, label: str, chunks, base_logprobs, recipe: Recipe, bandwidt
     else:
         out = {"perplexity": quality.score(model, chunks, base_logprobs, label, positions)}
     if recipe.eval.tasks:
-        if not isinstance(model, torch.nn.Module):
-            out["lm_eval"] = {"skipped": "lm-eval runs on the torch model in memory; GGUF artefacts run on "
-                                         "llama.cpp, MLX artefacts on mlx-lm, streamed ones layer by layer"}
-        else:
-            out["lm_eval"] = lmeval.run(model, tokenizer, recipe.eval.tasks, recipe.eval.task_limit)
+        out["lm_eval"] = lmeval.run_or_skip(model, tokenizer, recipe.eval.tasks, recipe.eval.task_limit)
     if recipe.eval.speed.enabled:
         if getattr(model, "streamed", False):
             out["speed"] = {"skipped": "eval.stream: the model is read layer by layer from disk, which is no "

@@ -28,6 +28,17 @@ def test_local_tasks_run_in_the_pipeline(tiny_model, tmp_path, monkeypatch):
         assert r["quantize_wiki_rolling"]["bits_per_byte"] > 0 and 0 <= r["quantize_wiki_cloze"]["acc"] <= 1
         assert entry["lm_eval"]["protocol"]["limit"] == 3
     assert "## lm-eval tasks" in (out / "report.md").read_text()
+    # `quantize eval` with the recipe runs its tasks too, on the same artefact with the same numbers
+    from typer.testing import CliRunner
+
+    from quantize.cli import app
+
+    got = CliRunner().invoke(app, ["eval", str(out / "rtn-w8-sym-ch"), "--recipe", str(tmp_path / "r.yaml"),
+                                   "--no-speed"])
+    assert got.exit_code == 0, got.output
+    rolling = results["variants"]["rtn-w8-sym-ch"]["lm_eval"]["results"]["quantize_wiki_rolling"]
+    assert f"lm-eval quantize_wiki_rolling: " in got.output
+    assert f"bits_per_byte {rolling['bits_per_byte']:.4f}" in got.output
     docs = [json.loads(line) for line in (tmp_path / "cache" / "lmeval-data" / "wiki_cloze.jsonl").read_text().splitlines()]
     assert len(docs) > 100 and all(d["word"].isalpha() and len(d["word"]) >= 4 for d in docs)
 

@@ -66,6 +66,16 @@ def task_config(name: str, folder: Path) -> dict:
     return config
 
 
+def run_or_skip(model, tokenizer, tasks: list[str], limit: int | None = None) -> dict:
+    """lm-eval on a torch model in memory; for an artefact another engine runs, the reason it is skipped."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        return {"skipped": "lm-eval runs on the torch model in memory; GGUF artefacts run on llama.cpp, MLX "
+                           "artefacts on mlx-lm, streamed ones layer by layer, vLLM's in its own process"}
+    return run(model, tokenizer, tasks, limit)
+
+
 def run(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,
         max_length: int | None = None) -> dict:
     """{task: {metric: value}} plus the protocol, for a torch model in memory."""

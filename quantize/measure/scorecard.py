@@ -15,7 +15,7 @@ from pathlib import Path
 from quantize.common.files import versions
 from quantize.common.errors import QuantizeError
 from quantize.measure.streamed import LOADER as STREAM_LOADER, StreamedModel
-from quantize.measure import kld_base, kv_cache, quality
+from quantize.measure import kld_base, kv_cache, lmeval, quality
 from quantize.measure import speed
 from quantize.runtimes.load import check_files, detect, free, gguf_file, load, vocab_size
 from quantize.sources.models import load_tokenizer, resolve_model
@@ -55,11 +55,13 @@ def base_store(base_path: Path, chunks, dtype: str, n_vocab: int, stream: bool =
     return kld_base.cached(base_path, chunks, dtype, backend, compute, n_vocab)
 
 
-def evaluate_artefact(path: Path, base: str | None, ev, engine: str | None = None, device: str = "cpu") -> dict:
+def evaluate_artefact(path: Path, base: str | None, ev, engine: str | None = None, device: str = "cpu",
+                      seed: int = 0) -> dict:
     """`ev`: the recipe's `eval` section (recipe.Eval). `engine`: "vllm" scores the artefact on vLLM itself (its
     prompt log-probabilities, in bfloat16 unless the recipe's eval dtype says otherwise; no speed figures).
     `device`: where a torch artefact and the base run (a resolved torch device, as `run`'s evaluation device), so
-    `eval` and `run` share the base store and give the same numbers on the same device."""
+    `eval` and `run` share the base store and give the same numbers on the same device. `seed`: the speed
+    prompt's (the recipe's `seed`, as `run`); `ev.tasks`: lm-eval on a torch artefact, as `run`."""
     check_files(path)  # a truncated or corrupt artefact: one message naming the file, before any work
     base_path = resolve_model(base).path if base else None
     tokenizer = tokenizer_for(path, base_path)
@@ -78,9 +80,11 @@ def evaluate_artefact(path: Path, base: str | None, ev, engine: str | None = Non
                "perplexity": scores, "protocol": {"perplexity": chunks.protocol(), "versions": versions()}}
         if base_scores is not None:
             out["base"] = {"model": base, "perplexity": base_scores, "perplexity_cache": cache}
+        if ev.tasks:
+            out["lm_eval"] = lmeval.run_or_skip(model, tokenizer, ev.tasks, ev.task_limit)
         if ev.speed.enabled and engine != "vllm":
             bandwidth = speed.memory_bandwidth_gb_s()
-            out["speed"] = {**speed.bench_speed(model, ev.speed, path.name, 0, bandwidth),
+            out["speed"] = {**speed.bench_speed(model, ev.speed, path.name, seed, bandwidth),
                             "memory_bandwidth": bandwidth}
     finally:
         free(model)
