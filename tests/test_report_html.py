@@ -31,7 +31,15 @@ def test_report_html_renders_in_chromium_without_errors_or_requests(tiny_model, 
     page = (out / "report.html").read_text()
     assert "Noise floor" in page and "Paired differences" in page
     assert "<h2>Gates</h2>" in page and "<table>" in page and "rtn-w4-sym-g64" in page
-    assert page.count("src='data:image/png;base64,") == 2  # KLD against size, and the fit chart
+    # KLD against size; the fit chart's bars would all be equal (each fits its whole 1024-token context): words
+    assert page.count("src='data:image/png;base64,") == 1
+    assert "Every artefact fits on every GPU of the recipe" in page and "(1024 tokens)" in page
+    from quantize.report import html
+
+    gpu = next(iter(results["base"]["fit"]["largest_context"]))
+    results["variants"]["int8-w8a16"]["fit"]["largest_context"][gpu] = 100  # one that does not: the chart
+    again = html.render("r", results, (out / "report.md").read_text(), out)
+    assert again.count("src='data:image/png;base64,") == 2 and "Every artefact fits" not in again
     assert not re.search(r"""(src|href)=['"]?(https?:)?//""", page)  # nothing fetched from elsewhere
     if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed (.ci/setup installs it)")

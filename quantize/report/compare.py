@@ -160,20 +160,28 @@ def chart(rows: list[Row], png, gpus: dict[str, int] | None = None) -> None:
         ax.annotate(r.name, (r.size / GiB, r.kld), fontsize=7, xytext=(4, 3), textcoords="offset points")
     front = sorted((r for r in pts if r.pareto), key=lambda r: r.size)
     ax.plot([r.size / GiB for r in front], [r.kld for r in front], color="tab:red", lw=1, label="Pareto front")
-    for floor in sorted({r.noise_floor for r in rows if r.noise_floor}):
-        ax.axhline(floor, color="grey", ls=":", lw=1)
-        ax.text(ax.get_xlim()[0], floor, " noise floor (bf16 logits)", va="bottom", fontsize=7, color="grey")
-    largest = max(r.size for r in rows) / GiB
-    for name, usable in (gpus or {}).items():
-        if usable / GiB <= 4 * largest:
-            ax.axvline(usable / GiB, color="grey", ls="--", lw=0.8)
-            ax.text(usable / GiB, ax.get_ylim()[1], f" {name}", rotation=90, va="top", fontsize=7, color="grey")
+    floors = sorted({r.noise_floor for r in rows if r.noise_floor})
     ax.set_yscale("log")
+    low, high = min(r.kld for r in pts), max(r.kld for r in pts)
+    ax.set_ylim(min([low, *floors]) / 2, high * 2)  # no point (nor the noise floor) on an edge
+    largest = max(r.size for r in rows) / GiB
+    ax.set_xlim(0, 1.1 * largest)  # from zero, so sizes read as a share of the largest (the base, when present)
+    for floor in floors:
+        ax.axhline(floor, color="grey", ls=":", lw=1)
+        ax.text(0, floor, " noise floor (bf16 logits)", va="bottom", fontsize=7, color="grey")
+    for r in rows:  # the base (no KLD against itself) as a reference size
+        if r.name == "base":
+            ax.axvline(r.size / GiB, color="black", ls="-.", lw=0.8)
+            ax.text(r.size / GiB, high * 1.8, f" base {r.size / GiB:.2f} GiB", rotation=90, va="top", fontsize=7)
+    for name, usable in (gpus or {}).items():
+        if usable / GiB <= 1.1 * largest:
+            ax.axvline(usable / GiB, color="grey", ls="--", lw=0.8)
+            ax.text(usable / GiB, high * 1.8, f" {name}", rotation=90, va="top", fontsize=7, color="grey")
     ax.set_xlabel("size of weights (GiB)")
     ax.set_ylabel("KLD to base (nats, mean, log scale)")
     ax.set_title("quality against footprint")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)  # beside the plot, never over a point
     fig.tight_layout()
     fig.savefig(png, format="png")
     plt.close(fig)

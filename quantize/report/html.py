@@ -92,10 +92,16 @@ def render(name: str, results: dict, markdown: str, folder: Path) -> str:
         compare.chart(rows, buffer)
         charts.append(("KLD against size; red: the Pareto front (nothing smaller is closer to the base)",
                        base64.b64encode(buffer.getvalue()).decode()))
-    charts.append(("Largest context per GPU", fit_chart(rows)))
+    caps = {g: results["base"]["fit"]["protocol"]["largest_context_cap"] for g in rows[0].fits}
+    if all(r.fits[g] >= caps[g] for r in rows for g in r.fits):  # identical bars would say nothing
+        note = (f"<p>Every artefact fits on every GPU of the recipe ({', '.join(rows[0].fits)}) at the model's whole "
+                f"context ({max(caps.values())} tokens), at the recipe's batch and KV cache type.</p>")
+    else:
+        note = ""
+        charts.append(("Largest context per GPU", fit_chart(rows)))
     figures = "".join(f"<figure><img alt='{html.escape(title, quote=True)}' src='data:image/png;base64,{png}'>"
                       f"<figcaption>{html.escape(title)}</figcaption></figure>" for title, png in charts)
     body = markdown_to_html(markdown)
-    body = body.replace("<h2>Quality and speed</h2>", figures + "<h2>Quality and speed</h2>", 1)
+    body = body.replace("<h2>Quality and speed</h2>", figures + note + "<h2>Quality and speed</h2>", 1)
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(name)} · quantize"
             f"</title><style>{CSS}</style></head><body>{body}</body></html>")
