@@ -122,7 +122,9 @@ KV_FORMULA = {
                  "bytes_per_element; cells = context on full layers, min(context, sliding_window + "
                  f"{COMPUTE_UBATCH_TOKENS} padded to 256) on sliding layers (llama.cpp's SWA cache) in the families "
                  "whose llama.cpp graph uses the window (Gemma 2/3); elsewhere every layer holds the context "
-                 "(llama.cpp runs Mistral on its llama graph and disables Phi-3's window)",
+                 "(llama.cpp runs Mistral on its llama graph and disables Phi-3's window); the SWA cache as "
+                 "llama-server and llama-cli allocate it (swa_full off, their default; the C API's default, which "
+                 "llama-cpp-python keeps, is a full-size cache on every layer)",
     "vllm": "per layer 2 x n_kv_heads x head_dim (MLA: kv_lora_rank + rope head dim) x cells x batch x "
             f"bytes_per_element; cells = context in blocks of {VLLM_BLOCK} on full layers; on config.json's sliding "
             "layers (every layer for a Mistral-style sliding_window) min(sliding_window - 1 + in-flight tokens, "
