@@ -151,7 +151,10 @@ def render(results: dict) -> str:
                 if "tensor_types" in r else "– (not kept: run interrupted before this field was saved)"
             lines.append(f"| {r['mix']} | {'yes' if r['imatrix'] else 'no'} | {r['bytes']} | {r['bpw']:.3f} | {pred} "
                          f"| {r['ppl']:.4f} ± {r['ppl_unc']:.4f} | {r['kld']:.5f} ± {r['kld_unc']:.5f} "
-                         f"| {r['kld_p99']:.4f} | {100 * r['same_top']:.2f} | {r['tg']:.1f} | {types} |")
+                         f"| {r['kld_p99']:.4f} | {100 * r['same_top']:.2f} | {r['tg']:.1f}{'†' if 'tg_note' in r else ''} "
+                         f"| {types} |")
+        noted = sorted({r["tg_note"] for r in m["rows"] if "tg_note" in r})
+        lines += [""] + [f"† tg {n}." for n in noted]
         lines += ["", "Refused by llama.cpp without an importance matrix on this model (and by `quantize plan`): "
                   + ", ".join(m["refused_without_imatrix"]) + "."]
         lines += [f"Refused outright on this model (`quantize plan`'s message): {k}: {v}" for k, v in
