@@ -100,6 +100,11 @@ def test_the_cache_each_engine_allocates_for_a_window(tmp_path):
     assert gemma.llama_cpp_window and kv_cells(gemma, 32768) == (32768, 1536)
     with pytest.raises(QuantizeError, match="q8_0.*llama.cpp's; vLLM's are f16, bf16, fp8"):
         kv_cache_bytes(shape, 4096, 1, "q8_0", "vllm")
+    with pytest.raises(QuantizeError, match="'fp8' is vLLM's; llama.cpp's are"):
+        kv_cache_bytes(shape, 4096, 1, "fp8")
+    # a recipe's cache type an engine lacks: that engine's f16, and the report says so
+    report = fit_report(0, shape, ["RTX 4090"], [4096], 1, "fp8", engine="llama.cpp")
+    assert report["rows"][0]["kv_dtype"] == "f16" and "llama.cpp has no fp8 cache" in report["protocol"]["kv_dtype_note"]
     # `quantize fit` says whose cache it counted: llama.cpp for a llama.cpp mix, vLLM for int4 (or --engine)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))

@@ -101,6 +101,8 @@ def kv_cache_bytes(shape: ModelShape, context: int, batch: int, kv_dtype: str, e
     if engine == "vllm" and kv_dtype not in VLLM_KV_DTYPES:
         raise QuantizeError(f"KV cache type {kv_dtype!r} is llama.cpp's; vLLM's are {', '.join(VLLM_KV_DTYPES)} "
                             "(--kv-cache-dtype auto: the model's 16-bit dtype)")
+    if engine == "llama.cpp" and kv_dtype == "fp8":
+        raise QuantizeError("KV cache type 'fp8' is vLLM's; llama.cpp's are f32, f16, bf16, q8_0, q4_0")
     full_cells, swa_cells = kv_cells(shape, context, engine, in_flight)
     full_layers = shape.n_layers - shape.sliding_layers - shape.recurrent_layers
     elements = shape.kv_elements * batch * (full_layers * full_cells + shape.sliding_layers * swa_cells)

@@ -21,6 +21,7 @@ from quantize.fit.context_memory import (
     OVERHEAD_NOTE,
     RUNTIME_OVERHEAD_BYTES,
     VLLM_BLOCK,
+    VLLM_KV_DTYPES,
     kv_cache_bytes,
     overhead_bytes,
     vllm_in_flight_tokens,
@@ -141,9 +142,11 @@ def engine_for(artefact_format: str) -> str:
 
 
 def engine_kv(engine: str, kv_dtype: str) -> str:
-    """The cache type `engine` runs for a recipe's kv_dtype: vLLM has no q8_0 / q4_0 cache, so its default (the
-    model's 16-bit dtype, f16) stands in for them; every other type is taken as given."""
-    return "f16" if engine == "vllm" and kv_dtype in ("q8_0", "q4_0") else kv_dtype
+    """The cache type `engine` runs for a recipe's kv_dtype: vLLM has no q8_0 / q4_0 cache and llama.cpp no fp8
+    one, so the engine's default (f16) stands in for them; every other type is taken as given."""
+    if engine == "vllm" and kv_dtype not in VLLM_KV_DTYPES or engine == "llama.cpp" and kv_dtype == "fp8":
+        return "f16"
+    return kv_dtype
 
 
 def fit_report(weight_bytes: int, shape: ModelShape, gpu_names: list[str], contexts: list[int],
@@ -155,7 +158,8 @@ def fit_report(weight_bytes: int, shape: ModelShape, gpu_names: list[str], conte
     return {
         "protocol": {
             "engine": engine,
-            **({"kv_dtype_note": f"vLLM has no {kv_asked} cache: its default (f16) is assumed"}
+            **({"kv_dtype_note": f"{'vLLM' if engine == 'vllm' else 'llama.cpp'} has no {kv_asked} cache: its "
+                                 "default (f16) is assumed"}
                if kv_asked != kv_dtype else {}),
             "formula": "total = weights + kv + overhead; fits if total <= memory x usable_fraction",
             "kv_formula": KV_FORMULA[engine],
