@@ -80,8 +80,8 @@ def _evaluate(model, label: str, chunks, base_logprobs, recipe: Recipe, bandwidt
 
 
 def _fit(folder: Path, shape, recipe: Recipe, kv_dtype: str | None = None) -> dict:
-    """The fit of the artefact's measured bytes; `kv_dtype`: the cache type the variant chose (budget.kv_dtype auto),
-    else the recipe's."""
+    """The fit of the artefact's measured bytes; `kv_dtype`: the cache type a budgeted mix was sized for, else the
+    recipe's."""
     by_dtype = weight_bytes(folder)
     f = recipe.fit
     engine = vram.engine_for(detect(folder))  # llama.cpp's cache for GGUF, vLLM's for a safetensors checkpoint
@@ -90,9 +90,22 @@ def _fit(folder: Path, shape, recipe: Recipe, kv_dtype: str | None = None) -> di
                               f.flash_attn, engine)}
 
 
-def _kv_types(recipe: Recipe, chosen: str | None) -> list[str]:
-    """The cache types a GGUF variant is scored with: eval.kv_cache's, and the one its mix chose (kv_dtype auto)."""
-    return [*recipe.eval.kv_cache, *([chosen] if chosen and chosen not in recipe.eval.kv_cache else [])]
+def _budget_kv(manifest: dict) -> str | None:
+    """The KV cache type a budgeted GGUF mix was sized for: the one it chose (budget.kv_dtype auto) or the one its
+    gpu budget names; None for every other variant."""
+    if "kv_cache" in manifest["result"]:
+        return manifest["result"]["kv_cache"]["chosen"]
+    m = manifest["method"]
+    if m.get("name") == "auto" and m.get("target") == "gguf" and (m.get("budget") or {}).get("gpu"):
+        return m["budget"]["kv_dtype"]
+    return None
+
+
+def _kv_types(recipe: Recipe, budget_kv: str | None) -> list[str]:
+    """The cache types a GGUF variant is scored with: eval.kv_cache's, and the one its budget was sized for when that
+    is not the f16 cache the main evaluation runs."""
+    extra = budget_kv if budget_kv not in (None, "f16", *recipe.eval.kv_cache) else None
+    return [*recipe.eval.kv_cache, *([extra] if extra else [])]
 
 
 def _kv_cache(folder: Path, chunks, base_logprobs, recipe: Recipe, shape, name: str, kv_types: list[str]) -> dict:
@@ -267,8 +280,8 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
             free(model)
             del model  # not alive during the next variant's build
             _collect()
-            chosen_kv = manifest["result"].get("kv_cache", {}).get("chosen")  # budget.kv_dtype auto
-            kv_types = _kv_types(recipe, chosen_kv)
+            budget_kv = _budget_kv(manifest)  # a GGUF mix sized for a GPU with this KV cache type
+            kv_types = _kv_types(recipe, budget_kv)
             if kv_types and detect(folder) == "gguf":
                 step(f"{name}: scoring with each KV cache type ({', '.join(kv_types)})")
                 measured["kv_cache"] = _kv_cache(folder, chunks, base_logprobs, recipe, shape, name, kv_types)
@@ -280,7 +293,7 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
             variant = {"method": manifest["method"], "format": manifest["result"]["format"],
                        "eval_dtype": eval_dtype, "loader": loader, "build_s": manifest["timings_s"]["build"],
                        "build_peak_rss_bytes": manifest["peak_rss_bytes"]["build"], **measured,
-                       "fit": _fit(folder, shape, recipe, chosen_kv)}
+                       "fit": _fit(folder, shape, recipe, budget_kv)}
             if "mix" in manifest["result"]:  # a budgeted mix: what it was asked and what it predicted
                 r = manifest["result"]
                 variant["budgeted_mix"] = {"budget": r["budget"], "bytes": r["bytes"], "predicted_kld": r["predicted_kld"],

@@ -128,7 +128,9 @@ def test_budgeted_mix_builds_loads_and_fits(tiny_model, tmp_path, monkeypatch):
                {"name": "auto", "budget": {"bpw": 5.0}, "candidates": ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0"]},
                {"name": "auto", "budget": {"gpu": "RTX 3060", "context": 4096}, "candidates": ["Q4_K", "Q8_0"]},
                {"name": "auto", "budget": {"gpu": "RTX 3060", "context": 1024, "batch": batch, "kv_dtype": "auto"},
-                "candidates": ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0"]}]
+                "candidates": ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0"]},
+               {"name": "auto", "budget": {"gpu": "RTX 3060", "context": 4096, "kv_dtype": "q4_0"},
+                "candidates": ["Q4_K", "Q8_0"]}]
     run_tiny(tiny_model, tmp_path, methods)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     for name, limit in ((f"auto-gguf-{budget}B", budget), ("auto-gguf-5bpw", None)):
@@ -159,7 +161,7 @@ def test_budgeted_mix_builds_loads_and_fits(tiny_model, tmp_path, monkeypatch):
     assert "kv_cache" not in results["variants"]["auto-gguf-rtx-3060-4096"]  # no cache chosen, none scored
     # kv_dtype auto: each cache type's weight budget is fit's, its mix is the one of those bytes, the chosen type is
     # the least predicted sum; the variant is scored with that cache and its fit rows assume it
-    name = "auto-gguf-rtx-3060-1024"
+    name = f"auto-gguf-rtx-3060-1024-b{batch}-kv-auto"
     manifest = json.loads((tmp_path / "out" / name / "manifest.json").read_text())["result"]
     choice = manifest["kv_cache"]
     assert set(choice["options"]) == {"f16", "q8_0", "q4_0"}
@@ -177,6 +179,9 @@ def test_budgeted_mix_builds_loads_and_fits(tiny_model, tmp_path, monkeypatch):
         f"KV cache {choice['chosen'].upper()}, flash attention on")
     assert {r["kv_dtype"] for r in variant["fit"]["rows"]} == {choice["chosen"]}
     assert f"| {name} | {choice['chosen']} (chosen) |" in report
+    # a fixed cache type in a gpu budget: the variant's fit rows and a KV row use it too
+    fixed = results["variants"]["auto-gguf-rtx-3060-4096-kv-q4_0"]
+    assert list(fixed["kv_cache"]) == ["q4_0"] and {r["kv_dtype"] for r in fixed["fit"]["rows"]} == {"q4_0"}
 
 
 def test_budget_keys_are_checked_before_any_work(tiny_model, tmp_path):

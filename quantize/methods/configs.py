@@ -434,7 +434,8 @@ class AutoMethod(Strict):
     def default_variant(self) -> str:
         b = self.budget
         size = (f"{b.bytes}B" if b.bytes else f"{b.bpw:g}bpw" if b.bpw else f"as-{b.mix.lower()}" if b.mix else
-                f"as-{b.scheme}" if b.scheme else f"{b.gpu.lower().replace(' ', '-')}-{b.context}")
+                f"as-{b.scheme}" if b.scheme else f"{b.gpu.lower().replace(' ', '-')}-{b.context}"
+                + (f"-b{b.batch}" if b.batch > 1 else "") + (f"-kv-{b.kv_dtype}" if b.kv_dtype != "f16" else ""))
         target = "gguf" if self.target == "gguf" else f"ct-{self.quantizer}"
         return self.variant or f"auto-{target}-{size}"
 
