@@ -46,6 +46,9 @@ def test_type_table_is_llama_cpps(f16_source, tmp_path):
     counts, source, imatrix = f16_source
     cases = [(m, True) for m in QUANTIZED_MIXES] + [(m, False) for m in IMATRIX_DEPENDENT]
     refused = []
+    ids = list(np.random.default_rng(1).integers(3, 512, 64))  # the tiny model's vocabulary
+    reference = score_on_llama_cpp(source, ids)
+    kld = {}
     for mix, has_imatrix in cases:
         predicted = {name: kind for name, _, kind in mix_tensors(counts, mix, has_imatrix)}
         needs = any(requires_imatrix(name, kind, mix) for name, kind in predicted.items())
@@ -62,8 +65,24 @@ def test_type_table_is_llama_cpps(f16_source, tmp_path):
                                                          if predicted.get(n) != written.get(n)})
         assert sum(int(t.n_bytes) for t in reader.tensors) == mix_bytes(counts, mix, has_imatrix), mix
         assert reader.fields["general.file_type"].contents() == ftype(mix)
+        # loaded and scored on llama.cpp: next-token distributions against the F16 file's on the same tokens
+        logp = score_on_llama_cpp(target, ids)
+        kld[mix, has_imatrix] = float((reference.exp() * (reference - logp)).sum(-1).mean())
+        assert np.isfinite(kld[mix, has_imatrix]) and kld[mix, has_imatrix] >= -1e-6, (mix, kld[mix, has_imatrix])
         target.unlink()
     assert refused == ["IQ3_XXS", "IQ2_XS", "IQ1_S", "Q2_K_S", "IQ2_M"]
+    assert kld["Q8_0", True] < kld["Q4_K_M", True] < kld["IQ1_S", True], kld
+
+
+def score_on_llama_cpp(path, ids):
+    """Log-probabilities [len(ids), vocab] of a GGUF on llama.cpp (F32 cache, flash attention off), in float64."""
+    import torch
+
+    model = llamacpp.LlamaCppModel(path, n_ctx=len(ids), kv_type="F32")
+    try:
+        return torch.log_softmax(model.logits(ids).double(), -1)
+    finally:
+        model.close()
 
 
 def test_new_mixes_built_scored_and_kv_cache_measured(tiny_model, tmp_path):
