@@ -359,13 +359,8 @@ def fit_to(model: str = typer.Argument(..., help="an HF directory, bundled:NAME 
 
     try:  # a bundled or local GGUF base is described by its HF form, which run converts it to
         m = footprint.describe_model(str(resolve_model(model).path) if gguf_source(model) else model, None)
-        budgets = {}
-        for kv in (KV_CHOICES if kv_dtype == "auto" else [kv_dtype]):
-            try:
-                budgets[kv] = vram.weight_budget(m["shape"], gpu, ctx, batch, kv, flash_attn)
-            except QuantizeError:
-                if kv_dtype != "auto" or kv == KV_CHOICES[-1] and not budgets:
-                    raise
+        budgets = vram.weight_budgets(m["shape"], gpu, ctx, batch, KV_CHOICES if kv_dtype == "auto" else [kv_dtype],
+                                      flash_attn)
         params = m["counts"].total
         name = re.sub(r"[^a-z0-9.-]+", "-", f"{Path(model.split(':')[-1]).name}-{gpu}-{ctx}".lower()).strip("-")
         recipe = {"name": name, "model": model,
@@ -383,10 +378,12 @@ def fit_to(model: str = typer.Argument(..., help="an HF directory, bundled:NAME 
         _fail(exc)
     path.write_text("".join(f"# written by `quantize fit-to`: {how}\n" for _, how in budgets.values())
                     + yaml.safe_dump(recipe, sort_keys=False))
-    for left, how in budgets.values():
-        typer.echo(f"{how}: {8 * left / params:.2f} bits per weight over {params / 1e9:.2f} B parameters")
+    for left, how in budgets.values():  # 0: that cache leaves nothing (how says why)
+        typer.echo(f"{how}: {8 * left / params:.2f} bits per weight over {params / 1e9:.2f} B parameters" if left
+                   else how)
     if kv_dtype == "auto":
-        typer.echo(f"KV cache: the run chooses among {', '.join(budgets)} with the mix (the least predicted KLD of "
+        typer.echo(f"KV cache: the run chooses among {', '.join(kv for kv, (n, _) in budgets.items() if n)} with the "
+                   "mix (the least predicted KLD of "
                    "weights and cache together)")
     if max(left for left, _ in budgets.values()) >= 2 * params:
         typer.echo("F16 weights already fit; the mix will choose the least lossy types the candidates offer")

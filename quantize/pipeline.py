@@ -37,7 +37,7 @@ from quantize.measure.streamed import LOADER as STREAM_LOADER, STREAMABLE, Strea
 from quantize.measure import kld_base, kv_cache, lmeval, memory, quality, serving, speed
 from quantize.measure.scorecard import base_store
 from quantize.methods import ranks
-from quantize.methods.configs import KV_CHOICES
+from quantize.methods.configs import KV_CHOICES, artefact_format
 from quantize.methods.device import resolve_device
 from quantize.methods.experts import expert_lists, with_experts
 from quantize.methods.registry import METHODS
@@ -140,20 +140,12 @@ def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe, calib)
     batches, calib_info = calib if method.needs_calibration else (None, None)
     if method.name == "auto" and method.budget.gpu:  # the bytes the GPU leaves for weights at that context
         b = method.budget
-        left = {}
-        for kv in (KV_CHOICES if b.kv_dtype == "auto" else [b.kv_dtype]):
-            try:
-                left[kv], how = vram.weight_budget(shape_from_config(base.config), b.gpu, b.context, b.batch, kv,
-                                                   recipe.fit.flash_attn, method.engine)
-                step(f"budget: {how}")
-            except QuantizeError as exc:  # kv_dtype auto: a cache that leaves nothing is no choice (the mix says so)
-                if b.kv_dtype != "auto":
-                    raise
-                left[kv] = 0
-                step(f"budget: {exc}")
-        if not any(left.values()):
-            raise QuantizeError(f"budget: {b.gpu} at context {b.context}, batch {b.batch}: nothing is left for the "
-                                f"weights with any KV cache type ({', '.join(left)})")
+        budgets = vram.weight_budgets(shape_from_config(base.config), b.gpu, b.context, b.batch,
+                                      KV_CHOICES if b.kv_dtype == "auto" else [b.kv_dtype], recipe.fit.flash_attn,
+                                      vram.engine_for(artefact_format(method)))
+        for _, how in budgets.values():
+            step(f"budget: {how}")
+        left = {kv: bytes_left for kv, (bytes_left, _) in budgets.items()}  # 0: that cache leaves nothing
         update = {"weight_bytes_by_kv": left} if b.kv_dtype == "auto" else {"weight_bytes": left[b.kv_dtype]}
         method = method.model_copy(update={"budget": b.model_copy(update=update)})
     memory.reset_peak()

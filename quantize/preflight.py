@@ -16,6 +16,7 @@ from quantize.measure import memory
 from quantize.measure.streamed import check_stream
 from quantize.methods import fp4, fp8
 from quantize.methods.engine import check_model
+from quantize.methods.configs import artefact_format
 from quantize.methods.experts import has_experts, with_experts
 from quantize.methods.weight_only import check_group_sizes
 from quantize.recipe import Recipe
@@ -87,7 +88,8 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
                 check_convertible(config)
                 check_model(config, recipe.calibration.seq_len)
                 if method.budget.gpu:
-                    check_gpu_budget(config, method.budget, recipe.fit.flash_attn, method.engine)
+                    check_gpu_budget(config, method.budget, recipe.fit.flash_attn,
+                                     vram.engine_for(artefact_format(method)))
             if method.name == "gguf":
                 check_convertible(config)
                 if method.type not in UNQUANTIZED:
@@ -98,28 +100,15 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
             raise QuantizeError(f"key `{key}` ({method.default_variant()}): {exc}") from None
 
 
-def artefact_format(method) -> str:
-    """The format a method writes, as runtimes.load.detect names it (what the fit's engine follows)."""
-    if method.name == "gguf" or (method.name == "auto" and method.target == "gguf"):
-        return "gguf"
-    return getattr(method, "format", "compressed-tensors")
-
-
 def check_gpu_budget(config: dict, budget, flash_attn: bool, engine: str) -> None:
     """A gpu budget must leave the weights some bytes with its KV cache type (kv_dtype auto: with one of them)."""
     from quantize.methods.configs import KV_CHOICES
 
-    kinds = KV_CHOICES if budget.kv_dtype == "auto" else [budget.kv_dtype]
-    errors = []
-    for kv in kinds:
-        try:
-            vram.weight_budget(shape_from_config(config), budget.gpu, budget.context, budget.batch, kv, flash_attn,
-                               engine)
-            return
-        except QuantizeError as exc:
-            errors.append(str(exc))
-    raise QuantizeError(f"budget: {errors[-1]}" if len(errors) == 1 else
-                        f"budget: no KV cache type leaves room for the weights ({'; '.join(errors)})")
+    try:
+        vram.weight_budgets(shape_from_config(config), budget.gpu, budget.context, budget.batch,
+                            KV_CHOICES if budget.kv_dtype == "auto" else [budget.kv_dtype], flash_attn, engine)
+    except QuantizeError as exc:
+        raise QuantizeError(f"budget: {exc}") from None
 
 
 def check_disk(recipe: Recipe, meta, store_bytes: int) -> None:

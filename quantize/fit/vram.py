@@ -113,6 +113,23 @@ def weight_budget(shape: ModelShape, gpu_name: str, context: int, batch: int, kv
     return left, how
 
 
+def weight_budgets(shape: ModelShape, gpu_name: str, context: int, batch: int, kv_types, flash_attn: bool = True,
+                   engine: str = "llama.cpp") -> dict[str, tuple[int, str]]:
+    """weight_budget for each of `kv_types`: {type: (bytes left, the arithmetic)}; a type whose cache leaves the
+    weights nothing gets (0, why). Refused when none leaves anything (one type: its own message)."""
+    out, errors = {}, []
+    for kv in kv_types:
+        try:
+            out[kv] = weight_budget(shape, gpu_name, context, batch, kv, flash_attn, engine)
+        except QuantizeError as exc:
+            out[kv] = (0, str(exc))
+            errors.append(str(exc))
+    if len(errors) == len(out):
+        raise QuantizeError(errors[0] if len(errors) == 1 else
+                            f"no KV cache type leaves room for the weights ({'; '.join(errors)})")
+    return out
+
+
 def decode_tokens_per_s_estimate(bytes_read_per_token: int, gpu: Gpu) -> float:
     """Estimate (upper bound from memory bandwidth): bandwidth / bytes read per generated token."""
     return gpu.bandwidth_gb_s * 1e9 / bytes_read_per_token

@@ -426,11 +426,6 @@ class AutoMethod(Strict):
     def needs_calibration(self) -> bool:
         return True
 
-    @property
-    def engine(self) -> str:
-        """Whose KV cache a gpu budget leaves room for: llama.cpp's for a GGUF mix, vLLM's for compressed-tensors."""
-        return "llama.cpp" if self.target == "gguf" else "vllm"
-
     def default_variant(self) -> str:
         b = self.budget
         size = (f"{b.bytes}B" if b.bytes else f"{b.bpw:g}bpw" if b.bpw else f"as-{b.mix.lower()}" if b.mix else
@@ -438,6 +433,13 @@ class AutoMethod(Strict):
                 + (f"-b{b.batch}" if b.batch > 1 else "") + (f"-kv-{b.kv_dtype}" if b.kv_dtype != "f16" else ""))
         target = "gguf" if self.target == "gguf" else f"ct-{self.quantizer}"
         return self.variant or f"auto-{target}-{size}"
+
+
+def artefact_format(method) -> str:
+    """The format a method writes, as runtimes.load.detect names it (the fit's engine follows it)."""
+    if method.name == "gguf" or (method.name == "auto" and method.target == "gguf"):
+        return "gguf"
+    return getattr(method, "format", "compressed-tensors")
 
 
 # The method names, once: each config's `name` literal. The recipe's `method` is a union discriminated on it and the

@@ -92,10 +92,10 @@ def render(name: str, results: dict, markdown: str, folder: Path) -> str:
         compare.chart(rows, buffer)
         charts.append(("KLD against size; red: the Pareto front (nothing smaller is closer to the base)",
                        base64.b64encode(buffer.getvalue()).decode()))
-    caps = {g: results["base"]["fit"]["protocol"]["largest_context_cap"] for g in rows[0].fits}
-    if all(r.fits[g] >= caps[g] for r in rows for g in r.fits):  # identical bars would say nothing
+    cap = results["base"]["fit"]["protocol"]["largest_context_cap"]
+    if all(n >= cap for r in rows for n in r.fits.values()):  # identical bars would say nothing
         note = (f"<p>Every artefact fits on every GPU of the recipe ({', '.join(rows[0].fits)}) at the model's whole "
-                f"context ({max(caps.values())} tokens), at the recipe's batch and KV cache type.</p>")
+                f"context ({cap} tokens), at the recipe's batch and KV cache type.</p>")
     else:
         note = ""
         charts.append(("Largest context per GPU", fit_chart(rows)))
