@@ -4,7 +4,7 @@ Per decoder layer, for each AWQ row of the architecture's layout (sources/archit
 output judges them), with X the calibration inputs of those linears and W their weights:
 
     s(α) = x̄^α / w̄^(1-α)        (duo_scaling; plain AWQ uses s = x̄^α)       x̄ = mean|X| per input channel
-    s    ← s / sqrt(max(s)·min(s))                                           w̄ = mean of |W| / max|W| per group
+    s    ← s / geomean(s over live channels)                                 w̄ = mean of |W| / max|W| per group
     α*   = argmin_α ‖ block(X; Q(W·diag(s))·diag(s)⁻¹) − block(X; W) ‖²     α ∈ {0, 1/n_grid, …, (n_grid-1)/n_grid}
                                                                             (and s = 1, plain rounding)
 
@@ -61,7 +61,11 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, alpha: float, d
         s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
     else:
         s = x_mean.pow(alpha).clamp(min=1e-4)
-    s = s / (s.max() * s.min()).sqrt()
+    # centred on 1: a common factor changes nothing on an integer grid, but it moves the norm it is folded into, and
+    # AutoAWQ's sqrt(max·min) puts every scale near 100 when one input channel is dead (x̄ = 0: Gemma-3-270m has one
+    # in most pre-MLP norms), which leaves a Gemma norm's 1 + w' near 0.005, where bfloat16 keeps no digit of it
+    live = x_mean > 0
+    s = s / (s[live] if live.any() else s).log().mean().exp()
     return torch.where(torch.isfinite(s), s, torch.ones_like(s))
 
 
@@ -112,23 +116,43 @@ def block_loss_fn(acts: Activations, block: torch.nn.Module, x: torch.Tensor, ra
     return loss
 
 
+def offset_weight(target: torch.Tensor, offset: float) -> torch.Tensor:
+    """The weight w' nearest to target − offset that bfloat16 holds exactly (so float16 and float32 do too), with
+    offset + w' of target's sign and not 0 where target is not: a norm computing x̂·(offset + w') then computes
+    x̂·target to bfloat16's relative precision of w', and the fold stays exact in the dtype an engine runs."""
+    w = (target - offset).to(torch.bfloat16)
+    collapsed = (target != 0) & ((offset + w.float()) * target <= 0)  # rounded onto −offset
+    away = torch.where(target > 0, float("inf"), float("-inf")).to(torch.bfloat16)
+    return torch.where(collapsed, torch.nextafter(w, away), w).to(target.dtype)
+
+
 def fold_scale(prev: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.Tensor,
-               norm_offset: float = 0.0) -> None:
+               norm_offset: float = 0.0) -> torch.Tensor:
     """prev's output ÷ s, the linears' inputs × s: W·x = (W·diag(s))·(diag(s)⁻¹·x), exact in full precision.
     A linear prev wider than the linears' input (Phi-3's gate_up feeding down through act(gate)·up) has its last
     rows, the up half, scaled. A norm computing x̂·(norm_offset + weight) (Gemma) gets weight' with
-    norm_offset + weight' = (norm_offset + weight)/s."""
+    norm_offset + weight' = (norm_offset + weight)/s, weight' on bfloat16's grid (offset_weight) and s adjusted to
+    match it exactly: bfloat16 would otherwise round weight' − its offset, not the small product it stands for.
+    Returns the s folded (the caller divides the linears' inputs by it)."""
     if isinstance(prev, torch.nn.Linear):  # the rows that produce the scaled channels
         rows = slice(prev.out_features - s.numel(), prev.out_features)
         prev.weight.data[rows] = prev.weight.data[rows] / s[:, None]
         if prev.bias is not None:
             prev.bias.data[rows] = prev.bias.data[rows] / s
     else:  # RMSNorm/LayerNorm: y = norm(x) · (norm_offset + weight) (+ bias)
-        prev.weight.data = (norm_offset + prev.weight.data) / s - norm_offset
+        w = prev.weight.data
+        if norm_offset:
+            target = (norm_offset + w) / s
+            new = offset_weight(target, norm_offset)
+            s = torch.where(target != 0, (norm_offset + w) / (norm_offset + new), s)
+            prev.weight.data = new
+        else:
+            prev.weight.data = w / s
         if getattr(prev, "bias", None) is not None:
             prev.bias.data = prev.bias.data / s
     for lin in linears:
         lin.weight.data = lin.weight.data * s
+    return s
 
 
 def search_clip(W: torch.Tensor, x: torch.Tensor, Q, group_size: int, n_grid: int = 20, max_shrink: float = 0.5,
@@ -221,7 +245,7 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
         judge = x if isinstance(block, torch.nn.Linear) else even_samples(x, method.search_samples, ranks)
         s, alpha, losses = search_scale(linears, quantized, x_mean, block_loss_fn(acts, block, judge, ranks), Q, g,
                                         method.n_grid, method.duo_scaling)
-        fold_scale(prev, linears, s, norm_offset)
+        s = fold_scale(prev, linears, s, norm_offset)
         if block_name in moe_rows:  # the router reads the same norm output: its columns take s too (unquantized)
             router = layer.get_submodule(block_name).gate
             router.weight.data = router.weight.data * s

@@ -47,7 +47,7 @@ def smooth_layer(layer: torch.nn.Module, acts: Activations, rows, alpha: float, 
         x_max = X.reshape(-1, X.shape[-1]).abs().amax(dim=0).float()
         linears = [layer.get_submodule(n) for n in names]
         s = smoothing_scales(x_max, [lin.weight.data for lin in linears], alpha).to(x_max.device)
-        fold_scale(layer.get_submodule(prev_name), linears, s, norm_offset)
+        s = fold_scale(layer.get_submodule(prev_name), linears, s, norm_offset)
         if block in moe:  # the router reads the norm's output too
             router = layer.get_submodule(block).gate
             router.weight.data = router.weight.data * s

