@@ -140,7 +140,8 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML"),
     typer.echo(f"eval  perplexity n_ctx {ev['perplexity']['n_ctx']}, ≤{ev['perplexity']['max_chunks']} chunks of "
                f"{ev['perplexity']['source']}; KLD {'on' if ev['kld'] else 'off'}; speed pp{ev['speed']['prompt_tokens']} "
                f"tg{ev['speed']['gen_tokens']} × {ev['speed']['repetitions']} at threads {ev['speed']['threads']}"
-               + (f"; GGUF variants again with KV cache {', '.join(ev['kv_cache'])}" if ev.get("kv_cache") else ""))
+               + (f"; GGUF variants again with KV cache {', '.join(ev['kv_cache'])}" if ev.get("kv_cache") else "")
+               + (f"; base and variants again on {', '.join(ev['engines'])}" if ev.get("engines") else ""))
     for name, v in p["variants"].items():
         typer.echo(f"variant {name}: expected {gib(v['expected_bytes'])}; fit with {v['fit']['protocol']['engine']}'s "
                    f"{v['fit']['rows'][0]['kv_dtype']} KV cache")

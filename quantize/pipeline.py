@@ -22,6 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -34,7 +35,7 @@ from quantize.fit.gpus import gpu_by_name
 from quantize.fit.shape import shape_from_config
 from quantize.formats.tensors import weight_bytes
 from quantize.measure.streamed import LOADER as STREAM_LOADER, STREAMABLE, StreamedModel
-from quantize.measure import kld_base, kv_cache, lmeval, memory, quality, serving, speed
+from quantize.measure import kld_base, kv_cache, lmeval, memory, on_engine, quality, serving, speed
 from quantize.measure.scorecard import base_store
 from quantize.methods import ranks
 from quantize.methods.configs import KV_CHOICES, artefact_format
@@ -174,8 +175,6 @@ def _build_variant(method, base: BaseModel, folder: Path, recipe: Recipe, calib)
 def _paired(folder: Path, names: list[str]) -> dict:
     """For every two variants, the difference of their mean KLDs with its paired standard error (kept per position
     in kld-positions/ beside the report)."""
-    import numpy as np
-
     kld = {n: np.load(folder / f"{n}.npy") for n in names if (folder / f"{n}.npy").is_file()}
     return {f"{a} − {b}": quality.paired_difference(kld[a], kld[b])
             for i, a in enumerate(kld) for b in list(kld)[i + 1:]}
@@ -199,6 +198,41 @@ def _check_ranks(recipe: Recipe, meta) -> None:
         ranks.for_method(recipe.methods[spread[0]], any(expert_lists(layer) for layer in meta.model.layers))
     except QuantizeError as exc:
         raise QuantizeError(f"{where} under torchrun ({group.world} processes): {exc}") from None
+
+
+def _base_on_engines(out: Path, recipe: Recipe, base_path: Path, chunks, store) -> dict:
+    """The base scored on each engine of eval.engines (measure/on_engine.py); its per-position engine − reference
+    NLLs kept in kld-positions/base@ENGINE.npy for the variants' excess."""
+    rows = {}
+    for engine in recipe.eval.engines:
+        step(f"base model on {engine}")
+        dtype = on_engine.engine_dtype(recipe.eval.dtype)
+        reference = on_engine.base_reference_nll(store, chunks)
+        try:
+            scored = on_engine.engine_nll(base_path, chunks, dtype)
+        except QuantizeError as exc:
+            rows[engine] = {"engine": engine, "dtype": dtype, "refused": str(exc)}
+            continue
+        (out / "kld-positions").mkdir(exist_ok=True)
+        np.save(out / "kld-positions" / f"base@{engine}.npy", scored - reference)
+        rows[engine] = on_engine.describe(engine, dtype, scored, reference)
+    return rows
+
+
+def _variant_on_engines(out: Path, recipe: Recipe, folder: Path, name: str, chunks) -> dict:
+    """The variant scored on each engine of eval.engines that loads its format, against its reference NLLs."""
+    positions = out / "kld-positions"
+    reference = np.load(quality.nll_file(positions / f"{name}.npy"))[0].astype(np.float64)
+    rows = {}
+    for engine in recipe.eval.engines:
+        base_delta = positions / f"base@{engine}.npy"
+        if not base_delta.is_file():
+            rows[engine] = {"engine": engine, "skipped": f"{engine} refused the base model itself (base.engines)"}
+            continue
+        step(f"{name}: on {engine}")
+        rows[engine] = on_engine.check_variant(engine, folder, detect(folder), chunks, recipe.eval.dtype, reference,
+                                               np.load(base_delta))
+    return rows
 
 
 def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
@@ -242,7 +276,8 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
             base_logprobs, base_scores, cache = None, *_base_perplexity(base.path, chunks, dtype, recipe, device)
         if cache["state"] == "computed":  # the time and this process's peak while the base was evaluated
             cache = {**cache, "seconds": time.perf_counter() - start, "peak_rss_bytes": memory.peak_rss_bytes()}
-        results = _base_results(out, recipe, base, chunks, base_scores, cache, shape, tokenizer, device)
+        results = _base_results(out, recipe, base, chunks, base_scores, cache, shape, tokenizer, device,
+                                base_logprobs)
         bandwidth = results["protocol"]["memory_bandwidth"]
         for method in recipe.methods:
             name = method.default_variant()
@@ -277,6 +312,8 @@ def run(recipe: Recipe, force: bool = False, restart: bool = False) -> Path:
             if kv_types and detect(folder) == "gguf":
                 step(f"{name}: scoring with each KV cache type ({', '.join(kv_types)})")
                 measured["kv_cache"] = _kv_cache(folder, chunks, base_logprobs, recipe, shape, name, kv_types)
+            if recipe.eval.engines:  # the same tokens on the engine itself, after the model is freed
+                measured["engines"] = _variant_on_engines(out, recipe, folder, name, chunks)
             if recipe.eval.serve.enabled:  # after the model is freed: the server loads its own copy
                 step(f"{name}: serve check")
                 torch_dtype = eval_dtype if eval_dtype in ("float32", "bfloat16", "float16") else None  # as evaluated
@@ -324,7 +361,7 @@ def _base_perplexity(base_path: Path, chunks, dtype: str, recipe: Recipe, device
 
 
 def _base_results(out: Path, recipe: Recipe, base: BaseModel, chunks, scores: dict, cache: dict, shape,
-                  tokenizer, device: str = "cpu") -> dict:
+                  tokenizer, device: str = "cpu", store=None) -> dict:
     """The run's protocol and the base model's numbers (its perplexity from the shared base store); kept in
     base.json once complete, so that a resumed run does not evaluate the base again."""
     saved = out / "base.json"
@@ -344,6 +381,8 @@ def _base_results(out: Path, recipe: Recipe, base: BaseModel, chunks, scores: di
         free(model)
         del model
         _collect()
+    if recipe.eval.engines:
+        measured["engines"] = _base_on_engines(out, recipe, base.path, chunks, store)
     results = {
         "protocol": {"perplexity": chunks.protocol(), "eval_dtype": dtype,
                      "device": "cpu" if recipe.eval.stream else device,

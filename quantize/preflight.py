@@ -60,6 +60,7 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
     size, the GGUF converter can write the model."""
     if recipe.eval.stream:
         check_stream(config, recipe.eval.perplexity.n_ctx, "key `eval.stream`")
+    check_engines(recipe.eval.engines)
     for k, method in enumerate(recipe.methods):
         key = "method" if len(recipe.methods) == 1 else f"methods[{k}]"
         try:
@@ -98,6 +99,16 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
                     check_model(config, recipe.calibration.seq_len)
         except QuantizeError as exc:
             raise QuantizeError(f"key `{key}` ({method.default_variant()}): {exc}") from None
+
+
+def check_engines(names: list[str]) -> None:
+    """Every engine `eval.engines` names is installed (its own environment), before any work."""
+    from quantize.runtimes import engines
+
+    for name in names:
+        if not engines.installed(name):
+            raise QuantizeError(f"key `eval.engines`: {name} is not installed here; `quantize engine install {name}` "
+                                "creates its environment (or remove it from eval.engines)")
 
 
 def check_gpu_budget(config: dict, budget, flash_attn: bool, engine: str) -> None:

@@ -76,9 +76,20 @@ class Eval(Strict):
         default_factory=list, description="score every GGUF variant again on llama.cpp with each of these K/V cache "
         "types (flash attention on for all), against the same base: what a quantized KV cache costs "
         "(measure/kv_cache.py); e.g. [f16, q8_0, q4_0]")
+    engines: list[Literal["vllm"]] = Field(
+        default_factory=list, description="score the base and every variant the engine loads again on the engine "
+        "itself, on the same token ids, in its own dtype (vLLM: bfloat16): does the artefact deliver there the "
+        "quality measured here (measure/on_engine.py)? Needs `quantize engine install vllm`")
     stream: bool = Field(False, description="evaluate the base layer by layer from its shards (float32), all "
                          "chunks at once: peak memory about one layer plus the chunks' hidden states, for a base "
                          "bigger than memory (measure/streamed.py)")
+
+    @model_validator(mode="after")
+    def _engines_need_the_base_store(self):
+        if self.engines and not self.kld:
+            raise ValueError("engines compares each variant's per-token NLL on the engine with ours against the "
+                             "base's, which needs the base store: set kld: true or engines: []")
+        return self
 
     @model_validator(mode="after")
     def _stream_in_float32(self):

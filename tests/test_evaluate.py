@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -159,3 +160,20 @@ def test_speed_follows_llama_bench_definitions(tiny_model, tmp_path):
     assert speed.weight_bytes_per_token(model) == speed.weight_bytes_in_memory(model)
     gguf = convert(tiny_model, tmp_path / "m.gguf", "F16")
     assert speed.untied_token_embedding_bytes(gguf) == embed.numel() * 2  # token_embd F16, output.weight apart
+
+
+def test_engine_check_finds_an_excess_beyond_the_base_and_not_within_noise():
+    """measure/on_engine.describe on per-token NLLs: an engine that costs the variant what it costs the base
+    delivers; one that adds 3 % perplexity on top does not, and says by how much."""
+    import numpy as np
+
+    from quantize.measure.on_engine import describe
+
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(0.5, 6, 4000)
+    base_delta = rng.normal(0.004, 0.02, 4000)  # the engine's dtype: +0.4 % on the base, noisy per token
+    same = describe("vllm", "bfloat16", reference + base_delta + rng.normal(0, 0.002, 4000), reference, base_delta)
+    worse = describe("vllm", "bfloat16", reference + base_delta + 0.03, reference, base_delta)
+    assert same["delivers"] and abs(same["excess"]) < 0.001
+    assert not worse["delivers"] and worse["excess"] == pytest.approx(0.03)
+    assert "+3.0% perplexity on vllm" in worse["verdict"]

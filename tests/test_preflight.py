@@ -122,3 +122,22 @@ def test_streamed_evaluation_is_estimated_per_layer_not_per_model(tiny_model, tm
     monkeypatch.setattr(memory, "available_bytes", lambda: streamed["eval.stream"] - 1)
     with pytest.raises(QuantizeError, match=r"key `eval.stream`: needs about .*max_chunks"):
         preflight.check_memory(recipe, meta)
+
+
+def test_engine_checks_are_refused_before_any_work_when_they_cannot_run(tiny_model, tmp_path, monkeypatch):
+    """eval.engines names an engine this machine lacks (an empty cache folder): plan and run say how to install it;
+    eval.engines without the base store (kld: false) is a recipe error naming the key."""
+    recipe = write_recipe(tmp_path / "r.yaml", str(tiny_model), [{"name": "int8"}], tmp_path / "out")
+    data = json.loads(recipe.read_text())
+    data["eval"]["engines"] = ["vllm"]
+    recipe.write_text(json.dumps(data))
+    monkeypatch.setenv("QUANTIZE_CACHE", str(tmp_path / "empty-cache"))
+    for command in ("plan", "run"):
+        r = quantize(command, "r.yaml", cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "key `eval.engines`: vllm is not installed here; `quantize engine install vllm`" in r.stderr
+    assert not (tmp_path / "out").exists()
+    data["eval"]["kld"] = False
+    recipe.write_text(json.dumps(data))
+    r = quantize("plan", "r.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "eval" in r.stderr and "needs the base store" in r.stderr, r.stderr

@@ -248,3 +248,34 @@ def test_vllm_serves_our_w8a8_artefact(activation_artefacts):
         serve.stop(server)
     with pytest.raises(ProcessLookupError):
         os.killpg(server.process.pid, 0)
+
+
+def test_run_scores_each_variant_again_on_vllm(tiny_model, tmp_path):
+    """`eval.engines: [vllm]` in a run: the base and the W4A16 variant on vLLM (bfloat16) beside our float32
+    evaluation of the same tokens, the variant delivering what we measured; W8A16, which vLLM's CPU kernels refuse,
+    recorded in vLLM's own words; the report's section."""
+    from conftest import write_recipe
+    from quantize import pipeline
+    from quantize.recipe import load_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", str(tiny_model),
+                          [{"name": "rtn", "bits": 4, "group_size": 64, "sym": True}, {"name": "int8"}],
+                          tmp_path / "out")
+    data = json.loads(recipe.read_text())
+    data["eval"]["speed"] = {"enabled": False}
+    data["eval"]["engines"] = ["vllm"]
+    recipe.write_text(json.dumps(data))
+    out = pipeline.run(load_recipe(recipe))
+    results = json.loads((out / "results.json").read_text())
+    base = results["base"]["engines"]["vllm"]
+    rtn = results["variants"]["rtn-w4-sym-g64"]["engines"]["vllm"]
+    int8 = results["variants"]["int8-w8a16"]["engines"]["vllm"]
+    print(f"base on vLLM: PPL {base['ppl']:.3f} vs ours {base['reference_ppl']:.3f}; rtn excess "
+          f"{rtn['excess']:+.5f} ± {rtn['excess_unc']:.5f}")
+    assert base["dtype"] == "bfloat16" and base["positions"] == 4 * 63
+    assert abs(base["ln_ratio"]) < 0.05  # bfloat16 against float32 on the same model
+    assert rtn["reference_ppl"] == pytest.approx(results["variants"]["rtn-w4-sym-g64"]["perplexity"]["ppl"], rel=1e-6)
+    assert rtn["delivers"], rtn["verdict"]
+    assert "uint8b128" in int8["refused"]
+    report = (out / "report.md").read_text()
+    assert "## On the engine: vllm" in report and "delivers the quality measured" in report

@@ -165,7 +165,8 @@ def base_file(model, chunks: Chunks, path: Path, label: str = "base") -> tuple[K
 def score(model, chunks: Chunks, base: KldBaseFile, label: str, positions: Path | None = None) -> dict:
     """Perplexity of `model` on the chunks and its KLD against the base file, as llama-perplexity --kl-divergence
     computes them. With `positions`, the KLD of every scored position is also saved there (.npy, float32), for
-    paired comparisons of variants scored on the same positions (paired_difference)."""
+    paired comparisons of variants scored on the same positions (paired_difference), and beside it (nll_file) the
+    model's and the base's NLL of the right token at each position [2, positions] (the engine check's reference)."""
     base.check(chunks.ids)
     rows = {"kld": [], "nll": [], "base_nll": [], "same_top": []}
     for i, logits, targets in _scored_logits(model, chunks, label):  # against_base takes its own log-softmax
@@ -177,7 +178,13 @@ def score(model, chunks: Chunks, base: KldBaseFile, label: str, positions: Path 
     if positions is not None:
         positions.parent.mkdir(parents=True, exist_ok=True)
         np.save(positions, kld.astype(np.float32))
+        np.save(nll_file(positions), np.stack([nll, base_nll]).astype(np.float32))
     return out
+
+
+def nll_file(positions: Path) -> Path:
+    """Where score() keeps the per-position NLLs of the model whose KLDs are in `positions`."""
+    return positions.with_name(positions.stem + ".nll.npy")
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray) -> dict:

@@ -131,6 +131,36 @@ def _kv_cache_section(results: dict) -> list[str]:
                         "arithmetic, flash attention on).", ""]
 
 
+def _engines_section(results: dict) -> list[str]:
+    """eval.engines: the base and each variant on the engine itself, against our evaluation of the same tokens."""
+    base = results["base"].get("engines")
+    if not base:
+        return []
+    lines = []
+    for engine, b in base.items():
+        lines += [f"## On the engine: {engine}", "",
+                  "| model | engine dtype | PPL on the engine | PPL in our evaluation | ln ratio ± | excess over the "
+                  "base's ± | verdict |", "|---|---|---|---|---|---|---|"]
+        entries = [("base", b)] + [(n, v["engines"][engine]) for n, v in results["variants"].items()
+                                   if engine in v.get("engines", {})]
+        for name, e in entries:
+            if "ppl" not in e:
+                lines.append(f"| {name} | {e.get('dtype', '–')} | – | – | – | – | "
+                             f"{e.get('refused') or e.get('skipped')} |")
+                continue
+            excess = f"{e['excess']:+.4f} ± {e['excess_unc']:.4f}" if "excess" in e else "–"
+            lines.append(f"| {name} | {e['dtype']} | {e['ppl']:.4f} | {e['reference_ppl']:.4f} | "
+                         f"{e['ln_ratio']:+.4f} ± {e['ln_ratio_unc']:.4f} | {excess} | "
+                         f"{e.get('verdict', 'the engine dtype’s own cost')} |")
+        lines += ["", f"The same token ids scored again on {engine} (its own loader and kernels, in the dtype shown; our "
+                      f"evaluation runs {results['protocol']['eval_dtype']}): the log-probability {engine} gives each "
+                      "next token. ln ratio = mean per-token NLL on the engine − ours (ln of the perplexity ratio); "
+                      "the base's is what the engine's dtype costs any model, a variant's excess is its own beyond "
+                      "that (paired per token), and it delivers the quality measured here when the excess is within "
+                      "2 standard errors or below 0.5 % of perplexity (measure/on_engine.py).", ""]
+    return lines
+
+
 def _speed_table(results: dict) -> list[str]:
     lines = ["| model | dtype in memory | weights in memory | threads | pp t/s median (min–max) | pp peak RSS "
              "| tg t/s median (min–max) | tg peak RSS | tg GB/s (of roofline) | load avg before→after |",
@@ -318,6 +348,7 @@ def render(name: str, results: dict) -> str:
         "",
         *_kld_table(results),
         *_kv_cache_section(results),
+        *_engines_section(results),
         *_mix_section(results),
         "## Speed (llama-bench semantics, every thread count)",
         "",
