@@ -200,3 +200,23 @@ def test_bad_command_line_is_one_clear_message_and_exit_2(case, tiny_model, tmp_
     for fragment in fragments:
         assert fragment in message, (case, fragment, message)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_the_gguf_check_reads_the_layout_gguf_py_reads_and_refuses_a_cut_file(tmp_path):
+    """check_gguf parses the header itself (GGUFReader builds an object per vocabulary entry: ~10 s for Gemma 3):
+    the bundled SmolLM2 GGUF's tensor table equals gguf-py's, and the file cut inside its last tensor is refused."""
+    import gguf
+
+    from quantize.common.errors import QuantizeError
+    from quantize.common.files import check_gguf, gguf_tensor_extents
+    from quantize.sources.models import bundled_gguf
+
+    path = bundled_gguf("smollm2-135m")
+    ours = gguf_tensor_extents(path)
+    theirs = {t.name: (int(t.tensor_type), int(t.data_offset), int(t.n_bytes)) for t in gguf.GGUFReader(path).tensors}
+    assert ours == theirs and len(ours) > 100
+    cut = tmp_path / "cut.gguf"
+    with open(path, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(path.stat().st_size - 1000))
+    with pytest.raises(QuantizeError, match=r"cut.gguf: not a readable GGUF file \(ValueError: tensor .* past the file"):
+        check_gguf(cut)

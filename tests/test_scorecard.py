@@ -71,3 +71,19 @@ def test_eval_cli_summary_set_and_device(run, tiny_model, tmp_path):
     for bad, words in ((["--set", "methods.0.bits=3"], "takes eval keys"), (["--device", "tpu"], "--device: unknown")):
         r = CliRunner().invoke(app, [*common, *bad])
         assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output
+
+
+def test_a_gguf_tokenizer_is_converted_once_and_reloaded_the_same(tmp_path, monkeypatch):
+    """A GGUF evaluated without a base takes its tokenizer from the file (transformers' GGUF reader: ~20 s for Gemma
+    3's 262k vocabulary); the conversion is kept in the cache folder and the reloaded tokenizer gives the same ids."""
+    from quantize.sources.models import bundled_gguf, tokenizer_sha256
+    from quantize.sources.texts import bundled_wiki
+
+    monkeypatch.setenv("QUANTIZE_CACHE", str(tmp_path / "cache"))
+    path = bundled_gguf("smollm2-135m")
+    converted = scorecard.tokenizer_for(path, None)
+    assert len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 1
+    cached = scorecard.tokenizer_for(path, None)
+    text = bundled_wiki("eval").text[:20000]
+    assert tokenizer_sha256(cached) == tokenizer_sha256(converted)
+    assert cached(text).input_ids == converted(text).input_ids
