@@ -138,6 +138,16 @@ def roundtrip(kind: str, weights: np.ndarray, importance: np.ndarray | None = No
 _LIB = None
 
 
+def cpu_features() -> str:
+    """The instruction sets this llama.cpp build's CPU kernels use (llama_print_system_info), e.g. "AVX2 FMA F16C":
+    .ci/setup builds llama-cpp-python portable (GGML_NATIVE=OFF, so a cached wheel runs on any x86-64 CI machine),
+    which leaves out AVX512 where the machine has it; a native llama.cpp is faster there (bench/results/
+    gguf_eval_speed.md: 5.4 vs 7.5 s per 4 × 512-token pass of Gemma-3-270m on this AVX512 EPYC)."""
+    info = binding().llama_print_system_info().decode()
+    return " ".join(k.strip() for k, v in re.findall(r"([A-Z0-9_ ]+?) = (\d+)", info.split("CPU :", 1)[-1])
+                    if v != "0" and k.strip() not in ("LLAMAFILE", "OPENMP", "REPACK")) or "generic"
+
+
 class LlamaCppModel:
     """A GGUF loaded in llama.cpp. `kv_type` F16 is llama.cpp's default cache (what users run); F32 makes the
     logits comparable with an fp32 torch model to ~1e-4; Q8_0 / Q4_0 are llama.cpp's quantized caches (-ctk/-ctv),
@@ -149,7 +159,8 @@ class LlamaCppModel:
         kv = int(GGMLQuantizationType[kv_type])  # F16, F32, BF16, Q8_0, Q4_0 (a quantized V needs flash_attn)
         self.path, self.n_ctx, self.kv_type = path, n_ctx, kv_type
         # what moves its numbers besides the weights: recorded with every figure it produces
-        self.settings = f"KV cache {kv_type}, flash attention {'on' if flash_attn else 'off'}"
+        self.settings = (f"KV cache {kv_type}, flash attention {'on' if flash_attn else 'off'}, CPU kernels "
+                         f"{cpu_features()}")
         self.threads = threads or torch.get_num_threads()
         n_batch = n_batch or n_ctx  # one evaluation chunk per batch; llama.cpp's own default is 512
         self.llm = lib.Llama(str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, logits_all=logits_all,
