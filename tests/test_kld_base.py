@@ -136,3 +136,39 @@ def test_noise_floor_is_not_reported_as_zero_under_a_bfloat16_evaluation(tiny_mo
     bf16 = quality.score_model(load_model(tiny_model, "bfloat16"), chunks, None)["noise_floor"]
     assert fp32["kld_mean"] > 0
     assert bf16["kld_mean"] is None and "already bfloat16" in bf16["what"]
+
+
+def test_parallel_jobs_compute_the_base_store_once(tmp_path, monkeypatch):
+    """Two evaluations against the same base at the same time (parallel CI jobs sharing a cache folder): one takes
+    the store's lock and computes it, the other waits on the lock and reuses what the first published."""
+    import threading
+    import time
+
+    from quantize.measure.quality import Chunks
+
+    monkeypatch.setenv("QUANTIZE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    ids = torch.arange(2 * 16).reshape(2, 16) % 11
+    chunks = Chunks(ids, 16, False, 32, {"source": "t", "sha256": "0", "chars": 1}, "tok")
+    calls, results = [], {}
+
+    def compute(writer):
+        calls.append(threading.get_ident())
+        time.sleep(1.0)  # the first job is still computing when the second arrives
+        for i in range(2):
+            writer.write(i, torch.randn(7, 11))
+        return {"ppl": 1.0}
+
+    def job(name, delay):
+        time.sleep(delay)
+        results[name] = kld_base.cached(tmp_path, chunks, "float32", "cpu", compute, 11)[2]
+
+    threads = [threading.Thread(target=job, args=("a", 0.0)), threading.Thread(target=job, args=("b", 0.3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert results["a"]["state"] == "computed" and "waited_for_another_process_s" not in results["a"]
+    assert results["b"]["state"] == "reused" and results["b"]["waited_for_another_process_s"] >= 0.5
+    assert results["a"]["file"] == results["b"]["file"]

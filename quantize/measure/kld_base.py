@@ -19,10 +19,13 @@ codes too; entries at or below −16 drop out of the sum instead of counting as 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -154,6 +157,47 @@ class KldBaseWriter:
         self.file.close()
 
 
+@contextlib.contextmanager
+def exclusive(path: Path):
+    """An exclusive lock on the file `path` (flock, released when the process ends, however it ends), so that
+    parallel CI jobs that score variants against the same base compute its store once; yields whether it had to
+    wait for another holder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            waited = True
+        try:
+            yield waited
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _compute_into(folder: Path, key_src: dict, chunks, compute, n_vocab: int) -> None:
+    """compute(writer) into a partial folder, published as `folder` by a rename once complete."""
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        writer = KldBaseWriter(partial / "base.kld", chunks.ids, n_vocab)
+        try:
+            scores = compute(writer)
+        finally:
+            writer.close()
+        assert writer.next == chunks.ids.shape[0], "the base file misses chunks"
+        (partial / "done.json").write_text(json.dumps({**scores, "key": key_src}, default=str))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    try:
+        partial.rename(folder)
+    except OSError:  # published meanwhile by a process that did not take the lock (an older quantize): as good
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def cached(model_path: Path, chunks, dtype: str, backend: str,
            compute: Callable[[KldBaseWriter], dict], n_vocab: int) -> tuple[KldBaseFile, dict, dict]:
     """(base file, base scores, cache record) for this model's files, text, protocol, dtype and backend: reused
@@ -163,29 +207,17 @@ def cached(model_path: Path, chunks, dtype: str, backend: str,
                "backend": backend, "store": STORE}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:24]
     folder = cache_root() / "kld-base" / key
-    state = "reused"
+    state, waited = "reused", None
     if not (folder / "done.json").is_file():
-        state = "computed"
-        partial = folder.with_name(f"{key}.partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        try:
-            writer = KldBaseWriter(partial / "base.kld", chunks.ids, n_vocab)
-            try:
-                scores = compute(writer)
-            finally:
-                writer.close()
-            assert writer.next == chunks.ids.shape[0], "the base file misses chunks"
-            (partial / "done.json").write_text(json.dumps({**scores, "key": key_src}, default=str))
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        try:
-            partial.rename(folder)
-        except OSError:  # another process published the same key first: theirs is as good
-            shutil.rmtree(partial, ignore_errors=True)
+        start = time.perf_counter()
+        with exclusive(folder.with_name(f"{key}.lock")) as blocked:  # parallel jobs: one computes, the others wait
+            waited = round(time.perf_counter() - start, 3) if blocked else None
+            if not (folder / "done.json").is_file():
+                state = "computed"
+                _compute_into(folder, key_src, chunks, compute, n_vocab)
     store = KldBaseFile(folder / "base.kld")
     store.check(chunks.ids)
     scores = json.loads((folder / "done.json").read_text())
     scores.pop("key", None)
-    return store, scores, {"key": key, "state": state, "file": str(folder / "base.kld"), "format": STORE}
+    return store, scores, {"key": key, "state": state, "file": str(folder / "base.kld"), "format": STORE,
+                           **({"waited_for_another_process_s": waited} if waited is not None else {})}
