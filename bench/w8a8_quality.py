@@ -1,7 +1,7 @@
 """W8A8 and FP8 against the weight-only schemes on a real model, one evaluation protocol for all (issue 32 §3):
 
     W8A16 (int8 RTN) · W8A8-INT8 (SmoothQuant α + GPTQ; α = none, 0.5, 0.65, 0.8, 0.9) · W8A8 RTN without
-    smoothing · FP8 dynamic · FP8 block (where every linear is whole 128 × 128 blocks) · FP8 W8A16 · NVFP4A16 ·
+    smoothing · FP8 dynamic · FP8 block (where every linear is whole 128 × 128 blocks) · FP8 W8A16 · NVFP4A16 · MXFP4A16 ·
     W4A16 GPTQ g128 (per channel where the input is not a multiple of 128) and g64
 
 each built from the same calibration draw (seed 0) and scored with its engine's activation rounding (our kernel
@@ -50,6 +50,7 @@ VARIANTS = {  # name → method settings (built on the seed-0 draw; the α = 0.8
     "fp8-block": {"name": "fp8", "scheme": "block"},
     "fp8-w8a16": {"name": "fp8", "scheme": "w8a16"},
     "fp4-nvfp4a16": {"name": "fp4", "scheme": "nvfp4a16"},
+    "fp4-mxfp4a16": {"name": "fp4", "scheme": "mxfp4a16"},
     "gptq-w4a16-g128": {"name": "gptq", "bits": 4, "group_size": 128, "sym": True, "on_indivisible": "channel"},
     "gptq-w4a16-g64": {"name": "gptq", "bits": 4, "group_size": 64, "sym": True},
 }
@@ -123,21 +124,23 @@ def write(args, base, rows) -> None:
     slug = args.model.split(":")[-1].replace("/", "_")
     out = HERE / "results" / f"w8a8_quality_{slug}"
     key = lambda r: (r["variant"], r.get("tool"), r.get("seed"))  # noqa: E731
+    seeds = args.seeds  # the draws of the merged table: the most any run of it used
     if out.with_suffix(".json").is_file():
         old = json.loads(out.with_suffix(".json").read_text())
         same = old["calibration"]["samples"] == args.samples and old["eval"]["chunks"] == args.chunks
         if same:
             new = {key(r) for r in rows}
             rows = [r for r in old["rows"] if key(r) not in new] + rows
+            seeds = max(seeds, old["calibration"]["seeds"])
     info = {"model": args.model, "base": base.describe(), "calibration": {"source": "bundled:wiki/calibration",
-            "samples": args.samples, "seq_len": args.seq_len, "seeds": args.seeds},
+            "samples": args.samples, "seq_len": args.seq_len, "seeds": seeds},
             "eval": {"text": "bundled:wiki/eval", "n_ctx": 512, "chunks": args.chunks, "dtype": "float32",
                      "kld": "KL(base ‖ variant) per scored position, nats; activation-quantized schemes evaluated "
                             "with the engine's input rounding (runtimes/kernels.py)"},
             "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(info, indent=2))
     lines = [f"# W8A8 / FP8 / weight-only on {args.model}", "",
-             f"Calibration: bundled wiki, {args.samples} × {args.seq_len} tokens, seeded draws 0..{args.seeds - 1} "
+             f"Calibration: bundled wiki, {args.samples} × {args.seq_len} tokens, seeded draws 0..{seeds - 1} "
              f"(seed 0 for every single-draw row). Evaluation: bundled wiki eval text, {args.chunks} × 512 tokens, "
              "float32, KLD against the base's float32 log-probabilities; W8A8 and FP8 dynamic/block with the inputs "
              "rounded as vLLM's kernels round them. Build times are in the JSON only (other jobs shared the 2 cores). "

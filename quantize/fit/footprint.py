@@ -255,12 +255,13 @@ def fp8_bytes(method, meta_model: torch.nn.Module) -> int:
 
 
 def fp4_bytes(method, meta_model: torch.nn.Module) -> int:
-    """NVFP4: half a byte per quantized weight, an e4m3 scale per 16 and a float32 global scale per linear;
-    everything else 16-bit."""
+    """NVFP4: half a byte per quantized weight, an e4m3 scale per 16 and a float32 global scale per linear; MXFP4:
+    half a byte per weight and a one-byte exponent per 32; everything else 16-bit."""
     total = 0
+    mx = method.scheme == "mxfp4a16"
     for name, module, pname, p in unique_parameters(meta_model):
         if isinstance(module, torch.nn.Linear) and pname == "weight" and not ignored(name, method.ignore):
-            total += p.numel() // 2 + p.numel() // 16 + 4
+            total += p.numel() // 2 + (p.numel() // 32 if mx else p.numel() // 16 + 4)
         else:
             total += p.numel() * 2
     return total

