@@ -276,15 +276,24 @@ def test_run_reports_w8a16_w8a8_and_fp8_side_by_side(outlier_model, tmp_path):
     print({n: round(v["perplexity"]["kld"]["mean"], 6) for n, v in results["variants"].items()})
 
 
+def written_fp4(folder, outlier_model):
+    """(a stored tensor by name, the float32 base, the 15 e2m1 values, our dense reading) of an FP4 folder."""
+    from safetensors import safe_open
+
+    from quantize.formats.compressed_tensors import DequantizedShards
+
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    e2m1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    return (lambda n: safe_open(folder / index[n], "pt").get_tensor(n), load_model(outlier_model, "float32"),
+            torch.cat([-e2m1.flip(0), e2m1]), DequantizedShards(folder))
+
+
 # ---- NVFP4 (method fp4) ----------------------------------------------------------------------------------------
 def test_nvfp4_artefact_follows_the_definition_and_transformers_reloads_it(outlier_model, tmp_path):
     """nvfp4-pack-quantized as llm-compressor's NVFP4A16 writes it; every weight is its e2m1 code × its group's
     e4m3 scale ÷ the tensor's global scale, with g = 448·6 / max|W| shared by q/k/v (and by gate/up), the group
     scale e4m3(g · max|W_group| / 6), and the code the e2m1 value nearest W ÷ (scale / g), all checked here from the
     definition; transformers (compressed-tensors, which decompresses NVFP4 to bfloat16) reads the same weights."""
-    from safetensors import safe_open
-
-    from quantize.formats.compressed_tensors import DequantizedShards
     from quantize.methods.configs import Fp4Method
 
     folder = tmp_path / "fp4"
@@ -295,12 +304,7 @@ def test_nvfp4_artefact_follows_the_definition_and_transformers_reloads_it(outli
     assert qc["format"] == "nvfp4-pack-quantized" and group["weights"]["group_size"] == 16
     assert group["weights"]["strategy"] == "tensor_group" and group["input_activations"] is None
     assert info["quantized_linears"] == 14
-    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
-    stored = lambda n: safe_open(folder / index[n], "pt").get_tensor(n)  # noqa: E731
-    base = load_model(outlier_model, "float32")
-    e2m1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6])
-    e2m1 = torch.cat([-e2m1.flip(0), e2m1])
-    ours = DequantizedShards(folder)
+    stored, base, e2m1, ours = written_fp4(folder, outlier_model)
     for stack in (["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"], ["down_proj"]):
         names = [f"model.layers.1.{'self_attn' if n[0] in 'qkv' else 'mlp'}.{n}" for n in stack]
         W = torch.cat([base.get_submodule(n).weight.data for n in names])
@@ -330,10 +334,7 @@ def test_mxfp4_artefact_follows_the_definition_and_compressed_tensors_reads_it(o
     tensors gives the same weights; plan's size is the folder's."""
     import math
 
-    from safetensors import safe_open
-
     from quantize.fit.footprint import fp4_bytes
-    from quantize.formats.compressed_tensors import DequantizedShards
     from quantize.formats.tensors import weight_bytes
     from quantize.methods.configs import Fp4Method
     from quantize.sources.models import meta_model
@@ -348,12 +349,7 @@ def test_mxfp4_artefact_follows_the_definition_and_compressed_tensors_reads_it(o
     assert qc["format"] == "mxfp4-pack-quantized" and w["group_size"] == 32 and w["strategy"] == "group"
     assert w["type"] == "float" and w["num_bits"] == 4 and "uint8" in str(w["scale_dtype"])
     assert info["quantized_linears"] == 14
-    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
-    stored = lambda n: safe_open(folder / index[n], "pt").get_tensor(n)  # noqa: E731
-    base = load_model(outlier_model, "float32")
-    e2m1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6])
-    e2m1 = torch.cat([-e2m1.flip(0), e2m1])
-    ours = DequantizedShards(folder)
+    stored, base, e2m1, ours = written_fp4(folder, outlier_model)
     saturated = 0
     for n in ["model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"]:
         W = base.get_submodule(n).weight.data
