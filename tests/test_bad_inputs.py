@@ -203,7 +203,7 @@ def test_bad_command_line_is_one_clear_message_and_exit_2(case, tiny_model, tmp_
 
 
 def test_the_gguf_check_reads_the_layout_gguf_py_reads_and_refuses_a_cut_file(tmp_path):
-    """check_gguf parses the header itself (GGUFReader builds an object per vocabulary entry: ~10 s for Gemma 3):
+    """check_gguf parses the header itself (GGUFReader builds an object per vocabulary entry: ~14 s for Gemma 3):
     the bundled SmolLM2 GGUF's tensor table equals gguf-py's, and the file cut inside its last tensor is refused."""
     import gguf
 

@@ -74,7 +74,7 @@ def test_eval_cli_summary_set_and_device(run, tiny_model, tmp_path):
 
 
 def test_a_gguf_tokenizer_is_converted_once_and_reloaded_the_same(tmp_path, monkeypatch):
-    """A GGUF evaluated without a base takes its tokenizer from the file (transformers' GGUF reader: ~20 s for Gemma
+    """A GGUF evaluated without a base takes its tokenizer from the file (transformers' GGUF reader: ~17 s for Gemma
     3's 262k vocabulary); the conversion is kept in the cache folder and the reloaded tokenizer gives the same ids."""
     from quantize.sources.models import bundled_gguf, tokenizer_sha256
     from quantize.sources.texts import bundled_wiki

@@ -39,7 +39,7 @@ def tokenizer_for(path: Path, base: Path | None):
 def gguf_tokenizer(gguf: Path):
     """The GGUF's own tokenizer through transformers' GGUF reader, kept converted in the cache folder
     (tokenizers/<key>: the file's path, size and modification time): converting Gemma 3's 262k vocabulary takes
-    about 20 s of a 2-core machine, loading the converted one well under 1 s."""
+    about 17 s of a 2-core machine, loading the converted one about 4 s (bench/results/gguf_eval_speed.md)."""
     from transformers import AutoTokenizer
 
     stat = gguf.stat()
