@@ -24,6 +24,7 @@ import numpy as np
 
 from quantize.common.errors import QuantizeError
 from quantize.measure.kld_base import KldBaseFile, decode
+from quantize.measure.quality import paired_difference
 
 ENGINE_FORMATS = {"vllm": ("compressed-tensors",)}  # what each engine check scores; other formats are skipped
 TOLERANCE = math.log(1.005)  # an excess below this is no finding, whatever its standard error
@@ -52,21 +53,17 @@ def base_reference_nll(store: KldBaseFile, chunks) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _mean_se(d: np.ndarray) -> tuple[float, float]:
-    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else 0.0
-
-
 def describe(engine: str, dtype: str, on_engine: np.ndarray, reference: np.ndarray,
              base_delta: np.ndarray | None = None) -> dict:
     """The engine row of one model: its perplexity on the engine and in our evaluation, ln of their ratio, and (for a
     variant, given the base's per-position engine − reference NLLs) the excess over the base's and the verdict."""
-    delta = on_engine - reference
-    r, r_se = _mean_se(delta)
+    ratio = paired_difference(on_engine, reference)
     row = {"engine": engine, "dtype": dtype, "ppl": math.exp(float(on_engine.mean())),
-           "reference_ppl": math.exp(float(reference.mean())), "ln_ratio": r, "ln_ratio_unc": r_se,
-           "positions": int(delta.size)}
+           "reference_ppl": math.exp(float(reference.mean())), "ln_ratio": ratio["difference"],
+           "ln_ratio_unc": ratio["unc"], "positions": int(on_engine.size)}
     if base_delta is not None:
-        excess, se = _mean_se(delta - base_delta)
+        paired = paired_difference(on_engine - reference, base_delta)
+        excess, se = paired["difference"], paired["unc"]
         delivers = abs(excess) <= max(2 * se, TOLERANCE)
         row.update({"excess": excess, "excess_unc": se, "delivers": delivers,
                     "verdict": ("delivers the quality measured (the engine's dtype costs it what it costs the base)"

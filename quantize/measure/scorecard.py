@@ -19,7 +19,7 @@ from quantize.common.cache import cache_root
 from quantize.common.files import versions
 from quantize.common.errors import QuantizeError
 from quantize.measure.streamed import LOADER as STREAM_LOADER, StreamedModel
-from quantize.measure import kld_base, kv_cache, lmeval, quality
+from quantize.measure import kld_base, kv_cache, lmeval, on_engine, quality
 from quantize.measure import speed
 from quantize.runtimes.load import check_files, detect, free, gguf_file, load, vocab_size
 from quantize.sources.models import load_tokenizer, resolve_model
@@ -90,7 +90,7 @@ def evaluate_artefact(path: Path, base: str | None, ev, engine: str | None = Non
     tokenizer = tokenizer_for(path, base_path)
     ppl = ev.perplexity
     chunks = quality.make_chunks(tokenizer, load_text(ppl.source, "eval", ppl.field), ppl.n_ctx, ppl.max_chunks)
-    eval_dtype = "bfloat16" if engine == "vllm" and ev.dtype == "float32" else ev.dtype
+    eval_dtype = on_engine.engine_dtype(ev.dtype) if engine == "vllm" else ev.dtype
     model, loader, dtype = load(path, eval_dtype, chunks.n_ctx, device, engine=engine)
     try:
         n_vocab = vocab_size(model)
