@@ -143,6 +143,11 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML"),
                + (f"; GGUF variants again with KV cache {', '.join(ev['kv_cache'])}" if ev.get("kv_cache") else "")
                + (f"; base and variants again on {', '.join(ev['engines'])}" if ev.get("engines") else ""))
     for name, v in p["variants"].items():
+        if "on_device" in v["fit"]:
+            d = v["fit"]["on_device"]
+            typer.echo(f"variant {name}: expected {gib(v['expected_bytes'])}; a LiteRT file: on the device "
+                       f"{gib(d['total_bytes'])} with its {d['cache_length']}-cell float32 KV cache ({gib(d['kv_cache_bytes'])})")
+            continue
         typer.echo(f"variant {name}: expected {gib(v['expected_bytes'])}; fit with {v['fit']['protocol']['engine']}'s "
                    f"{v['fit']['rows'][0]['kv_dtype']} KV cache")
         for gpu, ctx in v["fit"]["largest_context"].items():

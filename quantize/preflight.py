@@ -64,6 +64,8 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
     for k, method in enumerate(recipe.methods):
         key = "method" if len(recipe.methods) == 1 else f"methods[{k}]"
         try:
+            if getattr(method, "format", None) == "litert":
+                check_litert(config)
             if method.layer_wise:
                 check_model(config, recipe.calibration.seq_len if method.needs_calibration else None)
                 if method.name in ("rtn", "gptq", "awq"):  # int8 w8a8 and fp8 have no group size
@@ -99,6 +101,28 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
                     check_model(config, recipe.calibration.seq_len)
         except QuantizeError as exc:
             raise QuantizeError(f"key `{key}` ({method.default_variant()}): {exc}") from None
+
+
+def litert_on_device(weights: int, shape) -> dict:
+    """A LiteRT file's expected memory on the device: its weights and the float32 KV cache tensors its decode
+    signature threads (runtimes/litert.py's cache length, every layer)."""
+    from quantize.runtimes.litert import CACHE_LENGTH
+
+    kv = shape.n_layers * shape.kv_elements * CACHE_LENGTH * 4
+    return {"weights_bytes": weights, "kv_cache_bytes": kv, "cache_length": CACHE_LENGTH, "total_bytes": weights + kv,
+            "note": "expected: weights + the decode signature's float32 KV cache at its cache length"}
+
+
+def check_litert(config: dict) -> None:
+    """A LiteRT file is written and scored by LiteRT's tools in their own environment: installed, and a dense
+    model (litert-torch's exporter traces transformers' model; quantize's LiteRT path handles dense linears)."""
+    from quantize.runtimes import engines
+
+    if not engines.installed("litert"):
+        raise QuantizeError("format litert needs LiteRT's tools: `quantize engine install litert` creates their "
+                            "environment (about 2.3 GB)")
+    if has_experts(config):
+        raise QuantizeError(f"LiteRT files of sparse MoE models ({config.get('model_type')}) are not built yet")
 
 
 def check_engines(names: list[str]) -> None:
@@ -190,12 +214,14 @@ def plan(recipe: Recipe) -> dict:
     variants = {}
     for method in recipe.methods:
         expected = footprint.expected_bytes(method, meta)
-        variants[method.default_variant()] = {
-            "method": method.model_dump(mode="json"),
-            "expected_bytes": expected,
-            "fit": vram.fit_report(expected, shape, recipe.fit.gpus, recipe.fit.contexts, recipe.fit.batch,
-                                   recipe.fit.kv_dtype, recipe.fit.flash_attn, vram.engine_for(artefact_format(method))),
-        }
+        if artefact_format(method) == "litert":  # runs on the device: its memory there, as the run reports it
+            fit = {"rows": [], "largest_context": {}, "protocol": {"engine": "litert"},
+                   "on_device": litert_on_device(expected, shape)}
+        else:
+            fit = vram.fit_report(expected, shape, recipe.fit.gpus, recipe.fit.contexts, recipe.fit.batch,
+                                  recipe.fit.kv_dtype, recipe.fit.flash_attn, vram.engine_for(artefact_format(method)))
+        variants[method.default_variant()] = {"method": method.model_dump(mode="json"), "expected_bytes": expected,
+                                              "fit": fit}
     return {
         "recipe": recipe.name,
         "output": str(recipe.output_dir),

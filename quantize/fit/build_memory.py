@@ -77,8 +77,19 @@ def stream_eval_bytes(shape: ModelShape, chunks: int, n_ctx: int, layer: int | N
     return max(6 * table + logits, 10 * (layer or layer_params(shape)) + activations) + hidden
 
 
+# litert-torch's export (torch.export, then the converter) peaks at about 3.3 GB for SmolLM2-135M (issue 35's
+# measurement): about 25 bytes per parameter, held by the engine's own process
+LITERT_EXPORT_BYTES_PER_PARAM = 25
+
+
 def build_bytes(method, shape: ModelShape, params: int, samples: int, seq_len: int) -> int:
     """The peak of one method's build, without the process itself."""
+    litert = LITERT_EXPORT_BYTES_PER_PARAM * params if getattr(method, "format", None) == "litert" else 0
+    if method.name == "litert":
+        return litert
+    if litert:  # the method's build, then LiteRT's export of its float copy in a process of its own
+        return max(litert, build_bytes(method.model_copy(update={"format": "compressed-tensors"}), shape, params,
+                                       samples, seq_len))
     if getattr(method, "awq_scales", False):  # GGUF from an AWQ-scaled checkpoint: the AWQ build comes first
         return layer_wise_bytes(shape, samples, seq_len, awq=True)
     if method.layer_wise:

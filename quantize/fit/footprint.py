@@ -185,20 +185,39 @@ def describe_model(spec: str, fmt: str | None) -> dict:
 # ---- the expected artefact size of a recipe's method, for `quantize plan` (no weights read) ----------------------
 def weight_only_bytes(method, meta_model: torch.nn.Module) -> int:
     """W{b}A16 (RTN, GPTQ, AWQ): bits/8 per quantized weight + an fp16 scale (and packed zero) per group, MLX an
-    fp16 scale and bias per group; everything else fp16."""
+    fp16 scale and bias per group; everything else fp16 (LiteRT: float32, and a float32 scale per 8-bit channel)."""
     total = 0
+    litert = method.format == "litert"  # LiteRT keeps the rest in float32, int4 block scales in float16
     for name, module, pname, p in unique_parameters(meta_model):
         quantized = (isinstance(module, torch.nn.Linear) and pname == "weight" and ".layers." in name
                      and not ignored(name, method.ignore))
         if not quantized:
-            total += p.numel() * STORAGE_DTYPE.itemsize
+            total += p.numel() * (4 if litert else STORAGE_DTYPE.itemsize)
             continue
         rows, cols = p.shape
         bits, gs = method.scheme_for(name)
         gs = gs if gs != -1 and cols % gs == 0 else cols
         groups = rows * (cols // gs)
         zeros = groups * STORAGE_DTYPE.itemsize if method.format == "mlx" else 0 if method.sym else groups * bits // 8
-        total += rows * cols * bits // 8 + groups * STORAGE_DTYPE.itemsize + zeros
+        total += rows * cols * bits // 8 + groups * (4 if litert and bits == 8 else STORAGE_DTYPE.itemsize) + zeros
+    return total
+
+
+def litert_bytes(method, meta_model: torch.nn.Module) -> int:
+    """ai-edge-quantizer's recipes: every FULLY_CONNECTED weight (the lm_head too) and, for the `*` recipes, the
+    embedding table at 4 or 8 bits with an fp16 scale per block (float32 per channel); the rest float32. A tied
+    lm_head shares the embedding's table."""
+    bits = 8 if "wi8" in method.recipe else 4
+    block = 64 if "b64" in method.recipe else 32 if "b32" in method.recipe else None
+    total = 0
+    for name, module, pname, p in unique_parameters(meta_model):
+        kinds = (torch.nn.Linear,) if method.linears_only else (torch.nn.Linear, torch.nn.Embedding)
+        if pname == "weight" and isinstance(module, kinds) and p.dim() == 2 and not (
+                method.linears_only and "lm_head" in name):
+            rows, cols = p.shape
+            total += rows * cols * bits // 8 + (rows * cols // block * 2 if block else rows * 4)
+        else:
+            total += p.numel() * 4
     return total
 
 
@@ -267,7 +286,7 @@ def fp4_bytes(method, meta_model: torch.nn.Module) -> int:
     return total
 
 
-EXPECTED_BYTES = {"int8": int8_bytes, "fp8": fp8_bytes, "fp4": fp4_bytes, "rtn": weight_only_bytes, "gptq": weight_only_bytes, "awq": awq_bytes,
+EXPECTED_BYTES = {"litert": litert_bytes, "int8": int8_bytes, "fp8": fp8_bytes, "fp4": fp4_bytes, "rtn": weight_only_bytes, "gptq": weight_only_bytes, "awq": awq_bytes,
                   "gguf": gguf_bytes, "auto": auto_bytes}
 
 

@@ -265,6 +265,13 @@ class DequantizedShards(Shards):
             return (q.reshape(q.shape[0], scale.shape[1], -1) * scale[..., None]).reshape(q.shape)
         if not (name.endswith(".weight") and module in self.packed):
             return super().get(name)
+        q, scale, zero = self.codes(module)
+        W = (q.reshape(q.shape[0], scale.shape[1], -1) - zero[..., None]) * scale[..., None]
+        return W.reshape(q.shape)
+
+    def codes(self, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A pack-quantized linear's signed integer codes q [out, in], scales [out, groups] and zero points (0 for
+        symmetric grids), all float32, unpacked with compressed-tensors' own unpacking: W = (q − zero)·scale."""
         from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
         args = self.args.get(module) or self.args["Linear"]
@@ -276,8 +283,7 @@ class DequantizedShards(Shards):
         if module + ".weight_zero_point" in self.files:
             zp = super().get(module + ".weight_zero_point")
             zero = unpack_from_int32(zp, bits, torch.Size(scale.shape), packed_dim=0).float()
-        W = (q.reshape(shape[0], scale.shape[1], -1) - zero[..., None]) * scale[..., None]
-        return W.reshape(shape)
+        return q, scale, zero
 
 
 def load_dense(folder: Path, dtype=torch.float32):

@@ -49,10 +49,15 @@ def weight_bytes_gguf(path: Path) -> dict[str, int]:
 
 
 def weight_bytes(folder_or_file: Path) -> dict[str, int]:
-    """Bytes by dtype of an artefact: a .gguf, a folder holding model.gguf, or a safetensors folder."""
+    """Bytes by dtype of an artefact: a .gguf, a folder holding model.gguf, a LiteRT folder (its constant tensors by
+    TFLite tensor type, counted by LiteRT's tools when the file was written: litert.json), or a safetensors folder."""
     path = Path(folder_or_file)
     gguf_file = path if path.suffix == ".gguf" else path / "model.gguf"
-    return weight_bytes_gguf(gguf_file) if gguf_file.is_file() else weight_bytes_safetensors(path)
+    if gguf_file.is_file():
+        return weight_bytes_gguf(gguf_file)
+    if (path / "model.tflite").is_file() and (path / "litert.json").is_file():
+        return json.loads((path / "litert.json").read_text())["bytes_by_type"]
+    return weight_bytes_safetensors(path)
 
 
 def gguf_stats(path: Path) -> dict:

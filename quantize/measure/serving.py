@@ -19,6 +19,7 @@ from pathlib import Path
 
 from quantize.common.errors import QuantizeError
 from quantize.runtimes import mlx, serve
+from quantize.runtimes.load import detect
 
 PROMPT = "Write three sentences about the history of printing."
 
@@ -68,6 +69,8 @@ def check(path: Path, settings, threads: int | None = None, dtype: str | None = 
     except ImportError:
         return {"status": "refused", "engine": None, "reason": "the serve check talks to the server with the official "
                 "`openai` client, which is not installed: pip install 'quantize[serve]' (or set eval.serve.enabled: false)"}
+    if detect(path) == "litert":
+        return {"status": "skipped", "engine": "litert", "reason": serve.NO_LITERT_SERVER}
     try:
         engine = serve.default_engine(path)
         serve.check_engine(path, engine)

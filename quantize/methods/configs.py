@@ -10,7 +10,7 @@ from typing import Annotated, ClassVar, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from quantize.formats import CLASSIC_BITS, MLX_GROUP_SIZES
+from quantize.formats import CLASSIC_BITS, LITERT_GROUP_SIZES, MLX_GROUP_SIZES
 from quantize.formats.gguf_types import IMATRIX_BY_DEFAULT, MIXES, REFUSED, UNQUANTIZED
 
 
@@ -121,6 +121,32 @@ class Fp4Method(Strict):
         return False
 
 
+class LitertMethod(Strict):
+    """LiteRT's own quantizer (ai-edge-quantizer) on the float export, one of its named recipes: the baseline a
+    LiteRT user gets without quantize (round-to-nearest on its own grid; `dynamic_wi4b32_afp32` and the other `*`
+    recipes quantize the embedding table too). Our GPTQ / AWQ / RTN codes go to LiteRT with `format: litert`."""
+
+    layer_wise: ClassVar[bool] = False
+    format: ClassVar[str] = "litert"
+
+    name: Literal["litert"]
+    recipe: Literal["dynamic_wi4b32_afp32", "dynamic_wi4b64_afp32", "dynamic_wi4c_afp32", "dynamic_wi8_afp32",
+                    "weight_only_wi8_afp32"] = Field(
+        "dynamic_wi4b32_afp32", description="ai-edge-quantizer's recipe (its recipe.py): dynamic_wi4b32_afp32 (int4 "
+        "blocks of 32, int8 dynamic activations), dynamic_wi4b64_afp32, dynamic_wi4c_afp32 (int4 per channel), "
+        "dynamic_wi8_afp32 (int8 per channel), weight_only_wi8_afp32")
+    linears_only: bool = Field(False, description="apply the recipe to the decoder's linears only, as our methods "
+                                                  "quantize (the embedding table and the logits head stay float32)")
+    variant: str | None = Field(None, description="name of this variant's folder; default: litert-recipe")
+
+    def default_variant(self) -> str:
+        return self.variant or f"litert-{self.recipe}" + ("-linears" if self.linears_only else "")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return False
+
+
 class ModuleScheme(Strict):
     """Another grid for the linears whose full name `match` (a regex, searched) finds: a per-layer mix."""
 
@@ -149,10 +175,11 @@ class WeightOnly(Strict):
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="regexes of linears left alone")
     on_indivisible: Literal["fail", "channel"] = Field(
         "fail", description="a linear whose input size is not a multiple of group_size: fail, or go per channel")
-    format: Literal["compressed-tensors", "gptq", "awq", "mlx"] = Field(
+    format: Literal["compressed-tensors", "gptq", "awq", "mlx", "litert"] = Field(
         "compressed-tensors", description="on-disk layout: compressed-tensors pack-quantized (vLLM, SGLang, "
-        "transformers), the classic `gptq` (v1) / `awq` (GEMM) int32 layouts for older stacks, or `mlx` (mlx-lm's "
-        "affine layout, Apple Silicon)")
+        "transformers), the classic `gptq` (v1) / `awq` (GEMM) int32 layouts for older stacks, `mlx` (mlx-lm's "
+        "affine layout, Apple Silicon), or `litert` (a TensorFlow Lite model.tflite for LiteRT on phones and edge "
+        "devices, built in the managed litert engine environment)")
     per_module: list[ModuleScheme] = Field(
         default_factory=list, description="other bits / group sizes for some linears (first match wins; the rest "
         "take bits and group_size): written as one compressed-tensors config group per scheme")
@@ -181,6 +208,20 @@ class WeightOnly(Strict):
                              f"{self.format!r} holds one scheme")
         if self.format in CLASSIC_BITS and self.bits not in CLASSIC_BITS[self.format]:
             raise ValueError(f"format {self.format!r} packs bits {list(CLASSIC_BITS[self.format])}, got bits {self.bits}")
+        if self.format == "litert":
+            if not self.sym:
+                raise ValueError("format 'litert' holds symmetric grids only (ai-edge-quantizer writes no zero "
+                                 "points); set sym: true")
+            if self.bits == 4 and self.group_size not in LITERT_GROUP_SIZES:
+                raise ValueError(f"format 'litert' takes 4-bit weights in blocks of {', '.join(map(str, LITERT_GROUP_SIZES))} "
+                                 f"input columns, got group_size {self.group_size}")
+            if self.bits == 8 and self.group_size != -1:
+                raise ValueError(f"format 'litert' takes 8-bit weights per output channel (group_size: -1), got "
+                                 f"group_size {self.group_size}")
+            if self.bits not in (4, 8):
+                raise ValueError(f"format 'litert' takes bits 4 (blockwise) or 8 (per channel), got bits {self.bits}")
+            if self.on_indivisible == "channel":
+                raise ValueError("format 'litert' holds one block size per file; set on_indivisible: fail")
         if self.format == "mlx":
             if self.group_size not in MLX_GROUP_SIZES:
                 raise ValueError(f"format 'mlx' takes group_size {', '.join(map(str, MLX_GROUP_SIZES))} (MLX's affine "
@@ -447,7 +488,7 @@ def artefact_format(method) -> str:
 # registry (registry.py) maps the same names to the modules that build them.
 CONFIGS: dict[str, type[Strict]] = {
     get_args(c.model_fields["name"].annotation)[0]: c for c in (Int8Method, Fp8Method, Fp4Method, RtnMethod, GptqMethod, AwqMethod,
-                                                           GgufMethod, AutoMethod)
+                                                           GgufMethod, AutoMethod, LitertMethod)
 }
 METHOD_NAMES = tuple(CONFIGS)
 Method = Annotated[Union[tuple(CONFIGS.values())], Field(discriminator="name")]

@@ -35,6 +35,7 @@ from quantize.methods.engine import quantize_layers, skeleton
 from quantize.methods.experts import ExpertPolicy, expert_lists
 from quantize.methods.ranks import for_method, resume_point
 from quantize.methods.statistics import Hessian, accumulate_hessian
+from quantize.runtimes import litert
 from quantize.sources.architectures import ARCHITECTURES
 from quantize.sources.models import BaseModel, ignored, load_tokenizer
 
@@ -185,7 +186,9 @@ def scheme_name(method) -> str:
 def scale_dtype(method, base: BaseModel) -> torch.dtype:
     """The dtype the artefact stores scales in (the solve rounds them to it before coding): the base's storage
     dtype for compressed-tensors and MLX (whose fp32 copy of an fp32 base's scales is then exact), fp16 for the
-    classic layouts."""
+    classic layouts, bfloat16 for LiteRT."""
+    if method.format == "litert":  # ai-edge-quantizer stores block scales as bfloat16 values (formats/litert.py)
+        return torch.bfloat16
     return torch.float16 if method.format in CLASSIC_BITS else storage_dtype(base.config)
 
 
@@ -199,7 +202,7 @@ def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module
     `keep`, when given, receives each processed layer's tensors as the method left them in process (each quantized
     linear holding its dequantized weights), under the checkpoint's names: the model the artefact should reload as."""
     n_layers = meta.config.num_hidden_layers
-    if method.format == "compressed-tensors":
+    if method.format in ("compressed-tensors", "litert"):  # LiteRT: converted from it at the end
         writer = CompressedTensorsWriter(out_dir, base.path, n_layers, stored)
     elif method.format == "mlx":
         writer = MlxWriter(out_dir, base.path, n_layers)
@@ -250,13 +253,17 @@ def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module
     if checkpoint is not None:
         checkpoint.done()  # the artefact is complete: no resume state in it
     fmt = method.format if qconfig is not None else "safetensors-fp16"
+    extra = {}
+    if method.format == "litert" and qconfig is not None:
+        extra["litert"] = litert.build(out_dir)
+        qconfig = None  # the .tflite holds the scheme; config.json no longer names one
     if qconfig is not None and getattr(writer, "stored", None) is not None:  # W8A8-INT8, FP8: name the layout
         fmt = f"compressed-tensors ({writer.format})"
     return {"format": fmt, "quantization_config": qconfig, "quantized_linears": len(log), **expert_summary(meta, log),
             "ignored_linears": kept, "total_loss": sum(r["loss"] for r in log),
             "channel_fallback": sorted({r["module"] for r in log
                                         if r["group_size"] != method.scheme_for(f"model.layers.{r['layer']}.{r['module']}")[1]}),
-            "solve_seconds": seconds, **({"resumed_at_layer": resumed_at} if resumed_at else {})}
+            "solve_seconds": seconds, **({"resumed_at_layer": resumed_at} if resumed_at else {}), **extra}
 
 
 def book_expert_tokens(log: list[dict], i: int, layer: torch.nn.Module) -> None:

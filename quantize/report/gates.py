@@ -32,6 +32,11 @@ def judge(variant: dict, base: dict, gates, shape: ModelShape, flash_attn: bool)
         served = variant.get("serve") or {}
         ok = served.get("status") == "ok" and not (served.get("concurrent") or {}).get("empty_answers")
         check("must_serve", True, served.get("status", "not checked"), ok)
+    if gates.must_fit and not variant["fit"]["rows"]:  # a LiteRT file: no GPU runs it
+        for want in gates.must_fit:
+            check("must_fit", {"gpu": want.gpu, "context": want.context, "batch": want.batch},
+                  "a LiteRT file runs on the device; it has no GPU fit", False)
+        return {"passed": False, "checks": checks}
     weights = sum(variant["fit"]["weight_bytes_by_dtype"].values())
     engine, kv_dtype = variant["fit"]["protocol"]["engine"], variant["fit"]["rows"][0]["kv_dtype"]
     for want in gates.must_fit:

@@ -240,6 +240,8 @@ def _fit_table(results: dict) -> list[str]:
     header = ("| model | engine's KV cache | GPU | " + " | ".join(f"ctx {c}: headroom" for c in contexts)
               + " | largest context |")
     lines = [header, "|---|---|---|" + "---|" * (len(contexts) + 1)]
+    on_device = [(name, e["fit"]["on_device"]) for name, e in entries if "on_device" in e["fit"]]
+    entries = [(name, e) for name, e in entries if e["fit"]["rows"]]
     for name, e in entries:
         f = e["fit"]
         cache = f"{f['protocol'].get('engine', 'llama.cpp')}, {f['rows'][0]['kv_dtype']}"
@@ -252,9 +254,14 @@ def _fit_table(results: dict) -> list[str]:
             lines.append(f"| {name} | {cache} | {g} | " + " | ".join(cells) + f" | {f['largest_context'][g]} |")
     notes = {e["fit"]["protocol"]["kv_dtype_note"] for _, e in entries if "kv_dtype_note" in e["fit"]["protocol"]}
     formulas = {e["fit"]["protocol"].get("engine", "llama.cpp"): e["fit"]["protocol"]["kv_formula"] for _, e in entries}
-    return lines + ["", "KV cache as each engine allocates it (GGUF: llama.cpp; safetensors checkpoints: vLLM): "
-                    + "; ".join(f"**{k}**: {v}" for k, v in formulas.items()) + "."
-                    + "".join(f" {n}." for n in sorted(notes))]
+    lines += ["", "KV cache as each engine allocates it (GGUF: llama.cpp; safetensors checkpoints: vLLM): "
+              + "; ".join(f"**{k}**: {v}" for k, v in formulas.items()) + "."
+              + "".join(f" {n}." for n in sorted(notes))]
+    if on_device:  # LiteRT files run on a phone or an edge device: their memory there, not a GPU fit
+        lines += ["", "LiteRT files on the device (no GPU fit): " + "; ".join(
+            f"**{name}** {gib(d['total_bytes'])} = weights {gib(d['weights_bytes'])} + KV cache "
+            f"{gib(d['kv_cache_bytes'])} at {d['cache_length']} cells" for name, d in on_device) + f" ({on_device[0][1]['note']})."]
+    return lines
 
 
 def _gates_section(results: dict) -> list[str]:

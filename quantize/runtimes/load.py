@@ -1,4 +1,5 @@
-"""Any artefact, loaded the way its ecosystem runs it: a GGUF file on llama.cpp; an MLX folder on mlx-lm; an HF
+"""Any artefact, loaded the way its ecosystem runs it: a GGUF file on llama.cpp; an MLX folder on mlx-lm; a LiteRT
+folder (model.tflite) on LiteRT's interpreter in its managed environment; an HF
 directory through
 transformers with the package its `quantization_config` names (compressed-tensors, bitsandbytes, GPTQModel for
 the classic gptq/awq layouts), or, where that loader is missing or broken, our own unpacking, named as such.
@@ -17,8 +18,8 @@ import torch
 from quantize.common.errors import QuantizeError
 from quantize.common.files import check_checkpoint, check_gguf
 from quantize.common.heap import release_free_heap
-from quantize.formats import classic, compressed_tensors, mlx as mlx_format
-from quantize.runtimes import kernels, llamacpp, mlx, vllm
+from quantize.formats import classic, compressed_tensors, litert as litert_format, mlx as mlx_format
+from quantize.runtimes import kernels, litert, llamacpp, mlx, vllm
 from quantize.sources.models import load_model
 
 
@@ -31,9 +32,11 @@ def gguf_file(path: Path) -> Path | None:
 
 
 def detect(path: Path) -> str:
-    """'gguf', 'mlx', 'compressed-tensors', 'gptq', 'awq', 'bitsandbytes' or 'dense'."""
+    """'gguf', 'litert', 'mlx', 'compressed-tensors', 'gptq', 'awq', 'bitsandbytes' or 'dense'."""
     if gguf_file(path) is not None:
         return "gguf"
+    if litert_format.is_litert(path):
+        return "litert"
     config_file = path / "config.json"
     if not config_file.is_file():
         raise QuantizeError(f"{path}: not a .gguf file nor a folder with config.json or model.gguf")
@@ -66,7 +69,7 @@ def load(path: Path, dtype: str = "float32", n_ctx: int = 512, device: str = "cp
     check_files(path)
     if engine == "vllm":
         fmt = detect(path)
-        if fmt in ("gguf", "mlx"):
+        if fmt in ("gguf", "mlx", "litert"):
             raise QuantizeError(f"{path}: vLLM scores HF folders (compressed-tensors, dense); this is {fmt}")
         model = vllm.VllmModel(path, dtype, n_ctx)
         return model, f"vLLM {model.version} (managed environment), {model.settings}", dtype
@@ -84,6 +87,9 @@ def _load(path: Path, dtype: str, n_ctx: int):
     if fmt == "gguf":  # llama.cpp's own kernels; its default F16 KV cache, as users run it
         model = llamacpp.LlamaCppModel(gguf_file(path), n_ctx=n_ctx)
         return model, f"llama.cpp (llama-cpp-python {llamacpp.binding().__version__}), {model.settings}", "gguf"
+    if fmt == "litert":  # LiteRT's interpreter: float32 activations quantized to int8 per row by its kernels
+        model = litert.LiteRTModel(path)
+        return model, f"LiteRT {model.version} (managed environment), {model.settings}", "litert"
     if fmt == "mlx":  # mlx-lm's model code and MLX's quantized matmul, in the dtype the folder stores
         model = mlx.MlxModel(path)
         return model, f"mlx-lm {model.version} ({model.settings})", f"mlx-{model.dtype}"

@@ -39,6 +39,8 @@ from quantize.runtimes.load import detect
 
 ENGINES = ("llama.cpp", "transformers", "mlx", "vllm")
 DEFAULT_ENGINE = {"gguf": "llama.cpp", "mlx": "mlx"}  # every other format: transformers
+NO_LITERT_SERVER = ("a LiteRT model.tflite has no OpenAI-compatible server (LiteRT-LM runs .litertlm bundles inside an "
+                    "app); quantize scores it on LiteRT's interpreter (`quantize eval`)")
 NO_API_KEYS = "has no API keys; put it behind a proxy that checks them, or serve with vLLM"
 
 
@@ -62,6 +64,8 @@ def check_engine(path: Path, engine: str) -> None:
     fmt = detect(path)
     if engine not in ENGINES:
         raise QuantizeError(f"--engine {engine!r}; accepted: {', '.join(ENGINES)}")
+    if fmt == "litert":
+        raise QuantizeError(f"{path}: {NO_LITERT_SERVER}")
     if engine == "llama.cpp":
         if fmt != "gguf":
             raise QuantizeError(f"{path}: llama.cpp serves GGUF files; this is a {fmt} folder (use --engine "
