@@ -61,7 +61,8 @@ def dense_checkpoint(folder: Path, dense_dir: Path) -> None:
 
 def dense_and_codes(folder: Path, dense_dir: Path, codes_path: Path) -> dict:
     """Write `dense_dir` (float32 checkpoint, config without quantization_config, tokenizer) and `codes_path` from a
-    symmetric pack-quantized folder. Returns the bits, block size, linears and scales raised to 2⁻¹⁴."""
+    symmetric pack-quantized folder. Returns the bits, block size (-1: per channel), linears and scales raised to
+    2⁻¹⁴."""
     shards = DequantizedShards(folder)
     config = json.loads((folder / "config.json").read_text())
     config.pop("quantization_config")
@@ -73,7 +74,7 @@ def dense_and_codes(folder: Path, dense_dir: Path, codes_path: Path) -> dict:
         assert not zero.any(), f"{module}: LiteRT holds symmetric grids only (no zero points)"
         rows, cols = q.shape
         block = cols // scale.shape[1]
-        blocks.add(block)
+        blocks.add(-1 if scale.shape[1] == 1 else block)  # -1: one scale per output channel
         low = scale < FP16_MIN_NORMAL
         if low.any():  # code the block again on the smallest scale XNNPack takes
             W = (q.reshape(rows, -1, block) * scale[..., None])

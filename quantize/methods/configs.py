@@ -180,6 +180,11 @@ class WeightOnly(Strict):
         "transformers), the classic `gptq` (v1) / `awq` (GEMM) int32 layouts for older stacks, `mlx` (mlx-lm's "
         "affine layout, Apple Silicon), or `litert` (a TensorFlow Lite model.tflite for LiteRT on phones and edge "
         "devices, built in the managed litert engine environment)")
+    litert_compute: Literal["integer", "float"] = Field(
+        "integer", description="format litert: how LiteRT computes with the weights: integer (its dynamic-range "
+        "kernels quantize each input row to int8 at run time; the fast path, every scheme) or float (the weights "
+        "dequantized in the graph and a float32 matmul; 8-bit per-channel weights only, ai-edge-quantizer has no "
+        "blockwise int4 float mode)")
     per_module: list[ModuleScheme] = Field(
         default_factory=list, description="other bits / group sizes for some linears (first match wins; the rest "
         "take bits and group_size): written as one compressed-tensors config group per scheme")
@@ -222,6 +227,12 @@ class WeightOnly(Strict):
                 raise ValueError(f"format 'litert' takes bits 4 (blockwise) or 8 (per channel), got bits {self.bits}")
             if self.on_indivisible == "channel":
                 raise ValueError("format 'litert' holds one block size per file; set on_indivisible: fail")
+            if self.litert_compute == "float" and self.bits != 8:
+                raise ValueError("litert_compute: float takes 8-bit per-channel weights (ai-edge-quantizer has no "
+                                 "float mode for blockwise int4); set bits: 8, group_size: -1, or litert_compute: "
+                                 "integer")
+        elif self.litert_compute != "integer":
+            raise ValueError(f"litert_compute is a setting of format 'litert'; this method writes {self.format}")
         if self.format == "mlx":
             if self.group_size not in MLX_GROUP_SIZES:
                 raise ValueError(f"format 'mlx' takes group_size {', '.join(map(str, MLX_GROUP_SIZES))} (MLX's affine "
@@ -235,6 +246,7 @@ class WeightOnly(Strict):
         grid = "sym" if self.sym else "asym"
         group = "ch" if self.group_size == -1 else f"g{self.group_size}"
         layout = "" if self.format == "compressed-tensors" else f"-{self.format}"
+        layout += "-float" if self.litert_compute == "float" else ""
         options = "-mse" if getattr(self, "observer", "minmax") == "mse" else ""
         options += "-refgrid" if getattr(self, "group_grid", "updated") == "reference" else ""
         return self.variant or f"{self.name}-w{self.bits}-{grid}-{group}{options}{layout}"

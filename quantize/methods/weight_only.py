@@ -255,7 +255,7 @@ def write_streamed(method, base: BaseModel, out_dir: Path, meta: torch.nn.Module
     fmt = method.format if qconfig is not None else "safetensors-fp16"
     extra = {}
     if method.format == "litert" and qconfig is not None:
-        extra["litert"] = litert.build(out_dir)
+        extra["litert"] = litert.build(out_dir, weight_only=method.litert_compute == "float")
         qconfig = None  # the .tflite holds the scheme; config.json no longer names one
     if qconfig is not None and getattr(writer, "stored", None) is not None:  # W8A8-INT8, FP8: name the layout
         fmt = f"compressed-tensors ({writer.format})"

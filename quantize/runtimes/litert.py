@@ -7,9 +7,10 @@
     LiteRTModel(folder)  scored on LiteRT's interpreter (XNNPack on the CPU): each chunk teacher-forced through the
                          decode signature, the log-probabilities of every position
 
-What LiteRT computes is not a float matmul with our weights: its dynamic-range kernels quantize each input row to
-int8 at run time (ai-edge-quantizer's `compute_precision: INTEGER`, `explicit_dequantize: false`), which is the
-model a phone runs and the one scored here.
+What LiteRT computes by default is not a float matmul with our weights: its dynamic-range kernels quantize each
+input row to int8 at run time (ai-edge-quantizer's `compute_precision: INTEGER`, `explicit_dequantize: false`),
+which is the model a phone runs and the one scored here. 8-bit per-channel weights can instead be dequantized in
+the graph (`litert_compute: float`): then LiteRT's logits equal a float evaluation of the same codes.
 """
 
 from __future__ import annotations
@@ -32,8 +33,15 @@ PREFILL_LENGTH = 128  # the prefill signature's tokens per call
 CACHE_LENGTH = 1024  # KV cells of both signatures: the longest context the file runs, and the longest chunk scored
 
 
+DYNAMIC_RANGE = "float32, quantized to int8 per row at run time by LiteRT's dynamic-range kernels"
+FLOAT_COMPUTE = "float32: the int8 weights dequantized in the graph (DEQUANTIZE) and float matmuls"
+
+
 def version() -> str:
-    return json.loads((engines.folder("litert") / "quantize-engine.json").read_text())["version"]
+    """The pinned LiteRT tools, as the engine's row installs them (litert-torch's version is the probe's)."""
+    pins = dict(r.split("==") for r in engines.engine("litert").requirements)
+    return f"litert-torch {pins['litert-torch']}, ai-edge-quantizer {pins['ai-edge-quantizer']}, " \
+           f"ai-edge-litert {pins['ai-edge-litert']}"
 
 
 def run_worker(request: dict, what: str) -> dict:
@@ -56,16 +64,19 @@ def export(dense: Path, out: Path, what: Path) -> dict:
                        "cache_length": CACHE_LENGTH}, f"export of {what}")
 
 
-def build(folder: Path) -> dict:
+def build(folder: Path, weight_only: bool = False) -> dict:
     """Turn the symmetric compressed-tensors checkpoint in `folder` into a LiteRT artefact in place: model.tflite,
-    config.json (without quantization_config), the tokenizer and litert.json; the checkpoint's tensors are removed."""
+    config.json (without quantization_config), the tokenizer and litert.json; the checkpoint's tensors are removed.
+    `weight_only`: the weights dequantized in the graph and float matmuls (8-bit per channel), instead of LiteRT's
+    dynamic-range kernels."""
     with tempfile.TemporaryDirectory(prefix="litert-", dir=folder.parent) as tmp:
         tmp = Path(tmp)
         codes = litert_format.dense_and_codes(folder, tmp / "dense", tmp / "codes.safetensors")
         exported = export(tmp / "dense", tmp / "float", folder)
         quantized = run_worker({"action": "quantize", "model": str(tmp / "float" / litert_format.MODEL_FILE),
                                 "codes": str(tmp / "codes.safetensors"), "bits": codes["bits"],
-                                "out": str(tmp / litert_format.MODEL_FILE)}, f"quantization of {folder}")
+                                "weight_only": weight_only, "out": str(tmp / litert_format.MODEL_FILE)},
+                               f"quantization of {folder}")
         check = quantized["check"]
         if quantized["missing"] or check["differ"] or check["equal"] != codes["linears"]:
             raise QuantizeError(f"{folder}: the LiteRT file does not hold our codes: {quantized['replaced']} of "
@@ -77,7 +88,8 @@ def build(folder: Path) -> dict:
     layout = (f"INT4 blocks of {codes['block']}, float16 scales" if codes["bits"] == 4
               else "INT8 per output channel, float32 scales")
     return _describe(folder, exported, quantized, weights=f"our codes: {layout}", linears=codes["linears"],
-                     scales_raised=codes["scales_raised"], read_back_equal=check["equal"])
+                     scales_raised=codes["scales_raised"], read_back_equal=check["equal"],
+                     **({"activations": FLOAT_COMPUTE} if weight_only else {}))
 
 
 def build_with_recipe(base: Path, folder: Path, recipe: str, linears_only: bool = False) -> dict:
@@ -103,8 +115,8 @@ def _publish(tmp: Path, folder: Path) -> None:
 
 
 def _describe(folder: Path, exported: dict, quantized: dict, **facts) -> dict:
-    info = {"engine": f"litert-torch / ai-edge-quantizer {version()}", **facts,
-            "activations": "float32, quantized to int8 per row at run time (dynamic range)",
+    info = {"engine": version(),
+            "activations": DYNAMIC_RANGE, **facts,
             "signatures": [f"prefill_{PREFILL_LENGTH}", "decode"], "cache_length": CACHE_LENGTH,
             "bytes_by_type": quantized["bytes_by_type"], "kv_cache_bytes": quantized["kv_cache_bytes"],
             "export_seconds": exported["seconds"], "quantize_seconds": quantized["seconds"]}

@@ -89,7 +89,7 @@ def _load(path: Path, dtype: str, n_ctx: int):
         return model, f"llama.cpp (llama-cpp-python {llamacpp.binding().__version__}), {model.settings}", "gguf"
     if fmt == "litert":  # LiteRT's interpreter: float32 activations quantized to int8 per row by its kernels
         model = litert.LiteRTModel(path)
-        return model, f"LiteRT {model.version} (managed environment), {model.settings}", "litert"
+        return model, f"LiteRT ({model.version}, managed environment), {model.settings}", "litert"
     if fmt == "mlx":  # mlx-lm's model code and MLX's quantized matmul, in the dtype the folder stores
         model = mlx.MlxModel(path)
         return model, f"mlx-lm {model.version} ({model.settings})", f"mlx-{model.dtype}"

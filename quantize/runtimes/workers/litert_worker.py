@@ -128,17 +128,20 @@ def quantize(request: dict) -> dict:
         q.load_quantization_recipe(recipe)
     else:
         table, used = read_codes(request["codes"]), set()
-        blocks = {entry["block"] for entry in table.values()}
         bits = {int(request["bits"])}
-        assert len(blocks) == 1, f"one block size per file, got {sorted(blocks)}"
-        block = blocks.pop()
-        columns = {entry["codes"].shape[1] for entry in table.values()}
-        granularity = "CHANNELWISE" if block in columns and len(columns) == 1 else f"BLOCKWISE_{block}"
+        blocks = {"CHANNELWISE" if entry["scale"].shape[1] == 1 else f"BLOCKWISE_{entry['block']}"
+                  for entry in table.values()}
+        assert len(blocks) == 1, f"one granularity per file, got {sorted(blocks)}"
+        granularity = blocks.pop()
         key = codes_algorithm(table, used)
+        weight_only = bool(request.get("weight_only"))
         q.load_quantization_recipe([{"regex": ".*", "operation": "FULLY_CONNECTED", "algorithm_key": key,
                                      "op_config": {"weight_tensor_config": {"num_bits": bits.pop(), "symmetric": True,
                                                                             "granularity": granularity, "dtype": "INT"},
-                                                   "compute_precision": "INTEGER", "explicit_dequantize": False,
+                                                   # dynamic range (int8 activations at run time), or the
+                                                   # weights dequantized in the graph and a float matmul
+                                                   "compute_precision": "FLOAT" if weight_only else "INTEGER",
+                                                   "explicit_dequantize": weight_only,
                                                    "skip_checks": False, "min_weight_elements": 0}}])
         answer["granularity"] = granularity
     q.quantize().export_model(request["out"], overwrite=True)
@@ -180,14 +183,17 @@ def check(path: str, table: dict) -> dict:
     from ai_edge_litert.tools import flatbuffer_utils
 
     model = flatbuffer_utils.read_model(path)
-    fc = schema.BuiltinOperator.FULLY_CONNECTED
+    fc, dequantize = schema.BuiltinOperator.FULLY_CONNECTED, schema.BuiltinOperator.DEQUANTIZE
+    opcode = lambda op: max(model.operatorCodes[op.opcodeIndex].builtinCode,  # noqa: E731
+                            model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)
     equal, differ, seen = 0, [], set()
     for graph in model.subgraphs:
+        # weight-only files: the FULLY_CONNECTED reads a DEQUANTIZE's float output; its input holds the codes
+        dequantized = {op.outputs[0]: op.inputs[0] for op in graph.operators if opcode(op) == dequantize}
         for op in graph.operators:
-            code = model.operatorCodes[op.opcodeIndex]
-            if max(code.builtinCode, code.deprecatedBuiltinCode) != fc:
+            if opcode(op) != fc:
                 continue
-            tensor = graph.tensors[op.inputs[1]]
+            tensor = graph.tensors[dequantized.get(op.inputs[1], op.inputs[1])]
             if tensor.type not in (schema.TensorType.INT4, schema.TensorType.INT8) or tensor.buffer in seen:
                 continue
             seen.add(tensor.buffer)
