@@ -32,6 +32,7 @@ from quantize.sources.shards import Shards
 
 FP16_MIN_NORMAL = 2.0**-14
 MODEL_FILE = "model.tflite"
+BUNDLE_FILE = "model.litertlm"  # LiteRT-LM's bundle: the same model, the tokenizer and chat template
 INFO_FILE = "litert.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "tokenizer.model")

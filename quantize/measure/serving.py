@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from quantize.common.errors import QuantizeError
-from quantize.runtimes import mlx, serve
+from quantize.runtimes import litert, mlx, serve
 from quantize.runtimes.load import detect
 
 PROMPT = "Write three sentences about the history of printing."
@@ -60,6 +60,24 @@ def _streamed(client, model: str, max_tokens: int) -> dict:
     return out
 
 
+def litert_check(path: Path, settings) -> dict:
+    """A LiteRT file has no OpenAI-compatible server: its .litertlm bundle answers the same prompt greedily on
+    LiteRT-LM's CPU engine instead (status `generated`, or `empty` / `failed`), so the run still shows that the
+    file loads and talks."""
+    engine = "LiteRT-LM (no OpenAI server)"
+    if not (path / "model.litertlm").is_file():
+        return {"status": "skipped", "engine": engine, "reason": "no model.litertlm bundle beside model.tflite"}
+    try:
+        got = litert.generate(path, PROMPT, settings.max_tokens)
+    except QuantizeError as exc:
+        return {"status": "failed", "engine": engine, "reason": str(exc)}
+    answer = " ".join(got["answer"].split())
+    status = "generated" if answer else "empty"
+    return {"status": status, "engine": engine, "prompt": PROMPT, "max_tokens": settings.max_tokens, **got,
+            "reason": f"greedy answer in {got['answer_s']:.1f} s (bundle loaded in {got['load_s']:.1f} s): "
+                      f"\"{answer[:160]}\"" if answer else "LiteRT-LM returned no text"}
+
+
 def check(path: Path, settings, threads: int | None = None, dtype: str | None = None) -> dict:
     """The serve check of one artefact (`settings`: the recipe's eval.serve). Returns what was measured, or
     {"status": "refused" | "failed", "reason": …}; never raises for what the engine does."""
@@ -70,7 +88,7 @@ def check(path: Path, settings, threads: int | None = None, dtype: str | None = 
         return {"status": "refused", "engine": None, "reason": "the serve check talks to the server with the official "
                 "`openai` client, which is not installed: pip install 'quantize[serve]' (or set eval.serve.enabled: false)"}
     if detect(path) == "litert":
-        return {"status": "skipped", "engine": "litert", "reason": serve.NO_LITERT_SERVER}
+        return litert_check(path, settings)
     try:
         engine = serve.default_engine(path)
         serve.check_engine(path, engine)

@@ -58,36 +58,34 @@ def run_worker(request: dict, what: str) -> dict:
         return json.loads(Path(request["answer"]).read_text())
 
 
-def export(dense: Path, out: Path, what: Path) -> dict:
-    """litert-torch's float export of a float32 Hugging Face folder: out/model.tflite."""
+def export(dense: Path, out: Path, what: Path, **quantization) -> dict:
+    """litert-torch's export of a float32 Hugging Face folder: out/model.tflite; with `quantization` (the worker's
+    codes or recipe keys) also out/model_quantized.tflite and the .litertlm bundle holding it."""
     return run_worker({"action": "export", "model": str(dense), "out": str(out), "prefill_length": PREFILL_LENGTH,
-                       "cache_length": CACHE_LENGTH}, f"export of {what}")
+                       "cache_length": CACHE_LENGTH, **quantization}, f"export of {what}")
 
 
 def build(folder: Path, weight_only: bool = False) -> dict:
     """Turn the symmetric compressed-tensors checkpoint in `folder` into a LiteRT artefact in place: model.tflite,
-    config.json (without quantization_config), the tokenizer and litert.json; the checkpoint's tensors are removed.
-    `weight_only`: the weights dequantized in the graph and float matmuls (8-bit per channel), instead of LiteRT's
-    dynamic-range kernels."""
+    model.litertlm, config.json (without quantization_config), the tokenizer and litert.json; the checkpoint's
+    tensors are removed. `weight_only`: the weights dequantized in the graph and float matmuls (8-bit per channel),
+    instead of LiteRT's dynamic-range kernels."""
     with tempfile.TemporaryDirectory(prefix="litert-", dir=folder.parent) as tmp:
         tmp = Path(tmp)
         codes = litert_format.dense_and_codes(folder, tmp / "dense", tmp / "codes.safetensors")
-        exported = export(tmp / "dense", tmp / "float", folder)
-        quantized = run_worker({"action": "quantize", "model": str(tmp / "float" / litert_format.MODEL_FILE),
-                                "codes": str(tmp / "codes.safetensors"), "bits": codes["bits"],
-                                "weight_only": weight_only, "out": str(tmp / litert_format.MODEL_FILE)},
-                               f"quantization of {folder}")
-        check = quantized["check"]
-        if quantized["missing"] or check["differ"] or check["equal"] != codes["linears"]:
-            raise QuantizeError(f"{folder}: the LiteRT file does not hold our codes: {quantized['replaced']} of "
-                                f"{codes['linears']} linears replaced, missing {quantized['missing'][:3]}, read back "
+        made = export(tmp / "dense", tmp / "out", folder, codes=str(tmp / "codes.safetensors"), bits=codes["bits"],
+                      weight_only=weight_only)
+        check = made["check"]
+        if made["missing"] or check["differ"] or check["equal"] != codes["linears"]:
+            raise QuantizeError(f"{folder}: the LiteRT file does not hold our codes: {made['replaced']} of "
+                                f"{codes['linears']} linears replaced, missing {made['missing'][:3]}, read back "
                                 f"equal {check['equal']}, differing {check['differ'][:3]}")
         for f in [*folder.glob("*.safetensors"), folder / "model.safetensors.index.json"]:
             f.unlink(missing_ok=True)
-        _publish(tmp, folder)
+        _publish(tmp, made, folder)
     layout = (f"INT4 blocks of {codes['block']}, float16 scales" if codes["bits"] == 4
               else "INT8 per output channel, float32 scales")
-    return _describe(folder, exported, quantized, weights=f"our codes: {layout}", linears=codes["linears"],
+    return _describe(folder, made, weights=f"our codes: {layout}", linears=codes["linears"],
                      scales_raised=codes["scales_raised"], read_back_equal=check["equal"],
                      **({"activations": FLOAT_COMPUTE} if weight_only else {}))
 
@@ -98,28 +96,29 @@ def build_with_recipe(base: Path, folder: Path, recipe: str, linears_only: bool 
     with tempfile.TemporaryDirectory(prefix="litert-", dir=folder.parent) as tmp:
         tmp = Path(tmp)
         litert_format.dense_checkpoint(base, tmp / "dense")
-        exported = export(tmp / "dense", tmp / "float", base)
-        quantized = run_worker({"action": "quantize", "model": str(tmp / "float" / litert_format.MODEL_FILE),
-                                "recipe": recipe, "linears_only": linears_only,
-                                "out": str(tmp / litert_format.MODEL_FILE)}, f"ai-edge-quantizer {recipe} of {base}")
-        _publish(tmp, folder)
+        made = export(tmp / "dense", tmp / "out", base, recipe=recipe, linears_only=linears_only)
+        _publish(tmp, made, folder)
     scope = ", the decoder's linears only (embedding and logits head float32)" if linears_only else ""
-    return _describe(folder, exported, quantized, weights=f"ai-edge-quantizer recipe {recipe}{scope}")
+    return _describe(folder, made, weights=f"ai-edge-quantizer recipe {recipe}{scope}")
 
 
-def _publish(tmp: Path, folder: Path) -> None:
-    shutil.move(str(tmp / litert_format.MODEL_FILE), folder / litert_format.MODEL_FILE)
+def _publish(tmp: Path, made: dict, folder: Path) -> None:
+    """The quantized model as model.tflite, its bundle as model.litertlm, the dense folder's config and tokenizer."""
+    shutil.move(str(tmp / "out" / "model_quantized.tflite"), folder / litert_format.MODEL_FILE)
+    if made.get("bundle"):
+        shutil.move(made["bundle"], folder / litert_format.BUNDLE_FILE)
     for f in (tmp / "dense").iterdir():
         if f.suffix != ".safetensors":
             shutil.copy(f, folder / f.name)
 
 
-def _describe(folder: Path, exported: dict, quantized: dict, **facts) -> dict:
+def _describe(folder: Path, made: dict, **facts) -> dict:
     info = {"engine": version(),
             "activations": DYNAMIC_RANGE, **facts,
             "signatures": [f"prefill_{PREFILL_LENGTH}", "decode"], "cache_length": CACHE_LENGTH,
-            "bytes_by_type": quantized["bytes_by_type"], "kv_cache_bytes": quantized["kv_cache_bytes"],
-            "export_seconds": exported["seconds"], "quantize_seconds": quantized["seconds"]}
+            "bytes_by_type": made["bytes_by_type"], "kv_cache_bytes": made["kv_cache_bytes"],
+            "bundle": litert_format.BUNDLE_FILE if made.get("bundle") else None,
+            "export_and_quantize_seconds": made["seconds"]}
     (folder / litert_format.INFO_FILE).write_text(json.dumps(info, indent=1))
     return info
 
@@ -133,6 +132,12 @@ def memory(folder: Path) -> dict:
             "total_bytes": weights + info["kv_cache_bytes"],
             "note": "constant tensors of model.tflite + the decode signature's float32 KV cache tensors at its "
                     "cache length; activations and the runtime not counted"}
+
+
+def generate(folder: Path, prompt: str, max_tokens: int) -> dict:
+    """A greedy chat answer from the folder's .litertlm on LiteRT-LM's CPU engine: {answer, load_s, answer_s}."""
+    return run_worker({"action": "generate", "model": str(folder / litert_format.BUNDLE_FILE), "prompt": prompt,
+                       "max_tokens": max_tokens}, f"LiteRT-LM generation from {folder}")
 
 
 class LiteRTModel:

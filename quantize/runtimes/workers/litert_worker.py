@@ -2,7 +2,8 @@
 quantize. It reads one request (JSON) and does one action:
 
   export    a Hugging Face folder → a float `model.tflite` (litert-torch's export_hf: `prefill_<P>` and `decode`
-            signatures, the KV cache threaded by the caller, `cache_length` cells)
+            signatures, the KV cache threaded by the caller, `cache_length` cells); quantized in the same process
+            and bundled as a .litertlm when the request says how (as for quantize)
   quantize  a float `model.tflite` → a quantized one with ai-edge-quantizer, either with one of its own recipes
             (`recipe`: e.g. dynamic_wi4b32_afp32, its round-to-nearest; `linears_only`: on the FULLY_CONNECTED
             ops but the logits head) or with our integer codes (`codes`: a
@@ -10,6 +11,8 @@ quantize. It reads one request (JSON) and does one action:
             FULLY_CONNECTED whose float weight equals codes × scale bit for bit gets exactly those codes and scales
             (ai-edge-quantizer's blockwise INT4 or channelwise INT8 layout), every other one stays float; the written
             file is then read back and each quantized weight dequantized and compared with ours
+  generate  a .litertlm bundle → a greedy chat answer from LiteRT-LM's engine (the run's smoke test: LiteRT has
+            no OpenAI-compatible server)
   score     a .tflite + token ids [chunks, n] → each chunk's log-probabilities [n, vocab] (chunk_<i>.npy), through
             the `decode` signature, one token per call, teacher-forced: the signature the runtime samples from
 
@@ -42,13 +45,28 @@ def tensorflow_stand_in():
 
 
 def export(request: dict) -> dict:
+    """litert-torch's export of the float folder; with `codes` or `recipe`, quantized in the same process (the
+    exporter's own quantization step, given our recipe as a JSON file) and bundled as a .litertlm (LiteRT-LM's
+    file: the quantized model, the tokenizer, the chat template) next to model_quantized.tflite."""
     tensorflow_stand_in()
     from litert_torch.generative.export_hf import export as export_hf
 
-    start = time.time()
-    export_hf.export(model=request["model"], output_dir=request["out"], prefill_lengths=[request["prefill_length"]],
-                     cache_length=request["cache_length"], quantization_recipe="none", bundle_litert_lm=False, keep_temporary_files=True)
-    return {"seconds": round(time.time() - start, 1)}
+    start, answer, out = time.time(), {}, Path(request["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_file = "none"
+    if request.get("codes") or request.get("recipe"):
+        recipe, answer, finish = recipe_for(request)
+        recipe_file = str(out / "recipe.json")
+        Path(recipe_file).write_text(json.dumps(recipe))
+    export_hf.export(model=request["model"], output_dir=str(out), prefill_lengths=[request["prefill_length"]],
+                     cache_length=request["cache_length"], quantization_recipe=recipe_file,
+                     bundle_litert_lm=recipe_file != "none", keep_temporary_files=True)
+    answer["seconds"] = round(time.time() - start, 1)
+    if recipe_file == "none":
+        return answer
+    bundles = sorted(out.glob("*.litertlm"))
+    answer["bundle"] = str(bundles[0]) if bundles else None
+    return {**answer, **finish(str(out / "model_quantized.tflite"))}
 
 
 def digest(values: np.ndarray) -> str:
@@ -114,42 +132,49 @@ def codes_algorithm(table: dict, used: set):
     return key
 
 
-def quantize(request: dict) -> dict:
-    from ai_edge_quantizer import quantizer, recipe as recipes
+def recipe_for(request: dict):
+    """(ai-edge-quantizer recipe, facts, finish): a named recipe of its own (`recipe`, on every op it names or on
+    the linears but the logits head), or ours (`codes`: the re-registered recovery algorithm on FULLY_CONNECTED,
+    dynamic range or, `weight_only`, dequantized in the graph). `finish(path)` reads the written file back."""
+    from ai_edge_quantizer import recipe as recipes
 
-    start = time.time()
-    q = quantizer.Quantizer(request["model"])
-    answer = {}
     if request.get("recipe"):
         recipe = getattr(recipes, request["recipe"])()
         if request.get("linears_only"):  # the linears ours quantize: no embedding table, no logits head
             recipe = [{**entry, "operation": "FULLY_CONNECTED"} for entry in recipe]
             recipe.append({"regex": "logits", "operation": "FULLY_CONNECTED", "algorithm_key": "no_quantize"})
-        q.load_quantization_recipe(recipe)
-    else:
-        table, used = read_codes(request["codes"]), set()
-        bits = {int(request["bits"])}
-        blocks = {"CHANNELWISE" if entry["scale"].shape[1] == 1 else f"BLOCKWISE_{entry['block']}"
-                  for entry in table.values()}
-        assert len(blocks) == 1, f"one granularity per file, got {sorted(blocks)}"
-        granularity = blocks.pop()
-        key = codes_algorithm(table, used)
-        weight_only = bool(request.get("weight_only"))
-        q.load_quantization_recipe([{"regex": ".*", "operation": "FULLY_CONNECTED", "algorithm_key": key,
-                                     "op_config": {"weight_tensor_config": {"num_bits": bits.pop(), "symmetric": True,
-                                                                            "granularity": granularity, "dtype": "INT"},
-                                                   # dynamic range (int8 activations at run time), or the
-                                                   # weights dequantized in the graph and a float matmul
-                                                   "compute_precision": "FLOAT" if weight_only else "INTEGER",
-                                                   "explicit_dequantize": weight_only,
-                                                   "skip_checks": False, "min_weight_elements": 0}}])
-        answer["granularity"] = granularity
-    q.quantize().export_model(request["out"], overwrite=True)
-    answer["seconds"] = round(time.time() - start, 1)
-    if not request.get("recipe"):
+        return recipe, {}, memory
+    table, used = read_codes(request["codes"]), set()
+    blocks = {"CHANNELWISE" if entry["scale"].shape[1] == 1 else f"BLOCKWISE_{entry['block']}"
+              for entry in table.values()}
+    assert len(blocks) == 1, f"one granularity per file, got {sorted(blocks)}"
+    granularity, weight_only = blocks.pop(), bool(request.get("weight_only"))
+    key = codes_algorithm(table, used)
+    recipe = [{"regex": ".*", "operation": "FULLY_CONNECTED", "algorithm_key": key,
+               "op_config": {"weight_tensor_config": {"num_bits": int(request["bits"]), "symmetric": True,
+                                                      "granularity": granularity, "dtype": "INT"},
+                             # dynamic range (int8 activations at run time), or the weights dequantized in the
+                             # graph and a float matmul
+                             "compute_precision": "FLOAT" if weight_only else "INTEGER",
+                             "explicit_dequantize": weight_only, "skip_checks": False, "min_weight_elements": 0}}]
+
+    def finish(path: str) -> dict:
         missing = sorted(entry["name"] for entry in table.values() if entry["name"] not in used)
-        answer.update(replaced=len(used), missing=missing, check=check(request["out"], table))
-    return {**answer, **memory(request["out"])}
+        return {"replaced": len(used), "missing": missing, "check": check(path, table), **memory(path)}
+
+    return recipe, {"granularity": granularity}, finish
+
+
+def quantize(request: dict) -> dict:
+    """A float .tflite quantized again (seconds, not an export): `recipe` or `codes` as for export."""
+    from ai_edge_quantizer import quantizer
+
+    start = time.time()
+    recipe, answer, finish = recipe_for(request)
+    q = quantizer.Quantizer(request["model"])
+    q.load_quantization_recipe(recipe)
+    q.quantize().export_model(request["out"], overwrite=True)
+    return {**answer, "seconds": round(time.time() - start, 1), **finish(request["out"])}
 
 
 def memory(path: str) -> dict:
@@ -263,9 +288,30 @@ def score(request: dict) -> dict:
             "cache_length": cache, "threads": int(request.get("threads", 2))}
 
 
+def generate(request: dict) -> dict:
+    """A greedy chat answer from the .litertlm bundle on LiteRT-LM's CPU engine (its tokenizer and chat template)."""
+    import tempfile
+
+    import litert_lm
+
+    litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+    with tempfile.TemporaryDirectory() as cache:  # the engine writes its caches there; it must exist
+        start = time.time()
+        engine = litert_lm.Engine(request["model"], backend=litert_lm.Backend.CPU(), cache_dir=cache)
+        loaded = time.time()
+        conversation = engine.create_conversation(sampler_config=litert_lm.SamplerConfig(top_k=1),
+                                                  max_output_tokens=int(request["max_tokens"]))
+        reply = conversation.send_message(request["prompt"])
+        done = time.time()
+        text = str(reply.contents)  # its Text parts
+        conversation.close()
+        engine.close()
+    return {"answer": text, "load_s": round(loaded - start, 2), "answer_s": round(done - loaded, 2)}
+
+
 def main() -> None:
     request = json.loads(Path(sys.argv[1]).read_text())
-    answer = {"export": export, "quantize": quantize, "score": score}[request["action"]](request)
+    answer = {"export": export, "quantize": quantize, "score": score, "generate": generate}[request["action"]](request)
     Path(request["answer"]).write_text(json.dumps(answer))
 
 
