@@ -73,7 +73,9 @@ def _evaluate(model, label: str, chunks, base_logprobs, recipe: Recipe, bandwidt
     if recipe.eval.tasks:
         out["lm_eval"] = lmeval.run_or_skip(model, tokenizer, recipe.eval.tasks, recipe.eval.task_limit)
     if recipe.eval.speed.enabled:
-        if getattr(model, "streamed", False):
+        if getattr(model, "speed_note", None):  # an engine in its own process (LiteRT): what its scoring measured
+            out["speed"] = {"skipped": model.speed_note()}
+        elif getattr(model, "streamed", False):
             out["speed"] = {"skipped": "eval.stream: the model is read layer by layer from disk, which is no "
                                        "serving speed"}
         else:

@@ -183,7 +183,9 @@ def test_run_compares_litert_baseline_with_our_codes(tiny_model, tmp_path):
                {"name": "rtn", "bits": 4, "group_size": 32, "format": "litert"}]
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model), methods, tmp_path / "out",
                                       eval={"perplexity": {"source": "bundled:wiki", "n_ctx": 128, "max_chunks": 2},
-                                            "speed": {"enabled": False}, "serve": {"enabled": True}}))
+                                            "speed": {"prompt_tokens": 16, "gen_tokens": 4, "repetitions": 2,
+                                                      "threads": [1]},
+                                            "serve": {"enabled": True}}))
     planned = preflight.plan(recipe)["variants"]
     out = pipeline.run(recipe)
     results = json.loads((out / "results.json").read_text())
@@ -198,5 +200,7 @@ def test_run_compares_litert_baseline_with_our_codes(tiny_model, tmp_path):
         built = sum(v["fit"]["weight_bytes_by_dtype"].values())
         assert abs(planned[name]["expected_bytes"] - built) / built < 0.02, (name, planned[name]["expected_bytes"], built)
         assert v["fit"]["on_device"]["kv_cache_bytes"] == planned[name]["fit"]["on_device"]["kv_cache_bytes"]
+        assert "ms per token" in v["speed"]["skipped"]  # the decode rate LiteRT's scoring measured, no bench
     report = (out / "report.md").read_text()
     assert "LiteRT files on the device (no GPU fit): **litert-dynamic_wi4b32_afp32-linears**" in report
+    assert "Not in the table: " in report and "rtn-w4-sym-g32-litert: LiteRT: no llama-bench run" in report

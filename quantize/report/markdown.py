@@ -165,9 +165,12 @@ def _speed_table(results: dict) -> list[str]:
     lines = ["| model | dtype in memory | weights in memory | threads | pp t/s median (min–max) | pp peak RSS "
              "| tg t/s median (min–max) | tg peak RSS | tg GB/s (of roofline) | load avg before→after |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    skipped = []
     for name, e in [("base", results["base"]), *results["variants"].items()]:
         s = e.get("speed")
-        if not s:
+        if s and "skipped" in s:
+            skipped.append(f"{name}: {s['skipped']}")
+        if not s or "rows" not in s:
             continue
         for r in s["rows"]:
             pp, tg, la = r["pp"], r["tg"], r["load_average_1m"]
@@ -177,7 +180,7 @@ def _speed_table(results: dict) -> list[str]:
                 f"| {tg['median']:.1f} ({tg['min']:.1f}–{tg['max']:.1f}) | {gib(tg['peak_rss_bytes'] or 0)} "
                 f"| {tg['gb_per_s']:.2f}" + (f" ({100 * tg['roofline_fraction']:.0f}%)" if "roofline_fraction" in tg else "")
                 + f" | {la['before']:.2f}→{la['after']:.2f} |")
-    return lines
+    return lines + (["", "Not in the table: " + "; ".join(skipped) + "."] if skipped else [])
 
 
 def _serve_section(results: dict) -> list[str]:

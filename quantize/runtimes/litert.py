@@ -165,5 +165,15 @@ class LiteRTModel:
             for i in range(ids.shape[0]):
                 yield i, torch.from_numpy(np.load(tmp / "out" / f"chunk_{i}.npy"))
 
+    def speed_note(self) -> str:
+        """No llama-bench run on LiteRT yet: the decode rate its scoring measured, said as what it is."""
+        last = getattr(self, "last", None)
+        if not last:
+            return "LiteRT: no speed run"
+        return (f"LiteRT: no llama-bench run; scoring decoded {last['tokens']} tokens teacher-forced through the "
+                f"decode signature at {last['ms_per_token']} ms per token ({last['threads']} threads, "
+                f"{last['cache_length']}-cell cache, positions 0 to the chunk length, Python's loop and a float64 "
+                "log-softmax per token included)")
+
     def close(self) -> None:
         pass
