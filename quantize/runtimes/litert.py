@@ -3,7 +3,10 @@
 
     build(folder)        a symmetric compressed-tensors folder → the same folder as a LiteRT artefact: model.tflite
                          (prefill_<PREFILL_LENGTH> and decode signatures, CACHE_LENGTH KV cells) whose FULLY_CONNECTED
-                         weights hold our codes and scales, checked by reading the written file back
+                         weights hold our codes and scales, checked by reading the written file back, and its
+                         LiteRT-LM bundle model.litertlm
+    build_with_recipe    the base model through one of ai-edge-quantizer's own recipes (the baseline)
+    generate(folder)     a greedy chat answer from model.litertlm on LiteRT-LM's CPU engine
     LiteRTModel(folder)  scored on LiteRT's interpreter (XNNPack on the CPU): each chunk teacher-forced through the
                          decode signature, the log-probabilities of every position
 

@@ -97,7 +97,6 @@ def codes_algorithm(table: dict, used: set):
     do not use two adjacent codes); every other weight stays float. Its algorithm names are a closed enum, so ours
     takes that name rather than a new one."""
     import dataclasses
-    import functools
 
     from ai_edge_quantizer import algorithm_manager as am
     from ai_edge_quantizer import qtyping
