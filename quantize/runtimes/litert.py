@@ -140,7 +140,7 @@ def memory(folder: Path) -> dict:
 def generate(folder: Path, prompt: str, max_tokens: int) -> dict:
     """A greedy chat answer from the folder's .litertlm on LiteRT-LM's CPU engine: {answer, load_s, answer_s}."""
     return run_worker({"action": "generate", "model": str(folder / litert_format.BUNDLE_FILE), "prompt": prompt,
-                       "max_tokens": max_tokens}, f"LiteRT-LM generation from {folder}")
+                       "tokenizer": str(folder), "max_tokens": max_tokens}, f"LiteRT-LM generation from {folder}")
 
 
 class LiteRTModel:

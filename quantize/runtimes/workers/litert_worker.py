@@ -288,22 +288,30 @@ def score(request: dict) -> dict:
 
 
 def generate(request: dict) -> dict:
-    """A greedy chat answer from the .litertlm bundle on LiteRT-LM's CPU engine (its tokenizer and chat template)."""
+    """A greedy chat answer from the .litertlm bundle on LiteRT-LM's CPU engine. The prompt is rendered with the
+    model's own Hugging Face chat template (as every other engine of the serve check applies it) and fed to a
+    LiteRT-LM session without its template: LiteRT-LM's template engine hands a message's content over as a list of
+    parts, on which templates that concatenate `message['content']` (SmolLM2's) fail ("tried to use + operator on
+    unsupported types string and sequence")."""
     import tempfile
 
     import litert_lm
+    from transformers import AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(request["tokenizer"])
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": request["prompt"]}], tokenize=False,
+                                           add_generation_prompt=True)
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
     with tempfile.TemporaryDirectory() as cache:  # the engine writes its caches there; it must exist
         start = time.time()
         engine = litert_lm.Engine(request["model"], backend=litert_lm.Backend.CPU(), cache_dir=cache)
         loaded = time.time()
-        conversation = engine.create_conversation(sampler_config=litert_lm.SamplerConfig(top_k=1),
-                                                  max_output_tokens=int(request["max_tokens"]))
-        reply = conversation.send_message(request["prompt"])
+        session = engine.create_session(apply_prompt_template=False, sampler_config=litert_lm.SamplerConfig(top_k=1),
+                                        max_output_tokens=int(request["max_tokens"]))
+        session.run_prefill([prompt])
+        text = "".join(session.run_decode().texts)
         done = time.time()
-        text = str(reply.contents)  # its Text parts
-        conversation.close()
+        session.close()
         engine.close()
     return {"answer": text, "load_s": round(loaded - start, 2), "answer_s": round(done - loaded, 2)}
 
