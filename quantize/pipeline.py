@@ -45,7 +45,7 @@ from quantize.methods.registry import METHODS
 from quantize.preflight import base_model, check_disk, check_memory, check_recipe
 from quantize.recipe import Recipe
 from quantize.report import gates, html, markdown
-from quantize.runtimes.litert import memory as litert_memory
+from quantize.runtimes.litert import device_fit, memory as litert_memory
 from quantize.runtimes.load import detect, free, gguf_file, load
 from quantize.sources.models import (
     BaseModel, load_model, load_tokenizer, meta_model, tokenizer_adds_bos,
@@ -89,8 +89,7 @@ def _fit(folder: Path, shape, recipe: Recipe, kv_dtype: str | None = None) -> di
     by_dtype = weight_bytes(folder)
     f = recipe.fit
     if detect(folder) == "litert":  # a phone's memory, not a GPU's: the file's weights and its fixed KV cache
-        return {"weight_bytes_by_dtype": by_dtype, "rows": [], "largest_context": {},
-                "protocol": {"engine": "litert"}, "on_device": litert_memory(folder)}
+        return {"weight_bytes_by_dtype": by_dtype, **device_fit(litert_memory(folder))}
     engine = vram.engine_for(detect(folder))  # llama.cpp's cache for GGUF, vLLM's for a safetensors checkpoint
     return {"weight_bytes_by_dtype": by_dtype,
             **vram.fit_report(sum(by_dtype.values()), shape, f.gpus, f.contexts, f.batch, kv_dtype or f.kv_dtype,

@@ -14,6 +14,7 @@ from quantize.formats.gguf_types import UNQUANTIZED
 from quantize.formats.tensors import weight_bytes_gguf, weight_bytes_safetensors
 from quantize.measure import memory
 from quantize.measure.streamed import check_stream
+from quantize.runtimes.litert import CACHE_LENGTH, device_fit
 from quantize.methods import fp4, fp8
 from quantize.methods.engine import check_model
 from quantize.methods.configs import artefact_format
@@ -106,8 +107,6 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
 def litert_on_device(weights: int, shape) -> dict:
     """A LiteRT file's expected memory on the device: its weights and the float32 KV cache tensors its decode
     signature threads (runtimes/litert.py's cache length, every layer)."""
-    from quantize.runtimes.litert import CACHE_LENGTH
-
     kv = shape.n_layers * shape.kv_elements * CACHE_LENGTH * 4
     return {"weights_bytes": weights, "kv_cache_bytes": kv, "cache_length": CACHE_LENGTH, "total_bytes": weights + kv,
             "note": "expected: weights + the decode signature's float32 KV cache at its cache length"}
@@ -215,8 +214,7 @@ def plan(recipe: Recipe) -> dict:
     for method in recipe.methods:
         expected = footprint.expected_bytes(method, meta)
         if artefact_format(method) == "litert":  # runs on the device: its memory there, as the run reports it
-            fit = {"rows": [], "largest_context": {}, "protocol": {"engine": "litert"},
-                   "on_device": litert_on_device(expected, shape)}
+            fit = device_fit(litert_on_device(expected, shape))
         else:
             fit = vram.fit_report(expected, shape, recipe.fit.gpus, recipe.fit.contexts, recipe.fit.batch,
                                   recipe.fit.kv_dtype, recipe.fit.flash_attn, vram.engine_for(artefact_format(method)))

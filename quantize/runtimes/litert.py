@@ -126,6 +126,11 @@ def _describe(folder: Path, made: dict, **facts) -> dict:
     return info
 
 
+def device_fit(on_device: dict) -> dict:
+    """The fit entry of a LiteRT variant (plan and run): no GPU rows, its memory on the device instead."""
+    return {"rows": [], "largest_context": {}, "protocol": {"engine": "litert"}, "on_device": on_device}
+
+
 def memory(folder: Path) -> dict:
     """What the LiteRT artefact holds in memory on the device besides activations: its constant tensors and the KV
     cache its decode signature threads (float32, a fixed number of cells), as counted when the file was written."""
