@@ -23,7 +23,8 @@ def test_every_row_is_complete(model_type):
     if arch.moe is not None:
         m = arch.moe
         assert m.block and len(m.linears) == 3 and m.count_key and m.width_key
-        assert (m.shared is None) == (m.shared_key is None)
+        assert (m.shared is None) == (m.shared_key is None and m.shared_width_key is None)
+        assert not m.shared_gate or m.shared, "a shared expert's gate without a shared expert"
     if arch.layer is not None:
         names = [n for g in arch.layer.groups for n in g]
         assert len(names) == len(set(names)), "a linear in two groups"
@@ -64,8 +65,8 @@ def test_every_group_and_awq_row_names_linears_the_model_has(model_type):
     for layer in layers:
         stages = layer_stages(arch, layer)
         linears = {n for stage in stages for g in stage for n in g}
-        every = {n for n, m in layer.named_modules()  # every linear but a router, which stays unquantized
-                 if isinstance(m, torch.nn.Linear) and not n.endswith(".gate")}
+        every = {n for n, m in layer.named_modules()  # every linear but a router and a shared expert's gate,
+                 if isinstance(m, torch.nn.Linear) and not n.endswith((".gate", ".shared_expert_gate"))}  # unquantized
         assert linears == every, (model_type, sorted(every ^ linears))
         for prev, names, block in awq_rows(arch, layer):
             layer.get_submodule(prev), layer.get_submodule(block)

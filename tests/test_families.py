@@ -2,6 +2,8 @@
 from its transformers config here (no hub), through RTN, GPTQ, AWQ and GGUF, reloaded by each format's loader."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +52,12 @@ FAMILIES = {
     # 8 rows or fewer (one packed word: a view of a transposed [groups, 1] tensor fails)
     "qwen3_5_text": {"num_hidden_layers": 4, "head_dim": 64, "linear_num_key_heads": 4, "linear_num_value_heads": 16,
                      "linear_key_head_dim": 32, "linear_value_head_dim": 32},
+    # Qwen3.5-MoE: Qwen3.5's hybrid layers with 4 routed experts (2 per token) and a shared expert behind its
+    # sigmoid gate in every layer
+    "qwen3_5_moe_text": {"num_hidden_layers": 4, "head_dim": 64, "linear_num_key_heads": 4,
+                         "linear_num_value_heads": 16, "linear_key_head_dim": 32, "linear_value_head_dim": 32,
+                         "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                         "shared_expert_intermediate_size": 128},
     "deepseek_v3": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
                     "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1,
                     "q_lora_rank": 64, "kv_lora_rank": 64, "qk_rope_head_dim": 32, "qk_nope_head_dim": 64,
@@ -59,7 +67,14 @@ FAMILIES = {
 # small vocabulary; GGUF conversion identifies a pre-tokenizer by the token ids of a check text (as llama.cpp's
 # converter does), which only a real Qwen2 vocabulary gives. So no GGUF for the tiny qwen2.
 NO_GGUF = {"qwen2", "gemma3_text", "phi3", "gemma2", "mixtral", "qwen3_moe", "smollm3", "glm4_moe", "deepseek_v3",
-           "qwen3_5_text"}
+           "qwen3_5_text", "qwen3_5_moe_text"}
+
+
+def quantized_linear(name: str, module: torch.nn.Module) -> bool:
+    """Whether the methods quantize this module of a transformers model: every decoder linear but a shared expert's
+    one-row sigmoid gate (Qwen3.5-MoE), which stays in float as the router does (vLLM holds it as a plain torch
+    Linear)."""
+    return isinstance(module, torch.nn.Linear) and ".layers." in name and not name.endswith("shared_expert_gate")
 
 
 def gguf_vs_transformers(model_dir, gguf_file, label: str) -> float:
@@ -161,7 +176,8 @@ def test_awq_scales_fold_into_the_same_function(family_model):
 
 
 GGUF_ARCH = {"gemma3_text": "gemma3", "phi3": "phi3", "mixtral": "llama", "qwen3_moe": "qwen3moe", "smollm3": "smollm3",
-             "glm4_moe": "glm4moe", "deepseek_v3": "deepseek2", "qwen3_5_text": "qwen35"}
+             "glm4_moe": "glm4moe", "deepseek_v3": "deepseek2", "qwen3_5_text": "qwen35",
+             "qwen3_5_moe_text": "qwen35moe"}
 
 
 # GLM's: [gMASK] (its BOS), <|user|>, <|endoftext|>, <|observation|>
@@ -205,12 +221,33 @@ def real_vocab_model(request, tmp_path_factory):
     return family, folder
 
 
-def test_llama_cpp_converter_writes_other_families(real_vocab_model, tmp_path):
+# transformers 5.23 loads its own tokenizer class for these model types whatever tokenizer_config.json names
+# (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS): Qwen's pre-tokenizer over SmolLM2's vocabulary, which llama.cpp's
+# converter cannot identify (it knows the real Qwen vocabulary). The test's tiny model names GPT2Tokenizer, so here
+# transformers honours that name, in this process and (through a sitecustomize) in the converter's
+TOKENIZER_CLASS_FORCED = {"qwen3_5_moe_text"}
+
+
+def honour_tokenizer_class(family: str, monkeypatch, folder: Path) -> None:
+    from transformers.models.auto import tokenization_auto
+
+    monkeypatch.setattr(tokenization_auto, "MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS",
+                        tokenization_auto.MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS - {family})
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(
+        "from transformers.models.auto import tokenization_auto\n"
+        f"tokenization_auto.MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS.discard({family!r})\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+
+def test_llama_cpp_converter_writes_other_families(real_vocab_model, tmp_path, monkeypatch):
     """Families outside our converter go through llama.cpp's own convert_hf_to_gguf.py: the F32 GGUF on llama.cpp
     gives transformers' logits, and the pipeline's GGUF method quantises and evaluates it."""
     from quantize.formats.gguf_convert import ARCHES, convert, gguf_arch
 
     family, model_dir = real_vocab_model
+    if family in TOKENIZER_CLASS_FORCED:
+        honour_tokenizer_class(family, monkeypatch, tmp_path / "tokenizer-class")
     assert family not in ARCHES
     gguf_file = convert(model_dir, tmp_path / "f32.gguf", "F32")
     assert gguf_arch(gguf_file) == GGUF_ARCH[family]
@@ -317,8 +354,7 @@ def test_rtn_artefacts_reload_to_the_in_process_quantised_model(family_model, tm
     # the linears mlx-lm re-quantizes itself on load stay in float in the MLX artefact (architectures.keep_float)
     mlx_float = ARCHITECTURES[family].keep_float.get("mlx", ())
     with torch.no_grad():
-        linears = [(name, lin) for name, lin in expected_model.named_modules()
-                   if isinstance(lin, torch.nn.Linear) and ".layers." in name]
+        linears = [(name, lin) for name, lin in expected_model.named_modules() if quantized_linear(name, lin)]
         for name, lin in linears:
             if not name.endswith(mlx_float):
                 lin.weight.data = rtn(lin.weight.data)
@@ -440,7 +476,7 @@ def test_int8_artefact_reloads_to_the_in_process_quantised_model(family_model, t
     expected_model = load_model(model_dir, "float32")
     with torch.no_grad():
         for name, lin in expected_model.named_modules():
-            if isinstance(lin, torch.nn.Linear) and ".layers." in name:
+            if quantized_linear(name, lin):
                 lin.weight.data = int8(lin.weight.data)
         for name, p in expected_model.named_parameters():  # experts, rounded to fp16 by transformers' loader
             if name.endswith(("experts.gate_up_proj", "experts.down_proj")):

@@ -144,6 +144,37 @@ def test_qwen3_5_27b_hybrid_counts_and_state_by_hand():
     assert kv_cache_bytes(shape, 262144, 2, "q8_0") == int(2 * 262144 * per_token / 2 * 34 / 32 + 0.5) + 2 * 48 * state * 4
 
 
+def test_qwen3_5_35b_a3b_moe_counts_and_state_by_hand():
+    """Qwen3.5-35B-A3B's language model: its text config as transformers 5.23's Qwen3_5MoeTextConfig gives it by
+    default (that class's docstring: "the Qwen3.5-35B-A3B style configuration"; tests/data/configs wraps it as the
+    multimodal checkpoint's config.json, without the vision tower, which is not counted; context 262,144 as the
+    family's cards give it). 40 layers, every fourth full attention (16 query heads whose q_proj also gives a gate,
+    2 KV heads of 256), 30 Gated DeltaNet layers (16 key heads, 32 value heads of 128, conv kernel 4); in every layer
+    256 routed experts of width 512 (8 per token), one shared expert of width 512 behind a one-row sigmoid gate,
+    and the router. Qwen's name: 35B total, 3B active."""
+    from quantize.fit.context_memory import recurrent_state_bytes
+
+    cfg = config("qwen3.5-35b-a3b")
+    c = param_counts(cfg)
+    H = 2048
+    full = H * 16 * 256 * 2 + 2 * H * 2 * 256 + 16 * 256 * H  # q (with its gate), k, v, o
+    qkv, value = 2 * 16 * 128 + 32 * 128, 32 * 128
+    linear = H * qkv + H * value + 2 * H * 32 + value * H  # in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj
+    expert = 3 * H * 512
+    moe = 256 * expert + expert + H * 256 + H  # routed, shared, router, the shared expert's gate
+    small = 40 * 2 * H + 10 * 2 * 256 + 30 * (qkv * 4 + 2 * 32 + 128) + H  # norms, q/k norms, conv, A_log, dt_bias
+    embed = 2 * 248320 * H  # untied
+    assert c.total == embed + 10 * full + 30 * linear + 40 * moe + small == 34_660_610_688
+    assert c.active == c.total - 40 * 248 * expert  # 248 of 256 routed experts idle per token
+    assert round(c.total / 1e9) == 35 and round((c.active - embed) / 1e9) == 2  # "35B"; 3.4B with the embeddings
+    shape = shape_from_config(cfg)
+    assert (shape.n_layers, shape.recurrent_layers) == (40, 30)
+    state = 3 * (value + 2 * 16 * 128) + 128 * value  # conv (kernel − 1) × channels + the recurrent state, f32
+    assert recurrent_state_bytes(shape, 1) == 30 * state * 4 == 65_863_680
+    per_token = 10 * 2 * 2 * 256 * 2  # K+V of the 10 full layers, 2 KV heads, f16
+    assert kv_cache_bytes(shape, 262144, 1, "f16") == 262144 * per_token + 30 * state * 4
+
+
 def test_unmodelled_architecture_is_refused(tmp_path):
     """A model type whose attention or cache is not modelled gets a refusal, not a number."""
     import json

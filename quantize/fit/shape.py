@@ -75,7 +75,13 @@ def shape_from_config(cfg: dict) -> ModelShape:
     n_kv_heads = int(cfg.get("num_key_value_heads") or n_heads)
     head_dim = int(cfg.get("head_dim") or hidden // n_heads)
     vocab = need("vocab_size")
-    inter = need("intermediate_size")
+    if cfg.get("intermediate_size") is None and kind.moe is not None and cfg.get(kind.moe.width_key):
+        # a sparse MoE model without a dense MLP (Qwen3.5-MoE): the feed-forward width a token's activations span
+        # is its routed experts' (and the shared expert's), which the compute buffers hold
+        inter = int(cfg[kind.moe.width_key]) * int(cfg.get("num_experts_per_tok") or 1)
+        inter += int(cfg.get(kind.moe.shared_width_key) or 0) if kind.moe.shared_width_key else 0
+    else:
+        inter = need("intermediate_size")
 
     window = cfg.get("sliding_window")
     if cfg.get("use_sliding_window") is False:  # Qwen2-style: window set but switched off
@@ -237,14 +243,20 @@ def param_counts(cfg: dict) -> ParamCounts:
         linear_small = qkv * kernel + 2 * vh + vd  # the causal conv, A_log and dt_bias, the gated RMSNorm
         linear_rows = qkv + value_dim + 2 * vh + hidden
     dense = int(cfg.get(moe.dense_key) or 0) if moe and moe.dense_key and experts > 1 else 0
-    shared = int(cfg.get(moe.shared_key) or 0) if moe and moe.shared_key and experts > 1 else 0
-    shared_mlp = _gated_mlp(hidden, shared * width) if shared else None
+    shared_width = 0  # the shared experts' width in all (0: none)
+    if moe and moe.shared_width_key and experts > 1:
+        shared_width = int(cfg[moe.shared_width_key])
+    elif moe and moe.shared_key and experts > 1:
+        shared_width = int(cfg.get(moe.shared_key) or 0) * width
+    shared_mlp = _gated_mlp(hidden, shared_width) if shared_width else None
     dense_mlp = _gated_mlp(hidden, shape.intermediate_size) if dense else None
-    moe_rows = experts * (2 * width + hidden) + (2 * shared * width + hidden if shared else 0)
+    moe_rows = experts * (2 * width + hidden) + (2 * shared_width + hidden if shared_width else 0)
+    # the router: a row per expert (+ its score-correction bias), and the shared expert's sigmoid gate (one row)
+    router = (hidden + moe.router_bias) * experts + (hidden if moe.shared_gate else 0) if experts > 1 else 0
     return ParamCounts(
         embedding=shape.vocab_size * hidden, lm_head=0 if tied_embeddings(cfg) else shape.vocab_size * hidden,
         attn=attn, attn_columns={part: columns[part] for part in attn}, mlp_per_expert=_gated_mlp(hidden, width),
-        router=(hidden + (moe.router_bias if moe else 0)) * experts if experts > 1 else 0,
+        router=router,
         norms=(layers * kind.norms * hidden + (layers - n_linear) * attn_norms + n_linear * linear_small + hidden),
         n_layers=layers, n_experts=experts, n_active=active, vocab=shape.vocab_size,
         linear_rows=((layers - n_linear) * attn_rows + n_linear * linear_rows
@@ -297,7 +309,9 @@ def shape_config_from_gguf(path: Path) -> dict:
     if arch == "glm4moe":
         cfg.update({"n_routed_experts": value(k("expert_count")), "n_shared_experts": value(k("expert_shared_count")),
                     "first_k_dense_replace": value(k("leading_dense_block_count"))})
-    if arch == "qwen35":  # the Gated DeltaNet dimensions, as llama.cpp's converter stores them (ssm.*)
+    if arch == "qwen35moe":  # the shared expert's own width
+        cfg["shared_expert_intermediate_size"] = value(k("expert_shared_feed_forward_length"))
+    if arch in ("qwen35", "qwen35moe"):  # the Gated DeltaNet dimensions, as llama.cpp's converter stores them (ssm.*)
         value_heads = value(k("ssm.time_step_rank"))
         cfg.update({"linear_conv_kernel_dim": value(k("ssm.conv_kernel")),
                     "linear_key_head_dim": value(k("ssm.state_size")),

@@ -36,7 +36,7 @@ from quantize.methods.configs import AwqMethod
 from quantize.methods.activations import Activations
 from quantize.methods.device import peak_vram, reset_peak_vram, resolve_device, resolve_forward_dtype
 from quantize.methods.engine import BATCH, awq_rows, skeleton, stream_layers
-from quantize.methods.experts import capture, expert_lists
+from quantize.methods.experts import capture, expert_lists, norm_readers
 from quantize.methods.ranks import Ranks, for_method, resume_point
 from quantize.methods.weight_only import (check_group_sizes, expert_policy, group_size_for, scale_dtype,
                                           with_format_rules, write_streamed)
@@ -247,8 +247,8 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
                                         method.n_grid, method.duo_scaling)
         s = fold_scale(prev, linears, s, norm_offset)
         if block_name in moe_rows:  # the router reads the same norm output: its columns take s too (unquantized)
-            router = layer.get_submodule(block_name).gate
-            router.weight.data = router.weight.data * s
+            for reader in norm_readers(layer.get_submodule(block_name)):
+                reader.weight.data = reader.weight.data * s
         scaled = {f: X[f] / s for f in {first[n] for n in names}}  # what the linears see from now on
         for n in names:
             X[n] = scaled[first[n]]

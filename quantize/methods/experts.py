@@ -91,6 +91,13 @@ def install_experts(model: torch.nn.Module, moe: Moe, policy: ExpertPolicy) -> N
             layer.__dict__["mlp"] = block  # found before nn.Module's lookup of _modules
 
 
+def norm_readers(block: torch.nn.Module) -> list[torch.nn.Module]:
+    """A sparse MoE block's unquantized modules that read the same normed input as its experts: the router (its
+    `gate`) and, where there is one, the shared expert's sigmoid gate (Qwen3.5-MoE's `shared_expert_gate`). A scale
+    folded into the norm (AWQ, SmoothQuant) multiplies their columns too, so they compute what they computed."""
+    return [m for m in (block.gate, getattr(block, "shared_expert_gate", None)) if m is not None]
+
+
 def expert_lists(layer: torch.nn.Module) -> list[tuple[str, ExpertList]]:
     return [(n, m) for n, m in layer.named_modules() if isinstance(m, ExpertList)]
 

@@ -19,7 +19,7 @@ import torch
 
 from quantize.methods.activations import Activations
 from quantize.methods.awq import fold_scale
-from quantize.methods.experts import capture
+from quantize.methods.experts import capture, norm_readers
 
 
 def smoothing_scales(x_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -49,8 +49,8 @@ def smooth_layer(layer: torch.nn.Module, acts: Activations, rows, alpha: float, 
         s = smoothing_scales(x_max, [lin.weight.data for lin in linears], alpha).to(x_max.device)
         s = fold_scale(layer.get_submodule(prev_name), linears, s, norm_offset)
         if block in moe:  # the router reads the norm's output too
-            router = layer.get_submodule(block).gate
-            router.weight.data = router.weight.data * s
+            for reader in norm_readers(layer.get_submodule(block)):
+                reader.weight.data = reader.weight.data * s
         log.append({"norm": prev_name, "linears": names, "act_max_before": float(x_max.max()),
                     "act_max_after": float((x_max / s).max())})
     return log

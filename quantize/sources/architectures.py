@@ -59,6 +59,10 @@ class Moe:
     shared_key: str | None = None
     dense_key: str | None = None
     router_bias: bool = False  # the router's score-correction bias per expert (e_score_correction_bias)
+    # the shared expert's width where the config gives it (Qwen3.5-MoE: shared_expert_intermediate_size, one shared
+    # expert); else shared_key experts of the routed width
+    shared_width_key: str | None = None
+    shared_gate: bool = False  # a sigmoid gate on the shared expert's output (`{block}.shared_expert_gate`, 1 row)
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,9 @@ _QWEN_MOE = Moe("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts", "mo
 _DEEPSEEK_MOE = Moe("mlp", ("gate_proj", "up_proj", "down_proj"), "n_routed_experts", "moe_intermediate_size",
                     shared="mlp.shared_experts", shared_key="n_shared_experts", dense_key="first_k_dense_replace",
                     router_bias=True)
+# Qwen3.5-MoE: one shared expert of its own width behind a sigmoid gate, a softmax top-k router
+_QWEN35_MOE = Moe("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts", "moe_intermediate_size",
+                  shared="mlp.shared_expert", shared_width_key="shared_expert_intermediate_size", shared_gate=True)
 _NOT_STREAMED = "the layer-wise engine has no row for its decoder layer yet"
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in [
@@ -171,6 +178,13 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in [
     Architecture("qwen3_5", "hybrid", 2, None, "qwen35", qk_norm=True,
                  layer_refusal="the multimodal Qwen3.5 checkpoint, or an MLX artefact of qwen3_5_text (mlx-lm's "
                                "name); the layer-wise methods take the text model (`qwen3_5_text`)"),
+    # Qwen3.5-MoE (35B-A3B, 122B-A10B, 397B-A17B): Qwen3.5's hybrid layers with a sparse MoE block in every layer
+    Architecture("qwen3_5_moe_text", "hybrid", 2, HYBRID, "qwen35moe", qk_norm=True, moe=_QWEN35_MOE,
+                 mlx_model_type="qwen3_5_moe", mtp_tensors="mtp.",
+                 note="Qwen3.5's hybrid layers; routed experts plus a gated shared expert in every layer"),
+    Architecture("qwen3_5_moe", "hybrid", 2, None, "qwen35moe", qk_norm=True, moe=_QWEN35_MOE,
+                 layer_refusal="the multimodal Qwen3.5-MoE checkpoint, or an MLX artefact of qwen3_5_moe_text "
+                               "(mlx-lm's name); the layer-wise methods take the text model (`qwen3_5_moe_text`)"),
     Architecture("deepseek_v2", "mla", 2, None, "deepseek2", moe=_DEEPSEEK_MOE,
                  layer_refusal="transformers' DeepSeek-V2 MoE block differs from V3's; " + _NOT_STREAMED),
     # DeepSeek-V3 (and Kimi K2's layout): MLA, leading dense layers, shared expert, sigmoid grouped router
