@@ -78,8 +78,9 @@ def test_a_family_without_a_row_is_refused_naming_the_table(tmp_path):
         architecture({"model_type": "gpt_oss"})
     with pytest.raises(QuantizeError, match=r"x/config.json: no `model_type` key"):
         architecture({}, "x/config.json")
-    with pytest.raises(QuantizeError, match=r"'deepseek_v2': transformers' DeepSeek-V2 MoE block"):
-        streamed_layer({"model_type": "deepseek_v2"})
+    with pytest.raises(QuantizeError, match=r"'qwen3_5_moe': the multimodal Qwen3.5-MoE checkpoint.*"
+                                            r"take the text model \(`qwen3_5_moe_text`\)"):
+        streamed_layer({"model_type": "qwen3_5_moe"})
 
 
 def test_plan_refuses_a_family_without_a_row(tmp_path):

@@ -58,6 +58,16 @@ FAMILIES = {
                          "linear_num_value_heads": 16, "linear_key_head_dim": 32, "linear_value_head_dim": 32,
                          "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
                          "shared_expert_intermediate_size": 128},
+    # DeepSeek-V2-Lite's layout: MLA without a query latent (q_proj), a dense first layer, then routed experts under
+    # a softmax router with a shared expert; its YaRN rotary scaling (factor 40 over an original context, here of
+    # 64 tokens so that the tests reach the scaled band; mlx-lm's DeepSeek-V2 requires a rope_scaling)
+    "deepseek_v2": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                    "n_shared_experts": 1, "first_k_dense_replace": 1, "q_lora_rank": None, "kv_lora_rank": 64,
+                    "qk_rope_head_dim": 32, "qk_nope_head_dim": 64, "v_head_dim": 64, "num_hidden_layers": 3,
+                    "num_key_value_heads": 4,
+                    "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                                        "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0,
+                                        "mscale": 0.707, "mscale_all_dim": 0.707}},
     "deepseek_v3": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
                     "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1,
                     "q_lora_rank": 64, "kv_lora_rank": 64, "qk_rope_head_dim": 32, "qk_nope_head_dim": 64,
@@ -67,7 +77,7 @@ FAMILIES = {
 # small vocabulary; GGUF conversion identifies a pre-tokenizer by the token ids of a check text (as llama.cpp's
 # converter does), which only a real Qwen2 vocabulary gives. So no GGUF for the tiny qwen2.
 NO_GGUF = {"qwen2", "gemma3_text", "phi3", "gemma2", "mixtral", "qwen3_moe", "smollm3", "glm4_moe", "deepseek_v3",
-           "qwen3_5_text", "qwen3_5_moe_text"}
+           "qwen3_5_text", "qwen3_5_moe_text", "deepseek_v2"}
 
 
 def quantized_linear(name: str, module: torch.nn.Module) -> bool:
@@ -176,9 +186,13 @@ def test_awq_scales_fold_into_the_same_function(family_model):
 
 
 GGUF_ARCH = {"gemma3_text": "gemma3", "phi3": "phi3", "mixtral": "llama", "qwen3_moe": "qwen3moe", "smollm3": "smollm3",
-             "glm4_moe": "glm4moe", "deepseek_v3": "deepseek2", "qwen3_5_text": "qwen35",
+             "glm4_moe": "glm4moe", "deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2", "qwen3_5_text": "qwen35",
              "qwen3_5_moe_text": "qwen35moe"}
 
+
+# llama.cpp's deepseek2 graph takes a model without a query latent (q_proj: DeepSeek-V2-Lite's layout) only at
+# V2-Lite's depth, 26 or 27 layers (src/models/deepseek2.cpp: is_lite); at any other it requires q_lora_rank
+GGUF_OVERRIDES = {"deepseek_v2": {"num_hidden_layers": 27}}
 
 # GLM's: [gMASK] (its BOS), <|user|>, <|endoftext|>, <|observation|>
 ADDED_TOKENS = {"glm4_moe": ["[gMASK]", "<|user|>", "<|endoftext|>", "<|observation|>"]}
@@ -201,6 +215,7 @@ def real_vocab_model(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(family) / "tiny-smollm2-vocab"
     # llama.cpp's qwen3moe has experts in every layer (no mlp_only_layers)
     overrides = {k: v for k, v in FAMILIES[family].items() if k not in ("pad_token_id", "mlp_only_layers")}
+    overrides.update(GGUF_OVERRIDES.get(family, {}))
     shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=1024)
     config = AutoConfig.for_model(family, vocab_size=49152 + 8, tie_word_embeddings=False, bos_token_id=1,

@@ -99,6 +99,25 @@ def test_deepseek_v3_mla_kv_and_counts_by_hand():
     assert (c.n_dense_layers, c.n_moe_layers, c.n_experts, c.n_active) == (3, 58, 256, 8)
 
 
+def test_deepseek_v2_lite_counts_and_kv_by_hand():
+    """DeepSeek-V2-Lite (deepseek_v2, its config.json as published, transcribed): MLA without a query latent (q_proj
+    over 16 heads of 128 + 64 rope dims; a 512-wide KV latent), one dense layer, then 26 layers of 64 routed experts
+    (6 per token) and 2 shared experts, under a softmax router without a bias. DeepSeek's card: 15.7B total, 2.4B
+    activated (without the embedding). MLA caches the latent and the rope key: 576 elements per token and layer."""
+    cfg = config("deepseek-v2-lite")
+    c = param_counts(cfg)
+    H = 2048
+    attn = H * 16 * 192 + H * (512 + 64) + 512 * 16 * (128 + 128) + 16 * 128 * H  # q, kv_a, kv_b, o
+    expert = 3 * H * 1408
+    moe = 64 * expert + 2 * expert + H * 64  # routed, 2 shared of the same width, the router
+    norms = 27 * 2 * H + 27 * 512 + H  # the layers' norms, the KV latent's norm, the final norm
+    embed = 2 * 102400 * H  # untied
+    assert c.total == embed + 27 * attn + 3 * H * 10944 + 26 * moe + norms == 15_706_484_224
+    assert c.active == c.total - 26 * 58 * expert  # 58 of 64 routed experts idle per token
+    assert round(c.total / 1e9, 1) == 15.7 and (c.active - c.embedding) // 10**7 == 245  # the card: "2.4B"
+    assert kv_cache_bytes(shape_from_config(cfg), 1, 1, "f16") == 27 * (512 + 64) * 2 == 31_104
+
+
 def test_glm_4_5_air_counts_and_kv_by_hand():
     """GLM-4.5-Air (glm4_moe, its published config.json): GQA attention (96 query heads, 8 KV heads of 128), one
     dense layer, then 45 layers of 128 routed experts (8 per token) and one shared expert. Z.ai's card: 106B total,

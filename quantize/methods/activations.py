@@ -40,10 +40,13 @@ class Activations:
             xb = x[s : s + self.batch]
             with autocast:
                 if takes_positions:  # decoder layer or attention: rotary (cos, sin) for this batch, causal mask
-                    cos, sin = self.position_embeddings
                     n = xb.shape[0]
-                    result = block(xb, attention_mask=self.mask,
-                                   position_embeddings=(cos.expand(n, -1, -1), sin.expand(n, -1, -1)))
+                    if isinstance(self.position_embeddings, torch.Tensor):  # DeepSeek-V2: one complex freqs_cis
+                        positions = self.position_embeddings.expand(n, -1, -1)
+                    else:
+                        cos, sin = self.position_embeddings
+                        positions = (cos.expand(n, -1, -1), sin.expand(n, -1, -1))
+                    result = block(xb, attention_mask=self.mask, position_embeddings=positions)
                 else:
                     result = block(xb)
             outs.append((result[0] if isinstance(result, tuple) else result).float())

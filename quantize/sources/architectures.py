@@ -141,6 +141,8 @@ _QWEN_MOE = Moe("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts", "mo
 _DEEPSEEK_MOE = Moe("mlp", ("gate_proj", "up_proj", "down_proj"), "n_routed_experts", "moe_intermediate_size",
                     shared="mlp.shared_experts", shared_key="n_shared_experts", dense_key="first_k_dense_replace",
                     router_bias=True)
+_DEEPSEEK_V2_MOE = Moe("mlp", ("gate_proj", "up_proj", "down_proj"), "n_routed_experts", "moe_intermediate_size",
+                       shared="mlp.shared_experts", shared_key="n_shared_experts", dense_key="first_k_dense_replace")
 # Qwen3.5-MoE: one shared expert of its own width behind a sigmoid gate, a softmax top-k router
 _QWEN35_MOE = Moe("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts", "moe_intermediate_size",
                   shared="mlp.shared_expert", shared_width_key="shared_expert_intermediate_size", shared_gate=True)
@@ -185,8 +187,11 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in [
     Architecture("qwen3_5_moe", "hybrid", 2, None, "qwen35moe", qk_norm=True, moe=_QWEN35_MOE,
                  layer_refusal="the multimodal Qwen3.5-MoE checkpoint, or an MLX artefact of qwen3_5_moe_text "
                                "(mlx-lm's name); the layer-wise methods take the text model (`qwen3_5_moe_text`)"),
-    Architecture("deepseek_v2", "mla", 2, None, "deepseek2", moe=_DEEPSEEK_MOE,
-                 layer_refusal="transformers' DeepSeek-V2 MoE block differs from V3's; " + _NOT_STREAMED),
+    # DeepSeek-V2 / V2-Lite (16B, the size people run locally): V3's MLA (V2-Lite has no query latent: q_proj), a
+    # dense first layer, then routed experts and shared experts under a softmax router without V3's score-correction
+    # bias
+    Architecture("deepseek_v2", "mla", 2, MLA, "deepseek2", moe=_DEEPSEEK_V2_MOE,
+                 keep_float={"mlx": ("self_attn.kv_b_proj",)}, note="MLA; softmax router, shared experts"),
     # DeepSeek-V3 (and Kimi K2's layout): MLA, leading dense layers, shared expert, sigmoid grouped router
     # mlx-lm's loader splits kv_b_proj per head into embed_q (its K part, transposed) and unembed_out, and
     # re-quantizes both from the dequantized weights: a quantized kv_b_proj would be rounded twice, so MLX keeps it
