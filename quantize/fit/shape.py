@@ -301,7 +301,10 @@ def shape_config_from_gguf(path: Path) -> dict:
     }
     if arch == "deepseek2":  # MLA's ranks and head dimensions, shared experts, leading dense layers
         rope, qk = value(k("rope.dimension_count")), value(k("attention.key_length_mla"))
-        cfg.update({"kv_lora_rank": value(k("attention.kv_lora_rank")), "q_lora_rank": value(k("attention.q_lora_rank")),
+        # llama.cpp converts V2 and V3 to one graph; V3's router has a score-correction bias per expert
+        # (blk.N.exp_probs_b), V2's none
+        v3 = any(".exp_probs_b" in t.name for t in reader.tensors)
+        cfg.update({"model_type": "deepseek_v3" if v3 else "deepseek_v2","kv_lora_rank": value(k("attention.kv_lora_rank")), "q_lora_rank": value(k("attention.q_lora_rank")),
                     "qk_rope_head_dim": rope, "qk_nope_head_dim": qk - rope if qk and rope else None,
                     "v_head_dim": value(k("attention.value_length_mla")),
                     "n_routed_experts": value(k("expert_count")), "n_shared_experts": value(k("expert_shared_count")),
