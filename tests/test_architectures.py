@@ -74,13 +74,32 @@ def test_every_group_and_awq_row_names_linears_the_model_has(model_type):
 
 
 def test_a_family_without_a_row_is_refused_naming_the_table(tmp_path):
-    with pytest.raises(QuantizeError, match=r"model type 'gpt_oss' has no row in quantize's architecture table"):
-        architecture({"model_type": "gpt_oss"})
+    with pytest.raises(QuantizeError, match=r"model type 'llama4_text' has no row in quantize's architecture table"):
+        architecture({"model_type": "llama4_text"})
     with pytest.raises(QuantizeError, match=r"x/config.json: no `model_type` key"):
         architecture({}, "x/config.json")
     with pytest.raises(QuantizeError, match=r"'qwen3_5_moe': the multimodal Qwen3.5-MoE checkpoint.*"
                                             r"take the text model \(`qwen3_5_moe_text`\)"):
         streamed_layer({"model_type": "qwen3_5_moe"})
+
+
+def test_plan_refuses_a_layer_wise_method_on_a_fit_only_family(tmp_path):
+    """gpt-oss has a row for the fit and GGUF (llama.cpp's converter), not for the layer-wise engine: `quantize plan`
+    of gptq on it exits 2 naming what the engine lacks, before any work."""
+    import subprocess
+    import sys
+
+    from conftest import build_tiny_llama, write_recipe
+
+    model = build_tiny_llama(tmp_path / "tiny-gpt-oss", model_type="gpt_oss", num_local_experts=4,
+                             num_experts_per_tok=2, intermediate_size=128, head_dim=64, sliding_window=32,
+                             layer_types=["sliding_attention", "full_attention"])
+    recipe = write_recipe(tmp_path / "r.yaml", str(model), [{"name": "gptq", "bits": 4, "group_size": 64}],
+                          tmp_path / "out")
+    out = subprocess.run([sys.executable, "-m", "quantize.cli", "plan", str(recipe)], capture_output=True, text=True)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "'gpt_oss'" in out.stderr and "no expert module in the engine" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_plan_refuses_a_family_without_a_row(tmp_path):
@@ -96,7 +115,7 @@ def test_plan_refuses_a_family_without_a_row(tmp_path):
 
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"],
+    (model / "config.json").write_text(json.dumps({"model_type": "llama4_text", "architectures": ["Llama4ForCausalLM"],
                                                    "num_hidden_layers": 2, "hidden_size": 64, "vocab_size": 64,
                                                    "num_attention_heads": 4, "intermediate_size": 64}))
     save_file({"model.embed_tokens.weight": torch.zeros(64, 64)}, model / "model.safetensors")
@@ -104,7 +123,7 @@ def test_plan_refuses_a_family_without_a_row(tmp_path):
                           tmp_path / "out")
     out = subprocess.run([sys.executable, "-m", "quantize.cli", "plan", str(recipe)], capture_output=True, text=True)
     assert out.returncode == 2, out.stdout + out.stderr
-    assert "'gpt_oss'" in out.stderr and "architecture table" in out.stderr and "Traceback" not in out.stderr
+    assert "'llama4_text'" in out.stderr and "architecture table" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_the_readme_holds_the_generated_families_table():

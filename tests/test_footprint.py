@@ -194,6 +194,30 @@ def test_qwen3_5_35b_a3b_moe_counts_and_state_by_hand():
     assert kv_cache_bytes(shape, 262144, 1, "f16") == 262144 * per_token + 30 * state * 4
 
 
+def test_gpt_oss_20b_counts_and_kv_by_hand():
+    """gpt-oss-20b (gpt_oss, its config.json as published, transcribed): 24 layers of GQA attention (64 query heads,
+    8 KV heads of 64; a learned sink logit per query head), 12 with a sliding window of 128 tokens alternating with
+    12 full ones, 32 experts of width 2880 (4 per token) under a router with a bias; untied embeddings. OpenAI's model
+    card: 20.91B total, 3.61B active (its active count leaves the embedding out). Biases are not counted (6.6M in the
+    experts). llama.cpp keeps a sliding-window cache for the 12 sliding layers: the window plus one micro-batch of
+    512, padded to 256 cells (768)."""
+    cfg = config("gpt-oss-20b")
+    c = param_counts(cfg)
+    H = 2880
+    attn = H * 64 * 64 + 2 * H * 8 * 64 + 64 * 64 * H  # q, k, v, o
+    expert = 3 * H * 2880
+    moe = 32 * expert + (H + 1) * 32  # experts, the router and its bias
+    small = 24 * 2 * H + 24 * 64 + H  # norms, the sinks, the final norm
+    embed = 2 * 201088 * H
+    assert c.total == embed + 24 * (attn + moe) + small == 20_907_929_664
+    assert c.active == c.total - 24 * 28 * expert  # 28 of 32 experts idle per token
+    assert round(c.total / 1e9, 2) == 20.91 and round((c.active - c.embedding) / 1e9, 2) == 3.61
+    shape = shape_from_config(cfg)
+    assert (shape.sliding_layers, shape.sliding_window) == (12, 128)
+    per_cell = 2 * 8 * 64 * 2  # K+V, 8 KV heads of 64, f16
+    assert kv_cache_bytes(shape, 131072, 1, "f16") == 12 * 131072 * per_cell + 12 * 768 * per_cell == 3_240_099_840
+
+
 def test_unmodelled_architecture_is_refused(tmp_path):
     """A model type whose attention or cache is not modelled gets a refusal, not a number."""
     import json

@@ -228,6 +228,7 @@ def param_counts(cfg: dict) -> ParamCounts:
         attn = {"q": hidden * q_out, "k": hidden * kv_out, "v": hidden * kv_out, "o": q_out * hidden}
         columns = {"q": hidden, "k": hidden, "v": hidden, "o": q_out}
         attn_norms = 2 * shape.head_dim if kind.qk_norm else 0
+        attn_norms += heads if kind.attention_sinks else 0  # gpt-oss: a sink logit per query head
         attn_rows = q_out + 2 * kv_out + hidden
     n_linear, linear_attn, linear_columns, linear_small, linear_rows = 0, None, None, 0, 0
     if kind.attention == "hybrid":
@@ -321,6 +322,8 @@ def shape_config_from_gguf(path: Path) -> dict:
                     "linear_num_key_heads": value(k("ssm.group_count")), "linear_num_value_heads": value_heads,
                     "linear_value_head_dim": value(k("ssm.inner_size")) // value_heads if value_heads else None,
                     "full_attention_interval": value(k("full_attention_interval"))})
+    if arch == "gpt-oss" and cfg["sliding_window"]:
+        cfg["sliding_window_pattern"] = 2  # llama.cpp's gpt-oss graph: sliding and full layers alternate
     if arch == "gemma3" and cfg["sliding_window"]:
         cfg["sliding_window_pattern"] = 6  # llama.cpp's Gemma 3 graph: every 6th layer is global
     return {key: v for key, v in cfg.items() if v is not None}

@@ -76,6 +76,7 @@ class Architecture:
     gguf_arch: str  # llama.cpp's architecture name (GGUF general.architecture)
     gguf_writer: str = "llama.cpp"  # "quantize": formats/gguf_convert.py writes it; else llama.cpp's converter
     qk_norm: bool = False  # per-head q/k RMSNorms
+    attention_sinks: bool = False  # a learned softmax sink logit per query head and layer (gpt-oss)
     moe: Moe | None = None
     defaults: dict = field(default_factory=dict)  # transformers' config defaults that config.json files omit
     layer_refusal: str = ""
@@ -187,6 +188,17 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in [
     Architecture("qwen3_5_moe", "hybrid", 2, None, "qwen35moe", qk_norm=True, moe=_QWEN35_MOE,
                  layer_refusal="the multimodal Qwen3.5-MoE checkpoint, or an MLX artefact of qwen3_5_moe_text "
                                "(mlx-lm's name); the layer-wise methods take the text model (`qwen3_5_moe_text`)"),
+    # gpt-oss (20b, 120b): llama attention with q/k/v/o biases and a learned softmax sink per head, sliding (128) and
+    # full layers alternating, a top-k softmax router with a bias over experts whose gate/up are one tensor
+    # [experts, hidden, 2·width] with interleaved columns, biases and a clamped SwiGLU (MXFP4 in the published
+    # checkpoint). llama.cpp's gpt-oss graph keeps the sliding-window cache
+    Architecture("gpt_oss", "gqa", 2, None, "gpt-oss", llama_cpp_window=True, attention_sinks=True,
+                 moe=Moe("mlp", ("gate_proj", "up_proj", "down_proj"), "num_local_experts", "intermediate_size",
+                         router_bias=True),
+                 layer_refusal="its experts (one [experts, hidden, 2·width] tensor with interleaved gate/up columns, "
+                               "biases and a clamped SwiGLU) have no expert module in the engine yet; GGUF without "
+                               "an importance matrix goes through llama.cpp's converter",
+                 note="attention sinks, sliding 128 / full alternating, biased experts"),
     # DeepSeek-V2 / V2-Lite (16B, the size people run locally): V3's MLA (V2-Lite has no query latent: q_proj), a
     # dense first layer, then routed experts and shared experts under a softmax router without V3's score-correction
     # bias
