@@ -74,8 +74,8 @@ def test_every_group_and_awq_row_names_linears_the_model_has(model_type):
 
 
 def test_a_family_without_a_row_is_refused_naming_the_table(tmp_path):
-    with pytest.raises(QuantizeError, match=r"model type 'llama4_text' has no row in quantize's architecture table"):
-        architecture({"model_type": "llama4_text"})
+    with pytest.raises(QuantizeError, match=r"model type 'gemma4_text' has no row in quantize's architecture table"):
+        architecture({"model_type": "gemma4_text"})
     with pytest.raises(QuantizeError, match=r"x/config.json: no `model_type` key"):
         architecture({}, "x/config.json")
     with pytest.raises(QuantizeError, match=r"'qwen3_5_moe': the multimodal Qwen3.5-MoE checkpoint.*"
@@ -115,7 +115,7 @@ def test_plan_refuses_a_family_without_a_row(tmp_path):
 
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "llama4_text", "architectures": ["Llama4ForCausalLM"],
+    (model / "config.json").write_text(json.dumps({"model_type": "gemma4_text", "architectures": ["Gemma4ForCausalLM"],
                                                    "num_hidden_layers": 2, "hidden_size": 64, "vocab_size": 64,
                                                    "num_attention_heads": 4, "intermediate_size": 64}))
     save_file({"model.embed_tokens.weight": torch.zeros(64, 64)}, model / "model.safetensors")
@@ -123,7 +123,7 @@ def test_plan_refuses_a_family_without_a_row(tmp_path):
                           tmp_path / "out")
     out = subprocess.run([sys.executable, "-m", "quantize.cli", "plan", str(recipe)], capture_output=True, text=True)
     assert out.returncode == 2, out.stdout + out.stderr
-    assert "'llama4_text'" in out.stderr and "architecture table" in out.stderr and "Traceback" not in out.stderr
+    assert "'gemma4_text'" in out.stderr and "architecture table" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_the_readme_holds_the_generated_families_table():

@@ -218,6 +218,49 @@ def test_gpt_oss_20b_counts_and_kv_by_hand():
     assert kv_cache_bytes(shape, 131072, 1, "f16") == 12 * 131072 * per_cell + 12 * 768 * per_cell == 3_240_099_840
 
 
+def test_llama_4_scout_counts_and_kv_by_hand():
+    """Llama-4-Scout-17B-16E's language model: its text config as transformers 5.23's Llama4TextConfig gives it by
+    default (that class's docstring: "a similar configuration to that of meta-llama/Llama-4-Scout-17B-16E";
+    tests/data/configs wraps it as the multimodal checkpoint's config.json without the vision tower, which is not
+    counted). 48 layers of GQA attention (40 query heads, 8 KV heads of 128; its q/k norm has no weights), every
+    layer an MoE block of 16 routed experts of width 8192 (1 per token), one shared expert of the same width and the
+    router. Meta's name: 17B active. Three layers of four attend within 8192-token chunks, which llama.cpp caches as
+    a sliding window: the chunk plus one micro-batch of 512, padded to 256 cells (8704); the fourth holds the
+    context."""
+    cfg = config("llama-4-scout")
+    c = param_counts(cfg)
+    H = 5120
+    attn = H * 40 * 128 + 2 * H * 8 * 128 + 40 * 128 * H  # q, k, v, o
+    expert = 3 * H * 8192
+    moe = 16 * expert + expert + H * 16  # routed, shared, router
+    embed = 2 * 202048 * H  # untied
+    assert c.n_dense_layers == 0  # interleave_moe_layer_step 1: every layer has experts
+    assert c.total == embed + 48 * (attn + moe) + 48 * 2 * H + H == 107_769_861_120
+    assert c.active == c.total - 48 * 15 * expert  # 15 of 16 routed experts idle per token
+    assert round(c.active / 1e9) == 17
+    shape = shape_from_config(cfg)
+    assert (shape.sliding_layers, shape.sliding_window) == (36, 8192)
+    per_cell = 2 * 8 * 128 * 2  # K+V, 8 KV heads of 128, f16
+    assert kv_cache_bytes(shape, 131072, 1, "f16") == 12 * 131072 * per_cell + 36 * 8704 * per_cell == 7_725_907_968
+
+
+def test_llama_4_maverick_interleaves_dense_and_moe_layers():
+    """Llama 4 Maverick's layout (interleave_moe_layer_step 2, 128 experts): every second layer has experts, the
+    others a dense MLP of width intermediate_size_mlp; the GGUF tensor list puts each where it is."""
+    from quantize.fit.footprint import gguf_tensors
+
+    text = {**config("llama-4-scout")["text_config"], "interleave_moe_layer_step": 2, "num_local_experts": 128,
+            "moe_layers": None, "num_hidden_layers": 4, "layer_types": None}
+    c = param_counts(text)
+    H = 5120
+    assert c.dense_at == (0, 2) and c.n_dense_layers == 2
+    assert c.dense_mlp == {"gate": H * 16384, "up": H * 16384, "down": 16384 * H}
+    names = {name for name, *_ in gguf_tensors(c)}
+    assert {"blk.0.ffn_gate.weight", "blk.1.ffn_gate_exps.weight", "blk.1.ffn_gate_shexp.weight",
+            "blk.2.ffn_down.weight", "blk.3.ffn_up_exps.weight"} <= names
+    assert "blk.0.ffn_gate_exps.weight" not in names
+
+
 def test_unmodelled_architecture_is_refused(tmp_path):
     """A model type whose attention or cache is not modelled gets a refusal, not a number."""
     import json

@@ -90,7 +90,7 @@ def gguf_tensors(c: ParamCounts):
                 yield f"blk.{i}.attn_v_b.weight", heads * v_dim * columns[part], columns[part], heads
                 continue
             yield f"blk.{i}.{names[part]}.weight", n, columns[part], 1
-        if i < c.n_dense_layers or c.n_experts == 1:
+        if c.dense_layer(i) or c.n_experts == 1:
             mlps = [("", c.dense_mlp or c.mlp_per_expert, 1)]
         else:
             mlps = [("_exps", c.mlp_per_expert, c.n_experts)] + ([("_shexp", c.shared_mlp, 1)] if c.shared_mlp else [])

@@ -83,7 +83,7 @@ def shape_from_config(cfg: dict) -> ModelShape:
     else:
         inter = need("intermediate_size")
 
-    window = cfg.get("sliding_window")
+    window = cfg.get(kind.window_key)
     if cfg.get("use_sliding_window") is False:  # Qwen2-style: window set but switched off
         window = None
     layer_types = cfg.get("layer_types")
@@ -95,7 +95,7 @@ def shape_from_config(cfg: dict) -> ModelShape:
     if window is None:
         sliding = 0
     elif layer_types:  # Gemma 3 / newer transformers: explicit per-layer list
-        sliding = sum(1 for t in layer_types if t == "sliding_attention")
+        sliding = sum(1 for t in layer_types if t in ("sliding_attention", "chunked_attention"))
     elif cfg.get("sliding_window_pattern"):  # every Nth layer is full attention
         sliding = n_layers - n_layers // int(cfg["sliding_window_pattern"])
     else:  # Mistral-style: every layer uses the window
@@ -163,12 +163,13 @@ class ParamCounts:
     n_active: int  # routed experts used per token
     vocab: int
     linear_rows: int  # output rows of all decoder linears (one int8 scale each)
-    n_dense_layers: int = 0  # leading layers with a dense MLP instead of experts (DeepSeek's first_k_dense_replace)
+    n_dense_layers: int = 0  # layers with a dense MLP instead of experts (DeepSeek's leading ones, Llama 4's interleaved)
     dense_mlp: dict[str, int] | None = None  # that dense MLP: gate, up, down
     shared_mlp: dict[str, int] | None = None  # per MoE layer, the always-used shared experts: gate, up, down
     n_linear_layers: int = 0  # hybrid models: layers whose attention is linear_attn instead of `attn`
     linear_attn: dict[str, int] | None = None  # per such layer: in_qkv, in_z, in_b, in_a, out
     linear_attn_columns: dict[str, int] | None = None
+    dense_at: tuple[int, ...] = ()  # which layers are dense, where not the leading n_dense_layers (Llama 4)
     n_gqa: int = 1  # attention heads per KV head (llama.cpp's n_gqa; MLA: all heads share one latent)
     mla_heads: tuple[int, int, int] | None = None  # MLA: (heads, qk_nope_head_dim, v_head_dim) of kv_b
 
@@ -177,6 +178,10 @@ class ParamCounts:
         """Attention linears' parameters over all layers (full and linear-attention ones)."""
         return ((self.n_layers - self.n_linear_layers) * sum(self.attn.values())
                 + self.n_linear_layers * sum((self.linear_attn or {}).values()))
+
+    def dense_layer(self, i: int) -> bool:
+        """Whether layer i has a dense MLP instead of experts."""
+        return i in self.dense_at if self.dense_at else i < self.n_dense_layers
 
     @property
     def n_moe_layers(self) -> int:
@@ -244,13 +249,20 @@ def param_counts(cfg: dict) -> ParamCounts:
         linear_small = qkv * kernel + 2 * vh + vd  # the causal conv, A_log and dt_bias, the gated RMSNorm
         linear_rows = qkv + value_dim + 2 * vh + hidden
     dense = int(cfg.get(moe.dense_key) or 0) if moe and moe.dense_key and experts > 1 else 0
+    dense_width, dense_at = shape.intermediate_size, ()
+    if moe and moe.moe_step_key and experts > 1:  # Llama 4: dense layers between the MoE ones
+        step = int(cfg.get(moe.moe_step_key) or 1)
+        moe_layers = cfg.get("moe_layers") or list(range(step - 1, layers, step))
+        dense_at = tuple(i for i in range(layers) if i not in set(moe_layers))
+        dense = len(dense_at)
+        dense_width = int(cfg.get(moe.dense_width_key) or dense_width)
     shared_width = 0  # the shared experts' width in all (0: none)
     if moe and moe.shared_width_key and experts > 1:
         shared_width = int(cfg[moe.shared_width_key])
     elif moe and moe.shared_key and experts > 1:
         shared_width = int(cfg.get(moe.shared_key) or 0) * width
     shared_mlp = _gated_mlp(hidden, shared_width) if shared_width else None
-    dense_mlp = _gated_mlp(hidden, shape.intermediate_size) if dense else None
+    dense_mlp = _gated_mlp(hidden, dense_width) if dense else None
     moe_rows = experts * (2 * width + hidden) + (2 * shared_width + hidden if shared_width else 0)
     # the router: a row per expert (+ its score-correction bias), and the shared expert's sigmoid gate (one row)
     router = (hidden + moe.router_bias) * experts + (hidden if moe.shared_gate else 0) if experts > 1 else 0
@@ -261,8 +273,8 @@ def param_counts(cfg: dict) -> ParamCounts:
         norms=(layers * kind.norms * hidden + (layers - n_linear) * attn_norms + n_linear * linear_small + hidden),
         n_layers=layers, n_experts=experts, n_active=active, vocab=shape.vocab_size,
         linear_rows=((layers - n_linear) * attn_rows + n_linear * linear_rows
-                     + dense * (2 * shape.intermediate_size + hidden) + (layers - dense) * moe_rows),
-        n_dense_layers=dense, dense_mlp=dense_mlp, shared_mlp=shared_mlp, n_linear_layers=n_linear,
+                     + dense * (2 * dense_width + hidden) + (layers - dense) * moe_rows),
+        n_dense_layers=dense, dense_at=dense_at, dense_mlp=dense_mlp, shared_mlp=shared_mlp, n_linear_layers=n_linear,
         linear_attn=linear_attn, linear_attn_columns=linear_columns,
         n_gqa=heads if kind.attention == "mla" else heads // shape.n_kv_heads,
         mla_heads=(heads, nope, v_dim) if kind.attention == "mla" else None)

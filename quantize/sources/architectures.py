@@ -63,6 +63,10 @@ class Moe:
     # expert); else shared_key experts of the routed width
     shared_width_key: str | None = None
     shared_gate: bool = False  # a sigmoid gate on the shared expert's output (`{block}.shared_expert_gate`, 1 row)
+    # interleaved dense and MoE layers (Llama 4): the config's `moe_layers` list, else every `moe_step_key`-th layer
+    # has experts and the others a dense MLP of width `dense_width_key`
+    moe_step_key: str | None = None
+    dense_width_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,10 @@ class Architecture:
     # runs Mistral on its llama graph, and src/models/phi3.cpp switches Phi-3's window off ("Phi SWA is currently
     # disabled"); llama, qwen2/3 have none. vLLM applies config.json's window (fit/context_memory.kv_cells)
     llama_cpp_window: bool = False
+    # the config key of the attention window: a sliding window, or Llama 4's chunks (attention_chunk_size), which
+    # llama.cpp caches the same way (src/llama-kv-cache-iswa.cpp); layer_types name such layers sliding_attention or
+    # chunked_attention
+    window_key: str = "sliding_window"
     note: str = ""
 
 
@@ -147,6 +155,13 @@ _DEEPSEEK_V2_MOE = Moe("mlp", ("gate_proj", "up_proj", "down_proj"), "n_routed_e
 # Qwen3.5-MoE: one shared expert of its own width behind a sigmoid gate, a softmax top-k router
 _QWEN35_MOE = Moe("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts", "moe_intermediate_size",
                   shared="mlp.shared_expert", shared_width_key="shared_expert_intermediate_size", shared_gate=True)
+# Llama 4 (Scout 17B-16E, Maverick 17B-128E): one shared expert of the routed width beside top-k routed experts whose
+# input (not output) the router's sigmoid score scales; dense layers (width intermediate_size_mlp) between MoE ones
+_LLAMA4_MOE = Moe("feed_forward", ("gate_proj", "up_proj", "down_proj"), "num_local_experts", "intermediate_size",
+                  shared="feed_forward.shared_expert", shared_width_key="intermediate_size",
+                  moe_step_key="interleave_moe_layer_step", dense_width_key="intermediate_size_mlp")
+_LLAMA4_REFUSAL = ("its experts take the router's score on their input and are one [experts, hidden, 2·width] tensor; "
+                   "the engine has no expert module for them yet")
 _NOT_STREAMED = "the layer-wise engine has no row for its decoder layer yet"
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in [
@@ -199,6 +214,15 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in [
                                "biases and a clamped SwiGLU) have no expert module in the engine yet; GGUF without "
                                "an importance matrix goes through llama.cpp's converter",
                  note="attention sinks, sliding 128 / full alternating, biased experts"),
+    # Llama 4: chunked attention (8192-token chunks) on three layers of four, full attention without rotary
+    # embedding (NoPE) on the fourth; llama.cpp caches the chunked layers like sliding ones (pattern 4). llama.cpp's
+    # converter registers only the multimodal checkpoint (Llama4ForConditionalGeneration)
+    Architecture("llama4_text", "gqa", 2, None, "llama4", moe=_LLAMA4_MOE, llama_cpp_window=True,
+                 window_key="attention_chunk_size", defaults={"attention_chunk_size": 8192, "sliding_window_pattern": 4},
+                 layer_refusal=_LLAMA4_REFUSAL, note="chunked attention 3 : 1 NoPE full; routed + shared expert"),
+    Architecture("llama4", "gqa", 2, None, "llama4", moe=_LLAMA4_MOE, llama_cpp_window=True,
+                 window_key="attention_chunk_size", defaults={"attention_chunk_size": 8192, "sliding_window_pattern": 4},
+                 layer_refusal="the multimodal Llama 4 checkpoint; " + _LLAMA4_REFUSAL),
     # DeepSeek-V2 / V2-Lite (16B, the size people run locally): V3's MLA (V2-Lite has no query latent: q_proj), a
     # dense first layer, then routed experts and shared experts under a softmax router without V3's score-correction
     # bias
