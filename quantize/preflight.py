@@ -57,10 +57,10 @@ def peek_config(spec: str, revision: str | None = None):
 
 def check_recipe(recipe: Recipe, config: dict, meta) -> None:
     """What would fail later, checked now from the config and the architecture alone, naming the recipe key: the
-    engine supports the model type (and its sliding window the calibration length), every linear takes the group
+    engine supports the model type, every linear takes the group
     size, the GGUF converter can write the model."""
     if recipe.eval.stream:
-        check_stream(config, recipe.eval.perplexity.n_ctx, "key `eval.stream`")
+        check_stream(config, "key `eval.stream`")
     check_engines(recipe.eval.engines)
     for k, method in enumerate(recipe.methods):
         key = "method" if len(recipe.methods) == 1 else f"methods[{k}]"
@@ -68,7 +68,7 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
             if getattr(method, "format", None) == "litert":
                 check_litert(config)
             if method.layer_wise:
-                check_model(config, recipe.calibration.seq_len if method.needs_calibration else None)
+                check_model(config)
                 if method.name in ("rtn", "gptq", "awq"):  # int8 w8a8 and fp8 have no group size
                     check_group_sizes(meta, method)
             if method.name == "fp8":
@@ -90,7 +90,7 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
                     raise QuantizeError("the budgeted mix (method auto) handles dense models; a sparse MoE model's "
                                         "merged expert tensors are not in its sensitivity table yet")
                 check_convertible(config)
-                check_model(config, recipe.calibration.seq_len)
+                check_model(config)
                 if method.budget.gpu:
                     check_gpu_budget(config, method.budget, recipe.fit.flash_attn,
                                      vram.engine_for(artefact_format(method)))
@@ -99,7 +99,7 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
                 if method.type not in UNQUANTIZED:
                     footprint.check_mix(config, method.type, method.use_imatrix)
                 if method.needs_calibration:
-                    check_model(config, recipe.calibration.seq_len)
+                    check_model(config)
         except QuantizeError as exc:
             raise QuantizeError(f"key `{key}` ({method.default_variant()}): {exc}") from None
 

@@ -157,6 +157,37 @@ def test_streamed_layers_give_the_models_own_hidden_states(family_model):
         assert diff < 1e-4, (family, i, diff)
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text", "phi3"])
+def test_calibration_longer_than_a_sliding_window(family, tmp_path):
+    """Calibration sequences four windows long: the stages GPTQ runs (Mistral's staged llama layer, the hooked
+    layers of Gemma 3 and Phi-3) mask each windowed layer as transformers does, so the streamed layers compute the
+    model's own hidden states (Mistral and Phi-3 window every layer; Gemma 3 its sliding layers)."""
+    from quantize.methods.engine import hooked_layer, layer_stages, staged_layer, stream_layers
+    from quantize.sources.architectures import ARCHITECTURES
+
+    overrides = {**FAMILIES[family], "sliding_window": 16}
+    model_dir = build_tiny_llama(tmp_path / family, model_type=family, **overrides)
+    arch = ARCHITECTURES[family]
+    ids = torch.randint(3, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    streamed = []
+
+    def process(i, layer, acts):
+        if arch.layer.staged:
+            out = staged_layer(layer, acts, lambda group, X: None)
+        else:
+            out = hooked_layer(layer, acts, layer_stages(arch, layer), lambda names, X: None)
+        streamed.append(out)
+        return out
+
+    for _ in stream_layers(model_dir, ids, process):
+        pass
+    with torch.no_grad():
+        expected = load_model(model_dir, "float32")(ids, output_hidden_states=True).hidden_states
+    for i, h in enumerate(streamed[:-1]):
+        diff = (h - expected[i + 1]).abs().max().item()
+        assert diff < 1e-4, (family, i, diff)
+
+
 def test_awq_scales_fold_into_the_same_function(family_model):
     """AWQ with every scale folded and nothing rounded: each architecture's fold (norm weights stored as offsets
     from 1 in Gemma, the up half of Phi-3's fused gate_up) leaves the model's logits as they were."""

@@ -20,7 +20,6 @@ def edited_copy(tiny_model, folder, **config):
 CASES = {
     "group size": ({"name": "gptq", "bits": 4, "group_size": 128}, "not divisible by group_size 128"),
     "model type": ({"name": "awq", "bits": 4, "group_size": 64}, "model type 'qwen2_moe' has no row"),
-    "sliding window": ({"name": "rtn", "bits": 4, "group_size": 64}, None),
     "rope type": ({"name": "gguf", "type": "Q8_0"}, "rope type 'yarn' is not supported"),
     # llama.cpp refuses IQ2 types without an importance matrix: said at plan time, from the config alone
     "imatrix off": ({"name": "gguf", "type": "IQ2_XS", "imatrix": False}, "without an importance matrix"),
@@ -34,23 +33,16 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_plan_fails_early_naming_the_key(case, tiny_model, tmp_path):
     method, expected = CASES[case]
-    calibration = None
     if case == "group size":
         model = build_tiny_llama(tmp_path / "m", hidden_size=192)  # 192 input columns: no g128 groups
     elif case == "model type":
         model = edited_copy(tiny_model, tmp_path / "m", model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"])
-    elif case == "sliding window":
-        model = edited_copy(tiny_model, tmp_path / "m", model_type="mistral", sliding_window=32,
-                            architectures=["MistralForCausalLM"])
-        method = {"name": "gptq", "bits": 4, "group_size": 64}
-        calibration, expected = {"samples": 4, "seq_len": 64}, "exceed the model's sliding_window 32"
     elif case in ("imatrix off", "dense MXFP4_MOE", "gpu budget"):
         model = tiny_model
     else:
         model = edited_copy(tiny_model, tmp_path / "m", rope_parameters={
             "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "rope_theta": 10000.0})
-    extra = {"calibration": calibration} if calibration else {}
-    write_recipe(tmp_path / "r.yaml", str(model), [method, {"name": "int8"}], tmp_path / "out", **extra)
+    write_recipe(tmp_path / "r.yaml", str(model), [method, {"name": "int8"}], tmp_path / "out")
     r = quantize("plan", "r.yaml", cwd=tmp_path)
     print(f"{case}: {r.stderr.strip()}")
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -27,14 +27,13 @@ LOADER = "quantize's layer-by-layer stream from the shards (float32)"
 STREAMABLE = ("dense", "compressed-tensors")  # formats whose tensors the stream can read
 
 
-def check_stream(config: dict, n_ctx: int, where: str) -> None:
-    """The stream runs the layer-wise engine's full causal attention: refuse a model type it does not know, and
-    chunks longer than a sliding window (whose layers would then see tokens the model never attends to)."""
+def check_stream(config: dict, where: str) -> None:
+    """The stream runs the layer-wise engine (its causal attention, windowed where the model's layers are): refuse a
+    model type it does not know."""
     try:
-        check_model(config, n_ctx)
+        check_model(config)
     except QuantizeError as exc:
-        raise QuantizeError(f"{where}: eval.stream: {str(exc).replace('calibration sequences', 'chunks')}; use "
-                            "`eval.perplexity.n_ctx` within the window, or `eval.stream: false`") from None
+        raise QuantizeError(f"{where}: eval.stream: {exc}; use `eval.stream: false`") from None
 
 
 class StreamedModel:
@@ -56,7 +55,6 @@ class StreamedModel:
     def chunk_logits(self, ids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         """(chunk index, logits [n_ctx, vocab] float32) for ids [chunks, n_ctx], after one streamed pass."""
         config = self.config.to_dict()
-        check_stream(config, int(ids.shape[1]), str(self.path))
         final = {}
 
         def keep(i, layer, acts):

@@ -14,7 +14,8 @@ class Activations:
     hidden: [samples, seq_len, hidden]; position_embeddings: (cos, sin) [1, seq_len, head_dim]. Blocks run in
     batches of `batch` sequences, causal attention over whole sequences: with no mask under sdpa (is_causal), with
     an additive causal mask [1, 1, seq_len, seq_len] under eager attention (`causal_mask`, e.g. Gemma 2, whose
-    soft-capping sdpa does not do).
+    soft-capping sdpa does not do), and a windowed one for a layer that attends within a sliding window shorter
+    than the sequences (`mask`, set per layer by the engine: attention_masks).
 
     The activations are kept in float32. With forward_dtype bfloat16 the blocks run under autocast: linears and
     attention in bfloat16 (about 4x the float32 matmul rate on CPUs with AVX512-BF16, and the usual dtype on
@@ -24,10 +25,8 @@ class Activations:
                  forward_dtype: torch.dtype = torch.float32, causal_mask: bool = False):
         self.hidden, self.position_embeddings, self.batch = hidden, position_embeddings, batch
         self.forward_dtype = forward_dtype
-        self.mask = None
-        if causal_mask:
-            n = hidden.shape[1]
-            self.mask = torch.full((n, n), torch.finfo(torch.float32).min, device=hidden.device).triu(1)[None, None]
+        # the current layer's additive mask (the engine sets it per layer: attention_masks), or None: sdpa's causal
+        self.mask = causal_attention_mask(hidden.shape[1], None, hidden.device) if causal_mask else None
 
     def forward(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """`block` (a decoder layer, its attention, its MLP, a linear or a function of x) applied to x
@@ -66,6 +65,31 @@ class Activations:
             for h in hooks:
                 h.remove()
         return {n: torch.cat(xs) if xs else None for n, xs in seen.items()}  # None: never called (an idle expert)
+
+
+def causal_attention_mask(n: int, window: int | None, device) -> torch.Tensor:
+    """The additive mask [1, 1, n, n]: query i sees key j ≤ i, and with a window only j > i − window (transformers'
+    sliding_window_overlay), −inf (float32's min) elsewhere."""
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
+    allowed = (j <= i) if window is None else (j <= i) & (j > i - window)
+    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]
+
+
+def attention_masks(config, seq_len: int, device, eager: bool) -> dict:
+    """The mask each attention kind of the model needs on `seq_len`-token sequences (keyed as layer_type keys
+    them): a layer attending within a sliding window shorter than the sequences gets the windowed causal mask, as
+    transformers builds it (`layer_types` naming it sliding_attention, or every layer where a config has a
+    sliding_window and no layer_types: Mistral, Phi-3); under eager attention every layer gets the causal mask;
+    else None (sdpa's is_causal)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    masks = {}
+    for kind in set(types or [None]):
+        windowed = window is not None and (kind == "sliding_attention" if types else True) and window < seq_len
+        masks[kind] = (causal_attention_mask(seq_len, window if windowed else None, device)
+                       if windowed or eager else None)
+    return masks
 
 
 def layer_type(config, i: int) -> str | None:

@@ -36,7 +36,7 @@ import torch
 
 from quantize.common.errors import QuantizeError
 from quantize.common.heap import release_free_heap
-from quantize.methods.activations import Activations, layer_type, rotary_tables
+from quantize.methods.activations import Activations, attention_masks, layer_type, rotary_tables
 from quantize.methods.checkpoint import Checkpoint
 from quantize.methods.experts import ExpertPolicy, capture, expert_lists, with_experts
 from quantize.sources.architectures import ARCHITECTURES, Architecture, streamed_layer
@@ -66,16 +66,11 @@ def release(module: torch.nn.Module) -> None:
     module.to("meta")
 
 
-def check_model(config: dict, seq_len: int | None = None) -> None:
+def check_model(config: dict) -> None:
     """Fail before any work if the engine cannot stream this model: its type has no row in the architecture table
-    or its row has no streamed layer, or (with calibration of `seq_len` tokens) a sliding window shorter than the
-    calibration sequences."""
+    or its row has no streamed layer. (A sliding window shorter than the sequences is masked per layer:
+    activations.attention_masks.)"""
     streamed_layer(config)
-    window = config.get("sliding_window")
-    if seq_len is not None and window and config.get("use_sliding_window", True) and seq_len > window:
-        raise QuantizeError(f"calibration sequences of {seq_len} tokens exceed the model's sliding_window {window}; "
-                            f"the layer-wise engine runs full causal attention, so use `calibration.seq_len` <= "
-                            f"{window}")
 
 
 def skeleton(base_path: Path, policy: ExpertPolicy = ExpertPolicy()):
@@ -174,10 +169,6 @@ def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Ca
 
     acts = None
     if calib is not None:
-        try:
-            check_model(model.config.to_dict(), int(calib.shape[1]))
-        except QuantizeError as exc:
-            raise QuantizeError(f"{base_path}: {exc}") from None
         if start:  # resumed: the activations entering layer `start`, as the interrupted build saved them
             hidden = checkpoint.state["hidden"].to(device)
         else:
@@ -185,8 +176,9 @@ def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Ca
             hidden = inner.embed_tokens(calib).float().to(device)  # [samples, seq_len, hidden]
             release(inner.embed_tokens)
         positions = rotary_tables(model, hidden, device)
-        acts = Activations(hidden, positions[layer_type(model.config, start)], batch, forward_dtype,
-                           causal_mask=model.config._attn_implementation == "eager")
+        masks = attention_masks(model.config, int(hidden.shape[1]), device,
+                                eager=model.config._attn_implementation == "eager")
+        acts = Activations(hidden, positions[layer_type(model.config, start)], batch, forward_dtype)
 
     for i, layer in enumerate(inner.layers):
         if i < start:
@@ -195,6 +187,7 @@ def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Ca
         layer.to(device)
         if acts is not None:
             acts.position_embeddings = positions[layer_type(model.config, i)]
+            acts.mask = masks[layer_type(model.config, i)]
         out = process_layer(i, layer, acts)
         if acts is not None:
             acts.hidden = out if out is not None else acts.run(layer)
