@@ -3,6 +3,8 @@ calibration sequences (`search_samples`) costs in quality.
 
     python bench/awq_speed.py [--search 1 2 4 8] [--repeats 3] [--chunks 12]
         → bench/results/awq_speed.{md,json}
+    python bench/awq_speed.py --times-only [--repeats 3]
+        → bench/results/awq_speed_times.{md,json} (part 2 alone)
 
 1. Quality: one `quantize run` of SmolLM2-135M with GPTQ, AWQ with the full search, and AWQ with each
    `search_samples` value, W4 asym g64 (bench/results/smollm2-awq.md's recipe), calibration 32 × 512 tokens of
@@ -67,6 +69,45 @@ def timed(method: dict) -> float:
     return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
 
 
+def times_only(repeats: int) -> None:
+    """GPTQ and AWQ (default search_samples) builds alternated, each in a fresh process; medians and their ratio,
+    with the machine's facts (the forward dtype each build chose is in its own artefact; `auto` picks bfloat16 on a
+    CPU with AVX512-BF16)."""
+    import platform
+
+    from quantize.common.files import versions
+
+    times = {"gptq": [], "awq": []}
+    for _ in range(repeats):
+        times["gptq"].append(timed(GPTQ))
+        times["awq"].append(timed(AWQ))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    out = {"protocol": {"model": "bundled:smollm2-135m", "methods": [GPTQ, AWQ], "calibration": CALIB,
+                        "threads": torch_threads(), "cpu": platform.processor() or platform.machine(), "isa": isa,
+                        "versions": versions()},
+           "times_s": times, "median_s": med, "awq_over_gptq": med["awq"] / med["gptq"]}
+    dest = ROOT / "bench" / "results"
+    (dest / "awq_speed_times.json").write_text(json.dumps(out, indent=1))
+    fmt = lambda v: f"{statistics.median(v):.1f} s (min {min(v):.1f}, max {max(v):.1f})"  # noqa: E731
+    lines = ["# AWQ's build time against GPTQ's", "",
+             f"`python bench/awq_speed.py --times-only --repeats {repeats}`: SmolLM2-135M W4 asym g64, calibration "
+             f"{CALIB['samples']} × {CALIB['seq_len']} tokens of {CALIB['source']}, each build alone in a fresh "
+             f"process (the method's own build: streamed calibration, the solve, writing the artefact), alternated; "
+             f"{out['protocol']['threads']} threads, CPU flags {', '.join(isa)}.", "",
+             f"GPTQ {fmt(times['gptq'])}; AWQ (default search_samples) {fmt(times['awq'])}; ratio of medians "
+             f"AWQ / GPTQ {out['awq_over_gptq']:.2f}.", ""]
+    (dest / "awq_speed_times.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--search", type=int, nargs="+", default=[2, 8])
@@ -75,10 +116,14 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="also AWQ with the full search in this run (about 20 min "
                     "on 2 cores); without it the table quotes bench/results/smollm2-awq.json's, same protocol")
     ap.add_argument("--output", type=Path, default=ROOT / "outputs" / "bench-awq-speed")
+    ap.add_argument("--times-only", action="store_true", help="only the alternated build timings (no quality "
+                    "run): bench/results/awq_speed_times.{json,md}")
     ap.add_argument("--time-one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.time_one:
         return time_one(json.loads(args.time_one))
+    if args.times_only:
+        return times_only(args.repeats)
 
     from quantize.methods.configs import AwqMethod
 

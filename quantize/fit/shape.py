@@ -163,7 +163,7 @@ class ParamCounts:
     n_active: int  # routed experts used per token
     vocab: int
     linear_rows: int  # output rows of all decoder linears (one int8 scale each)
-    n_dense_layers: int = 0  # layers with a dense MLP instead of experts (DeepSeek's leading ones, Llama 4's interleaved)
+    n_dense_layers: int = 0  # layers with a dense MLP instead of experts (DeepSeek's leading, Llama 4's interleaved)
     dense_mlp: dict[str, int] | None = None  # that dense MLP: gate, up, down
     shared_mlp: dict[str, int] | None = None  # per MoE layer, the always-used shared experts: gate, up, down
     n_linear_layers: int = 0  # hybrid models: layers whose attention is linear_attn instead of `attn`
@@ -317,7 +317,9 @@ def shape_config_from_gguf(path: Path) -> dict:
         # llama.cpp converts V2 and V3 to one graph; V3's router has a score-correction bias per expert
         # (blk.N.exp_probs_b), V2's none
         v3 = any(".exp_probs_b" in t.name for t in reader.tensors)
-        cfg.update({"model_type": "deepseek_v3" if v3 else "deepseek_v2","kv_lora_rank": value(k("attention.kv_lora_rank")), "q_lora_rank": value(k("attention.q_lora_rank")),
+        cfg.update({"model_type": "deepseek_v3" if v3 else "deepseek_v2",
+                    "kv_lora_rank": value(k("attention.kv_lora_rank")),
+                    "q_lora_rank": value(k("attention.q_lora_rank")),
                     "qk_rope_head_dim": rope, "qk_nope_head_dim": qk - rope if qk and rope else None,
                     "v_head_dim": value(k("attention.value_length_mla")),
                     "n_routed_experts": value(k("expert_count")), "n_shared_experts": value(k("expert_shared_count")),

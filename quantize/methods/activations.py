@@ -12,21 +12,19 @@ class Activations:
     """The calibration activations entering the current decoder layer, and how to run blocks of it on them.
 
     hidden: [samples, seq_len, hidden]; position_embeddings: (cos, sin) [1, seq_len, head_dim]. Blocks run in
-    batches of `batch` sequences, causal attention over whole sequences: with no mask under sdpa (is_causal), with
-    an additive causal mask [1, 1, seq_len, seq_len] under eager attention (`causal_mask`, e.g. Gemma 2, whose
-    soft-capping sdpa does not do), and a windowed one for a layer that attends within a sliding window shorter
-    than the sequences (`mask`, set per layer by the engine: attention_masks).
+    batches of `batch` sequences, causal attention over whole sequences: `mask`, set per layer by the engine
+    (attention_masks), is None under sdpa (is_causal), an additive causal mask [1, 1, seq_len, seq_len] under eager
+    attention (e.g. Gemma 2, whose soft-capping sdpa does not do), and a windowed one for a layer that attends
+    within a sliding window shorter than the sequences.
 
     The activations are kept in float32. With forward_dtype bfloat16 the blocks run under autocast: linears and
     attention in bfloat16 (about 4x the float32 matmul rate on CPUs with AVX512-BF16, and the usual dtype on
     GPUs), norms and the residual additions in float32; what a block returns is float32 again."""
 
     def __init__(self, hidden: torch.Tensor, position_embeddings, batch: int,
-                 forward_dtype: torch.dtype = torch.float32, causal_mask: bool = False):
+                 forward_dtype: torch.dtype = torch.float32, mask: torch.Tensor | None = None):
         self.hidden, self.position_embeddings, self.batch = hidden, position_embeddings, batch
-        self.forward_dtype = forward_dtype
-        # the current layer's additive mask (the engine sets it per layer: attention_masks), or None: sdpa's causal
-        self.mask = causal_attention_mask(hidden.shape[1], None, hidden.device) if causal_mask else None
+        self.forward_dtype, self.mask = forward_dtype, mask
 
     def forward(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """`block` (a decoder layer, its attention, its MLP, a linear or a function of x) applied to x

@@ -178,7 +178,8 @@ def stream_layers(base_path: Path, calib: torch.Tensor | None, process_layer: Ca
         positions = rotary_tables(model, hidden, device)
         masks = attention_masks(model.config, int(hidden.shape[1]), device,
                                 eager=model.config._attn_implementation == "eager")
-        acts = Activations(hidden, positions[layer_type(model.config, start)], batch, forward_dtype)
+        acts = Activations(hidden, positions[layer_type(model.config, start)], batch, forward_dtype,
+                           masks[layer_type(model.config, start)])
 
     for i, layer in enumerate(inner.layers):
         if i < start:
