@@ -21,6 +21,7 @@ from quantize.methods.configs import artefact_format
 from quantize.methods.experts import has_experts, with_experts
 from quantize.methods.weight_only import check_group_sizes
 from quantize.recipe import Recipe
+from quantize.sources.architectures import ARCHITECTURES
 from quantize.sources.models import (
     gguf_source, hub_config_and_bytes, is_hub_id, meta_model, resolve_model, unique_parameters,
 )
@@ -99,9 +100,22 @@ def check_recipe(recipe: Recipe, config: dict, meta) -> None:
                 if method.type not in UNQUANTIZED:
                     footprint.check_mix(config, method.type, method.use_imatrix)
                 if method.needs_calibration:
-                    check_model(config)
+                    check_imatrix_model(config)
         except QuantizeError as exc:
             raise QuantizeError(f"key `{key}` ({method.default_variant()}): {exc}") from None
+
+
+def check_imatrix_model(config: dict) -> None:
+    """The importance matrix runs on the layer-wise engine: a family whose row has no streamed layer (gpt-oss,
+    Llama 4) is refused with the key that makes its GGUF without one."""
+    try:
+        check_model(config)
+    except QuantizeError as exc:
+        arch = ARCHITECTURES.get(config.get("model_type"))
+        if arch is None or arch.layer is not None:
+            raise
+        raise QuantizeError(f"{exc}. The importance matrix needs that engine: set `imatrix: false` on this method "
+                            "to make the GGUF with llama.cpp's converter and quantizer alone") from None
 
 
 def litert_on_device(weights: int, shape) -> dict:

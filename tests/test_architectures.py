@@ -100,6 +100,15 @@ def test_plan_refuses_a_layer_wise_method_on_a_fit_only_family(tmp_path):
     assert out.returncode == 2, out.stdout + out.stderr
     assert "'gpt_oss'" in out.stderr and "no expert module in the engine" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+    # a GGUF mix whose importance matrix is on by default (Q4_K_M): the refusal names the key that turns it off,
+    # and with it off the plan goes through
+    for imatrix, code in ((None, 2), (False, 0)):
+        gguf = {"name": "gguf", "type": "Q4_K_M", **({} if imatrix is None else {"imatrix": imatrix})}
+        recipe = write_recipe(tmp_path / "g.yaml", str(model), [gguf], tmp_path / "out")
+        out = subprocess.run([sys.executable, "-m", "quantize.cli", "plan", str(recipe)], capture_output=True,
+                             text=True)
+        assert out.returncode == code, out.stdout + out.stderr
+        assert ("set `imatrix: false`" in out.stderr) == (code == 2), out.stderr
 
 
 def test_plan_refuses_a_family_without_a_row(tmp_path):
