@@ -100,7 +100,8 @@ def test_deepseek_v3_mla_kv_and_counts_by_hand():
 
 
 def test_deepseek_v2_lite_counts_and_kv_by_hand():
-    """DeepSeek-V2-Lite (deepseek_v2, its config.json as published, transcribed): MLA without a query latent (q_proj
+    """DeepSeek-V2-Lite (deepseek_v2, its published config.json's shape keys transcribed from memory, no copy being
+    offline; the card's totals below check them): MLA without a query latent (q_proj
     over 16 heads of 128 + 64 rope dims; a 512-wide KV latent), one dense layer, then 26 layers of 64 routed experts
     (6 per token) and 2 shared experts, under a softmax router without a bias. DeepSeek's card: 15.7B total, 2.4B
     activated (without the embedding). MLA caches the latent and the rope key: 576 elements per token and layer."""
@@ -195,7 +196,8 @@ def test_qwen3_5_35b_a3b_moe_counts_and_state_by_hand():
 
 
 def test_gpt_oss_20b_counts_and_kv_by_hand():
-    """gpt-oss-20b (gpt_oss, its config.json as published, transcribed): 24 layers of GQA attention (64 query heads,
+    """gpt-oss-20b (gpt_oss, its published config.json transcribed from memory, no copy being offline; OpenAI's
+    card's totals below check it): 24 layers of GQA attention (64 query heads,
     8 KV heads of 64; a learned sink logit per query head), 12 with a sliding window of 128 tokens alternating with
     12 full ones, 32 experts of width 2880 (4 per token) under a router with a bias; untied embeddings. OpenAI's model
     card: 20.91B total, 3.61B active (its active count leaves the embedding out). Biases are not counted (6.6M in the
