@@ -71,7 +71,7 @@ def encode(logits: torch.Tensor) -> np.ndarray:
 def decode(rows: np.ndarray, n_vocab: int) -> torch.Tensor:
     """[n, nv] uint16 rows → [n, n_vocab] float32 base log-probabilities (scale·code + min_log_prob)."""
     head = np.ascontiguousarray(rows[:, :4]).view(np.float32)
-    codes = torch.from_numpy(rows[:, 4 : 4 + n_vocab].astype(np.float32))
+    codes = torch.from_numpy(rows[:, 4 : 4 + n_vocab]).float()  # uint16 → float32, exact (torch's is threaded)
     return codes.mul_(torch.from_numpy(head[:, 0:1].copy())).add_(torch.from_numpy(head[:, 1:2].copy()))
 
 
