@@ -252,8 +252,8 @@ def param_counts(cfg: dict) -> ParamCounts:
     dense_width, dense_at = shape.intermediate_size, ()
     if moe and moe.moe_step_key and experts > 1:  # Llama 4: dense layers between the MoE ones
         step = int(cfg.get(moe.moe_step_key) or 1)
-        moe_layers = cfg.get("moe_layers") or list(range(step - 1, layers, step))
-        dense_at = tuple(i for i in range(layers) if i not in set(moe_layers))
+        moe_layers = set(cfg.get("moe_layers") or range(step - 1, layers, step))
+        dense_at = tuple(i for i in range(layers) if i not in moe_layers)
         dense = len(dense_at)
         dense_width = int(cfg.get(moe.dense_width_key) or dense_width)
     shared_width = 0  # the shared experts' width in all (0: none)

@@ -160,6 +160,8 @@ _QWEN35_MOE = Moe("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts", "
 _LLAMA4_MOE = Moe("feed_forward", ("gate_proj", "up_proj", "down_proj"), "num_local_experts", "intermediate_size",
                   shared="feed_forward.shared_expert", shared_width_key="intermediate_size",
                   moe_step_key="interleave_moe_layer_step", dense_width_key="intermediate_size_mlp")
+# llama.cpp's graph: 8192-token chunks, every 4th layer full (src/models/llama4.cpp)
+_LLAMA4_DEFAULTS = {"attention_chunk_size": 8192, "sliding_window_pattern": 4}
 _LLAMA4_REFUSAL = ("its experts take the router's score on their input and are one [experts, hidden, 2·width] tensor; "
                    "the engine has no expert module for them yet")
 _NOT_STREAMED = "the layer-wise engine has no row for its decoder layer yet"
@@ -218,10 +220,10 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in [
     # embedding (NoPE) on the fourth; llama.cpp caches the chunked layers like sliding ones (pattern 4). llama.cpp's
     # converter registers only the multimodal checkpoint (Llama4ForConditionalGeneration)
     Architecture("llama4_text", "gqa", 2, None, "llama4", moe=_LLAMA4_MOE, llama_cpp_window=True,
-                 window_key="attention_chunk_size", defaults={"attention_chunk_size": 8192, "sliding_window_pattern": 4},
+                 window_key="attention_chunk_size", defaults=_LLAMA4_DEFAULTS,
                  layer_refusal=_LLAMA4_REFUSAL, note="chunked attention 3 : 1 NoPE full; routed + shared expert"),
     Architecture("llama4", "gqa", 2, None, "llama4", moe=_LLAMA4_MOE, llama_cpp_window=True,
-                 window_key="attention_chunk_size", defaults={"attention_chunk_size": 8192, "sliding_window_pattern": 4},
+                 window_key="attention_chunk_size", defaults=_LLAMA4_DEFAULTS,
                  layer_refusal="the multimodal Llama 4 checkpoint; " + _LLAMA4_REFUSAL),
     # DeepSeek-V2 / V2-Lite (16B, the size people run locally): V3's MLA (V2-Lite has no query latent: q_proj), a
     # dense first layer, then routed experts and shared experts under a softmax router without V3's score-correction
