@@ -11,9 +11,10 @@ from quantize.formats import compressed_tensors
 from quantize.methods import grids
 from quantize.methods.engine import stream_layers
 from quantize.sources.architectures import LLAMA
-from quantize.methods.awq import awq_layer, block_loss_fn, fold_scale, search_clip, search_scale
-from quantize.sources.models import load_model, load_tokenizer
+from quantize.methods.awq import alpha_steps, awq_layer, block_loss_fn, fold_scale, search_clip, search_scale
+from quantize.sources.models import load_model, load_tokenizer, resolve_model
 from quantize.methods.configs import AwqMethod
+from quantize.methods.registry import METHODS
 from quantize.recipe import load_recipe
 
 
@@ -39,6 +40,27 @@ def test_scale_search_beats_rtn_on_outlier_channels():
     assert awq_err == min(losses) or abs(awq_err - min(losses)) < 1e-6 * awq_err
     assert awq_err < 0.7 * err(Q(W))  # the salient channels keep their precision
     assert s[:3].min() > s[3:].max()  # the outlier channels got the largest scales
+
+
+def test_coarse_to_fine_scale_search_finds_the_grid_minimum_of_a_unimodal_loss():
+    """coarse_grid 4 on a 20-point grid judges s = 1, every 4th α, then the best's neighbours at 2 and 1: ten
+    points instead of 21, and on a loss that is unimodal in α (this one; checked) the same α as the whole grid."""
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(64, 32, bias=False)
+    x = outlier_inputs(seed=1)[None]
+    Q = lambda w: grids.fake_quantize(w, 4, False, 16)  # noqa: E731
+    x_mean = x.abs().mean((0, 1))
+    loss = block_loss_fn(None, lin, x)
+    s, alpha, losses = search_scale([lin], [True], x_mean, loss, Q, 16, 20, True)
+    curve = losses[1:]  # α = 0, 1/20, …: the whole grid judged in order
+    k = curve.index(min(curve))
+    assert len(curve) == 20 and 0 < k < 19
+    assert all(a > b for a, b in zip(curve[:k], curve[1 : k + 1]))
+    assert all(a < b for a, b in zip(curve[k:], curve[k + 1 :]))
+    s4, alpha4, losses4 = search_scale([lin], [True], x_mean, loss, Q, 16, 20, True, coarse=4)
+    assert alpha4 == alpha and torch.equal(s4, s) and min(losses4) == min(losses)
+    assert len(losses4) <= 10
+    assert alpha_steps(20, 4) == [4, 2, 1] and alpha_steps(20, 1) == [1] and alpha_steps(4, 4) == [1]
 
 
 def test_gram_loss_equals_the_output_error():
@@ -124,6 +146,27 @@ def test_clip_search_never_worse_than_no_clip():
     err = lambda Wq: (x @ (Wq - W).T).pow(2).mean().item()  # noqa: E731
     assert err(Q(clipped)) < err(Q(W))
     assert (m <= W.abs().reshape(64, 2, 32).amax(-1) + 1e-6).all()
+
+
+def test_clip_search_picks_each_groups_best_clip_by_its_output_error():
+    """The Gram-matrix form of the clip loss chooses, per (row, group), the shrink whose quantized group gives the
+    smallest output error over the tokens, computed here directly as ‖Xg·(Q(clamp(Wg)) − Wg)ᵀ‖² in float64."""
+    torch.manual_seed(1)
+    W, x = torch.randn(48, 96), outlier_inputs(300, 96)
+    W[:, 7] *= 6
+    Q = lambda w: grids.fake_quantize(w, 4, False, 32)  # noqa: E731
+    m = search_clip(W, x, Q, 32, n_grid=20, row_batch=16)
+    Wg, Xg = W.reshape(48, 3, 32), x.double().reshape(300, 3, 32)
+    org = Wg.abs().amax(-1)
+    errors = []
+    for i in range(10):
+        c = org * (1 - i / 20)
+        Wq = Q(torch.clamp(Wg, -c[..., None], c[..., None]).reshape(48, 96)).reshape(48, 3, 32)
+        errors.append(torch.einsum("tgc,rgc->rgt", Xg, (Wq - Wg).double()).pow(2).sum(-1))  # [rows, groups]
+    best = torch.stack(errors).argmin(0)
+    shrunk = torch.stack([org * (1 - i / 20) for i in range(10)])
+    assert torch.equal(m, shrunk.gather(0, best[None])[0])
+    assert (best > 0).any()  # some groups clip
 
 
 def test_scaled_model_is_the_same_function(tiny_model):
@@ -220,6 +263,47 @@ def test_classic_layouts_hold_the_same_weights(tiny_model, tmp_path):
     assert (qc["checkpoint_format"], qc["sym"]) == ("gptq_v2", False)
 
 
+def test_awq_layer_returns_the_layers_full_precision_output(tiny_model):
+    """awq_layer quantizes the layer and returns its output before any change (the pass that captured its inputs):
+    the next layer's inputs under `propagate: full-precision`."""
+    calib = torch.randint(3, 512, (4, 32), generator=torch.Generator().manual_seed(2))
+    method = AwqMethod(name="awq", bits=4, group_size=64, n_grid=4)
+    seen = {}
+
+    def process(i, layer, acts):
+        seen["expected"] = acts.run(copy.deepcopy(layer))
+        seen["out"] = awq_layer(i, layer, acts, LLAMA.awq, method, lambda name, cols: 64, lambda name: False, {}, [])
+        seen["after"] = acts.run(layer)
+
+    for _ in stream_layers(tiny_model, calib, process):
+        break
+    assert torch.equal(seen["out"], seen["expected"])
+    assert not torch.allclose(seen["after"], seen["expected"], atol=1e-4)  # the layer was quantized
+
+
+def test_propagate_full_precision_feeds_each_layer_the_full_precision_outputs(tiny_model, tmp_path):
+    """The build's log: layer 0 decides the same either way; from layer 1 on, `propagate: full-precision` judges on
+    the full-precision model's activations (the same as when layer 0 is left unquantized), `quantized` on
+    activations that went through the quantized layer 0."""
+    calib = torch.randint(3, 512, (4, 32), generator=torch.Generator().manual_seed(3))
+    base = resolve_model(str(tiny_model))
+
+    def log(tag, **options):
+        out = tmp_path / tag
+        out.mkdir()
+        METHODS["awq"].build(AwqMethod(name="awq", bits=4, group_size=64, n_grid=4, **options), base, out, calib)
+        rows = [json.loads(line) for line in (out / "quantize-log.jsonl").read_text().splitlines()]
+        return {(r["layer"], r["module"]): (r["alpha"], r["scale_loss_rtn"]) for r in rows if r["alpha"] is not None}
+
+    quantized = log("q")
+    full = log("fp", propagate="full-precision")
+    skip0 = log("skip0", propagate="full-precision", ignore=["lm_head", r"model\.layers\.0\."])
+    assert {k: v for k, v in quantized.items() if k[0] == 0} == {k: v for k, v in full.items() if k[0] == 0}
+    later = [k for k in full if k[0] > 0]
+    assert later and all(full[k] == skip0[k] for k in later)
+    assert any(full[k][1] != quantized[k][1] for k in later)
+
+
 def test_search_samples_judges_alpha_on_evenly_spaced_sequences(tiny_model):
     """With search_samples: k, the scale search's loss for a block with attention is the block's output error on k
     evenly spaced calibration sequences (here 0, 4, 7 of 8), not on all of them; k ≥ samples is the full search."""
@@ -234,7 +318,7 @@ def test_search_samples_judges_alpha_on_evenly_spaced_sequences(tiny_model):
 
         def process(i, layer, acts):
             if expected is not None:  # the RTN (s = 1) error of q/k/v, on the subset and on every sequence
-                x = acts.capture(layer, ["self_attn.q_proj"])["self_attn.q_proj"]
+                x = acts.capture(layer, ["self_attn.q_proj"])[0]["self_attn.q_proj"]
                 block = layer.self_attn
                 originals = [layer.get_submodule(n).weight.data.clone() for n in attn]
                 for part, xs in (("subset", x[[0, 4, 7]]), ("all", x)):

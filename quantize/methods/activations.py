@@ -52,17 +52,18 @@ class Activations:
     def run(self, layer: torch.nn.Module) -> torch.Tensor:
         return self.forward(layer, self.hidden)
 
-    def capture(self, layer: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-        """One pass through `layer`; the inputs each named submodule saw, [samples, seq_len, in_features]."""
+    def capture(self, layer: torch.nn.Module, names: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One pass through `layer`: the inputs each named submodule saw, [samples, seq_len, in_features], and the
+        layer's output."""
         seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         hooks = [layer.get_submodule(n).register_forward_hook(lambda m, inp, out, n=n: seen[n].append(inp[0]))
                  for n in names]
         try:
-            self.run(layer)
+            out = self.run(layer)
         finally:
             for h in hooks:
                 h.remove()
-        return {n: torch.cat(xs) if xs else None for n, xs in seen.items()}  # None: never called (an idle expert)
+        return {n: torch.cat(xs) if xs else None for n, xs in seen.items()}, out  # None: never called (an idle expert)
 
 
 def causal_attention_mask(n: int, window: int | None, device) -> torch.Tensor:

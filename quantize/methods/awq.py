@@ -10,7 +10,9 @@ output judges them), with X the calibration inputs of those linears and W their 
 
 With `search_samples: k` the norm is taken over k evenly spaced calibration sequences (x̄ still over every
 token): each α re-runs the judging block, which is most of AWQ's time; a block that is one linear (o, down) always
-takes every token, since its loss costs the same for any number of them (the Gram matrix below).
+takes every token, since its loss costs the same for any number of them (the Gram matrix below). With
+`coarse_grid: c` (default 4) α is searched coarse to fine: s = 1, every c-th α, then the best's neighbours at c/2,
+c/4 … 1 (10 block runs instead of 21 at n_grid 20; coarse_grid 1 judges every α, as AutoAWQ and llm-compressor).
 
 Code ↔ symbols: `x_mean` = x̄, `w_mean` = w̄, `s` = s, `block_loss` = the norm above, `Q` = the round-to-nearest
 min/max grid of the recipe (grids.fake_quantize). s⁻¹ is then folded into `prev` (the RMSNorm weight, or the rows
@@ -22,7 +24,9 @@ in the softmax), a clipping search per (row, group):
 
 on `clip_tokens` evenly spaced calibration tokens, and W ← clamp(W, −m*, m*). Last, W is rounded onto its
 group's grid. As in AutoAWQ and llm-compressor, all scales are searched on the layer's full-precision
-activations; the next layer then gets the outputs of this layer as quantized (the engine's choice for GPTQ too).
+activations; the next layer then gets the outputs of this layer as quantized (the engine's choice for GPTQ too), or
+with `propagate: full-precision` its full-precision outputs from the pass that captured its inputs (AutoAWQ's
+choice: one pass through each layer instead of two).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import time
 
 import torch
 
-from quantize.methods import grids
+from quantize.methods import grids, statistics
 from quantize.methods.configs import AwqMethod
 from quantize.methods.activations import Activations
 from quantize.methods.device import peak_vram, reset_peak_vram, resolve_device, resolve_forward_dtype
@@ -69,26 +73,46 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, alpha: float, d
     return torch.where(torch.isfinite(s), s, torch.ones_like(s))
 
 
+def alpha_steps(n_grid: int, coarse: int) -> list[int]:
+    """The refinement steps of a coarse-to-fine search over k ∈ [0, n_grid): every `coarse`-th k first, then the
+    best's neighbours at half the distance, down to 1 ([coarse, …, 2, 1]; [1]: the whole grid)."""
+    steps = [max(1, coarse)]
+    while steps[-1] > 1:
+        steps.append(steps[-1] // 2)
+    return steps if n_grid > steps[0] else [1]
+
+
 def search_scale(linears: list[torch.nn.Linear], quantized: list[bool], x_mean: torch.Tensor, block_loss, Q,
-                 group_size: int, n_grid: int, duo_scaling: bool):
+                 group_size: int, n_grid: int, duo_scaling: bool, coarse: int = 1):
     """α* and s(α*) for linears whose inputs have mean magnitude x_mean [in]. `block_loss()` is the squared error
     of the judging block's output with the linears' current weights against full precision; `Q(W)`
-    fake-quantizes. The linears are left as they came. Returns (s, α* or None for s = 1, losses: [s = 1, α…])."""
+    fake-quantizes. The linears are left as they came. α = k/n_grid, and s = 1 (plain rounding) as llm-compressor
+    does: never worse than RTN. coarse = 1 judges every k (AutoAWQ, llm-compressor); coarse = c judges every c-th
+    k, then the best's neighbours at c/2, c/4 … 1 (about n_grid/c + 2·log2 c points; on a loss that is unimodal in
+    α, the same choice). Returns (s, α* or None for s = 1, losses: [s = 1, then each α judged, in order])."""
     w_mean = weight_mean([lin.weight for lin in linears], group_size)
     originals = [lin.weight.data.clone() for lin in linears]
-    best, losses = None, []
-    # α = k/n_grid as AutoAWQ, plus s = 1 (plain rounding, α = None) as llm-compressor: never worse than RTN
-    for alpha in [None] + [k / n_grid for k in range(n_grid)]:
-        s = torch.ones_like(x_mean) if alpha is None else candidate_scales(x_mean, w_mean, alpha, duo_scaling)
+    judged: dict[int | None, tuple[float, torch.Tensor]] = {}
+
+    def judge(k: int | None) -> None:
+        s = torch.ones_like(x_mean) if k is None else candidate_scales(x_mean, w_mean, k / n_grid, duo_scaling)
         for lin, W, q in zip(linears, originals, quantized):
             lin.weight.data = (Q(W * s) / s) if q else W  # Q(W·s)·s⁻¹ applied to x ≡ Q(W·s)(s⁻¹x)
-        loss = float(block_loss())
-        losses.append(loss)
-        if best is None or loss < best[0]:
-            best = (loss, alpha, s)
+        judged[k] = (float(block_loss()), s)
+
+    judge(None)
+    steps = alpha_steps(n_grid, coarse)
+    for k in range(0, n_grid, steps[0]):
+        judge(k)
+    for step in steps[1:]:
+        best = min((k for k in judged if k is not None), key=lambda k: judged[k][0])
+        for k in (best - step, best + step):
+            if 0 <= k < n_grid and k not in judged:
+                judge(k)
     for lin, W in zip(linears, originals):
         lin.weight.data = W
-    return best[2], best[1], losses
+    k = min(judged, key=lambda k: judged[k][0])  # the first judged of equal losses: s = 1, then the smaller α
+    return judged[k][1], (None if k is None else k / n_grid), [loss for loss, _ in judged.values()]
 
 
 def block_loss_fn(acts: Activations, block: torch.nn.Module, x: torch.Tensor, ranks: Ranks = Ranks()):
@@ -100,8 +124,7 @@ def block_loss_fn(acts: Activations, block: torch.nn.Module, x: torch.Tensor, ra
     if isinstance(block, torch.nn.Linear):  # XᵀX summed per forward batch in float64, as statistics.Hessian
         gram = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
         for part in x.split(BATCH):
-            flat = part.reshape(-1, x.shape[-1]).float()
-            gram += flat.T @ flat
+            gram += statistics.gram(part.reshape(-1, x.shape[-1]).float(), 1.0)
         gram = ranks.sum(gram).float()
         n = ranks.offsets(x.reshape(-1, x.shape[-1]).shape[0])[1] * block.out_features
         W0 = block.weight.data.clone()
@@ -158,24 +181,26 @@ def fold_scale(prev: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.T
 def search_clip(W: torch.Tensor, x: torch.Tensor, Q, group_size: int, n_grid: int = 20, max_shrink: float = 0.5,
                 row_batch: int = 256, ranks: Ranks = Ranks()) -> torch.Tensor:
     """m* per (row, group) [rows, groups] for W [rows, cols] and sample inputs x [tokens, cols] (across ranks:
-    each rank's share of the sample tokens, the errors summed over them)."""
+    each rank's share of the sample tokens, the errors summed over them). A group's error over the tokens,
+    ‖Xg·ΔWgᵀ‖² = ΔWg·(XgᵀXg)·ΔWgᵀ, is taken from the group's Gram matrix XgᵀXg [gs, gs], formed once in float64:
+    each grid point then costs rows·cols·gs instead of tokens·rows·cols (the same loss, exactly)."""
     rows, cols = W.shape
     gs = cols if group_size == -1 else group_size
     groups = cols // gs
-    Xg = x.float().reshape(x.shape[0], groups, gs).transpose(0, 1)  # [groups, tokens, gs]; tokens may be 0 (a rank)
+    Xg = x.double().reshape(x.shape[0], groups, gs).transpose(0, 1)  # [groups, tokens, gs]; tokens may be 0 (a rank)
+    gram = ranks.sum(torch.bmm(Xg.transpose(1, 2), Xg))  # [groups, gs, gs], summed over every rank's tokens
+    count = ranks.offsets(Xg.shape[1])[1]
     best_all = []
     for r in range(0, rows, row_batch):
         Wg = W[r : r + row_batch].float().reshape(-1, groups, gs)  # [rb, groups, gs]
-        partial = lambda Wx: torch.bmm(Xg, Wx.permute(1, 2, 0))  # noqa: E731  [groups, tokens, rb]: Xg·Wgᵀ
         org_max = Wg.abs().amax(dim=-1, keepdim=True)  # [rb, groups, 1]
-        org_out = partial(Wg)
-        best_err = torch.full_like(org_max, float("inf"))
+        best_err = torch.full(org_max.shape, float("inf"), dtype=torch.float64, device=W.device)
         best_max = org_max.clone()
         for i in range(int(max_shrink * n_grid)):
             m = org_max * (1 - i / n_grid)
             Wq = Q(torch.clamp(Wg, -m, m).reshape(-1, cols)).reshape(Wg.shape)
-            err = ranks.mean((partial(Wq) - org_out).pow(2).sum(dim=1, dtype=torch.float64), Xg.shape[1])
-            err = err.T[..., None]  # [rb, groups, 1]: the mean over every rank's sample tokens
+            D = (Wq - Wg).double().transpose(0, 1)  # [groups, rb, gs]
+            err = (torch.bmm(D, gram) * D).sum(-1).T[..., None] / max(count, 1)  # [rb, groups, 1]: mean over tokens
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_max = torch.where(better, m, best_max)
@@ -210,9 +235,10 @@ def even_tokens(x: torch.Tensor, n: int, ranks: Ranks = Ranks()) -> torch.Tensor
 
 def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, group_size_of, ignore,
               pending: dict, log: list, quantize: bool = True, norm_offset: float = 0.0,
-              scale_storage: torch.dtype = torch.float16, ranks: Ranks = Ranks()) -> None:
+              scale_storage: torch.dtype = torch.float16, ranks: Ranks = Ranks()) -> torch.Tensor:
     """Scale search + fold, clip search + clamp, then (if `quantize`) rounding, for decoder layer i. Across
-    ranks, `acts` holds this rank's share of the calibration and every statistic is summed over the ranks."""
+    ranks, `acts` holds this rank's share of the calibration and every statistic is summed over the ranks.
+    Returns the layer's full-precision output on acts.hidden (from the pass that captured its inputs)."""
     bits, sym = method.bits, method.sym
     full = lambda n: f"model.layers.{i}.{n}"  # noqa: E731
     # a row's linears read one input, except in a sparse MoE block, where each expert reads its routed tokens:
@@ -221,7 +247,7 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
     first = {n: next(m for m in names if m.rpartition(".")[0] == n.rpartition(".")[0])
              for _, names, _ in rows for n in names}
     moe_rows = {block for _, names, block in rows if len({n.rpartition(".")[0] for n in names}) > 1}
-    captured = capture(acts, layer, sorted(set(first.values()) | moe_rows))
+    captured, fp_output = capture(acts, layer, sorted(set(first.values()) | moe_rows))
     X = {n: captured[first[n]] for n in first}
     gs = {n: group_size_of(full(n), layer.get_submodule(n).in_features) for _, names, _ in rows for n in names}
     alphas = {}
@@ -244,7 +270,7 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
         # once); a block with attention or an MLP re-runs per α, so `search_samples` judges on fewer sequences
         judge = x if isinstance(block, torch.nn.Linear) else even_samples(x, method.search_samples, ranks)
         s, alpha, losses = search_scale(linears, quantized, x_mean, block_loss_fn(acts, block, judge, ranks), Q, g,
-                                        method.n_grid, method.duo_scaling)
+                                        method.n_grid, method.duo_scaling, method.coarse_grid)
         s = fold_scale(prev, linears, s, norm_offset)
         if block_name in moe_rows:  # the router reads the same norm output: its columns take s too (unquantized)
             for reader in norm_readers(layer.get_submodule(block_name)):
@@ -284,6 +310,7 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
                         "search_samples": method.search_samples,
                         "tokens": ranks.offsets(int(X[n].reshape(-1, X[n].shape[-1]).shape[0]))[1],
                         "seconds": round(time.perf_counter() - start + (seconds if n == group else 0), 4)})
+    return fp_output
 
 
 def build(method: AwqMethod, base, out_dir, calib: torch.Tensor, calib_info=None, keep: dict | None = None) -> dict:
@@ -300,9 +327,11 @@ def build(method: AwqMethod, base, out_dir, calib: torch.Tensor, calib_info=None
 
     ranks = for_method(method, sparse_moe=any(expert_lists(layer) for layer in meta.model.layers))
 
-    def process_layer(i, layer, acts):
-        awq_layer(i, layer, acts, awq_rows(arch, layer), method, group_size_of, ignore, pending, log,
-                  quantize=not scaled_only, norm_offset=arch.layer.norm_offset, scale_storage=dtype, ranks=ranks)
+    def process_layer(i, layer, acts):  # returns the next layer's inputs, or None: the engine runs the layer as left
+        fp_output = awq_layer(i, layer, acts, awq_rows(arch, layer), method, group_size_of, ignore, pending, log,
+                              quantize=not scaled_only, norm_offset=arch.layer.norm_offset, scale_storage=dtype,
+                              ranks=ranks)
+        return fp_output if method.propagate == "full-precision" else None
 
     device = ranks.device(resolve_device(method.device, f"method {method.name} `device`"))
     forward_dtype, dtype_reason = resolve_forward_dtype(method.forward_dtype, device)

@@ -33,8 +33,8 @@ def _groups(W: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def scale_zero(W: torch.Tensor, bits: int, symmetric: bool, group_size: int = -1):
     """Scale (and zero point) per (row, group) from min/max. Shapes [rows, n_groups]."""
-    G = _groups(W.float(), group_size)
-    return _scale_zero_of_range(G.amin(dim=-1).clamp(max=0), G.amax(dim=-1).clamp(min=0), bits, symmetric)
+    lo, hi = torch.aminmax(_groups(W.float(), group_size), dim=-1)  # one pass over W
+    return _scale_zero_of_range(lo.clamp(max=0), hi.clamp(min=0), bits, symmetric)
 
 
 def _scale_zero_of_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool):
@@ -108,8 +108,9 @@ def fake_quantize(W, bits: int, symmetric: bool, group_size: int = -1) -> torch.
     """W rounded onto its own min/max grid, back in float: the RTN baseline. The same numbers as
     dequantize(quantize(W, …), …) (codes are whole numbers either way), computed in place in one buffer: AWQ's
     searches call it once per grid point."""
-    scale, zero = scale_zero(W, bits, symmetric, group_size)
+    G = _groups(W.float(), group_size)
+    lo, hi = torch.aminmax(G, dim=-1)
+    scale, zero = _scale_zero_of_range(lo.clamp(max=0), hi.clamp(min=0), bits, symmetric)
     qmin, qmax = grid(bits, symmetric)
     scale, zero = scale[..., None], zero[..., None]
-    G = _groups(W.float(), group_size) / scale
-    return G.round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale).reshape(W.shape)
+    return (G / scale).round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale).reshape(W.shape)
