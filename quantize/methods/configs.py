@@ -310,7 +310,7 @@ class AwqMethod(WeightOnly):
     coarse_grid: int = Field(
         COARSE_GRID, ge=1, description="1: judge every α of the grid (AutoAWQ, llm-compressor); c: every c-th α, then "
         "the best's neighbours at c/2, c/4 … 1. Default 4: 10 of the 21 points at n_grid 20; on SmolLM2-135M W4 g64 "
-        "(32 × 512 calibration) the same KLD as the whole grid, 1.45× faster (bench/results/awq_speed.md)")
+        "(32 × 512 calibration) the same KLD as the whole grid, 1.47× faster (bench/results/awq_speed.md)")
     propagate: Literal["quantized", "full-precision"] = Field(
         "quantized", description="the next layer's calibration inputs: this layer's outputs with its weights "
         "quantized (as GPTQ here), or in full precision from the pass that captured its inputs (AutoAWQ's: one pass "
