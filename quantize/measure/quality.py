@@ -85,6 +85,12 @@ def make_chunks(tokenizer, text: Text, n_ctx: int, max_chunks: int | None) -> Ch
     return Chunks(chunks, n_ctx, bos, int(ids.numel()), text.describe(), tokenizer_sha256(tokenizer), scored_bytes)
 
 
+# positions whose statistics are taken together: each row's numbers are the same in any block (every reduction is
+# along the vocabulary), and a block of 8 rows of a 262k vocabulary keeps its temporaries in the CPU's cache
+# instead of streaming 256 × 262k floats through memory once per step (Gemma 3: 0.72 → 0.20 s per chunk)
+ROW_BLOCK = 8
+
+
 def _mean_unc(x: np.ndarray) -> tuple[float, float]:
     mean = float(x.mean())
     var = float((x.astype(np.float64) ** 2).mean() - mean**2)
@@ -94,10 +100,13 @@ def _mean_unc(x: np.ndarray) -> tuple[float, float]:
 def forward_logits(model, ids: torch.Tensor, first: int = 0) -> torch.Tensor:
     """[n - first, vocab] logits of positions first… of one sequence ids [1, n] from a torch model or a runtime with
     `logits(ids, first)` (llama.cpp's LlamaCppModel, mlx-lm's MlxModel). The output layer runs on those positions
-    only (transformers' logits_to_keep; llama.cpp's per-token output flags): the scored half of a chunk."""
+    only (transformers' logits_to_keep; llama.cpp's per-token output flags): the scored half of a chunk. llama.cpp's
+    result lives in its model's buffer until the next call (the scoring loops take each chunk's numbers first)."""
     if isinstance(model, torch.nn.Module):  # on the model's device; the scoring is on the CPU
         keep = ids.shape[1] - first
         return model(ids.to(model.device), use_cache=False, logits_to_keep=keep).logits[0, -keep:].cpu()
+    if getattr(model, "reuses_logits", False):  # llama.cpp: valid until the next call, as the scoring loops use it
+        return model.logits(ids[0].tolist(), first, reuse=True)
     return model.logits(ids[0].tolist(), first)
 
 
@@ -129,11 +138,12 @@ def score_model(model, chunks: Chunks, store: KldBaseWriter | None, label: str =
     artefact evaluated without a base."""
     nll, floor, on_bf16_grid = [], [], True
     for i, logits, targets in _scored_logits(model, chunks, label):
-        logp = torch.log_softmax(logits, dim=-1)
-        nll.append(-logp.gather(1, targets[:, None])[:, 0])
-        rounded = logits.bfloat16().float()
-        on_bf16_grid = on_bf16_grid and torch.equal(rounded, logits)
-        floor.append(kl_divergence(logp, torch.log_softmax(rounded, dim=-1)))
+        for rows, tgt in zip(logits.split(ROW_BLOCK), targets.split(ROW_BLOCK)):
+            logp = torch.log_softmax(rows, dim=-1)
+            nll.append(-logp.gather(1, tgt[:, None])[:, 0])
+            rounded = rows.bfloat16().float()
+            on_bf16_grid = on_bf16_grid and torch.equal(rounded, rows)
+            floor.append(kl_divergence(logp, torch.log_softmax(rounded, dim=-1)))
         if store is not None:
             store.write(i, logits)
     out = _perplexity(torch.cat(nll).double().numpy(), chunks)
@@ -170,8 +180,11 @@ def score(model, chunks: Chunks, base: KldBaseFile, label: str, positions: Path 
     base.check(chunks.ids)
     rows = {"kld": [], "nll": [], "base_nll": [], "same_top": []}
     for i, logits, targets in _scored_logits(model, chunks, label):  # against_base takes its own log-softmax
-        for name, values in against_base(base.chunk(i), logits, targets).items():
-            rows[name].append(values)
+        base_rows = base.chunk(i)
+        for s in range(0, logits.shape[0], ROW_BLOCK):
+            part = slice(s, s + ROW_BLOCK)
+            for name, values in against_base(base_rows[part], logits[part], targets[part]).items():
+                rows[name].append(values)
     kld, nll, base_nll, same = (torch.cat(rows[k]).double().numpy() for k in ("kld", "nll", "base_nll", "same_top"))
     out = _perplexity(nll, chunks)
     out["kld"] = kld_statistics(kld, nll, base_nll, same)

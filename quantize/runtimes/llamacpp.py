@@ -167,14 +167,27 @@ class LlamaCppModel:
                              n_threads=self.threads, n_threads_batch=self.threads, type_k=kv, type_v=kv,
                              flash_attn=flash_attn, verbose=False)
         self.vocab_size = self.llm.n_vocab()
+        self._logits: torch.Tensor | None = None  # logits(…, reuse=True)'s buffer
 
-    def logits(self, ids: list[int], first: int = 0) -> torch.Tensor:
+    reuses_logits = True  # logits(…, reuse=True) exists: quality's scoring loop consumes each chunk before the next
+
+    def logits(self, ids: list[int], first: int = 0, reuse: bool = False) -> torch.Tensor:
         """[len(ids) - first, vocab] float32 logits of positions first… of one sequence from an empty cache. The
         batch asks llama.cpp for those outputs only (as llama-perplexity asks for the scored half), so the output
-        layer runs on them alone: for Gemma 3's 262k vocabulary that layer is most of a chunk's work."""
-        llm, vocab, rows = self.llm, self.vocab_size, []
+        layer runs on them alone: for Gemma 3's 262k vocabulary that layer is most of a chunk's work. The outputs
+        are copied once out of llama.cpp's buffer; with `reuse`, into a buffer of this model that the next `reuse`
+        call overwrites (no fresh 268 MB, and its page faults, per Gemma 3 chunk)."""
+        llm, vocab = self.llm, self.vocab_size
+        n_out = max(0, len(ids) - first)
+        if not reuse:
+            out = torch.empty(n_out, vocab)
+        else:
+            if self._logits is None or self._logits.shape[0] < n_out:
+                self._logits = torch.empty(n_out, vocab)
+            out = self._logits[:n_out]
         llm.reset()
         llm._ctx.kv_cache_seq_rm(-1, 0, -1)  # an empty cache, as Llama.eval starts from
+        filled = 0
         for start in range(0, len(ids), llm.n_batch):
             batch = ids[start : start + llm.n_batch]
             llm._batch.set_batch(batch=batch, n_past=start, logits_all=False)
@@ -183,10 +196,12 @@ class LlamaCppModel:
                 llm._batch.batch.logits[k] = flag
             llm._ctx.decode(llm._batch)
             llm.n_tokens += len(batch)
-            if any(wanted):  # the outputs asked for, in batch order
-                out = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(sum(wanted) * vocab,))
-                rows.append(out.reshape(-1, vocab).copy())
-        return torch.from_numpy(np.concatenate(rows))
+            k = sum(wanted)
+            if k:  # the outputs asked for, in batch order
+                rows = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(k * vocab,)).reshape(k, vocab)
+                out[filled : filled + k].numpy()[:] = rows
+                filled += k
+        return out
 
     def close(self) -> None:  # idempotent: the pipeline closes before benchmarking, and again when freeing
         if self.llm is not None:
