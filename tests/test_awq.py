@@ -60,7 +60,8 @@ def test_coarse_to_fine_scale_search_finds_the_grid_minimum_of_a_unimodal_loss()
     s4, alpha4, losses4 = search_scale([lin], [True], x_mean, loss, Q, 16, 20, True, coarse=4)
     assert alpha4 == alpha and torch.equal(s4, s) and min(losses4) == min(losses)
     assert len(losses4) <= 10
-    assert alpha_steps(20, 4) == [4, 2, 1] and alpha_steps(20, 1) == [1] and alpha_steps(4, 4) == [1]
+    assert alpha_steps(20, 4) == [4, 2, 1] and alpha_steps(20, 6) == [6, 3, 2, 1] and alpha_steps(20, 1) == [1]
+    assert alpha_steps(4, 4) == [1]
 
 
 def test_gram_loss_equals_the_output_error():
@@ -264,15 +265,16 @@ def test_classic_layouts_hold_the_same_weights(tiny_model, tmp_path):
 
 
 def test_awq_layer_returns_the_layers_full_precision_output(tiny_model):
-    """awq_layer quantizes the layer and returns its output before any change (the pass that captured its inputs):
-    the next layer's inputs under `propagate: full-precision`."""
+    """awq_layer quantizes the layer and, asked to, returns its output before any change (the pass that captured its
+    inputs): the next layer's inputs under `propagate: full-precision`."""
     calib = torch.randint(3, 512, (4, 32), generator=torch.Generator().manual_seed(2))
     method = AwqMethod(name="awq", bits=4, group_size=64, n_grid=4)
     seen = {}
 
     def process(i, layer, acts):
         seen["expected"] = acts.run(copy.deepcopy(layer))
-        seen["out"] = awq_layer(i, layer, acts, LLAMA.awq, method, lambda name, cols: 64, lambda name: False, {}, [])
+        seen["out"] = awq_layer(i, layer, acts, LLAMA.awq, method, lambda name, cols: 64, lambda name: False, {}, [],
+                                keep_output=True)
         seen["after"] = acts.run(layer)
 
     for _ in stream_layers(tiny_model, calib, process):

@@ -75,10 +75,11 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, alpha: float, d
 
 def alpha_steps(n_grid: int, coarse: int) -> list[int]:
     """The refinement steps of a coarse-to-fine search over k ∈ [0, n_grid): every `coarse`-th k first, then the
-    best's neighbours at half the distance, down to 1 ([coarse, …, 2, 1]; [1]: the whole grid)."""
+    best's neighbours at half the distance (rounded up: a minimum within d of the best is within ⌈d/2⌉ of the next
+    best), down to 1 ([4, 2, 1], [6, 3, 2, 1]; [1]: the whole grid)."""
     steps = [max(1, coarse)]
     while steps[-1] > 1:
-        steps.append(steps[-1] // 2)
+        steps.append((steps[-1] + 1) // 2)
     return steps if n_grid > steps[0] else [1]
 
 
@@ -235,10 +236,12 @@ def even_tokens(x: torch.Tensor, n: int, ranks: Ranks = Ranks()) -> torch.Tensor
 
 def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, group_size_of, ignore,
               pending: dict, log: list, quantize: bool = True, norm_offset: float = 0.0,
-              scale_storage: torch.dtype = torch.float16, ranks: Ranks = Ranks()) -> torch.Tensor:
+              scale_storage: torch.dtype = torch.float16, ranks: Ranks = Ranks(),
+              keep_output: bool = False) -> torch.Tensor | None:
     """Scale search + fold, clip search + clamp, then (if `quantize`) rounding, for decoder layer i. Across
     ranks, `acts` holds this rank's share of the calibration and every statistic is summed over the ranks.
-    Returns the layer's full-precision output on acts.hidden (from the pass that captured its inputs)."""
+    With keep_output, returns the layer's full-precision output on acts.hidden (from the pass that captured its
+    inputs; otherwise it is dropped at once: as large as the activations)."""
     bits, sym = method.bits, method.sym
     full = lambda n: f"model.layers.{i}.{n}"  # noqa: E731
     # a row's linears read one input, except in a sparse MoE block, where each expert reads its routed tokens:
@@ -248,6 +251,8 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
              for _, names, _ in rows for n in names}
     moe_rows = {block for _, names, block in rows if len({n.rpartition(".")[0] for n in names}) > 1}
     captured, fp_output = capture(acts, layer, sorted(set(first.values()) | moe_rows))
+    if not keep_output:
+        fp_output = None
     X = {n: captured[first[n]] for n in first}
     gs = {n: group_size_of(full(n), layer.get_submodule(n).in_features) for _, names, _ in rows for n in names}
     alphas = {}
@@ -328,10 +333,9 @@ def build(method: AwqMethod, base, out_dir, calib: torch.Tensor, calib_info=None
     ranks = for_method(method, sparse_moe=any(expert_lists(layer) for layer in meta.model.layers))
 
     def process_layer(i, layer, acts):  # returns the next layer's inputs, or None: the engine runs the layer as left
-        fp_output = awq_layer(i, layer, acts, awq_rows(arch, layer), method, group_size_of, ignore, pending, log,
-                              quantize=not scaled_only, norm_offset=arch.layer.norm_offset, scale_storage=dtype,
-                              ranks=ranks)
-        return fp_output if method.propagate == "full-precision" else None
+        return awq_layer(i, layer, acts, awq_rows(arch, layer), method, group_size_of, ignore, pending, log,
+                         quantize=not scaled_only, norm_offset=arch.layer.norm_offset, scale_storage=dtype,
+                         ranks=ranks, keep_output=method.propagate == "full-precision")
 
     device = ranks.device(resolve_device(method.device, f"method {method.name} `device`"))
     forward_dtype, dtype_reason = resolve_forward_dtype(method.forward_dtype, device)
