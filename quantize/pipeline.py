@@ -67,7 +67,7 @@ def _evaluate(model, label: str, chunks, base_logprobs, recipe: Recipe, bandwidt
     if scores is not None:
         out = {"perplexity": scores}
     elif base_logprobs is None:  # eval.kld: false: perplexity only
-        out = {"perplexity": quality.score_model(model, chunks, None, label)}
+        out = {"perplexity": quality.score_model(model, chunks, None, label, floor=False)}
     else:
         out = {"perplexity": quality.score(model, chunks, base_logprobs, label, positions)}
     if recipe.eval.tasks:

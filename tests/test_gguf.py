@@ -29,9 +29,16 @@ def test_f32_gguf_matches_transformers(tiny_model, tmp_path):
         assert model.llm.tokenize(text.encode(), add_bos=False, special=False) == ids  # same tokenisation
         a = model.logits(ids[:200])
         half = model.logits(ids[:200], 100)  # the output layer on positions 100… only, as the scorer asks
+        in_place = model.logits(ids[:200], 100, reuse=True).clone()  # one batch: llama.cpp's own buffer, uncopied
     finally:
         model.close()
-    assert half.shape == (100, a.shape[1]) and torch.equal(half, a[100:])
+    batched = LlamaCppModel(path, n_ctx=256, kv_type="F32", n_batch=64)  # four decodes into the reused buffer
+    try:
+        in_batches = batched.logits(ids[:200], 100, reuse=True).clone()
+    finally:
+        batched.close()
+    assert half.shape == (100, a.shape[1]) and torch.equal(half, a[100:]) and torch.equal(in_place, half)
+    assert in_batches.shape == half.shape and torch.allclose(in_batches, half, atol=1e-4)
     hf = load_model(tiny_model, "float32")
     with torch.no_grad():
         b = hf(torch.tensor([ids[:200]])).logits[0]

@@ -22,7 +22,7 @@ def score_kv_types(path: Path, chunks, base, kv_types: list[str], label: str) ->
         model = LlamaCppModel(path, n_ctx=chunks.n_ctx, kv_type=kv.upper(), flash_attn=True)
         try:
             name = f"{label} (KV {kv})"
-            scores = (quality.score_model(model, chunks, None, name) if base is None
+            scores = (quality.score_model(model, chunks, None, name, floor=False) if base is None
                       else quality.score(model, chunks, base, name))
             out[kv] = {"perplexity": scores, "loader": model.settings}
         finally:

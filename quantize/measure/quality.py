@@ -132,18 +132,21 @@ def _perplexity(nll: np.ndarray, chunks: Chunks) -> dict:
 
 
 @torch.inference_mode()
-def score_model(model, chunks: Chunks, store: KldBaseWriter | None, label: str = "base") -> dict:
-    """Perplexity (and the bfloat16 noise floor) of any model scored on its own, with no base to compare against:
-    the base itself, whose log-probabilities go to `store` (when given) for the KLD of every variant after it, or an
-    artefact evaluated without a base."""
-    nll, floor, on_bf16_grid = [], [], True
+def score_model(model, chunks: Chunks, store: KldBaseWriter | None, label: str = "base", floor: bool = True) -> dict:
+    """Perplexity of any model scored on its own, with no base to compare against: the base itself, whose
+    log-probabilities go to `store` (when given) for the KLD of every variant after it, or an artefact evaluated
+    without a base. With `floor`, also the bfloat16 noise floor: a property of a base, the scale below which its
+    variants' KLDs differ by rounding alone; an artefact scored without a base has no KLD for it to qualify."""
+    if not floor:
+        return _perplexity_only(model, chunks, store, label)
+    nll, floors, on_bf16_grid = [], [], True
     for i, logits, targets in _scored_logits(model, chunks, label):
         for rows, tgt in zip(logits.split(ROW_BLOCK), targets.split(ROW_BLOCK)):
             logp = torch.log_softmax(rows, dim=-1)
             nll.append(-logp.gather(1, tgt[:, None])[:, 0])
             rounded = rows.bfloat16().float()
             on_bf16_grid = on_bf16_grid and torch.equal(rounded, rows)
-            floor.append(kl_divergence(logp, torch.log_softmax(rounded, dim=-1)))
+            floors.append(kl_divergence(logp, torch.log_softmax(rounded, dim=-1)))
         if store is not None:
             store.write(i, logits)
     out = _perplexity(torch.cat(nll).double().numpy(), chunks)
@@ -153,12 +156,24 @@ def score_model(model, chunks: Chunks, store: KldBaseWriter | None, label: str =
                                       "bfloat16), so rounding them to bfloat16 changes nothing; evaluate in float32 "
                                       "for a floor"}
         return out
-    floor = torch.cat(floor).double().numpy()
-    mean, unc = _mean_unc(floor)
-    out["noise_floor"] = {"kld_mean": mean, "kld_unc": unc, "kld_p99": float(np.percentile(floor, 99)),
+    floor_kld = torch.cat(floors).double().numpy()
+    mean, unc = _mean_unc(floor_kld)
+    out["noise_floor"] = {"kld_mean": mean, "kld_unc": unc, "kld_p99": float(np.percentile(floor_kld, 99)),
                           "what": "KL(base ‖ base with its logits rounded to bfloat16), per scored position: "
                                   "differences of mean KLD below this are rounding noise (as ExLlamaV3's qbench)"}
     return out
+
+
+def _perplexity_only(model, chunks: Chunks, store: KldBaseWriter | None, label: str) -> dict:
+    """score_model without the floor: each position's NLL as logsumexp(logits) − logit(target), which reads the
+    logits once and writes nothing of vocabulary size (the log-softmax of the floor's path writes every entry)."""
+    nll = []
+    for i, logits, targets in _scored_logits(model, chunks, label):
+        for rows, tgt in zip(logits.split(ROW_BLOCK), targets.split(ROW_BLOCK)):
+            nll.append(torch.logsumexp(rows, dim=-1) - rows.gather(1, tgt[:, None])[:, 0])
+        if store is not None:
+            store.write(i, logits)
+    return _perplexity(torch.cat(nll).double().numpy(), chunks)
 
 
 def base_file(model, chunks: Chunks, path: Path, label: str = "base") -> tuple[KldBaseFile, dict]:

@@ -97,7 +97,7 @@ def evaluate_artefact(path: Path, base: str | None, ev, engine: str | None = Non
         store, base_scores, cache = (None, None, None)
         if base_path is not None and ev.kld:
             store, base_scores, cache = base_store(base_path, chunks, ev.dtype, n_vocab, ev.stream, device)
-        scores = (quality.score_model(model, chunks, None, path.name) if store is None
+        scores = (quality.score_model(model, chunks, None, path.name, floor=False) if store is None
                   else quality.score(model, chunks, store, path.name))
         out = {"artefact": str(path), "format": detect(path), "loader": loader, "eval_dtype": dtype, "device": device,
                "perplexity": scores, "protocol": {"perplexity": chunks.protocol(), "versions": versions()}}

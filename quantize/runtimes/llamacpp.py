@@ -174,34 +174,45 @@ class LlamaCppModel:
     def logits(self, ids: list[int], first: int = 0, reuse: bool = False) -> torch.Tensor:
         """[len(ids) - first, vocab] float32 logits of positions first… of one sequence from an empty cache. The
         batch asks llama.cpp for those outputs only (as llama-perplexity asks for the scored half), so the output
-        layer runs on them alone: for Gemma 3's 262k vocabulary that layer is most of a chunk's work. The outputs
-        are copied once out of llama.cpp's buffer; with `reuse`, into a buffer of this model that the next `reuse`
-        call overwrites (no fresh 268 MB, and its page faults, per Gemma 3 chunk)."""
+        layer runs on them alone: for Gemma 3's 262k vocabulary that layer is most of a chunk's work.
+        Without `reuse`, a fresh tensor of its own. With `reuse`, a tensor valid only until the next call or close:
+        when the sequence fits one batch (an evaluation chunk does: n_batch = n_ctx), llama.cpp's own output buffer
+        itself, uncopied (268 MB per Gemma 3 chunk); else a buffer of this model that the next call overwrites."""
         llm, vocab = self.llm, self.vocab_size
         n_out = max(0, len(ids) - first)
+        llm.reset()
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)  # an empty cache, as Llama.eval starts from
+        batches = [(start, ids[start : start + llm.n_batch]) for start in range(0, len(ids), llm.n_batch)]
+        if reuse and len(batches) == 1:
+            return torch.from_numpy(self._decode(*batches[0], first))
         if not reuse:
             out = torch.empty(n_out, vocab)
         else:
             if self._logits is None or self._logits.shape[0] < n_out:
                 self._logits = torch.empty(n_out, vocab)
             out = self._logits[:n_out]
-        llm.reset()
-        llm._ctx.kv_cache_seq_rm(-1, 0, -1)  # an empty cache, as Llama.eval starts from
         filled = 0
-        for start in range(0, len(ids), llm.n_batch):
-            batch = ids[start : start + llm.n_batch]
-            llm._batch.set_batch(batch=batch, n_past=start, logits_all=False)
-            wanted = [start + k >= first for k in range(len(batch))]
-            for k, flag in enumerate(wanted):
-                llm._batch.batch.logits[k] = flag
-            llm._ctx.decode(llm._batch)
-            llm.n_tokens += len(batch)
-            k = sum(wanted)
-            if k:  # the outputs asked for, in batch order
-                rows = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(k * vocab,)).reshape(k, vocab)
-                out[filled : filled + k].numpy()[:] = rows
-                filled += k
+        for start, batch in batches:
+            rows = self._decode(start, batch, first)
+            out[filled : filled + rows.shape[0]].numpy()[:] = rows
+            filled += rows.shape[0]
         return out
+
+    def _decode(self, start: int, batch: list[int], first: int) -> np.ndarray:
+        """Decode `batch` at positions start… asking for the outputs of positions ≥ first; their logits [k, vocab]
+        as a view of llama.cpp's output buffer (valid until the next decode)."""
+        llm, vocab = self.llm, self.vocab_size
+        llm._batch.set_batch(batch=batch, n_past=start, logits_all=False)
+        k = 0
+        for j in range(len(batch)):
+            wanted = start + j >= first
+            llm._batch.batch.logits[j] = wanted
+            k += wanted
+        llm._ctx.decode(llm._batch)
+        llm.n_tokens += len(batch)
+        if not k:
+            return np.empty((0, vocab), dtype=np.float32)
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(k * vocab,)).reshape(k, vocab)
 
     def close(self) -> None:  # idempotent: the pipeline closes before benchmarking, and again when freeing
         if self.llm is not None:
