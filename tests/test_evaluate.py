@@ -82,6 +82,10 @@ def test_bits_per_byte_counts_the_scored_text(tiny_model, tmp_path):
     out = quality.score_model(load_model(tiny_model, "float32"), chunks, None, "base")
     assert math.isclose(out["bits_per_byte"] * math.log(2) * chunks.scored_bytes,
                         out["mean_nll"] * out["tokens_scored"], rel_tol=1e-9)
+    # an artefact scored alone (no floor): NLL as logsumexp − target logit, the same numbers to float rounding
+    alone = quality.score_model(load_model(tiny_model, "float32"), chunks, None, "alone", floor=False)
+    assert "noise_floor" in out and "noise_floor" not in alone
+    assert math.isclose(alone["mean_nll"], out["mean_nll"], rel_tol=1e-6) and alone["tokens_scored"] == 62
 
 
 def test_kld_statistics_follow_llama_perplexity():
@@ -177,3 +181,22 @@ def test_engine_check_finds_an_excess_beyond_the_base_and_not_within_noise():
     assert same["delivers"] and abs(same["excess"]) < 0.001
     assert not worse["delivers"] and worse["excess"] == pytest.approx(0.03)
     assert "+3.0% perplexity on vllm" in worse["verdict"]
+
+
+def test_bundled_wiki_kept_parsed_in_the_cache_folder_gives_the_same_articles(tmp_path, monkeypatch):
+    """The parsed articles are kept as JSON in the cache folder (gensim's filter takes seconds); read back they are
+    the articles the parser gives, and the split built on them is unchanged."""
+    from quantize.sources import texts
+
+    monkeypatch.setenv("QUANTIZE_CACHE", str(tmp_path))
+    texts._wiki_articles.cache_clear()
+    try:
+        parsed = texts.wiki_articles()  # parses, writes texts/wiki-<key>.json
+        kept = list((tmp_path / "texts").glob("wiki-*.json"))
+        assert len(kept) == 1 and not list((tmp_path / "texts").glob("*.partial-*"))
+        texts._wiki_articles.cache_clear()
+        read_back = texts.wiki_articles()  # from the JSON
+        assert read_back == parsed == tuple(texts._parse_wiki(texts._wiki_dump()))
+        assert len(parsed) == 105 and [a[0] for a in parsed] == sorted(a[0] for a in parsed)
+    finally:
+        texts._wiki_articles.cache_clear()

@@ -8,8 +8,10 @@ overlap: articles sorted by page id, every fifth one (index % 5 == 4) held out.
 from __future__ import annotations
 
 import bz2
+import functools
 import hashlib
 import importlib.util
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from quantize.common.cache import cache_root
 from quantize.common.errors import QuantizeError
 from quantize.common.files import read_text
 
@@ -39,14 +42,41 @@ class Text:
         return {"source": self.name, "sha256": self.sha256, "chars": len(self.text)}
 
 
-def wiki_articles() -> list[tuple[int, str, str]]:
-    """(page id, title, plain text) of every real article (redirects dropped), sorted by page id."""
+def wiki_articles() -> tuple[tuple[int, str, str], ...]:
+    """(page id, title, plain text) of every real article (redirects dropped), sorted by page id. gensim's wiki
+    filter takes about 4 s of a 2-core machine, so the result is kept: in this process, and as JSON in the cache
+    folder (texts/<key>.json, the key naming gensim's version and the dump file's path, size and modification time)."""
+    path = _wiki_dump()
+    stat = path.stat()
+    from importlib.metadata import version
+
+    return _wiki_articles(f"{version('gensim')}|{path}|{stat.st_size}|{stat.st_mtime_ns}")
+
+
+def _wiki_dump() -> Path:
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
         raise QuantizeError("bundled:wiki needs the `gensim` package (pip install gensim==4.4.0)")
     path = Path(list(spec.submodule_search_locations)[0]) / WIKI_FILE
     if not path.is_file():
         raise QuantizeError(f"bundled:wiki: {path} is missing from the installed gensim wheel")
+    return path
+
+
+@functools.lru_cache(maxsize=2)
+def _wiki_articles(key: str) -> tuple[tuple[int, str, str], ...]:
+    file = cache_root() / "texts" / f"wiki-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    if file.is_file():
+        return tuple(tuple(a) for a in json.loads(file.read_text(encoding="utf-8")))
+    articles = tuple(_parse_wiki(_wiki_dump()))
+    file.parent.mkdir(parents=True, exist_ok=True)
+    partial = file.with_name(f"{file.name}.partial-{os.getpid()}")
+    partial.write_text(json.dumps(articles), encoding="utf-8")
+    partial.replace(file)  # whole or absent; a process that got there first wrote the same articles
+    return articles
+
+
+def _parse_wiki(path: Path) -> list[tuple[int, str, str]]:
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
     articles = []
