@@ -165,12 +165,20 @@ def score_model(model, chunks: Chunks, store: KldBaseWriter | None, label: str =
 
 
 def _perplexity_only(model, chunks: Chunks, store: KldBaseWriter | None, label: str) -> dict:
-    """score_model without the floor: each position's NLL as logsumexp(logits) − logit(target), which reads the
-    logits once and writes nothing of vocabulary size (the log-softmax of the floor's path writes every entry)."""
-    nll = []
+    """score_model without the floor: each position's NLL as logsumexp(logits) − logit(target), the exponentials
+    written into one buffer of ROW_BLOCK rows for the whole text. A fresh temporary of that size per block (what
+    torch.logsumexp allocates) lands where glibc returns freed memory to the system and takes it back, and the page
+    faults made the statistics 9x slower on some runs (perf: clear_page_erms; bench/results/gguf_eval_speed.md)."""
+    nll, buf = [], None
     for i, logits, targets in _scored_logits(model, chunks, label):
+        if buf is None:
+            buf = torch.empty(ROW_BLOCK, logits.shape[1])
         for rows, tgt in zip(logits.split(ROW_BLOCK), targets.split(ROW_BLOCK)):
-            nll.append(torch.logsumexp(rows, dim=-1) - rows.gather(1, tgt[:, None])[:, 0])
+            top = rows.amax(dim=-1, keepdim=True)
+            e = buf[: rows.shape[0]]
+            torch.sub(rows, top, out=e).exp_()
+            lse = e.sum(dim=-1).log_() + top[:, 0]
+            nll.append(lse - rows.gather(1, tgt[:, None])[:, 0])
         if store is not None:
             store.write(i, logits)
     return _perplexity(torch.cat(nll).double().numpy(), chunks)
