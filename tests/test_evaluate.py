@@ -1,5 +1,6 @@
 """Perplexity and KLD against independent computations on the tiny model."""
 
+import json
 import math
 
 import pytest
@@ -197,6 +198,9 @@ def test_bundled_wiki_kept_parsed_in_the_cache_folder_gives_the_same_articles(tm
         texts._wiki_articles.cache_clear()
         read_back = texts.wiki_articles()  # from the JSON
         assert read_back == parsed == tuple(texts._parse_wiki(texts._wiki_dump()))
+        kept[0].write_text("[[1, \"trunc")  # a damaged file is parsed again and replaced
+        texts._wiki_articles.cache_clear()
+        assert texts.wiki_articles() == parsed and json.loads(kept[0].read_text())[0][0] == parsed[0][0]
         assert len(parsed) == 105 and [a[0] for a in parsed] == sorted(a[0] for a in parsed)
     finally:
         texts._wiki_articles.cache_clear()

@@ -67,7 +67,10 @@ def _wiki_dump() -> Path:
 def _wiki_articles(key: str) -> tuple[tuple[int, str, str], ...]:
     file = cache_root() / "texts" / f"wiki-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
     if file.is_file():
-        return tuple(tuple(a) for a in json.loads(file.read_text(encoding="utf-8")))
+        try:
+            return tuple(tuple(a) for a in json.loads(file.read_text(encoding="utf-8")))
+        except (ValueError, OSError):  # damaged by hand or by the disk: parsed again and rewritten
+            pass
     articles = tuple(_parse_wiki(_wiki_dump()))
     file.parent.mkdir(parents=True, exist_ok=True)
     partial = file.with_name(f"{file.name}.partial-{os.getpid()}")
