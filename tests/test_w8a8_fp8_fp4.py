@@ -379,3 +379,61 @@ def test_mxfp4_artefact_follows_the_definition_and_compressed_tensors_reads_it(o
         assert torch.equal(dense["weight"].float(), ref.to(dense["weight"].dtype).float()), n  # its dtype: bf16
     assert abs(sum(weight_bytes(folder).values()) - fp4_bytes(method, meta_model(outlier_model))) <= 4096
 
+
+
+# ---- GPTQ onto the e2m1 grids (fp4 `weights: gptq`) ------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ["nvfp4a16", "mxfp4a16"])
+def test_gptq_onto_e2m1_is_rtn_without_correlation_and_lowers_the_output_error_with_it(scheme):
+    """GPTQ's column loop with NVFP4's / MXFP4's grid: with uncorrelated inputs (a diagonal Hessian) no error is fed
+    forward, so every code and scale equals round-to-nearest's; with correlated inputs the layer's output error
+    ‖X·(Ŵ − W)ᵀ‖² is below round-to-nearest's."""
+    from quantize.methods import fp4
+    from quantize.methods.configs import Fp4Method
+    from quantize.methods.statistics import Hessian, accumulate_hessian
+
+    torch.manual_seed(0)
+    W = torch.randn(48, 128) * 0.05
+    rtn = (fp4.solve_mx if scheme == "mxfp4a16" else fp4.solve)(W, None, 0, 4)
+    gptq = fp4.gptq_solver(Fp4Method(name="fp4", scheme=scheme, weights="gptq"))
+    diagonal = Hessian.zeros(128)
+    accumulate_hessian(diagonal, torch.diag(torch.rand(128) + 0.5))  # orthogonal inputs: XᵀX diagonal
+    alone = gptq(W, diagonal, 0, 4)
+    assert torch.equal(alone.q, rtn.q) and torch.equal(alone.scale, rtn.scale) and alone.extra == rtn.extra
+
+    X = torch.randn(4096, 16) @ torch.randn(16, 128) + 0.3 * torch.randn(4096, 128)  # correlated inputs
+    correlated = Hessian.zeros(128)
+    accumulate_hessian(correlated, X)
+    fed = gptq(W, correlated, 0, 4)
+    group = fp4.group_of(scheme)
+    error = lambda r: (X @ (fp4.grids.dequantize(r.q, r.scale, r.zero, group) - W).T).pow(2).sum()  # noqa: E731
+    assert error(fed) < 0.8 * error(rtn), (float(error(fed)), float(error(rtn)))
+    e2m1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    assert torch.isin(fed.q.abs(), e2m1).all()  # still e2m1 values
+
+
+def test_nvfp4_gptq_artefact_is_nvfp4_pack_quantized_and_transformers_reloads_it(outlier_model, tmp_path):
+    """`weights: gptq` writes the same format as round-to-nearest (the variant's own name), from the calibration."""
+    from quantize.methods.configs import Fp4Method
+
+    method = Fp4Method(name="fp4", weights="gptq", forward_dtype="float32")
+    assert method.default_variant() == "fp4-nvfp4a16-gptq" and method.needs_calibration
+    with pytest.raises(ValueError, match="settings of `weights: gptq`"):
+        Fp4Method(name="fp4", damp=0.05)
+    folder = tmp_path / "fp4-gptq"
+    folder.mkdir()
+    info = METHODS["fp4"].build(method, resolve_model(str(outlier_model)), folder, calibration())
+    assert info["weights"] == "gptq" and info["quantized_linears"] == 14
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "nvfp4-pack-quantized" and qc["config_groups"]["group_0"]["weights"]["group_size"] == 16
+    stored, base, e2m1, ours = written_fp4(folder, outlier_model)
+    name = "model.layers.0.mlp.down_proj"
+    W = ours.get(name + ".weight").reshape(-1, 16)
+    scale = stored(name + ".weight_scale").float().reshape(-1, 1) / stored(name + ".weight_global_scale")
+    x = W / scale
+    nearest = e2m1[(x[..., None] - e2m1).abs().argmin(-1)]
+    assert (x - nearest).abs().max() < 1e-5  # each weight an e2m1 value × its group's stored scale ÷ g
+    assert not torch.equal(ours.get(name + ".weight"), base.get_submodule(name).weight.data)
+    reloaded = load_model(folder, "bfloat16")  # compressed-tensors decompresses NVFP4 to bfloat16
+    with torch.no_grad():
+        reloaded(torch.zeros(1, 1, dtype=torch.long))
+    assert torch.equal(reloaded.get_submodule(name).weight.data, ours.get(name + ".weight").bfloat16())

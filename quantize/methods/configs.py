@@ -102,23 +102,40 @@ class Fp8Method(Strict):
 
 
 class Fp4Method(Strict):
-    """FP4 weights, round-to-nearest, 16-bit activations: NVFP4 (e2m1 in groups of 16, e4m3 group scales, a float32
-    global scale per tensor; compressed-tensors nvfp4-pack-quantized, llm-compressor's NVFP4A16) or MXFP4 (e2m1 in
-    groups of 32, power-of-two E8M0 scales; mxfp4-pack-quantized, compressed-tensors' MXFP4A16)."""
+    """FP4 weights, 16-bit activations: NVFP4 (e2m1 in groups of 16, e4m3 group scales, a float32 global scale per
+    tensor; compressed-tensors nvfp4-pack-quantized, llm-compressor's NVFP4A16) or MXFP4 (e2m1 in groups of 32,
+    power-of-two E8M0 scales; mxfp4-pack-quantized, compressed-tensors' MXFP4A16). `weights`: round-to-nearest
+    (`rtn`, no calibration) or GPTQ's error feedback onto the same e2m1 grid (`gptq`, as llm-compressor's
+    GPTQModifier with an NVFP4A16 scheme)."""
 
     layer_wise: ClassVar[bool] = True
 
     name: Literal["fp4"]
     scheme: Literal["nvfp4a16", "mxfp4a16"] = "nvfp4a16"
+    weights: Literal["rtn", "gptq"] = Field("rtn", description="how the e2m1 weights are rounded: to nearest, or "
+                                                              "by GPTQ on the calibration's Hessians")
+    damp: float = Field(0.01, gt=0, lt=1, description="gptq weights: fraction of mean(diag H) added")
+    device: str = Field("auto", description="gptq weights: where the layers and statistics live (as gptq's)")
+    forward_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="gptq weights: dtype of the calibration forward passes (as gptq's `forward_dtype`)")
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="regexes of linears left alone")
-    variant: str | None = Field(None, description="name of this variant's folder; default: fp4-scheme")
+    variant: str | None = Field(None, description="name of this variant's folder; default: fp4-scheme[-gptq]")
+
+    _known_device = field_validator("device")(lambda cls, value: known_device(value))
+
+    @model_validator(mode="after")
+    def _gptq_settings(self):
+        stray = [k for k in ("damp", "device", "forward_dtype") if k in self.model_fields_set]
+        if self.weights == "rtn" and stray:
+            raise ValueError(f"{', '.join(stray)}: settings of `weights: gptq`, not round-to-nearest")
+        return self
 
     def default_variant(self) -> str:
-        return self.variant or f"fp4-{self.scheme}"
+        return self.variant or f"fp4-{self.scheme}{'-gptq' if self.weights == 'gptq' else ''}"
 
     @property
     def needs_calibration(self) -> bool:
-        return False
+        return self.weights == "gptq"
 
 
 class LitertMethod(Strict):

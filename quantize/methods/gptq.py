@@ -23,6 +23,9 @@ is its min/max (`observer: minmax`, the reference's default) or the reference's 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from quantize.methods import grids
@@ -39,16 +42,45 @@ from quantize.methods.weight_only import Solved, build_streamed, scale_dtype, sc
 GROUP_GRIDS = ("updated", "reference")
 
 
+@dataclass(frozen=True)
+class ColumnGrid:
+    """What GPTQ rounds onto: `fit(block [rows, k]) → (scale, zero)` [rows] each, a group's grid from its columns,
+    and `round(w [rows], scale, zero) → (code, value)`, one column's codes and the weights they stand for. The
+    integer min/max grid (integer_grid) is GPTQ's own; methods/fp4.py gives NVFP4's and MXFP4's e2m1 grids."""
+
+    fit: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    round: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    code_dtype: torch.dtype = torch.int32
+
+
+def integer_grid(bits: int, symmetric: bool, observer: str = "minmax",
+                 scale_dtype: torch.dtype = torch.float16) -> ColumnGrid:
+    """The integer grid of `bits` (symmetric, or asymmetric with a zero point), scales from the `observer` and
+    rounded to what `scale_dtype` stores."""
+    qmin, qmax = grids.grid(bits, symmetric)
+
+    def fit(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, z = grids.OBSERVERS[observer](block, bits, symmetric)
+        return grids.storable_scale(s[:, 0], scale_dtype), z[:, 0]
+
+    def round_column(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.clamp(torch.round(w / s) + z, qmin, qmax)
+        return q, (q - z) * s
+
+    return ColumnGrid(fit, round_column)
+
+
 def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, group_size: int = -1,
                   act_order: bool = False, damp: float = 0.01, block_size: int = 128,
-                  scale_dtype: torch.dtype = torch.float16, observer: str = "minmax", group_grid: str = "updated"
-                  ) -> Solved:
+                  scale_dtype: torch.dtype = torch.float16, observer: str = "minmax", group_grid: str = "updated",
+                  grid: ColumnGrid | None = None) -> Solved:
+    """`grid`: what the columns are rounded onto (default: the integer grid of bits/symmetric/observer)."""
     assert group_grid in GROUP_GRIDS, group_grid
+    grid = grid or integer_grid(bits, symmetric, observer, scale_dtype)
     W = W.clone().float()
     H = hess.H  # a new float32 tensor (statistics.Hessian)
     rows, cols = W.shape
     assert group_size == -1 or cols % group_size == 0, f"{cols} columns not divisible by group_size {group_size}"
-    qmin, qmax = grids.grid(bits, symmetric)
     dead = torch.diag(H) == 0  # inputs that were always zero: any value is exact
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -59,8 +91,7 @@ def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, gr
     zero = torch.zeros(rows, n_groups, device=W.device)
 
     def set_group(g: int, block: torch.Tensor) -> None:
-        s, z = grids.OBSERVERS[observer](block, bits, symmetric)
-        scale[:, g], zero[:, g] = grids.storable_scale(s[:, 0], scale_dtype), z[:, 0]
+        scale[:, g], zero[:, g] = grid.fit(block)
 
     static = group_size == -1 or act_order
     if static:
@@ -85,7 +116,7 @@ def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, gr
     del L
     Hinv = torch.linalg.cholesky(Hinv, upper=True)
 
-    Q = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)  # the codes (small integers: exact)
+    Q = torch.zeros(rows, cols, dtype=grid.code_dtype, device=W.device)  # the codes (small integers: exact)
     losses = torch.zeros(rows, device=W.device)
     order = perm.tolist()  # column i of the loop is column order[i] of the weight in natural order
     d_all = Hinv.diagonal().tolist()
@@ -111,9 +142,9 @@ def gptq_quantize(W: torch.Tensor, hess: Hessian, bits: int, symmetric: bool, gr
             if g != g_now:
                 s, z, g_now = scale[:, g].contiguous(), zero[:, g].contiguous(), g
             w = W1[:, i]
-            q = torch.clamp(torch.round(w / s) + z, qmin, qmax)
+            q, value = grid.round(w, s, z)
             Q[:, i1 + i] = q
-            err = (w - (q - z) * s) / d_all[i1 + i]
+            err = (w - value) / d_all[i1 + i]
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # error feedback to the columns still to come
             Err1[:, i] = err
         losses += Err1.pow(2).sum(dim=1) / 2  # (w − q)² / Hinv_jj² / 2
