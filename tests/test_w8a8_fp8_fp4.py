@@ -437,3 +437,17 @@ def test_nvfp4_gptq_artefact_is_nvfp4_pack_quantized_and_transformers_reloads_it
     with torch.no_grad():
         reloaded(torch.zeros(1, 1, dtype=torch.long))
     assert torch.equal(reloaded.get_submodule(name).weight.data, ours.get(name + ".weight").bfloat16())
+
+
+def test_e2m1_rounds_as_compressed_tensors_cast_to_fp4():
+    """Our e2m1 rounding (round half to even at the grid's step) against compressed-tensors' own, on a dense sweep,
+    every midpoint and both float neighbours of each value, signs and zeros included."""
+    from compressed_tensors.quantization.utils.fp4_utils import cast_to_fp4
+
+    from quantize.methods.fp4 import e2m1
+
+    x = torch.cat([torch.linspace(-7, 7, 20001),
+                   torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 100.0, 0.0, -0.0, 1e-30, 1e-45])])
+    x = torch.cat([x, -x, torch.nextafter(x, torch.full_like(x, 10)), torch.nextafter(x, torch.full_like(x, -10))])
+    theirs, ours = cast_to_fp4(x.clone()), e2m1(x)
+    assert torch.equal(ours, theirs) and torch.equal(torch.signbit(ours), torch.signbit(theirs))
