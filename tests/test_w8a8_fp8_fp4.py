@@ -451,3 +451,58 @@ def test_e2m1_rounds_as_compressed_tensors_cast_to_fp4():
     x = torch.cat([x, -x, torch.nextafter(x, torch.full_like(x, 10)), torch.nextafter(x, torch.full_like(x, -10))])
     theirs, ours = cast_to_fp4(x.clone()), e2m1(x)
     assert torch.equal(ours, theirs) and torch.equal(torch.signbit(ours), torch.signbit(theirs))
+
+
+@pytest.mark.parametrize("scheme", ["dynamic", "block"])
+def test_gptq_onto_e4m3_is_rtn_without_correlation_and_lowers_the_output_error_with_it(scheme):
+    """fp8 `weights: gptq`: with a diagonal Hessian every code and scale equals round-to-nearest's (per channel
+    and per 128 × 128 block); with correlated inputs the layer's output error is below round-to-nearest's."""
+    from quantize.methods import fp8
+    from quantize.methods.configs import Fp8Method
+    from quantize.methods.statistics import Hessian, accumulate_hessian
+
+    torch.manual_seed(0)
+    W = torch.randn(256, 256) * 0.05
+    group = 128 if scheme == "block" else -1
+    rtn = fp8.solver(scheme, torch.float32)(W, None, group, 8)
+    gptq = fp8.gptq_solver(Fp8Method(name="fp8", scheme=scheme, weights="gptq"), torch.float32)
+    diagonal = Hessian.zeros(256)
+    accumulate_hessian(diagonal, torch.diag(torch.rand(256) + 0.5))
+    alone = gptq(W, diagonal, group, 8)
+    assert torch.equal(alone.q, rtn.q) and torch.equal(alone.scale, rtn.scale)
+    X = torch.randn(4096, 16) @ torch.randn(16, 256) + 0.3 * torch.randn(4096, 256)
+    correlated = Hessian.zeros(256)
+    accumulate_hessian(correlated, X)
+    fed = gptq(W, correlated, group, 8)
+    error = lambda r: (X @ (fp8.grids.dequantize(r.q, r.scale, r.zero, group) - W).T).pow(2).sum()  # noqa: E731
+    assert error(fed) < 0.8 * error(rtn), (float(error(fed)), float(error(rtn)))
+    assert torch.equal(fed.q, fed.q.to(torch.float8_e4m3fn).float())  # e4m3 values
+    method = Fp8Method(name="fp8", scheme=scheme, weights="gptq")
+    assert method.default_variant() == f"fp8-{scheme}-gptq" and method.needs_calibration
+    with pytest.raises(ValueError, match="settings of `weights: gptq`"):
+        Fp8Method(name="fp8", damp=0.05)
+
+
+def test_fp8_block_gptq_artefact_is_float_quantized_and_transformers_reloads_it(outlier_model, tmp_path):
+    """`weights: gptq` writes the block scheme's layout (e4m3 codes, a scale per 128 × 128 block) from the
+    calibration, and compressed-tensors decompresses it to the weights our evaluation dequantizes."""
+    from safetensors import safe_open
+
+    from quantize.formats.compressed_tensors import DequantizedShards
+    from quantize.methods.configs import Fp8Method
+
+    folder = tmp_path / "fp8-gptq"
+    folder.mkdir()
+    method = Fp8Method(name="fp8", scheme="block", weights="gptq", forward_dtype="float32")
+    info = METHODS["fp8"].build(method, resolve_model(str(outlier_model)), folder, calibration())
+    assert info["weights"] == "gptq" and info["quantized_linears"] == 14
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "float-quantized" and qc["config_groups"]["group_0"]["weights"]["strategy"] == "block"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.mlp.down_proj"
+    with safe_open(folder / index[name + ".weight"], "pt") as f:
+        assert f.get_tensor(name + ".weight").dtype == torch.float8_e4m3fn
+        assert tuple(f.get_tensor(name + ".weight_scale").shape) == (2, 4)
+    ours = DequantizedShards(folder).get(name + ".weight")
+    assert not torch.equal(ours, load_model(outlier_model, "float32").get_submodule(name).weight.data)
+    assert torch.equal(transformers_reload(folder).get_submodule(name).weight.data, ours)

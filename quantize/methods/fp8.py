@@ -1,6 +1,7 @@
 """FP8 (e4m3) weights, as vLLM serves them, written as compressed-tensors `float-quantized` (llm-compressor's
 FP8_DYNAMIC / FP8_BLOCK / FP8 weight-only presets). Round-to-nearest onto e4m3, no calibration (llm-compressor's
-FP8 recipes use no calibration data either); streamed layer by layer like RTN.
+FP8 recipes use no calibration data either), streamed layer by layer like RTN; or (`weights: gptq`) GPTQ's column
+loop onto the same grid, calibrated like GPTQ (`gptq_solver`).
 
     dynamic   weights per output channel, scale[o] = max|W[o, :]| / 448; inputs per token, dynamic (the engine)
     block     weights per 128 × 128 block, scale[b_o, b_i] = max|W_block| / 448; inputs per 1 × 128 group of each
@@ -21,7 +22,8 @@ import torch
 from quantize.common.errors import QuantizeError
 from quantize.formats.compressed_tensors import Stored
 from quantize.methods import grids
-from quantize.methods.configs import Fp8Method, RtnMethod
+from quantize.methods.configs import Fp8Method, GptqMethod, RtnMethod
+from quantize.methods.gptq import ColumnGrid, gptq_quantize
 from quantize.methods.weight_only import Solved, build_streamed, scale_dtype
 from quantize.sources.models import BaseModel, ignored
 
@@ -54,6 +56,25 @@ def solver(scheme: str, dtype: torch.dtype):
         q = fp8_codes(W, scale, group_size)
         row_loss = ((grids.dequantize(q, scale, torch.zeros_like(scale), group_size) - W.float()) ** 2).sum(dim=1)
         return Solved(q, scale, torch.zeros_like(scale), row_loss, 0.0)
+    return solve
+
+
+def gptq_solver(method: Fp8Method, dtype: torch.dtype):
+    """The per-linear solve with GPTQ's error feedback onto the scheme's e4m3 grid: per channel, the scales from the
+    original weights (one group: GPTQ's static grid); per 128 × 128 block, each column block's scales when the loop
+    reaches it, from the weights with the feedback so far (as GPTQ's groups)."""
+    def fit(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = (block_scale if method.scheme == "block" else channel_scale)(columns, dtype)[:, 0]
+        return scale, torch.zeros_like(scale)
+
+    def round_column(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = (w / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+        return q, q * s
+
+    grid = ColumnGrid(fit, round_column, torch.float32)
+
+    def solve(W, hess, group_size: int, bits: int) -> Solved:
+        return gptq_quantize(W, hess, 8, True, group_size, damp=method.damp, grid=grid)
     return solve
 
 
@@ -90,11 +111,18 @@ def build(method: Fp8Method, base: BaseModel, out_dir: Path, calib=None, calib_i
     from quantize.sources.models import meta_model
 
     check_blocks(meta_model(base.path), method)
-    rtn = RtnMethod(name="rtn", bits=8, group_size=BLOCK if method.scheme == "block" else -1, sym=True,
-                    ignore=method.ignore, variant=method.default_variant())
-    info = build_streamed(rtn, base, out_dir, None, solver(method.scheme, scale_dtype(rtn, base)),
-                          stored=stored(method.scheme))
+    shared = dict(bits=8, group_size=BLOCK if method.scheme == "block" else -1, sym=True, ignore=method.ignore,
+                  variant=method.default_variant())
+    if method.weights == "gptq":
+        streamed = GptqMethod(name="gptq", damp=method.damp, device=method.device,
+                              forward_dtype=method.forward_dtype, **shared)
+        info = build_streamed(streamed, base, out_dir, calib, gptq_solver(method, scale_dtype(streamed, base)),
+                              stored=stored(method.scheme))
+    else:
+        rtn = RtnMethod(name="rtn", **shared)
+        info = build_streamed(rtn, base, out_dir, None, solver(method.scheme, scale_dtype(rtn, base)),
+                              stored=stored(method.scheme))
     inputs = {"dynamic": "fp8 e4m3 per token, dynamic (quantized by the engine at run time)",
               "block": "fp8 e4m3 per 1 × 128 group of each token, dynamic (quantized by the engine at run time)",
               "w8a16": "16-bit (weights only)"}[method.scheme]
-    return {"scheme": f"fp8-{method.scheme}", "activations": inputs, **info}
+    return {"scheme": f"fp8-{method.scheme}", "weights": method.weights, "activations": inputs, **info}
