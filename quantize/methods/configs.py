@@ -81,18 +81,32 @@ class Int8Method(Strict):
         return self.scheme == "w8a8" and (self.weights == "gptq" or self.smoothing_strength is not None)
 
 
-GPTQ_WEIGHT_SETTINGS = ("damp", "device", "forward_dtype")
+class FloatWeights(Strict):
+    """fp8 and fp4: the format's float grid reached by round-to-nearest (`rtn`, no calibration) or by GPTQ's
+    column loop (`gptq`, calibrated), whose settings are refused beside rtn."""
+
+    weights: Literal["rtn", "gptq"] = Field("rtn", description="how the weights are rounded onto the format's grid: "
+                                                              "to nearest, or by GPTQ on the calibration's Hessians")
+    damp: float = Field(0.01, gt=0, lt=1, description="gptq weights: fraction of mean(diag H) added")
+    device: str = Field("auto", description="gptq weights: where the layers and statistics live (as gptq's)")
+    forward_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="gptq weights: dtype of the calibration forward passes (as gptq's `forward_dtype`)")
+
+    _known_device = field_validator("device")(lambda cls, value: known_device(value))
+
+    @model_validator(mode="after")
+    def _gptq_settings(self):
+        stray = [k for k in ("damp", "device", "forward_dtype") if k in self.model_fields_set]
+        if self.weights == "rtn" and stray:
+            raise ValueError(f"{', '.join(stray)}: settings of `weights: gptq`, not round-to-nearest")
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.weights == "gptq"
 
 
-def gptq_weight_settings(method):
-    """fp8 and fp4: the GPTQ settings belong to `weights: gptq`; refused beside round-to-nearest."""
-    stray = [k for k in GPTQ_WEIGHT_SETTINGS if k in method.model_fields_set]
-    if method.weights == "rtn" and stray:
-        raise ValueError(f"{', '.join(stray)}: settings of `weights: gptq`, not round-to-nearest")
-    return method
-
-
-class Fp8Method(Strict):
+class Fp8Method(FloatWeights):
     """FP8 e4m3 weights (compressed-tensors float-quantized). `dynamic`: per-channel weights, per-token dynamic fp8
     inputs (llm-compressor's FP8_DYNAMIC); `block`: 128 × 128 weight blocks, dynamic fp8 inputs per 1 × 128 group
     (FP8_BLOCK, DeepSeek-V3's); `w8a16`: per-channel fp8 weights, 16-bit inputs. `weights`: round-to-nearest
@@ -102,27 +116,14 @@ class Fp8Method(Strict):
 
     name: Literal["fp8"]
     scheme: Literal["dynamic", "block", "w8a16"] = "dynamic"
-    weights: Literal["rtn", "gptq"] = Field("rtn", description="how the e4m3 weights are rounded: to nearest, or "
-                                                              "by GPTQ on the calibration's Hessians")
-    damp: float = Field(0.01, gt=0, lt=1, description="gptq weights: fraction of mean(diag H) added")
-    device: str = Field("auto", description="gptq weights: where the layers and statistics live (as gptq's)")
-    forward_dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="gptq weights: dtype of the calibration forward passes (as gptq's `forward_dtype`)")
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="regexes of linears left alone")
     variant: str | None = Field(None, description="name of this variant's folder; default: fp8-scheme[-gptq]")
-
-    _known_device = field_validator("device")(lambda cls, value: known_device(value))
-    _gptq_settings = model_validator(mode="after")(gptq_weight_settings)
 
     def default_variant(self) -> str:
         return self.variant or f"fp8-{self.scheme}{'-gptq' if self.weights == 'gptq' else ''}"
 
-    @property
-    def needs_calibration(self) -> bool:
-        return self.weights == "gptq"
 
-
-class Fp4Method(Strict):
+class Fp4Method(FloatWeights):
     """FP4 weights, 16-bit activations: NVFP4 (e2m1 in groups of 16, e4m3 group scales, a float32 global scale per
     tensor; compressed-tensors nvfp4-pack-quantized, llm-compressor's NVFP4A16) or MXFP4 (e2m1 in groups of 32,
     power-of-two E8M0 scales; mxfp4-pack-quantized, compressed-tensors' MXFP4A16). `weights`: round-to-nearest
@@ -133,24 +134,11 @@ class Fp4Method(Strict):
 
     name: Literal["fp4"]
     scheme: Literal["nvfp4a16", "mxfp4a16"] = "nvfp4a16"
-    weights: Literal["rtn", "gptq"] = Field("rtn", description="how the e2m1 weights are rounded: to nearest, or "
-                                                              "by GPTQ on the calibration's Hessians")
-    damp: float = Field(0.01, gt=0, lt=1, description="gptq weights: fraction of mean(diag H) added")
-    device: str = Field("auto", description="gptq weights: where the layers and statistics live (as gptq's)")
-    forward_dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="gptq weights: dtype of the calibration forward passes (as gptq's `forward_dtype`)")
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="regexes of linears left alone")
     variant: str | None = Field(None, description="name of this variant's folder; default: fp4-scheme[-gptq]")
 
-    _known_device = field_validator("device")(lambda cls, value: known_device(value))
-    _gptq_settings = model_validator(mode="after")(gptq_weight_settings)
-
     def default_variant(self) -> str:
         return self.variant or f"fp4-{self.scheme}{'-gptq' if self.weights == 'gptq' else ''}"
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.weights == "gptq"
 
 
 class LitertMethod(Strict):
