@@ -180,8 +180,9 @@ def files_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+def write_json(path: Path, data: dict | list) -> None:
+    """`data` as JSON at `path`, whole or not at all (a temporary file of this process, then a rename)."""
+    tmp = path.with_suffix(f"{path.suffix}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
 

@@ -51,33 +51,12 @@ def e2m1(x: torch.Tensor) -> torch.Tensor:
     return q.clamp_(max=E2M1_MAX) * torch.sign(x)
 
 
-def nvfp4(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(e2m1 values [rows, cols], effective group scales s_k / g [rows, cols / 16], g) of W."""
-    W = W.float()
-    g = E4M3_MAX * E2M1_MAX / W.abs().max().clamp(min=torch.finfo(torch.float32).tiny)
-    G = grids._groups(W, GROUP)  # [rows, groups, 16]
-    s = (g * G.abs().amax(dim=-1) / E2M1_MAX).to(torch.float8_e4m3fn).float()  # what weight_scale stores
-    effective = s / g
-    q = e2m1((G / effective.clamp(min=torch.finfo(torch.float32).tiny)[..., None]).clamp(-E2M1_MAX, E2M1_MAX))
-    return q.reshape(W.shape), effective, float(g)
-
-
-def mxfp4(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e2m1 values [rows, cols], power-of-two group scales [rows, cols / 32]) of W, compressed-tensors' MX rounding
-    of the group max (an all-zero group takes the smallest E8M0 scale, 2^-127: its codes are 0 whatever it is)."""
-    from compressed_tensors.quantization.utils.mxfp_utils import generate_mx_scales
-
-    G = grids._groups(W.float(), MX_GROUP)  # [rows, groups, 32]
-    exponent = generate_mx_scales(G.abs().amax(dim=-1), 4).nan_to_num(0.0, 0.0, 0.0).clamp(0, 254)  # biased
-    scale = torch.exp2(exponent - 127)
-    q = e2m1((G / scale[..., None]).clamp(-E2M1_MAX, E2M1_MAX))
-    return q.reshape(W.shape), scale
-
-
 def nvfp4_grid(W: torch.Tensor) -> tuple[ColumnGrid, float]:
-    """NVFP4 as GPTQ's column grid: the global scale g from all of W (the stacked linears, as `nvfp4`), each group's
-    e4m3 scale from its columns as GPTQ reaches them (with the error feedback so far, as llm-compressor's GPTQ
-    computes a group's qparams at its first column); a column rounds to e2m1(w / (s_k / g))."""
+    """NVFP4's grid for W and g: the global scale g from all of W (the stacked linears), `fit` a group's effective
+    scale s_k / g = e4m3(g · max|W_k| / 6) / g from its values (over the last dimension), `round` values to
+    e2m1(w / (s_k / g)). Round-to-nearest applies it to every group at once (`nvfp4`); GPTQ fits each group when its
+    loop reaches it, with the error feedback so far (as llm-compressor's GPTQ computes a group's qparams at its
+    first column), and rounds column by column."""
     tiny = torch.finfo(torch.float32).tiny
     g = E4M3_MAX * E2M1_MAX / W.float().abs().max().clamp(min=tiny)
 
@@ -93,7 +72,8 @@ def nvfp4_grid(W: torch.Tensor) -> tuple[ColumnGrid, float]:
 
 
 def mxfp4_grid() -> ColumnGrid:
-    """MXFP4 as GPTQ's column grid: each group's power-of-two scale from its columns as GPTQ reaches them."""
+    """MXFP4's grid: `fit` a group's power-of-two scale from its values (compressed-tensors' MX rounding of the group
+    max), `round` values to e2m1(w / scale); used whole by round-to-nearest (`mxfp4`), column by column by GPTQ."""
     from compressed_tensors.quantization.utils.mxfp_utils import generate_mx_scales
 
     def fit(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +86,26 @@ def mxfp4_grid() -> ColumnGrid:
         return q, q * s
 
     return ColumnGrid(fit, round_column, torch.float32)
+
+
+def nvfp4(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(e2m1 values [rows, cols], effective group scales s_k / g [rows, cols / 16], g) of W, rounded to nearest."""
+    grid, g = nvfp4_grid(W)
+    G = grids._groups(W.float(), GROUP)  # [rows, groups, 16]
+    effective, zero = grid.fit(G)
+    q, _ = grid.round(G, effective[..., None], zero)
+    return q.reshape(W.shape), effective, g
+
+
+def mxfp4(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e2m1 values [rows, cols], power-of-two group scales [rows, cols / 32]) of W, rounded to nearest, with
+    compressed-tensors' MX rounding of the group max (an all-zero group takes the smallest E8M0 scale, 2^-127: its
+    codes are 0 whatever it is)."""
+    grid = mxfp4_grid()
+    G = grids._groups(W.float(), MX_GROUP)  # [rows, groups, 32]
+    scale, zero = grid.fit(G)
+    q, _ = grid.round(G, scale[..., None], zero)
+    return q.reshape(W.shape), scale
 
 
 def gptq_solver(method: Fp4Method):

@@ -68,7 +68,7 @@ def gptq_solver(method: Fp8Method, dtype: torch.dtype):
         return scale, torch.zeros_like(scale)
 
     def round_column(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = (w / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+        q = fp8_codes(w[:, None], s[:, None])[:, 0]
         return q, q * s
 
     grid = ColumnGrid(fit, round_column, torch.float32)

@@ -22,7 +22,7 @@ import torch
 
 from quantize.common.cache import cache_root
 from quantize.common.errors import QuantizeError
-from quantize.common.files import read_text
+from quantize.common.files import read_text, write_json
 
 Split = Literal["calibration", "eval"]
 WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -50,7 +50,7 @@ def wiki_articles() -> tuple[tuple[int, str, str], ...]:
     stat = path.stat()
     from importlib.metadata import version
 
-    return _wiki_articles(f"{version('gensim')}|{path}|{stat.st_size}|{stat.st_mtime_ns}")
+    return _wiki_articles(path, f"{version('gensim')}|{path}|{stat.st_size}|{stat.st_mtime_ns}")
 
 
 def _wiki_dump() -> Path:
@@ -64,18 +64,16 @@ def _wiki_dump() -> Path:
 
 
 @functools.lru_cache(maxsize=2)
-def _wiki_articles(key: str) -> tuple[tuple[int, str, str], ...]:
+def _wiki_articles(path: Path, key: str) -> tuple[tuple[int, str, str], ...]:
     file = cache_root() / "texts" / f"wiki-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
     if file.is_file():
         try:
             return tuple(tuple(a) for a in json.loads(file.read_text(encoding="utf-8")))
         except (ValueError, OSError):  # damaged by hand or by the disk: parsed again and rewritten
             pass
-    articles = tuple(_parse_wiki(_wiki_dump()))
+    articles = tuple(_parse_wiki(path))
     file.parent.mkdir(parents=True, exist_ok=True)
-    partial = file.with_name(f"{file.name}.partial-{os.getpid()}")
-    partial.write_text(json.dumps(articles), encoding="utf-8")
-    partial.replace(file)  # whole or absent; a process that got there first wrote the same articles
+    write_json(file, articles)  # whole or absent; a process that got there first wrote the same articles
     return articles
 
 
