@@ -241,6 +241,9 @@ def serve_command(path: Path = typer.Argument(..., help="an artefact: a .gguf (o
                   ctx: int = typer.Option(2048, "--ctx", min=16, help="context length the engine allocates (llama.cpp, vllm)"),
                   threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (llama.cpp)"),
                   timeout: float = typer.Option(180, "--timeout", help="seconds to wait for the server to answer"),
+                  dtype: str | None = typer.Option(None, "--dtype", help="compute dtype: bfloat16, float16 or float32 "
+                                                   "(transformers: default the checkpoint's; vllm: default bfloat16, "
+                                                   "the dtype `quantize eval --engine vllm` scores in)"),
                   ) -> None:
     """Serve an artefact behind the engine's own OpenAI-compatible API until Ctrl-C.
 
@@ -254,10 +257,15 @@ def serve_command(path: Path = typer.Argument(..., help="an artefact: a .gguf (o
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
     try:
-        server = serve.start(path, engine, host, port, api_key, ctx, threads, timeout)
+        server = serve.start(path, engine, host, port, api_key, ctx, threads, timeout, dtype=dtype)
     except QuantizeError as exc:
         _fail(exc)
     typer.echo(serve.examples(server))
+    if server.engine == "vllm":
+        from quantize.runtimes import vllm
+
+        if caveat := vllm.cpu_caveat(path, vllm.cpu_build()):
+            typer.echo(f"warning: {caveat}", err=True)
     typer.echo(f"serving (pid {server.process.pid}); Ctrl-C stops it", err=True)
     try:
         code = server.process.wait()

@@ -165,3 +165,23 @@ def test_an_engine_that_cannot_load_it_is_refused(tiny_gguf, tmp_path):
     wrong = serve(tiny_gguf, "--engine", "transformers", cwd=tmp_path)
     _, err = wrong.communicate(timeout=60)
     assert wrong.returncode == 2 and "served by --engine llama.cpp" in err
+
+
+def test_dtype_is_refused_where_the_engine_computes_in_the_artefacts_types(tiny_gguf, tmp_path):
+    """--dtype applies to transformers and vLLM; llama.cpp runs the GGUF's own types, and an unknown dtype is named."""
+    for args, words in (((tiny_gguf, "--dtype", "float16"), "--dtype: llama.cpp computes in the artefact's own types"),
+                        ((tiny_gguf, "--engine", "llama.cpp", "--dtype", "fp8"), "--dtype 'fp8'; accepted: bfloat16")):
+        bad = serve(*args, cwd=tmp_path)
+        _, err = bad.communicate(timeout=60)
+        assert bad.returncode == 2 and words in err and "Traceback" not in err, err
+
+
+def test_vllm_serves_in_the_dtype_it_is_scored_in(tmp_path):
+    """vLLM's server computes in bfloat16 unless told otherwise (the dtype of `quantize eval --engine vllm`), not in
+    its "auto" (the checkpoint's dtype: a float16 W8A8 folder served so on CI's AMX Xeon dropped the first request)."""
+    from quantize.runtimes import serve as runtime
+
+    default, _ = runtime.command(tmp_path, "vllm", "127.0.0.1", 8000, None, 256, None)
+    chosen, _ = runtime.command(tmp_path, "vllm", "127.0.0.1", 8000, None, 256, None, "float32")
+    assert default[default.index("--dtype") + 1] == runtime.VLLM_DTYPE == "bfloat16"
+    assert chosen[chosen.index("--dtype") + 1] == "float32"

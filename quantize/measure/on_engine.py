@@ -83,4 +83,9 @@ def check_variant(engine: str, folder: Path, fmt: str, chunks, eval_dtype: str, 
         on_engine = engine_nll(folder, chunks, dtype)
     except QuantizeError as exc:
         return {"engine": engine, "dtype": dtype, "refused": str(exc)}
-    return describe(engine, dtype, on_engine, reference, base_delta)
+    row = describe(engine, dtype, on_engine, reference, base_delta)
+    from quantize.runtimes import vllm
+
+    if caveat := vllm.cpu_caveat(folder, vllm.cpu_build()):  # it ran, but not as the format defines it
+        row["caveat"] = caveat
+    return row

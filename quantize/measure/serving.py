@@ -100,7 +100,7 @@ def check(path: Path, settings, threads: int | None = None, dtype: str | None = 
                           "backend runs too slowly to measure (runtimes/mlx.py); it runs where MLX has Metal"}
     try:
         server = serve.start(path, engine, host="127.0.0.1", ctx=settings.ctx, threads=threads,
-                             timeout=settings.timeout, dtype=dtype)
+                             timeout=settings.timeout, dtype=dtype if engine in ("transformers", "vllm") else None)
     except QuantizeError as exc:  # the server exited, failed to load the model or stayed silent
         return {"status": "failed", "engine": engine, "reason": str(exc)}
     out = {"engine": server.engine, "command": " ".join(server.command), "prompt": PROMPT,

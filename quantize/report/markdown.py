@@ -151,7 +151,8 @@ def _engines_section(results: dict) -> list[str]:
             excess = f"{e['excess']:+.4f} ± {e['excess_unc']:.4f}" if "excess" in e else "–"
             lines.append(f"| {name} | {e['dtype']} | {e['ppl']:.4f} | {e['reference_ppl']:.4f} | "
                          f"{e['ln_ratio']:+.4f} ± {e['ln_ratio_unc']:.4f} | {excess} | "
-                         f"{e.get('verdict', 'the engine dtype’s own cost')} |")
+                         f"{e.get('verdict', 'the engine dtype’s own cost')}"
+                         + (f" (caveat: {e['caveat']})" if e.get("caveat") else "") + " |")
         lines += ["", f"The same token ids scored again on {engine} (its own loader and kernels, in the dtype shown; our "
                       f"evaluation runs {results['protocol']['eval_dtype']}): the log-probability {engine} gives each "
                       "next token. ln ratio = mean per-token NLL on the engine − ours (ln of the perplexity ratio); "

