@@ -99,8 +99,9 @@ def check(path: Path, settings, threads: int | None = None, dtype: str | None = 
                 "reason": f"mlx-lm's server computes in the folder's {stored}, which MLX's CPU "
                           "backend runs too slowly to measure (runtimes/mlx.py); it runs where MLX has Metal"}
     try:
+        # the evaluation's dtype for transformers; vLLM serves in its bfloat16 (serve.VLLM_DTYPE)
         server = serve.start(path, engine, host="127.0.0.1", ctx=settings.ctx, threads=threads,
-                             timeout=settings.timeout, dtype=dtype if engine in ("transformers", "vllm") else None)
+                             timeout=settings.timeout, dtype=dtype if engine == "transformers" else None)
     except QuantizeError as exc:  # the server exited, failed to load the model or stayed silent
         return {"status": "failed", "engine": engine, "reason": str(exc)}
     out = {"engine": server.engine, "command": " ".join(server.command), "prompt": PROMPT,
