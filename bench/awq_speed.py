@@ -1,25 +1,30 @@
 """AWQ's build time against GPTQ's, and what each of AWQ's speed settings costs in quality.
 
-    python bench/awq_speed.py [--repeats 3] [--chunks 32] [--full]
+    python bench/awq_speed.py [--repeats 3] [--chunks 32] [--full] [--before DIR]
         → bench/results/awq_speed.{md,json}
     python bench/awq_speed.py --times-only [--repeats 3]
         → bench/results/awq_speed_times.{md,json} (part 2 alone)
 
 1. Quality: one `quantize run` of SmolLM2-135M, W4 asym g64 (bench/results/smollm2-awq.md's recipe), calibration
    32 × 512 tokens of bundled:wiki/calibration (seed 0), KLD/PPL on `--chunks` × 512 tokens of bundled:wiki/eval
-   against the float32 base, with GPTQ and these AWQ variants (VARIANTS): the whole α grid (coarse_grid 1, the
-   default until coarse_grid), the default, `propagate: full-precision`, and `search_samples: 4`; `--full` adds the
+   against the float32 base, with GPTQ and these AWQ variants (VARIANTS): the reference search (every α of the
+   grid, coarse_grid 1, and every token for the blocks that treat each token alone, search_tokens null), the
+   default, search_tokens 1024 and null, `propagate: full-precision`, and `search_samples: 4`; `--full` adds the
    search of AutoAWQ and llm-compressor (every α on every sequence, about 20 min on 2 cores). Each AWQ variant's KLD
-   is paired with the whole grid's (the same positions).
+   is paired with the reference's (the same positions).
 2. Time: GPTQ and the AWQ variants of TIMED, each build alone in a fresh process (`--time-one`), alternated
    `--repeats` times; medians (min, max) and the ratios of the medians to GPTQ's. Build = the method's own `build`
-   (streamed calibration, the search or solve, writing the artefact), not the evaluation.
+   (streamed calibration, the search or solve, writing the artefact), not the evaluation. `--before DIR` (a
+   checkout of an earlier commit, e.g. a git worktree) also times that checkout's default AWQ in the same rounds.
+3. With `--before DIR`, that checkout's default AWQ is also built and evaluated by its own `quantize run` on the
+   same protocol (outputs/bench-awq-speed-before) and its per-position KLD paired with this default's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -28,20 +33,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIB = {"source": "bundled:wiki", "samples": 32, "seq_len": 512, "seed": 0}
 GPTQ = {"name": "gptq", "bits": 4, "group_size": 64, "sym": False}
 AWQ = {"name": "awq", "bits": 4, "group_size": 64, "sym": False}
-WHOLE_GRID = "awq-w4-asym-g64-coarse1"
+WHOLE_GRID = "awq-w4-asym-g64-tokensall-coarse1"  # the reference search: every α, every token of per-token blocks
 VARIANTS = {  # variant name (the method's own default_variant) → the AWQ options
-    WHOLE_GRID: {"coarse_grid": 1},
+    WHOLE_GRID: {"coarse_grid": 1, "search_tokens": None},
     "awq-w4-asym-g64": {},
+    "awq-w4-asym-g64-tokens1024": {"search_tokens": 1024},
+    "awq-w4-asym-g64-tokensall": {"search_tokens": None},
     "awq-w4-asym-g64-fp-propagate": {"propagate": "full-precision"},
     "awq-w4-asym-g64-search4": {"search_samples": 4},
 }
-TIMED = [WHOLE_GRID, "awq-w4-asym-g64", "awq-w4-asym-g64-fp-propagate"]
+TIMED = ["awq-w4-asym-g64", "awq-w4-asym-g64-tokensall", "awq-w4-asym-g64-fp-propagate"]
 
 
 def recipe(chunks: int, out: Path, full: bool = False) -> dict:
@@ -73,23 +81,33 @@ def time_one(method: dict) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def timed(method: dict) -> float:
-    done = subprocess.run([sys.executable, __file__, "--time-one", json.dumps(method)], cwd=ROOT, check=True,
-                          capture_output=True, text=True)
+def timed(method: dict, tree: Path = ROOT) -> float:
+    """Seconds of one build in a fresh process, from the checkout `tree` (this one, or --before's)."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run([sys.executable, str(tree / "bench" / "awq_speed.py"), "--time-one", json.dumps(method)],
+                          cwd=tree, check=True, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
 
 
-def timed_methods() -> dict[str, dict]:
-    return {"gptq": GPTQ, **{name: {**AWQ, **VARIANTS[name]} for name in TIMED}}
+def timed_methods(before: Path | None = None) -> dict[str, tuple[dict, Path]]:
+    methods = {"gptq": (GPTQ, ROOT), **{name: ({**AWQ, **VARIANTS[name]}, ROOT) for name in TIMED}}
+    if before is not None:
+        methods[f"awq-w4-asym-g64 @ {commit(before)}"] = (AWQ, before)
+    return methods
 
 
-def alternated(repeats: int) -> dict[str, list[float]]:
+def commit(tree: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def alternated(repeats: int, before: Path | None = None) -> dict[str, list[float]]:
     """Each method of timed_methods built alone in a fresh process, in turn, `repeats` times."""
-    methods = timed_methods()
+    methods = timed_methods(before)
     times = {name: [] for name in methods}
     for _ in range(repeats):
-        for name, method in methods.items():
-            times[name].append(timed(method))
+        for name, (method, tree) in methods.items():
+            times[name].append(timed(method, tree))
             print(json.dumps({name: times[name][-1]}), flush=True)
     return times
 
@@ -116,11 +134,12 @@ def time_lines(times: dict[str, list[float]], repeats: int, facts: dict) -> tupl
     return lines, {k: med[k] / med["gptq"] for k in med}
 
 
-def times_only(repeats: int) -> None:
-    times = alternated(repeats)
+def times_only(repeats: int, before: Path | None) -> None:
+    times = alternated(repeats, before)
     facts = machine()
     lines, ratios = time_lines(times, repeats, facts)
-    out = {"protocol": {"model": "bundled:smollm2-135m", "methods": timed_methods(), "calibration": CALIB, **facts},
+    methods = {name: method for name, (method, _) in timed_methods(before).items()}
+    out = {"protocol": {"model": "bundled:smollm2-135m", "methods": methods, "calibration": CALIB, **facts},
            "times_s": times, "median_s": {k: statistics.median(v) for k, v in times.items()}, "over_gptq": ratios}
     dest = ROOT / "bench" / "results"
     (dest / "awq_speed_times.json").write_text(json.dumps(out, indent=1))
@@ -136,6 +155,24 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
+def before_quality(before: Path, chunks: int, output: Path) -> dict:
+    """The default AWQ of the checkout `before`, built and evaluated by that checkout's own `quantize run` on this
+    protocol; its KLD, and the paired difference of this run's default against it (the same positions)."""
+    from quantize.measure.quality import paired_difference
+
+    out = output.with_name(output.name + "-before")
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump({**recipe(chunks, out), "methods": [AWQ]}, sort_keys=False))
+    if not (out / "report.md").is_file():
+        subprocess.run([sys.executable, "-m", "quantize.cli", "run", str(path)], check=True, cwd=before,
+                       env={**os.environ, "PYTHONPATH": str(before)})
+    name = "awq-w4-asym-g64"
+    then, now = (np.load(d / "kld-positions" / f"{name}.npy") for d in (out, output))
+    k = json.loads((out / "results.json").read_text())["variants"][name]["perplexity"]
+    return {"commit": commit(before), "kld": k["kld"]["mean"], "kld_unc": k["kld"]["unc"], "ppl": k["ppl"],
+            "now_minus_before": paired_difference(now, then)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
@@ -145,12 +182,13 @@ def main() -> None:
     ap.add_argument("--output", type=Path, default=ROOT / "outputs" / "bench-awq-speed")
     ap.add_argument("--times-only", action="store_true", help="only the alternated build timings (no quality "
                     "run): bench/results/awq_speed_times.{json,md}")
+    ap.add_argument("--before", type=Path, help="a checkout of an earlier commit: its default AWQ timed alongside")
     ap.add_argument("--time-one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.time_one:
         return time_one(json.loads(args.time_one))
     if args.times_only:
-        return times_only(args.repeats)
+        return times_only(args.repeats, args.before)
 
     path = args.output.with_suffix(".yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,24 +205,30 @@ def main() -> None:
                      "same_top": k["same_top"], "build_s": v["build_s"],
                      "kld_minus_whole_grid": None if d is None else -d["difference"],
                      "kld_minus_whole_grid_unc": None if d is None else d["unc"]})
-    times = alternated(args.repeats) if args.repeats else {}
+    before = before_quality(args.before, args.chunks, args.output) if args.before else None
+    times = alternated(args.repeats, args.before) if args.repeats else {}
     facts = machine()
     out = {"protocol": {**results["protocol"], **facts}, "calibration": CALIB, "variants": VARIANTS, "rows": rows,
-           "times_s": times, "median_s": {k: statistics.median(v) for k, v in times.items()}}
+           "before": before, "times_s": times, "median_s": {k: statistics.median(v) for k, v in times.items()}}
     p = results["protocol"]["perplexity"]
     lines = ["# AWQ's speed settings: quality and build time against GPTQ's", "",
              f"`python bench/awq_speed.py{' --full' if args.full else ''}` (protocol in its docstring). SmolLM2-135M, "
              f"W4 asym g64, calibration 32 × 512 tokens; KLD on {p['chunks']} × {p['n_ctx']} tokens of "
-             f"{p['text']['source']} against the float32 base, ± standard error; Δ vs whole grid: the paired "
-             "difference of per-position KLD against AWQ judging every α (coarse_grid 1; search_samples 8 in both), "
-             "± its standard error. Build s (one run): the build inside that run, one variant after another, "
+             f"{p['text']['source']} against the float32 base, ± standard error; Δ vs reference: the paired "
+             "difference of per-position KLD against the reference search (every α, coarse_grid 1; every token for "
+             "the blocks that treat each token alone, search_tokens null; search_samples 8), ± its standard error. Build s (one run): the build inside that run, one variant after another, "
              "nothing else running: a record; the alternated builds below are the timing.", "",
-             "| variant | KLD | Δ vs whole grid | PPL | same top % | build s (one run) |", "|---|---|---|---|---|---|"]
+             "| variant | KLD | Δ vs reference | PPL | same top % | build s (one run) |", "|---|---|---|---|---|---|"]
     for r in rows:
         delta = "–" if r["kld_minus_whole_grid"] is None else \
             f"{r['kld_minus_whole_grid']:+.5f} ± {r['kld_minus_whole_grid_unc']:.5f}"
         lines.append(f"| {r['variant']} | {r['kld']:.5f} ± {r['kld_unc']:.5f} | {delta} | {r['ppl']:.4f} | "
                      f"{100 * r['same_top']:.2f} | {r['build_s']:.1f} |")
+    if before:
+        d = before["now_minus_before"]
+        lines += ["", f"The default before (commit {before['commit']}, its own `quantize run` on this protocol): KLD "
+                  f"{before['kld']:.5f} ± {before['kld_unc']:.5f}, PPL {before['ppl']:.4f}; this default − that one, "
+                  f"paired per position: {d['difference']:+.5f} ± {d['unc']:.5f}."]
     if times:
         tl, ratios = time_lines(times, args.repeats, facts)
         out["over_gptq"] = ratios

@@ -347,3 +347,47 @@ def test_search_samples_judges_alpha_on_evenly_spaced_sequences(tiny_model):
     every = first_layer(AwqMethod(name="awq", bits=4, group_size=64, n_grid=4, search_samples=8))
     drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "search_samples")}  # noqa: E731
     assert all(drop(every[n]) == drop(full[n]) for n in full)
+
+
+def test_search_tokens_judges_per_token_blocks_on_tokens_spread_over_every_sequence(tiny_model):
+    """A block that treats each token alone (the MLP; down, one linear) is judged on `search_tokens` tokens evenly
+    spaced over all calibration sequences (here every 5th of 8 × 64), against its full-precision output from the
+    layer's capture pass; null judges it on every token."""
+    g = torch.Generator().manual_seed(2)
+    calib = torch.randint(3, 512, (8, 64), generator=g)
+    calib.view(-1)[::5] = torch.randint(3, 12, (103,), generator=g)  # the judged tokens: other statistics
+    rows = LLAMA.awq
+
+    def first_layer(method, expected=None):
+        log = []
+
+        def process(i, layer, acts):
+            if expected is not None:  # the RTN (s = 1) errors of gate/up (through the MLP) and of down
+                seen, _, _ = acts.capture(layer, ["mlp.gate_proj", "mlp.down_proj"])
+                mlp, down = layer.mlp, layer.mlp.down_proj
+                for part, pick in (("spread", lambda t: t.reshape(-1, t.shape[-1])[::5][None]), ("all", lambda t: t)):
+                    x = pick(seen["mlp.gate_proj"])
+                    fp = acts.forward(mlp, x)
+                    originals = [mlp.gate_proj.weight.data.clone(), mlp.up_proj.weight.data.clone()]
+                    for lin, W in zip((mlp.gate_proj, mlp.up_proj), originals):
+                        lin.weight.data = grids.fake_quantize(W, 4, False, 64)
+                    expected["mlp", part] = float((acts.forward(mlp, x) - fp).pow(2).mean())
+                    for lin, W in zip((mlp.gate_proj, mlp.up_proj), originals):
+                        lin.weight.data = W
+                    xd = pick(seen["mlp.down_proj"]).reshape(-1, down.in_features)
+                    dW = grids.fake_quantize(down.weight.data, 4, False, 64) - down.weight.data
+                    expected["down", part] = float((xd @ dW.T).pow(2).mean())
+            awq_layer(i, layer, acts, rows, method, lambda name, cols: 64, lambda name: False, {}, log)
+
+        for i, _ in stream_layers(tiny_model, calib, process):
+            break
+        return {r["module"]: r for r in log}
+
+    expected = {}
+    spread = first_layer(AwqMethod(name="awq", bits=4, group_size=64, n_grid=4, search_tokens=100), expected)
+    every = first_layer(AwqMethod(name="awq", bits=4, group_size=64, n_grid=4, search_tokens=None))
+    for block, module in (("mlp", "mlp.gate_proj"), ("down", "mlp.down_proj")):
+        assert abs(expected[block, "spread"] - expected[block, "all"]) > 1e-3 * expected[block, "all"]  # another loss
+        for part, log in (("spread", spread), ("all", every)):
+            assert abs(log[module]["scale_loss_rtn"] - expected[block, part]) < 1e-5 * expected[block, part]
+    assert spread["mlp.gate_proj"]["search_tokens"] == 100 and every["mlp.gate_proj"]["search_tokens"] is None

@@ -162,7 +162,7 @@ def test_staged_layer_equals_the_decoder_layer(family):
     with torch.inference_mode():
         x = torch.randn(5, 16, 64)
         acts = Activations(x, model.model.rotary_emb(x[:1], torch.arange(16)[None]), batch=2)
-        expected, _ = acts.capture(layer, [g[0] for g in groups])
+        expected, _, _ = acts.capture(layer, [g[0] for g in groups])
         stages = {}
         out = staged_layer(layer, acts, lambda group, X: stages.setdefault(group, X))
         assert torch.allclose(out, acts.run(layer), atol=1e-5)

@@ -29,7 +29,7 @@ class Activations:
     def forward(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """`block` (a decoder layer, its attention, its MLP, a linear or a function of x) applied to x
         [samples, seq_len, d] in batches."""
-        takes_positions = "position_embeddings" in inspect.signature(getattr(block, "forward", block)).parameters
+        takes_positions = sees_positions(block)
         outs = []
         autocast = torch.autocast(x.device.type, dtype=self.forward_dtype,
                                   enabled=self.forward_dtype != torch.float32)
@@ -52,18 +52,35 @@ class Activations:
     def run(self, layer: torch.nn.Module) -> torch.Tensor:
         return self.forward(layer, self.hidden)
 
-    def capture(self, layer: torch.nn.Module, names: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """One pass through `layer`: the inputs each named submodule saw, [samples, seq_len, in_features], and the
-        layer's output."""
+    def capture(self, layer: torch.nn.Module, names: list[str], outputs: list[str] = ()) \
+            -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+        """One pass through `layer`: the inputs each submodule in `names` saw, [samples, seq_len, in_features], the
+        outputs of each in `outputs` (float32, as `forward` returns them), and the layer's output."""
         seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        made: dict[str, list[torch.Tensor]] = {n: [] for n in outputs}
         hooks = [layer.get_submodule(n).register_forward_hook(lambda m, inp, out, n=n: seen[n].append(inp[0]))
                  for n in names]
+        hooks += [layer.get_submodule(n).register_forward_hook(
+            lambda m, inp, out, n=n: made[n].append((out[0] if isinstance(out, tuple) else out).float()))
+            for n in outputs]
         try:
             out = self.run(layer)
         finally:
             for h in hooks:
                 h.remove()
-        return {n: torch.cat(xs) if xs else None for n, xs in seen.items()}, out  # None: never called (an idle expert)
+        return _joined(seen), _joined(made), out
+
+
+def _joined(parts: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor | None]:
+    """Each module's batches as one tensor; None for a module never called (an idle expert)."""
+    return {n: torch.cat(xs) if xs else None for n, xs in parts.items()}
+
+
+def sees_positions(block) -> bool:
+    """Whether `block` mixes positions (a decoder layer or its attention: it takes the rotary table and the mask);
+    otherwise it treats each token alone (an MLP, a sparse MoE block, a linear), so any set of tokens can go
+    through it as one sequence."""
+    return "position_embeddings" in inspect.signature(getattr(block, "forward", block)).parameters
 
 
 def causal_attention_mask(n: int, window: int | None, device) -> torch.Tensor:

@@ -8,9 +8,10 @@ output judges them), with X the calibration inputs of those linears and W their 
     α*   = argmin_α ‖ block(X; Q(W·diag(s))·diag(s)⁻¹) − block(X; W) ‖²     α ∈ {0, 1/n_grid, …, (n_grid-1)/n_grid}
                                                                             (and s = 1, plain rounding)
 
-With `search_samples: k` the norm is taken over k evenly spaced calibration sequences (x̄ still over every
-token): each α re-runs the judging block, which is most of AWQ's time; a block that is one linear (o, down) always
-takes every token, since its loss costs the same for any number of them (the Gram matrix below). With
+Each α re-runs the judging block, which is most of AWQ's time, so the norm is taken on a sample of the calibration
+(x̄ still over every token): a block with attention on `search_samples: k` evenly spaced whole sequences; a block
+that treats each token alone (an MLP, a sparse MoE block, one linear: o, down) on `search_tokens: n` tokens evenly
+spaced over every sequence, which for the same cost sees more of the text than whole sequences would. With
 `coarse_grid: c` (default 4) α is searched coarse to fine: s = 1, every c-th α, then the best's neighbours at c/2,
 c/4 … 1 (10 block runs instead of 21 at n_grid 20; coarse_grid 1 judges every α, as AutoAWQ and llm-compressor).
 
@@ -37,7 +38,7 @@ import torch
 
 from quantize.methods import grids, statistics
 from quantize.methods.configs import AwqMethod
-from quantize.methods.activations import Activations
+from quantize.methods.activations import Activations, sees_positions
 from quantize.methods.device import peak_vram, reset_peak_vram, resolve_device, resolve_forward_dtype
 from quantize.methods.engine import BATCH, awq_rows, skeleton, stream_layers
 from quantize.methods.experts import capture, expert_lists, norm_readers
@@ -116,9 +117,10 @@ def search_scale(linears: list[torch.nn.Linear], quantized: list[bool], x_mean: 
     return judged[k][1], (None if k is None else k / n_grid), [loss for loss, _ in judged.values()]
 
 
-def block_loss_fn(acts: Activations, block: torch.nn.Module, x: torch.Tensor, ranks: Ranks = Ranks()):
-    """Mean squared error of block(x) against its full-precision output, as a function of the block's
-    current weights. When the block is one linear (o, down), ‖x·ΔWᵀ‖² = tr(ΔW·XᵀX·ΔWᵀ): the Gram matrix XᵀX
+def block_loss_fn(acts: Activations, block: torch.nn.Module, x: torch.Tensor, ranks: Ranks = Ranks(),
+                  fp_out: torch.Tensor | None = None):
+    """Mean squared error of block(x) against its full-precision output (`fp_out` where the layer's capture pass
+    made it, else computed here), as a function of the block's current weights. When the block is one linear (o, down), ‖x·ΔWᵀ‖² = tr(ΔW·XᵀX·ΔWᵀ): the Gram matrix XᵀX
     is formed once and each candidate costs rows·in² instead of tokens·rows·in (the same loss, exactly).
     Across ranks (methods/ranks.py) the Gram matrix, the squared errors and the counts are summed over every
     rank's x (a rank's x may be empty)."""
@@ -130,13 +132,16 @@ def block_loss_fn(acts: Activations, block: torch.nn.Module, x: torch.Tensor, ra
         n = ranks.offsets(x.reshape(-1, x.shape[-1]).shape[0])[1] * block.out_features
         W0 = block.weight.data.clone()
         return lambda: ((block.weight.data - W0) @ gram * (block.weight.data - W0)).sum() / n
-    fp_out = acts.forward(block, x) if x.shape[0] else None
+    if not x.shape[0]:
+        fp_out = None
+    elif fp_out is None:
+        fp_out = acts.forward(block, x)
     count = 0 if fp_out is None else fp_out.numel()
 
     def loss() -> torch.Tensor:
-        local = torch.zeros((), dtype=torch.float64, device=x.device) if fp_out is None else \
-            (acts.forward(block, x) - fp_out).pow(2).sum(dtype=torch.float64)
-        return ranks.mean(local, count)
+        if fp_out is None:
+            return ranks.mean(torch.zeros((), dtype=torch.float64, device=x.device), count)
+        return ranks.mean((acts.forward(block, x) - fp_out).pow(2).sum(dtype=torch.float64), count)
     return loss
 
 
@@ -183,24 +188,25 @@ def search_clip(W: torch.Tensor, x: torch.Tensor, Q, group_size: int, n_grid: in
                 row_batch: int = 256, ranks: Ranks = Ranks()) -> torch.Tensor:
     """m* per (row, group) [rows, groups] for W [rows, cols] and sample inputs x [tokens, cols] (across ranks:
     each rank's share of the sample tokens, the errors summed over them). A group's error over the tokens,
-    ‖Xg·ΔWgᵀ‖² = ΔWg·(XgᵀXg)·ΔWgᵀ, is taken from the group's Gram matrix XgᵀXg [gs, gs], formed once in float64:
-    each grid point then costs rows·cols·gs instead of tokens·rows·cols (the same loss, exactly)."""
+    ‖Xg·ΔWgᵀ‖² = ΔWg·(XgᵀXg)·ΔWgᵀ, is taken from the group's Gram matrix XgᵀXg [gs, gs], summed once in float64
+    and used in float32: each grid point then costs rows·cols·gs instead of tokens·rows·cols (the same loss to
+    float32's precision)."""
     rows, cols = W.shape
     gs = cols if group_size == -1 else group_size
     groups = cols // gs
     Xg = x.double().reshape(x.shape[0], groups, gs).transpose(0, 1)  # [groups, tokens, gs]; tokens may be 0 (a rank)
-    gram = ranks.sum(torch.bmm(Xg.transpose(1, 2), Xg))  # [groups, gs, gs], summed over every rank's tokens
+    gram = ranks.sum(torch.bmm(Xg.transpose(1, 2), Xg)).float()  # [groups, gs, gs], summed over every rank's tokens
     count = ranks.offsets(Xg.shape[1])[1]
     best_all = []
     for r in range(0, rows, row_batch):
         Wg = W[r : r + row_batch].float().reshape(-1, groups, gs)  # [rb, groups, gs]
         org_max = Wg.abs().amax(dim=-1, keepdim=True)  # [rb, groups, 1]
-        best_err = torch.full(org_max.shape, float("inf"), dtype=torch.float64, device=W.device)
+        best_err = torch.full(org_max.shape, float("inf"), device=W.device)
         best_max = org_max.clone()
         for i in range(int(max_shrink * n_grid)):
             m = org_max * (1 - i / n_grid)
             Wq = Q(torch.clamp(Wg, -m, m).reshape(-1, cols)).reshape(Wg.shape)
-            D = (Wq - Wg).double().transpose(0, 1)  # [groups, rb, gs]
+            D = (Wq - Wg).transpose(0, 1)  # [groups, rb, gs]
             err = (torch.bmm(D, gram) * D).sum(-1).T[..., None] / max(count, 1)  # [rb, groups, 1]: mean over tokens
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -224,6 +230,16 @@ def even_samples(x: torch.Tensor, n: int | None, ranks: Ranks = Ranks()) -> torc
         return x
     chosen = torch.linspace(0, total - 1, n).round().long()
     return x[chosen[(chosen >= start) & (chosen < start + x.shape[0])] - start]
+
+
+def judged(x: torch.Tensor, block: torch.nn.Module, method: AwqMethod, ranks: Ranks = Ranks()) -> torch.Tensor:
+    """The part of x [samples, seq_len, d] (the calibration inputs of a block, or its outputs) on which the scale
+    search judges the block: `search_samples` whole sequences for a block with attention, `search_tokens` tokens
+    evenly spaced over every sequence, as one sequence [1, tokens, d], for a block that treats each token alone
+    (None: all of them)."""
+    if sees_positions(block):
+        return even_samples(x, method.search_samples, ranks)
+    return x if method.search_tokens is None else even_tokens(x, method.search_tokens, ranks)[None]
 
 
 def even_tokens(x: torch.Tensor, n: int, ranks: Ranks = Ranks()) -> torch.Tensor:
@@ -250,7 +266,9 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
     first = {n: next(m for m in names if m.rpartition(".")[0] == n.rpartition(".")[0])
              for _, names, _ in rows for n in names}
     moe_rows = {block for _, names, block in rows if len({n.rpartition(".")[0] for n in names}) > 1}
-    captured, fp_output = capture(acts, layer, sorted(set(first.values()) | moe_rows))
+    # the judging blocks that are not one linear: their full-precision outputs come from the same pass
+    judging = sorted({block for _, _, block in rows if not isinstance(layer.get_submodule(block), torch.nn.Linear)})
+    captured, block_out, fp_output = capture(acts, layer, sorted(set(first.values()) | moe_rows), judging)
     if not keep_output:
         fp_output = None
     X = {n: captured[first[n]] for n in first}
@@ -271,18 +289,19 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
         start = time.perf_counter()
         flat = x.abs().reshape(-1, x.shape[-1]).float()
         x_mean = ranks.mean(flat.sum(0, dtype=torch.float64), flat.shape[0])  # x̄ over every token (and rank)
-        # the judging block: a linear's loss costs the same for any number of tokens (its Gram matrix, formed
-        # once); a block with attention or an MLP re-runs per α, so `search_samples` judges on fewer sequences
-        judge = x if isinstance(block, torch.nn.Linear) else even_samples(x, method.search_samples, ranks)
-        s, alpha, losses = search_scale(linears, quantized, x_mean, block_loss_fn(acts, block, judge, ranks), Q, g,
-                                        method.n_grid, method.duo_scaling, method.coarse_grid)
+        fp_out = None if block_name not in block_out else judged(block_out[block_name], block, method, ranks)
+        loss = block_loss_fn(acts, block, judged(x, block, method, ranks), ranks, fp_out)
+        s, alpha, losses = search_scale(linears, quantized, x_mean, loss, Q, g, method.n_grid, method.duo_scaling,
+                                        method.coarse_grid)
+        del loss, fp_out
         s = fold_scale(prev, linears, s, norm_offset)
         if block_name in moe_rows:  # the router reads the same norm output: its columns take s too (unquantized)
             for reader in norm_readers(layer.get_submodule(block_name)):
                 reader.weight.data = reader.weight.data * s
-        scaled = {f: X[f] / s for f in {first[n] for n in names}}  # what the linears see from now on
+        for f in {first[n] for n in names}:  # what the linears see from now on, divided in place where float32
+            captured[f] = captured[f].float().div_(s)
         for n in names:
-            X[n] = scaled[first[n]]
+            X[n] = captured[first[n]]
         alphas[names[0]] = ("s=1" if alpha is None else alpha, losses[0], min(losses), time.perf_counter() - start)
 
     for _, names, _ in rows:
@@ -312,7 +331,7 @@ def awq_layer(i: int, layer: torch.nn.Module, acts: Activations, rows, method, g
             log.append({"layer": i, "module": n, "group_size": g, "alpha": alpha, "scale_loss_rtn": loss_rtn,
                         "scale_loss_best": loss_best, "loss": loss,
                         "samples": ranks.offsets(int(acts.hidden.shape[0]))[1],
-                        "search_samples": method.search_samples,
+                        "search_samples": method.search_samples, "search_tokens": method.search_tokens,
                         "tokens": ranks.offsets(int(X[n].reshape(-1, X[n].shape[-1]).shape[0]))[1],
                         "seconds": round(time.perf_counter() - start + (seconds if n == group else 0), 4)})
     return fp_output

@@ -251,7 +251,7 @@ def hooked_layer(layer: torch.nn.Module, acts: Activations, stages: list[list[li
     if not quantize_between:
         stages = [[g for stage in stages for g in stage]]
     for stage in stages:
-        captured, _ = capture(acts, layer, [names[0] for names in stage])
+        captured, _, _ = capture(acts, layer, [names[0] for names in stage])
         for names in stage:
             on_stage(names, captured.pop(names[0]))
     return acts.run(layer) if quantize_between else None

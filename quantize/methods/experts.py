@@ -116,18 +116,18 @@ def with_experts(model: torch.nn.Module, policy: ExpertPolicy = ExpertPolicy()) 
     return model
 
 
-def capture(acts: Activations, layer: torch.nn.Module, names: list[str]) -> tuple[dict[str, torch.Tensor],
-                                                                                  torch.Tensor]:
+def capture(acts: Activations, layer: torch.nn.Module, names: list[str], outputs: list[str] = ()) \
+        -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
     """acts.capture with the layer's expert policy (ExpertPolicy): after a pass, experts routed fewer than their
     minimum tokens join `all_tokens` and the pass is made again, so that each captured expert input holds either
     the expert's routed tokens or every token (an expert run on every token still adds only its routed tokens to
     the output). Each ExpertList keeps the routed counts of the final pass (`calibration_routed`, the table the
-    artefact's log holds). Returns the inputs and the layer's output."""
+    artefact's log holds). Returns the inputs, the outputs of `outputs` and the layer's output (acts.capture)."""
     moe = [m for _, m in expert_lists(layer)]
     while True:
         for m in moe:
             m.routed = [0] * m.num_experts
-        seen, out = acts.capture(layer, names)
+        seen, made, out = acts.capture(layer, names, outputs)
         starved = [(m, m.starved()) for m in moe]
         if not any(s for _, s in starved):
             break
@@ -135,4 +135,4 @@ def capture(acts: Activations, layer: torch.nn.Module, names: list[str]) -> tupl
             m.all_tokens |= s
     for m in moe:
         m.calibration_routed = list(m.routed)
-    return seen, out
+    return seen, made, out

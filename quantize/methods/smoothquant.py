@@ -40,7 +40,7 @@ def smooth_layer(layer: torch.nn.Module, acts: Activations, rows, alpha: float, 
     largest activation channel before and after, which is what the int8 activation grid sees)."""
     rows = norm_rows(layer, rows)
     moe = {block for _, names, block in rows if len({n.rpartition(".")[0] for n in names}) > 1}
-    seen, _ = capture(acts, layer, sorted({block if block in moe else names[0] for _, names, block in rows}))
+    seen, _, _ = capture(acts, layer, sorted({block if block in moe else names[0] for _, names, block in rows}))
     log = []
     for prev_name, names, block in rows:
         X = seen[block if block in moe else names[0]]
