@@ -306,45 +306,57 @@ def test_propagate_full_precision_feeds_each_layer_the_full_precision_outputs(ti
     assert any(full[k][1] != quantized[k][1] for k in later)
 
 
+def first_layer_log(model, calib, method, before=None) -> dict:
+    """awq_layer's log of the first decoder layer (group size 64, nothing ignored), by module; `before(layer,
+    acts)` runs on the layer as it comes, before AWQ."""
+    log = []
+
+    def process(i, layer, acts):
+        if before is not None:
+            before(layer, acts)
+        awq_layer(i, layer, acts, LLAMA.awq, method, lambda name, cols: 64, lambda name: False, {}, log)
+
+    for i, _ in stream_layers(model, calib, process):
+        break
+    return {r["module"]: r for r in log}
+
+
+def rtn_error(acts, block, linears, x) -> float:
+    """Mean squared error of block(x) with `linears` rounded to nearest (4-bit asym g64, s = 1) against full
+    precision; the linears are left as they came."""
+    fp = acts.forward(block, x)
+    originals = [lin.weight.data.clone() for lin in linears]
+    for lin, W in zip(linears, originals):
+        lin.weight.data = grids.fake_quantize(W, 4, False, 64)
+    error = float((acts.forward(block, x) - fp).pow(2).mean())
+    for lin, W in zip(linears, originals):
+        lin.weight.data = W
+    return error
+
+
 def test_search_samples_judges_alpha_on_evenly_spaced_sequences(tiny_model):
     """With search_samples: k, the scale search's loss for a block with attention is the block's output error on k
     evenly spaced calibration sequences (here 0, 4, 7 of 8), not on all of them; k ≥ samples is the full search."""
     g = torch.Generator().manual_seed(1)
     calib = torch.randint(3, 512, (8, 64), generator=g)
     calib[[0, 4, 7]] = torch.randint(3, 12, (3, 64), generator=g)  # the judged sequences: other statistics
-    rows = LLAMA.awq
-    attn = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
-
-    def first_layer(method, expected=None):
-        log = []
-
-        def process(i, layer, acts):
-            if expected is not None:  # the RTN (s = 1) error of q/k/v, on the subset and on every sequence
-                x = acts.capture(layer, ["self_attn.q_proj"])[0]["self_attn.q_proj"]
-                block = layer.self_attn
-                originals = [layer.get_submodule(n).weight.data.clone() for n in attn]
-                for part, xs in (("subset", x[[0, 4, 7]]), ("all", x)):
-                    fp = acts.forward(block, xs)
-                    for n, W in zip(attn, originals):
-                        layer.get_submodule(n).weight.data = grids.fake_quantize(W, 4, False, 64)
-                    expected[part] = float((acts.forward(block, xs) - fp).pow(2).mean())
-                    for n, W in zip(attn, originals):
-                        layer.get_submodule(n).weight.data = W
-            awq_layer(i, layer, acts, rows, method, lambda name, cols: 64, lambda name: False, {}, log)
-
-        for i, _ in stream_layers(tiny_model, calib, process):
-            break
-        return {r["module"]: r for r in log}
-
     expected = {}
-    subset = first_layer(AwqMethod(name="awq", bits=4, group_size=64, n_grid=4, search_samples=3), expected)
+
+    def rtn_errors(layer, acts):  # the RTN (s = 1) error of q/k/v, on the subset and on every sequence
+        x = acts.capture(layer, ["self_attn.q_proj"])[0]["self_attn.q_proj"]
+        linears = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
+        for part, xs in (("subset", x[[0, 4, 7]]), ("all", x)):
+            expected[part] = rtn_error(acts, layer.self_attn, linears, xs)
+
+    method = lambda **kw: AwqMethod(name="awq", bits=4, group_size=64, n_grid=4, **kw)  # noqa: E731
+    subset = first_layer_log(tiny_model, calib, method(search_samples=3), rtn_errors)
     q = subset["self_attn.q_proj"]
     assert q["search_samples"] == 3 and q["samples"] == 8
     assert abs(expected["subset"] - expected["all"]) > 0.05 * expected["all"]  # the subset is really another loss
     assert abs(q["scale_loss_rtn"] - expected["subset"]) < 1e-5 * expected["subset"]
-    full = first_layer(AwqMethod(name="awq", bits=4, group_size=64, n_grid=4))
+    full = first_layer_log(tiny_model, calib, method(search_samples=None))
     assert abs(full["self_attn.q_proj"]["scale_loss_rtn"] - expected["all"]) < 1e-5 * expected["all"]
-    every = first_layer(AwqMethod(name="awq", bits=4, group_size=64, n_grid=4, search_samples=8))
+    every = first_layer_log(tiny_model, calib, method(search_samples=8))
     drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "search_samples")}  # noqa: E731
     assert all(drop(every[n]) == drop(full[n]) for n in full)
 
@@ -356,36 +368,18 @@ def test_search_tokens_judges_per_token_blocks_on_tokens_spread_over_every_seque
     g = torch.Generator().manual_seed(2)
     calib = torch.randint(3, 512, (8, 64), generator=g)
     calib.view(-1)[::5] = torch.randint(3, 12, (103,), generator=g)  # the judged tokens: other statistics
-    rows = LLAMA.awq
-
-    def first_layer(method, expected=None):
-        log = []
-
-        def process(i, layer, acts):
-            if expected is not None:  # the RTN (s = 1) errors of gate/up (through the MLP) and of down
-                seen, _, _ = acts.capture(layer, ["mlp.gate_proj", "mlp.down_proj"])
-                mlp, down = layer.mlp, layer.mlp.down_proj
-                for part, pick in (("spread", lambda t: t.reshape(-1, t.shape[-1])[::5][None]), ("all", lambda t: t)):
-                    x = pick(seen["mlp.gate_proj"])
-                    fp = acts.forward(mlp, x)
-                    originals = [mlp.gate_proj.weight.data.clone(), mlp.up_proj.weight.data.clone()]
-                    for lin, W in zip((mlp.gate_proj, mlp.up_proj), originals):
-                        lin.weight.data = grids.fake_quantize(W, 4, False, 64)
-                    expected["mlp", part] = float((acts.forward(mlp, x) - fp).pow(2).mean())
-                    for lin, W in zip((mlp.gate_proj, mlp.up_proj), originals):
-                        lin.weight.data = W
-                    xd = pick(seen["mlp.down_proj"]).reshape(-1, down.in_features)
-                    dW = grids.fake_quantize(down.weight.data, 4, False, 64) - down.weight.data
-                    expected["down", part] = float((xd @ dW.T).pow(2).mean())
-            awq_layer(i, layer, acts, rows, method, lambda name, cols: 64, lambda name: False, {}, log)
-
-        for i, _ in stream_layers(tiny_model, calib, process):
-            break
-        return {r["module"]: r for r in log}
-
     expected = {}
-    spread = first_layer(AwqMethod(name="awq", bits=4, group_size=64, n_grid=4, search_tokens=100), expected)
-    every = first_layer(AwqMethod(name="awq", bits=4, group_size=64, n_grid=4, search_tokens=None))
+
+    def rtn_errors(layer, acts):  # the RTN (s = 1) errors of gate/up (through the MLP) and of down
+        seen, _, _ = acts.capture(layer, ["mlp.gate_proj", "mlp.down_proj"])
+        mlp = layer.mlp
+        for part, pick in (("spread", lambda t: t.reshape(-1, t.shape[-1])[::5][None]), ("all", lambda t: t)):
+            expected["mlp", part] = rtn_error(acts, mlp, [mlp.gate_proj, mlp.up_proj], pick(seen["mlp.gate_proj"]))
+            expected["down", part] = rtn_error(acts, mlp.down_proj, [mlp.down_proj], pick(seen["mlp.down_proj"]))
+
+    method = lambda **kw: AwqMethod(name="awq", bits=4, group_size=64, n_grid=4, **kw)  # noqa: E731
+    spread = first_layer_log(tiny_model, calib, method(search_tokens=100), rtn_errors)
+    every = first_layer_log(tiny_model, calib, method(search_tokens=None))
     for block, module in (("mlp", "mlp.gate_proj"), ("down", "mlp.down_proj")):
         assert abs(expected[block, "spread"] - expected[block, "all"]) > 1e-3 * expected[block, "all"]  # another loss
         for part, log in (("spread", spread), ("all", every)):

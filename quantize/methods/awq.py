@@ -120,8 +120,9 @@ def search_scale(linears: list[torch.nn.Linear], quantized: list[bool], x_mean: 
 def block_loss_fn(acts: Activations, block: torch.nn.Module, x: torch.Tensor, ranks: Ranks = Ranks(),
                   fp_out: torch.Tensor | None = None):
     """Mean squared error of block(x) against its full-precision output (`fp_out` where the layer's capture pass
-    made it, else computed here), as a function of the block's current weights. When the block is one linear (o, down), ‖x·ΔWᵀ‖² = tr(ΔW·XᵀX·ΔWᵀ): the Gram matrix XᵀX
-    is formed once and each candidate costs rows·in² instead of tokens·rows·in (the same loss, exactly).
+    made it, else computed here), as a function of the block's current weights. When the block is one linear (o,
+    down), ‖x·ΔWᵀ‖² = tr(ΔW·XᵀX·ΔWᵀ): the Gram matrix XᵀX is formed once and each candidate costs rows·in²
+    instead of tokens·rows·in (the same loss, exactly).
     Across ranks (methods/ranks.py) the Gram matrix, the squared errors and the counts are summed over every
     rank's x (a rank's x may be empty)."""
     if isinstance(block, torch.nn.Linear):  # XᵀX summed per forward batch in float64, as statistics.Hessian
@@ -195,7 +196,7 @@ def search_clip(W: torch.Tensor, x: torch.Tensor, Q, group_size: int, n_grid: in
     gs = cols if group_size == -1 else group_size
     groups = cols // gs
     Xg = x.double().reshape(x.shape[0], groups, gs).transpose(0, 1)  # [groups, tokens, gs]; tokens may be 0 (a rank)
-    gram = ranks.sum(torch.bmm(Xg.transpose(1, 2), Xg)).float()  # [groups, gs, gs], summed over every rank's tokens
+    gram = ranks.sum(torch.bmm(Xg.transpose(1, 2), Xg)).float()  # [groups, gs, gs], over every rank's tokens
     count = ranks.offsets(Xg.shape[1])[1]
     best_all = []
     for r in range(0, rows, row_batch):
