@@ -89,8 +89,8 @@ def timed(method: dict, tree: Path = ROOT) -> float:
     return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
 
 
-def timed_methods(before: Path | None = None) -> dict[str, tuple[dict, Path]]:
-    methods = {"gptq": (GPTQ, ROOT), **{name: ({**AWQ, **VARIANTS[name]}, ROOT) for name in TIMED}}
+def timed_methods(before: Path | None = None, names: list[str] = TIMED) -> dict[str, tuple[dict, Path]]:
+    methods = {"gptq": (GPTQ, ROOT), **{name: ({**AWQ, **VARIANTS[name]}, ROOT) for name in names}}
     if before is not None:
         methods[f"awq-w4-asym-g64 @ {commit(before)}"] = (AWQ, before)
     return methods
@@ -101,9 +101,9 @@ def commit(tree: Path) -> str:
                           check=True).stdout.strip()
 
 
-def alternated(repeats: int, before: Path | None = None) -> dict[str, list[float]]:
+def alternated(repeats: int, before: Path | None = None, names: list[str] = TIMED) -> dict[str, list[float]]:
     """Each method of timed_methods built alone in a fresh process, in turn, `repeats` times."""
-    methods = timed_methods(before)
+    methods = timed_methods(before, names)
     times = {name: [] for name in methods}
     for _ in range(repeats):
         for name, (method, tree) in methods.items():
@@ -134,17 +134,18 @@ def time_lines(times: dict[str, list[float]], repeats: int, facts: dict) -> tupl
     return lines, {k: med[k] / med["gptq"] for k in med}
 
 
-def times_only(repeats: int, before: Path | None) -> None:
-    times = alternated(repeats, before)
+def times_only(repeats: int, before: Path | None, names: list[str]) -> None:
+    times = alternated(repeats, before, names)
     facts = machine()
     lines, ratios = time_lines(times, repeats, facts)
-    methods = {name: method for name, (method, _) in timed_methods(before).items()}
+    methods = {name: method for name, (method, _) in timed_methods(before, names).items()}
     out = {"protocol": {"model": "bundled:smollm2-135m", "methods": methods, "calibration": CALIB, **facts},
            "times_s": times, "median_s": {k: statistics.median(v) for k, v in times.items()}, "over_gptq": ratios}
     dest = ROOT / "bench" / "results"
     (dest / "awq_speed_times.json").write_text(json.dumps(out, indent=1))
-    lines = ["# AWQ's build time against GPTQ's", "", f"`python bench/awq_speed.py --times-only --repeats {repeats}`.",
-             ""] + lines + [""]
+    command = f"python bench/awq_speed.py --times-only --repeats {repeats}" + \
+        (f" --timed {' '.join(names)}" if names != TIMED else "") + (" --before DIR" if before else "")
+    lines = ["# AWQ's build time against GPTQ's", "", f"`{command}`.", ""] + lines + [""]
     (dest / "awq_speed_times.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
@@ -183,12 +184,14 @@ def main() -> None:
     ap.add_argument("--times-only", action="store_true", help="only the alternated build timings (no quality "
                     "run): bench/results/awq_speed_times.{json,md}")
     ap.add_argument("--before", type=Path, help="a checkout of an earlier commit: its default AWQ timed alongside")
+    ap.add_argument("--timed", nargs="+", choices=list(VARIANTS), default=TIMED,
+                    help="the AWQ variants timed against GPTQ (default: %(default)s)")
     ap.add_argument("--time-one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.time_one:
         return time_one(json.loads(args.time_one))
     if args.times_only:
-        return times_only(args.repeats, args.before)
+        return times_only(args.repeats, args.before, args.timed)
 
     path = args.output.with_suffix(".yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +209,7 @@ def main() -> None:
                      "kld_minus_whole_grid": None if d is None else -d["difference"],
                      "kld_minus_whole_grid_unc": None if d is None else d["unc"]})
     before = before_quality(args.before, args.chunks, args.output) if args.before else None
-    times = alternated(args.repeats, args.before) if args.repeats else {}
+    times = alternated(args.repeats, args.before, args.timed) if args.repeats else {}
     facts = machine()
     out = {"protocol": {**results["protocol"], **facts}, "calibration": CALIB, "variants": VARIANTS, "rows": rows,
            "before": before, "times_s": times, "median_s": {k: statistics.median(v) for k, v in times.items()}}

@@ -385,3 +385,30 @@ def test_search_tokens_judges_per_token_blocks_on_tokens_spread_over_every_seque
         for part, log in (("spread", spread), ("all", every)):
             assert abs(log[module]["scale_loss_rtn"] - expected[block, part]) < 1e-5 * expected[block, part]
     assert spread["mlp.gate_proj"]["search_tokens"] == 100 and every["mlp.gate_proj"]["search_tokens"] is None
+
+
+def test_blocked_causal_attention_is_sdpa_attention():
+    """AWQ's forwards attend block by block of queries (activations.causal_blocks): on a 200-token causal pass with
+    grouped-query heads the attention's output is sdpa's to float rounding; a masked pass goes to sdpa itself; the
+    config's implementation is restored after."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+
+    from quantize.methods.activations import BLOCKED, causal_blocks, causal_attention_mask
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                         num_hidden_layers=1, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    layer = torch.nn.ModuleDict({"self_attn": LlamaAttention(config, 0)})
+    x = torch.randn(2, 200, 64)
+    positions = LlamaRotaryEmbedding(config)(x, torch.arange(200)[None])
+    attend = lambda mask=None: layer["self_attn"](x, attention_mask=mask, position_embeddings=positions)[0]  # noqa: E731
+    mask = causal_attention_mask(200, 50, "cpu")
+    with torch.no_grad():
+        expected, expected_masked = attend(), attend(mask)
+        with causal_blocks(layer):
+            assert config._attn_implementation == BLOCKED
+            blocked, masked = attend(), attend(mask)
+    assert config._attn_implementation == "sdpa"
+    assert torch.allclose(blocked, expected, rtol=1e-5, atol=1e-6) and not torch.equal(blocked, expected)
+    assert torch.equal(masked, expected_masked)

@@ -3,9 +3,15 @@ batches, with the rotary table of the layer's attention kind and, under eager at
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+CAUSAL_BLOCK = 64  # query positions per block of blocked_causal_attention
+BLOCKED = "quantize_blocked_causal"  # its name in transformers' AttentionInterface
 
 
 class Activations:
@@ -124,3 +130,42 @@ def rotary_tables(model, hidden: torch.Tensor, device) -> dict:
         return {t: rotary(hidden[:1], positions, t) for t in types}
     table = rotary(hidden[:1], positions)
     return {t: table for t in types}
+
+
+def blocked_causal_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                             is_causal=None, **kwargs):
+    """transformers' sdpa attention, except for a causal pass over more than CAUSAL_BLOCK positions without a mask:
+    that runs one block of queries at a time on the keys up to the block's end (a boolean causal mask within it).
+    torch's CPU flash kernel splits the keys in blocks of 512 and skips none of a 512-token causal square; by blocks
+    of 64 the same attention takes about 0.7 of the time (8 × 9 heads × 512 × 64: 18.0 ms against 26.3 ms on an
+    AVX512 EPYC), the same numbers to float rounding. query/key/value [batch, heads, seq, head_dim]."""
+    n = query.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is not None or not causal or dropout or n <= CAUSAL_BLOCK or key.shape[2] != n:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    parts = []
+    for s in range(0, n, CAUSAL_BLOCK):
+        e = min(s + CAUSAL_BLOCK, n)
+        sees = torch.ones(e - s, e, dtype=torch.bool, device=query.device).tril(s)  # query s + r sees keys ≤ s + r
+        parts.append(sdpa_attention_forward(module, query[:, :, s:e], key[:, :, :e], value[:, :, :e], sees,
+                                            scaling=scaling, is_causal=False, **kwargs)[0])
+    return torch.cat(parts, dim=1), None  # [batch, seq, heads, head_dim], as sdpa_attention_forward returns it
+
+
+AttentionInterface.register(BLOCKED, blocked_causal_attention)
+
+
+@contextlib.contextmanager
+def causal_blocks(layer: torch.nn.Module):
+    """Within the block, the modules of `layer` that attend with sdpa attend with blocked_causal_attention (their
+    config's attention implementation, restored after)."""
+    configs = {id(c): c for m in layer.modules() if (c := getattr(m, "config", None)) is not None
+               and getattr(c, "_attn_implementation", None) == "sdpa"}
+    for c in configs.values():
+        c._attn_implementation = BLOCKED
+    try:
+        yield
+    finally:
+        for c in configs.values():
+            c._attn_implementation = "sdpa"

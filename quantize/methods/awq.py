@@ -38,7 +38,7 @@ import torch
 
 from quantize.methods import grids, statistics
 from quantize.methods.configs import AwqMethod
-from quantize.methods.activations import Activations, sees_positions
+from quantize.methods.activations import Activations, causal_blocks, sees_positions
 from quantize.methods.device import peak_vram, reset_peak_vram, resolve_device, resolve_forward_dtype
 from quantize.methods.engine import BATCH, awq_rows, skeleton, stream_layers
 from quantize.methods.experts import capture, expert_lists, norm_readers
@@ -352,10 +352,12 @@ def build(method: AwqMethod, base, out_dir, calib: torch.Tensor, calib_info=None
 
     ranks = for_method(method, sparse_moe=any(expert_lists(layer) for layer in meta.model.layers))
 
-    def process_layer(i, layer, acts):  # returns the next layer's inputs, or None: the engine runs the layer as left
-        return awq_layer(i, layer, acts, awq_rows(arch, layer), method, group_size_of, ignore, pending, log,
-                         quantize=not scaled_only, norm_offset=arch.layer.norm_offset, scale_storage=dtype,
-                         ranks=ranks, keep_output=method.propagate == "full-precision")
+    def process_layer(i, layer, acts):  # returns the next layer's inputs, the layer as left applied to them
+        with causal_blocks(layer):  # AWQ's forwards only: GPTQ's and RTN's artefacts keep sdpa's bytes
+            out = awq_layer(i, layer, acts, awq_rows(arch, layer), method, group_size_of, ignore, pending, log,
+                            quantize=not scaled_only, norm_offset=arch.layer.norm_offset, scale_storage=dtype,
+                            ranks=ranks, keep_output=method.propagate == "full-precision")
+            return out if out is not None else acts.run(layer)
 
     device = ranks.device(resolve_device(method.device, f"method {method.name} `device`"))
     forward_dtype, dtype_reason = resolve_forward_dtype(method.forward_dtype, device)
