@@ -159,13 +159,14 @@ AttentionInterface.register(BLOCKED, blocked_causal_attention)
 @contextlib.contextmanager
 def causal_blocks(layer: torch.nn.Module):
     """Within the block, the modules of `layer` that attend with sdpa attend with blocked_causal_attention (their
-    config's attention implementation, restored after)."""
+    config's attention implementation, restored after; set on each such config alone, not through the setter,
+    which would also set it on the config's sub-configs)."""
     configs = {id(c): c for m in layer.modules() if (c := getattr(m, "config", None)) is not None
                and getattr(c, "_attn_implementation", None) == "sdpa"}
     for c in configs.values():
-        c._attn_implementation = BLOCKED
+        c._attn_implementation_internal = BLOCKED
     try:
         yield
     finally:
         for c in configs.values():
-            c._attn_implementation = "sdpa"
+            c._attn_implementation_internal = "sdpa"
