@@ -40,9 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CALIB = {"source": "bundled:wiki", "samples": 32, "seq_len": 512, "seed": 0}
 GPTQ = {"name": "gptq", "bits": 4, "group_size": 64, "sym": False}
 AWQ = {"name": "awq", "bits": 4, "group_size": 64, "sym": False}
-WHOLE_GRID = "awq-w4-asym-g64-tokensall-coarse1"  # the reference search: every α, every token of per-token blocks
+REFERENCE = "awq-w4-asym-g64-tokensall-coarse1"  # the reference search: every α, every token of per-token blocks
 VARIANTS = {  # variant name (the method's own default_variant) → the AWQ options
-    WHOLE_GRID: {"coarse_grid": 1, "search_tokens": None},
+    REFERENCE: {"coarse_grid": 1, "search_tokens": None},
     "awq-w4-asym-g64": {},
     "awq-w4-asym-g64-tokens1024": {"search_tokens": 1024},
     "awq-w4-asym-g64-tokensall": {"search_tokens": None},
@@ -203,7 +203,7 @@ def main() -> None:
     rows = []
     for name, v in variants.items():
         k = v["perplexity"]["kld"]
-        d = paired.get(f"{WHOLE_GRID} − {name}")
+        d = paired.get(f"{REFERENCE} − {name}")
         rows.append({"variant": name, "kld": k["mean"], "kld_unc": k["unc"], "ppl": v["perplexity"]["ppl"],
                      "same_top": k["same_top"], "build_s": v["build_s"],
                      "kld_minus_whole_grid": None if d is None else -d["difference"],
@@ -219,7 +219,8 @@ def main() -> None:
              f"W4 asym g64, calibration 32 × 512 tokens; KLD on {p['chunks']} × {p['n_ctx']} tokens of "
              f"{p['text']['source']} against the float32 base, ± standard error; Δ vs reference: the paired "
              "difference of per-position KLD against the reference search (every α, coarse_grid 1; every token for "
-             "the blocks that treat each token alone, search_tokens null; search_samples 8), ± its standard error. Build s (one run): the build inside that run, one variant after another, "
+             "the blocks that treat each token alone, search_tokens null; search_samples 8), ± its standard error. "
+             "Build s (one run): the build inside that run, one variant after another, "
              "nothing else running: a record; the alternated builds below are the timing.", "",
              "| variant | KLD | Δ vs reference | PPL | same top % | build s (one run) |", "|---|---|---|---|---|---|"]
     for r in rows:

@@ -1,5 +1,6 @@
 """The calibration activations entering a decoder layer, and how the engine runs blocks of the layer on them: in
-batches, with the rotary table of the layer's attention kind and, under eager attention, a causal mask."""
+batches, with the rotary table of the layer's attention kind and, under eager attention, a causal mask; and the
+blocked causal attention AWQ's forwards switch on (causal_blocks)."""
 
 from __future__ import annotations
 
